@@ -1,0 +1,52 @@
+"""In-process save and load, with no daemon: the synchronous path.
+
+These write and read exactly the files the daemon writes, through the same
+writer and reader, so a snapshot taken either way loads either way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from snapd.format import catalog
+from snapd.format.catalog import SnapshotInfo
+from snapd.format.reader import SnapshotReader
+from snapd.format.saving import DEFAULT_CODEC, save_state
+from snapd.format.writer import Retention
+
+
+def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
+         keep_last: int | None = 5, keep_every_steps: int | None = None,
+         best: tuple[str, str] | None = None, codec: str = DEFAULT_CODEC) -> SnapshotInfo:
+    """Save ``state`` as snapshot ``step`` of ``job`` and return once it is durable.
+
+    ``keep_last`` most recent snapshots are kept (None keeps all), plus every
+    snapshot whose step is a multiple of ``keep_every_steps``, plus the best
+    by ``best=("val_loss", "min")``. Older ones are deleted only after this
+    one is committed.
+    """
+    retention = Retention(keep_last=keep_last, keep_every_steps=keep_every_steps, best=best)
+    done = save_state(root, job, state, step=step, metrics=metrics, retention=retention, codec=codec)
+    return next((s for s in catalog.list_snapshots(root, job) if s.step == step),
+                SnapshotInfo(step, done.path, done.entry.created_unix_s, done.entry.raw_bytes,
+                             done.entry.stored_bytes, dict(done.entry.metrics)))
+
+
+def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
+         keys: list[str] | str | None = None, into: Any = None, device: Any = None) -> Any:
+    """Load snapshot ``step`` (an int, ``"latest"`` by default, or ``"best"``).
+
+    ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
+    reads only their chunks. ``into`` copies the values into an existing
+    tree of tensors in place (every mismatch is reported before anything is
+    written). ``device`` places torch tensors, like ``map_location``.
+    """
+    path = catalog.resolve(root, job, step)
+    with SnapshotReader(path) as reader:
+        return reader.load(keys, into=into, device=device)
+
+
+def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:
+    """Step, path, time, raw and stored sizes, metrics and latest/best marks of each snapshot."""
+    return catalog.list_snapshots(root, job)

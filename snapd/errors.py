@@ -1,0 +1,104 @@
+"""The one exception hierarchy of snapd, shared by the format, the protocol,
+the daemon and the client.
+
+Every error carries a stable wire ``code``. Exceptions become codes only at
+the server's edge and the client maps codes back to the same classes, so a
+caller catches the same class whether the failure happened in-process or in
+the daemon. Each subclass also subclasses the builtin a caller would catch
+(``FormatError`` is a ``ValueError``, ``FlushError`` an ``OSError``...).
+"""
+
+from __future__ import annotations
+
+
+class SnapdError(Exception):
+    """Base of every snapd error. ``code`` is the wire code."""
+
+    code = "error"
+
+
+class FormatError(SnapdError, ValueError):
+    """A file on disk does not follow the format (docs/FORMAT.md)."""
+
+    code = "format"
+
+
+class ChecksumError(FormatError):
+    """Stored bytes do not match their recorded checksum."""
+
+    code = "checksum"
+
+
+class VersionError(FormatError):
+    """The snapshot was written by a newer format version than this reader."""
+
+    code = "version"
+
+
+class SnapshotNotFound(SnapdError, FileNotFoundError):
+    """No snapshot matches the requested job and step."""
+
+    code = "not_found"
+
+
+class KeySelectionError(SnapdError, KeyError):
+    """A requested key path is not in the snapshot."""
+
+    code = "no_such_key"
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MismatchError(SnapdError, ValueError):
+    """Restoring into an existing tree found shape/dtype/structure mismatches."""
+
+    code = "mismatch"
+
+
+class UnsupportedValueError(SnapdError, TypeError):
+    """A leaf of the state tree cannot be saved (named by key path and type)."""
+
+    code = "unsupported_value"
+
+
+class InvalidArgument(SnapdError, ValueError):
+    """A caller passed an invalid argument (job name, step, option...)."""
+
+    code = "invalid_argument"
+
+
+class FlushError(SnapdError, OSError):
+    """Writing a snapshot to disk failed; nothing already on disk was lost."""
+
+    code = "flush"
+
+
+class LockTimeout(SnapdError, TimeoutError):
+    """Another writer holds the job's lock for longer than we may wait."""
+
+    code = "lock_timeout"
+
+
+_BY_CODE: dict[str, type[SnapdError]] = {}
+
+
+def register(cls: type[SnapdError]) -> type[SnapdError]:
+    """Make ``cls`` reachable from its wire code (used by later modules)."""
+    _BY_CODE[cls.code] = cls
+    return cls
+
+
+for _cls in (SnapdError, FormatError, ChecksumError, VersionError, SnapshotNotFound,
+             KeySelectionError, MismatchError, UnsupportedValueError, InvalidArgument,
+             FlushError, LockTimeout):
+    register(_cls)
+
+
+def error_from_code(code: str, message: str) -> SnapdError:
+    """Rebuild the exception a wire ``code`` stands for (unknown -> SnapdError)."""
+    cls = _BY_CODE.get(code, SnapdError)
+    err = cls(message)
+    if cls is SnapdError:
+        err.code = code
+    return err

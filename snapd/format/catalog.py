@@ -1,0 +1,65 @@
+"""What snapshots a job has: listing them and resolving ``latest``/``best``/a step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapd.errors import InvalidArgument, SnapshotNotFound
+from snapd.format import index as jobindex
+from snapd.format.jobdir import JobDir
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    step: int
+    path: Path
+    created_unix_s: float
+    raw_bytes: int
+    stored_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    latest: bool = False
+    best: bool = False
+    emergency: bool = False
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:
+    """The job's committed snapshots, oldest commit first, with latest/best marks."""
+    jd = JobDir(root, job)
+    if not jd.path.is_dir():
+        raise SnapshotNotFound(f"no job {job!r} under {root}")
+    idx = jobindex.load(jd)
+    latest, best = idx.latest, idx.best
+    return [SnapshotInfo(e.step, jd.path / e.name, e.created_unix_s, e.raw_bytes, e.stored_bytes,
+                         dict(e.metrics), e is latest, e is best, e.emergency) for e in idx.history]
+
+
+def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest") -> Path:
+    """The directory of snapshot ``step``: an int, ``"latest"`` (default) or ``"best"``."""
+    jd = JobDir(root, job)
+    if step is None:
+        step = "latest"
+    if isinstance(step, bool) or not isinstance(step, (int, str)) or \
+            (isinstance(step, str) and step not in ("latest", "best")) or (isinstance(step, int) and step < 0):
+        raise InvalidArgument(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
+    if not jd.path.is_dir():
+        raise SnapshotNotFound(f"no job {job!r} under {root}")
+    idx = jobindex.load(jd)
+    if step == "latest":
+        entry = idx.latest
+    elif step == "best":
+        if idx.best_metric is None:
+            raise SnapshotNotFound(f"job {job!r} tracks no best snapshot (save with best=(metric, 'min'|'max'))")
+        entry = idx.best
+    else:
+        entry = idx.find(step)
+    if entry is None:
+        have = ", ".join(str(e.step) for e in idx.history) or "none"
+        raise SnapshotNotFound(f"job {job!r} under {root} has no snapshot {step!r} (steps: {have})")
+    return jd.path / entry.name

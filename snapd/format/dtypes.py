@@ -1,0 +1,77 @@
+"""Element types a snapshot can hold, by their on-disk names.
+
+Bytes are always stored little-endian. NumPy and torch dtypes map to one
+canonical name each; torch-only types (bfloat16, float8) map to NumPy through
+``ml_dtypes`` when it is installed, and are otherwise only restorable as
+torch tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from snapd.errors import FormatError, UnsupportedValueError
+
+# canonical name -> element size in bytes
+ITEMSIZE: dict[str, int] = {
+    "bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
+    "uint64": 8, "int64": 8, "float16": 2, "float32": 4, "float64": 8,
+    "complex64": 8, "complex128": 16, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+_ML_DTYPES_ONLY = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def itemsize(name: str) -> int:
+    try:
+        return ITEMSIZE[name]
+    except KeyError:
+        raise FormatError(f"unknown dtype {name!r} (known: {', '.join(sorted(ITEMSIZE))})") from None
+
+
+def numpy_name(dtype: np.dtype, key: str) -> str:
+    """Canonical name of a NumPy dtype, or an error naming the key path."""
+    name = dtype.name
+    if name in ITEMSIZE and dtype.kind != "V" or name in _ML_DTYPES_ONLY:
+        return name
+    raise UnsupportedValueError(f"{key}: NumPy dtype {dtype} is not supported "
+                                f"(supported: {', '.join(sorted(ITEMSIZE))})")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The little-endian NumPy dtype for ``name``; ml_dtypes for torch-only types."""
+    itemsize(name)
+    if name in _ML_DTYPES_ONLY:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UnsupportedValueError(
+                f"dtype {name} has no NumPy equivalent without the ml_dtypes package: "
+                f"install ml_dtypes, or torch and load as torch tensors") from None
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name).newbyteorder("<")
+
+
+def torch_module() -> Any | None:
+    """torch if the process has already imported it, else None (never imports it)."""
+    return sys.modules.get("torch")
+
+
+def torch_name(dtype: Any, key: str) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name in ITEMSIZE:
+        return name
+    raise UnsupportedValueError(f"{key}: torch dtype {dtype} is not supported "
+                                f"(supported: {', '.join(sorted(ITEMSIZE))})")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch  # only reached when the saved tensor was a torch tensor
+
+    itemsize(name)
+    dt = getattr(torch, name, None)
+    if dt is None:
+        raise UnsupportedValueError(f"dtype {name} is not available in torch {torch.__version__}")
+    return dt

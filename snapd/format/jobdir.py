@@ -1,0 +1,187 @@
+"""A job's directory: ``<root>/<job>/``, its lock, and moving snapshot
+directories in and out of it atomically.
+
+Layout (docs/FORMAT.md):
+  step-000000001200/          a committed snapshot (manifest.json + data files)
+  index.json                  latest, history, best (snapd.format.index)
+  .lock                       flock(2) taken around every commit and retention pass
+  .tmp-<step>-<pid>-<hex>/    a snapshot being written (never listed)
+  .trash-<name>-<hex>/        a snapshot being deleted (never listed)
+Leftovers of dead writers are removed the next time a writer opens the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from snapd.errors import InvalidArgument, LockTimeout
+
+log = logging.getLogger(__name__)
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+SNAPSHOT_RE = re.compile(r"^step-(\d{12,})$")
+TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-[0-9a-f]+$")
+LOCK_NAME = ".lock"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def check_job_name(job: object) -> str:
+    """Return ``job`` if it is a valid job name, else raise naming the problem."""
+    if not isinstance(job, str) or not JOB_NAME_RE.match(job) or job in (".", ".."):
+        raise InvalidArgument(
+            f"invalid job name {job!r}: use 1-128 letters, digits, '.', '_' or '-', not starting with "
+            "'.' or '-' (no '/', '..', absolute paths or NUL)")
+    return job
+
+
+def check_step(step: object) -> int:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InvalidArgument(f"step must be an integer >= 0, got {step!r}")
+    return step
+
+
+def snapshot_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def step_of(name: str) -> int | None:
+    m = SNAPSHOT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobDir:
+    """The directory of one job under a snapshot root."""
+
+    def __init__(self, root: str | os.PathLike, job: str) -> None:
+        self.root = Path(root)
+        self.job = check_job_name(job)
+        self.path = self.root / job
+
+    # -- writer side ---------------------------------------------------------
+    def open_for_write(self) -> None:
+        """Create the job directory if needed and clear dead writers' leftovers."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InvalidArgument(f"cannot create job directory {self.path}: {e.strerror}") from None
+        with self.lock():
+            self.remove_leftovers()
+
+    def new_tmp_dir(self, step: int) -> Path:
+        tmp = self.path / f".tmp-{step}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        return tmp
+
+    def remove_leftovers(self) -> None:
+        for entry in os.scandir(self.path):
+            m = TMP_RE.match(entry.name)
+            if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+                log.info("removing leftover of a dead writer: %s", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.name.startswith(".trash-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, timeout_s: float = 120.0) -> Iterator[None]:
+        """Exclusive flock on the job's lock file, shared by every writer on this node."""
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"{self.path}: another writer held the job lock for "
+                                          f"more than {timeout_s:.0f} s") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def install(self, tmp: Path, step: int) -> None:
+        """Move a finished temporary snapshot into place (call under ``lock``).
+
+        A snapshot of the same step already there is swapped out atomically
+        (renameat2 RENAME_EXCHANGE) and deleted, so readers always see one
+        complete version or the other.
+        """
+        final = self.path / snapshot_name(step)
+        if final.exists():
+            if _exchange(tmp, final):
+                self.delete(tmp.name)
+            else:  # no renameat2: a crash between these two renames loses only this step
+                old = self.path / f".trash-{final.name}-{secrets.token_hex(4)}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(self.path)
+
+    def delete(self, name: str) -> None:
+        """Delete a snapshot directory: rename it out of sight first, then remove it."""
+        trash = self.path / f".trash-{name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.path / name, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- reader side ---------------------------------------------------------
+    def snapshot_dirs(self) -> dict[int, Path]:
+        """Committed snapshot directories by step (validity is checked by readers)."""
+        out: dict[int, Path] = {}
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            step = step_of(entry.name)
+            if step is not None and entry.is_dir(follow_symlinks=False):
+                out[step] = Path(entry.path)
+        return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

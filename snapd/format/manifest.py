@@ -1,0 +1,239 @@
+"""The manifest: what a snapshot holds and where each byte lives.
+
+``manifest.json`` is UTF-8 JSON written last in a snapshot directory. Its
+``checksum`` field is the xxh3_64 (hex) of the canonical serialization
+(sorted keys, no spaces) of every other field. Everything read from it is
+validated before use: a hostile manifest fails with a ``FormatError`` that
+names the problem, never with an allocation, a path outside the snapshot or
+a traceback from deep inside NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import xxhash
+
+from snapd.errors import FormatError, VersionError
+from snapd.format import dtypes
+from snapd.format.tree import MAX_DEPTH, key_problem
+
+MAGIC = "snapd-snapshot"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHECKSUM_ALGORITHM = "xxh3_64"
+CODECS = ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
+DATA_FILE_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.bin$")
+MAX_CHUNK_RAW_BYTES = 64 << 20
+MAX_MANIFEST_BYTES = 256 << 20
+KINDS = ("numpy", "numpy_scalar", "torch")
+
+
+@dataclass
+class Chunk:
+    file: int  # index into Manifest.files
+    offset: int  # byte offset of the stored bytes in that file
+    stored: int  # stored length
+    raw: int  # length once decoded
+    codec: str
+    checksum: str  # xxh3_64 of the stored bytes, 16 hex digits
+    planes: list[int] | None = None  # shuffle codecs: stored length of each byte plane
+
+
+@dataclass
+class TensorRecord:
+    key: str
+    kind: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    step: int
+    created_unix_s: float
+    job: str
+    tree: dict
+    tensors: list[TensorRecord]
+    files: list[dict]  # [{"name": ..., "bytes": ...}]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    codec: str = "raw"
+    emergency: bool = False
+    writer: str = ""
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored for t in self.tensors for c in t.chunks)
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "magic": MAGIC, "format_version": FORMAT_VERSION, "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "step": self.step, "created_unix_s": self.created_unix_s, "job": self.job,
+            "metrics": self.metrics, "codec": self.codec, "emergency": self.emergency,
+            "writer": self.writer, "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes,
+            "files": self.files, "tree": self.tree,
+            "tensors": [_tensor_json(t) for t in self.tensors],
+        }
+        body["checksum"] = _checksum(body)
+        return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
+
+
+def _tensor_json(t: TensorRecord) -> dict:
+    d = asdict(t)
+    for c in d["chunks"]:
+        if c["planes"] is None:
+            del c["planes"]
+    return d
+
+
+def _checksum(body: dict) -> str:
+    canon = json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True,
+                       separators=(",", ":"), allow_nan=False).encode()
+    return xxhash.xxh3_64_hexdigest(canon)
+
+
+def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
+    """Parse and validate manifest bytes (file sizes are checked by the reader)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: {len(raw)} bytes, larger than the {MAX_MANIFEST_BYTES} allowed")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(body, dict) or body.get("magic") != MAGIC:
+        raise FormatError(f"{where}: not a snapd manifest (magic is not {MAGIC!r})")
+    version = body.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(f"{where}: format_version is missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise VersionError(f"{where}: written in format version {version}, newer than the {FORMAT_VERSION} "
+                           "this snapd reads: upgrade snapd to load it")
+    if body.get("checksum") != _checksum(body):
+        raise FormatError(f"{where}: manifest checksum mismatch (the file was modified or torn)")
+    try:
+        return _build(body)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _int(v: Any, what: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise FormatError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _build(body: dict) -> Manifest:
+    files = body["files"]
+    if not isinstance(files, list):
+        raise FormatError("files must be a list")
+    for i, f in enumerate(files):
+        m = DATA_FILE_RE.match(str(f.get("name")))
+        if not m or int(m.group(1)) != i or int(m.group(2)) != len(files):
+            raise FormatError(f"data file {i} has an invalid name {f.get('name')!r} "
+                              f"(expected data-{i:05d}-of-{len(files):05d}.bin)")
+        _int(f.get("bytes"), f"files[{i}].bytes")
+    tensors = []
+    for ti, t in enumerate(body["tensors"]):
+        key = t["key"]
+        problem = key_problem(key)
+        if problem:
+            raise FormatError(f"tensor {ti} has an invalid key path {key!r}: {problem}")
+        if t["kind"] not in KINDS:
+            raise FormatError(f"{key}: unknown tensor kind {t['kind']!r}")
+        size = dtypes.itemsize(t["dtype"])
+        shape = [_int(d, f"{key}: shape dimension") for d in t["shape"]]
+        nbytes = _int(t["nbytes"], f"{key}: nbytes")
+        if math.prod(shape) * size != nbytes:
+            raise FormatError(f"{key}: nbytes {nbytes} != {math.prod(shape)} elements x {size} bytes")
+        chunks = []
+        for c in t["chunks"]:
+            ch = Chunk(file=_int(c["file"], f"{key}: chunk file"), offset=_int(c["offset"], f"{key}: chunk offset"),
+                       stored=_int(c["stored"], f"{key}: chunk stored length"),
+                       raw=_int(c["raw"], f"{key}: chunk raw length"), codec=c["codec"],
+                       checksum=c["checksum"], planes=c.get("planes"))
+            _check_chunk(key, ch, size, files)
+            chunks.append(ch)
+        if sum(c.raw for c in chunks) != nbytes:
+            raise FormatError(f"{key}: chunks decode to {sum(c.raw for c in chunks)} bytes, not {nbytes}")
+        tensors.append(TensorRecord(key, t["kind"], t["dtype"], shape, nbytes, chunks))
+    _check_overlaps(tensors, files)
+    _check_tree(body["tree"], len(tensors))
+    metrics = body["metrics"]
+    if not isinstance(metrics, dict):
+        raise FormatError("metrics must be an object")
+    return Manifest(step=_int(body["step"], "step"), created_unix_s=float(body["created_unix_s"]),
+                    job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
+                    codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
+                    writer=str(body.get("writer", "")))
+
+
+def _check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:
+    if c.codec not in CODECS:
+        raise FormatError(f"{key}: unknown codec {c.codec!r} (known: {', '.join(CODECS)})")
+    if c.file >= len(files):
+        raise FormatError(f"{key}: chunk names data file {c.file}, but there are {len(files)}")
+    if c.offset + c.stored > files[c.file]["bytes"]:
+        raise FormatError(f"{key}: chunk at offset {c.offset} + {c.stored} runs past the end of "
+                          f"{files[c.file]['name']} ({files[c.file]['bytes']} bytes)")
+    if c.raw > MAX_CHUNK_RAW_BYTES or c.raw % size:
+        raise FormatError(f"{key}: chunk raw length {c.raw} is over {MAX_CHUNK_RAW_BYTES} or not a whole "
+                          f"number of {size}-byte elements")
+    if c.codec == "raw" and c.stored != c.raw:
+        raise FormatError(f"{key}: raw chunk stores {c.stored} bytes for {c.raw}")
+    if not isinstance(c.checksum, str) or not re.fullmatch(r"[0-9a-f]{16}", c.checksum):
+        raise FormatError(f"{key}: chunk checksum {c.checksum!r} is not 16 hex digits")
+    if c.codec.startswith("shuffle-"):
+        if not isinstance(c.planes, list) or len(c.planes) != size:
+            raise FormatError(f"{key}: shuffled chunk must list {size} plane lengths, got {c.planes!r}")
+        for p in c.planes:
+            _int(p, f"{key}: plane length")
+            if p > c.raw // size:
+                raise FormatError(f"{key}: plane of {p} bytes is longer than its raw {c.raw // size}")
+        if sum(c.planes) != c.stored:
+            raise FormatError(f"{key}: plane lengths add to {sum(c.planes)}, not the stored {c.stored}")
+
+
+def _check_overlaps(tensors: list[TensorRecord], files: list[dict]) -> None:
+    spans = sorted((c.file, c.offset, c.offset + c.stored, t.key) for t in tensors for c in t.chunks)
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise FormatError(f"chunks of {a[3]} and {b[3]} overlap in {files[a[0]]['name']} "
+                              f"(bytes {b[1]}..{a[2]})")
+
+
+def _check_tree(tree: Any, n_tensors: int) -> None:
+    seen: set[int] = set()
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict) or depth > MAX_DEPTH:
+            raise FormatError(f"tree node {str(node)[:60]!r} is malformed or nested too deep")
+        t = node.get("t")
+        if t == "tensor":
+            i = _int(node.get("i"), "tree tensor index")
+            if i >= n_tensors or i in seen:
+                raise FormatError(f"tree refers to tensor {i}, which is missing or used twice")
+            seen.add(i)
+        elif t == "dict":
+            if not isinstance(node.get("k"), list) or not isinstance(node.get("v"), list) \
+                    or len(node["k"]) != len(node["v"]):
+                raise FormatError("tree dict node has mismatched keys and values")
+            stack.extend((v, depth + 1) for v in node["v"])
+        elif t in ("list", "tuple"):
+            if not isinstance(node.get("v"), list):
+                raise FormatError(f"tree {t} node has no item list")
+            stack.extend((v, depth + 1) for v in node["v"])
+        elif t not in ("value", "float", "bytes"):
+            raise FormatError(f"unknown tree node type {t!r}")
+    if len(seen) != n_tensors:
+        raise FormatError(f"tree refers to {len(seen)} of the {n_tensors} tensors")

@@ -1,0 +1,166 @@
+"""Reading a snapshot: whole, partially (by key path) or into existing tensors.
+
+Chunks are read with pread on a thread pool, checksummed and decoded
+straight into the destination tensor's memory: a raw chunk lands in place
+with no intermediate copy. Nothing is trusted before it is checked: the
+manifest (snapd.format.manifest), each data file's header and size, each
+chunk's checksum and decoded length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
+from snapd.format import codecs, dtypes
+from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
+from snapd.format.restore import Destinations, build_tree
+from snapd.format.tree import iter_paths, key_matches
+from snapd.format.writer import DATA_HEADER, DATA_MAGIC
+
+log = logging.getLogger(__name__)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class SnapshotReader:
+    """An open snapshot directory. Use as a context manager, or call ``close``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        mpath = self.path / MANIFEST_NAME
+        try:
+            raw = mpath.read_bytes()
+        except FileNotFoundError:
+            if self.path.is_dir():
+                raise FormatError(f"{self.path}: no {MANIFEST_NAME}: not a committed snapshot") from None
+            raise SnapshotNotFound(f"{self.path}: no such snapshot directory") from None
+        except IsADirectoryError:
+            raise FormatError(f"{mpath}: is a directory") from None
+        self.manifest: Manifest = parse(raw, str(mpath))
+        self._fds: dict[int, int] = {}
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, i: int) -> int:
+        fd = self._fds.get(i)
+        if fd is not None:
+            return fd
+        info = self.manifest.files[i]
+        path = self.path / info["name"]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"{path}: data file is missing") from None
+        size = os.fstat(fd).st_size
+        header = os.pread(fd, DATA_HEADER.size, 0)
+        problem = None
+        if size != info["bytes"]:
+            problem = f"is {size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
+        elif len(header) < DATA_HEADER.size or DATA_HEADER.unpack(header)[0] != DATA_MAGIC:
+            problem = "does not start with the snapd data magic"
+        elif DATA_HEADER.unpack(header)[2] != i:
+            problem = f"is shard {DATA_HEADER.unpack(header)[2]}, expected shard {i}"
+        if problem:
+            os.close(fd)
+            raise FormatError(f"{path}: {problem}")
+        self._fds[i] = fd
+        return fd
+
+    def where(self, rec: TensorRecord, n: int) -> str:
+        c = rec.chunks[n]
+        return f"{rec.key} chunk {n} ({self.manifest.files[c.file]['name']} @ {c.offset})"
+
+    def read_chunk(self, rec: TensorRecord, n: int, out: memoryview) -> None:
+        """Read, check and decode chunk ``n`` of ``rec`` into ``out`` (its raw length)."""
+        c: Chunk = rec.chunks[n]
+        fd = self._fd(c.file)
+        where = self.where(rec, n)
+        if c.codec == "raw":
+            got = os.preadv(fd, [out], c.offset)
+            stored: memoryview | bytes = out
+        else:
+            stored = os.pread(fd, c.stored, c.offset)
+            got = len(stored)
+        if got != c.stored:
+            raise FormatError(f"{where}: read {got} of {c.stored} bytes")
+        codecs.verify(stored, c.checksum, where)
+        if c.codec != "raw":
+            codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where)
+
+    def select(self, keys: list[str] | str | None) -> list[int]:
+        """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
+        if keys is None:
+            return list(range(len(self.manifest.tensors)))
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        paths = [p for p, node in iter_paths(self.manifest.tree) if p]
+        missing = [k for k in keys if not any(key_matches(p, k) for p in paths)]
+        if missing:
+            raise KeySelectionError(f"{self.path}: no such key(s): {', '.join(map(repr, missing))}")
+        return [i for i, t in enumerate(self.manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
+
+    def read_tensors(self, wanted: list[int], buffer_for: Callable[[int], memoryview],
+                     threads: int | None = None) -> None:
+        """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor."""
+        limit = _physical_memory()
+        total = sum(self.manifest.tensors[i].nbytes for i in wanted)
+        if total > limit:
+            raise FormatError(f"{self.path}: the selection declares {total} bytes, more than this "
+                              f"machine's {limit} bytes of memory")
+        jobs = []
+        for i in wanted:
+            rec = self.manifest.tensors[i]
+            buf = buffer_for(i)
+            pos = 0
+            for n, c in enumerate(rec.chunks):
+                jobs.append((rec, n, buf[pos:pos + c.raw]))
+                pos += c.raw
+        threads = threads or min(8, os.cpu_count() or 1)
+        if len(jobs) <= 1 or threads == 1:
+            for job in jobs:
+                self.read_chunk(*job)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
+            for fut in [pool.submit(self.read_chunk, *job) for job in jobs]:
+                fut.result()
+
+    def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
+             threads: int | None = None) -> Any:
+        """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved."""
+        wanted = self.select(keys)
+        dest = Destinations(self.manifest, wanted, into=into, device=device, where=str(self.path))
+        self.read_tensors(wanted, dest.buffer, threads)
+        selected = None if keys is None else (
+            lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
+        return build_tree(self.manifest.tree, dest, selected)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Re-check every chunk; return one line per problem (empty when clean)."""
+        problems: list[str] = []
+        for rec in self.manifest.tensors:
+            for n, c in enumerate(rec.chunks):
+                try:
+                    self.read_chunk(rec, n, memoryview(bytearray(c.raw)))
+                except FormatError as e:
+                    problems.append(str(e))
+                if progress:
+                    progress(c.stored)
+        return problems

@@ -1,0 +1,151 @@
+"""Where restored bytes go: fresh tensors of the kind saved, or the tensors
+of an existing tree (``into=``), checked all at once before any is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from snapd.errors import InvalidArgument, MismatchError
+from snapd.format import dtypes
+from snapd.format.manifest import Manifest, TensorRecord
+from snapd.format.tree import build, join_key
+
+log = logging.getLogger(__name__)
+
+
+def _leaves(obj: Any, key: str = "") -> dict[str, Any]:
+    """Key path -> leaf of a user's tree (the same paths flatten() gives)."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, join_key(key, k)))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_leaves(v, join_key(key, i)))
+        return out
+    return {key: obj}
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = dtypes.torch_module()
+    return isinstance(obj, np.ndarray) or (torch is not None and isinstance(obj, torch.Tensor))
+
+
+def _target_dtype(obj: Any, key: str) -> str:
+    if isinstance(obj, np.ndarray):
+        return dtypes.numpy_name(obj.dtype, key)
+    return dtypes.torch_name(obj.dtype, key)
+
+
+def _bytes_of(obj: Any) -> np.ndarray | None:
+    """A writable uint8 view of ``obj``'s memory, if it is a contiguous CPU tensor."""
+    if isinstance(obj, np.ndarray):
+        if obj.flags.c_contiguous and obj.flags.writeable and obj.dtype.byteorder != ">":
+            return obj.reshape(-1).view(np.uint8)
+        return None
+    if obj.device.type == "cpu" and obj.is_contiguous() and not obj.requires_grad:
+        import torch
+
+        return obj.reshape(-1).view(torch.uint8).numpy()
+    return None
+
+
+class Destinations:
+    """Allocates (or finds, with ``into``) the memory each wanted tensor is read into."""
+
+    def __init__(self, manifest: Manifest, wanted: list[int], *, into: Any, device: Any, where: str) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.values: dict[int, Any] = {}
+        self._pending: dict[int, tuple[Any, Any]] = {}  # i -> (target, temporary) copied after reading
+        self._buffers: dict[int, np.ndarray] = {}
+        self._into: set[int] = set()  # tensors that are the caller's own (never moved or replaced)
+        if into is not None:
+            self._match(into, wanted, where)
+        for i in wanted:
+            if i not in self.values:
+                self.values[i], self._buffers[i] = self._allocate(manifest.tensors[i])
+
+    def _match(self, into: Any, wanted: list[int], where: str) -> None:
+        targets = _leaves(into)
+        problems = []
+        chosen = {}
+        for i in wanted:
+            rec = self.manifest.tensors[i]
+            t = targets.get(rec.key)
+            if t is None or not _is_tensor(t):
+                problems.append(f"{rec.key}: in the snapshot, not a tensor in `into`")
+                continue
+            if tuple(t.shape) != tuple(rec.shape):
+                problems.append(f"{rec.key}: shape {tuple(rec.shape)} in the snapshot, {tuple(t.shape)} in `into`")
+            elif _target_dtype(t, rec.key) != rec.dtype:
+                problems.append(f"{rec.key}: dtype {rec.dtype} in the snapshot, {_target_dtype(t, rec.key)} "
+                                "in `into`")
+            else:
+                chosen[i] = t
+        saved = {self.manifest.tensors[i].key for i in wanted}
+        prefixes = {k.rsplit(".", 1)[0] for k in saved}
+        for key, t in targets.items():
+            if _is_tensor(t) and key not in saved and (len(wanted) == len(self.manifest.tensors)
+                                                        or any(key.startswith(p + ".") for p in prefixes)):
+                problems.append(f"{key}: a tensor in `into`, not in the snapshot")
+        if problems:
+            raise MismatchError(f"{where}: cannot restore into the given tree, nothing was changed:\n  "
+                                + "\n  ".join(problems))
+        for i, t in chosen.items():
+            self.values[i] = t
+            self._into.add(i)
+            direct = _bytes_of(t)
+            if direct is not None:
+                self._buffers[i] = direct
+            else:
+                tmp, self._buffers[i] = self._allocate(self.manifest.tensors[i])
+                self._pending[i] = (t, tmp)
+
+    def _allocate(self, rec: TensorRecord) -> tuple[Any, np.ndarray]:
+        if rec.kind == "torch":
+            try:
+                import torch
+            except ImportError:
+                log.warning("%s was saved as a torch tensor; torch is not installed, returning NumPy", rec.key)
+            else:
+                t = torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype))
+                return t, t.reshape(-1).view(torch.uint8).numpy()
+        if self.device not in (None, "cpu"):
+            raise InvalidArgument(f"{rec.key}: device={self.device!r} applies to torch tensors; "
+                                  "this one is restored as a NumPy array")
+        arr = np.empty(rec.shape, dtype=dtypes.numpy_dtype(rec.dtype))
+        return arr, arr.reshape(-1).view(np.uint8)
+
+    def buffer(self, i: int) -> memoryview:
+        return memoryview(self._buffers[i]).cast("B")
+
+    def value(self, i: int) -> Any:
+        """The finished tensor ``i`` (copied into its target, or moved to ``device``)."""
+        v = self.values[i]
+        if i in self._pending:
+            target, tmp = self._pending.pop(i)
+            if isinstance(target, np.ndarray):
+                np.copyto(target, tmp)
+            else:
+                import torch
+
+                with torch.no_grad():
+                    target.copy_(tmp if isinstance(tmp, torch.Tensor) else torch.from_numpy(tmp))
+        if i in self._into:
+            return v
+        if self.manifest.tensors[i].kind == "numpy_scalar" and isinstance(v, np.ndarray):
+            return v[()]
+        if self.device is not None and not isinstance(v, np.ndarray):
+            return v.to(self.device)
+        return v
+
+
+def build_tree(skeleton: dict, dest: Destinations, selected: Callable[[str], bool] | None) -> Any:
+    return build(skeleton, lambda i, key: dest.value(i), selected=selected)

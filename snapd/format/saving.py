@@ -1,0 +1,100 @@
+"""Synchronous in-process save: flatten -> encode on a thread pool -> write.
+
+The same three stages as the daemon, in one call: chunks are encoded on
+``threads`` pool threads (LZ4, zstd and xxh3 release the GIL) while the
+calling thread writes finished chunks in order, with at most a few chunks
+in flight so memory stays bounded whatever the state's size.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from snapd.errors import InvalidArgument
+from snapd.format import codecs, dtypes
+from snapd.format.jobdir import JobDir, check_step
+from snapd.format.manifest import CODECS
+from snapd.format.tree import TensorLeaf, flatten
+from snapd.format.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, Committed, Retention, SnapshotWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODEC = "shuffle-lz4"
+
+
+def check_metrics(metrics: object) -> dict[str, Any]:
+    """Metrics are a flat JSON object; non-finite floats are kept as strings ("nan")."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
+        raise InvalidArgument(f"metrics must be a dict with str keys, got {type(metrics).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if v is not None and not isinstance(v, (bool, int, float, str)) and hasattr(v, "item"):
+            try:
+                v = v.item()  # one-element NumPy/torch values
+            except (ValueError, RuntimeError):
+                raise InvalidArgument(f"metric {k!r} must be a single number, got shape "
+                                      f"{tuple(getattr(v, 'shape', ()))}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            v = repr(v)
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise InvalidArgument(f"metric {k!r} must be a number, str, bool or None, got {type(v).__name__}")
+        out[k] = v
+    json.dumps(out, allow_nan=False)
+    return out
+
+
+def check_codec(codec: object) -> str:
+    if codec not in CODECS:
+        raise InvalidArgument(f"unknown codec {codec!r} (one of: {', '.join(CODECS)})")
+    return str(codec)
+
+
+def chunk_slices(leaf: TensorLeaf, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of a tensor's chunks: whole elements, at most ``chunk_bytes`` each."""
+    size = dtypes.itemsize(leaf.dtype)
+    step = max(size, chunk_bytes - chunk_bytes % size)
+    n = leaf.data.nbytes
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
+               retention: Retention = Retention(), codec: str = DEFAULT_CODEC,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, shard_bytes: int = DEFAULT_SHARD_BYTES,
+               threads: int | None = None, emergency: bool = False) -> Committed:
+    """Save ``state`` as snapshot ``step`` of ``job`` under ``root``; return once durable."""
+    check_step(step)
+    codec = check_codec(codec)
+    metrics = check_metrics(metrics)
+    tree, leaves = flatten(state)  # refuses unsupported leaves before touching the disk
+    jobdir = JobDir(root, job)
+    jobdir.open_for_write()
+    writer = SnapshotWriter(jobdir, step, shard_bytes=shard_bytes)
+    threads = threads or min(8, os.cpu_count() or 1)
+    window: collections.deque[tuple[Any, Future]] = collections.deque()
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-encode") as pool:
+            for leaf in leaves:
+                rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.data.nbytes)
+                size = dtypes.itemsize(leaf.dtype)
+                for a, b in chunk_slices(leaf, chunk_bytes):
+                    window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec)))
+                    while len(window) > 2 * threads + 2:
+                        r, fut = window.popleft()
+                        writer.write_chunk(r, fut.result())
+            while window:
+                r, fut = window.popleft()
+                writer.write_chunk(r, fut.result())
+    except BaseException:
+        for _, fut in window:
+            fut.cancel()
+        writer.abort()
+        raise
+    return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention, emergency=emergency)

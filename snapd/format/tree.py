@@ -1,0 +1,184 @@
+"""The state tree: flattening a nested state into tensors + a JSON skeleton,
+and building it back.
+
+A state is dicts (str or int keys), lists and tuples of tensors (NumPy
+arrays, NumPy scalars, torch tensors) and JSON-able leaves (int, float, str,
+bool, None, bytes). Each leaf has a key path: its keys joined by ``.``
+(``model.encoder.weight``, ``optim.state.0.exp_avg``). No pickle: anything
+else is refused with an error naming its key path and type.
+
+Skeleton nodes (``t`` is the node type):
+  {"t": "dict", "k": [keys], "v": [nodes]}   {"t": "list"|"tuple", "v": [nodes]}
+  {"t": "tensor", "i": index into the manifest's tensor list}
+  {"t": "value", "v": json}  {"t": "float", "v": "nan"|"inf"|"-inf"}  {"t": "bytes", "v": base64}
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from snapd.errors import FormatError, UnsupportedValueError
+from snapd.format import dtypes
+
+MAX_DEPTH = 64
+
+
+@dataclass
+class TensorLeaf:
+    """One tensor of the state, as bytes ready to encode."""
+
+    key: str
+    kind: str  # "numpy", "numpy_scalar" or "torch"
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # contiguous little-endian bytes, dtype uint8, may alias the user's tensor
+    source: Any = None  # the object the bytes came from (kept alive while encoding)
+
+
+def key_problem(key: object) -> str | None:
+    """Why ``key`` is not a valid tensor key path, or None. Writer and reader share this rule."""
+    if not isinstance(key, str) or not key:
+        return "empty or not a string"
+    if "\x00" in key:
+        return "contains NUL"
+    if "" in key.split("."):
+        return "has an empty segment (leading, trailing or doubled '.')"
+    return None
+
+
+def join_key(prefix: str, part: str | int) -> str:
+    return f"{prefix}.{part}" if prefix else str(part)
+
+
+def _tensor_leaf(key: str, obj: Any) -> TensorLeaf | None:
+    if isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, (np.str_, np.bytes_, np.object_)):
+        arr = np.asarray(obj)
+        name = dtypes.numpy_name(arr.dtype, key)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arr = np.ascontiguousarray(arr)
+        kind = "numpy_scalar" if isinstance(obj, np.generic) else "numpy"
+        return TensorLeaf(key, kind, name, tuple(arr.shape), arr.reshape(-1).view(np.uint8), arr)
+    torch = dtypes.torch_module()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.is_quantized:
+            raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
+                                        "(only dense tensors)")
+        if obj.device.type == "meta":
+            raise UnsupportedValueError(f"{key}: a meta tensor has no data to save")
+        name = dtypes.torch_name(obj.dtype, key)
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.resolve_conj().resolve_neg().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        return TensorLeaf(key, "torch", name, tuple(t.shape), data, t)
+    return None
+
+
+def flatten(state: Any) -> tuple[dict, list[TensorLeaf]]:
+    """Split ``state`` into a JSON skeleton and its tensors, in visiting order."""
+    leaves: list[TensorLeaf] = []
+    seen: set[str] = set()
+
+    def visit(obj: Any, key: str, depth: int) -> dict:
+        if depth > MAX_DEPTH:
+            raise UnsupportedValueError(f"{key}: state nests deeper than {MAX_DEPTH} levels")
+        leaf = _tensor_leaf(key, obj)
+        if leaf is not None:
+            problem = key_problem(key)
+            if problem:
+                raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {problem}")
+            if key in seen:
+                raise UnsupportedValueError(f"{key}: two leaves share this key path")
+            seen.add(key)
+            leaves.append(leaf)
+            return {"t": "tensor", "i": len(leaves) - 1}
+        if isinstance(obj, dict):
+            keys = list(obj.keys())
+            for k in keys:
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise UnsupportedValueError(f"{join_key(key, repr(k))}: dict key of type "
+                                                f"{type(k).__name__} (only str and int keys)")
+                if isinstance(k, str) and (k == "" or "\x00" in k):
+                    raise UnsupportedValueError(f"{key or '<root>'}: dict key {k!r} is empty or has NUL")
+            return {"t": "dict", "k": keys, "v": [visit(obj[k], join_key(key, k), depth + 1) for k in keys]}
+        if isinstance(obj, (list, tuple)):
+            t = "tuple" if isinstance(obj, tuple) else "list"
+            return {"t": t, "v": [visit(v, join_key(key, i), depth + 1) for i, v in enumerate(obj)]}
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return {"t": "value", "v": obj}
+        if isinstance(obj, float):
+            if math.isfinite(obj):
+                return {"t": "value", "v": obj}
+            return {"t": "float", "v": repr(obj)}
+        if isinstance(obj, (bytes, bytearray)):
+            return {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        raise UnsupportedValueError(f"{key or '<root>'}: values of type {type(obj).__module__}."
+                                    f"{type(obj).__qualname__} cannot be saved (tensors, dict/list/tuple, "
+                                    "int, float, str, bool, None and bytes can)")
+
+    return visit(state, "", 0), leaves
+
+
+def iter_paths(node: dict, key: str = "") -> Iterator[tuple[str, dict]]:
+    """Every (key path, node) of a skeleton, containers included, depth first."""
+    yield key, node
+    t = node.get("t")
+    if t == "dict":
+        for k, v in zip(node["k"], node["v"]):
+            yield from iter_paths(v, join_key(key, k))
+    elif t in ("list", "tuple"):
+        for i, v in enumerate(node["v"]):
+            yield from iter_paths(v, join_key(key, i))
+
+
+def key_matches(path: str, selector: str) -> bool:
+    """``selector`` picks ``path`` itself and everything below it.
+
+    ``"model"`` and ``"model."`` both select ``model.*``; ``""`` selects all.
+    """
+    sel = selector.rstrip(".")
+    return sel == "" or path == sel or path.startswith(sel + ".")
+
+
+def build(node: dict, make_tensor: Callable[[int, str], Any], key: str = "",
+          selected: Callable[[str], bool] | None = None) -> Any:
+    """Rebuild a tree from its skeleton; ``make_tensor(index, key)`` supplies tensors.
+
+    With ``selected``, only leaves whose key path it accepts are built;
+    containers keep only selected children (lists keep them in order).
+    """
+    t = node.get("t")
+    if t == "dict":
+        out = {}
+        for k, v in zip(node["k"], node["v"]):
+            sub = join_key(key, k)
+            if selected is None or _has_selected(v, sub, selected):
+                out[k] = build(v, make_tensor, sub, selected)
+        return out
+    if t in ("list", "tuple"):
+        items = [build(v, make_tensor, join_key(key, i), selected)
+                 for i, v in enumerate(node["v"])
+                 if selected is None or _has_selected(v, join_key(key, i), selected)]
+        return tuple(items) if t == "tuple" else items
+    if t == "tensor":
+        return make_tensor(node["i"], key)
+    if t == "value":
+        return node["v"]
+    if t == "float":
+        return float(node["v"])
+    if t == "bytes":
+        return base64.b64decode(node["v"])
+    raise FormatError(f"{key or '<root>'}: unknown tree node type {t!r}")
+
+
+def _has_selected(node: dict, key: str, selected: Callable[[str], bool]) -> bool:
+    return any(selected(p) for p, n in iter_paths(node, key) if n.get("t") not in ("dict", "list", "tuple")
+               or not n.get("v"))

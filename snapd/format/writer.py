@@ -1,0 +1,170 @@
+"""Writing one snapshot: data shards, manifest, atomic commit, retention.
+
+``SnapshotWriter`` is the flush stage: it takes already-encoded chunks in
+order, appends them to sequential data files in a temporary directory,
+then ``commit`` fsyncs each file once, writes the manifest last, renames
+the directory into place and updates the index under the job lock.
+Older snapshots are deleted only after the new one is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapd import __version__
+from snapd.errors import FlushError, SnapdError
+from snapd.format import index as jobindex
+from snapd.format.codecs import Encoded
+from snapd.format.jobdir import JobDir, fsync_dir
+from snapd.format.manifest import CODECS, MANIFEST_NAME, Chunk, Manifest, TensorRecord
+
+log = logging.getLogger(__name__)
+
+DATA_MAGIC = b"SNAPDDAT"
+DATA_HEADER = struct.Struct("<8sII")  # magic, format version, shard number
+ALIGN = 64
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_SHARD_BYTES = 1 << 30
+_ZEROS = bytes(ALIGN)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retention:
+    keep_last: int | None = 5
+    keep_every_steps: int | None = None
+    best: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        jobindex.check_retention(self.keep_last, self.keep_every_steps)
+        jobindex.check_best(self.best)
+
+
+@dataclass
+class Committed:
+    """What a commit produced: the snapshot's directory and its index entry."""
+
+    path: Path
+    entry: jobindex.Entry
+
+
+class _DataFile:
+    def __init__(self, path: Path, number: int) -> None:
+        self.path = path
+        self.number = number
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = 0
+        self._write([DATA_HEADER.pack(DATA_MAGIC, 1, number)])
+
+    def _write(self, parts: list) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(v.nbytes for v in views)
+        done = 0
+        while done < total:  # writev may write less than asked
+            n = os.writev(self.fd, views[:512])
+            done += n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        self.size += total
+
+    def append(self, enc: Encoded) -> int:
+        pad = -self.size % ALIGN
+        if pad:
+            self._write([_ZEROS[:pad]])
+        offset = self.size
+        self._write(enc.parts)
+        return offset
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class SnapshotWriter:
+    """Writes one snapshot of ``job`` at ``step`` into a temporary directory."""
+
+    def __init__(self, job: JobDir, step: int, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.job = job
+        self.step = step
+        self.shard_bytes = shard_bytes
+        self.tmp = job.new_tmp_dir(step)
+        self.files: list[_DataFile] = []
+        self.tensors: list[TensorRecord] = []
+
+    def add_tensor(self, key: str, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> TensorRecord:
+        rec = TensorRecord(key, kind, dtype, list(shape), nbytes)
+        self.tensors.append(rec)
+        return rec
+
+    def write_chunk(self, rec: TensorRecord, enc: Encoded) -> None:
+        """Append an encoded chunk of ``rec`` (chunks of a tensor come in order)."""
+        if not self.files or self.files[-1].size >= self.shard_bytes:
+            if self.files:
+                self.files[-1].finish()
+            n = len(self.files)
+            self.files.append(_DataFile(self.tmp / f"data-{n:05d}.bin", n))
+        f = self.files[-1]
+        try:
+            offset = f.append(enc)
+        except OSError as e:
+            raise FlushError(f"writing {f.path}: {e.strerror or e}") from e
+        rec.chunks.append(Chunk(f.number, offset, enc.stored, enc.raw, enc.codec, enc.checksum, enc.planes))
+
+    def commit(self, *, tree: dict, metrics: dict | None, codec: str, retention: Retention,
+               emergency: bool = False) -> Committed:
+        """Make the snapshot durable and visible, then apply retention."""
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}")
+        try:
+            files = []
+            total = len(self.files)
+            for f in self.files:
+                if f.fd >= 0:
+                    f.finish()
+                name = f"data-{f.number:05d}-of-{total:05d}.bin"
+                os.rename(f.path, self.tmp / name)
+                files.append({"name": name, "bytes": f.size})
+            manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
+                                tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
+                                emergency=emergency, writer=f"snapd {__version__}")
+            with open(self.tmp / MANIFEST_NAME, "wb") as mf:
+                mf.write(manifest.to_bytes())
+                mf.flush()
+                os.fsync(mf.fileno())
+            fsync_dir(self.tmp)
+            with self.job.lock():
+                index = jobindex.load(self.job)
+                self.job.install(self.tmp, self.step)
+                entry = jobindex.Entry.of(manifest)
+                index.record(entry)
+                if retention.best is not None:
+                    index.best_metric = retention.best
+                for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
+                    log.info("%s: retention removes step %d", self.job.path, old.step)
+                    self.job.delete(old.name)
+                    index.history.remove(old)
+                jobindex.save(self.job, index)
+        except SnapdError:
+            self.abort()
+            raise
+        except (OSError, ValueError) as e:
+            self.abort()
+            raise FlushError(f"committing step {self.step} of job {self.job.job}: {e}") from e
+        return Committed(self.job.path / entry.name, entry)
+
+    def abort(self) -> None:
+        """Drop the temporary directory; nothing committed before is touched."""
+        for f in self.files:
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+        shutil.rmtree(self.tmp, ignore_errors=True)
