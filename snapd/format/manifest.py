@@ -122,6 +122,8 @@ def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
         raise FormatError(f"{where}: manifest checksum mismatch (the file was modified or torn)")
     try:
         return _build(body)
+    except FormatError as e:
+        raise type(e)(f"{where}: {e}") from None
     except (KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 

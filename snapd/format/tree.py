@@ -62,7 +62,8 @@ def _tensor_leaf(key: str, obj: Any) -> TensorLeaf | None:
         name = dtypes.numpy_name(arr.dtype, key)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
         kind = "numpy_scalar" if isinstance(obj, np.generic) else "numpy"
         return TensorLeaf(key, kind, name, tuple(arr.shape), arr.reshape(-1).view(np.uint8), arr)
     torch = dtypes.torch_module()

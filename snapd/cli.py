@@ -1,0 +1,181 @@
+"""The ``snapd`` command: offline tools over snapshot directories.
+
+Every bad path or argument ends in one line on stderr and exit status 2;
+``verify`` exits 1 when it finds damage, naming each bad chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from snapd import __version__
+from snapd.errors import FormatError, SnapdError
+from snapd.format import catalog
+from snapd.format.jobdir import JOB_NAME_RE, step_of
+from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.reader import SnapshotReader
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """A bad path or argument: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors: one line too
+        raise UsageError(message)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _metrics(m: dict) -> str:
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such directory")
+    jobs = [args.job] if args.job else sorted(p.name for p in root.iterdir()
+                                               if p.is_dir() and JOB_NAME_RE.match(p.name))
+    rows = []
+    for job in jobs:
+        for s in catalog.list_snapshots(root, job):
+            marks = ",".join(m for m, on in (("latest", s.latest), ("best", s.best),
+                                              ("emergency", s.emergency)) if on)
+            rows.append([job, str(s.step), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix_s)),
+                         human_bytes(s.stored_bytes), human_bytes(s.raw_bytes), f"{s.ratio:.2f}x",
+                         _metrics(s.metrics), marks])
+    print(table(rows, ["JOB", "STEP", "TIME", "STORED", "RAW", "RATIO", "METRICS", "MARKS"]))
+    return 0
+
+
+def _open(path: str) -> SnapshotReader:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such snapshot directory")
+    return SnapshotReader(p)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _open(args.snapshot) as r:
+        m = r.manifest
+        rows = []
+        for t in m.tensors:
+            stored = sum(c.stored for c in t.chunks)
+            codecs = "+".join(sorted({c.codec for c in t.chunks})) or "-"
+            rows.append([t.key, t.dtype, "x".join(map(str, t.shape)) or "()", human_bytes(t.nbytes), codecs,
+                         f"{t.nbytes / stored:.2f}x" if stored else "-"])
+        print(f"step {m.step} of job {m.job}: {len(m.tensors)} tensors, {human_bytes(m.raw_bytes)} raw, "
+              f"{human_bytes(m.stored_bytes)} stored in {len(m.files)} data file(s), codec {m.codec}")
+        print(table(rows, ["KEY", "DTYPE", "SHAPE", "BYTES", "CODEC", "RATIO"]))
+    return 0
+
+
+def _snapshot_dirs(path: Path) -> list[Path]:
+    if (path / MANIFEST_NAME).exists() or step_of(path.name) is not None:
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if step_of(p.name) is not None and p.is_dir())
+    raise UsageError(f"{path}: no such snapshot or job directory")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    dirs = _snapshot_dirs(Path(args.path))
+    if not dirs:
+        raise UsageError(f"{args.path}: no snapshots in this directory")
+    bad = 0
+    show = sys.stderr.isatty()
+    for d in dirs:
+        try:
+            with SnapshotReader(d) as r:
+                total = r.manifest.stored_bytes or 1
+                done = 0
+
+                def progress(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    if show:
+                        print(f"\r{d.name}: {100 * done // total:3d}%", end="", file=sys.stderr, flush=True)
+
+                problems = r.verify(progress)
+                if show:
+                    print("\r", end="", file=sys.stderr)
+        except FormatError as e:
+            problems = [str(e)]
+        for p in problems:
+            print(f"BAD {d}: {p}")
+        bad += bool(problems)
+        if not problems:
+            print(f"ok  {d}")
+    return 1 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from snapd.format.safetensors_export import export
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such directory for the output file")
+    with _open(args.snapshot) as r:
+        n = export(r, out, args.keys)
+    print(f"wrote {n} tensors to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="snapd", description="Snapshot daemon for ML training, and tools for its snapshots.")
+    p.add_argument("--version", action="version", version=f"snapd {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug lines to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("ls", help="list the snapshots of a root or of one job")
+    s.add_argument("root")
+    s.add_argument("job", nargs="?")
+    s.set_defaults(fn=cmd_ls)
+    s = sub.add_parser("inspect", help="one row per tensor of a snapshot")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("verify", help="recompute every checksum of a snapshot or a whole job")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("export", help="write a snapshot's tensors as one .safetensors file")
+    s.add_argument("snapshot")
+    s.add_argument("out")
+    s.add_argument("--keys", action="append", help="only tensors under this key prefix (repeatable)")
+    s.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        return args.fn(args)
+    except UsageError as e:
+        print(f"snapd: error: {e}", file=sys.stderr)
+        return 2
+    except (SnapdError, OSError) as e:
+        print(f"snapd: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

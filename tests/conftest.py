@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import cupy
+
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA device and CuPy")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    d = tmp_path / "snapshots"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def digest():
+    return tensor_digest
+
+
+@pytest.fixture
+def py():
+    return run_python
+
+
+def tensor_digest(arr: object) -> str:
+    """SHA-256 of a tensor's bytes (NumPy or torch, any dtype)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(arr, torch.Tensor):
+        arr = arr.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def run_python(code: str, *args: str, **kw: object) -> "subprocess.CompletedProcess[str]":
+    """Run ``code`` in a fresh interpreter, outside the source tree, so the
+    installed package is what gets imported."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", "/"), timeout=kw.pop("timeout", 120), **kw)  # type: ignore[arg-type]

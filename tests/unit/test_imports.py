@@ -1,0 +1,32 @@
+"""The shared modules stay light: training code that imports the client must
+not pay for torch, CuPy, ZeroMQ or the daemon."""
+
+import json
+
+import pytest
+
+HEAVY = ["torch", "cupy", "zmq", "snapd.daemon", "snapd.server"]
+
+
+@pytest.mark.parametrize("module", ["snapd.format", "snapd.client", "snapd.errors", "snapd.kernels"])
+def test_import_loads_nothing_heavy(module: str, py) -> None:
+    code = f"import sys, json, {module}; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    out = py(code)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_numpy_only_save_and_load_never_import_torch(tmp_path, py) -> None:
+    code = ("import sys, numpy as np, snapd.client as c\n"
+            f"c.save({str(tmp_path)!r}, 'j', {{'w': np.ones(3, np.float32)}}, step=1)\n"
+            f"assert (c.load({str(tmp_path)!r}, 'j')['w'] == 1).all()\n"
+            "print('torch' in sys.modules)")
+    out = py(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_three_packages_installed(py) -> None:
+    out = py("import snapd, snapd.client, snapd.kernels, snapd.format; print(snapd.client.save.__module__)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "snapd.client.local"

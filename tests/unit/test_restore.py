@@ -1,0 +1,91 @@
+"""Partial restore, restore into an existing tree, and device placement."""
+
+import numpy as np
+import pytest
+import torch
+
+import snapd.client as snapd
+from snapd.errors import KeySelectionError, MismatchError, SnapshotNotFound
+from snapd.format import SnapshotReader
+
+
+def _model_state() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "step": 1, "extra": np.arange(5)}
+
+
+def test_partial_restore_reads_only_selected_chunks(root, monkeypatch) -> None:
+    state = _model_state()
+    snapd.save(root, "j", state, step=1)
+    read_keys = []
+    orig = SnapshotReader.read_chunk
+    monkeypatch.setattr(SnapshotReader, "read_chunk",
+                        lambda self, rec, n, out: (read_keys.append(rec.key), orig(self, rec, n, out))[1])
+    out = snapd.load(root, "j", keys="model.")
+    assert set(out) == {"model"} and set(out["model"]) == set(state["model"])
+    assert all(k.startswith("model.") for k in read_keys) and len(read_keys) == len(state["model"])
+    out = snapd.load(root, "j", keys=["model.0.weight", "optim.param_groups", "step"])
+    assert set(out) == {"model", "optim", "step"} and list(out["model"]) == ["0.weight"]
+    assert out["optim"]["param_groups"][0]["lr"] == 1e-3 and out["step"] == 1
+
+
+def test_missing_key_is_named(root) -> None:
+    snapd.save(root, "j", _model_state(), step=1)
+    with pytest.raises(KeySelectionError, match="'model.9.weight'"):
+        snapd.load(root, "j", keys=["model.0.weight", "model.9.weight"])
+
+
+def test_into_restores_a_model_in_place(root) -> None:
+    state = _model_state()
+    snapd.save(root, "j", state, step=1)
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    sd = fresh.state_dict()
+    ptr = fresh[0].weight.data_ptr()
+    snapd.load(root, "j", keys="model", into={"model": sd})
+    assert fresh[0].weight.data_ptr() == ptr  # in place, same storage
+    for k, v in state["model"].items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_into_lists_every_mismatch_and_changes_nothing(root) -> None:
+    snapd.save(root, "j", {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32),
+                           "c": np.ones(2, np.float32)}, step=1)
+    target = {"a": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float64), "c": np.zeros(2, np.float32),
+              "d": np.zeros(1, np.float32)}
+    with pytest.raises(MismatchError) as e:
+        snapd.load(root, "j", into=target)
+    msg = str(e.value)
+    assert "a: shape (2, 3)" in msg and "b: dtype float32" in msg and "d: a tensor in `into`" in msg
+    assert "c:" not in msg
+    assert all((v == 0).all() for v in target.values())  # nothing was overwritten
+
+
+def test_into_non_contiguous_and_requires_grad_targets(root) -> None:
+    snapd.save(root, "j", {"w": torch.arange(12.0).reshape(3, 4), "p": torch.arange(3.0)}, step=1)
+    w = torch.zeros(4, 3).t()
+    p = torch.nn.Parameter(torch.zeros(3))
+    snapd.load(root, "j", into={"w": w, "p": p})
+    assert torch.equal(w, torch.arange(12.0).reshape(3, 4)) and torch.equal(p.detach(), torch.arange(3.0))
+
+
+def test_device_places_torch_tensors(root) -> None:
+    snapd.save(root, "j", {"t": torch.ones(3), "n": np.ones(2)}, step=1)
+    out = snapd.load(root, "j", device="cpu")
+    assert out["t"].device.type == "cpu"
+    out = snapd.load(root, "j", device=torch.device("meta"), keys="t")
+    assert out["t"].device.type == "meta"
+
+
+def test_unknown_step_and_job(root) -> None:
+    snapd.save(root, "j", {"w": np.zeros(1)}, step=3)
+    with pytest.raises(SnapshotNotFound, match=r"no snapshot 4 \(steps: 3\)"):
+        snapd.load(root, "j", step=4)
+    with pytest.raises(SnapshotNotFound, match="no job 'k'"):
+        snapd.load(root, "k")
+    with pytest.raises(SnapshotNotFound, match="tracks no best"):
+        snapd.load(root, "j", step="best")
