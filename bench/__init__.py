@@ -1,0 +1,1 @@
+"""snapd benchmarks: each compares snapd with the real peers in the same run."""
