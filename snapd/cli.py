@@ -141,12 +141,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from snapd.demo import main as demo_main
-
-    return demo_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snapd", description="Snapshot daemon for ML training, and tools for its snapshots.")
     p.add_argument("--version", action="version", version=f"snapd {__version__}")
@@ -167,14 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--keys", action="append", help="only tensors under this key prefix (repeatable)")
     s.set_defaults(fn=cmd_export)
-    s = sub.add_parser("demo", help="a small training run that snapshots, is killed, and resumes",
-                       add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_demo)
+    sub.add_parser("demo", help="a small training run that snapshots, is killed, and resumes "
+                   "(snapd demo --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # argparse cannot pass "--opts" through a REMAINDER subcommand
+        from snapd.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
