@@ -141,6 +141,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from snapd.daemon.config import DaemonConfig
+    from snapd.daemon.serve import serve
+
+    flags = {"root": args.root, "endpoint": args.endpoint, "host_buffer_bytes": args.host_buffer_bytes,
+             "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
+             "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s}
+    return serve(DaemonConfig.from_sources(flags))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from snapd.client.connection import daemon_status
+
+    st = daemon_status(args.endpoint, timeout_s=args.timeout_s)
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+        return 0
+    c = st["counters"]
+    print(f"snapd {st['version']} pid {st['pid']} up {st['uptime_s']:.0f} s on {st['endpoint']}")
+    print(f"root {st['root']}; buffers {st['buffers']['busy']}/{st['buffers']['count']} busy x "
+          f"{human_bytes(st['buffers']['bytes_each'])}; waiting {st['waiting_for_buffer']}")
+    print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
+          f"stored), failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}")
+    rows = [[cl["job"], str(cl["pid"]), st["codecs"].get(cl["job"], {}).get("codec", "-")] for cl in st["clients"]]
+    print(table(rows, ["JOB", "PID", "CODEC"]))
+    if st["last_error"]:
+        print(f"last error: {st['last_error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snapd", description="Snapshot daemon for ML training, and tools for its snapshots.")
     p.add_argument("--version", action="version", version=f"snapd {__version__}")
@@ -161,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--keys", action="append", help="only tensors under this key prefix (repeatable)")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("serve", help="run the snapshot daemon in the foreground")
+    s.add_argument("--root", help="snapshot root directory (env SNAPD_ROOT)")
+    s.add_argument("--endpoint", help="ipc://PATH to listen on (env SNAPD_ENDPOINT)")
+    s.add_argument("--host-buffer-bytes", type=int, help="size of each host buffer")
+    s.add_argument("--host-buffers", type=int, help="number of host buffers (>= 2)")
+    s.add_argument("--encode-threads", type=int)
+    s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")
+    s.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM may take to persist what is held")
+    s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
+    s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("status", help="ask a running daemon how it is doing")
+    s.add_argument("--endpoint")
+    s.add_argument("--json", action="store_true", help="machine-readable (docs/PROTOCOL.md)")
+    s.add_argument("--timeout-s", type=float, default=3.0)
+    s.set_defaults(fn=cmd_status)
     sub.add_parser("demo", help="a small training run that snapshots, is killed, and resumes "
                    "(snapd demo --help)")
     return p
@@ -175,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+        quiet = logging.INFO if args.command == "serve" else logging.WARNING
+        logging.basicConfig(level=logging.DEBUG if args.verbose else quiet,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         return args.fn(args)
     except UsageError as e:

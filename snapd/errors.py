@@ -80,6 +80,46 @@ class LockTimeout(SnapdError, TimeoutError):
     code = "lock_timeout"
 
 
+class ProtocolError(SnapdError, ValueError):
+    """A message broke the protocol (docs/PROTOCOL.md); ``code`` says how."""
+
+    code = "protocol"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class DaemonUnavailable(SnapdError, ConnectionError):
+    """No daemon answered at the endpoint within the timeout."""
+
+    code = "unavailable"
+
+
+class Busy(SnapdError):
+    """Every host buffer is in use (on_busy="skip")."""
+
+    code = "busy"
+
+
+class ShuttingDown(SnapdError):
+    """The daemon is draining and accepts no new snapshots."""
+
+    code = "shutting_down"
+
+
+class SnapshotError(SnapdError):
+    """A snapshot failed in the daemon; ``code`` and ``stage`` say where."""
+
+    code = "snapshot_failed"
+
+    def __init__(self, message: str, code: str = "snapshot_failed", stage: str = "") -> None:
+        super().__init__(f"{message} (stage: {stage})" if stage else message)
+        self.code = code
+        self.stage = stage
+
+
 _BY_CODE: dict[str, type[SnapdError]] = {}
 
 
@@ -91,7 +131,7 @@ def register(cls: type[SnapdError]) -> type[SnapdError]:
 
 for _cls in (SnapdError, FormatError, ChecksumError, VersionError, SnapshotNotFound,
              KeySelectionError, MismatchError, UnsupportedValueError, InvalidArgument,
-             FlushError, LockTimeout):
+             FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, SnapshotError):
     register(_cls)
 
 
@@ -99,6 +139,6 @@ def error_from_code(code: str, message: str) -> SnapdError:
     """Rebuild the exception a wire ``code`` stands for (unknown -> SnapdError)."""
     cls = _BY_CODE.get(code, SnapdError)
     err = cls(message)
-    if cls is SnapdError:
+    if err.code != code:
         err.code = code
     return err

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 from snapd.errors import InvalidArgument
@@ -81,23 +81,36 @@ def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metr
     jobdir.open_for_write()
     writer = SnapshotWriter(jobdir, step, shard_bytes=shard_bytes)
     threads = threads or min(8, os.cpu_count() or 1)
-    window: collections.deque[tuple[Any, Future]] = collections.deque()
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="snapd-encode") as pool:
-            for leaf in leaves:
-                rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.data.nbytes)
-                size = dtypes.itemsize(leaf.dtype)
-                for a, b in chunk_slices(leaf, chunk_bytes):
-                    window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec)))
-                    while len(window) > 2 * threads + 2:
-                        r, fut = window.popleft()
-                        writer.write_chunk(r, fut.result())
-            while window:
-                r, fut = window.popleft()
-                writer.write_chunk(r, fut.result())
+            encode_and_write(writer, leaves, codec, pool, threads, chunk_bytes)
     except BaseException:
-        for _, fut in window:
-            fut.cancel()
         writer.abort()
         raise
     return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention, emergency=emergency)
+
+
+def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: str, pool: Executor,
+                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Encode every chunk on ``pool`` and write them in order on this thread.
+
+    At most ``2 * threads + 2`` chunks are in flight, so memory stays bounded
+    and the disk and the encoders work at the same time. The daemon's flush
+    stage runs this same loop over its host buffer.
+    """
+    window: collections.deque[tuple[Any, Future]] = collections.deque()
+    try:
+        for leaf in leaves:
+            rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.data.nbytes)
+            size = dtypes.itemsize(leaf.dtype)
+            for a, b in chunk_slices(leaf, chunk_bytes):
+                window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec)))
+                while len(window) > 2 * threads + 2:
+                    r, fut = window.popleft()
+                    writer.write_chunk(r, fut.result())
+        while window:
+            r, fut = window.popleft()
+            writer.write_chunk(r, fut.result())
+    finally:
+        for _, fut in window:
+            fut.cancel()

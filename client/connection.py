@@ -1,0 +1,162 @@
+"""One connection to the daemon: a DEALER socket, request ids, and replies.
+
+Every message is a single frame, and every socket call is made under one
+re-entrant lock, so the preemption handler (which runs in the main thread,
+between any two bytecodes) can send a whole request from the middle of
+another call without interleaving frames. Replies are filed by request id;
+whoever waits pumps the socket.
+
+ZeroMQ's connect never fails and messages to a missing peer just queue, so
+liveness is checked the only way that works: a ping that must be answered
+within the timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from snapd import protocol
+from snapd.errors import DaemonUnavailable, SnapshotError, error_from_code
+from snapd.paths import default_endpoint
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._lock = threading.RLock()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self._sock.connect(endpoint)
+        self._ids = iter(range(1, 2**62))
+        self._replies: dict[int, collections.deque[dict]] = collections.defaultdict(collections.deque)
+        self.daemon_pid: int | None = None
+        self.epoch = 0  # bumped when the daemon is found restarted
+        self._sent_epoch: dict[int, int] = {}
+        self.closed = False
+
+    def send(self, kind: str, **fields: Any) -> int:
+        with self._lock:
+            if self.closed:
+                raise DaemonUnavailable("this client is closed")
+            req_id = next(self._ids)
+            self._sent_epoch[req_id] = self.epoch
+            try:
+                self._sock.send(protocol.request(kind, req_id, **fields))
+            except zmq.Again:
+                raise DaemonUnavailable(f"no daemon takes messages at {self.endpoint}") from None
+            return req_id
+
+    def _pump(self, timeout_s: float) -> bool:
+        """Receive what has arrived (waiting up to ``timeout_s``); True if anything did."""
+        with self._lock:
+            if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                return False
+            while True:
+                try:
+                    frame = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return True
+                msg = protocol.decode_reply(frame)
+                if msg.get("id") is not None:
+                    self._replies[msg["id"]].append(msg)
+
+    def take(self, req_id: int) -> dict | None:
+        """The next reply to ``req_id`` if one has arrived (pumps without waiting)."""
+        with self._lock:
+            self._pump(0)
+            q = self._replies.get(req_id)
+            return q.popleft() if q else None
+
+    def wait(self, req_id: int, timeout_s: float | None = None, *, liveness: bool = True) -> dict:
+        """Wait for the next reply to ``req_id``; raise the error it carries.
+
+        While waiting, a silence longer than ``self.timeout_s`` triggers a ping;
+        no pong in time means the daemon is gone (DaemonUnavailable).
+        ``timeout_s`` bounds the whole wait (TimeoutError); None waits as long as
+        the daemon is alive.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while True:
+            msg = self.take(req_id)
+            if msg is not None:
+                if msg["type"] == "error":
+                    err = error_from_code(msg.get("code", "error"), msg.get("message", ""))
+                    if msg.get("stage"):
+                        err = SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"])
+                    raise err
+                if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released"):
+                    self._sent_epoch.pop(req_id, None)
+                return msg
+            if self._sent_epoch.get(req_id, self.epoch) < self.epoch:
+                raise DaemonUnavailable(f"the daemon at {self.endpoint} restarted before answering; "
+                                        "this request was lost")
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"no answer from the daemon within {timeout_s} s")
+            slice_s = 0.05 if deadline is None else max(0.0, min(0.05, deadline - now))
+            if self._pump(slice_s):
+                quiet_since = time.monotonic()
+            elif liveness and time.monotonic() - quiet_since > self.timeout_s:
+                self.check_alive()
+                quiet_since = time.monotonic()
+
+    def check_alive(self) -> None:
+        """Ping; raise DaemonUnavailable unless a pong comes within the timeout."""
+        try:
+            pid = self.wait(self.send("ping"), self.timeout_s, liveness=False).get("daemon_pid")
+        except TimeoutError:
+            raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer a ping within "
+                                    f"{self.timeout_s} s") from None
+        if self.daemon_pid is not None and pid != self.daemon_pid:
+            log.warning("the daemon restarted (pid %s -> %s): snapshots it had not persisted were lost",
+                        self.daemon_pid, pid)
+            self.epoch += 1
+        self.daemon_pid = pid
+
+    def call(self, kind: str, timeout_s: float | None = None, **fields: Any) -> dict:
+        return self.wait(self.send(kind, **fields), timeout_s if timeout_s is not None else self.timeout_s,
+                         liveness=False)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self._sock.close(linger=0)
+
+
+def probe(endpoint: str, timeout_s: float) -> dict | None:
+    """The daemon's pong if one answers at ``endpoint`` within ``timeout_s``."""
+    conn = Connection(endpoint, timeout_s)
+    try:
+        return conn.call("ping", timeout_s)
+    except (TimeoutError, DaemonUnavailable):
+        return None
+    finally:
+        conn.close()
+
+
+def daemon_status(endpoint: str | None = None, timeout_s: float = 3.0) -> dict:
+    """``snapd status``: the daemon's own account of itself (docs/PROTOCOL.md)."""
+    endpoint = endpoint or default_endpoint()
+    conn = Connection(endpoint, timeout_s)
+    try:
+        msg = conn.call("status", timeout_s)
+    except TimeoutError:
+        raise DaemonUnavailable(f"no daemon answered at {endpoint} within {timeout_s} s") from None
+    finally:
+        conn.close()
+    msg.pop("v", None), msg.pop("id", None), msg.pop("type", None)
+    return msg

@@ -1,0 +1,249 @@
+"""``connect()`` and ``Client``: snapshots through the daemon.
+
+``snapshot()`` flattens the state, leases a host buffer, copies every
+tensor's bytes straight into it (one memcpy per byte: the daemon's
+shared-memory buffer is mapped here), sends the descriptors and returns
+once the daemon confirms it holds them. From then on the trainer may change
+its tensors; compression and disk I/O happen in the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapd.client.connection import Connection, probe
+from snapd.client.local import list_snapshots, load
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument
+from snapd.format.index import check_best, check_retention
+from snapd.format.jobdir import check_job_name, check_step
+from snapd.format.saving import check_metrics
+from snapd.format.tree import flatten
+from snapd.paths import default_endpoint, default_root
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+PARALLEL_COPY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Persisted:
+    step: int
+    path: Path
+    codec: str
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+
+
+class Pending:
+    """A snapshot handed to the daemon. ``wait()`` for it to be durable."""
+
+    def __init__(self, client: Client | None, step: int, req_id: int | None, *, stall_s: float = 0.0,
+                 waited_s: float = 0.0, skipped: str | None = None) -> None:
+        self._client = client
+        self.step = step
+        self._req_id = req_id
+        self.stall_s = stall_s  # how long snapshot() blocked the trainer
+        self.waited_s = waited_s  # of which waiting for a free host buffer
+        self.skipped = skipped is not None
+        self.reason = skipped or ""
+        self._result: Persisted | None = None
+        self._error: BaseException | None = None
+
+    def wait_copied(self, timeout: float | None = None) -> None:
+        """The daemon holds the bytes (always true once snapshot() returned on the plain path)."""
+
+    def done(self) -> bool:
+        if self.skipped or self._result or self._error:
+            return True
+        msg = self._client._conn.take(self._req_id)
+        if msg is not None:
+            self._settle(msg)
+        return self._result is not None or self._error is not None
+
+    def wait(self, timeout: float | None = None) -> Persisted:
+        """Block until the snapshot is durable; raise SnapshotError (with code and stage) if it failed."""
+        if self.skipped:
+            raise Busy(f"step {self.step} was skipped: {self.reason}")
+        if self._result is None and self._error is None:
+            try:
+                self._settle(self._client._conn.wait(self._req_id, timeout))
+            except TimeoutError:
+                raise
+            except Exception as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _settle(self, msg: dict) -> None:
+        if msg["type"] == "error":
+            from snapd.errors import SnapshotError
+            self._error = SnapshotError(msg.get("message", ""), msg.get("code", ""), msg.get("stage", ""))
+        else:
+            self._result = Persisted(msg["step"], Path(msg["path"]), msg["codec"], msg["raw_bytes"],
+                                     msg["stored_bytes"], msg["seconds"])
+
+
+class Client:
+    def __init__(self, job: str, conn: Connection, welcome: dict, hello: dict) -> None:
+        self.job = job
+        self._conn = conn
+        self._hello = hello
+        self.root = Path(welcome["root"])
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+        self._buffers = {b["index"]: b for b in welcome["buffers"]}
+        self._pool: ThreadPoolExecutor | None = None
+        self._conn.daemon_pid = welcome["daemon_pid"]
+
+    def _buffer(self, index: int) -> np.ndarray:
+        if index not in self._maps:
+            b = self._buffers[index]
+            fd = os.open(b["path"], os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, b["bytes"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            self._maps[index] = (mm, np.frombuffer(mm, dtype=np.uint8))
+        return self._maps[index][1]
+
+    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
+        """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
+        t0 = time.perf_counter()
+        check_step(step)
+        metrics = check_metrics(metrics)
+        tree, leaves = flatten(state)
+        offsets, pos = [], 0
+        for leaf in leaves:
+            pos += -pos % ALIGN
+            offsets.append(pos)
+            pos += leaf.data.nbytes
+        try:
+            granted = self._conn.wait(self._conn.send("acquire", nbytes=pos, emergency=emergency))
+        except Busy as e:
+            log.info("step %d skipped: %s", step, e)
+            return Pending(self, step, None, stall_s=time.perf_counter() - t0, skipped=str(e))
+        if granted["waited_s"] > 0.05:
+            log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
+        try:
+            self._copy(self._buffer(granted["buffer"]), leaves, offsets)
+        except BaseException:
+            self._conn.send("release", lease=granted["lease"])
+            raise
+        descs = [{"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
+                  "offset": off, "nbytes": leaf.data.nbytes} for leaf, off in zip(leaves, offsets)]
+        req = self._conn.send("snapshot", lease=granted["lease"], step=step, metrics=metrics, emergency=emergency,
+                              tree=tree, tensors=descs)
+        self._conn.wait(req)  # "copied": from here the daemon persists it even if we die
+        return Pending(self, step, req, stall_s=time.perf_counter() - t0, waited_s=granted["waited_s"])
+
+    def _copy(self, buf: np.ndarray, leaves: list, offsets: list[int]) -> None:
+        """One memcpy per byte; large states on a few threads (np.copyto releases the GIL)."""
+        jobs = []
+        for leaf, off in zip(leaves, offsets):
+            n = leaf.data.nbytes
+            for a in range(0, n, PARALLEL_COPY_BYTES):
+                b = min(n, a + PARALLEL_COPY_BYTES)
+                jobs.append((buf[off + a:off + b], leaf.data[a:b]))
+        if sum(d.nbytes for d, _ in jobs) < 2 * PARALLEL_COPY_BYTES:
+            for dst, src in jobs:
+                np.copyto(dst, src)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="snapd-copy")
+        list(self._pool.map(lambda j: np.copyto(j[0], j[1]), jobs))
+
+    def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None, device: Any = None) -> Any:
+        return load(self.root, self.job, step, keys=keys, into=into, device=device)
+
+    def list(self) -> list:
+        return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
+
+    def status(self) -> dict:
+        msg = self._conn.call("status")
+        return {k: v for k, v in msg.items() if k not in ("v", "id", "type")}
+
+    def on_preemption(self, state_fn: Any, signals: tuple = None, deadline_s: float = 25.0) -> None:
+        from snapd.client.preemption import install
+
+        install(self, state_fn, signals, deadline_s)
+
+    def close(self) -> None:
+        if self._conn.closed:
+            return
+        try:
+            self._conn.call("bye", timeout_s=1.0)
+        except (TimeoutError, DaemonUnavailable):
+            pass
+        self._conn.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        for mm, view in self._maps.values():
+            del view
+        self._maps.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | None = None, spawn: bool = True,
+            keep_last: int | None = 5, keep_every_steps: int | None = None, best: tuple[str, str] | None = None,
+            on_busy: str = "wait", timeout_s: float = 10.0, host_buffer_bytes: int | None = None) -> Client:
+    """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers."""
+    check_job_name(job)
+    check_retention(keep_last, keep_every_steps)
+    best = check_best(best)
+    if on_busy not in ("wait", "skip"):
+        raise InvalidArgument(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
+    endpoint = endpoint or default_endpoint()
+    if probe(endpoint, min(timeout_s, 1.0)) is None:
+        if not spawn:
+            raise DaemonUnavailable(f"no snapd answers at {endpoint} (start one with `snapd serve`, "
+                                    "or connect with spawn=True)")
+        spawn_root = Path(root) if root is not None else default_root()
+        from snapd.client.spawn import spawn_daemon
+
+        spawn_daemon(endpoint, spawn_root, timeout_s, host_buffer_bytes)
+        log.info("mode: private daemon spawned for this job")
+    else:
+        log.info("mode: shared daemon at %s", endpoint)
+    hello = {"job": job, "pid": os.getpid(), "keep_last": keep_last, "keep_every_steps": keep_every_steps,
+             "best": list(best) if best else None, "on_busy": on_busy,
+             "root": str(root) if root is not None else None}
+    conn = Connection(endpoint, timeout_s)
+    try:
+        welcome = conn.call("hello", **hello)
+    except TimeoutError:
+        conn.close()
+        raise DaemonUnavailable(f"the daemon at {endpoint} did not answer hello within {timeout_s} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    return Client(job, conn, welcome, hello)
+
+
+_default: Client | None = None
+
+
+def snapshot(state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
+    """Snapshot through a default client: job ``$SNAPD_JOB``, else the script's name."""
+    global _default
+    if _default is None or _default._conn.closed:
+        job = os.environ.get("SNAPD_JOB") or Path(sys.argv[0] or "python").stem or "python"
+        job = "".join(c if c.isalnum() or c in "._-" else "-" for c in job).lstrip(".-") or "python"
+        _default = connect(job)
+    return _default.snapshot(state, step=step, metrics=metrics, emergency=emergency)

@@ -1,0 +1,48 @@
+"""Starting a private daemon when none answers (``connect(spawn=True)``).
+
+The daemon runs ``python -m snapd serve`` in its own session, so a crashed
+or killed trainer does not take it down before it has persisted what it
+holds; it exits by itself once it has had no clients and no work for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from snapd.client.connection import probe
+from snapd.errors import DaemonUnavailable
+from snapd.paths import socket_path
+
+log = logging.getLogger(__name__)
+
+IDLE_EXIT_S = 60.0
+
+
+def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes: int | None = None) -> int:
+    """Start a private daemon and wait until it answers; return its pid."""
+    sock = socket_path(endpoint)
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = sock.parent / "snapd-private.log"
+    cmd = [sys.executable, "-m", "snapd", "serve", "--endpoint", endpoint, "--root", str(root),
+           "--exit-when-idle-s", str(IDLE_EXIT_S)]
+    if host_buffer_bytes:
+        cmd += ["--host-buffer-bytes", str(host_buffer_bytes)]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/",
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + max(timeout_s, 30.0)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise DaemonUnavailable(f"the private daemon exited with status {proc.returncode}: "
+                                    + " | ".join(tail))
+        if probe(endpoint, 0.2) is not None:
+            log.info("spawned a private snapd (pid %d) at %s; its log: %s", proc.pid, endpoint, log_path)
+            return proc.pid
+    proc.kill()
+    raise DaemonUnavailable(f"the private daemon did not answer at {endpoint} within the timeout; see {log_path}")

@@ -1,0 +1,120 @@
+"""Host buffers: shared-memory regions the daemon owns and clients write into.
+
+One file per buffer under /dev/shm (not one per tensor: a segment per
+tensor has exhausted file descriptors in other tools), created 0600, sized
+once and touched once at start (first touch of shared memory runs at
+~1.3 GB/s here, an already touched buffer at ~8.5 GB/s). A buffer is leased
+to one snapshot at a time: from ``acquire`` until its bytes are persisted.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PAGE = mmap.PAGESIZE
+NAME_RE = re.compile(r"^snapd-(\d+)-[0-9a-f]+-\d+$")
+
+
+@dataclass
+class HostBuffer:
+    index: int
+    path: Path
+    size: int
+    mm: mmap.mmap
+    view: np.ndarray  # uint8 over the whole mapping
+    lease: int | None = None  # the lease holding it, None when free
+
+
+class BufferPool:
+    """The daemon's host buffers. Leases are managed by the server thread only."""
+
+    def __init__(self, shm_dir: Path, count: int, size: int) -> None:
+        remove_stale(shm_dir)
+        st = os.statvfs(shm_dir)
+        if st.f_bavail * st.f_frsize < count * size:  # else the first touch past the end is a SIGBUS
+            raise OSError(f"{count} host buffers of {size} bytes need {count * size} bytes, but {shm_dir} has "
+                          f"{st.f_bavail * st.f_frsize} free: lower host_buffer_bytes")
+        token = secrets.token_hex(4)
+        self.buffers: list[HostBuffer] = []
+        self._touched = threading.Event()
+        try:
+            for i in range(count):
+                path = shm_dir / f"snapd-{os.getpid()}-{token}-{i}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd)
+                self.buffers.append(HostBuffer(i, path, size, mm, np.frombuffer(mm, dtype=np.uint8)))
+        except BaseException:
+            self.close()
+            raise
+        threading.Thread(target=self._touch, name="snapd-prefault", daemon=True).start()
+
+    def _touch(self) -> None:
+        """Fault every page in once, off the serving thread (NumPy releases the GIL)."""
+        for b in self.buffers:
+            b.view[::PAGE] = 0
+        self._touched.set()
+        log.info("host buffers ready: %d x %d MiB in %s", len(self.buffers), self.buffers[0].size >> 20,
+                 self.buffers[0].path.parent)
+
+    def wait_touched(self, timeout: float | None = None) -> bool:
+        return self._touched.wait(timeout)
+
+    def free(self) -> HostBuffer | None:
+        return next((b for b in self.buffers if b.lease is None), None)
+
+    def by_lease(self, lease: int) -> HostBuffer | None:
+        return next((b for b in self.buffers if b.lease == lease), None)
+
+    def describe(self) -> list[dict]:
+        return [{"index": b.index, "path": str(b.path), "bytes": b.size} for b in self.buffers]
+
+    def close(self) -> None:
+        for b in self.buffers:
+            b.path.unlink(missing_ok=True)
+            del b.view
+            try:
+                b.mm.close()
+            except BufferError:  # a view is still exported; the unlink already freed the name
+                pass
+        self.buffers = []
+
+
+def remove_stale(shm_dir: Path) -> None:
+    """Remove buffers left by daemons of ours that died (SIGKILL leaves them behind)."""
+    try:
+        entries = list(os.scandir(shm_dir))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        m = NAME_RE.match(e.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            if e.stat().st_uid == os.geteuid():
+                os.unlink(e.path)
+                log.info("removed a dead daemon's host buffer %s", e.path)
+        except OSError:
+            pass

@@ -1,0 +1,87 @@
+"""The daemon's settings: one frozen dataclass, validated on construction.
+
+Only ``from_sources`` reads the environment (``SNAPD_*``); precedence is
+defaults < environment < command-line flags. Tests build a DaemonConfig
+directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from snapd.errors import InvalidArgument
+from snapd.format.manifest import CODECS
+from snapd.paths import default_endpoint, default_root, socket_path
+
+MIB = 1 << 20
+
+
+def default_host_buffer_bytes() -> int:
+    """An eighth of available memory per buffer, between 64 MiB and 4 GiB."""
+    return int(min(4096 * MIB, max(64 * MIB, psutil.virtual_memory().available // 8)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonConfig:
+    root: Path
+    endpoint: str
+    host_buffer_bytes: int
+    host_buffers: int = 2
+    encode_threads: int = max(1, min(8, (os.cpu_count() or 2)))
+    chunk_bytes: int = 4 * MIB
+    codec: str = "auto"
+    drain_timeout_s: float = 120.0
+    exit_when_idle_s: float | None = None
+    shm_dir: Path = Path("/dev/shm")
+    client_check_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        socket_path(self.endpoint)
+        if self.host_buffers < 2:
+            raise InvalidArgument(f"host_buffers must be at least 2 (a double buffer), got {self.host_buffers}")
+        if self.host_buffer_bytes < MIB:
+            raise InvalidArgument(f"host_buffer_bytes must be at least 1 MiB, got {self.host_buffer_bytes}")
+        if not 1 <= self.encode_threads <= 64:
+            raise InvalidArgument(f"encode_threads must be 1..64, got {self.encode_threads}")
+        if self.chunk_bytes < 64 << 10 or self.chunk_bytes > 64 * MIB or self.chunk_bytes % 16:
+            raise InvalidArgument(f"chunk_bytes must be 64 KiB..64 MiB and a multiple of 16, got {self.chunk_bytes}")
+        if self.codec != "auto" and self.codec not in CODECS:
+            raise InvalidArgument(f"codec must be auto or one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.drain_timeout_s <= 0:
+            raise InvalidArgument(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+        if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:
+            raise InvalidArgument(f"exit_when_idle_s must be > 0, got {self.exit_when_idle_s}")
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, Any], env: dict[str, str] | None = None) -> DaemonConfig:
+        """Defaults < ``SNAPD_<FIELD>`` environment variables < flags (None = not given)."""
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"SNAPD_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _convert(f.name, raw, f.type)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        values.setdefault("root", default_root())
+        values.setdefault("endpoint", default_endpoint())
+        values.setdefault("host_buffer_bytes", default_host_buffer_bytes())
+        values["root"] = Path(values["root"])
+        values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
+        return cls(**values)
+
+
+def _convert(name: str, raw: str, typ: Any) -> Any:
+    t = str(typ)
+    try:
+        if "int" in t:
+            return int(raw)
+        if "float" in t:
+            return float(raw)
+    except ValueError:
+        raise InvalidArgument(f"SNAPD_{name.upper()}={raw!r} is not a number") from None
+    return raw

@@ -1,0 +1,148 @@
+"""The daemon's stages after receive: copy -> encode -> flush.
+
+Each snapshot is a ``Task`` whose state moves through the one state machine
+below; the server thread creates tasks, the flush thread advances them and
+reports each ending back to the server over an inproc socket (the server
+stays the only owner of the ROUTER socket). Encoding runs on a shared pool
+(LZ4, zstd and xxh3 release the GIL); the flush thread writes chunks in
+order with at most ``2 x threads + 2`` in flight. Emergency snapshots jump
+the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from snapd.daemon.codec_choice import Choice, choose, measure_disk
+from snapd.daemon.config import DaemonConfig
+from snapd.errors import FlushError, SnapdError
+from snapd.format.jobdir import JobDir
+from snapd.format.saving import encode_and_write
+from snapd.format.tree import TensorLeaf
+from snapd.format.writer import Retention, SnapshotWriter
+
+log = logging.getLogger(__name__)
+
+EVENTS_ENDPOINT = "inproc://snapd-pipeline-events"
+
+# The job state machine, in one place.
+RECEIVED, COPIED, ENCODED, PERSISTED, FAILED = "RECEIVED", "COPIED", "ENCODED", "PERSISTED", "FAILED"
+TRANSITIONS = {RECEIVED: {COPIED, FAILED}, COPIED: {ENCODED, FAILED}, ENCODED: {PERSISTED, FAILED},
+               PERSISTED: set(), FAILED: set()}
+_seq = itertools.count()
+
+
+@dataclass
+class Task:
+    peer: bytes
+    req_id: int
+    job: str
+    step: int
+    metrics: dict[str, Any]
+    emergency: bool
+    tree: dict
+    leaves: list[TensorLeaf]
+    lease: int
+    retention: Retention
+    raw_bytes: int
+    state: str = RECEIVED
+    seq: int = field(default_factory=lambda: next(_seq))
+    times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
+
+    def advance(self, state: str) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"snapshot {self.job}@{self.step}: {self.state} -> {state} is not allowed")
+        self.state = state
+        self.times[state] = time.monotonic()
+
+
+class Pipeline:
+    """The flush thread and the encode pool, fed by ``submit`` from the server thread."""
+
+    def __init__(self, config: DaemonConfig, ctx: zmq.Context) -> None:
+        self.config = config
+        self._ctx = ctx
+        self._queue: queue.PriorityQueue[tuple[int, int, Task | None]] = queue.PriorityQueue()
+        self._pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="snapd-encode")
+        self._disk_bps: float | None = None
+        self.choices: dict[str, Choice] = {}  # per job, shown by status
+        self._thread = threading.Thread(target=self._run, name="snapd-flush", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, task: Task) -> None:
+        self._queue.put((0 if task.emergency else 1, task.seq, task))
+
+    def stop(self) -> None:
+        self._queue.put((2, next(_seq), None))
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _codec(self, task: Task) -> str:
+        if self.config.codec != "auto":
+            return self.config.codec
+        if self._disk_bps is None:
+            self._disk_bps = measure_disk(self.config.root)
+            log.info("disk: %.0f MB/s durable writes under %s", self._disk_bps / 1e6, self.config.root)
+        if task.emergency:
+            return choose(task.leaves, self._disk_bps, self.config.encode_threads, fastest_only=True).codec
+        if task.job not in self.choices:
+            choice = choose(task.leaves, self._disk_bps, self.config.encode_threads)
+            self.choices[task.job] = choice
+            log.info("job %s: codec %s (%s)", task.job, choice.codec, choice.reason)
+        return self.choices[task.job].codec
+
+    def _run(self) -> None:
+        events = self._ctx.socket(zmq.PUSH)
+        events.connect(EVENTS_ENDPOINT)
+        try:
+            while True:
+                _, _, task = self._queue.get()
+                if task is None:
+                    return
+                events.send(json.dumps(self._persist(task)).encode())
+        finally:
+            events.close(linger=1000)
+
+    def _persist(self, task: Task) -> dict[str, Any]:
+        stage = "encode"
+        writer = None
+        try:
+            codec = self._codec(task)
+            jobdir = JobDir(self.config.root, task.job)
+            jobdir.open_for_write()
+            writer = SnapshotWriter(jobdir, task.step)
+            try:
+                encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
+                                 self.config.chunk_bytes)
+            except (OSError, FlushError):
+                stage = "flush"
+                raise
+            task.advance(ENCODED)
+            stage = "flush"
+            done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
+                                 emergency=task.emergency)
+            task.advance(PERSISTED)
+            took = task.times[PERSISTED] - task.times[RECEIVED]
+            log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
+                     done.entry.stored_bytes, codec, took)
+            return {"seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
+                    "stored_bytes": done.entry.stored_bytes, "seconds": took}
+        except Exception as e:  # every failure is reported to the client, naming the stage
+            if writer is not None:
+                writer.abort()
+            task.advance(FAILED)
+            code = e.code if isinstance(e, SnapdError) else ("flush" if isinstance(e, OSError) else "internal")
+            log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, e)
+            return {"seq": task.seq, "ok": False, "code": code, "message": str(e), "stage": stage}

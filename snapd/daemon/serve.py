@@ -1,0 +1,85 @@
+"""``snapd serve``: run the daemon in the foreground until SIGTERM/SIGINT.
+
+A lock file beside the socket (flock, held for the daemon's life) makes a
+second daemon on the same endpoint refuse to start instead of silently
+stealing the socket; a socket file left by a killed daemon is replaced.
+SIGTERM and SIGINT become the same "stop" a drain would need: no new
+snapshots, persist those already copied (up to ``drain_timeout_s``), exit 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from snapd.daemon.config import DaemonConfig
+from snapd.paths import socket_path
+from snapd.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyServing(InvalidArgument):
+    code = "already_serving"
+
+
+def take_endpoint(config: DaemonConfig) -> int:
+    """Lock the endpoint for this process; return the lock's fd (kept open while serving)."""
+    sock = socket_path(config.endpoint)
+    try:
+        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise InvalidArgument(f"cannot create the socket directory {sock.parent}: {e.strerror}") from None
+    lock = Path(f"{sock}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyServing(f"another snapd (pid {holder}) already serves {config.endpoint}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if sock.exists():
+        log.info("replacing the socket of a daemon that is gone: %s", sock)
+        sock.unlink()
+    return fd
+
+
+def serve(config: DaemonConfig) -> int:
+    from snapd.daemon.server import Server  # ZeroMQ is loaded only when serving
+
+    try:
+        config.root.mkdir(parents=True, exist_ok=True)
+        probe = config.root / f".snapd-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InvalidArgument(f"snapshot root {config.root} is not writable: {e.strerror}") from None
+    lock_fd = take_endpoint(config)
+    stop = {"signal": None}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop["signal"] is None:
+            log.info("%s: draining", signal.Signals(signum).name)
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    server = Server(config)
+    try:
+        server.bind()
+        log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,
+                 config.root, config.host_buffers, config.host_buffer_bytes >> 20, os.getpid())
+        print(f"snapd: ready on {config.endpoint}", file=sys.stderr, flush=True)
+        return server.run(lambda: stop["signal"] is not None)
+    finally:
+        server.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        socket_path(config.endpoint).unlink(missing_ok=True)
+        os.close(lock_fd)

@@ -1,0 +1,308 @@
+"""The server thread: the only code that touches the ZeroMQ ROUTER socket.
+
+It validates every request (snapd.protocol), owns the sessions and the
+buffer leases, hands snapshots to the pipeline and relays the pipeline's
+endings to the clients. Exceptions become wire error codes here and only
+here; a bad request gets an error reply and everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from snapd import __version__, protocol
+from snapd.daemon.buffers import BufferPool
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
+from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
+from snapd.format.jobdir import JobDir, check_job_name
+from snapd.format.manifest import _check_tree
+from snapd.format.saving import check_metrics
+from snapd.format.tree import TensorLeaf
+from snapd.format.writer import Retention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    peer: bytes
+    job: str
+    pid: int
+    retention: Retention
+    on_busy: str
+    leases: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Waiter:
+    peer: bytes
+    req_id: int
+    emergency: bool
+    since: float
+
+
+class Server:
+    def __init__(self, config: DaemonConfig, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or zmq.Context.instance()
+        self.started = time.time()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.events = self.ctx.socket(zmq.PULL)
+        self.events.bind(EVENTS_ENDPOINT)
+        self.pool = BufferPool(config.shm_dir, config.host_buffers, config.host_buffer_bytes)
+        self.pipeline = Pipeline(config, self.ctx)
+        self.sessions: dict[bytes, Session] = {}
+        self.tasks: dict[int, Task] = {}
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self._leases = iter(range(1, 2**62))
+        self.stopping = False
+        self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
+        self.last_error = ""
+        self.idle_since = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------
+    def bind(self) -> None:
+        self.sock.bind(self.config.endpoint)
+        self.pipeline.start()
+
+    def run(self, should_stop: Any) -> int:
+        """Serve until ``should_stop()`` is true, then drain; return the exit status."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        next_check = 0.0
+        drain_deadline = None
+        while True:
+            for s, _ in poller.poll(100):
+                if s is self.sock:
+                    self._serve_one()
+                else:
+                    self._finish(json.loads(self.events.recv()))
+            now = time.monotonic()
+            if now >= next_check:
+                self._reap_dead_clients()
+                next_check = now + self.config.client_check_interval_s
+            if should_stop() and not self.stopping:
+                self._begin_drain()
+                drain_deadline = now + self.config.drain_timeout_s
+            if self.stopping:
+                if not self.tasks:
+                    log.info("drained; exiting")
+                    return 0
+                if now > drain_deadline:
+                    log.error("drain deadline passed with %d snapshot(s) unpersisted", len(self.tasks))
+                    return 1
+            elif self._idle_too_long(now):
+                log.info("no clients for %.0f s; exiting", self.config.exit_when_idle_s)
+                return 0
+
+    def close(self) -> None:
+        self.pipeline.stop()
+        self.sock.close(linger=500)
+        self.events.close(linger=0)
+        self.pool.close()
+
+    def _begin_drain(self) -> None:
+        self.stopping = True
+        log.info("stopping: no new snapshots; persisting %d in flight", len(self.tasks))
+        while self.waiters:
+            w = self.waiters.popleft()
+            self._send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
+
+    def _idle_too_long(self, now: float) -> bool:
+        if self.sessions or self.tasks:
+            self.idle_since = now
+            return False
+        return self.config.exit_when_idle_s is not None and now - self.idle_since > self.config.exit_when_idle_s
+
+    # -- requests ----------------------------------------------------------------
+    def _send(self, peer: bytes, frame: bytes) -> None:
+        try:
+            self.sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # a peer that went away: nothing to tell
+            log.debug("reply to a gone peer dropped: %s", e)
+
+    def _serve_one(self) -> None:
+        frames = self.sock.recv_multipart(copy=True)
+        peer, frame = frames[0], b"".join(frames[1:])
+        req_id = None
+        try:
+            if len(frames) != 2:
+                raise ProtocolError(f"expected one frame per message, got {len(frames) - 1}", "malformed")
+            msg = protocol.decode_request(frame)
+            req_id = msg["id"]
+            reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
+        except SnapdError as e:
+            reply = protocol.error_reply(req_id, e.code, str(e))
+        except Exception as e:  # a bug of ours must not take the daemon down for everyone
+            log.exception("internal error serving a request")
+            reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
+        if reply is not None:
+            self._send(peer, reply)
+
+    def _session(self, peer: bytes) -> Session:
+        s = self.sessions.get(peer)
+        if s is None:
+            raise ProtocolError("send hello before anything else on this connection", "out_of_order")
+        return s
+
+    def _on_hello(self, peer: bytes, msg: dict) -> bytes:
+        job = check_job_name(msg["job"])
+        if msg.get("root") is not None and os.path.realpath(msg["root"]) != os.path.realpath(self.config.root):
+            raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}", "root_mismatch")
+        old = self.sessions.pop(peer, None)
+        if old:
+            self._release_all(old)
+        retention = Retention(keep_last=msg.get("keep_last"), keep_every_steps=msg.get("keep_every_steps"),
+                              best=tuple(msg["best"]) if msg.get("best") else None)
+        self.sessions[peer] = Session(peer, job, msg["pid"], retention, msg["on_busy"])
+        log.info("client pid %d connected for job %s", msg["pid"], job)
+        return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
+                              root=str(self.config.root), job_dir=str(JobDir(self.config.root, job).path),
+                              buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES)
+
+    def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
+        s = self._session(peer)
+        if self.stopping:
+            raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
+        if msg["nbytes"] > self.config.host_buffer_bytes:
+            raise ProtocolError(f"a snapshot of {msg['nbytes']} bytes does not fit a host buffer of "
+                                f"{self.config.host_buffer_bytes} bytes: raise host_buffer_bytes", "too_large")
+        buf = self.pool.free()
+        if buf is not None and not (self.waiters and not msg["emergency"]):
+            return self._grant(s, buf, msg["id"])
+        if s.on_busy == "skip" and not msg["emergency"]:
+            self.counters["skipped"] += 1
+            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
+        w = Waiter(peer, msg["id"], msg["emergency"], time.monotonic())
+        if msg["emergency"]:
+            self.waiters.appendleft(w)
+        else:
+            self.waiters.append(w)
+        return None  # granted later, when a buffer frees
+
+    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+        buf.lease = next(self._leases)
+        s.leases.add(buf.lease)
+        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, waited_s=waited_s)
+
+    def _on_release(self, peer: bytes, msg: dict) -> bytes:
+        s = self._session(peer)
+        if msg["lease"] not in s.leases:
+            raise ProtocolError(f"lease {msg['lease']} is not yours", "bad_lease")
+        self._free(s, msg["lease"])
+        return protocol.reply("released", msg["id"])
+
+    def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
+        s = self._session(peer)
+        buf = self.pool.by_lease(msg["lease"])
+        if buf is None or msg["lease"] not in s.leases:
+            raise ProtocolError(f"lease {msg['lease']} is not yours: acquire a buffer first", "bad_lease")
+        try:
+            leaves = []
+            for t in msg["tensors"]:
+                if t["offset"] + t["nbytes"] > buf.size:
+                    raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
+                                        f"outside the {buf.size}-byte buffer", "bad_field")
+                leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]),
+                                         buf.view[t["offset"]:t["offset"] + t["nbytes"]]))
+            if len({leaf.key for leaf in leaves}) != len(leaves):
+                raise ProtocolError("two tensors share a key path", "bad_field")
+            try:
+                _check_tree(msg["tree"], len(leaves))
+            except SnapdError as e:
+                raise ProtocolError(f"tree: {e}", "bad_field") from None
+            metrics = check_metrics(msg["metrics"])
+        except SnapdError:
+            self._free(s, msg["lease"])  # a refused snapshot gives its buffer back
+            raise
+        s.leases.discard(msg["lease"])  # the task owns the lease now
+        task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
+                    msg["lease"], s.retention, sum(leaf.data.nbytes for leaf in leaves))
+        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
+        self.tasks[task.seq] = task
+        self.pipeline.submit(task)
+        return protocol.reply("copied", msg["id"], step=msg["step"])
+
+    def _on_status(self, peer: bytes, msg: dict) -> bytes:
+        return protocol.reply("status", msg["id"], **self.status())
+
+    def _on_ping(self, peer: bytes, msg: dict) -> bytes:
+        return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())
+
+    def _on_bye(self, peer: bytes, msg: dict) -> bytes:
+        s = self.sessions.pop(peer, None)
+        if s:
+            self._release_all(s)
+        return protocol.reply("bye", msg["id"])
+
+    # -- leases and endings --------------------------------------------------------
+    def _free(self, s: Session | None, lease: int) -> None:
+        if s is not None:
+            s.leases.discard(lease)
+        buf = self.pool.by_lease(lease)
+        if buf is None:
+            return
+        buf.lease = None
+        while self.waiters and not self.stopping:
+            w = self.waiters.popleft()
+            ws = self.sessions.get(w.peer)
+            if ws is None:
+                continue
+            self._send(w.peer, self._grant(ws, buf, w.req_id, time.monotonic() - w.since))
+            return
+
+    def _release_all(self, s: Session) -> None:
+        for lease in list(s.leases):
+            self._free(s, lease)
+        self.waiters = collections.deque(w for w in self.waiters if w.peer != s.peer)
+
+    def _finish(self, event: dict) -> None:
+        task = self.tasks.pop(event["seq"])
+        self._free(None, task.lease)
+        if event["ok"]:
+            self.counters["persisted"] += 1
+            self.counters["bytes_raw"] += task.raw_bytes
+            self.counters["bytes_stored"] += event["stored_bytes"]
+            reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
+                                   codec=event["codec"], stored_bytes=event["stored_bytes"],
+                                   raw_bytes=task.raw_bytes, seconds=event["seconds"])
+        else:
+            self.counters["failed"] += 1
+            self.last_error = f"{task.job} step {task.step}: {event['message']}"
+            reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
+        self._send(task.peer, reply)
+
+    def _reap_dead_clients(self) -> None:
+        for s in list(self.sessions.values()):
+            try:
+                os.kill(s.pid, 0)
+            except ProcessLookupError:
+                log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
+                del self.sessions[s.peer]
+                self._release_all(s)
+            except PermissionError:
+                pass
+
+    def status(self) -> dict[str, Any]:
+        by_state = collections.Counter(t.state for t in self.tasks.values())
+        return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+                "endpoint": self.config.endpoint, "root": str(self.config.root), "stopping": self.stopping,
+                "clients": [{"pid": s.pid, "job": s.job} for s in self.sessions.values()],
+                "in_flight": dict(by_state), "waiting_for_buffer": len(self.waiters),
+                "buffers": {"count": len(self.pool.buffers), "bytes_each": self.config.host_buffer_bytes,
+                            "busy": sum(b.lease is not None for b in self.pool.buffers)},
+                "codecs": {job: {"codec": c.codec, "reason": c.reason} for job, c in self.pipeline.choices.items()},
+                "counters": dict(self.counters), "last_error": self.last_error}

@@ -1,0 +1,167 @@
+"""The wire protocol between training processes and the daemon (docs/PROTOCOL.md).
+
+Every message is ONE ZeroMQ frame of UTF-8 JSON (the ROUTER side adds the
+peer's identity frame). One frame, not a header plus parts: a send is then
+atomic even when a signal handler (the preemption dump) sends from the
+middle of another call. Bulk bytes never travel here; they go through the
+shared-memory buffers the daemon announces in ``welcome``.
+
+This module is shared by both sides and imports nothing heavy (no ZeroMQ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+from snapd.errors import ProtocolError
+from snapd.format import dtypes
+from snapd.format.manifest import KINDS
+from snapd.format.tree import key_problem
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 << 20
+MAX_TENSORS = 1_000_000
+
+Validator = Callable[[Any, str], None]
+
+
+def _int(lo: int = 0, hi: int = 2**63 - 1) -> Validator:
+    def check(v: Any, name: str) -> None:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ProtocolError(f"{name} must be an integer in [{lo}, {hi}], got {_short(v)}", "bad_field")
+    return check
+
+
+def _opt(inner: Validator) -> Validator:
+    def check(v: Any, name: str) -> None:
+        if v is not None:
+            inner(v, name)
+    return check
+
+
+def _str(max_len: int = 4096) -> Validator:
+    def check(v: Any, name: str) -> None:
+        if not isinstance(v, str) or len(v) > max_len:
+            raise ProtocolError(f"{name} must be a string of at most {max_len} characters", "bad_field")
+    return check
+
+
+def _bool(v: Any, name: str) -> None:
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{name} must be true or false, got {_short(v)}", "bad_field")
+
+
+def _one_of(*options: str) -> Validator:
+    def check(v: Any, name: str) -> None:
+        if v not in options:
+            raise ProtocolError(f"{name} must be one of {', '.join(options)}, got {_short(v)}", "bad_field")
+    return check
+
+
+def _object(v: Any, name: str) -> None:
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{name} must be an object", "bad_field")
+
+
+def _best(v: Any, name: str) -> None:
+    if v is not None and not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                              and v[1] in ("min", "max")):
+        raise ProtocolError(f"{name} must be null or [metric, \"min\"|\"max\"]", "bad_field")
+
+
+def _tensors(v: Any, name: str) -> None:
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} descriptors", "bad_field")
+    for i, t in enumerate(v):
+        where = f"{name}[{i}]"
+        if not isinstance(t, dict):
+            raise ProtocolError(f"{where} must be an object", "bad_field")
+        problem = key_problem(t.get("key"))
+        if problem:
+            raise ProtocolError(f"{where}.key {_short(t.get('key'))}: {problem}", "bad_field")
+        if t.get("kind") not in KINDS:
+            raise ProtocolError(f"{where}.kind must be one of {', '.join(KINDS)}", "bad_field")
+        if t.get("dtype") not in dtypes.ITEMSIZE:
+            raise ProtocolError(f"{where}.dtype {_short(t.get('dtype'))} is not a known dtype", "bad_field")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or len(shape) > 64:
+            raise ProtocolError(f"{where}.shape must be a list of at most 64 dimensions", "bad_field")
+        for d in shape:
+            _int()(d, f"{where}.shape")
+        _int()(t.get("offset"), f"{where}.offset")
+        _int()(t.get("nbytes"), f"{where}.nbytes")
+        if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
+            raise ProtocolError(f"{where}: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
+                                "bad_field")
+
+
+# type -> required fields and their validators (optional fields use _opt)
+REQUESTS: dict[str, dict[str, Validator]] = {
+    "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
+              "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
+    "acquire": {"nbytes": _int(), "emergency": _bool},
+    "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _object,
+                 "tensors": _tensors},
+    "release": {"lease": _int()},
+    "status": {},
+    "ping": {},
+    "bye": {},
+}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_request(frame: bytes) -> dict[str, Any]:
+    """Parse and validate one request frame, or raise ProtocolError with a code."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES} limit", "too_large")
+    try:
+        msg = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("message is not UTF-8 JSON", "malformed") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object", "malformed")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {_short(msg.get('v'))} is not supported (this daemon speaks "
+                            f"{PROTOCOL_VERSION})", "version")
+    _int()(msg.get("id"), "id")
+    kind = msg.get("type")
+    fields = REQUESTS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ProtocolError(f"unknown message type {_short(kind)}", "unknown_type")
+    for name, check in fields.items():
+        check(msg.get(name), name)
+    return msg
+
+
+def request(kind: str, req_id: int, **fields: Any) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "type": kind, "id": req_id, **fields})
+
+
+def reply(kind: str, req_id: int | None, **fields: Any) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "type": kind, "id": req_id, **fields})
+
+
+def error_reply(req_id: int | None, code: str, message: str, stage: str = "") -> bytes:
+    return reply("error", req_id, code=code, message=message, stage=stage)
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """Parse a reply from the daemon (trusted peer, but checked for shape)."""
+    try:
+        msg = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("reply is not UTF-8 JSON", "malformed") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("reply is not a JSON object with a type", "malformed")
+    return msg
