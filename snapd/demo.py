@@ -1,12 +1,15 @@
-"""``snapd demo``: a small training run that snapshots, is killed, and resumes.
+"""``snapd demo``: a daemon plus a small training run that snapshots into it,
+is killed, and resumes.
 
 A NumPy two-layer MLP trained with Adam on a synthetic regression task runs
-in a child process, snapshotting every ``--every`` steps. The first child
-SIGKILLs itself mid-run (an abrupt crash, no cleanup); a second child resumes
-from the latest snapshot and the loss carries on from where it was. At the
-end the demo prints the stall each snapshot added to the training step,
-against a synchronous ``torch.save`` + fsync of the same state when torch is
-installed.
+in a child process and calls ``Client.snapshot()`` every ``--every`` steps;
+the first call starts a private daemon (``connect(spawn=True)``), or reuses
+one already serving the endpoint. The first child SIGKILLs itself mid-run (an
+abrupt crash, no cleanup): what it had handed over is still persisted by the
+daemon. A second child resumes from the latest snapshot and the loss carries
+on. At the end the demo prints the time each snapshot blocked the training
+step, against a synchronous ``torch.save`` + fsync of the same state when
+torch is installed.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ def run_trainer(args: argparse.Namespace) -> int:
     """The child: train, snapshot every ``every`` steps, maybe die abruptly."""
     import snapd.client as client
 
+    c = client.connect(JOB, endpoint=args.endpoint, root=args.root, keep_last=3, host_buffer_bytes=64 << 20)
     try:
-        state = client.load(args.root, JOB)
+        state = c.restore("latest")
         print(json.dumps({"resumed_from": state["step"]}), flush=True)
     except client.SnapshotNotFound:
         state = init_state(args.hidden)
@@ -74,18 +78,20 @@ def run_trainer(args: argparse.Namespace) -> int:
         state["step"] += 1
         stall = None
         if state["step"] % args.every == 0:
-            t = time.perf_counter()
-            client.save(args.root, JOB, state, step=state["step"], metrics={"loss": loss}, keep_last=3)
-            stall = time.perf_counter() - t
+            pending = c.snapshot(state, step=state["step"], metrics={"loss": loss})
+            stall = pending.stall_s
             rng = np.random.default_rng([state["data_seed"], state["step"]])
         print(json.dumps({"step": state["step"], "loss": loss, "stall_s": stall}), flush=True)
         if state["step"] == args.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
+    pending.wait(60)
+    c.close()
     return 0
 
 
-def _child(root: str, steps: int, every: int, die_at: int, hidden: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "snapd.demo", "--trainer", "--root", root, "--steps", str(steps),
+def _child(root: str, endpoint: str, steps: int, every: int, die_at: int, hidden: int) -> list[dict]:
+    cmd = [sys.executable, "-m", "snapd.demo", "--trainer", "--root", root, "--endpoint", endpoint,
+           "--steps", str(steps),
            "--every", str(every), "--die-at", str(die_at), "--hidden", str(hidden)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=600)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -110,30 +116,34 @@ def torch_save_stall(state: dict[str, Any], root: str) -> float | None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from snapd.client import list_snapshots, load
+    from snapd.client.connection import daemon_status
 
     root = args.root or tempfile.mkdtemp(prefix="snapd-demo-")
-    mib = sum(v.nbytes for part in ("model",) for v in init_state(args.hidden)[part].values()) * 3 / 2**20
-    print(f"snapshots go to {root}/{JOB}/  (in-process saves; state {mib:.1f} MiB with Adam moments)")
-    first = _child(root, args.steps, args.every, args.die_at, args.hidden)
+    endpoint = args.endpoint or f"ipc://{root}/snapd.sock"
+    mib = sum(v.nbytes for v in init_state(args.hidden)["model"].values()) * 3 / 2**20
+    print(f"snapshots go to {root}/{JOB}/ through the daemon at {endpoint} (state {mib:.1f} MiB with Adam moments)")
+    first = _child(root, endpoint, args.steps, args.every, args.die_at, args.hidden)
     steps = [r for r in first if "step" in r]
     print(f"run 1: trained to step {steps[-1]['step']} (loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}),"
           f" then was killed with SIGKILL")
-    infos = list_snapshots(root, JOB)
-    print("snapshots on disk: " + ", ".join(f"{s.step}{' (latest)' if s.latest else ''}" for s in infos))
-    second = _child(root, args.steps, args.every, -1, args.hidden)
+    second = _child(root, endpoint, args.steps, args.every, -1, args.hidden)
     resumed = next(r["resumed_from"] for r in second if "resumed_from" in r)
     steps2 = [r for r in second if "step" in r]
     before = next(r["loss"] for r in steps if r["step"] == resumed)
     print(f"run 2: resumed from step {resumed} (loss there {before:.4f}); first step after resume "
           f"{steps2[0]['loss']:.4f}; finished at step {steps2[-1]['step']} with loss {steps2[-1]['loss']:.4f}")
+    print("snapshots on disk: " + ", ".join(f"{s.step}{' (latest)' if s.latest else ''}"
+                                            for s in list_snapshots(root, JOB)))
     stalls = [r["stall_s"] for r in steps + steps2 if r.get("stall_s") is not None]
     final = load(root, JOB)
     ref = torch_save_stall(final, root)
     med = sorted(stalls)[len(stalls) // 2]
-    line = f"stall per snapshot: median {med * 1e3:.1f} ms over {len(stalls)} snapshots"
+    line = f"training blocked per snapshot: median {med * 1e3:.2f} ms over {len(stalls)} snapshots"
     if ref is not None:
-        line += f"; torch.save + fsync of the same state: {ref * 1e3:.1f} ms ({med / ref:.2f}x)"
+        line += f"; torch.save + fsync of the same state: {ref * 1e3:.1f} ms ({ref / med:.0f}x longer)"
     print(line)
+    if not args.endpoint:  # the private daemon would exit once idle; stop it now
+        os.kill(daemon_status(endpoint)["pid"], signal.SIGTERM)
     ok = resumed > 0 and steps2[-1]["step"] == args.steps and final["step"] == args.steps
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1
@@ -142,6 +152,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="snapd demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="snapshot root (default: a new temporary directory)")
+    ap.add_argument("--endpoint", help="daemon endpoint (default: a private daemon at ROOT/snapd.sock)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--die-at", type=int, default=140)

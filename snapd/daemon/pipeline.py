@@ -94,14 +94,25 @@ class Pipeline:
             return self.config.codec
         if self._disk_bps is None:
             self._disk_bps = measure_disk(self.config.root)
-            log.info("disk: %.0f MB/s durable writes under %s", self._disk_bps / 1e6, self.config.root)
-        if task.emergency:
-            return choose(task.leaves, self._disk_bps, self.config.encode_threads, fastest_only=True).codec
-        if task.job not in self.choices:
+            log.info("disk: %.0f MB/s durable writes under %s (first probe)", self._disk_bps / 1e6,
+                     self.config.root)
+        choice = self.choices.get(task.job)
+        if choice is None:
             choice = choose(task.leaves, self._disk_bps, self.config.encode_threads)
-            self.choices[task.job] = choice
             log.info("job %s: codec %s (%s)", task.job, choice.codec, choice.reason)
-        return self.choices[task.job].codec
+        else:
+            revised = choice.revised(self._disk_bps)
+            if revised.codec != choice.codec:
+                log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
+            choice = revised
+        self.choices[task.job] = choice
+        return choice.revised(self._disk_bps, fastest_only=True).codec if task.emergency else choice.codec
+
+    def _learn_disk(self, writer: SnapshotWriter) -> None:
+        """Fold what this flush saw of the disk into the estimate the codec choice uses."""
+        seen = writer.disk_bytes_per_s
+        if seen is not None and self._disk_bps is not None:
+            self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
 
     def _run(self) -> None:
         events = self._ctx.socket(zmq.PUSH)
@@ -134,6 +145,7 @@ class Pipeline:
             done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
                                  emergency=task.emergency)
             task.advance(PERSISTED)
+            self._learn_disk(writer)
             took = task.times[PERSISTED] - task.times[RECEIVED]
             log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
                      done.entry.stored_bytes, codec, took)

@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import time
+from time import perf_counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class _DataFile:
         self.number = number
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.size = 0
+        self.io_seconds = 0.0  # time blocked in write/writeback/fsync: what the disk costs us
         self._flushed = 0  # bytes whose writeback has been started
         self._sfr = _sync_file_range()
         self._write([DATA_HEADER.pack(DATA_MAGIC, 1, number)])
@@ -83,14 +85,21 @@ class _DataFile:
         """
         if self._sfr is None:
             return
+        t = perf_counter()
         while self.size - self._flushed >= WRITEBACK_BYTES:
             self._sfr(self.fd, self._flushed, WRITEBACK_BYTES, _WRITE)
             back = self._flushed - 2 * WRITEBACK_BYTES
             if back >= 0:
                 self._sfr(self.fd, back, WRITEBACK_BYTES, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             self._flushed += WRITEBACK_BYTES
+        self.io_seconds += perf_counter() - t
 
     def _write(self, parts: list) -> None:
+        t = perf_counter()
+        self._write_all(parts)
+        self.io_seconds += perf_counter() - t
+
+    def _write_all(self, parts: list) -> None:
         views = [memoryview(p).cast("B") for p in parts]
         total = sum(v.nbytes for v in views)
         done = 0
@@ -114,7 +123,9 @@ class _DataFile:
         return offset
 
     def finish(self) -> None:
+        t = perf_counter()
         os.fsync(self.fd)
+        self.io_seconds += perf_counter() - t
         os.close(self.fd)
         self.fd = -1
 
@@ -134,6 +145,13 @@ class SnapshotWriter:
         rec = TensorRecord(key, kind, dtype, list(shape), nbytes)
         self.tensors.append(rec)
         return rec
+
+    @property
+    def disk_bytes_per_s(self) -> float | None:
+        """Observed durable write speed of this snapshot (bytes over time blocked in I/O)."""
+        secs = sum(f.io_seconds for f in self.files)
+        size = sum(f.size for f in self.files)
+        return size / secs if secs > 0 and size >= 64 << 20 else None
 
     def write_chunk(self, rec: TensorRecord, enc: Encoded) -> None:
         """Append an encoded chunk of ``rec`` (chunks of a tensor come in order)."""

@@ -1,0 +1,105 @@
+"""The daemon as a real subprocess, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from snapd.client.connection import probe
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    endpoint: str
+    root: Path
+    log: Path
+    args: list[str]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(tmp: Path, *extra: str, name: str = "d", root: Path | None = None,
+                 endpoint: str | None = None) -> Daemon:
+    root = root or tmp / "root"
+    endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
+    log = tmp / f"{name}.log"
+    args = [sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint", endpoint,
+            "--host-buffer-bytes", str(32 << 20), *extra]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=f, cwd="/")
+    d = Daemon(proc, endpoint, root, log, args)
+    wait_ready(d)
+    return d
+
+
+def wait_ready(d: Daemon, timeout: float = 20) -> None:
+    """Poll until the daemon answers; on timeout, fail showing its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if d.proc.poll() is not None:
+            pytest.fail(f"daemon exited with {d.proc.returncode}:\n{d.log_text()}")
+        if probe(d.endpoint, 0.2) is not None:
+            return
+    pytest.fail(f"daemon not ready after {timeout} s:\n{d.log_text()}")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = start_daemon(tmp_path)
+    yield d
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture
+def start(tmp_path):
+    started: list[Daemon] = []
+
+    def _start(*extra: str, **kw) -> Daemon:
+        d = start_daemon(tmp_path, *extra, **kw)
+        started.append(d)
+        return d
+    yield _start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def run_client(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd="/",
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture
+def client_proc():
+    return run_client
+
+
+@pytest.fixture(scope="module")
+def module_daemon(tmp_path_factory):
+    """One daemon shared by a module's tests (hypothesis runs many examples against it)."""
+    d = start_daemon(tmp_path_factory.mktemp("daemon"))
+    yield d
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(30)

@@ -1,0 +1,248 @@
+"""The daemon and its client, each a real process, over a real ZeroMQ socket."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+import snapd.client as snapd
+from snapd import protocol
+from snapd.cli import main as cli
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, ProtocolError
+
+
+def _state(seed: int, mib: int = 8) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"model": {"w": (rng.standard_normal(mib << 18) * 0.02).astype(np.float32),
+                      "t": torch.from_numpy(rng.standard_normal(1000).astype(np.float32)).to(torch.bfloat16)},
+            "optim": {"state": {0: {"step": torch.tensor(seed)}}, "param_groups": [{"lr": 1e-3}]},
+            "seed": seed, "ids": np.arange(seed, seed + 100)}
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    return a == b
+
+
+def test_round_trip_bit_exact_and_state_changes_after_return(daemon) -> None:
+    import copy
+
+    with snapd.connect("exact", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        pendings, saved = [], {}
+        state = _state(0)
+        for step in range(4):
+            pendings.append((step, c.snapshot(state, step=step, metrics={"loss": 1.0 / (step + 1)})))
+            saved[step] = copy.deepcopy(state)
+            state["model"]["w"] += 1  # the trainer changes its tensors right after snapshot() returns
+            state["model"]["t"].add_(1)
+            state["seed"] = step + 1
+        for step, p in pendings:
+            info = p.wait(timeout=60)
+            assert info.step == step and info.path.is_dir()
+        for step in range(4):
+            assert _equal(c.restore(step), saved[step]), step
+        assert [s.step for s in c.list()] == [0, 1, 2, 3]
+    assert cli(["verify", str(daemon.root / "exact")]) == 0
+
+
+def test_two_jobs_from_two_processes(daemon, client_proc) -> None:
+    code = ("import sys, numpy as np, snapd.client as c\n"
+            "cl = c.connect(sys.argv[2], endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
+            "ps = [cl.snapshot({'w': np.full(1 << 20, s, np.float32), 's': s}, step=s) for s in range(6)]\n"
+            "[p.wait(60) for p in ps]\n"
+            "cl.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, daemon.endpoint, job], cwd="/") for job in ("a", "b")]
+    assert [p.wait(120) for p in procs] == [0, 0], daemon.log_text()
+    for job in ("a", "b"):
+        assert [s.step for s in snapd.list_snapshots(daemon.root, job)] == list(range(6))
+        assert snapd.load(daemon.root, job, 5)["w"][0] == 5
+
+
+def test_trainer_sigkilled_after_copied_is_persisted(daemon, client_proc) -> None:
+    code = ("import os, signal, sys, numpy as np, snapd.client as c\n"
+            "cl = c.connect('killed', endpoint=sys.argv[1], spawn=False)\n"
+            "rng = np.random.default_rng(7)\n"
+            "cl.snapshot({'w': rng.standard_normal(6 << 20).astype(np.float32)}, step=42)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = client_proc(code, daemon.endpoint)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (daemon.root / "killed" / "step-000000000042").exists():
+        time.sleep(0.1)
+    got = snapd.load(daemon.root, "killed", 42)["w"]
+    assert np.array_equal(got, np.random.default_rng(7).standard_normal(6 << 20).astype(np.float32))
+
+
+def test_sigterm_drains_what_was_copied(start, client_proc) -> None:
+    d = start("--codec", "shuffle-zstd")
+    code = ("import sys, numpy as np, snapd.client as c\n"
+            "cl = c.connect('drain', endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
+            "for s in range(2):\n"
+            "    cl.snapshot({'w': np.random.default_rng(s).standard_normal(7 << 20).astype(np.float32)}, step=s)\n"
+            "print('copied', flush=True)\n")
+    out = client_proc(code, d.endpoint)
+    assert out.stdout.strip() == "copied", out.stderr
+    assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    assert [s.step for s in snapd.list_snapshots(d.root, "drain")] == [0, 1]
+    assert "drained" in d.log_text()
+
+
+def test_daemon_sigkill_mid_flush_keeps_older_snapshots(start, tmp_path) -> None:
+    d = start("--codec", "shuffle-zstd", "--encode-threads", "1", "--host-buffer-bytes", str(200 << 20))
+    c = snapd.connect("crash", endpoint=d.endpoint, spawn=False, keep_last=None)
+    c.snapshot({"w": np.ones(1000, np.float32)}, step=1).wait(30)
+    big = {f"w{i}": np.random.default_rng(i).standard_normal(12 << 20).astype(np.float32) for i in range(4)}
+    c.snapshot(big, step=2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(p.name.startswith(".tmp-2-") for p in (d.root / "crash").iterdir()):
+        time.sleep(0.01)
+    time.sleep(0.2)
+    d.proc.kill()
+    d.proc.wait()
+    assert [s.step for s in snapd.list_snapshots(d.root, "crash")] == [1]
+    with pytest.raises(DaemonUnavailable):
+        c.snapshot({"w": np.ones(3)}, step=3)
+    c.close()
+    d2 = start(endpoint=d.endpoint, root=d.root, name="d2")  # replaces the stale socket
+    with snapd.connect("crash", endpoint=d2.endpoint, spawn=False) as c2:
+        c2.snapshot({"w": np.ones(3)}, step=3).wait(30)
+    assert [s.step for s in snapd.list_snapshots(d.root, "crash")] == [1, 3]
+    assert not [p for p in (d.root / "crash").iterdir() if p.name.startswith((".tmp", ".trash"))]
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"snapd-{d.proc.pid}-")]
+
+
+@pytest.mark.parametrize("job", ["../evil", "/abs", "a/b", "..", "x" * 200, "nul\x00"])
+def test_hostile_job_names_refused_and_daemon_keeps_serving(daemon, job) -> None:
+    with pytest.raises(InvalidArgument, match="invalid job name"):
+        snapd.connect(job, endpoint=daemon.endpoint, spawn=False)
+    with snapd.connect("fine", endpoint=daemon.endpoint, spawn=False) as c:
+        c.snapshot({"w": np.ones(2)}, step=1).wait(30)
+    assert sorted(os.listdir(daemon.root)) == ["fine"]
+
+
+def test_emergency_dump_under_a_real_signal(daemon, client_proc) -> None:
+    code = ("import os, signal, sys, time, numpy as np, snapd.client as c\n"
+            "cl = c.connect('preempt', endpoint=sys.argv[1], spawn=False)\n"
+            "state = {'w': np.arange(1 << 20, dtype=np.float32), 'step': 0}\n"
+            "cl.on_preemption(lambda: (state, state['step']), deadline_s=20)\n"
+            "for step in range(1, 1000):\n"
+            "    state['w'] += 1; state['step'] = step\n"
+            "    if step == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.01)\n"
+            "print('not terminated')\n")
+    out = client_proc(code, daemon.endpoint)
+    assert out.returncode == -signal.SIGTERM, out.stdout + out.stderr  # chained to the default action
+    infos = snapd.list_snapshots(daemon.root, "preempt")
+    assert [(s.step, s.emergency) for s in infos] == [(5, True)]
+    assert snapd.load(daemon.root, "preempt")["w"][0] == 5
+
+
+def test_daemon_gone_raises_within_timeout(start) -> None:
+    d = start()
+    c = snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=1.0)
+    d.proc.kill()
+    d.proc.wait()
+    t = time.monotonic()
+    with pytest.raises(DaemonUnavailable):
+        c.snapshot({"w": np.ones(3)}, step=1)
+    assert time.monotonic() - t < 10
+    c.close()
+    with pytest.raises(DaemonUnavailable, match="no snapd answers"):
+        snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=0.5)
+
+
+def _raw(endpoint: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _ask(s: zmq.Socket, frame: bytes) -> dict:
+    s.send(frame)
+    assert s.poll(5000), "the daemon did not answer"
+    return protocol.decode_reply(s.recv())
+
+
+def test_busy_buffers_skip_or_wait(daemon) -> None:
+    holder = _ask_hello(daemon.endpoint)
+    leases = [_ask(holder, protocol.request("acquire", i + 2, nbytes=1024, emergency=False))["lease"]
+              for i in range(2)]  # both host buffers held
+    with snapd.connect("skipper", endpoint=daemon.endpoint, spawn=False, on_busy="skip") as c:
+        p = c.snapshot({"w": np.ones(4)}, step=1)
+        assert p.skipped and "busy" in p.reason
+        with pytest.raises(Busy):
+            p.wait()
+    threading.Timer(0.5, lambda: holder.send(protocol.request("release", 9, lease=leases[0]))).start()
+    with snapd.connect("waiter", endpoint=daemon.endpoint, spawn=False, on_busy="wait") as c:
+        p = c.snapshot({"w": np.ones(4)}, step=1)
+        assert not p.skipped and p.waited_s >= 0.3
+        p.wait(30)
+    holder.close()
+
+
+def _ask_hello(endpoint: str) -> zmq.Socket:
+    s = _raw(endpoint)
+    assert _ask(s, protocol.request("hello", 1, job="holder", pid=os.getpid(), on_busy="wait"))["type"] == "welcome"
+    return s
+
+
+def test_bad_requests_get_coded_errors(daemon) -> None:
+    s = _raw(daemon.endpoint)
+    cases = [(b"not json", "malformed"), (b"[1]", "malformed"), (b'{"v": 9, "id": 1, "type": "ping"}', "version"),
+             (protocol.request("launch", 1), "unknown_type"),
+             (protocol.request("acquire", 1, nbytes=10, emergency=False), "out_of_order"),
+             (protocol.request("hello", 1, job="../x", pid=1, on_busy="wait"), "invalid_argument"),
+             (protocol.request("hello", 1, job="ok", pid="me", on_busy="wait"), "bad_field")]
+    for frame, code in cases:
+        r = _ask(s, frame)
+        assert r["type"] == "error" and r["code"] == code, (frame, r)
+    _ask(s, protocol.request("hello", 2, job="ok", pid=os.getpid(), on_busy="wait"))
+    r = _ask(s, protocol.request("acquire", 3, nbytes=1 << 40, emergency=False))
+    assert r["code"] == "too_large" and "host_buffer_bytes" in r["message"]
+    lease = _ask(s, protocol.request("acquire", 4, nbytes=100, emergency=False))["lease"]
+    bad = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [10], "offset": (32 << 20) - 8, "nbytes": 40}
+    r = _ask(s, protocol.request("snapshot", 5, lease=lease, step=1, metrics={}, emergency=False,
+                                 tree={"t": "tensor", "i": 0}, tensors=[bad]))
+    assert r["code"] == "bad_field" and "outside" in r["message"]
+    r = _ask(s, protocol.request("snapshot", 6, lease=lease, step=1, metrics={}, emergency=False,
+                                 tree={"t": "tensor", "i": 0}, tensors=[]))
+    assert r["code"] == "bad_lease"  # the refused snapshot gave its buffer back
+    assert _ask(s, protocol.request("ping", 7))["type"] == "pong"
+    s.close()
+
+
+def test_second_daemon_on_same_endpoint_refused(daemon) -> None:
+    out = subprocess.run([sys.executable, "-m", "snapd", "serve", "--root", str(daemon.root), "--endpoint",
+                          daemon.endpoint, "--host-buffer-bytes", str(8 << 20)], capture_output=True, text=True,
+                         timeout=30, cwd="/")
+    assert out.returncode == 2 and f"already serves {daemon.endpoint}" in out.stderr
+    assert snapd.connect("still", endpoint=daemon.endpoint, spawn=False).status()["pid"] == daemon.proc.pid
+
+
+def test_spawn_starts_a_private_daemon(tmp_path, client_proc) -> None:
+    endpoint = f"ipc://{tmp_path}/private.sock"
+    code = ("import sys, numpy as np, snapd.client as c\n"
+            "cl = c.connect('spawned', endpoint=sys.argv[1], root=sys.argv[2], host_buffer_bytes=16 << 20)\n"
+            "print(cl.snapshot({'w': np.ones(10)}, step=1).wait(30).path)\n"
+            "print(cl.status()['pid'])\n")
+    out = client_proc(code, endpoint, str(tmp_path / "root"))
+    assert out.returncode == 0, out.stderr
+    path, pid = out.stdout.split()
+    assert path.endswith("spawned/step-000000000001")
+    os.kill(int(pid), signal.SIGTERM)  # it outlived its client; stop it now
+    assert (tmp_path / "root" / "spawned" / "step-000000000001" / "manifest.json").exists()
