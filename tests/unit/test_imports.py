@@ -30,3 +30,18 @@ def test_three_packages_installed(py) -> None:
     out = py("import snapd, snapd.client, snapd.kernels, snapd.format; print(snapd.client.save.__module__)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "snapd.client.local"
+
+
+def test_every_source_folder_is_packaged(py) -> None:
+    """A module missing from pyproject's package list only shows in a non-editable install."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    mods = []
+    for folder, pkg in (("snapd", "snapd"), ("client", "snapd.client"), ("kernels", "snapd.kernels")):
+        for f in sorted((repo / folder).rglob("*.py")):
+            rel = f.relative_to(repo / folder).with_suffix("")
+            if rel.name != "__main__":
+                mods.append(".".join([pkg, *rel.parts]).removesuffix(".__init__"))
+    out = py("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)", *mods)
+    assert out.returncode == 0, out.stderr
