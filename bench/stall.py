@@ -5,6 +5,8 @@
 One run, one process, 1 GiB of float32 torch tensors (16 x 64 MiB, N(0, 0.02)):
 - snapd, plain path: ``Client.snapshot()`` (copy into the daemon's shared
   memory) against a daemon started for the run; durable = ``Pending.wait()``;
+- snapd, registered path: the same after ``Client.share(state)`` (descriptors
+  only; the daemon copies while the trainer runs on);
 - ``torch.save`` + fsync (it blocks until durable);
 - PyTorch DCP ``async_save``, default (thread executor) and its fastest
   configuration here (process executor + DefaultStager with shared-memory
@@ -45,7 +47,7 @@ def median(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
 
 
-def bench_snapd(state: dict, work: Path, repeats: int, raw: int) -> tuple[list, list, int, list]:
+def bench_snapd(state: dict, work: Path, repeats: int, raw: int) -> tuple[dict, int, list]:
     endpoint = f"ipc://{work}/bench.sock"
     log = open(work / "daemon.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "snapd"), "--endpoint",
@@ -54,23 +56,27 @@ def bench_snapd(state: dict, work: Path, repeats: int, raw: int) -> tuple[list, 
         while probe(endpoint, 0.2) is None:
             if proc.poll() is not None:
                 raise SystemExit((work / "daemon.log").read_text())
-        stalls, durable, stored, floors = [], [], 0, []
+        rows, stored, floors = {}, 0, []
         with snapd.connect("bench", endpoint=endpoint, spawn=False, keep_last=1) as c:
-            for i in range(repeats + 1):
-                t = time.perf_counter()
-                p = c.snapshot(state, step=i)
-                s = time.perf_counter() - t
-                info = p.wait()
-                d = time.perf_counter() - t
-                if i:  # the first is the warm-up (first touch of the daemon's buffers)
-                    stalls.append(s)
-                    durable.append(d)
-                    stored = info.stored_bytes
-                    floors += disk_floor(stored, work, 1)  # right after: the disk drifts by 2x over a run
-                codec = info.codec
+            for path in ("plain", "registered"):
+                if path == "registered":
+                    c.share(state)  # once: the tensors now live in shared memory the daemon reads
+                stalls, durable = [], []
+                for i in range(repeats + 1):
+                    t = time.perf_counter()
+                    p = c.snapshot(state, step=i)
+                    s = time.perf_counter() - t
+                    info = p.wait()
+                    d = time.perf_counter() - t
+                    if i:  # the first is the warm-up (first touch of the daemon's buffers)
+                        stalls.append(s)
+                        durable.append(d)
+                        stored = info.stored_bytes
+                        floors += disk_floor(stored, work, 1)  # right after: the disk drifts by 2x
+                rows[f"snapd {path} path"] = (stalls, durable)
             why = c.status()["codecs"].get("bench", {}).get("reason", "")
-        print(f"snapd codec chosen by the daemon: {codec}: {why}", file=sys.stderr)
-        return stalls, durable, stored, floors
+        print(f"snapd codec chosen by the daemon: {info.codec}: {why}", file=sys.stderr)
+        return rows, stored, floors
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -150,8 +156,8 @@ def main() -> None:
     raw = sum(t.numel() * 4 for t in state.values())
     rows: dict[str, tuple[list, list]] = {}
     try:
-        s, d, stored, floor = bench_snapd(state, work, args.repeats, raw)
-        rows["snapd plain path"] = (s, d)
+        snapd_rows, stored, floor = bench_snapd(state, work, args.repeats, raw)
+        rows.update(snapd_rows)
         ts = bench_torch_save(state, work, args.repeats)
         rows["torch.save + fsync"] = (ts, ts)
         for fastest, name in ((False, "DCP async_save (default)"), (True, "DCP async_save (process, shm staging)")):

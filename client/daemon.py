@@ -47,13 +47,19 @@ class Persisted:
 
 
 class Pending:
-    """A snapshot handed to the daemon. ``wait()`` for it to be durable."""
+    """A snapshot handed to the daemon.
 
-    def __init__(self, client: Client | None, step: int, req_id: int | None, *, stall_s: float = 0.0,
-                 waited_s: float = 0.0, skipped: str | None = None) -> None:
+    ``wait_copied()``: the daemon holds a copy (immediate on the plain path;
+    on the registered path the daemon copies while training goes on).
+    ``wait()``: the snapshot is durable.
+    """
+
+    def __init__(self, client: Client | None, step: int, req_id: int | None, *, copied: bool = True,
+                 stall_s: float = 0.0, waited_s: float = 0.0, skipped: str | None = None) -> None:
         self._client = client
         self.step = step
         self._req_id = req_id
+        self.copied = copied
         self.stall_s = stall_s  # how long snapshot() blocked the trainer
         self.waited_s = waited_s  # of which waiting for a free host buffer
         self.skipped = skipped is not None
@@ -61,39 +67,53 @@ class Pending:
         self._result: Persisted | None = None
         self._error: BaseException | None = None
 
+    def _absorb(self, msg: dict) -> None:
+        if msg["type"] == "copied":
+            self.copied = True
+        elif msg["type"] == "persisted":
+            self.copied = True
+            self._result = Persisted(msg["step"], Path(msg["path"]), msg["codec"], msg["raw_bytes"],
+                                     msg["stored_bytes"], msg["seconds"])
+
+    def _settled(self) -> bool:
+        return self.skipped or self._result is not None or self._error is not None
+
+    def _next(self, timeout: float | None) -> None:
+        try:
+            self._absorb(self._client._conn.wait(self._req_id, timeout))
+        except TimeoutError:
+            raise
+        except Exception as e:  # the daemon's error for this snapshot, or the daemon gone
+            self._error = e
+            self.copied = True  # nothing left to wait for
+
     def wait_copied(self, timeout: float | None = None) -> None:
-        """The daemon holds the bytes (always true once snapshot() returned on the plain path)."""
+        """Block until the daemon holds its own copy; the trainer may then change its tensors."""
+        while not self.copied and not self._settled():
+            self._next(timeout)
+        if self._error is not None and not self.copied:
+            raise self._error
 
     def done(self) -> bool:
-        if self.skipped or self._result or self._error:
-            return True
-        msg = self._client._conn.take(self._req_id)
-        if msg is not None:
-            self._settle(msg)
-        return self._result is not None or self._error is not None
+        while not self._settled():
+            msg = self._client._conn.take(self._req_id)
+            if msg is None:
+                return False
+            if msg["type"] == "error":
+                self._next(0)  # re-read through wait() to raise-and-store the error
+                break
+            self._absorb(msg)
+        return True
 
     def wait(self, timeout: float | None = None) -> Persisted:
         """Block until the snapshot is durable; raise SnapshotError (with code and stage) if it failed."""
         if self.skipped:
             raise Busy(f"step {self.step} was skipped: {self.reason}")
-        if self._result is None and self._error is None:
-            try:
-                self._settle(self._client._conn.wait(self._req_id, timeout))
-            except TimeoutError:
-                raise
-            except Exception as e:
-                self._error = e
+        while not self._settled():
+            self._next(timeout)
         if self._error is not None:
             raise self._error
         return self._result
-
-    def _settle(self, msg: dict) -> None:
-        if msg["type"] == "error":
-            from snapd.errors import SnapshotError
-            self._error = SnapshotError(msg.get("message", ""), msg.get("code", ""), msg.get("stage", ""))
-        else:
-            self._result = Persisted(msg["step"], Path(msg["path"]), msg["codec"], msg["raw_bytes"],
-                                     msg["stored_bytes"], msg["seconds"])
 
 
 class Client:
@@ -106,6 +126,8 @@ class Client:
         self._buffers = {b["index"]: b for b in welcome["buffers"]}
         self._pool: ThreadPoolExecutor | None = None
         self._conn.daemon_pid = welcome["daemon_pid"]
+        self._regions: list = []  # registered shared regions (client.share)
+        self._uncopied: list[Pending] = []  # registered-path snapshots the daemon is still copying
 
     def _buffer(self, index: int) -> np.ndarray:
         if index not in self._maps:
@@ -129,6 +151,8 @@ class Client:
             pos += -pos % ALIGN
             offsets.append(pos)
             pos += leaf.data.nbytes
+        shared = [self._registered(leaf.data) for leaf in leaves]
+        self.wait_copied()  # a region being copied must not be described again until that copy is done
         try:
             granted = self._conn.wait(self._conn.send("acquire", nbytes=pos, emergency=emergency))
         except Busy as e:
@@ -137,16 +161,56 @@ class Client:
         if granted["waited_s"] > 0.05:
             log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
         try:
-            self._copy(self._buffer(granted["buffer"]), leaves, offsets)
+            plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None]
+            self._copy(self._buffer(granted["buffer"]), [p[0] for p in plain], [p[1] for p in plain])
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
-        descs = [{"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
-                  "offset": off, "nbytes": leaf.data.nbytes} for leaf, off in zip(leaves, offsets)]
+        descs = []
+        for leaf, off, sh in zip(leaves, offsets, shared):
+            d = {"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
+                 "offset": off, "nbytes": leaf.data.nbytes}
+            if sh is not None:
+                d["region"], d["region_offset"] = sh
+            descs.append(d)
         req = self._conn.send("snapshot", lease=granted["lease"], step=step, metrics=metrics, emergency=emergency,
                               tree=tree, tensors=descs)
-        self._conn.wait(req)  # "copied": from here the daemon persists it even if we die
-        return Pending(self, step, req, stall_s=time.perf_counter() - t0, waited_s=granted["waited_s"])
+        first = self._conn.wait(req)  # "copied" (plain) or "received" (the daemon copies registered bytes)
+        pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
+                          waited_s=granted["waited_s"])
+        if not pending.copied:
+            self._uncopied.append(pending)
+        return pending
+
+    def _registered(self, data: np.ndarray) -> tuple[int, int] | None:
+        for region in self._regions:
+            off = region.offset_of(data) if data.nbytes else None
+            if off is not None:
+                return region.id, off
+        return None
+
+    def share(self, *objects: Any) -> None:
+        """Move the tensors of ``objects`` (modules, optimizers, dicts/lists of tensors) into shared
+        memory the daemon reads, once. Later snapshots of them send only descriptors."""
+        from snapd.client.registered import share
+
+        region = share(objects)
+        try:
+            region.id = self._conn.call("register", path=str(region.path), bytes=region.size)["region"]
+        except BaseException:
+            region.close()
+            raise
+        self._regions.append(region)
+
+    def wait_copied(self) -> None:
+        """Block until the daemon has copied every registered-path snapshot handed to it."""
+        while self._uncopied:
+            self._uncopied[0].wait_copied()
+            self._uncopied.pop(0)
+
+    def guard(self, optimizer: Any) -> Any:
+        """Make ``optimizer.step()`` wait (only) for unfinished copies of shared tensors."""
+        return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.wait_copied())
 
     def _copy(self, buf: np.ndarray, leaves: list, offsets: list[int]) -> None:
         """One memcpy per byte; large states on a few threads (np.copyto releases the GIL)."""
@@ -183,12 +247,18 @@ class Client:
         if self._conn.closed:
             return
         try:
+            self.wait_copied()
+        except Exception:  # closing anyway; the error was or will be raised by the Pending
+            pass
+        try:
             self._conn.call("bye", timeout_s=1.0)
         except (TimeoutError, DaemonUnavailable):
             pass
         self._conn.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        for region in self._regions:
+            region.close()
         for mm, view in self._maps.values():
             del view
         self._maps.clear()

@@ -92,6 +92,9 @@ def _tensors(v: Any, name: str) -> None:
         for d in shape:
             _int()(d, f"{where}.shape")
         _int()(t.get("offset"), f"{where}.offset")
+        if "region" in t:  # registered path: the bytes are at region_offset in a registered region
+            _int()(t.get("region"), f"{where}.region")
+            _int()(t.get("region_offset"), f"{where}.region_offset")
         _int()(t.get("nbytes"), f"{where}.nbytes")
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
             raise ProtocolError(f"{where}: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
@@ -106,6 +109,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _object,
                  "tensors": _tensors},
     "release": {"lease": _int()},
+    "register": {"path": _str(), "bytes": _int(1)},
     "status": {},
     "ping": {},
     "bye": {},

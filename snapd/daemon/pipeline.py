@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from snapd.daemon.codec_choice import Choice, choose, measure_disk
@@ -67,7 +68,12 @@ class Task:
 
 
 class Pipeline:
-    """The flush thread and the encode pool, fed by ``submit`` from the server thread."""
+    """The copy thread, the encode pool and the flush thread, fed by the server thread.
+
+    ``copy`` takes snapshots whose bytes are still in the client's registered
+    region (copies them into the host buffer, then reports COPIED and queues
+    them for flushing); ``submit`` takes snapshots already in the host buffer.
+    """
 
     def __init__(self, config: DaemonConfig, ctx: zmq.Context) -> None:
         self.config = config
@@ -77,14 +83,45 @@ class Pipeline:
         self._disk_bps: float | None = None
         self.choices: dict[str, Choice] = {}  # per job, shown by status
         self._thread = threading.Thread(target=self._run, name="snapd-flush", daemon=True)
+        self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
+        self._copier = threading.Thread(target=self._copy_loop, name="snapd-copy", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._copier.start()
+
+    def copy(self, task: Task, copies: list) -> None:
+        """Copy ``[(dst, src), ...]`` from registered regions, then persist the task."""
+        self._copies.put((task, copies))
+
+    def _copy_loop(self) -> None:
+        events = self._ctx.socket(zmq.PUSH)
+        events.connect(EVENTS_ENDPOINT)
+        try:
+            while True:
+                item = self._copies.get()
+                if item is None:
+                    return
+                task, copies = item
+                try:
+                    for dst, src in copies:  # np.copyto releases the GIL
+                        np.copyto(dst, src)
+                except Exception as e:  # a region that went away under us
+                    task.advance(FAILED)
+                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "code": "copy",
+                                            "message": str(e), "stage": "copy"}).encode())
+                    continue
+                task.advance(COPIED)
+                events.send(json.dumps({"event": "copied", "seq": task.seq}).encode())
+                self.submit(task)
+        finally:
+            events.close(linger=1000)
 
     def submit(self, task: Task) -> None:
         self._queue.put((0 if task.emergency else 1, task.seq, task))
 
     def stop(self) -> None:
+        self._copies.put(None)
         self._queue.put((2, next(_seq), None))
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -149,7 +186,7 @@ class Pipeline:
             took = task.times[PERSISTED] - task.times[RECEIVED]
             log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
                      done.entry.stored_bytes, codec, took)
-            return {"seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
+            return {"event": "done", "seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
                     "stored_bytes": done.entry.stored_bytes, "seconds": took}
         except Exception as e:  # every failure is reported to the client, naming the stage
             if writer is not None:
@@ -157,4 +194,4 @@ class Pipeline:
             task.advance(FAILED)
             code = e.code if isinstance(e, SnapdError) else ("flush" if isinstance(e, OSError) else "internal")
             log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, e)
-            return {"seq": task.seq, "ok": False, "code": code, "message": str(e), "stage": stage}
+            return {"event": "done", "seq": task.seq, "ok": False, "code": code, "message": str(e), "stage": stage}

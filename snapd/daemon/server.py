@@ -11,11 +11,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import mmap
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from snapd import __version__, protocol
@@ -31,6 +34,17 @@ from snapd.format.writer import Retention
 
 log = logging.getLogger(__name__)
 
+REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
+
+
+@dataclass
+class Region:
+    """A client's registered shared-memory region, mapped read-only."""
+
+    path: str
+    mm: mmap.mmap
+    view: np.ndarray
+
 
 @dataclass
 class Session:
@@ -40,6 +54,7 @@ class Session:
     retention: Retention
     on_busy: str
     leases: set[int] = field(default_factory=set)
+    regions: dict[int, Region] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +104,12 @@ class Server:
                 if s is self.sock:
                     self._serve_one()
                 else:
-                    self._finish(json.loads(self.events.recv()))
+                    event = json.loads(self.events.recv())
+                    if event["event"] == "copied":
+                        task = self.tasks[event["seq"]]
+                        self._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
+                    else:
+                        self._finish(event)
             now = time.monotonic()
             if now >= next_check:
                 self._reap_dead_clients()
@@ -205,19 +225,49 @@ class Server:
         self._free(s, msg["lease"])
         return protocol.reply("released", msg["id"])
 
+    def _on_register(self, peer: bytes, msg: dict) -> bytes:
+        """Map a client's region read-only; its tensors then travel as descriptors only."""
+        s = self._session(peer)
+        path = msg["path"]
+        m = REGION_RE.match(os.path.basename(path))
+        if os.path.dirname(path) != str(self.config.shm_dir) or not m or int(m.group(1)) != s.pid:
+            raise ProtocolError(f"{path}: not a region of client pid {s.pid} under {self.config.shm_dir}",
+                                "bad_region")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ProtocolError(f"{path}: cannot open: {e.strerror}", "bad_region") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.stat(f"/proc/{s.pid}").st_uid or st.st_size != msg["bytes"]:
+                raise ProtocolError(f"{path}: not owned by the client or not {msg['bytes']} bytes", "bad_region")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        rid = next(self._leases)
+        s.regions[rid] = Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
+        log.info("client pid %d registered %d MiB of tensors", s.pid, st.st_size >> 20)
+        return protocol.reply("registered", msg["id"], region=rid)
+
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
         s = self._session(peer)
         buf = self.pool.by_lease(msg["lease"])
         if buf is None or msg["lease"] not in s.leases:
             raise ProtocolError(f"lease {msg['lease']} is not yours: acquire a buffer first", "bad_lease")
         try:
-            leaves = []
+            leaves, copies = [], []
             for t in msg["tensors"]:
                 if t["offset"] + t["nbytes"] > buf.size:
                     raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
                                         f"outside the {buf.size}-byte buffer", "bad_field")
-                leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]),
-                                         buf.view[t["offset"]:t["offset"] + t["nbytes"]]))
+                dst = buf.view[t["offset"]:t["offset"] + t["nbytes"]]
+                if "region" in t:
+                    region = s.regions.get(t["region"])
+                    if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
+                        raise ProtocolError(f"{t['key']}: not inside a region this client registered",
+                                            "bad_region")
+                    copies.append((dst, region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]))
+                leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst))
             if len({leaf.key for leaf in leaves}) != len(leaves):
                 raise ProtocolError("two tensors share a key path", "bad_field")
             try:
@@ -231,8 +281,11 @@ class Server:
         s.leases.discard(msg["lease"])  # the task owns the lease now
         task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
                     msg["lease"], s.retention, sum(leaf.data.nbytes for leaf in leaves))
-        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
         self.tasks[task.seq] = task
+        if copies:  # registered path: the copy stage copies while the trainer runs on
+            self.pipeline.copy(task, copies)
+            return protocol.reply("received", msg["id"], step=msg["step"])
+        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
         self.pipeline.submit(task)
         return protocol.reply("copied", msg["id"], step=msg["step"])
 
@@ -293,6 +346,11 @@ class Server:
                 log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
                 del self.sessions[s.peer]
                 self._release_all(s)
+                for region in s.regions.values():  # copies in flight keep their mapping
+                    try:
+                        os.unlink(region.path)
+                    except OSError:
+                        pass
             except PermissionError:
                 pass
 

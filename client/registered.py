@@ -1,0 +1,138 @@
+"""The registered path: tensors that live in shared memory the daemon can read.
+
+``Client.share(model, optimizer, state...)`` moves the storage of the given
+tensors into one region (a file under /dev/shm, created by the client, read
+by the daemon) once: torch tensors are rebound in place with ``set_``, so
+the module's parameters and the optimizer's state now live there; NumPy
+arrays inside dicts and lists are replaced by region-backed arrays in their
+containers. A later ``snapshot()`` sends only descriptors for such tensors;
+the daemon copies them while the next forward/backward runs, and only the
+next mutation waits for that copy (``Pending.wait_copied()``, ``guard``).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapd.format import dtypes
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+
+
+class SharedRegion:
+    """One client-owned shared-memory file holding the registered tensors."""
+
+    def __init__(self, nbytes: int, shm_dir: Path = Path("/dev/shm")) -> None:
+        self.path = shm_dir / f"snapd-client-{os.getpid()}-{secrets.token_hex(4)}"
+        self.size = max(nbytes, ALIGN)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+            self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.view = np.frombuffer(self.mm, dtype=np.uint8)
+        self.base = self.view.ctypes.data
+        self.used = 0
+        self.id: int | None = None  # the daemon's id for it, once registered
+
+    def slot(self, nbytes: int) -> tuple[int, np.ndarray]:
+        self.used += -self.used % ALIGN
+        off = self.used
+        if off + nbytes > self.size:
+            raise ValueError(f"region of {self.size} bytes is full")
+        self.used += nbytes
+        return off, self.view[off:off + nbytes]
+
+    def offset_of(self, data: np.ndarray) -> int | None:
+        """Where ``data`` (a contiguous byte view) lies in this region, if it does."""
+        ptr = data.ctypes.data
+        if self.base <= ptr and ptr + data.nbytes <= self.base + self.size:
+            return ptr - self.base
+        return None
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)  # the mapping stays valid for tensors still using it
+
+
+def _tensors(obj: Any) -> list[Any]:
+    """Every CPU tensor/array reachable from ``obj`` (modules, optimizers, trees)."""
+    torch = dtypes.torch_module()
+    if torch is not None:
+        if isinstance(obj, torch.nn.Module):
+            return [t for t in [*obj.parameters(), *obj.buffers()]]
+        if isinstance(obj, torch.optim.Optimizer):
+            out = [t for s in obj.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            if not out:
+                log.warning("optimizer has no state yet (it is created by the first step): share it after one step")
+            return out
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+    if isinstance(obj, np.ndarray):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _nbytes(t: Any) -> int:
+    return t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
+
+
+def share(objects: tuple[Any, ...]) -> SharedRegion:
+    """Move every tensor of ``objects`` into one new region; return the region."""
+    seen: dict[int, Any] = {}
+    for obj in objects:
+        for t in _tensors(obj):
+            if not isinstance(t, np.ndarray) and t.device.type != "cpu":
+                continue  # device tensors take the GPU path
+            seen.setdefault(id(t), t)
+    tensors = list(seen.values())
+    region = SharedRegion(sum(_nbytes(t) + ALIGN for t in tensors))
+    moved: dict[int, np.ndarray] = {}
+    for t in tensors:
+        off, dst = region.slot(_nbytes(t))
+        if isinstance(t, np.ndarray):
+            view = dst.view(t.dtype).reshape(t.shape) if t.size else np.empty(t.shape, t.dtype)
+            np.copyto(view, t)
+            moved[id(t)] = view
+        else:
+            import torch
+
+            new = torch.from_numpy(dst).view(t.dtype).reshape(t.shape) if t.numel() else t
+            with torch.no_grad():
+                new.copy_(t)
+                t.set_(new.untyped_storage(), new.storage_offset(), t.shape, new.stride())
+    for obj in objects:  # NumPy arrays cannot be rebound: replace them in their containers
+        _replace(obj, moved)
+    log.info("registered %d tensors (%d MiB) in %s", len(tensors), region.used >> 20, region.path)
+    return region
+
+
+def _replace(obj: Any, moved: dict[int, np.ndarray]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if id(v) in moved:
+                obj[k] = moved[id(v)]
+            else:
+                _replace(v, moved)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if id(v) in moved:
+                obj[i] = moved[id(v)]
+            else:
+                _replace(v, moved)
+    elif isinstance(obj, tuple):
+        for v in obj:
+            _replace(v, moved)
