@@ -246,3 +246,13 @@ def test_spawn_starts_a_private_daemon(tmp_path, client_proc) -> None:
     assert path.endswith("spawned/step-000000000001")
     os.kill(int(pid), signal.SIGTERM)  # it outlived its client; stop it now
     assert (tmp_path / "root" / "spawned" / "step-000000000001" / "manifest.json").exists()
+
+
+def test_module_level_snapshot_uses_env_job_and_endpoint(daemon) -> None:
+    code = ("import numpy as np, snapd.client as c\n"
+            "p = c.snapshot({'w': np.arange(5.0)}, step=9)\n"
+            "print(p.wait(30).path)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60,
+                         env={**os.environ, "SNAPD_JOB": "from-env", "SNAPD_ENDPOINT": daemon.endpoint})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(daemon.root / "from-env" / "step-000000000009")
