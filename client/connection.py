@@ -29,6 +29,13 @@ from snapd.paths import default_endpoint
 log = logging.getLogger(__name__)
 
 
+def reply_error(msg: dict) -> Exception:
+    """The exception an error reply stands for: a failed stage is a SnapshotError."""
+    if msg.get("stage"):
+        return SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"])
+    return error_from_code(msg.get("code", "error"), msg.get("message", ""))
+
+
 class Connection:
     def __init__(self, endpoint: str, timeout_s: float) -> None:
         self.endpoint = endpoint
@@ -93,10 +100,8 @@ class Connection:
             msg = self.take(req_id)
             if msg is not None:
                 if msg["type"] == "error":
-                    err = error_from_code(msg.get("code", "error"), msg.get("message", ""))
-                    if msg.get("stage"):
-                        err = SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"])
-                    raise err
+                    self._sent_epoch.pop(req_id, None)
+                    raise reply_error(msg)
                 if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released"):
                     self._sent_epoch.pop(req_id, None)
                 return msg

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from snapd.client.connection import Connection, probe
+from snapd.client.connection import Connection, probe, reply_error
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument
 from snapd.format.index import check_best, check_retention
@@ -68,7 +68,10 @@ class Pending:
         self._error: BaseException | None = None
 
     def _absorb(self, msg: dict) -> None:
-        if msg["type"] == "copied":
+        if msg["type"] == "error":
+            self._error = reply_error(msg)
+            self.copied = True
+        elif msg["type"] == "copied":
             self.copied = True
         elif msg["type"] == "persisted":
             self.copied = True
@@ -100,7 +103,8 @@ class Pending:
             if msg is None:
                 return False
             if msg["type"] == "error":
-                self._next(0)  # re-read through wait() to raise-and-store the error
+                self._error = reply_error(msg)
+                self.copied = True
                 break
             self._absorb(msg)
         return True

@@ -164,13 +164,14 @@ class Pipeline:
             events.close(linger=1000)
 
     def _persist(self, task: Task) -> dict[str, Any]:
-        stage = "encode"
+        stage = "flush"
         writer = None
         try:
-            codec = self._codec(task)
             jobdir = JobDir(self.config.root, task.job)
             jobdir.open_for_write()
             writer = SnapshotWriter(jobdir, task.step)
+            stage = "encode"
+            codec = self._codec(task)
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
                                  self.config.chunk_bytes)

@@ -256,3 +256,21 @@ def test_module_level_snapshot_uses_env_job_and_endpoint(daemon) -> None:
                          env={**os.environ, "SNAPD_JOB": "from-env", "SNAPD_ENDPOINT": daemon.endpoint})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(daemon.root / "from-env" / "step-000000000009")
+
+
+def test_failed_flush_reports_code_and_stage_and_daemon_goes_on(daemon) -> None:
+    from snapd.errors import SnapshotError
+
+    daemon.root.mkdir(exist_ok=True)
+    (daemon.root / "blocked").write_text("a file where the job directory should be")
+    with snapd.connect("blocked", endpoint=daemon.endpoint, spawn=False) as c:
+        p = c.snapshot({"w": np.ones(8)}, step=1)
+        deadline = time.monotonic() + 30
+        while not p.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(SnapshotError) as e:
+            p.wait(5)
+        assert e.value.stage == "flush" and "cannot create job directory" in str(e.value)
+        assert "blocked step 1" in c.status()["last_error"]
+        (daemon.root / "blocked").unlink()
+        assert c.snapshot({"w": np.ones(8)}, step=2).wait(30).step == 2
