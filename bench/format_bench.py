@@ -98,8 +98,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"state: {raw / 2**30:.2f} GiB in 16 float32 tensors; {os.cpu_count()} cores; best of {args.repeats}")
-    print(f"| method | save s | save vs torch.save | save vs raw write+fsync of stored bytes | load s | "
-          f"load vs torch.load | load vs safetensors | ratio |")
+    print("| method | save s | save vs torch.save | save vs raw write+fsync of stored bytes | load s | "
+          "load vs torch.load | load vs safetensors | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     ts, tl, sl = rows["torch.save"]["save"], rows["torch.save"]["load"], rows["safetensors"]["load"]
     for name, r in rows.items():

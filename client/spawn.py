@@ -8,7 +8,6 @@ holds; it exits by itself once it has had no clients and no work for a while.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time

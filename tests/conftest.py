@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
+
 import sys
 from pathlib import Path
 
@@ -50,7 +50,7 @@ def tensor_digest(arr: object) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
 
 
-def run_python(code: str, *args: str, **kw: object) -> "subprocess.CompletedProcess[str]":
+def run_python(code: str, *args: str, **kw: object):
     """Run ``code`` in a fresh interpreter, outside the source tree, so the
     installed package is what gets imported."""
     import subprocess

@@ -11,20 +11,17 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import mmap
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zmq
 
 from snapd import __version__, protocol
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
+from snapd.daemon.sessions import Session, Waiter, open_region
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
 from snapd.format.manifest import _check_tree
@@ -34,35 +31,6 @@ from snapd.format.writer import Retention
 
 log = logging.getLogger(__name__)
 
-REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
-
-
-@dataclass
-class Region:
-    """A client's registered shared-memory region, mapped read-only."""
-
-    path: str
-    mm: mmap.mmap
-    view: np.ndarray
-
-
-@dataclass
-class Session:
-    peer: bytes
-    job: str
-    pid: int
-    retention: Retention
-    on_busy: str
-    leases: set[int] = field(default_factory=set)
-    regions: dict[int, Region] = field(default_factory=dict)
-
-
-@dataclass
-class Waiter:
-    peer: bytes
-    req_id: int
-    emergency: bool
-    since: float
 
 
 class Server:
@@ -228,25 +196,10 @@ class Server:
     def _on_register(self, peer: bytes, msg: dict) -> bytes:
         """Map a client's region read-only; its tensors then travel as descriptors only."""
         s = self._session(peer)
-        path = msg["path"]
-        m = REGION_RE.match(os.path.basename(path))
-        if os.path.dirname(path) != str(self.config.shm_dir) or not m or int(m.group(1)) != s.pid:
-            raise ProtocolError(f"{path}: not a region of client pid {s.pid} under {self.config.shm_dir}",
-                                "bad_region")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as e:
-            raise ProtocolError(f"{path}: cannot open: {e.strerror}", "bad_region") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != os.stat(f"/proc/{s.pid}").st_uid or st.st_size != msg["bytes"]:
-                raise ProtocolError(f"{path}: not owned by the client or not {msg['bytes']} bytes", "bad_region")
-            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        region = open_region(msg["path"], msg["bytes"], s.pid, self.config.shm_dir)
         rid = next(self._leases)
-        s.regions[rid] = Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
-        log.info("client pid %d registered %d MiB of tensors", s.pid, st.st_size >> 20)
+        s.regions[rid] = region
+        log.info("client pid %d registered %d MiB of tensors", s.pid, region.view.size >> 20)
         return protocol.reply("registered", msg["id"], region=rid)
 
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
 from snapd.format import codecs, dtypes

@@ -15,7 +15,7 @@ import zmq
 import snapd.client as snapd
 from snapd import protocol
 from snapd.cli import main as cli
-from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, ProtocolError
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument
 
 
 def _state(seed: int, mib: int = 8) -> dict:

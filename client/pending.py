@@ -1,0 +1,99 @@
+"""``Pending`` and ``Persisted``: what ``Client.snapshot()`` hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapd.client.connection import reply_error
+from snapd.errors import Busy
+
+if TYPE_CHECKING:
+    from snapd.client.daemon import Client
+
+
+@dataclass(frozen=True)
+class Persisted:
+    step: int
+    path: Path
+    codec: str
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+
+
+class Pending:
+    """A snapshot handed to the daemon.
+
+    ``wait_copied()``: the daemon holds a copy (immediate on the plain path;
+    on the registered path the daemon copies while training goes on).
+    ``wait()``: the snapshot is durable.
+    """
+
+    def __init__(self, client: Client | None, step: int, req_id: int | None, *, copied: bool = True,
+                 stall_s: float = 0.0, waited_s: float = 0.0, skipped: str | None = None) -> None:
+        self._client = client
+        self.step = step
+        self._req_id = req_id
+        self.copied = copied
+        self.stall_s = stall_s  # how long snapshot() blocked the trainer
+        self.waited_s = waited_s  # of which waiting for a free host buffer
+        self.skipped = skipped is not None
+        self.reason = skipped or ""
+        self._result: Persisted | None = None
+        self._error: BaseException | None = None
+
+    def _absorb(self, msg: dict) -> None:
+        if msg["type"] == "error":
+            self._error = reply_error(msg)
+            self.copied = True
+        elif msg["type"] == "copied":
+            self.copied = True
+        elif msg["type"] == "persisted":
+            self.copied = True
+            self._result = Persisted(msg["step"], Path(msg["path"]), msg["codec"], msg["raw_bytes"],
+                                     msg["stored_bytes"], msg["seconds"])
+
+    def _settled(self) -> bool:
+        return self.skipped or self._result is not None or self._error is not None
+
+    def _next(self, timeout: float | None) -> None:
+        try:
+            self._absorb(self._client._conn.wait(self._req_id, timeout))
+        except TimeoutError:
+            raise
+        except Exception as e:  # the daemon's error for this snapshot, or the daemon gone
+            self._error = e
+            self.copied = True  # nothing left to wait for
+
+    def wait_copied(self, timeout: float | None = None) -> None:
+        """Block until the daemon holds its own copy; the trainer may then change its tensors."""
+        while not self.copied and not self._settled():
+            self._next(timeout)
+        if self._error is not None and not self.copied:
+            raise self._error
+
+    def done(self) -> bool:
+        while not self._settled():
+            msg = self._client._conn.take(self._req_id)
+            if msg is None:
+                return False
+            if msg["type"] == "error":
+                self._error = reply_error(msg)
+                self.copied = True
+                break
+            self._absorb(msg)
+        return True
+
+    def wait(self, timeout: float | None = None) -> Persisted:
+        """Block until the snapshot is durable; raise SnapshotError (with code and stage) if it failed."""
+        if self.skipped:
+            raise Busy(f"step {self.step} was skipped: {self.reason}")
+        while not self._settled():
+            self._next(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
