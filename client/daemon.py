@@ -30,6 +30,8 @@ from snapd.format.saving import check_metrics
 from snapd.format.tree import flatten
 from snapd.paths import default_endpoint, default_root
 
+__all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
+
 log = logging.getLogger(__name__)
 
 ALIGN = 64
