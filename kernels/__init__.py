@@ -1,10 +1,12 @@
 """Byte kernels of the snapshot pipeline.
 
-Each operation has a NumPy implementation (``snapd.kernels.numpy_shuffle``),
-which defines the bytes, serves as the CPU backend and is the test reference
-for the CuPy kernels of the GPU path.
+Each operation has a NumPy implementation, which defines the bytes, serves as
+the CPU backend and is the test reference, and a CuPy implementation for the
+GPU path (``snapd.kernels.cupy_backend``, imported only when CUDA is chosen).
+``select_backend("auto"|"cuda"|"cpu")`` picks one and says why.
 """
 
+from snapd.kernels.backend import BACKENDS, Backend, select_backend
 from snapd.kernels.numpy_shuffle import shuffle, unshuffle_into
 
-__all__ = ["shuffle", "unshuffle_into"]
+__all__ = ["BACKENDS", "Backend", "select_backend", "shuffle", "unshuffle_into"]

@@ -61,6 +61,13 @@ def serve(config: DaemonConfig) -> int:
         probe.unlink()
     except OSError as e:
         raise InvalidArgument(f"snapshot root {config.root} is not writable: {e.strerror}") from None
+    from snapd.kernels import select_backend
+
+    try:
+        backend, why = select_backend(config.backend)
+    except RuntimeError as e:
+        raise InvalidArgument(str(e)) from None
+    log.info("kernel backend %s", why)
     lock_fd = take_endpoint(config)
     stop = {"signal": None}
 
@@ -71,6 +78,7 @@ def serve(config: DaemonConfig) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     server = Server(config)
+    server.backend = why
     try:
         server.bind()
         log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,

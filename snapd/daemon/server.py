@@ -53,6 +53,7 @@ class Server:
         self.stopping = False
         self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
         self.last_error = ""
+        self.backend = "cpu"
         self.idle_since = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
@@ -311,6 +312,7 @@ class Server:
         by_state = collections.Counter(t.state for t in self.tasks.values())
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
                 "endpoint": self.config.endpoint, "root": str(self.config.root), "stopping": self.stopping,
+                "backend": self.backend,
                 "clients": [{"pid": s.pid, "job": s.job} for s in self.sessions.values()],
                 "in_flight": dict(by_state), "waiting_for_buffer": len(self.waiters),
                 "buffers": {"count": len(self.pool.buffers), "bytes_each": self.config.host_buffer_bytes,
