@@ -72,8 +72,8 @@ class Client:
         for leaf in leaves:
             pos += -pos % ALIGN
             offsets.append(pos)
-            pos += leaf.data.nbytes
-        shared = [self._registered(leaf.data) for leaf in leaves]
+            pos += leaf.nbytes
+        shared = [self._registered(leaf) for leaf in leaves]
         self.wait_copied()  # a region being copied must not be described again until that copy is done
         try:
             granted = self._conn.wait(self._conn.send("acquire", nbytes=pos, emergency=emergency))
@@ -91,7 +91,7 @@ class Client:
         descs = []
         for leaf, off, sh in zip(leaves, offsets, shared):
             d = {"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
-                 "offset": off, "nbytes": leaf.data.nbytes}
+                 "offset": off, "nbytes": leaf.nbytes}
             if sh is not None:
                 d["region"], d["region_offset"] = sh
             descs.append(d)
@@ -104,9 +104,9 @@ class Client:
             self._uncopied.append(pending)
         return pending
 
-    def _registered(self, data: np.ndarray) -> tuple[int, int] | None:
+    def _registered(self, leaf: Any) -> tuple[int, int] | None:
         for region in self._regions:
-            off = region.offset_of(data) if data.nbytes else None
+            off = region.offset_of(leaf.ptr, leaf.nbytes) if leaf.nbytes else None
             if off is not None:
                 return region.id, off
         return None
@@ -138,7 +138,7 @@ class Client:
         """One memcpy per byte; large states on a few threads (np.copyto releases the GIL)."""
         jobs = []
         for leaf, off in zip(leaves, offsets):
-            n = leaf.data.nbytes
+            n = leaf.nbytes
             for a in range(0, n, PARALLEL_COPY_BYTES):
                 b = min(n, a + PARALLEL_COPY_BYTES)
                 jobs.append((buf[off + a:off + b], leaf.data[a:b]))

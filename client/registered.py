@@ -53,10 +53,9 @@ class SharedRegion:
         self.used += nbytes
         return off, self.view[off:off + nbytes]
 
-    def offset_of(self, data: np.ndarray) -> int | None:
-        """Where ``data`` (a contiguous byte view) lies in this region, if it does."""
-        ptr = data.ctypes.data
-        if self.base <= ptr and ptr + data.nbytes <= self.base + self.size:
+    def offset_of(self, ptr: int, nbytes: int) -> int | None:
+        """Where ``nbytes`` contiguous bytes at address ``ptr`` lie in this region, if they do."""
+        if self.base <= ptr and ptr + nbytes <= self.base + self.size:
             return ptr - self.base
         return None
 

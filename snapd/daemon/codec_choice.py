@@ -67,11 +67,11 @@ def encode_cores(threads: int) -> float:
 
 def choose(leaves: list[TensorLeaf], disk_bps: float, threads: int, *, fastest_only: bool = False) -> Choice:
     """Pick the codec for this data (``fastest_only`` for emergency dumps)."""
-    if not leaves or max(leaf.data.nbytes for leaf in leaves) == 0:
+    if not leaves or max(leaf.nbytes for leaf in leaves) == 0:
         return Choice("raw", "no tensor bytes", {})
-    big = max(leaves, key=lambda leaf: leaf.data.nbytes)
+    big = max(leaves, key=lambda leaf: leaf.nbytes)
     size = dtypes.itemsize(big.dtype)
-    n = min(big.data.nbytes, SAMPLE_BYTES)
+    n = min(big.nbytes, SAMPLE_BYTES)
     sample = big.data[: n - n % size]
     rates: dict[str, tuple[float, float]] = {"raw": (1.0, float("inf"))}
     for codec in CODECS[1:]:

@@ -234,7 +234,7 @@ class Server:
             raise
         s.leases.discard(msg["lease"])  # the task owns the lease now
         task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
-                    msg["lease"], s.retention, sum(leaf.data.nbytes for leaf in leaves))
+                    msg["lease"], s.retention, sum(leaf.nbytes for leaf in leaves))
         self.tasks[task.seq] = task
         if copies:  # registered path: the copy stage copies while the trainer runs on
             self.pipeline.copy(task, copies)

@@ -64,7 +64,7 @@ def chunk_slices(leaf: TensorLeaf, chunk_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of a tensor's chunks: whole elements, at most ``chunk_bytes`` each."""
     size = dtypes.itemsize(leaf.dtype)
     step = max(size, chunk_bytes - chunk_bytes % size)
-    n = leaf.data.nbytes
+    n = leaf.nbytes
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
@@ -101,7 +101,7 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
     window: collections.deque[tuple[Any, Future]] = collections.deque()
     try:
         for leaf in leaves:
-            rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.data.nbytes)
+            rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.nbytes)
             size = dtypes.itemsize(leaf.dtype)
             for a, b in chunk_slices(leaf, chunk_bytes):
                 window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec)))
