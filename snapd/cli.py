@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,27 @@ from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader
 
 log = logging.getLogger(__name__)
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd, stderr goes to journald: a ``<N>`` syslog prefix keeps each line's level."""
+
+    LEVELS = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = self.LEVELS.get(record.levelno, 6)
+        return "\n".join(f"<{level}>{line}" for line in super().format(record).splitlines())
+
+
+def configure_logging(verbose: bool, default_level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # journald adds the time itself
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else default_level)
 
 
 class UsageError(Exception):
@@ -149,7 +171,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
              "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
              "backend": args.backend}
-    return serve(DaemonConfig.from_sources(flags))
+    config = DaemonConfig.from_sources(flags, config_file=args.config)
+    if args.check_config:
+        print(config.to_toml())
+        return 0
+    return serve(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -193,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keys", action="append", help="only tensors under this key prefix (repeatable)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="run the snapshot daemon in the foreground")
+    s.add_argument("--config", help="TOML config file (default /etc/snapd-ckpt/snapd.toml if it exists)")
+    s.add_argument("--check-config", action="store_true",
+                   help="print the effective configuration and exit (non-zero on any invalid value)")
     s.add_argument("--root", help="snapshot root directory (env SNAPD_ROOT)")
     s.add_argument("--endpoint", help="ipc://PATH to listen on (env SNAPD_ENDPOINT)")
     s.add_argument("--host-buffer-bytes", type=int, help="size of each host buffer")
@@ -222,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        quiet = logging.INFO if args.command == "serve" else logging.WARNING
-        logging.basicConfig(level=logging.DEBUG if args.verbose else quiet,
-                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        configure_logging(args.verbose, logging.INFO if args.command == "serve" else logging.WARNING)
         return args.fn(args)
     except UsageError as e:
         print(f"snapd: error: {e}", file=sys.stderr)

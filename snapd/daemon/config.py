@@ -1,8 +1,9 @@
 """The daemon's settings: one frozen dataclass, validated on construction.
 
-Only ``from_sources`` reads the environment (``SNAPD_*``); precedence is
-defaults < environment < command-line flags. Tests build a DaemonConfig
-directly.
+Only ``from_sources`` reads the environment and the config file; precedence
+is defaults < file (``/etc/snapd-ckpt/snapd.toml``, or ``--config``) <
+``SNAPD_<FIELD>`` environment < command-line flags. Tests build a
+DaemonConfig directly.
 """
 
 from __future__ import annotations
@@ -61,10 +62,16 @@ class DaemonConfig:
             raise InvalidArgument(f"exit_when_idle_s must be > 0, got {self.exit_when_idle_s}")
 
     @classmethod
-    def from_sources(cls, flags: dict[str, Any], env: dict[str, str] | None = None) -> DaemonConfig:
-        """Defaults < ``SNAPD_<FIELD>`` environment variables < flags (None = not given)."""
+    def from_sources(cls, flags: dict[str, Any], env: dict[str, str] | None = None,
+                     config_file: str | os.PathLike | None = None) -> DaemonConfig:
+        """Defaults < config file < ``SNAPD_<FIELD>`` environment < flags (None = not given)."""
         env = dict(os.environ) if env is None else env
         values: dict[str, Any] = {}
+        path = config_file or env.get("SNAPD_CONFIG")
+        if path is None and DEFAULT_CONFIG_FILE.exists():
+            path = DEFAULT_CONFIG_FILE
+        if path is not None:
+            values.update(read_config_file(Path(path)))
         for f in fields(cls):
             raw = env.get(f"SNAPD_{f.name.upper()}")
             if raw is not None:
@@ -76,6 +83,50 @@ class DaemonConfig:
         values["root"] = Path(values["root"])
         values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
         return cls(**values)
+
+    def to_toml(self) -> str:
+        """The effective configuration, as a config file would say it."""
+        lines = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                lines.append(f"# {f.name} is unset")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                lines.append(f"{f.name} = {v}")
+            else:
+                lines.append(f'{f.name} = "{v}"')
+        return "\n".join(lines)
+
+
+DEFAULT_CONFIG_FILE = Path("/etc/snapd-ckpt/snapd.toml")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file, each checked against the field it sets."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"config file {path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"config file {path}: not valid TOML: {e}") from None
+    known = {f.name: str(f.type) for f in fields(DaemonConfig)}
+    for key, value in data.items():
+        if key not in known:
+            raise InvalidArgument(f"config file {path}: unknown setting {key!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+        t = known[key]
+        ok = not isinstance(value, bool) and (
+            ("int" in t and isinstance(value, int)) or ("float" in t and isinstance(value, (int, float)))
+            or (("str" in t or "Path" in t) and isinstance(value, str)))
+        if not ok:
+            raise InvalidArgument(f"config file {path}: {key} = {value!r} has the wrong type (expected {t})")
+    return data
 
 
 def _convert(name: str, raw: str, typ: Any) -> Any:

@@ -77,6 +77,9 @@ def serve(config: DaemonConfig) -> int:
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    from snapd.daemon.notify import Notifier
+
+    notifier = Notifier.from_environment()
     server = Server(config)
     server.backend = why
     try:
@@ -84,9 +87,11 @@ def serve(config: DaemonConfig) -> int:
         log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,
                  config.root, config.host_buffers, config.host_buffer_bytes >> 20, os.getpid())
         print(f"snapd: ready on {config.endpoint}", file=sys.stderr, flush=True)
-        return server.run(lambda: stop["signal"] is not None)
+        notifier.ready(server.status_line())  # socket bound, root writable
+        return server.run(lambda: stop["signal"] is not None, notifier)
     finally:
         server.close()
+        notifier.close()
         for s, h in old.items():
             signal.signal(s, h)
         socket_path(config.endpoint).unlink(missing_ok=True)

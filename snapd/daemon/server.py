@@ -61,8 +61,15 @@ class Server:
         self.sock.bind(self.config.endpoint)
         self.pipeline.start()
 
-    def run(self, should_stop: Any) -> int:
-        """Serve until ``should_stop()`` is true, then drain; return the exit status."""
+    def run(self, should_stop: Any, notifier: Any = None) -> int:
+        """Serve until ``should_stop()`` is true, then drain; return the exit status.
+
+        ``notifier`` (snapd.daemon.notify) is fed from this loop: the watchdog
+        only hears from us while the loop turns.
+        """
+        from snapd.daemon.notify import Notifier
+
+        notifier = notifier or Notifier(None)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
@@ -80,11 +87,14 @@ class Server:
                     else:
                         self._finish(event)
             now = time.monotonic()
+            notifier.tick()
             if now >= next_check:
                 self._reap_dead_clients()
                 next_check = now + self.config.client_check_interval_s
+                notifier.status(self.status_line())
             if should_stop() and not self.stopping:
                 self._begin_drain()
+                notifier.stopping(self.config.drain_timeout_s)
                 drain_deadline = now + self.config.drain_timeout_s
             if self.stopping:
                 if not self.tasks:
@@ -307,6 +317,12 @@ class Server:
                         pass
             except PermissionError:
                 pass
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by systemctl status)."""
+        c = self.counters
+        return (f"{len(self.sessions)} clients, {len(self.tasks)} snapshots in flight, "
+                f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed")
 
     def status(self) -> dict[str, Any]:
         by_state = collections.Counter(t.state for t in self.tasks.values())

@@ -33,14 +33,14 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, *extra: str, name: str = "d", root: Path | None = None,
-                 endpoint: str | None = None) -> Daemon:
+                 endpoint: str | None = None, env: dict | None = None) -> Daemon:
     root = root or tmp / "root"
     endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
     log = tmp / f"{name}.log"
     args = [sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint", endpoint,
             "--host-buffer-bytes", str(32 << 20), *extra]
     with open(log, "ab") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=f, cwd="/")
+        proc = subprocess.Popen(args, stdout=f, stderr=f, cwd="/", env={**os.environ, **(env or {})})
     d = Daemon(proc, endpoint, root, log, args)
     wait_ready(d)
     return d
