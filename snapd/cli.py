@@ -170,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"root": args.root, "endpoint": args.endpoint, "host_buffer_bytes": args.host_buffer_bytes,
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
              "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
-             "backend": args.backend}
+             "backend": args.backend, "metrics_addr": args.metrics_addr}
     config = DaemonConfig.from_sources(flags, config_file=args.config)
     if args.check_config:
         print(config.to_toml())
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")
     s.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM may take to persist what is held")
     s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
+    s.add_argument("--metrics-addr", help="serve Prometheus metrics on IP:PORT (off by default; e.g. 127.0.0.1:9464)")
     s.add_argument("--backend", choices=("auto", "cuda", "cpu"), help="kernels (env SNAPD_BACKEND; default auto)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")

@@ -40,6 +40,7 @@ class DaemonConfig:
     exit_when_idle_s: float | None = None
     shm_dir: Path = Path("/dev/shm")
     client_check_interval_s: float = 2.0
+    metrics_addr: str | None = None  # IP:PORT for Prometheus; off by default
     backend: str = "auto"  # kernels: auto (CUDA when CuPy and a device are present) | cuda | cpu
 
     def __post_init__(self) -> None:
@@ -54,6 +55,10 @@ class DaemonConfig:
             raise InvalidArgument(f"chunk_bytes must be 64 KiB..64 MiB and a multiple of 16, got {self.chunk_bytes}")
         if self.codec != "auto" and self.codec not in CODECS:
             raise InvalidArgument(f"codec must be auto or one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.metrics_addr is not None:
+            from snapd.daemon.metrics import parse_addr
+
+            parse_addr(self.metrics_addr)
         if self.backend not in ("auto", "cuda", "cpu"):
             raise InvalidArgument(f"backend must be auto, cuda or cpu, got {self.backend!r}")
         if self.drain_timeout_s <= 0:

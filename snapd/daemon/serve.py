@@ -84,6 +84,9 @@ def serve(config: DaemonConfig) -> int:
     server.backend = why
     try:
         server.bind()
+        server._buffer_gauges()
+        if config.metrics_addr:
+            server.metrics.serve(config.metrics_addr)
         log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,
                  config.root, config.host_buffers, config.host_buffer_bytes >> 20, os.getpid())
         print(f"snapd: ready on {config.endpoint}", file=sys.stderr, flush=True)

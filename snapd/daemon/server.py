@@ -20,6 +20,7 @@ import zmq
 from snapd import __version__, protocol
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
 from snapd.daemon.sessions import Session, Waiter, open_region
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
@@ -54,6 +55,8 @@ class Server:
         self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
         self.last_error = ""
         self.backend = "cpu"
+        self.metrics = Metrics()
+        self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
         self.idle_since = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
@@ -83,6 +86,7 @@ class Server:
                     event = json.loads(self.events.recv())
                     if event["event"] == "copied":
                         task = self.tasks[event["seq"]]
+                        self.metrics.stall.observe(time.monotonic() - self._asked.pop(task.lease, time.monotonic()))
                         self._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
                     else:
                         self._finish(event)
@@ -167,6 +171,7 @@ class Server:
         retention = Retention(keep_last=msg.get("keep_last"), keep_every_steps=msg.get("keep_every_steps"),
                               best=tuple(msg["best"]) if msg.get("best") else None)
         self.sessions[peer] = Session(peer, job, msg["pid"], retention, msg["on_busy"])
+        self.metrics.clients.set(len(self.sessions))
         log.info("client pid %d connected for job %s", msg["pid"], job)
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), job_dir=str(JobDir(self.config.root, job).path),
@@ -184,6 +189,7 @@ class Server:
             return self._grant(s, buf, msg["id"])
         if s.on_busy == "skip" and not msg["emergency"]:
             self.counters["skipped"] += 1
+            self.metrics.snapshots.labels("skipped").inc()
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
         w = Waiter(peer, msg["id"], msg["emergency"], time.monotonic())
         if msg["emergency"]:
@@ -195,6 +201,8 @@ class Server:
     def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
         buf.lease = next(self._leases)
         s.leases.add(buf.lease)
+        self._asked[buf.lease] = time.monotonic() - waited_s
+        self._buffer_gauges()
         return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, waited_s=waited_s)
 
     def _on_release(self, peer: bytes, msg: dict) -> bytes:
@@ -249,6 +257,7 @@ class Server:
         if copies:  # registered path: the copy stage copies while the trainer runs on
             self.pipeline.copy(task, copies)
             return protocol.reply("received", msg["id"], step=msg["step"])
+        self.metrics.stall.observe(time.monotonic() - self._asked.pop(task.lease, time.monotonic()))
         task.advance(COPIED)  # plain path: the client copied the bytes before sending this
         self.pipeline.submit(task)
         return protocol.reply("copied", msg["id"], step=msg["step"])
@@ -263,6 +272,7 @@ class Server:
         s = self.sessions.pop(peer, None)
         if s:
             self._release_all(s)
+        self.metrics.clients.set(len(self.sessions))
         return protocol.reply("bye", msg["id"])
 
     # -- leases and endings --------------------------------------------------------
@@ -270,9 +280,11 @@ class Server:
         if s is not None:
             s.leases.discard(lease)
         buf = self.pool.by_lease(lease)
+        self._asked.pop(lease, None)
         if buf is None:
             return
         buf.lease = None
+        self._buffer_gauges()
         while self.waiters and not self.stopping:
             w = self.waiters.popleft()
             ws = self.sessions.get(w.peer)
@@ -293,11 +305,13 @@ class Server:
             self.counters["persisted"] += 1
             self.counters["bytes_raw"] += task.raw_bytes
             self.counters["bytes_stored"] += event["stored_bytes"]
+            self.metrics.persisted(task.raw_bytes, event["stored_bytes"], event["seconds"])
             reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
                                    codec=event["codec"], stored_bytes=event["stored_bytes"],
                                    raw_bytes=task.raw_bytes, seconds=event["seconds"])
         else:
             self.counters["failed"] += 1
+            self.metrics.snapshots.labels("failed").inc()
             self.last_error = f"{task.job} step {task.step}: {event['message']}"
             reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
         self._send(task.peer, reply)
@@ -310,6 +324,7 @@ class Server:
                 log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
                 del self.sessions[s.peer]
                 self._release_all(s)
+                self.metrics.clients.set(len(self.sessions))
                 for region in s.regions.values():  # copies in flight keep their mapping
                     try:
                         os.unlink(region.path)
@@ -317,6 +332,11 @@ class Server:
                         pass
             except PermissionError:
                 pass
+
+    def _buffer_gauges(self) -> None:
+        busy = sum(b.lease is not None for b in self.pool.buffers)
+        self.metrics.buffers(busy, len(self.pool.buffers) - busy, self.config.host_buffer_bytes)
+        self.metrics.clients.set(len(self.sessions))
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (shown by systemctl status)."""
@@ -328,7 +348,7 @@ class Server:
         by_state = collections.Counter(t.state for t in self.tasks.values())
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
                 "endpoint": self.config.endpoint, "root": str(self.config.root), "stopping": self.stopping,
-                "backend": self.backend,
+                "backend": self.backend, "metrics": self.metrics.url,
                 "clients": [{"pid": s.pid, "job": s.job} for s in self.sessions.values()],
                 "in_flight": dict(by_state), "waiting_for_buffer": len(self.waiters),
                 "buffers": {"count": len(self.pool.buffers), "bytes_each": self.config.host_buffer_bytes,

@@ -1,0 +1,75 @@
+"""Prometheus metrics (``snapd serve --metrics-addr 127.0.0.1:PORT``), base units, ``snapd_`` prefix.
+
+A private registry, not prometheus_client's global one. The server thread
+updates the metrics; prometheus_client's own thread serves them over HTTP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from snapd import __version__
+from snapd.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+# up to 30 minutes: a multi-TB snapshot on a slow filesystem takes that long
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+                    1200, 1800)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        port_n = int(port)
+    except ValueError:
+        raise InvalidArgument(f"metrics_addr {addr!r} must be IP:PORT, e.g. 127.0.0.1:9464") from None
+    if not sep or not 0 <= port_n <= 65535:
+        raise InvalidArgument(f"metrics_addr {addr!r}: port must be 0..65535")
+    return host, port_n
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.snapshots = Counter("snapd_snapshots", "Snapshots by result", ["result"], registry=r)
+        self.raw_bytes = Counter("snapd_snapshot_raw_bytes", "Tensor bytes handed to the daemon", registry=r)
+        self.stored_bytes = Counter("snapd_snapshot_stored_bytes", "Bytes written to disk", registry=r)
+        self.stall = Histogram("snapd_stall_seconds", "From a client's buffer request to the daemon holding "
+                               "its bytes (the trainer's wait plus its copy)", buckets=DURATION_BUCKETS, registry=r)
+        self.persist = Histogram("snapd_persist_seconds", "From receiving a snapshot to its commit on disk",
+                                 buckets=DURATION_BUCKETS, registry=r)
+        self.buffer_bytes = Gauge("snapd_buffer_bytes", "Host buffer bytes by state", ["state"], registry=r)
+        self.clients = Gauge("snapd_clients", "Connected clients", registry=r)
+        self.last_success = Gauge("snapd_last_success_timestamp_seconds", "Unix time of the last persisted "
+                                  "snapshot", registry=r)
+        Info("snapd_build", "snapd build information", registry=r).info({"version": __version__})
+        for result in ("persisted", "failed", "skipped"):
+            self.snapshots.labels(result)  # export zeros from the start
+        self.url = ""
+
+    def serve(self, addr: str) -> str:
+        host, port = parse_addr(addr)
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("metrics served on %s, beyond this node's loopback", host)
+        server, _thread = start_http_server(port, host, registry=self.registry)
+        self.url = f"http://{addr.rpartition(':')[0]}:{server.server_port}/metrics"
+        log.info("metrics at %s", self.url)
+        return self.url
+
+    def persisted(self, raw: int, stored: int, seconds: float) -> None:
+        self.snapshots.labels("persisted").inc()
+        self.raw_bytes.inc(raw)
+        self.stored_bytes.inc(stored)
+        self.persist.observe(seconds)
+        self.last_success.set(time.time())
+
+    def buffers(self, busy: int, free: int, size: int) -> None:
+        self.buffer_bytes.labels("busy").set(busy * size)
+        self.buffer_bytes.labels("free").set(free * size)

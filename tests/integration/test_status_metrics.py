@@ -1,0 +1,53 @@
+"""`snapd status --json` (a stable, documented schema) and the Prometheus endpoint over HTTP."""
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+
+import snapd.client as snapd
+
+STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "clients",
+               "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error"}
+
+
+def test_status_json_schema(daemon) -> None:
+    with snapd.connect("st", endpoint=daemon.endpoint, spawn=False) as c:
+        c.snapshot({"w": np.ones(1000, np.float32)}, step=1).wait(30)
+        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint, "--json"],
+                             capture_output=True, text=True, timeout=30, cwd="/")
+        assert out.returncode == 0, out.stderr
+        st = json.loads(out.stdout)
+        assert set(st) == STATUS_KEYS
+        assert st["clients"] == [{"pid": c._hello["pid"], "job": "st"}]
+        assert set(st["buffers"]) == {"count", "bytes_each", "busy"} and st["buffers"]["count"] == 2
+        assert set(st["counters"]) == {"persisted", "failed", "skipped", "bytes_raw", "bytes_stored"}
+        assert st["counters"]["persisted"] == 1 and st["counters"]["bytes_raw"] == 4000
+        assert st["codecs"]["st"]["codec"] in ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
+        human = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
+                               capture_output=True, text=True, timeout=30, cwd="/")
+        assert human.returncode == 0 and "persisted 1" in human.stdout and "st" in human.stdout
+    gone = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", "ipc:///nonexistent/x.sock",
+                           "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30, cwd="/")
+    assert gone.returncode == 2 and "no daemon answered" in gone.stderr
+
+
+def test_metrics_endpoint_scraped_over_http(start) -> None:
+    d = start("--metrics-addr", "127.0.0.1:0")
+    with snapd.connect("m", endpoint=d.endpoint, spawn=False) as c:
+        c.snapshot({"w": np.ones(1 << 16, np.float32)}, step=1).wait(30)
+        url = c.status()["metrics"]
+    assert url.startswith("http://127.0.0.1:")
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['snapd_snapshots_total{result="persisted"}'] == 1
+    assert samples['snapd_snapshots_total{result="failed"}'] == 0
+    assert samples["snapd_snapshot_raw_bytes_total"] == 1 << 18
+    assert samples["snapd_persist_seconds_count"] == 1 and samples["snapd_stall_seconds_count"] == 1
+    assert 'snapd_persist_seconds_bucket{le="1800.0"}' in samples
+    assert samples['snapd_buffer_bytes{state="free"}'] == 2 * (32 << 20)
+    assert samples["snapd_last_success_timestamp_seconds"] > 1.7e9
+    assert any(k.startswith("snapd_build_info{") for k in samples)
