@@ -8,13 +8,16 @@ whoever waits pumps the socket.
 
 ZeroMQ's connect never fails and messages to a missing peer just queue, so
 liveness is checked the only way that works: a ping that must be answered
-within the timeout.
+within the timeout. A daemon that refuses this uid does so in the handshake
+(snapd.daemon.access), which only a socket monitor sees: it becomes a
+PermissionDenied instead of a silent timeout.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import zmq
 
 from snapd import protocol
-from snapd.errors import DaemonUnavailable, SnapshotError, error_from_code
+from snapd.errors import DaemonUnavailable, PermissionDenied, SnapshotError, error_from_code
 from snapd.paths import default_endpoint
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class Connection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._sock.connect(endpoint)
         self._ids = iter(range(1, 2**62))
         self._replies: dict[int, collections.deque[dict]] = collections.defaultdict(collections.deque)
@@ -68,6 +72,7 @@ class Connection:
         """Receive what has arrived (waiting up to ``timeout_s``); True if anything did."""
         with self._lock:
             if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                self._check_refused()
                 return False
             while True:
                 try:
@@ -77,6 +82,18 @@ class Connection:
                 msg = protocol.decode_reply(frame)
                 if msg.get("id") is not None:
                     self._replies[msg["id"]].append(msg)
+
+    def _check_refused(self) -> None:
+        if self._monitor is None or not self._monitor.poll(0):
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(self._monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise PermissionDenied(
+                f"the daemon at {self.endpoint} refused this process (uid {os.geteuid()}, gid {os.getegid()}): "
+                "its config does not allow this user (allowed_users, allowed_groups, socket_group); ask the "
+                "node's operator, or run a daemon of your own on another endpoint")
 
     def take(self, req_id: int) -> dict | None:
         """The next reply to ``req_id`` if one has arrived (pumps without waiting)."""
@@ -138,6 +155,8 @@ class Connection:
         with self._lock:
             if not self.closed:
                 self.closed = True
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
                 self._sock.close(linger=0)
 
 

@@ -43,24 +43,28 @@ class Client:
         self.job = job
         self._conn = conn
         self._hello = hello
-        self.root = Path(welcome["root"])
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
-        self._buffers = {b["index"]: b for b in welcome["buffers"]}
+        # the daemon's root, or this user's directory in it when the daemon serves several users
+        self.root = Path(welcome.get("jobs_root", welcome["root"]))
+        self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
+        self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._conn.daemon_pid = welcome["daemon_pid"]
         self._regions: list = []  # registered shared regions (client.share)
         self._uncopied: list[Pending] = []  # registered-path snapshots the daemon is still copying
 
-    def _buffer(self, index: int) -> np.ndarray:
-        if index not in self._maps:
-            b = self._buffers[index]
-            fd = os.open(b["path"], os.O_RDWR)
+    def _buffer(self, path: str, nbytes: int) -> np.ndarray:
+        """The mapping of a host buffer. The daemon replaces a buffer's file when it passes
+        between users, so mappings are kept by path; one to a replaced file is dropped."""
+        if path not in self._maps:
+            for stale in [p for p in self._maps if not os.path.exists(p)]:
+                self._maps.pop(stale)
+            fd = os.open(path, os.O_RDWR)
             try:
-                mm = mmap.mmap(fd, b["bytes"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
-            self._maps[index] = (mm, np.frombuffer(mm, dtype=np.uint8))
-        return self._maps[index][1]
+            self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8))
+        return self._maps[path][1]
 
     def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
@@ -84,7 +88,8 @@ class Client:
             log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
         try:
             plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None]
-            self._copy(self._buffer(granted["buffer"]), [p[0] for p in plain], [p[1] for p in plain])
+            self._copy(self._buffer(granted["path"], granted["bytes"]), [p[0] for p in plain],
+                       [p[1] for p in plain])
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
@@ -118,6 +123,7 @@ class Client:
 
         region = share(objects)
         try:
+            region.allow(self._daemon_uid)
             region.id = self._conn.call("register", path=str(region.path), bytes=region.size)["region"]
         except BaseException:
             region.close()

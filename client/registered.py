@@ -45,6 +45,19 @@ class SharedRegion:
         self.used = 0
         self.id: int | None = None  # the daemon's id for it, once registered
 
+    def allow(self, uid: int) -> None:
+        """Let the daemon's uid read this region (nothing to do when it is ours or root)."""
+        if uid in (os.geteuid(), 0):
+            return
+        from snapd import posix_acl
+        from snapd.errors import PermissionDenied
+
+        try:
+            posix_acl.grant(self.path, {uid: posix_acl.R})
+        except OSError as e:
+            raise PermissionDenied(f"cannot let the daemon (uid {uid}) read {self.path}: {e.strerror}; "
+                                   "snapshot without share() instead") from None
+
     def slot(self, nbytes: int) -> tuple[int, np.ndarray]:
         self.used += -self.used % ALIGN
         off = self.used

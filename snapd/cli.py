@@ -170,10 +170,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"root": args.root, "endpoint": args.endpoint, "host_buffer_bytes": args.host_buffer_bytes,
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
              "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
-             "backend": args.backend, "metrics_addr": args.metrics_addr}
+             "backend": args.backend, "metrics_addr": args.metrics_addr,
+             "allowed_users": tuple(args.allowed_users.split(",")) if args.allowed_users else None,
+             "socket_group": args.socket_group, "user_dirs": args.user_dirs}
     config = DaemonConfig.from_sources(flags, config_file=args.config)
     if args.check_config:
+        from snapd.daemon.access import AccessPolicy
+
+        access = AccessPolicy(config)  # user and group names must exist here
         print(config.to_toml())
+        print(f"# resolved: uids {sorted(access.uids)}, gids {sorted(access.gids)}, socket gid "
+              f"{access.socket_gid}, per-user directories {'on' if access.user_dirs else 'off'}")
         return 0
     return serve(config)
 
@@ -191,8 +198,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{human_bytes(st['buffers']['bytes_each'])}; waiting {st['waiting_for_buffer']}")
     print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
           f"stored), failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}")
-    rows = [[cl["job"], str(cl["pid"]), st["codecs"].get(cl["job"], {}).get("codec", "-")] for cl in st["clients"]]
-    print(table(rows, ["JOB", "PID", "CODEC"]))
+    rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
+             st["codecs"].get(cl["job"], {}).get("codec", "-")] for cl in st["clients"]]
+    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC"]))
     if st["last_error"]:
         print(f"last error: {st['last_error']}")
     return 0
@@ -232,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
     s.add_argument("--metrics-addr", help="serve Prometheus metrics on IP:PORT (off by default; e.g. 127.0.0.1:9464)")
     s.add_argument("--backend", choices=("auto", "cuda", "cpu"), help="kernels (env SNAPD_BACKEND; default auto)")
+    s.add_argument("--socket-group", help="group that may reach the socket (default snapd-ckpt if it exists)")
+    s.add_argument("--allowed-users", help="comma-separated users (names or uids) allowed besides the daemon's own")
+    s.add_argument("--user-dirs", choices=("auto", "on", "off"), help="snapshots under <root>/<user>/<job>")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
     s.add_argument("--endpoint")

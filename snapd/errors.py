@@ -109,6 +109,18 @@ class ShuttingDown(SnapdError):
     code = "shutting_down"
 
 
+class PermissionDenied(SnapdError, PermissionError):
+    """The daemon refuses this uid, or a per-client limit forbids the request."""
+
+    code = "permission_denied"
+
+
+class LimitExceeded(SnapdError):
+    """A request exceeds a per-client limit of the daemon's config (names the limit)."""
+
+    code = "limit"
+
+
 class SnapshotError(SnapdError):
     """A snapshot failed in the daemon; ``code`` and ``stage`` say where."""
 
@@ -131,7 +143,8 @@ def register(cls: type[SnapdError]) -> type[SnapdError]:
 
 for _cls in (SnapdError, FormatError, ChecksumError, VersionError, SnapshotNotFound,
              KeySelectionError, MismatchError, UnsupportedValueError, InvalidArgument,
-             FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, SnapshotError):
+             FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, PermissionDenied, LimitExceeded,
+             SnapshotError):
     register(_cls)
 
 

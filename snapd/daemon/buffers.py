@@ -5,6 +5,12 @@ tensor has exhausted file descriptors in other tools), created 0600, sized
 once and touched once at start (first touch of shared memory runs at
 ~1.3 GB/s here, an already touched buffer at ~8.5 GB/s). A buffer is leased
 to one snapshot at a time: from ``acquire`` until its bytes are persisted.
+
+A buffer serves one uid at a time. A client keeps its mapping after its
+lease ends, so handing the same pages to another user would let the first
+read the second's tensors: a buffer granted to a different uid is first
+replaced by a fresh file (fresh pages) that only the new uid may open (a
+POSIX ACL). The new pages are first touched by that client's copy.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from snapd import posix_acl
+
 log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
@@ -34,6 +42,7 @@ class HostBuffer:
     mm: mmap.mmap
     view: np.ndarray  # uint8 over the whole mapping
     lease: int | None = None  # the lease holding it, None when free
+    uid: int = -1  # the only client uid that may map it (-1: the daemon's own)
 
 
 class BufferPool:
@@ -45,23 +54,48 @@ class BufferPool:
         if st.f_bavail * st.f_frsize < count * size:  # else the first touch past the end is a SIGBUS
             raise OSError(f"{count} host buffers of {size} bytes need {count * size} bytes, but {shm_dir} has "
                           f"{st.f_bavail * st.f_frsize} free: lower host_buffer_bytes")
-        token = secrets.token_hex(4)
+        self.shm_dir = shm_dir
         self.buffers: list[HostBuffer] = []
         self._touched = threading.Event()
         try:
             for i in range(count):
-                path = shm_dir / f"snapd-{os.getpid()}-{token}-{i}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.ftruncate(fd, size)
-                    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                finally:
-                    os.close(fd)
-                self.buffers.append(HostBuffer(i, path, size, mm, np.frombuffer(mm, dtype=np.uint8)))
+                self.buffers.append(self._create(i, size, None))
         except BaseException:
             self.close()
             raise
         threading.Thread(target=self._touch, name="snapd-prefault", daemon=True).start()
+
+    def _create(self, index: int, size: int, uid: int | None) -> HostBuffer:
+        path = self.shm_dir / f"snapd-{os.getpid()}-{secrets.token_hex(4)}-{index}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if uid is not None and uid not in (os.geteuid(), 0):
+                posix_acl.grant(fd, {uid: posix_acl.R | posix_acl.W})
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return HostBuffer(index, path, size, mm, np.frombuffer(mm, dtype=np.uint8),
+                          uid=-1 if uid is None else uid)
+
+    def for_uid(self, buf: HostBuffer, uid: int) -> HostBuffer:
+        """``buf`` if it already serves ``uid``, else a fresh replacement that only ``uid`` may open.
+
+        Raises OSError when the replacement cannot be made (no ACL support in
+        the shm filesystem, or no memory left there).
+        """
+        own = os.geteuid()
+        if buf.uid == uid or (buf.uid == -1 and uid == own):
+            return buf
+        new = self._create(buf.index, buf.size, uid)
+        self.buffers[buf.index] = new
+        _discard(buf)
+        log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
+                 buf.index, uid)
+        return new
 
     def _touch(self) -> None:
         """Fault every page in once, off the serving thread (NumPy releases the GIL)."""
@@ -85,13 +119,17 @@ class BufferPool:
 
     def close(self) -> None:
         for b in self.buffers:
-            b.path.unlink(missing_ok=True)
-            del b.view
-            try:
-                b.mm.close()
-            except BufferError:  # a view is still exported; the unlink already freed the name
-                pass
+            _discard(b)
         self.buffers = []
+
+
+def _discard(b: HostBuffer) -> None:
+    b.path.unlink(missing_ok=True)
+    b.view = np.empty(0, np.uint8)
+    try:
+        b.mm.close()
+    except BufferError:  # a view is still exported; the pages go when it does
+        pass
 
 
 def remove_stale(shm_dir: Path) -> None:

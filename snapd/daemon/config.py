@@ -8,6 +8,7 @@ DaemonConfig directly.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +43,14 @@ class DaemonConfig:
     client_check_interval_s: float = 2.0
     metrics_addr: str | None = None  # IP:PORT for Prometheus; off by default
     backend: str = "auto"  # kernels: auto (CUDA when CuPy and a device are present) | cuda | cpu
+    # who may connect (snapd.daemon.access): the socket's group, and the users and
+    # groups allowed besides the daemon's own uid and root
+    socket_group: str = "snapd-ckpt"  # "" = the daemon's uid only; this default is dropped if no such group
+    allowed_users: tuple[str, ...] = ()  # names or numeric uids
+    allowed_groups: tuple[str, ...] | None = None  # names or gids; None = the socket group
+    user_dirs: str = "auto"  # <root>/<user>/<job>: on | off | auto (on when other uids may connect)
+    client_buffer_bytes: int | None = None  # host-buffer bytes one client may hold at once (whole buffers)
+    client_max_in_flight: int | None = None  # snapshots one client may have between acquire and persisted
 
     def __post_init__(self) -> None:
         socket_path(self.endpoint)
@@ -61,6 +70,17 @@ class DaemonConfig:
             parse_addr(self.metrics_addr)
         if self.backend not in ("auto", "cuda", "cpu"):
             raise InvalidArgument(f"backend must be auto, cuda or cpu, got {self.backend!r}")
+        if self.user_dirs not in ("auto", "on", "off"):
+            raise InvalidArgument(f"user_dirs must be auto, on or off, got {self.user_dirs!r}")
+        for name in ("allowed_users", "allowed_groups"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, tuple) or not all(isinstance(x, str) and x for x in v)):
+                raise InvalidArgument(f"{name} must be a list of names or numeric ids, got {v!r}")
+        if self.client_buffer_bytes is not None and self.client_buffer_bytes < self.host_buffer_bytes:
+            raise InvalidArgument(f"client_buffer_bytes ({self.client_buffer_bytes}) is less than one host buffer "
+                                  f"({self.host_buffer_bytes}): no client could snapshot")
+        if self.client_max_in_flight is not None and self.client_max_in_flight < 1:
+            raise InvalidArgument(f"client_max_in_flight must be >= 1, got {self.client_max_in_flight}")
         if self.drain_timeout_s <= 0:
             raise InvalidArgument(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:
@@ -87,6 +107,9 @@ class DaemonConfig:
         values.setdefault("host_buffer_bytes", default_host_buffer_bytes())
         values["root"] = Path(values["root"])
         values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
+        for name in ("allowed_users", "allowed_groups"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(str(x) for x in values[name])
         return cls(**values)
 
     def to_toml(self) -> str:
@@ -96,6 +119,8 @@ class DaemonConfig:
             v = getattr(self, f.name)
             if v is None:
                 lines.append(f"# {f.name} is unset")
+            elif isinstance(v, tuple):
+                lines.append(f"{f.name} = {json.dumps(list(v))}")  # a JSON string array is TOML too
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 lines.append(f"{f.name} = {v}")
             else:
@@ -127,6 +152,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
                                   f"(known: {', '.join(sorted(known))})")
         t = known[key]
         ok = not isinstance(value, bool) and (
+            ("tuple" in t and isinstance(value, list) and all(isinstance(x, (str, int)) for x in value)) or
             ("int" in t and isinstance(value, int)) or ("float" in t and isinstance(value, (int, float)))
             or (("str" in t or "Path" in t) and isinstance(value, str)))
         if not ok:
@@ -136,6 +162,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def _convert(name: str, raw: str, typ: Any) -> Any:
     t = str(typ)
+    if "tuple" in t:
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
     try:
         if "int" in t:
             return int(raw)

@@ -19,9 +19,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import zmq
 
 from snapd.daemon.codec_choice import Choice, choose, measure_disk
@@ -56,6 +58,7 @@ class Task:
     lease: int
     retention: Retention
     raw_bytes: int
+    root: Path  # where this client's jobs live (the root, or the root's per-user directory)
     state: str = RECEIVED
     seq: int = field(default_factory=lambda: next(_seq))
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
@@ -167,7 +170,7 @@ class Pipeline:
         stage = "flush"
         writer = None
         try:
-            jobdir = JobDir(self.config.root, task.job)
+            jobdir = JobDir(task.root, task.job)
             jobdir.open_for_write()
             writer = SnapshotWriter(jobdir, task.step)
             stage = "encode"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from snapd.daemon.access import AccessPolicy
 from snapd.daemon.config import DaemonConfig
 from snapd.paths import socket_path
 from snapd.errors import InvalidArgument
@@ -28,11 +29,11 @@ class AlreadyServing(InvalidArgument):
     code = "already_serving"
 
 
-def take_endpoint(config: DaemonConfig) -> int:
+def take_endpoint(config: DaemonConfig, policy: AccessPolicy) -> int:
     """Lock the endpoint for this process; return the lock's fd (kept open while serving)."""
     sock = socket_path(config.endpoint)
     try:
-        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        policy.prepare_socket_dir(sock.parent)
     except OSError as e:
         raise InvalidArgument(f"cannot create the socket directory {sock.parent}: {e.strerror}") from None
     lock = Path(f"{sock}.lock")
@@ -54,6 +55,7 @@ def take_endpoint(config: DaemonConfig) -> int:
 def serve(config: DaemonConfig) -> int:
     from snapd.daemon.server import Server  # ZeroMQ is loaded only when serving
 
+    policy = AccessPolicy(config)
     try:
         config.root.mkdir(parents=True, exist_ok=True)
         probe = config.root / f".snapd-write-probe-{os.getpid()}"
@@ -68,7 +70,7 @@ def serve(config: DaemonConfig) -> int:
     except RuntimeError as e:
         raise InvalidArgument(str(e)) from None
     log.info("kernel backend %s", why)
-    lock_fd = take_endpoint(config)
+    lock_fd = take_endpoint(config, policy)
     stop = {"signal": None}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -80,7 +82,7 @@ def serve(config: DaemonConfig) -> int:
     from snapd.daemon.notify import Notifier
 
     notifier = Notifier.from_environment()
-    server = Server(config)
+    server = Server(config, policy=policy)
     server.backend = why
     try:
         server.bind()
@@ -89,6 +91,9 @@ def serve(config: DaemonConfig) -> int:
             server.metrics.serve(config.metrics_addr)
         log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,
                  config.root, config.host_buffers, config.host_buffer_bytes >> 20, os.getpid())
+        log.info("access: uids %s, gids %s, socket %s, per-user directories %s", sorted(policy.uids),
+                 sorted(policy.gids), f"group {policy.socket_gid}" if policy.socket_gid is not None
+                 else "owner only", "on" if policy.user_dirs else "off")
         print(f"snapd: ready on {config.endpoint}", file=sys.stderr, flush=True)
         notifier.ready(server.status_line())  # socket bound, root writable
         return server.run(lambda: stop["signal"] is not None, notifier)

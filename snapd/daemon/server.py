@@ -18,26 +18,30 @@ from typing import Any
 import zmq
 
 from snapd import __version__, protocol
+from snapd.daemon.access import AccessPolicy, Peer, ZapHandler
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
-from snapd.daemon.sessions import Session, Waiter, open_region
-from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
+from snapd.daemon.status import status_line, status_of
+from snapd.daemon.sessions import Session, Waiter, client_limit, open_region, place_tensors
+from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
 from snapd.format.manifest import _check_tree
 from snapd.format.saving import check_metrics
-from snapd.format.tree import TensorLeaf
 from snapd.format.writer import Retention
+from snapd.paths import socket_path
 
 log = logging.getLogger(__name__)
 
 
-
 class Server:
-    def __init__(self, config: DaemonConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, config: DaemonConfig, ctx: zmq.Context | None = None,
+                 policy: AccessPolicy | None = None) -> None:
         self.config = config
         self.ctx = ctx or zmq.Context.instance()
+        self.policy = policy or AccessPolicy(config)
+        self.zap: ZapHandler | None = None
         self.started = time.time()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
@@ -61,7 +65,10 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
+        self.zap = ZapHandler(self.ctx, self.policy)  # before bind: no peer may slip in unchecked
+        ZapHandler.protect(self.sock)
         self.sock.bind(self.config.endpoint)
+        self.policy.secure_socket(socket_path(self.config.endpoint))
         self.pipeline.start()
 
     def run(self, should_stop: Any, notifier: Any = None) -> int:
@@ -76,12 +83,16 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap.sock, zmq.POLLIN)
         next_check = 0.0
         drain_deadline = None
         while True:
             for s, _ in poller.poll(100):
                 if s is self.sock:
                     self._serve_one()
+                elif self.zap is not None and s is self.zap.sock:
+                    self.zap.handle()
                 else:
                     event = json.loads(self.events.recv())
                     if event["event"] == "copied":
@@ -115,6 +126,8 @@ class Server:
         self.pipeline.stop()
         self.sock.close(linger=500)
         self.events.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
         self.pool.close()
 
     def _begin_drain(self) -> None:
@@ -138,15 +151,18 @@ class Server:
             log.debug("reply to a gone peer dropped: %s", e)
 
     def _serve_one(self) -> None:
-        frames = self.sock.recv_multipart(copy=True)
-        peer, frame = frames[0], b"".join(frames[1:])
+        frames = self.sock.recv_multipart(copy=False)
+        peer, frame = frames[0].bytes, b"".join(f.bytes for f in frames[1:])
         req_id = None
         try:
             if len(frames) != 2:
                 raise ProtocolError(f"expected one frame per message, got {len(frames) - 1}", "malformed")
             msg = protocol.decode_request(frame)
             req_id = msg["id"]
-            reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
+            if msg["type"] == "hello":
+                reply = self._on_hello(peer, msg, Peer.from_address(frames[1].get("Peer-Address")))
+            else:
+                reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
             reply = protocol.error_reply(req_id, e.code, str(e))
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
@@ -161,7 +177,7 @@ class Server:
             raise ProtocolError("send hello before anything else on this connection", "out_of_order")
         return s
 
-    def _on_hello(self, peer: bytes, msg: dict) -> bytes:
+    def _on_hello(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
         job = check_job_name(msg["job"])
         if msg.get("root") is not None and os.path.realpath(msg["root"]) != os.path.realpath(self.config.root):
             raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}", "root_mismatch")
@@ -170,11 +186,19 @@ class Server:
             self._release_all(old)
         retention = Retention(keep_last=msg.get("keep_last"), keep_every_steps=msg.get("keep_every_steps"),
                               best=tuple(msg["best"]) if msg.get("best") else None)
-        self.sessions[peer] = Session(peer, job, msg["pid"], retention, msg["on_busy"])
+        if msg["pid"] != creds.pid:  # another pid namespace, or a client that lies: the kernel wins
+            log.info("client says pid %d, the kernel says %d: using %d", msg["pid"], creds.pid, creds.pid)
+        try:
+            jobs_root = self.policy.jobs_root(self.config.root, creds)
+        except OSError as e:
+            raise SnapdError(f"cannot create the directory for uid {creds.uid} under {self.config.root}: "
+                             f"{e.strerror}") from None
+        self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"])
         self.metrics.clients.set(len(self.sessions))
-        log.info("client pid %d connected for job %s", msg["pid"], job)
+        log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
-                              root=str(self.config.root), job_dir=str(JobDir(self.config.root, job).path),
+                              root=str(self.config.root), jobs_root=str(jobs_root),
+                              job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
                               buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES)
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
@@ -185,11 +209,14 @@ class Server:
             raise ProtocolError(f"a snapshot of {msg['nbytes']} bytes does not fit a host buffer of "
                                 f"{self.config.host_buffer_bytes} bytes: raise host_buffer_bytes", "too_large")
         buf = self.pool.free()
-        if buf is not None and not (self.waiters and not msg["emergency"]):
+        at_limit = self._at_limit(s)
+        if buf is not None and not at_limit and not (self._eligible_waiter() and not msg["emergency"]):
             return self._grant(s, buf, msg["id"])
         if s.on_busy == "skip" and not msg["emergency"]:
             self.counters["skipped"] += 1
             self.metrics.snapshots.labels("skipped").inc()
+            if at_limit:
+                raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
         w = Waiter(peer, msg["id"], msg["emergency"], time.monotonic())
         if msg["emergency"]:
@@ -198,12 +225,34 @@ class Server:
             self.waiters.append(w)
         return None  # granted later, when a buffer frees
 
+    def held(self, s: Session) -> int:
+        """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
+        return len(s.leases) + sum(t.peer == s.peer for t in self.tasks.values())
+
+    def _at_limit(self, s: Session) -> str:
+        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends."""
+        limit = client_limit(self.config)
+        return f"{limit[1]} = {limit[0]} buffer(s)" if limit and self.held(s) >= limit[0] else ""
+
+    def _eligible_waiter(self) -> Waiter | None:
+        """The first queued request whose client is under its limits (it gets the next free buffer)."""
+        for w in self.waiters:
+            ws = self.sessions.get(w.peer)
+            if ws is not None and not self._at_limit(ws):
+                return w
+        return None
+
     def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+        try:
+            buf = self.pool.for_uid(buf, s.uid)
+        except OSError as e:
+            raise LimitExceeded(f"cannot give a host buffer to uid {s.uid}: {e}") from None
         buf.lease = next(self._leases)
         s.leases.add(buf.lease)
         self._asked[buf.lease] = time.monotonic() - waited_s
         self._buffer_gauges()
-        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, waited_s=waited_s)
+        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
+                              bytes=buf.size, waited_s=waited_s)
 
     def _on_release(self, peer: bytes, msg: dict) -> bytes:
         s = self._session(peer)
@@ -215,7 +264,7 @@ class Server:
     def _on_register(self, peer: bytes, msg: dict) -> bytes:
         """Map a client's region read-only; its tensors then travel as descriptors only."""
         s = self._session(peer)
-        region = open_region(msg["path"], msg["bytes"], s.pid, self.config.shm_dir)
+        region = open_region(msg["path"], msg["bytes"], s.pid, s.uid, self.config.shm_dir)
         rid = next(self._leases)
         s.regions[rid] = region
         log.info("client pid %d registered %d MiB of tensors", s.pid, region.view.size >> 20)
@@ -227,21 +276,7 @@ class Server:
         if buf is None or msg["lease"] not in s.leases:
             raise ProtocolError(f"lease {msg['lease']} is not yours: acquire a buffer first", "bad_lease")
         try:
-            leaves, copies = [], []
-            for t in msg["tensors"]:
-                if t["offset"] + t["nbytes"] > buf.size:
-                    raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
-                                        f"outside the {buf.size}-byte buffer", "bad_field")
-                dst = buf.view[t["offset"]:t["offset"] + t["nbytes"]]
-                if "region" in t:
-                    region = s.regions.get(t["region"])
-                    if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
-                        raise ProtocolError(f"{t['key']}: not inside a region this client registered",
-                                            "bad_region")
-                    copies.append((dst, region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]))
-                leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst))
-            if len({leaf.key for leaf in leaves}) != len(leaves):
-                raise ProtocolError("two tensors share a key path", "bad_field")
+            leaves, copies = place_tensors(msg["tensors"], buf.view, s.regions)
             try:
                 _check_tree(msg["tree"], len(leaves))
             except SnapdError as e:
@@ -252,7 +287,7 @@ class Server:
             raise
         s.leases.discard(msg["lease"])  # the task owns the lease now
         task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
-                    msg["lease"], s.retention, sum(leaf.nbytes for leaf in leaves))
+                    msg["lease"], s.retention, sum(leaf.nbytes for leaf in leaves), s.jobs_root)
         self.tasks[task.seq] = task
         if copies:  # registered path: the copy stage copies while the trainer runs on
             self.pipeline.copy(task, copies)
@@ -285,13 +320,15 @@ class Server:
             return
         buf.lease = None
         self._buffer_gauges()
-        while self.waiters and not self.stopping:
-            w = self.waiters.popleft()
-            ws = self.sessions.get(w.peer)
-            if ws is None:
-                continue
-            self._send(w.peer, self._grant(ws, buf, w.req_id, time.monotonic() - w.since))
-            return
+        self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
+        w = None if self.stopping else self._eligible_waiter()
+        if w is not None:
+            self.waiters.remove(w)
+            try:
+                reply = self._grant(self.sessions[w.peer], buf, w.req_id, time.monotonic() - w.since)
+            except SnapdError as e:
+                reply = protocol.error_reply(w.req_id, e.code, str(e))
+            self._send(w.peer, reply)
 
     def _release_all(self, s: Session) -> None:
         for lease in list(s.leases):
@@ -339,19 +376,7 @@ class Server:
         self.metrics.clients.set(len(self.sessions))
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS= (shown by systemctl status)."""
-        c = self.counters
-        return (f"{len(self.sessions)} clients, {len(self.tasks)} snapshots in flight, "
-                f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed")
+        return status_line(self)
 
     def status(self) -> dict[str, Any]:
-        by_state = collections.Counter(t.state for t in self.tasks.values())
-        return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
-                "endpoint": self.config.endpoint, "root": str(self.config.root), "stopping": self.stopping,
-                "backend": self.backend, "metrics": self.metrics.url,
-                "clients": [{"pid": s.pid, "job": s.job} for s in self.sessions.values()],
-                "in_flight": dict(by_state), "waiting_for_buffer": len(self.waiters),
-                "buffers": {"count": len(self.pool.buffers), "bytes_each": self.config.host_buffer_bytes,
-                            "busy": sum(b.lease is not None for b in self.pool.buffers)},
-                "codecs": {job: {"codec": c.codec, "reason": c.reason} for job, c in self.pipeline.choices.items()},
-                "counters": dict(self.counters), "last_error": self.last_error}
+        return status_of(self)

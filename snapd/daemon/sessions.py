@@ -1,5 +1,6 @@
 """What the server knows of each client: its session, its queued buffer
-requests, and the shared-memory regions it registered (the registered path).
+requests, the shared-memory regions it registered (the registered path),
+its limits, and where the tensors of its snapshot message lie.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from snapd.daemon.config import DaemonConfig
 from snapd.errors import ProtocolError
+from snapd.format.tree import TensorLeaf
 from snapd.format.writer import Retention
 
 REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
@@ -31,10 +34,12 @@ class Region:
 class Session:
     peer: bytes
     job: str
-    pid: int
+    pid: int  # from SO_PEERCRED, like uid: the kernel's word, not the client's
+    uid: int
+    jobs_root: Path  # where this client's jobs live: the root, or the root's per-user directory
     retention: Retention
     on_busy: str
-    leases: set[int] = field(default_factory=set)
+    leases: set[int] = field(default_factory=set)  # buffers granted, snapshot not yet sent
     regions: dict[int, Region] = field(default_factory=dict)
 
 
@@ -46,7 +51,7 @@ class Waiter:
     since: float
 
 
-def open_region(path: str, nbytes: int, pid: int, shm_dir: Path) -> Region:
+def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:
     """Map a client's region read-only, after checking it is that client's:
     named for its pid, directly under ``shm_dir``, owned by its uid, of the
     announced size."""
@@ -56,12 +61,44 @@ def open_region(path: str, nbytes: int, pid: int, shm_dir: Path) -> Region:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
-        raise ProtocolError(f"{path}: cannot open: {e.strerror}", "bad_region") from None
+        hint = " (the client must grant the daemon's uid read access)" if e.errno == 13 else ""
+        raise ProtocolError(f"{path}: cannot open: {e.strerror}{hint}", "bad_region") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.stat(f"/proc/{pid}").st_uid or st.st_size != nbytes:
+        if st.st_uid != uid or st.st_size != nbytes:
             raise ProtocolError(f"{path}: not owned by the client or not {nbytes} bytes", "bad_region")
         mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)
     return Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
+
+
+def client_limit(config: DaemonConfig) -> tuple[int, str] | None:
+    """The most host buffers one client may hold, and the setting that says so (None: no limit)."""
+    limits = []
+    if config.client_max_in_flight is not None:
+        limits.append((config.client_max_in_flight, "client_max_in_flight"))
+    if config.client_buffer_bytes is not None:
+        limits.append((config.client_buffer_bytes // config.host_buffer_bytes, "client_buffer_bytes"))
+    return min(limits) if limits else None
+
+
+def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Region]
+                  ) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]]]:
+    """The leaves of a ``snapshot`` message over the leased buffer ``buf``, and the copies the
+    daemon must make (registered tensors: region bytes -> buffer). Every range is checked."""
+    leaves, copies = [], []
+    for t in tensors:
+        if t["offset"] + t["nbytes"] > buf.size:
+            raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
+                                f"outside the {buf.size}-byte buffer", "bad_field")
+        dst = buf[t["offset"]:t["offset"] + t["nbytes"]]
+        if "region" in t:
+            region = regions.get(t["region"])
+            if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
+                raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
+            copies.append((dst, region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]))
+        leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst))
+    if len({leaf.key for leaf in leaves}) != len(leaves):
+        raise ProtocolError("two tensors share a key path", "bad_field")
+    return leaves, copies

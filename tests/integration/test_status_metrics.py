@@ -1,6 +1,7 @@
 """`snapd status --json` (a stable, documented schema) and the Prometheus endpoint over HTTP."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -10,7 +11,7 @@ import numpy as np
 import snapd.client as snapd
 
 STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "clients",
-               "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error"}
+               "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access"}
 
 
 def test_status_json_schema(daemon) -> None:
@@ -21,7 +22,9 @@ def test_status_json_schema(daemon) -> None:
         assert out.returncode == 0, out.stderr
         st = json.loads(out.stdout)
         assert set(st) == STATUS_KEYS
-        assert st["clients"] == [{"pid": c._hello["pid"], "job": "st"}]
+        assert st["clients"] == [{"pid": c._hello["pid"], "uid": os.geteuid(), "job": "st",
+                                  "jobs_root": str(c.root), "held_buffers": 0}]
+        assert set(st["access"]) == {"uids", "gids", "socket_gid", "user_dirs"}
         assert set(st["buffers"]) == {"count", "bytes_each", "busy"} and st["buffers"]["count"] == 2
         assert set(st["counters"]) == {"persisted", "failed", "skipped", "bytes_raw", "bytes_stored"}
         assert st["counters"]["persisted"] == 1 and st["counters"]["bytes_raw"] == 4000

@@ -58,11 +58,20 @@ def test_check_config_good_and_bad(tmp_path) -> None:
     assert good.returncode == 0, good.stderr
     assert 'root = "/srv/ckpt"' in good.stdout and "host_buffer_bytes = 134217728" in good.stdout
     assert 'codec = "raw"' in good.stdout and "encode_threads = 3" in good.stdout  # env > file, flag > default
+    users = check('allowed_users = ["0", "root"]\nuser_dirs = "on"\n', "SNAPD_ALLOWED_GROUPS=0")
+    assert users.returncode == 0, users.stderr
+    assert 'allowed_users = ["0", "root"]' in users.stdout and 'allowed_groups = ["0"]' in users.stdout
+    assert "per-user directories on" in users.stdout
     for text, named in [('host_bufer_bytes = 5\n', "unknown setting 'host_bufer_bytes'"),
                         ('host_buffers = 1\n', "host_buffers must be at least 2"),
                         ('codec = 3\n', "codec = 3 has the wrong type"),
                         ('endpoint = "tcp://0.0.0.0:1"\n', "only on ipc://"),
-                        ('root = \n', "not valid TOML")]:
+                        ('root = \n', "not valid TOML"),
+                        ('socket_group = "no-such-group-xyz"\n', "no group 'no-such-group-xyz'"),
+                        ('allowed_users = ["no-such-user-xyz"]\n', "no user 'no-such-user-xyz'"),
+                        ('allowed_users = "alice"\n', "allowed_users must be a list"),
+                        ('host_buffer_bytes = 67108864\nclient_buffer_bytes = 1048576\n', "less than one host buffer"),
+                        ('user_dirs = "maybe"\n', "user_dirs must be auto, on or off")]:
         out = check(text)
         assert out.returncode == 2 and named in out.stderr, (text, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1

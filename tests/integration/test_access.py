@@ -1,0 +1,193 @@
+"""Who may connect, and what they may touch: socket permissions, SO_PEERCRED
+through ZAP, refused uids, per-user directories, per-client limits.
+
+Clients under another uid are real processes that import everything as
+root and then drop to that uid before connecting (so the interpreter, which
+may live under /root, is already loaded). Those tests need root and are
+skipped without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import zmq
+
+from snapd.client.connection import Connection
+from snapd.daemon.access import AccessPolicy, Peer, ZapHandler
+from snapd.daemon.config import DaemonConfig
+from snapd.errors import Busy
+
+NOBODY, OTHER, NOGROUP = 65534, 65533, 65534  # OTHER has no passwd entry: its directory is named "65533"
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="running a client under another uid needs root")
+
+PREAMBLE = """
+import os, sys, json
+import numpy as np
+import zmq, zmq.utils.monitor
+import lz4.frame, zstandard, xxhash
+import snapd.posix_acl, snapd.format.restore, snapd.format.codecs, snapd.client.local
+from snapd.client.daemon import connect
+from snapd.errors import PermissionDenied
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+if uid != os.geteuid():
+    os.setgroups([]); os.setgid(gid); os.setuid(uid)
+"""
+
+
+def as_user(uid: int, gid: int, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    script = PREAMBLE + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script, str(uid), str(gid), *args], capture_output=True,
+                          text=True, cwd="/", timeout=timeout)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other uids can traverse (pytest's tmp_path is 0700 under /tmp/pytest-of-root)."""
+    d = Path(tempfile.mkdtemp(prefix="snapd-access-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def multi_user(shared_dir, start):
+    """A daemon whose socket group is nogroup, allowing nobody (65534) and no group as such."""
+    (shared_dir / "snapd.toml").write_text(f'socket_group = "{NOGROUP}"\nallowed_users = ["{NOBODY}"]\n'
+                                           'allowed_groups = []\nclient_max_in_flight = 1\n')
+    return start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
+                 endpoint=f"ipc://{shared_dir}/run/s.sock")
+
+
+def test_zap_sees_peer_credentials_from_so_peercred(tmp_path) -> None:
+    """libzmq hands the ZAP handler localhost:<uid>:<gid>:<pid> for ipc peers; the same arrives with messages."""
+    config = DaemonConfig(root=tmp_path, endpoint=f"ipc://{tmp_path}/z.sock", host_buffer_bytes=1 << 20)
+    ctx = zmq.Context()
+    zap = ZapHandler(ctx, AccessPolicy(config))
+    srv = ctx.socket(zmq.ROUTER)
+    ZapHandler.protect(srv)
+    srv.bind(config.endpoint)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time, zmq; s = zmq.Context().socket(zmq.DEALER); "
+                             "s.connect(sys.argv[1]); s.send(b'hi'); time.sleep(5)", config.endpoint])
+    try:
+        assert zap.sock.poll(10_000), "libzmq sent no ZAP request for an ipc peer"
+        zap.handle()
+        assert srv.poll(10_000)
+        frames = srv.recv_multipart(copy=False)
+        peer = Peer.from_address(frames[1].get("Peer-Address"))
+        assert (peer.uid, peer.gid, peer.pid) == (os.geteuid(), os.getegid(), proc.pid)
+        assert frames[1].get("User-Id") == str(os.geteuid())  # what our handler answered, from the same address
+    finally:
+        proc.kill()
+        proc.wait()
+        srv.close(0), zap.close(), ctx.term()
+
+
+@as_root
+def test_socket_permissions_follow_the_socket_group(multi_user) -> None:
+    sock = Path(multi_user.endpoint[len("ipc://"):])
+    d, s = sock.parent.stat(), sock.stat()
+    assert (stat.S_IMODE(d.st_mode), d.st_gid) == (0o750, NOGROUP)  # clients may enter, never write
+    assert (stat.S_IMODE(s.st_mode), s.st_gid) == (0o660, NOGROUP)
+    assert stat.S_IMODE(Path(f"{sock}.lock").stat().st_mode) == 0o600
+
+
+@as_root
+def test_disallowed_uid_refused_clearly_and_the_daemon_keeps_serving(multi_user) -> None:
+    # OTHER reaches the socket (its primary group is the socket group) but no setting allows it
+    out = as_user(OTHER, NOGROUP, """
+        try:
+            connect("j", endpoint=sys.argv[3], spawn=True, timeout_s=5)
+        except PermissionDenied as e:
+            print("REFUSED", e)
+        """, multi_user.endpoint)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED" in out.stdout and f"uid {OTHER}" in out.stdout and "allowed_users" in out.stdout, out.stdout
+    assert f"refused uid {OTHER}" in multi_user.log_text()
+    assert not (multi_user.root / "j").exists() and not (multi_user.root / str(OTHER)).exists()
+    for uid in (NOBODY, 0):  # the allowed user and root are served as before
+        ok = as_user(uid, NOGROUP, """
+            with connect("j", endpoint=sys.argv[3], spawn=False, timeout_s=5) as c:
+                print("OK", c.snapshot({"w": np.arange(10.0)}, step=1).wait(30).path)
+            """, multi_user.endpoint)
+        assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+
+
+@as_root
+def test_each_user_has_its_own_directory_and_cannot_read_anothers(multi_user) -> None:
+    save_and_restore = """
+        value = float(sys.argv[4])
+        with connect("same-name", endpoint=sys.argv[3], spawn=False, timeout_s=5) as c:
+            for step in (1, 2):  # the second grant reuses the buffer this uid already holds
+                c.snapshot({"w": np.full(1000, value + step)}, step=step).wait(30)
+            print(json.dumps({"root": str(c.root), "restored": float(c.restore()["w"][0]),
+                              "steps": [s.step for s in c.list()]}))
+        """
+    mine = as_user(NOBODY, NOGROUP, save_and_restore, multi_user.endpoint, "10")
+    assert mine.returncode == 0, mine.stderr
+    got = __import__("json").loads(mine.stdout)
+    assert got == {"root": str(multi_user.root / "nobody"), "restored": 12.0, "steps": [1, 2]}
+    # root's job of the same name is elsewhere and untouched by nobody's
+    root_out = as_user(0, 0, save_and_restore, multi_user.endpoint, "20")
+    assert root_out.returncode == 0, root_out.stderr
+    assert __import__("json").loads(root_out.stdout)["root"] == str(multi_user.root / "root")
+    # another uid can neither list nor read nobody's snapshots
+    peek = as_user(OTHER, NOGROUP, """
+        for p in (sys.argv[3], sys.argv[3] + "/same-name"):
+            try:
+                os.listdir(p); print("READ", p)
+            except PermissionError:
+                print("DENIED", p)
+        """, str(multi_user.root / "nobody"))
+    assert peek.stdout.split().count("DENIED") == 2, peek.stdout + peek.stderr
+    files = list((multi_user.root / "nobody" / "same-name").rglob("*"))
+    assert files and all(f.stat().st_uid == 0 for f in files)  # the daemon wrote them; nobody only reads
+
+
+@as_root
+def test_buffer_passed_to_another_uid_gets_fresh_pages(tmp_path) -> None:
+    from snapd.daemon.buffers import BufferPool
+
+    pool = BufferPool(Path("/dev/shm"), 2, 1 << 20)
+    try:
+        first = pool.for_uid(pool.buffers[0], NOBODY)
+        first.view[:4] = [1, 2, 3, 4]
+        assert pool.for_uid(first, NOBODY) is first
+        second = pool.for_uid(first, OTHER)
+        assert second.path != first.path and not first.path.exists() and pool.buffers[0] is second
+        probe = "print([os.access(p, os.R_OK | os.W_OK) for p in sys.argv[3:]])"
+        assert as_user(OTHER, NOGROUP, probe, str(second.path), str(pool.buffers[1].path)).stdout.strip() \
+            == "[True, False]"
+        assert as_user(NOBODY, NOGROUP, probe, str(second.path)).stdout.strip() == "[False]"
+        assert not second.view[:4].any()
+    finally:
+        pool.close()
+
+
+def test_per_client_in_flight_limit_waits_or_skips_without_blocking_others(start) -> None:
+    d = start("--host-buffers", "3", env={"SNAPD_CLIENT_MAX_IN_FLIGHT": "1"})
+    a, b = Connection(d.endpoint, 5), Connection(d.endpoint, 5)
+    try:
+        for conn, on_busy in ((a, "skip"), (b, "wait")):
+            conn.call("hello", job="lim", pid=os.getpid(), on_busy=on_busy)
+        first = a.call("acquire", nbytes=100, emergency=False)
+        with pytest.raises(Busy, match="client_max_in_flight = 1"):
+            a.call("acquire", nbytes=100, emergency=False)
+        held = b.call("acquire", nbytes=100, emergency=False)  # another client is not held back by a's limit
+        waiting = b.send("acquire", nbytes=100, emergency=False)
+        assert b.take(waiting) is None and not b._pump(0.5)  # b waits at its own limit, a buffer being free
+        b.call("release", lease=held["lease"])
+        assert b.wait(waiting, 5)["type"] == "granted"  # ... until one of its own ends
+        a.call("release", lease=first["lease"])
+        assert a.call("acquire", nbytes=100, emergency=False)["type"] == "granted"
+        assert a.call("status")["clients"][0]["held_buffers"] == 1
+    finally:
+        a.close(), b.close()
