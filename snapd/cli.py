@@ -198,9 +198,15 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{human_bytes(st['buffers']['bytes_each'])}; waiting {st['waiting_for_buffer']}")
     print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
           f"stored), failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}")
+    tp = st["throughput"]
+    print(f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s raw, "
+          f"{human_bytes(tp['stored_bytes_per_s'])}/s stored")
+    for j in st["jobs"]:
+        print(f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
+              f"failed {j['failed']}")
     rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
              st["codecs"].get(cl["job"], {}).get("codec", "-")] for cl in st["clients"]]
-    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC"]))
+    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC"]) if rows else "no clients connected")
     if st["last_error"]:
         print(f"last error: {st['last_error']}")
     return 0

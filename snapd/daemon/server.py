@@ -23,7 +23,7 @@ from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
-from snapd.daemon.status import status_line, status_of
+from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.sessions import Session, Waiter, client_limit, open_region, place_tensors
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
@@ -58,6 +58,7 @@ class Server:
         self.stopping = False
         self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
         self.last_error = ""
+        self.recent = Recent()
         self.backend = "cpu"
         self.metrics = Metrics()
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -343,12 +344,15 @@ class Server:
             self.counters["bytes_raw"] += task.raw_bytes
             self.counters["bytes_stored"] += event["stored_bytes"]
             self.metrics.persisted(task.raw_bytes, event["stored_bytes"], event["seconds"])
+            self.recent.persisted(task.job, str(task.root / task.job), task.step, task.raw_bytes,
+                                  event["stored_bytes"])
             reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
                                    codec=event["codec"], stored_bytes=event["stored_bytes"],
                                    raw_bytes=task.raw_bytes, seconds=event["seconds"])
         else:
             self.counters["failed"] += 1
             self.metrics.snapshots.labels("failed").inc()
+            self.recent.failed(task.job, str(task.root / task.job))
             self.last_error = f"{task.job} step {task.step}: {event['message']}"
             reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
         self._send(task.peer, reply)

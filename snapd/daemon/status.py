@@ -13,6 +13,38 @@ from snapd import __version__
 if TYPE_CHECKING:
     from snapd.daemon.server import Server
 
+WINDOW_S = 60.0  # "recent" throughput: snapshots persisted within the last minute
+
+
+class Recent:
+    """Per-job outcomes and the persisted bytes of the last ``WINDOW_S`` seconds."""
+
+    def __init__(self) -> None:
+        self._window: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    def _job(self, job: str, job_dir: str) -> dict[str, Any]:
+        return self.jobs.setdefault(job_dir, {"job": job, "dir": job_dir, "persisted": 0, "failed": 0,
+                                              "last_step": None, "last_persisted_at": None})
+
+    def persisted(self, job: str, job_dir: str, step: int, raw: int, stored: int) -> None:
+        now = time.time()
+        self._window.append((now, raw, stored))
+        j = self._job(job, job_dir)
+        j["persisted"] += 1
+        j["last_step"], j["last_persisted_at"] = step, round(now, 3)
+
+    def failed(self, job: str, job_dir: str) -> None:
+        self._job(job, job_dir)["failed"] += 1
+
+    def throughput(self) -> dict[str, Any]:
+        cutoff = time.time() - WINDOW_S
+        while self._window and self._window[0][0] < cutoff:
+            self._window.popleft()
+        return {"window_s": WINDOW_S, "snapshots": len(self._window),
+                "raw_bytes_per_s": round(sum(w[1] for w in self._window) / WINDOW_S),
+                "stored_bytes_per_s": round(sum(w[2] for w in self._window) / WINDOW_S)}
+
 
 def status_line(server: Server) -> str:
     """One line for systemd's STATUS= (shown by systemctl status)."""
@@ -34,4 +66,6 @@ def status_of(server: Server) -> dict[str, Any]:
             "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,
                         "busy": sum(b.lease is not None for b in pool.buffers)},
             "codecs": {job: {"codec": c.codec, "reason": c.reason} for job, c in server.pipeline.choices.items()},
+            "jobs": sorted(server.recent.jobs.values(), key=lambda j: j["dir"]),
+            "throughput": server.recent.throughput(),
             "counters": dict(server.counters), "last_error": server.last_error}

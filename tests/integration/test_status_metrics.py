@@ -11,7 +11,8 @@ import numpy as np
 import snapd.client as snapd
 
 STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "clients",
-               "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access"}
+               "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access",
+               "jobs", "throughput"}
 
 
 def test_status_json_schema(daemon) -> None:
@@ -25,13 +26,18 @@ def test_status_json_schema(daemon) -> None:
         assert st["clients"] == [{"pid": c._hello["pid"], "uid": os.geteuid(), "job": "st",
                                   "jobs_root": str(c.root), "held_buffers": 0}]
         assert set(st["access"]) == {"uids", "gids", "socket_gid", "user_dirs"}
+        [job] = st["jobs"]
+        assert (job["job"], job["dir"], job["persisted"], job["failed"], job["last_step"]) == \
+            ("st", str(c.root / "st"), 1, 0, 1)
+        assert st["throughput"]["snapshots"] == 1 and st["throughput"]["raw_bytes_per_s"] == round(4000 / 60)
         assert set(st["buffers"]) == {"count", "bytes_each", "busy"} and st["buffers"]["count"] == 2
         assert set(st["counters"]) == {"persisted", "failed", "skipped", "bytes_raw", "bytes_stored"}
         assert st["counters"]["persisted"] == 1 and st["counters"]["bytes_raw"] == 4000
         assert st["codecs"]["st"]["codec"] in ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
         human = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
                                capture_output=True, text=True, timeout=30, cwd="/")
-        assert human.returncode == 0 and "persisted 1" in human.stdout and "st" in human.stdout
+        assert human.returncode == 0 and "persisted 1" in human.stdout and "job st (" in human.stdout
+        assert "1 snapshots" in human.stdout, human.stdout
     gone = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", "ipc:///nonexistent/x.sock",
                            "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30, cwd="/")
     assert gone.returncode == 2 and "no daemon answered" in gone.stderr
