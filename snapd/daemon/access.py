@@ -151,8 +151,13 @@ class AccessPolicy:
             return root
         path = root / peer.user
         if not path.is_dir():
-            if os.stat(root).st_mode & 0o011 != 0o011:  # users must traverse root to reach their directory
-                os.chmod(root, os.stat(root).st_mode | 0o011)
+            mode = os.stat(root).st_mode
+            if mode & 0o011 != 0o011:  # users must traverse root (not list it) to reach their directory
+                try:
+                    os.chmod(root, mode | 0o011)
+                except OSError as e:
+                    log.warning("%s: cannot let users traverse it (%s): they can restore only as root",
+                                root, e.strerror)
             path.mkdir(mode=0o700, exist_ok=True)
             log.info("created %s for uid %d", path, peer.uid)
         if peer.uid != self.daemon_uid and peer.uid not in posix_acl.named_users(path):

@@ -1,0 +1,91 @@
+"""Restore: full and partial (one sub-tree), from page cache and cold.
+
+Each method saves the same state once; then each load is timed warm (files
+just read) and cold (their pages dropped with posix_fadvise(DONTNEED), which
+needs no root; clean pages go). Partial: the tensors under one prefix, read
+the cheapest way each method offers (torch.load with mmap, safetensors'
+safe_open, DCP load of a state dict holding only those keys, snapd keys=).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.machine import Recorder
+from bench.peers import DcpSave, Safetensors, Snapd, SnapdDaemon, TorchSave
+from snapd.client.local import load as snapd_load
+
+
+def drop_cache(path: Path) -> None:
+    for p in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _loaders(state: dict, prefix: str, paths: dict[str, Path], job_root: Path, job: str
+             ) -> dict[str, dict[str, Callable[[], Any]]]:
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    keys = [k for k in state if k.startswith(prefix)]
+
+    def dcp_load(only: list[str]) -> dict:
+        target = {k: torch.empty_like(state[k]) for k in only}
+        dcp.load(target, checkpoint_id=str(paths["DCP save"]), no_dist=True)
+        return target
+
+    def st_partial() -> dict:
+        with safe_open(str(paths["safetensors + fsync"]), "pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def torch_partial() -> dict:
+        whole = torch.load(paths["torch.save + fsync"], mmap=True)
+        return {k: whole[k].clone() for k in keys}
+
+    return {
+        "torch.load": {"full": lambda: torch.load(paths["torch.save + fsync"]), "partial": torch_partial},
+        "safetensors": {"full": lambda: load_file(str(paths["safetensors + fsync"])), "partial": st_partial},
+        "DCP load": {"full": lambda: dcp_load(list(state)), "partial": lambda: dcp_load(keys)},
+        "snapd": {"full": lambda: snapd_load(job_root, job), "partial": lambda: snapd_load(job_root, job, keys=prefix)},
+    }
+
+
+def run(state: dict, prefix: str, work: Path, rec: Recorder, repeats: int) -> None:
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    daemon = SnapdDaemon(work, raw + (16 << 20))
+    paths: dict[str, Path] = {}
+    try:
+        s = Snapd(daemon, "restore")
+        s.start(state, 1).wait()
+        s.close()
+        for peer in (TorchSave(work), Safetensors(work), DcpSave(work)):
+            peer.start(state, 1).wait()
+            paths[peer.name] = peer.last
+        job_root = daemon.root
+        files = {"torch.load": paths["torch.save + fsync"], "safetensors": paths["safetensors + fsync"],
+                 "DCP load": paths["DCP save"], "snapd": job_root / "restore"}
+        part = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith(prefix))
+        for method, fns in _loaders(state, prefix, paths, job_root, "restore").items():
+            for kind, fn in fns.items():
+                for cache in ("warm", "cold"):
+                    times = []
+                    fn()  # the first read also warms the page cache
+                    for _ in range(repeats):
+                        if cache == "cold":
+                            drop_cache(files[method])
+                        t = time.perf_counter()
+                        fn()
+                        times.append(time.perf_counter() - t)
+                    rec.add("restore", method, f"{kind}_{cache}", times, state_bytes=raw,
+                            read_bytes=raw if kind == "full" else part)
+    finally:
+        daemon.close()

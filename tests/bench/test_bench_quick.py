@@ -1,0 +1,39 @@
+"""`python -m bench --quick` runs every scenario end to end and writes what it promises.
+
+It checks outputs, never timings: speed is reported by the bench, not asserted.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS = {"torch.save + fsync", "safetensors + fsync", "DCP save", "DCP async_save (default)",
+         "DCP async_save (process, shm staging)"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_quick_bench_writes_results_tables_and_plots(tmp_path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["scenario"] for r in rows} == {"stall", "durable", "concurrency", "compression", "restore",
+                                             "emergency"}
+    assert all(r["values"] and r["machine"]["cores"] >= 1 and "torch" in r["machine"]["versions"] for r in rows)
+    stall = {r["method"] for r in rows if r["scenario"] == "stall" and r["metric"] == "stall_per_snapshot"}
+    assert stall == PEERS | {"snapd plain", "snapd registered"}
+    comp = {(r["data"], r["method"]) for r in rows if r["scenario"] == "compression" and r["metric"] == "ratio"}
+    assert len(comp) == 16 and ("AdamW moments fp32", "shuffle-lz4") in comp
+    restore = {(r["method"], r["metric"]) for r in rows if r["scenario"] == "restore"}
+    assert ("snapd", "partial_cold") in restore and ("DCP load", "full_warm") in restore
+    assert {r["method"] for r in rows if r["scenario"] == "emergency"} == {"snapd", "torch.save + fsync", "DCP save"}
+    md = (out / "results.md").read_text()
+    assert "## stall: stall_per_snapshot" in md and "| snapd plain |" in md and "snapd ÷ peer" in md
+    for png in ("stall.png", "durable.png", "compression.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
