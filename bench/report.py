@@ -27,7 +27,7 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 def markdown(rows: list[dict], machine: dict[str, Any], command: str) -> str:
     v = machine["versions"]
-    lines = [f"# snapd benchmarks\n", f"`{command}` on {machine['cores']} cores, "
+    lines = ["# snapd benchmarks\n", f"`{command}` on {machine['cores']} cores, "
              f"{machine['memory_bytes'] / 2**30:.0f} GiB memory, disk {machine['disk']['device']} "
              f"({'rotational' if machine['disk']['rotational'] else 'non-rotational'}); "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ". Median (min-max) over repeats.\n"]
