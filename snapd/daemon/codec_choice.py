@@ -6,6 +6,13 @@ its largest tensor. A codec moves ``min(encode speed x threads, disk speed x
 ratio)`` raw bytes per second to disk; the fastest wins, and among codecs
 within 5% of it the one that stores fewest bytes (lz4 where compression
 would be the bottleneck, zstd where the disk is).
+
+The sample is optimistic: it encodes alone, while a real flush shares the
+cores with the writer, the kernel's page-cache copies and often a training
+step (on 2 cores, shuffle-zstd sampled at 430 MB/s and flushed 1 GiB at
+290 MB/s, slower than raw on a 310 MB/s disk). So every flush of a job
+reports what its codec really achieved end to end, and that replaces the
+sampled speed (first flush) or is averaged into it (later ones).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PROBE_BYTES = 128 << 20  # 32 MiB read 240 MB/s on a disk that sustains 500+: fsync latency dominated
 SAMPLE_BYTES = 8 << 20
+MIN_LEARN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,32 @@ class Choice:
     reason: str
     rates: dict[str, tuple[float, float]]  # codec -> (ratio, encode bytes/s on the usable cores)
     key: str = ""
+    observed: frozenset[str] = frozenset()  # codecs whose speed comes from real flushes
 
     def revised(self, disk_bps: float, fastest_only: bool = False) -> Choice:
         """The same measurements judged against a new disk speed."""
-        return _pick(self.rates, disk_bps, self.key, fastest_only)
+        return _pick(self.rates, disk_bps, self.key, fastest_only, self.observed)
+
+    def learned(self, codec: str, raw_bytes: int, stored_bytes: int, seconds: float,
+                encode_bound: bool = False) -> Choice:
+        """Fold one flush of ``raw_bytes`` (stored as ``stored_bytes`` in ``seconds``, from
+        encode start to durable) into the estimate for ``codec``. Small flushes are ignored:
+        fsync and rename latency would pass for a slow codec. When the flush waited on encoding
+        rather than on the disk, the other codecs' samples were as optimistic as this one's:
+        they are scaled by the same factor."""
+        if raw_bytes < MIN_LEARN_BYTES or stored_bytes <= 0 or seconds <= 0 or codec not in self.rates:
+            return self
+        seen = raw_bytes / seconds
+        ratio, speed = self.rates[codec]
+        rates = dict(self.rates)
+        if codec in self.observed and speed != float("inf"):
+            seen = 0.5 * speed + 0.5 * seen
+        elif encode_bound and speed != float("inf") and seen < speed:
+            for other, (r, s) in self.rates.items():
+                if other not in self.observed and s != float("inf"):
+                    rates[other] = (r, s * seen / speed)
+        rates[codec] = (raw_bytes / stored_bytes if codec != "raw" else 1.0, seen)
+        return Choice(self.codec, self.reason, rates, self.key, self.observed | {codec})
 
 
 def measure_disk(root: Path, nbytes: int = PROBE_BYTES) -> float:
@@ -84,13 +114,16 @@ def choose(leaves: list[TensorLeaf], disk_bps: float, threads: int, *, fastest_o
     return _pick(rates, disk_bps, big.key, fastest_only)
 
 
-def _pick(rates: dict[str, tuple[float, float]], disk_bps: float, key: str, fastest_only: bool) -> Choice:
+def _pick(rates: dict[str, tuple[float, float]], disk_bps: float, key: str, fastest_only: bool,
+          observed: frozenset[str] = frozenset()) -> Choice:
     to_disk = {c: min(speed, disk_bps * ratio) for c, (ratio, speed) in rates.items()}
     best = max(to_disk.values())
     near = [c for c in rates if to_disk[c] >= (1.0 if fastest_only else 0.95) * best]
     top_ratio = max(rates[c][0] for c in near)
     # within 2% of the best ratio, the cheapest codec (CODECS is in order of cost) wins
     codec = next(c for c in CODECS if c in near and rates[c][0] >= 0.98 * top_ratio)
+    how = ("measured in flushes" if codec in observed else "no encoding" if codec == "raw"
+           else f"sampled {key}")
     reason = (f"{to_disk[codec] / 1e6:.0f} MB/s to disk at ratio {rates[codec][0]:.3f} "
-              f"(disk {disk_bps / 1e6:.0f} MB/s, sampled {key})")
-    return Choice(codec, reason, rates, key)
+              f"(disk {disk_bps / 1e6:.0f} MB/s, {how})")
+    return Choice(codec, reason, rates, key, observed)

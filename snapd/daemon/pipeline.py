@@ -148,11 +148,16 @@ class Pipeline:
         self.choices[task.job] = choice
         return choice.revised(self._disk_bps, fastest_only=True).codec if task.emergency else choice.codec
 
-    def _learn_disk(self, writer: SnapshotWriter) -> None:
-        """Fold what this flush saw of the disk into the estimate the codec choice uses."""
+    def _learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:
+        """Fold what this flush saw of the disk and of its codec into the next choice."""
         seen = writer.disk_bytes_per_s
         if seen is not None and self._disk_bps is not None:
             self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
+        choice = self.choices.get(task.job)
+        if choice is not None and not task.emergency:
+            # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
+            encode_bound = writer.io_seconds < 0.7 * seconds
+            self.choices[task.job] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)
 
     def _run(self) -> None:
         events = self._ctx.socket(zmq.PUSH)
@@ -169,6 +174,7 @@ class Pipeline:
     def _persist(self, task: Task) -> dict[str, Any]:
         stage = "flush"
         writer = None
+        started = time.monotonic()
         try:
             jobdir = JobDir(task.root, task.job)
             jobdir.open_for_write()
@@ -186,7 +192,7 @@ class Pipeline:
             done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
                                  emergency=task.emergency)
             task.advance(PERSISTED)
-            self._learn_disk(writer)
+            self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
             took = task.times[PERSISTED] - task.times[RECEIVED]
             log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
                      done.entry.stored_bytes, codec, took)

@@ -147,9 +147,14 @@ class SnapshotWriter:
         return rec
 
     @property
+    def io_seconds(self) -> float:
+        """Time this snapshot's writes and fsyncs blocked so far."""
+        return sum(f.io_seconds for f in self.files)
+
+    @property
     def disk_bytes_per_s(self) -> float | None:
         """Observed durable write speed of this snapshot (bytes over time blocked in I/O)."""
-        secs = sum(f.io_seconds for f in self.files)
+        secs = self.io_seconds
         size = sum(f.size for f in self.files)
         return size / secs if secs > 0 and size >= 64 << 20 else None
 
