@@ -86,7 +86,7 @@ def serve(config: DaemonConfig) -> int:
     server.backend = why
     try:
         server.bind()
-        server._buffer_gauges()
+        server.leases.gauges()
         if config.metrics_addr:
             server.metrics.serve(config.metrics_addr)
         log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,

@@ -1,14 +1,13 @@
 """The server thread: the only code that touches the ZeroMQ ROUTER socket.
 
-It validates every request (snapd.protocol), owns the sessions and the
-buffer leases, hands snapshots to the pipeline and relays the pipeline's
+It validates every request (snapd.protocol), owns the sessions and (through
+snapd.daemon.leases) the buffer leases, hands snapshots to the pipeline and relays the pipeline's
 endings to the clients. Exceptions become wire error codes here and only
 here; a bad request gets an error reply and everyone else keeps being served.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -21,11 +20,12 @@ from snapd import __version__, protocol
 from snapd.daemon.access import AccessPolicy, Peer, ZapHandler
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
 from snapd.daemon.status import Recent, status_line, status_of
-from snapd.daemon.sessions import Session, Waiter, client_limit, open_region, place_tensors
-from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
+from snapd.daemon.sessions import Session, open_region, place_tensors
+from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
 from snapd.format.manifest import _check_tree
 from snapd.format.saving import check_metrics
@@ -53,15 +53,13 @@ class Server:
         self.pipeline = Pipeline(config, self.ctx)
         self.sessions: dict[bytes, Session] = {}
         self.tasks: dict[int, Task] = {}
-        self.waiters: collections.deque[Waiter] = collections.deque()
-        self._leases = iter(range(1, 2**62))
         self.stopping = False
         self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
         self.last_error = ""
         self.recent = Recent()
         self.backend = "cpu"
         self.metrics = Metrics()
-        self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
+        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send)
         self.idle_since = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
@@ -98,7 +96,7 @@ class Server:
                     event = json.loads(self.events.recv())
                     if event["event"] == "copied":
                         task = self.tasks[event["seq"]]
-                        self.metrics.stall.observe(time.monotonic() - self._asked.pop(task.lease, time.monotonic()))
+                        self.leases.copied(task.lease)
                         self._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
                     else:
                         self._finish(event)
@@ -134,9 +132,7 @@ class Server:
     def _begin_drain(self) -> None:
         self.stopping = True
         log.info("stopping: no new snapshots; persisting %d in flight", len(self.tasks))
-        while self.waiters:
-            w = self.waiters.popleft()
-            self._send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
+        self.leases.refuse_waiters()
 
     def _idle_too_long(self, now: float) -> bool:
         if self.sessions or self.tasks:
@@ -184,7 +180,7 @@ class Server:
             raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}", "root_mismatch")
         old = self.sessions.pop(peer, None)
         if old:
-            self._release_all(old)
+            self.leases.release_all(old)
         retention = Retention(keep_last=msg.get("keep_last"), keep_every_steps=msg.get("keep_every_steps"),
                               best=tuple(msg["best"]) if msg.get("best") else None)
         if msg["pid"] != creds.pid:  # another pid namespace, or a client that lies: the kernel wins
@@ -209,73 +205,32 @@ class Server:
         if msg["nbytes"] > self.config.host_buffer_bytes:
             raise ProtocolError(f"a snapshot of {msg['nbytes']} bytes does not fit a host buffer of "
                                 f"{self.config.host_buffer_bytes} bytes: raise host_buffer_bytes", "too_large")
-        buf = self.pool.free()
-        at_limit = self._at_limit(s)
-        if buf is not None and not at_limit and not (self._eligible_waiter() and not msg["emergency"]):
-            return self._grant(s, buf, msg["id"])
-        if s.on_busy == "skip" and not msg["emergency"]:
+        try:
+            return self.leases.acquire(s, msg["id"], msg["emergency"])
+        except Busy:
             self.counters["skipped"] += 1
             self.metrics.snapshots.labels("skipped").inc()
-            if at_limit:
-                raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
-            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
-        w = Waiter(peer, msg["id"], msg["emergency"], time.monotonic())
-        if msg["emergency"]:
-            self.waiters.appendleft(w)
-        else:
-            self.waiters.append(w)
-        return None  # granted later, when a buffer frees
-
-    def held(self, s: Session) -> int:
-        """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
-        return len(s.leases) + sum(t.peer == s.peer for t in self.tasks.values())
-
-    def _at_limit(self, s: Session) -> str:
-        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends."""
-        limit = client_limit(self.config)
-        return f"{limit[1]} = {limit[0]} buffer(s)" if limit and self.held(s) >= limit[0] else ""
-
-    def _eligible_waiter(self) -> Waiter | None:
-        """The first queued request whose client is under its limits (it gets the next free buffer)."""
-        for w in self.waiters:
-            ws = self.sessions.get(w.peer)
-            if ws is not None and not self._at_limit(ws):
-                return w
-        return None
-
-    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
-        try:
-            buf = self.pool.for_uid(buf, s.uid)
-        except OSError as e:
-            raise LimitExceeded(f"cannot give a host buffer to uid {s.uid}: {e}") from None
-        buf.lease = next(self._leases)
-        s.leases.add(buf.lease)
-        self._asked[buf.lease] = time.monotonic() - waited_s
-        self._buffer_gauges()
-        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
-                              bytes=buf.size, waited_s=waited_s)
+            raise
 
     def _on_release(self, peer: bytes, msg: dict) -> bytes:
         s = self._session(peer)
         if msg["lease"] not in s.leases:
             raise ProtocolError(f"lease {msg['lease']} is not yours", "bad_lease")
-        self._free(s, msg["lease"])
+        self.leases.free(s, msg["lease"])
         return protocol.reply("released", msg["id"])
 
     def _on_register(self, peer: bytes, msg: dict) -> bytes:
         """Map a client's region read-only; its tensors then travel as descriptors only."""
         s = self._session(peer)
         region = open_region(msg["path"], msg["bytes"], s.pid, s.uid, self.config.shm_dir)
-        rid = next(self._leases)
+        rid = self.leases.new_id()
         s.regions[rid] = region
         log.info("client pid %d registered %d MiB of tensors", s.pid, region.view.size >> 20)
         return protocol.reply("registered", msg["id"], region=rid)
 
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
         s = self._session(peer)
-        buf = self.pool.by_lease(msg["lease"])
-        if buf is None or msg["lease"] not in s.leases:
-            raise ProtocolError(f"lease {msg['lease']} is not yours: acquire a buffer first", "bad_lease")
+        buf = self.leases.take(s, msg["lease"])
         try:
             leaves, copies = place_tensors(msg["tensors"], buf.view, s.regions)
             try:
@@ -284,7 +239,7 @@ class Server:
                 raise ProtocolError(f"tree: {e}", "bad_field") from None
             metrics = check_metrics(msg["metrics"])
         except SnapdError:
-            self._free(s, msg["lease"])  # a refused snapshot gives its buffer back
+            self.leases.free(s, msg["lease"])  # a refused snapshot gives its buffer back
             raise
         s.leases.discard(msg["lease"])  # the task owns the lease now
         task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
@@ -293,7 +248,7 @@ class Server:
         if copies:  # registered path: the copy stage copies while the trainer runs on
             self.pipeline.copy(task, copies)
             return protocol.reply("received", msg["id"], step=msg["step"])
-        self.metrics.stall.observe(time.monotonic() - self._asked.pop(task.lease, time.monotonic()))
+        self.leases.copied(task.lease)
         task.advance(COPIED)  # plain path: the client copied the bytes before sending this
         self.pipeline.submit(task)
         return protocol.reply("copied", msg["id"], step=msg["step"])
@@ -307,38 +262,14 @@ class Server:
     def _on_bye(self, peer: bytes, msg: dict) -> bytes:
         s = self.sessions.pop(peer, None)
         if s:
-            self._release_all(s)
+            self.leases.release_all(s)
         self.metrics.clients.set(len(self.sessions))
         return protocol.reply("bye", msg["id"])
 
-    # -- leases and endings --------------------------------------------------------
-    def _free(self, s: Session | None, lease: int) -> None:
-        if s is not None:
-            s.leases.discard(lease)
-        buf = self.pool.by_lease(lease)
-        self._asked.pop(lease, None)
-        if buf is None:
-            return
-        buf.lease = None
-        self._buffer_gauges()
-        self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
-        w = None if self.stopping else self._eligible_waiter()
-        if w is not None:
-            self.waiters.remove(w)
-            try:
-                reply = self._grant(self.sessions[w.peer], buf, w.req_id, time.monotonic() - w.since)
-            except SnapdError as e:
-                reply = protocol.error_reply(w.req_id, e.code, str(e))
-            self._send(w.peer, reply)
-
-    def _release_all(self, s: Session) -> None:
-        for lease in list(s.leases):
-            self._free(s, lease)
-        self.waiters = collections.deque(w for w in self.waiters if w.peer != s.peer)
-
+    # -- endings ------------------------------------------------------------------
     def _finish(self, event: dict) -> None:
         task = self.tasks.pop(event["seq"])
-        self._free(None, task.lease)
+        self.leases.free(None, task.lease)
         if event["ok"]:
             self.counters["persisted"] += 1
             self.counters["bytes_raw"] += task.raw_bytes
@@ -364,7 +295,7 @@ class Server:
             except ProcessLookupError:
                 log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
                 del self.sessions[s.peer]
-                self._release_all(s)
+                self.leases.release_all(s)
                 self.metrics.clients.set(len(self.sessions))
                 for region in s.regions.values():  # copies in flight keep their mapping
                     try:
@@ -373,11 +304,6 @@ class Server:
                         pass
             except PermissionError:
                 pass
-
-    def _buffer_gauges(self) -> None:
-        busy = sum(b.lease is not None for b in self.pool.buffers)
-        self.metrics.buffers(busy, len(self.pool.buffers) - busy, self.config.host_buffer_bytes)
-        self.metrics.clients.set(len(self.sessions))
 
     def status_line(self) -> str:
         return status_line(self)

@@ -1,6 +1,6 @@
-"""What the server knows of each client: its session, its queued buffer
-requests, the shared-memory regions it registered (the registered path),
-its limits, and where the tensors of its snapshot message lie.
+"""What the server knows of each client: its session, the shared-memory
+regions it registered (the registered path), and where the tensors of its
+snapshot message lie.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from snapd.daemon.config import DaemonConfig
 from snapd.errors import ProtocolError
 from snapd.format.tree import TensorLeaf
 from snapd.format.writer import Retention
@@ -43,14 +42,6 @@ class Session:
     regions: dict[int, Region] = field(default_factory=dict)
 
 
-@dataclass
-class Waiter:
-    peer: bytes
-    req_id: int
-    emergency: bool
-    since: float
-
-
 def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:
     """Map a client's region read-only, after checking it is that client's:
     named for its pid, directly under ``shm_dir``, owned by its uid, of the
@@ -71,16 +62,6 @@ def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Re
     finally:
         os.close(fd)
     return Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
-
-
-def client_limit(config: DaemonConfig) -> tuple[int, str] | None:
-    """The most host buffers one client may hold, and the setting that says so (None: no limit)."""
-    limits = []
-    if config.client_max_in_flight is not None:
-        limits.append((config.client_max_in_flight, "client_max_in_flight"))
-    if config.client_buffer_bytes is not None:
-        limits.append((config.client_buffer_bytes // config.host_buffer_bytes, "client_buffer_bytes"))
-    return min(limits) if limits else None
 
 
 def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Region]

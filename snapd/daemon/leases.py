@@ -1,0 +1,156 @@
+"""Who holds which host buffer, who waits for one, and how many one client may hold.
+
+A lease is a host buffer granted to a client: held from ``acquire`` until its
+snapshot is persisted (or the lease is released, or the client goes away).
+Requests that find no free buffer, or whose client is at its limit, queue as
+waiters; emergency requests jump the queue. The server thread is the only
+caller, so nothing here locks.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from snapd import protocol
+from snapd.daemon.buffers import BufferPool
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.metrics import Metrics
+from snapd.daemon.sessions import Session
+from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
+
+
+@dataclass
+class Waiter:
+    peer: bytes
+    req_id: int
+    emergency: bool
+    since: float
+
+
+def client_limit(config: DaemonConfig) -> tuple[int, str] | None:
+    """The most host buffers one client may hold, and the setting that says so (None: no limit)."""
+    limits = []
+    if config.client_max_in_flight is not None:
+        limits.append((config.client_max_in_flight, "client_max_in_flight"))
+    if config.client_buffer_bytes is not None:
+        limits.append((config.client_buffer_bytes // config.host_buffer_bytes, "client_buffer_bytes"))
+    return min(limits) if limits else None
+
+
+class Leases:
+    """The host buffers' leases and the queue for them.
+
+    ``sessions`` and ``tasks`` are the server's own dicts (read, never changed
+    here): a client's snapshots in flight count against its limit. ``send``
+    delivers a grant that was waiting.
+    """
+
+    def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
+                 tasks: dict[int, Any], send: Callable[[bytes, bytes], None]) -> None:
+        self.config, self.pool, self.metrics = config, pool, metrics
+        self.sessions, self.tasks, self._send = sessions, tasks, send
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self._ids = iter(range(1, 2**62))
+        self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
+        self.stopping = False
+
+    def new_id(self) -> int:
+        """A fresh id (leases and registered regions share the sequence)."""
+        return next(self._ids)
+
+    def acquire(self, s: Session, req_id: int, emergency: bool) -> bytes | None:
+        """The grant reply, or None when the request waits; ``Busy`` for a client that skips."""
+        buf = self.pool.free()
+        at_limit = self._at_limit(s)
+        if buf is not None and not at_limit and not (self._eligible_waiter() and not emergency):
+            return self._grant(s, buf, req_id)
+        if s.on_busy == "skip" and not emergency:
+            if at_limit:
+                raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
+            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
+        w = Waiter(s.peer, req_id, emergency, time.monotonic())
+        if emergency:
+            self.waiters.appendleft(w)
+        else:
+            self.waiters.append(w)
+        return None  # granted later, when a buffer frees
+
+    def held(self, s: Session) -> int:
+        """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
+        return len(s.leases) + sum(t.peer == s.peer for t in self.tasks.values())
+
+    def take(self, s: Session, lease: int) -> Any:
+        """The buffer of ``lease``, which ``s`` must hold, for the snapshot it is about to send."""
+        buf = self.pool.by_lease(lease)
+        if buf is None or lease not in s.leases:
+            raise ProtocolError(f"lease {lease} is not yours: acquire a buffer first", "bad_lease")
+        return buf
+
+    def copied(self, lease: int) -> None:
+        """The snapshot's bytes are in the buffer: the trainer's stall for it ended."""
+        self.metrics.stall.observe(time.monotonic() - self._asked.pop(lease, time.monotonic()))
+
+    def free(self, s: Session | None, lease: int) -> None:
+        """Give the buffer back, and to the first eligible waiter if any."""
+        if s is not None:
+            s.leases.discard(lease)
+        buf = self.pool.by_lease(lease)
+        self._asked.pop(lease, None)
+        if buf is None:
+            return
+        buf.lease = None
+        self.gauges()
+        self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
+        w = None if self.stopping else self._eligible_waiter()
+        if w is not None:
+            self.waiters.remove(w)
+            try:
+                reply = self._grant(self.sessions[w.peer], buf, w.req_id, time.monotonic() - w.since)
+            except SnapdError as e:
+                reply = protocol.error_reply(w.req_id, e.code, str(e))
+            self._send(w.peer, reply)
+
+    def release_all(self, s: Session) -> None:
+        for lease in list(s.leases):
+            self.free(s, lease)
+        self.waiters = collections.deque(w for w in self.waiters if w.peer != s.peer)
+
+    def refuse_waiters(self) -> None:
+        """Draining: no more grants; every queued request hears why."""
+        self.stopping = True
+        while self.waiters:
+            w = self.waiters.popleft()
+            self._send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
+
+    def gauges(self) -> None:
+        busy = sum(b.lease is not None for b in self.pool.buffers)
+        self.metrics.buffers(busy, len(self.pool.buffers) - busy, self.config.host_buffer_bytes)
+        self.metrics.clients.set(len(self.sessions))
+
+    def _at_limit(self, s: Session) -> str:
+        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends."""
+        limit = client_limit(self.config)
+        return f"{limit[1]} = {limit[0]} buffer(s)" if limit and self.held(s) >= limit[0] else ""
+
+    def _eligible_waiter(self) -> Waiter | None:
+        """The first queued request whose client is under its limits (it gets the next free buffer)."""
+        for w in self.waiters:
+            ws = self.sessions.get(w.peer)
+            if ws is not None and not self._at_limit(ws):
+                return w
+        return None
+
+    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+        try:
+            buf = self.pool.for_uid(buf, s.uid)
+        except OSError as e:
+            raise LimitExceeded(f"cannot give a host buffer to uid {s.uid}: {e}") from None
+        buf.lease = self.new_id()
+        s.leases.add(buf.lease)
+        self._asked[buf.lease] = time.monotonic() - waited_s
+        self.gauges()
+        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
+                              bytes=buf.size, waited_s=waited_s)
