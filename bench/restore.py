@@ -5,6 +5,9 @@ just read) and cold (their pages dropped with posix_fadvise(DONTNEED), which
 needs no root; clean pages go). Partial: the tensors under one prefix, read
 the cheapest way each method offers (torch.load with mmap, safetensors'
 safe_open, DCP load of a state dict holding only those keys, snapd keys=).
+Every timed load ends by reading one byte of every page of what it returned:
+safetensors (and torch.load with mmap) hand back tensors over a lazy mmap, and
+a load that has not read the bytes has not restored them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from bench.machine import Recorder
@@ -28,6 +32,19 @@ def drop_cache(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def touch(obj: Any) -> int:
+    """Read one byte per 4 KiB page of every tensor in ``obj`` (what a training step would fault in)."""
+    if isinstance(obj, dict):
+        return sum(touch(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(touch(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return int(obj.contiguous().reshape(-1).view(torch.uint8)[::4096].sum()) if obj.numel() else 0
+    if isinstance(obj, np.ndarray):
+        return int(np.ascontiguousarray(obj).reshape(-1).view(np.uint8)[::4096].sum()) if obj.size else 0
+    return 0
 
 
 def _loaders(state: dict, prefix: str, paths: dict[str, Path], job_root: Path, job: str
@@ -83,7 +100,7 @@ def run(state: dict, prefix: str, work: Path, rec: Recorder, repeats: int) -> No
                         if cache == "cold":
                             drop_cache(files[method])
                         t = time.perf_counter()
-                        fn()
+                        touch(fn())
                         times.append(time.perf_counter() - t)
                     rec.add("restore", method, f"{kind}_{cache}", times, state_bytes=raw,
                             read_bytes=raw if kind == "full" else part)
