@@ -51,6 +51,9 @@ class Client:
         self._conn.daemon_pid = welcome["daemon_pid"]
         self._regions: list = []  # registered shared regions (client.share)
         self._uncopied: list[Pending] = []  # registered-path snapshots the daemon is still copying
+        self._on_gpu: list[Pending] = []  # GPU-path snapshots whose device copy is not known done
+        self._welcome_cuda = welcome.get("cuda")
+        self._export_: Any = None
 
     def _buffer(self, path: str, nbytes: int) -> np.ndarray:
         """The mapping of a host buffer. The daemon replaces a buffer's file when it passes
@@ -71,14 +74,15 @@ class Client:
         t0 = time.perf_counter()
         check_step(step)
         metrics = check_metrics(metrics)
-        tree, leaves = flatten(state)
+        tree, leaves = flatten(state, keep_device=True)
         offsets, pos = [], 0
         for leaf in leaves:
             pos += -pos % ALIGN
             offsets.append(pos)
             pos += leaf.nbytes
-        shared = [self._registered(leaf) for leaf in leaves]
-        self.wait_copied()  # a region being copied must not be described again until that copy is done
+        shared = [None if leaf.on_device else self._registered(leaf) for leaf in leaves]
+        cuda = {i: self._export.describe(leaf) for i, leaf in enumerate(leaves) if leaf.on_device and leaf.nbytes}
+        self._wait_registered()  # a region being copied must not be described again until that copy is done
         try:
             granted = self._conn.wait(self._conn.send("acquire", nbytes=pos, emergency=emergency))
         except Busy as e:
@@ -86,28 +90,45 @@ class Client:
             return Pending(self, step, None, stall_s=time.perf_counter() - t0, skipped=str(e))
         if granted["waited_s"] > 0.05:
             log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
+        streams = {d[0]["dev"]: d[1] for d in cuda.values() if d is not None}
         try:
-            plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None]
-            self._copy(self._buffer(granted["path"], granted["bytes"]), [p[0] for p in plain],
-                       [p[1] for p in plain])
+            buf = self._buffer(granted["path"], granted["bytes"])
+            plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None and not leaf.on_device]
+            self._copy(buf, [p[0] for p in plain], [p[1] for p in plain])
+            for i, d in cuda.items():
+                if d is None:  # no IPC for this one: copy it device -> host buffer here
+                    self._export.stage(leaves[i], buf[offsets[i]:offsets[i] + leaves[i].nbytes], buf)
+            ready = self._export.record(streams) if streams else None
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
         descs = []
-        for leaf, off, sh in zip(leaves, offsets, shared):
+        for i, (leaf, off, sh) in enumerate(zip(leaves, offsets, shared)):
             d = {"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
                  "offset": off, "nbytes": leaf.nbytes}
             if sh is not None:
                 d["region"], d["region_offset"] = sh
+            if cuda.get(i) is not None:
+                d["cuda"] = cuda[i][0]
             descs.append(d)
+        extra = {"ready_events": ready} if ready else {}
         req = self._conn.send("snapshot", lease=granted["lease"], step=step, metrics=metrics, emergency=emergency,
-                              tree=tree, tensors=descs)
-        first = self._conn.wait(req)  # "copied" (plain) or "received" (the daemon copies registered bytes)
+                              tree=tree, tensors=descs, **extra)
+        first = self._conn.wait(req)  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
         pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
-                          waited_s=granted["waited_s"])
+                          waited_s=granted["waited_s"], streams=streams,
+                          keep=[leaf.source for leaf in leaves if leaf.on_device] if streams else None)
         if not pending.copied:
-            self._uncopied.append(pending)
+            (self._on_gpu if streams else self._uncopied).append(pending)
         return pending
+
+    @property
+    def _export(self) -> Any:
+        if self._export_ is None:  # the GPU path's driver calls are loaded with the first device tensor
+            from snapd.client.cuda_export import CudaExport
+
+            self._export_ = CudaExport(self._welcome_cuda)
+        return self._export_
 
     def _registered(self, leaf: Any) -> tuple[int, int] | None:
         for region in self._regions:
@@ -130,15 +151,29 @@ class Client:
             raise
         self._regions.append(region)
 
-    def wait_copied(self) -> None:
-        """Block until the daemon has copied every registered-path snapshot handed to it."""
+    def _wait_registered(self) -> None:
         while self._uncopied:
             self._uncopied[0].wait_copied()
             self._uncopied.pop(0)
 
+    def wait_copied(self) -> None:
+        """Block (the CPU) until the daemon has copied every snapshot handed to it."""
+        self._wait_registered()
+        while self._on_gpu:
+            self._on_gpu[0].wait_copied()
+            self._on_gpu.pop(0)
+
+    def fence(self) -> None:
+        """Before mutating snapshotted tensors: wait for copies of shared (registered) tensors, and
+        make the GPU (not the CPU) wait for the daemon's copies of device tensors."""
+        self._wait_registered()
+        for p in self._on_gpu:
+            p.fence()
+        self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
+
     def guard(self, optimizer: Any) -> Any:
-        """Make ``optimizer.step()`` wait (only) for unfinished copies of shared tensors."""
-        return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.wait_copied())
+        """Make ``optimizer.step()`` wait (only) for unfinished copies of snapshotted tensors."""
+        return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
     def _copy(self, buf: np.ndarray, leaves: list, offsets: list[int]) -> None:
         """One memcpy per byte; large states on a few threads (np.copyto releases the GIL)."""
@@ -187,6 +222,8 @@ class Client:
             self._pool.shutdown(wait=False)
         for region in self._regions:
             region.close()
+        if self._export_ is not None:
+            self._export_.close()
         for mm, view in self._maps.values():
             del view
         self._maps.clear()

@@ -40,7 +40,9 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
     ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
     reads only their chunks. ``into`` copies the values into an existing
     tree of tensors in place (every mismatch is reported before anything is
-    written). ``device`` places torch tensors, like ``map_location``.
+    written). ``device`` places torch tensors, like ``map_location`` (``"cuda:0"``:
+    decompressed on CPU threads, unshuffled on the GPU); CuPy arrays come back
+    on the current or the given device; NumPy arrays stay on the host.
     """
     path = catalog.resolve(root, job, step)
     with SnapshotReader(path) as reader:

@@ -32,7 +32,8 @@ class Pending:
     """
 
     def __init__(self, client: Client | None, step: int, req_id: int | None, *, copied: bool = True,
-                 stall_s: float = 0.0, waited_s: float = 0.0, skipped: str | None = None) -> None:
+                 stall_s: float = 0.0, waited_s: float = 0.0, skipped: str | None = None,
+                 streams: dict[str, int] | None = None, keep: list | None = None) -> None:
         self._client = client
         self.step = step
         self._req_id = req_id
@@ -43,8 +44,19 @@ class Pending:
         self.reason = skipped or ""
         self._result: Persisted | None = None
         self._error: BaseException | None = None
+        # GPU path: the trainer streams per device, the daemon's done events once "queued" arrives,
+        # and the device tensors, kept alive until the daemon has copied them
+        self._streams = streams or {}
+        self._done_events: dict[str, str] | None = None
+        self._fenced = not self._streams
+        self._keep = keep
 
     def _absorb(self, msg: dict) -> None:
+        if msg["type"] == "queued":
+            self._done_events = msg["events"]
+            return
+        if msg["type"] in ("error", "copied", "persisted"):
+            self._keep = None
         if msg["type"] == "error":
             self._error = reply_error(msg)
             self.copied = True
@@ -73,6 +85,17 @@ class Pending:
             self._next(timeout)
         if self._error is not None and not self.copied:
             raise self._error
+
+    def fence(self) -> None:
+        """GPU path: make the trainer's streams wait for the daemon's copy; the CPU waits only for
+        the daemon to have queued it (a message that normally arrived long before)."""
+        if self._fenced:
+            return
+        while self._done_events is None and not self.copied and not self._settled():
+            self._next(None)
+        if self._done_events is not None and not self.copied:
+            self._client._export.fence(self._done_events, self._streams)
+        self._fenced = True
 
     def done(self) -> bool:
         while not self._settled():

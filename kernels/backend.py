@@ -4,8 +4,13 @@ Two implementations compute exactly the same bytes: ``NumpyBackend`` (the
 CPU path and the reference) and ``CupyBackend`` (CUDA). Operations:
 - ``shuffle(data, itemsize)``: ``(itemsize, n)`` byte planes (the format's shuffle filter);
 - ``unshuffle(planes, itemsize, out)``: the inverse, into ``out``;
-- ``pack(sources, offsets, out)``: gather many contiguous byte arrays into one
-  staging region at the given (aligned) offsets, in one launch on the GPU.
+- ``pack(sources, offsets, out, itemsizes=None, chunk_bytes=0)``: gather many
+  contiguous byte arrays into one staging region at the given (aligned)
+  offsets, in one launch on the GPU; with ``itemsizes`` and ``chunk_bytes``
+  each source is also cut into the writer's chunks and each chunk shuffled
+  (``shuffle_chunks``: what the encoder would shuffle, done on the device);
+- ``unshuffle_chunks(data, itemsize, chunk_bytes, shuffled, out)``: the inverse,
+  for restores onto the device.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ class Backend(Protocol):
 
     def unshuffle(self, planes: Any, itemsize: int, out: Any) -> None: ...
 
-    def pack(self, sources: list[Any], offsets: list[int], out: Any) -> None: ...
+    def pack(self, sources: list[Any], offsets: list[int], out: Any, itemsizes: list[int] | None = None,
+             chunk_bytes: int = 0) -> None: ...
+
+    def unshuffle_chunks(self, data: Any, itemsize: int, chunk_bytes: int, shuffled: list[bool] | None,
+                         out: Any) -> None: ...
 
 
 def select_backend(choice: str = "auto") -> tuple[Backend, str]:

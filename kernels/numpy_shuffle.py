@@ -42,3 +42,43 @@ def unshuffle_into(planes: list[bytes | memoryview | np.ndarray], itemsize: int,
     elems = dst.reshape(-1, itemsize)
     for p in range(itemsize):
         elems[:, p] = np.frombuffer(planes[p], dtype=np.uint8)
+
+
+def chunk_step(itemsize: int, chunk_bytes: int) -> int:
+    """The byte length of a tensor's chunks: whole elements, at most ``chunk_bytes`` (the writer's rule)."""
+    return max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+
+
+def shuffle_chunks(data: memoryview | bytes | np.ndarray, itemsize: int, chunk_bytes: int) -> np.ndarray:
+    """``data`` cut into the writer's chunks, each replaced by its byte planes (same length).
+
+    This is what the GPU path stages in the host buffer when the codec
+    shuffles: each chunk's bytes are then exactly what ``shuffle`` would
+    give the encoder, so the stored bytes do not depend on which path wrote them.
+    """
+    src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).reshape(-1)
+    if itemsize <= 1:
+        return src.copy()
+    out = np.empty_like(src)
+    step = chunk_step(itemsize, chunk_bytes)
+    for a in range(0, src.size, step):
+        b = min(a + step, src.size)
+        out[a:b] = shuffle(src[a:b], itemsize).reshape(-1)
+    return out
+
+
+def unshuffle_chunks(data: memoryview | bytes | np.ndarray, itemsize: int, chunk_bytes: int,
+                     shuffled: list[bool] | None, out: memoryview | np.ndarray) -> None:
+    """The inverse of ``shuffle_chunks`` into ``out``; chunk ``i`` is only copied when ``shuffled[i]``
+    is false (a chunk the writer stored raw). ``shuffled=None``: every chunk is shuffled."""
+    src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).reshape(-1)
+    dst = np.frombuffer(out, dtype=np.uint8) if not isinstance(out, np.ndarray) else out.view(np.uint8).reshape(-1)
+    if src.size != dst.size:
+        raise ValueError(f"unshuffle_chunks: {src.size} bytes in, {dst.size} out")
+    step = chunk_step(itemsize, chunk_bytes)
+    for i, a in enumerate(range(0, src.size, step)):
+        b = min(a + step, src.size)
+        if itemsize > 1 and (shuffled is None or shuffled[i]):
+            unshuffle_into(list(src[a:b].reshape(itemsize, -1)), itemsize, dst[a:b])
+        else:
+            dst[a:b] = src[a:b]

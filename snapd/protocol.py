@@ -96,9 +96,38 @@ def _tensors(v: Any, name: str) -> None:
             _int()(t.get("region"), f"{where}.region")
             _int()(t.get("region_offset"), f"{where}.region_offset")
         _int()(t.get("nbytes"), f"{where}.nbytes")
+        if "cuda" in t:  # GPU path: the bytes are at offset in the allocation this IPC handle maps
+            _cuda(t["cuda"], f"{where}.cuda", t["nbytes"])
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
             raise ProtocolError(f"{where}: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
                                 "bad_field")
+
+
+def _hex(length: int) -> Validator:
+    def check(v: Any, name: str) -> None:
+        if not isinstance(v, str) or len(v) != length or any(c not in "0123456789abcdef" for c in v):
+            raise ProtocolError(f"{name} must be {length} lowercase hex digits", "bad_field")
+    return check
+
+
+def _cuda(v: Any, name: str, nbytes: int) -> None:
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{name} must be an object", "bad_field")
+    _str(64)(v.get("dev"), f"{name}.dev")
+    _hex(128)(v.get("handle"), f"{name}.handle")
+    _int()(v.get("offset"), f"{name}.offset")
+    _int(1)(v.get("size"), f"{name}.size")
+    if v["offset"] + nbytes > v["size"]:
+        raise ProtocolError(f"{name}: {nbytes} bytes at offset {v['offset']} lie outside the {v['size']}-byte "
+                            "allocation", "bad_field")
+
+
+def _events(v: Any, name: str) -> None:
+    if not isinstance(v, dict) or len(v) > 64:
+        raise ProtocolError(f"{name} must be an object of at most 64 device events", "bad_field")
+    for dev, handle in v.items():
+        _str(64)(dev, f"{name} key")
+        _hex(128)(handle, f"{name}[{dev}]")
 
 
 # type -> required fields and their validators (optional fields use _opt)
@@ -107,7 +136,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _object,
-                 "tensors": _tensors},
+                 "tensors": _tensors, "ready_events": _opt(_events)},
     "release": {"lease": _int()},
     "register": {"path": _str(), "bytes": _int(1)},
     "status": {},

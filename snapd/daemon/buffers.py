@@ -23,6 +23,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class BufferPool:
                           f"{st.f_bavail * st.f_frsize} free: lower host_buffer_bytes")
         self.shm_dir = shm_dir
         self.buffers: list[HostBuffer] = []
+        self.before_discard: Callable[[HostBuffer], None] | None = None  # the GPU copier unpins it
         self._touched = threading.Event()
         try:
             for i in range(count):
@@ -92,7 +94,7 @@ class BufferPool:
             return buf
         new = self._create(buf.index, buf.size, uid)
         self.buffers[buf.index] = new
-        _discard(buf)
+        self._discard(buf)
         log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
                  buf.index, uid)
         return new
@@ -119,8 +121,13 @@ class BufferPool:
 
     def close(self) -> None:
         for b in self.buffers:
-            _discard(b)
+            self._discard(b)
         self.buffers = []
+
+    def _discard(self, b: HostBuffer) -> None:
+        if self.before_discard is not None and b.view.size:
+            self.before_discard(b)
+        _discard(b)
 
 
 def _discard(b: HostBuffer) -> None:

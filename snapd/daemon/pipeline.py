@@ -59,6 +59,7 @@ class Task:
     retention: Retention
     raw_bytes: int
     root: Path  # where this client's jobs live (the root, or the root's per-user directory)
+    codec: str | None = None  # fixed before the copy when the GPU shuffled the chunks for it
     state: str = RECEIVED
     seq: int = field(default_factory=lambda: next(_seq))
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
@@ -129,6 +130,20 @@ class Pipeline:
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def gpu_shuffle(self, task: Task) -> str | None:
+        """The shuffling codec the GPU copy should prepare chunks for, if the job's codec shuffles
+        (known from its earlier snapshots or the config); sets it as the task's codec."""
+        if task.emergency:
+            return None
+        codec = self.config.codec
+        if codec == "auto":
+            choice = self.choices.get(task.job)
+            codec = choice.codec if choice is not None else ""
+        if codec.startswith("shuffle-"):
+            task.codec = codec
+            return codec
+        return None
+
     def _codec(self, task: Task) -> str:
         if self.config.codec != "auto":
             return self.config.codec
@@ -146,6 +161,8 @@ class Pipeline:
                 log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
             choice = revised
         self.choices[task.job] = choice
+        if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
+            return task.codec
         return choice.revised(self._disk_bps, fastest_only=True).codec if task.emergency else choice.codec
 
     def _learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:

@@ -85,6 +85,14 @@ def serve(config: DaemonConfig) -> int:
     server = Server(config, policy=policy)
     server.backend = why
     try:
+        if backend.name == "cuda":
+            try:
+                server.enable_gpu()
+            except Exception as e:  # auto: a CUDA that half works must not keep the daemon from serving
+                if config.backend == "cuda":
+                    raise InvalidArgument(f"backend cuda: the GPU path cannot start: {e}") from None
+                log.warning("GPU path off (%s: %s): device tensors will be staged by the clients",
+                            type(e).__name__, e)
         server.bind()
         server.leases.gauges()
         if config.metrics_addr:

@@ -61,6 +61,16 @@ class Server:
         self.metrics = Metrics()
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send)
         self.idle_since = time.monotonic()
+        self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
+        self._pid_ns = _pid_namespace()
+
+    def enable_gpu(self) -> None:
+        """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
+        from snapd.daemon.gpu_copy import GpuCopier
+
+        self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.pipeline.submit, self.config.chunk_bytes)
+        self.pool.before_discard = lambda buf: self.gpu.unpin(buf.view.ctypes.data)
+        log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.gpu.describe()))
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -69,6 +79,9 @@ class Server:
         self.sock.bind(self.config.endpoint)
         self.policy.secure_socket(socket_path(self.config.endpoint))
         self.pipeline.start()
+        if self.gpu is not None:
+            self.gpu.start()
+            self.gpu.pin([b.view for b in self.pool.buffers])
 
     def run(self, should_stop: Any, notifier: Any = None) -> int:
         """Serve until ``should_stop()`` is true, then drain; return the exit status.
@@ -97,7 +110,15 @@ class Server:
                     if event["event"] == "copied":
                         task = self.tasks[event["seq"]]
                         self.leases.copied(task.lease)
+                        if event.get("submit"):  # from the GPU copier: the state machine moves here
+                            task.advance(COPIED)
+                            self.pipeline.submit(task)
                         self._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
+                    elif event["event"] == "queued":  # GPU copies enqueued: the client may order after them
+                        task = self.tasks.get(event["seq"])  # None: it already failed
+                        if task is not None:
+                            self._send(task.peer, protocol.reply("queued", task.req_id, step=task.step,
+                                                                 events=event["events"]))
                     else:
                         self._finish(event)
             now = time.monotonic()
@@ -122,6 +143,8 @@ class Server:
                 return 0
 
     def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.stop()
         self.pipeline.stop()
         self.sock.close(linger=500)
         self.events.close(linger=0)
@@ -196,7 +219,8 @@ class Server:
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),
                               job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
-                              buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES)
+                              buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                              cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": self._pid_ns})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)
@@ -232,7 +256,8 @@ class Server:
         s = self._session(peer)
         buf = self.leases.take(s, msg["lease"])
         try:
-            leaves, copies = place_tensors(msg["tensors"], buf.view, s.regions)
+            leaves, copies, on_gpu = place_tensors(msg["tensors"], buf.view, s.regions,
+                                                   set(self.gpu.devices) if self.gpu else set())
             try:
                 _check_tree(msg["tree"], len(leaves))
             except SnapdError as e:
@@ -245,6 +270,10 @@ class Server:
         task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
                     msg["lease"], s.retention, sum(leaf.nbytes for leaf in leaves), s.jobs_root)
         self.tasks[task.seq] = task
+        if on_gpu:  # GPU path: the copier reports queued, then copied
+            shuffle = self.pipeline.gpu_shuffle(task) is not None
+            self.gpu.copy(task, on_gpu, msg.get("ready_events") or {}, buf.view, shuffle, copies)
+            return protocol.reply("received", msg["id"], step=msg["step"])
         if copies:  # registered path: the copy stage copies while the trainer runs on
             self.pipeline.copy(task, copies)
             return protocol.reply("received", msg["id"], step=msg["step"])
@@ -263,6 +292,8 @@ class Server:
         s = self.sessions.pop(peer, None)
         if s:
             self.leases.release_all(s)
+            if self.gpu is not None:
+                self.gpu.forget(peer)
         self.metrics.clients.set(len(self.sessions))
         return protocol.reply("bye", msg["id"])
 
@@ -296,6 +327,8 @@ class Server:
                 log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
                 del self.sessions[s.peer]
                 self.leases.release_all(s)
+                if self.gpu is not None:
+                    self.gpu.forget(s.peer)
                 self.metrics.clients.set(len(self.sessions))
                 for region in s.regions.values():  # copies in flight keep their mapping
                     try:
@@ -310,3 +343,11 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         return status_of(self)
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (an inode number): CUDA IPC needs the client in the same one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0

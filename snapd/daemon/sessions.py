@@ -64,11 +64,12 @@ def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Re
     return Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
 
 
-def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Region]
-                  ) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]]]:
-    """The leaves of a ``snapshot`` message over the leased buffer ``buf``, and the copies the
-    daemon must make (registered tensors: region bytes -> buffer). Every range is checked."""
-    leaves, copies = [], []
+def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Region], devices: set[str]
+                  ) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]], list[tuple[TensorLeaf, dict]]]:
+    """The leaves of a ``snapshot`` message over the leased buffer ``buf``, the copies the daemon
+    must make from registered regions (region bytes -> buffer), and the tensors it must copy from
+    GPUs (leaf, `cuda` descriptor). Every range is checked."""
+    leaves, copies, on_gpu = [], [], []
     for t in tensors:
         if t["offset"] + t["nbytes"] > buf.size:
             raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
@@ -79,7 +80,14 @@ def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Regio
             if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
                 raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
             copies.append((dst, region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]))
-        leaves.append(TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst))
+        leaf = TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst)
+        if "cuda" in t:
+            if t["cuda"]["dev"] not in devices:
+                raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {t['cuda']['dev']} "
+                                    f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
+            if t["nbytes"]:
+                on_gpu.append((leaf, t["cuda"]))
+        leaves.append(leaf)
     if len({leaf.key for leaf in leaves}) != len(leaves):
         raise ProtocolError("two tensors share a key path", "bad_field")
-    return leaves, copies
+    return leaves, copies, on_gpu

@@ -72,34 +72,60 @@ def _compress(data: memoryview | np.ndarray, algo: str) -> bytes:
     return _zstd_c().compress(data)
 
 
-def encode(raw: memoryview | np.ndarray, itemsize: int, codec: str) -> Encoded:
-    """Encode one chunk of raw bytes (``len(raw)`` a multiple of ``itemsize``)."""
+def encode(raw: memoryview | np.ndarray, itemsize: int, codec: str, preshuffled: bool = False) -> Encoded:
+    """Encode one chunk of raw bytes (``len(raw)`` a multiple of ``itemsize``).
+
+    ``preshuffled``: the chunk already holds its byte planes (the daemon's GPU
+    path shuffled it on the device); the stored bytes are the same as for the
+    unshuffled chunk, whichever codec ends up used.
+    """
     raw = memoryview(raw).cast("B") if not isinstance(raw, memoryview) else raw
     n = raw.nbytes
+    if preshuffled and itemsize > 1:
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1)
+        if codec in ("shuffle-lz4", "shuffle-zstd"):
+            done = _encode_planes(planes, n, codec)
+            if done is not None:
+                return done
+        plain = np.empty(n, dtype=np.uint8)  # stored raw (or by a non-shuffling codec): unshuffled bytes
+        unshuffle_into(list(planes), itemsize, plain)
+        return encode(plain, itemsize, codec)
     if codec == "lz4":
         out = _compress(raw, "lz4")
         if len(out) < n:
             return Encoded([out], len(out), n, "lz4", checksum([out]))
     elif codec in ("shuffle-lz4", "shuffle-zstd"):
-        algo = codec.removeprefix("shuffle-")
-        planes = shuffle(raw, itemsize)
-        parts: list[bytes | memoryview] = []
-        lengths = []
-        for plane in planes:
-            packed = _compress(plane, algo)
-            part = packed if len(packed) < plane.size else memoryview(plane)
-            parts.append(part)
-            lengths.append(len(part))
-        if sum(lengths) < n:
-            return Encoded(parts, sum(lengths), n, codec, checksum(parts), lengths)
+        done = _encode_planes(shuffle(raw, itemsize), n, codec)
+        if done is not None:
+            return done
     elif codec != "raw":
         raise ValueError(f"unknown codec {codec!r}")
     return Encoded([raw], n, n, "raw", checksum([raw]))
 
 
+def _encode_planes(planes: np.ndarray, n: int, codec: str) -> Encoded | None:
+    """Each plane compressed on its own (stored raw when that does not shrink it); None when the
+    whole chunk would not shrink."""
+    algo = codec.removeprefix("shuffle-")
+    parts: list[bytes | memoryview] = []
+    lengths = []
+    for plane in planes:
+        packed = _compress(plane, algo)
+        part = packed if len(packed) < plane.size else memoryview(plane)
+        parts.append(part)
+        lengths.append(len(part))
+    if sum(lengths) < n:
+        return Encoded(parts, sum(lengths), n, codec, checksum(parts), lengths)
+    return None
+
+
 def decode_into(stored: memoryview | bytes, codec: str, itemsize: int, planes: list[int] | None,
-                out: memoryview, where: str) -> None:
-    """Decode ``stored`` into ``out`` (exactly the chunk's raw length)."""
+                out: memoryview, where: str, keep_planes: bool = False) -> None:
+    """Decode ``stored`` into ``out`` (exactly the chunk's raw length).
+
+    ``keep_planes``: a shuffled chunk is left as its byte planes, back to back
+    (a restore onto the GPU unshuffles there).
+    """
     n = len(out)
     try:
         if codec == "raw":
@@ -120,7 +146,13 @@ def decode_into(stored: memoryview | bytes, codec: str, itemsize: int, planes: l
                     decoded.append(_sized(lz4.block.decompress(part, uncompressed_size=plane_raw), plane_raw, where))
                 else:
                     decoded.append(_sized(_zstd_d().decompress(part, max_output_size=plane_raw), plane_raw, where))
-            unshuffle_into(decoded, itemsize, out)
+            if keep_planes:
+                if len(decoded) != itemsize:
+                    raise ChecksumError(f"{where}: {len(decoded)} planes for {itemsize}-byte elements")
+                for p, plane in enumerate(decoded):
+                    out[p * plane_raw:(p + 1) * plane_raw] = plane
+            else:
+                unshuffle_into(decoded, itemsize, out)
         else:
             raise FormatError(f"{where}: unknown codec {codec!r}")
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:

@@ -30,7 +30,7 @@ CODECS = ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
 DATA_FILE_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.bin$")
 MAX_CHUNK_RAW_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 256 << 20
-KINDS = ("numpy", "numpy_scalar", "torch")
+KINDS = ("numpy", "numpy_scalar", "torch", "cupy")
 
 
 @dataclass

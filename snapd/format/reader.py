@@ -88,8 +88,9 @@ class SnapshotReader:
         c = rec.chunks[n]
         return f"{rec.key} chunk {n} ({self.manifest.files[c.file]['name']} @ {c.offset})"
 
-    def read_chunk(self, rec: TensorRecord, n: int, out: memoryview) -> None:
-        """Read, check and decode chunk ``n`` of ``rec`` into ``out`` (its raw length)."""
+    def read_chunk(self, rec: TensorRecord, n: int, out: memoryview, keep_planes: bool = False) -> None:
+        """Read, check and decode chunk ``n`` of ``rec`` into ``out`` (its raw length); with
+        ``keep_planes`` a shuffled chunk stays as byte planes (unshuffled later, on the GPU)."""
         c: Chunk = rec.chunks[n]
         fd = self._fd(c.file)
         where = self.where(rec, n)
@@ -103,7 +104,7 @@ class SnapshotReader:
             raise FormatError(f"{where}: read {got} of {c.stored} bytes")
         codecs.verify(stored, c.checksum, where)
         if c.codec != "raw":
-            codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where)
+            codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where, keep_planes)
 
     def select(self, keys: list[str] | str | None) -> list[int]:
         """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
@@ -117,8 +118,9 @@ class SnapshotReader:
         return [i for i, t in enumerate(self.manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
 
     def read_tensors(self, wanted: list[int], buffer_for: Callable[[int], memoryview],
-                     threads: int | None = None) -> None:
-        """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor."""
+                     threads: int | None = None, keep_planes: Callable[[int], bool] = lambda i: False) -> None:
+        """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor;
+        tensors for which ``keep_planes(i)`` keep their shuffled chunks as planes."""
         limit = _physical_memory()
         total = sum(self.manifest.tensors[i].nbytes for i in wanted)
         if total > limit:
@@ -128,9 +130,10 @@ class SnapshotReader:
         for i in wanted:
             rec = self.manifest.tensors[i]
             buf = buffer_for(i)
+            keep = keep_planes(i)
             pos = 0
             for n, c in enumerate(rec.chunks):
-                jobs.append((rec, n, buf[pos:pos + c.raw]))
+                jobs.append((rec, n, buf[pos:pos + c.raw]) + ((True,) if keep else ()))
                 pos += c.raw
         threads = threads or min(8, os.cpu_count() or 1)
         if len(jobs) <= 1 or threads == 1:
@@ -146,7 +149,7 @@ class SnapshotReader:
         """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved."""
         wanted = self.select(keys)
         dest = Destinations(self.manifest, wanted, into=into, device=device, where=str(self.path))
-        self.read_tensors(wanted, dest.buffer, threads)
+        self.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes)
         selected = None if keys is None else (
             lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
         return build_tree(self.manifest.tree, dest, selected)

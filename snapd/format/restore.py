@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from snapd.errors import InvalidArgument, MismatchError
+from snapd.errors import MismatchError
 from snapd.format import dtypes
 from snapd.format.manifest import Manifest, TensorRecord
+from snapd.format.to_device import goes_to_gpu, upload
 from snapd.format.tree import build, join_key
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,19 @@ class Destinations:
         self._pending: dict[int, tuple[Any, Any]] = {}  # i -> (target, temporary) copied after reading
         self._buffers: dict[int, np.ndarray] = {}
         self._into: set[int] = set()  # tensors that are the caller's own (never moved or replaced)
+        self._gpu: set[int] = set()  # read to the host (shuffled chunks as planes), then finished on a GPU
         if into is not None:
             self._match(into, wanted, where)
         for i in wanted:
-            if i not in self.values:
-                self.values[i], self._buffers[i] = self._allocate(manifest.tensors[i])
+            if i in self.values:
+                continue
+            rec = manifest.tensors[i]
+            if goes_to_gpu(rec, device):
+                self._gpu.add(i)
+                self._buffers[i] = np.empty(rec.nbytes, dtype=np.uint8)
+                self.values[i] = None
+            else:
+                self.values[i], self._buffers[i] = self._allocate(rec)
 
     def _match(self, into: Any, wanted: list[int], where: str) -> None:
         targets = _leaves(into)
@@ -117,17 +126,19 @@ class Destinations:
             else:
                 t = torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype))
                 return t, t.reshape(-1).view(torch.uint8).numpy()
-        if self.device not in (None, "cpu"):
-            raise InvalidArgument(f"{rec.key}: device={self.device!r} applies to torch tensors; "
-                                  "this one is restored as a NumPy array")
         arr = np.empty(rec.shape, dtype=dtypes.numpy_dtype(rec.dtype))
         return arr, arr.reshape(-1).view(np.uint8)
+
+    def keeps_planes(self, i: int) -> bool:
+        return i in self._gpu
 
     def buffer(self, i: int) -> memoryview:
         return memoryview(self._buffers[i]).cast("B")
 
     def value(self, i: int) -> Any:
         """The finished tensor ``i`` (copied into its target, or moved to ``device``)."""
+        if i in self._gpu:
+            return upload(self.manifest.tensors[i], self._buffers.pop(i), self.device)
         v = self.values[i]
         if i in self._pending:
             target, tmp = self._pending.pop(i)

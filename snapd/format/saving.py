@@ -22,6 +22,7 @@ from snapd.format.jobdir import JobDir, check_step
 from snapd.format.manifest import CODECS
 from snapd.format.tree import TensorLeaf, flatten
 from snapd.format.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, Committed, Retention, SnapshotWriter
+from snapd.kernels import chunk_step
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def check_codec(codec: object) -> str:
 
 def chunk_slices(leaf: TensorLeaf, chunk_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of a tensor's chunks: whole elements, at most ``chunk_bytes`` each."""
-    size = dtypes.itemsize(leaf.dtype)
-    step = max(size, chunk_bytes - chunk_bytes % size)
+    step = chunk_step(dtypes.itemsize(leaf.dtype), chunk_bytes)
     n = leaf.nbytes
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
@@ -104,7 +104,7 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
             rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.nbytes)
             size = dtypes.itemsize(leaf.dtype)
             for a, b in chunk_slices(leaf, chunk_bytes):
-                window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec)))
+                window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec, leaf.preshuffled)))
                 while len(window) > 2 * threads + 2:
                     r, fut = window.popleft()
                     writer.write_chunk(r, fut.result())

@@ -37,15 +37,18 @@ class TensorLeaf:
     a tensor on the trainer's side of snapshot().
     """
 
-    __slots__ = ("key", "kind", "dtype", "shape", "source", "nbytes", "ptr", "_data")
+    __slots__ = ("key", "kind", "dtype", "shape", "source", "nbytes", "ptr", "_data", "on_device", "preshuffled")
 
     def __init__(self, key: str, kind: str, dtype: str, shape: tuple[int, ...], data: np.ndarray | None = None,
-                 source: Any = None, nbytes: int | None = None, ptr: int | None = None) -> None:
+                 source: Any = None, nbytes: int | None = None, ptr: int | None = None,
+                 on_device: bool = False) -> None:
         self.key, self.kind, self.dtype, self.shape = key, kind, dtype, shape
         self.source = source  # the object the bytes come from (kept alive while encoding)
         self._data = data
         self.nbytes = data.nbytes if data is not None else nbytes
         self.ptr = ptr
+        self.on_device = on_device  # ptr is a CUDA device address (flatten(..., keep_device=True))
+        self.preshuffled = False  # the daemon's GPU path left each chunk as byte planes (shuffle_chunks)
 
     @property
     def data(self) -> np.ndarray:
@@ -72,7 +75,47 @@ def join_key(prefix: str, part: str | int) -> str:
     return f"{prefix}.{part}" if prefix else str(part)
 
 
-def _tensor_leaf(key: str, obj: Any) -> TensorLeaf | None:
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    out, step = [], itemsize
+    for d in reversed(shape):
+        out.append(step)
+        step *= d
+    return tuple(reversed(out))
+
+
+def _cuda_array_leaf(key: str, obj: Any, keep_device: bool) -> TensorLeaf | None:
+    """CuPy arrays and anything else exposing ``__cuda_array_interface__`` or a CUDA DLPack capsule."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is None:
+        dev = getattr(obj, "__dlpack_device__", None)
+        if dev is None or not callable(dev) or dev()[0] != 2:  # kDLCUDA
+            return None
+        try:
+            import cupy  # DLPack-only objects (JAX, ...) are viewed through CuPy, without a copy
+        except ImportError:
+            raise UnsupportedValueError(f"{key}: a CUDA DLPack tensor needs CuPy to be saved") from None
+        return _cuda_array_leaf(key, cupy.from_dlpack(obj), keep_device)
+    dtype = np.dtype(cai["typestr"])
+    name = dtypes.numpy_name(dtype, key)
+    shape = tuple(int(d) for d in cai["shape"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    strides = cai.get("strides")
+    if strides is not None and nbytes and tuple(strides) != _c_strides(shape, dtype.itemsize):
+        if type(obj).__module__.split(".")[0] != "cupy":
+            raise UnsupportedValueError(f"{key}: a non-contiguous CUDA array of type {type(obj).__name__} "
+                                        "(make it contiguous first)")
+        import cupy
+
+        return _cuda_array_leaf(key, cupy.ascontiguousarray(obj), keep_device)
+    if keep_device:
+        return TensorLeaf(key, "cupy", name, shape, None, obj, nbytes, int(cai["data"][0]), on_device=True)
+    import cupy  # in-process save: the bytes come to the host here
+
+    host = cupy.asnumpy(cupy.asarray(obj)).reshape(-1).view(np.uint8)
+    return TensorLeaf(key, "cupy", name, shape, host, host, host.nbytes, host.ctypes.data)
+
+
+def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | None:
     if isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, (np.str_, np.bytes_, np.object_)):
         arr = np.asarray(obj)
         name = dtypes.numpy_name(arr.dtype, key)
@@ -88,29 +131,37 @@ def _tensor_leaf(key: str, obj: Any) -> TensorLeaf | None:
         if obj.layout != torch.strided or obj.is_quantized:
             raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
                                         "(only dense tensors)")
-        if obj.device.type == "meta":
+        where = obj.device.type
+        if where == "meta":
             raise UnsupportedValueError(f"{key}: a meta tensor has no data to save")
         name = dtypes.torch_name(obj.dtype, key)
-        t = obj.detach()
-        if t.device.type != "cpu":
+        on_device = keep_device and where == "cuda"
+        t = obj if on_device else obj.detach()  # (a device leaf is only read by address: no detach needed)
+        if where != "cpu" and not on_device:
             t = t.cpu()
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         if not t.is_contiguous():
-            t = t.contiguous()
-        return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr())
+            t = t.contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
+        return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
+    if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__"):
+        return _cuda_array_leaf(key, obj, keep_device)
     return None
 
 
-def flatten(state: Any) -> tuple[dict, list[TensorLeaf]]:
-    """Split ``state`` into a JSON skeleton and its tensors, in visiting order."""
+def flatten(state: Any, keep_device: bool = False) -> tuple[dict, list[TensorLeaf]]:
+    """Split ``state`` into a JSON skeleton and its tensors, in visiting order.
+
+    CUDA tensors are copied to the host here unless ``keep_device`` (the
+    daemon's GPU path), which leaves them where they are (``leaf.on_device``).
+    """
     leaves: list[TensorLeaf] = []
     seen: set[str] = set()
 
     def visit(obj: Any, key: str, depth: int) -> dict:
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"{key}: state nests deeper than {MAX_DEPTH} levels")
-        leaf = _tensor_leaf(key, obj)
+        leaf = _tensor_leaf(key, obj, keep_device)
         if leaf is not None:
             problem = key_problem(key)
             if problem:

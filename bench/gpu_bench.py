@@ -1,0 +1,214 @@
+"""The GPU path, measured on a CUDA machine: ``python -m bench.gpu_bench [--sizes 1,4,16]``.
+
+1. Kernels: the shuffle (pack + chunk shuffle) and unshuffle kernels against a
+   measured device-to-device copy of the same bytes (bandwidth counts bytes
+   read plus bytes written); target >= 80%.
+2. Device -> host: a copy into the daemon's kind of host buffer (a /dev/shm
+   mapping pinned with cudaHostRegister) against one into cudaHostAlloc'd
+   pinned memory; and the daemon's end-to-end copy rate (snapshot() returning
+   to the "copied" message) against the same; target >= 80%.
+3. For each state size (half bf16, half float32, 64 MiB tensors, on the
+   device): the CPU time ``snapshot()`` blocks (target <= 2 ms), the GPU time
+   the next step waits at ``fence()`` (right away, and after 100 ms of
+   compute), and the time to durable; against torch.save + fsync and PyTorch
+   DCP async_save (default), in the same run.
+Figures go to bench/results/gpu.jsonl and gpu.md, with the device named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import snapd.client as snapd
+from bench.machine import Recorder, describe
+from bench.peers import DcpAsync, SnapdDaemon, TorchSave, timed
+
+GIB = 1 << 30
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _time(cp, fn, reps: int = 20) -> float:
+    """Median seconds of ``fn`` on the current stream, by CUDA events, after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return statistics.median(times)
+
+
+def kernels(rec: Recorder, nbytes: int) -> None:
+    import cupy as cp
+
+    from snapd.kernels.cupy_backend import CupyBackend
+
+    gpu = CupyBackend()
+    src = cp.random.standard_normal(nbytes // 4, dtype=cp.float32).view(cp.uint8)
+    dst = cp.empty_like(src)
+    d2d = _time(cp, lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, 3,
+                                                        cp.cuda.get_current_stream().ptr))
+    rec.add("kernels", "device-to-device copy", "bandwidth", [2 * nbytes / d2d / 1e9], "GB/s")
+    for name, fn in [("shuffle fp32 (4 MiB chunks)", lambda: gpu.pack([src], [0], dst, [4], 4 << 20)),
+                     ("shuffle bf16 (4 MiB chunks)", lambda: gpu.pack([src], [0], dst, [2], 4 << 20)),
+                     ("unshuffle fp32 (4 MiB chunks)", lambda: gpu.unshuffle_chunks(src, 4, 4 << 20, None, dst)),
+                     ("pack (copy)", lambda: gpu.pack([src], [0], dst))]:
+        t = _time(cp, fn)
+        rec.add("kernels", name, "bandwidth", [2 * nbytes / t / 1e9], "GB/s", ratio_to_d2d=round(d2d / t, 3))
+
+
+def device_to_host(rec: Recorder, nbytes: int) -> float:
+    import cupy as cp
+
+    src = cp.random.standard_normal(nbytes // 4, dtype=cp.float32).view(cp.uint8)
+    stream = cp.cuda.get_current_stream().ptr
+    pinned = cp.cuda.alloc_pinned_memory(nbytes)
+    t_pinned = _time(cp, lambda: cp.cuda.runtime.memcpyAsync(pinned.ptr, src.data.ptr, nbytes, 2, stream), 10)
+    rec.add("d2h", "cudaHostAlloc pinned", "bandwidth", [nbytes / t_pinned / 1e9], "GB/s")
+    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="snapd-bench-")
+    try:
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = np.frombuffer(mm, np.uint8)
+        view[::4096] = 0
+        address = view.ctypes.data
+        cp.cuda.runtime.hostRegister(address, nbytes, 0)
+        t = _time(cp, lambda: cp.cuda.runtime.memcpyAsync(address, src.data.ptr, nbytes, 2, stream), 10)
+        cp.cuda.runtime.hostUnregister(address)
+        rec.add("d2h", "/dev/shm buffer, cudaHostRegister", "bandwidth", [nbytes / t / 1e9], "GB/s",
+                ratio_to_pinned=round(t_pinned / t, 3))
+        del view
+        mm.close()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return nbytes / t_pinned
+
+
+def make_state(nbytes: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per = 64 << 20
+    state = {}
+    for i in range(max(2, nbytes // per)):
+        if i % 2:
+            state[f"fp32_{i}"] = torch.randn(per // 4, generator=g, device="cuda")
+        else:
+            state[f"bf16_{i}"] = torch.randn(per // 2, generator=g, device="cuda").to(torch.bfloat16)
+    return state
+
+
+def compute(ms: float) -> None:
+    """About ``ms`` of matrix products queued on the trainer's stream (a training step's work)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(max(1, int(ms / 1.4))):  # ~1.4 ms each at ~790 TFLOP/s
+        a @ a
+
+
+def gpu_wait(client, after_ms: float) -> float:
+    """GPU seconds the trainer's stream stands still at fence() (after ``after_ms`` of compute)."""
+    compute(after_ms)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    client.fence()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> None:
+    nbytes = size_gib * GIB
+    state = make_state(nbytes)
+    scen = f"{size_gib} GiB"
+    daemon = SnapdDaemon(work, nbytes + (64 << 20), "--backend", "cuda")
+    try:
+        client = snapd.connect(f"gpu{size_gib}", endpoint=daemon.endpoint, spawn=False, keep_last=1)
+        t0 = time.perf_counter()
+        first = client.snapshot(state, step=100)  # the job's first: pins host buffers, opens handles
+        first.wait()
+        rec.add(scen, "snapd (CUDA IPC)", "first_snapshot_stall", [first.stall_s])
+        rec.add(scen, "snapd (CUDA IPC)", "first_snapshot_durable", [time.perf_counter() - t0])
+        stalls, waits_now, waits_later, durable, rates = [], [], [], [], []
+        for step in range(3 if size_gib < 16 else 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            p = client.snapshot(state, step=step)
+            stalls.append(p.stall_s)
+            if step % 2 == 0:  # right away: the GPU waits for the whole copy
+                waits_now.append(gpu_wait(client, 0))
+                p.wait_copied()
+                rates.append(nbytes / (time.perf_counter() - t0))
+            else:
+                waits_later.append(gpu_wait(client, 100))
+            p.wait()
+            durable.append(time.perf_counter() - t0)
+        client.close()
+    finally:
+        daemon.close()
+    rec.add(scen, "snapd (CUDA IPC)", "cpu_stall", stalls, tensors=len(state))
+    rec.add(scen, "snapd (CUDA IPC)", "gpu_wait_at_once", waits_now)
+    if waits_later:
+        rec.add(scen, "snapd (CUDA IPC)", "gpu_wait_after_100ms", waits_later)
+    rec.add(scen, "snapd (CUDA IPC)", "copy_rate", [r / 1e9 for r in rates], "GB/s",
+            ratio_to_pinned=round(statistics.median(rates) / pinned_bps, 3))
+    rec.add(scen, "snapd (CUDA IPC)", "durable", durable)
+    for peer in (TorchSave(work), DcpAsync(work, fastest=False)):
+        stall, dur = [], []
+        for step in range(2 if size_gib < 16 else 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            s, handle = timed(lambda: peer.start(state, step))
+            handle.wait()
+            stall.append(s)
+            dur.append(time.perf_counter() - t0)
+        peer.close()
+        rec.add(scen, peer.name, "cpu_stall", stall)
+        rec.add(scen, peer.name, "durable", dur)
+    state.clear()
+    torch.cuda.empty_cache()
+
+
+def report(rec: Recorder, path: Path, device: str) -> None:
+    med = {(r["scenario"], r["method"], r["metric"]): statistics.median(r["values"]) for r in rec.rows}
+    lines = [f"# GPU path ({device})", "", "| scenario | method | metric | median | unit |", "|---|---|---|---|---|"]
+    for r in rec.rows:
+        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio"))
+        lines.append(f"| {r['scenario']} | {r['method']} | {r['metric']} | "
+                     f"{med[(r['scenario'], r['method'], r['metric'])]:.4g}{extra} | {r['unit']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,4,16", help="state sizes in GiB")
+    ap.add_argument("--work", default="/var/tmp", help="where snapshots are written")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="snapd-gpu-bench-", dir=args.work))
+    device = torch.cuda.get_device_name()
+    rec = Recorder(out / "gpu.jsonl", {**describe(work), "gpu": device})
+    kernels(rec, GIB)
+    pinned = device_to_host(rec, GIB)
+    for s in (int(x) for x in args.sizes.split(",") if x):
+        (work / f"s{s}").mkdir()
+        snapshots(rec, s, work / f"s{s}", pinned)
+    rec.close()
+    report(rec, out / "gpu.md", device)
+    print((out / "gpu.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The client's half of the GPU path: export device tensors to the daemon by CUDA IPC.
+
+For each CUDA tensor (torch, CuPy, anything with ``__cuda_array_interface__``)
+the daemon gets the IPC handle of the allocation holding it (allocators hand
+out sub-blocks of large allocations, and a handle is per allocation; cached
+here by the driver's allocation id) and the tensor's offset in it; devices
+are named by UUID. Per device, an interprocess event is recorded on the
+trainer's stream, so the daemon's copy starts after the work that produced
+the values. ``snapshot()`` returns after that handshake: the CPU never waits
+for the copy. Before the next mutation, ``fence`` makes the trainer's stream
+wait on the daemon's "done" events: the GPU waits only if the copy is
+unfinished, the CPU not at all.
+
+Where IPC cannot work the client copies device -> host buffer itself
+(``stage``), logging once why: an allocation made by PyTorch's
+``expandable_segments`` (not legacy-IPC capable), a daemon in another pid
+namespace or without that device, or CUDA MPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from snapd import cuda_driver
+from snapd.format.tree import TensorLeaf
+
+log = logging.getLogger(__name__)
+
+EVENT_RING = 16  # ready events per device, reused in turn (more than snapshots in flight)
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _mps() -> bool:
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
+class CudaExport:
+    def __init__(self, daemon_cuda: dict | None) -> None:
+        info = daemon_cuda or {}
+        self.daemon_devices = set(info.get("devices", []))
+        self.why_not: str | None = None
+        if not self.daemon_devices:
+            self.why_not = "the daemon has no CUDA path (no CuPy or no device there)"
+        elif info.get("pid_ns") != _pid_namespace():
+            self.why_not = "the daemon runs in another pid namespace (CUDA IPC needs the same one)"
+        elif _mps():
+            self.why_not = "CUDA MPS is running (its clients cannot share memory by IPC)"
+        self._said: set[str] = set()
+        self._handles: dict[int, str] = {}  # allocation id -> handle (hex)
+        self._allocs: dict[int, cuda_driver.Allocation] = {}  # tensor address -> its allocation
+        self._uuids: dict[int, str] = {}
+        self._contexts: dict[str, int] = {}
+        self._ready: dict[str, list[cuda_driver.IpcEvent]] = {}
+        self._turn: dict[str, int] = {}
+        self._done: dict[str, cuda_driver.OpenedEvent] = {}
+        self._pinned: set[int] = set()
+
+    def _once(self, reason: str) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            log.warning("GPU tensors staged by this process, not copied by the daemon: %s", reason)
+
+    def describe(self, leaf: TensorLeaf) -> tuple[dict, int] | None:
+        """The leaf's `cuda` descriptor and its stream, or None when this process must stage it."""
+        if self.why_not:
+            self._once(self.why_not)
+            return None
+        alloc = self._allocation(leaf.ptr)
+        if not alloc.ipc_capable:
+            self._once("the allocation is not legacy-IPC capable (PyTorch expandable_segments?)")
+            return None
+        uuid = self._uuids.get(alloc.ordinal)
+        if uuid is None:
+            uuid = self._uuids[alloc.ordinal] = cuda_driver.device_uuid(alloc.ordinal)
+        if uuid not in self.daemon_devices:
+            self._once(f"the daemon cannot see device {uuid}")
+            return None
+        handle = self._handles.get(alloc.buffer_id)
+        if handle is None:
+            handle = self._handles[alloc.buffer_id] = cuda_driver.mem_handle(alloc).hex()
+        self._contexts.setdefault(uuid, alloc.context)
+        return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}, \
+            _stream_of(leaf)
+
+    def _allocation(self, ptr: int) -> cuda_driver.Allocation:
+        """Where ``ptr`` lives, cached by address and re-checked by allocation id (one driver call):
+        a freed and re-made allocation at the same address gets a new id, and a new handle."""
+        alloc = self._allocs.get(ptr)
+        if alloc is not None and cuda_driver.buffer_id(ptr) == alloc.buffer_id:
+            return alloc
+        if len(self._allocs) > 65536:  # tensors that come and go: keep the cache bounded
+            self._allocs.clear()
+        alloc = self._allocs[ptr] = cuda_driver.Allocation(ptr)
+        return alloc
+
+    def record(self, streams: dict[str, int]) -> dict[str, str]:
+        """Record a ready event on each device's trainer stream; their handles, for the daemon."""
+        out = {}
+        for uuid, stream in streams.items():
+            ring = self._ready.setdefault(uuid, [])
+            turn = self._turn.get(uuid, 0)
+            self._turn[uuid] = turn + 1
+            if len(ring) < EVENT_RING:
+                ring.append(cuda_driver.IpcEvent(self._contexts[uuid]))
+            ev = ring[turn % EVENT_RING]
+            ev.record(stream)
+            out[uuid] = ev.handle.hex()
+        return out
+
+    def fence(self, done_events: dict[str, str], streams: dict[str, int]) -> None:
+        """Make the trainer's streams wait (on the GPU) for the daemon's copies."""
+        for uuid, handle in done_events.items():
+            ev = self._done.get(handle)
+            if ev is None:
+                ev = self._done[handle] = cuda_driver.OpenedEvent(self._contexts[uuid], bytes.fromhex(handle))
+            ev.wait_on(streams[uuid])
+
+    def stage(self, leaf: TensorLeaf, dst: np.ndarray, mapping: np.ndarray) -> None:
+        """Copy a device tensor into the host buffer ourselves (blocking: this is the fallback)."""
+        src = leaf.source
+        if leaf.kind == "torch":
+            import torch
+
+            self._pin(mapping, torch)
+            torch.from_numpy(dst).copy_(src.reshape(-1).view(torch.uint8))
+        else:
+            import cupy
+
+            cupy.asarray(src).reshape(-1).view(cupy.uint8).get(out=dst)
+
+    def _pin(self, mapping: np.ndarray, torch: Any) -> None:
+        """Page-lock the mapped host buffer once, so staging copies run at full speed."""
+        address = mapping.ctypes.data
+        if address in self._pinned:
+            return
+        self._pinned.add(address)
+        rc = torch.cuda.cudart().cudaHostRegister(address, mapping.nbytes, 0)
+        if int(rc) != 0:
+            log.info("could not pin the host buffer (cudaHostRegister: %s); staging copies are slower", rc)
+
+    def close(self) -> None:
+        for ev in [*self._done.values(), *(e for ring in self._ready.values() for e in ring)]:
+            try:
+                ev.close()
+            except cuda_driver.CudaError:  # the context may already be gone at exit
+                pass
+        self._done.clear()
+        self._ready.clear()
+
+
+def _stream_of(leaf: TensorLeaf) -> int:
+    """The stream the tensor's values are produced on: torch's current stream for its device, or
+    the stream ``__cuda_array_interface__`` names (0: the legacy default stream)."""
+    if leaf.kind == "torch":
+        import torch
+
+        return torch.cuda.current_stream(leaf.source.device).cuda_stream
+    stream = leaf.source.__cuda_array_interface__.get("stream")
+    return int(stream) if stream else 0

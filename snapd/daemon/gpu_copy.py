@@ -1,0 +1,312 @@
+"""The daemon's GPU copy stage: client device memory -> pinned host buffer.
+
+A snapshot whose tensors live on a GPU arrives as CUDA IPC handles (one per
+allocation, plus the tensor's offset in it) and, per device, an
+interprocess event the trainer recorded after the work that produced the
+values. On the ``snapd-gpu`` thread, for each device, on that device's one
+copy stream:
+  wait for the trainer's event -> pack (and, when the job's codec shuffles,
+  shuffle each writer chunk) into a device staging window with one kernel
+  launch -> copy the window to the leased host buffer (pinned with
+  cudaHostRegister) -> ... -> record a "done" interprocess event.
+The events' handles go to the client at once (``queued``): its next
+mutation waits on them on the GPU, never on the CPU. A second thread waits
+for the copies on the host, then reports ``copied`` and hands the snapshot
+to the encode/flush stages, which read the host buffer as on the CPU path.
+
+Handles are opened lazily and cached per client and allocation; those a
+client's latest snapshot did not use are closed after it, and all of a
+client's are closed when it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from snapd import cuda_driver
+from snapd.kernels import chunk_step
+
+log = logging.getLogger(__name__)
+
+STAGING_BYTES = 256 << 20  # one device window per device: 256 MiB, ~5 ms of device->host traffic
+ALIGN = 64  # tensors lie at 64-byte aligned offsets in the host buffer (the client's layout)
+EVENT_RING = 16  # done events per client and device, reused in turn (more than any client has in flight)
+_D2H = 2  # cudaMemcpyDeviceToHost
+
+
+class _Device:
+    def __init__(self, cp: Any, ordinal: int, uuid: str) -> None:
+        self.ordinal, self.uuid = ordinal, uuid
+        self.context = cuda_driver.primary_context(ordinal)
+        with cp.cuda.Device(ordinal):
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self.staging = cp.empty(STAGING_BYTES, dtype=cp.uint8)
+
+
+class _Client:
+    """What one client's snapshots opened: memory handles, its ready events, our done events."""
+
+    def __init__(self) -> None:
+        self.mem: dict[tuple[str, str], tuple[int, int]] = {}  # (device, handle) -> (context, base)
+        self.ready: dict[str, cuda_driver.OpenedEvent] = {}
+        self.done: dict[str, list[cuda_driver.IpcEvent]] = {}
+        self.turn: dict[str, int] = defaultdict(int)
+
+
+class GpuCopier:
+    def __init__(self, ctx: zmq.Context, events_endpoint: str, submit: Callable[[Any], None],
+                 chunk_bytes: int) -> None:
+        import cupy
+
+        self._cp = cupy
+        self._ctx, self._endpoint, self._submit = ctx, events_endpoint, submit
+        self.chunk_bytes = chunk_bytes
+        self.devices = {d.uuid: d for d in (_Device(cupy, i, cuda_driver.device_uuid(i))
+                                            for i in range(cupy.cuda.runtime.getDeviceCount()))}
+        self._context = next(iter(self.devices.values())).context  # pins host memory (portable: for all)
+        self._clients: dict[bytes, _Client] = {}
+        self._pinned: dict[int, int] = {}  # host address -> bytes registered
+        self._work: queue.Queue = queue.Queue()
+        self._waits: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._run, name="snapd-gpu", daemon=True),
+                         threading.Thread(target=self._wait_loop, name="snapd-gpu-wait", daemon=True)]
+
+    def describe(self) -> list[str]:
+        return sorted(self.devices)
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._threads[0].join(timeout=5)
+
+    def copy(self, task: Any, items: list[tuple[Any, dict]], ready: dict[str, str], host: Any,
+             shuffle: bool, region_copies: list) -> None:
+        """Queue ``items`` = [(leaf over the host buffer, its `cuda` descriptor)] of ``task``, and the
+        registered-region copies of the same snapshot, if any."""
+        self._work.put(("copy", task, items, ready, host, shuffle, region_copies))
+
+    def pin(self, views: list) -> None:
+        """Page-lock host buffers ahead of the first copy (slow for large buffers: seconds per 10 GiB)."""
+        self._work.put(("pin", views))
+
+    def forget(self, peer: bytes) -> None:
+        """The client left: close what it opened (on the GPU thread, after its copies)."""
+        self._work.put(("forget", peer))
+
+    def unpin(self, address: int) -> None:
+        """A host buffer is about to be unmapped (called by the pool, any thread)."""
+        if (self._pinned.pop(address, None) or 0) > 0:
+            cuda_driver.host_unregister(self._context, address)
+
+    # -- the GPU thread ------------------------------------------------------------
+    def _run(self) -> None:
+        events = self._ctx.socket(zmq.PUSH)
+        events.connect(self._endpoint)
+        try:
+            while True:
+                item = self._work.get()
+                if item is None:
+                    self._waits.put(None)
+                    return
+                if item[0] == "forget":
+                    self._close(item[1])
+                    continue
+                if item[0] == "pin":
+                    for view in item[1]:
+                        self._pin(view)
+                    continue
+                _, task, items, ready, host, shuffle, region_copies = item
+                try:
+                    for dst, src in region_copies:
+                        np.copyto(dst, src)
+                    handles, marks = self._enqueue(task, items, ready, host, shuffle)
+                except Exception as e:  # a handle that will not open, a device gone
+                    log.error("snapshot %s step %d: GPU copy failed: %s", task.job, task.step, e)
+                    for d in self.devices.values():
+                        d.stream.synchronize()  # nothing may still read the client's memory
+                    self._waits.put((task, None, f"GPU copy: {e}"))
+                    continue
+                events.send(json.dumps({"event": "queued", "seq": task.seq, "events": handles}).encode())
+                self._waits.put((task, marks, None))
+        finally:
+            events.close(linger=1000)
+
+    def _enqueue(self, task: Any, items: list, ready: dict[str, str], host: Any,
+                 shuffle: bool) -> tuple[dict[str, str], list]:
+        cp = self._cp
+        client = self._clients.setdefault(task.peer, _Client())
+        self._pin(host)
+        by_dev: dict[str, list] = defaultdict(list)
+        for leaf, desc in items:
+            by_dev[desc["dev"]].append((leaf, desc))
+        used: set[tuple[str, str]] = set()
+        handles, marks = {}, []
+        for uuid, group in by_dev.items():
+            dev = self.devices[uuid]
+            with cp.cuda.Device(dev.ordinal):
+                if uuid in ready:
+                    self._ready_event(client, dev, ready[uuid]).wait_on(dev.stream.ptr)
+                pieces = []
+                for leaf, desc in group:
+                    key = (uuid, desc["handle"])
+                    used.add(key)
+                    if key not in client.mem:
+                        client.mem[key] = (dev.context, cuda_driver.open_mem_handle(
+                            dev.context, bytes.fromhex(desc["handle"])))
+                    base = client.mem[key][1]
+                    pieces.append((base + desc["offset"], leaf))
+                    leaf.preshuffled = shuffle
+                self._windows(dev, pieces, host.ctypes.data, shuffle)
+                done = self._done_event(client, dev)
+                done.record(dev.stream.ptr)
+                handles[uuid] = done.handle.hex()
+                mark = cp.cuda.Event(block=True, disable_timing=True)
+                mark.record(dev.stream)
+                marks.append(mark)
+        for key in [k for k in client.mem if k not in used]:  # allocations the trainer no longer uses
+            context, base = client.mem.pop(key)
+            self._waits.put(("close", context, base, marks))
+        return handles, marks
+
+    def _windows(self, dev: _Device, pieces: list[tuple[int, Any]], host: int, shuffle: bool) -> None:
+        """Stage ``pieces`` (device address, leaf over the host buffer) through the staging window."""
+        from snapd.kernels.cupy_backend import COPY, SHUFFLE, chunk_segments, run_segments
+
+        cp = self._cp
+        stage = dev.staging.data.ptr
+        window: list[tuple[int, int, int, int]] = []  # (src, offset in window, bytes, itemsize)
+        start = 0
+
+        def flush() -> None:
+            if not window:
+                return
+            segs = []
+            for src, rel, n, k in window:
+                segs += (chunk_segments(src, stage + rel, n, k, self.chunk_bytes, SHUFFLE) if shuffle and k > 1
+                         else [(src, stage + rel, n, 1, COPY)])
+            run_segments(segs, dev.stream)
+            # one device->host copy per run of adjacent pieces: a gap of 64 bytes or more may hold a
+            # tensor the client copied itself, which staging garbage must not overwrite
+            runs: list[list[int]] = []
+            for _, rel, n, _ in sorted(window, key=lambda w: w[1]):
+                if runs and rel - runs[-1][1] < ALIGN:
+                    runs[-1][1] = max(runs[-1][1], rel + n)
+                else:
+                    runs.append([rel, rel + n])
+            for a, b in runs:
+                cp.cuda.runtime.memcpyAsync(host + start + a, stage + a, b - a, _D2H, dev.stream.ptr)
+            window.clear()
+
+        for src, leaf in sorted(pieces, key=lambda p: p[1].data.ctypes.data):
+            off = leaf.data.ctypes.data - host
+            n, k = leaf.nbytes, _itemsize(leaf)
+            step = chunk_step(k, self.chunk_bytes) if shuffle else 1
+            a = 0
+            while a < n:
+                if not window:
+                    start = off + a
+                room = start + STAGING_BYTES - (off + a)
+                if room < min(step, n - a):
+                    flush()
+                    start, room = off + a, STAGING_BYTES
+                take = min(n - a, room)
+                if shuffle and take < n - a:
+                    take -= take % step
+                window.append((src + a, off + a - start, take, k))
+                a += take
+        flush()
+
+    def _pin(self, host: Any) -> None:
+        address, size = host.ctypes.data, host.nbytes
+        if self._pinned.get(address) == size or not size:
+            return
+        try:
+            cuda_driver.host_register(self._context, address, size)
+            self._pinned[address] = size
+            log.info("host buffer at %#x pinned for device copies (%d MiB)", address, size >> 20)
+        except Exception as e:  # RLIMIT_MEMLOCK, or a kernel that refuses: copies still work, slower
+            self._pinned[address] = -1
+            log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
+
+    def _ready_event(self, client: _Client, dev: _Device, handle: str) -> cuda_driver.OpenedEvent:
+        ev = client.ready.get(handle)
+        if ev is None:
+            ev = client.ready[handle] = cuda_driver.OpenedEvent(dev.context, bytes.fromhex(handle))
+        return ev
+
+    def _done_event(self, client: _Client, dev: _Device) -> cuda_driver.IpcEvent:
+        ring = client.done.setdefault(dev.uuid, [])
+        turn = client.turn[dev.uuid]
+        client.turn[dev.uuid] = turn + 1
+        if len(ring) < EVENT_RING:
+            ring.append(cuda_driver.IpcEvent(dev.context))
+            return ring[-1]
+        return ring[turn % EVENT_RING]
+
+    def _close(self, peer: bytes) -> None:
+        client = self._clients.pop(peer, None)
+        if client is None:
+            return
+        for d in self.devices.values():
+            d.stream.synchronize()
+        for context, base in client.mem.values():
+            _quietly(cuda_driver.close_mem_handle, context, base)
+        for ev in client.ready.values():
+            _quietly(ev.close)
+        for ring in client.done.values():
+            for ev in ring:
+                _quietly(ev.close)
+
+    # -- the waiting thread --------------------------------------------------------
+    def _wait_loop(self) -> None:
+        events = self._ctx.socket(zmq.PUSH)
+        events.connect(self._endpoint)
+        try:
+            while True:
+                item = self._waits.get()
+                if item is None:
+                    return
+                if item[0] == "close":  # a handle no snapshot uses any more, once the copies are done
+                    _, context, base, marks = item
+                    for m in marks:
+                        m.synchronize()
+                    _quietly(cuda_driver.close_mem_handle, context, base)
+                    continue
+                task, marks, error = item
+                if error is None:
+                    try:
+                        for m in marks:
+                            m.synchronize()
+                    except Exception as e:
+                        error = f"GPU copy: {e}"
+                if error is not None:
+                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "code": "copy",
+                                            "message": error, "stage": "copy"}).encode())
+                    continue
+                events.send(json.dumps({"event": "copied", "seq": task.seq, "submit": True}).encode())
+        finally:
+            events.close(linger=1000)
+
+
+def _itemsize(leaf: Any) -> int:
+    from snapd.format import dtypes
+
+    return dtypes.itemsize(leaf.dtype)
+
+
+def _quietly(fn: Callable, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # closing: the client may be gone, its context with it
+        log.debug("ignored while closing: %s", e)

@@ -1,0 +1,131 @@
+"""Restoring onto a GPU: which tensors go there, and how their bytes get there.
+
+Chunks are read and decompressed on CPU threads as for any restore, except
+that a shuffled chunk is left as its byte planes; the tensor's bytes are
+copied to the device in one transfer and unshuffled there by the CUDA kernel
+(``snapd.kernels.cupy_backend``), which is far faster than NumPy's strided
+unshuffle on the host. Without CuPy (a torch-only machine) the planes are
+unshuffled on the host first. torch and CuPy are imported only here, and only
+when a restore asks for a device.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+
+from snapd.errors import FormatError
+from snapd.format import dtypes
+from snapd.format.manifest import TensorRecord
+
+log = logging.getLogger(__name__)
+
+_SHUFFLED = ("shuffle-lz4", "shuffle-zstd")
+
+
+def _is_cuda(device: Any) -> bool:
+    return device is not None and str(device).split(":")[0] == "cuda"
+
+
+def _cupy() -> Any | None:
+    try:
+        import cupy
+
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # no CuPy, no driver or no device
+        return None
+
+
+def goes_to_gpu(rec: TensorRecord, device: Any) -> bool:
+    """Whether tensor ``rec`` is restored onto a GPU for this ``device`` argument."""
+    if rec.kind == "torch":
+        return _is_cuda(device) and dtypes.torch_module() is not None
+    if rec.kind == "cupy":
+        if device is not None and not _is_cuda(device):
+            return False
+        if _cupy() is None:
+            log.warning("%s was saved as a CuPy array; CuPy or a CUDA device is missing, returning NumPy", rec.key)
+            return False
+        return True
+    return False  # NumPy arrays stay on the host, as map_location leaves them
+
+
+def _shuffled(rec: TensorRecord) -> list[bool]:
+    k = dtypes.itemsize(rec.dtype)
+    flags = [k > 1 and c.codec in _SHUFFLED for c in rec.chunks]
+    for c, f in zip(rec.chunks, flags):
+        if f and c.raw % k:
+            raise FormatError(f"{rec.key}: a shuffled chunk of {c.raw} bytes is not whole {k}-byte elements")
+    return flags
+
+
+def _segments(rec: TensorRecord, src: int, dst: int) -> list[tuple[int, int, int, int, int]]:
+    from snapd.kernels.cupy_backend import COPY, UNSHUFFLE
+
+    k = dtypes.itemsize(rec.dtype)
+    segs, pos = [], 0
+    for c, shuffled in zip(rec.chunks, _shuffled(rec)):
+        segs.append((src + pos, dst + pos, c.raw // k, k, UNSHUFFLE) if shuffled else
+                    (src + pos, dst + pos, c.raw, 1, COPY))
+        pos += c.raw
+    return segs
+
+
+def _unshuffle_on_host(rec: TensorRecord, host: np.ndarray) -> np.ndarray:
+    from snapd.kernels import unshuffle_into
+
+    k, out, pos = dtypes.itemsize(rec.dtype), np.empty_like(host), 0
+    for c, shuffled in zip(rec.chunks, _shuffled(rec)):
+        part = host[pos:pos + c.raw]
+        if shuffled:
+            unshuffle_into(list(part.reshape(k, -1)), k, out[pos:pos + c.raw])
+        else:
+            out[pos:pos + c.raw] = part
+        pos += c.raw
+    return out
+
+
+def _torch_stream(cp: Any, torch: Any, t: Any) -> Any:
+    """torch's current stream on ``t``'s device as a CuPy stream: the unshuffle runs after the upload."""
+    ptr = torch.cuda.current_stream(t.device).cuda_stream
+    with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14 but still the one way by pointer
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(ptr)
+
+
+def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
+    """The tensor whose decoded chunks (shuffled ones as planes) are in ``host``, on the GPU."""
+    cp = _cupy()
+    needs_unshuffle = any(_shuffled(rec))
+    if needs_unshuffle and cp is None:
+        host, needs_unshuffle = _unshuffle_on_host(rec, host), False
+    if rec.kind == "torch":
+        import torch
+
+        dev = torch.device(device)
+        if not rec.nbytes:  # a uint8 view of nothing cannot be re-viewed as another dtype
+            return torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype), device=dev)
+        staged = torch.from_numpy(host).to(dev)
+        if needs_unshuffle:
+            from snapd.kernels.cupy_backend import run_segments
+
+            out = torch.empty_like(staged)
+            with cp.cuda.Device(staged.device.index):
+                run_segments(_segments(rec, staged.data_ptr(), out.data_ptr()), _torch_stream(cp, torch, staged))
+            staged = out
+        return staged.view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
+    index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else None
+    with cp.cuda.Device(index if index is not None else cp.cuda.runtime.getDevice()):
+        if not rec.nbytes:
+            return cp.empty(rec.shape, dtype=dtypes.numpy_dtype(rec.dtype))
+        staged = cp.asarray(host)
+        if needs_unshuffle:
+            from snapd.kernels.cupy_backend import run_segments
+
+            out = cp.empty_like(staged)
+            run_segments(_segments(rec, staged.data.ptr, out.data.ptr))
+            staged = out
+        return staged.view(dtypes.numpy_dtype(rec.dtype)).reshape(rec.shape)

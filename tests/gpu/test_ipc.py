@@ -1,0 +1,101 @@
+"""The GPU path end to end: a torch (or CuPy) trainer subprocess hands CUDA IPC handles to a real
+daemon subprocess; every byte restored equals the byte saved (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import snapd.client as snapd
+
+pytestmark = pytest.mark.gpu
+TRAINER = Path(__file__).with_name("gpu_trainer.py")
+BIG = str(512 << 20)
+
+
+def _train(mode: str, d, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(TRAINER), mode, d.endpoint, str(d.root)], capture_output=True,
+                       text=True, cwd="/", timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    assert r.returncode == 0 and "OK" in r.stdout, f"{r.stdout}\n{r.stderr}\n--- daemon log\n{d.log_text()}"
+    return r
+
+
+def test_every_dtype_by_ipc_and_back_on_cpu_and_gpu(start) -> None:
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    r = _train("dtypes", d)
+    assert "staged by this process" not in r.stderr  # the daemon copied them, by IPC
+    assert "GPU path: CUDA IPC" in d.log_text()
+    assert json.loads(r.stdout.splitlines()[0])["copied_at_return"] is False  # snapshot() did not wait
+
+
+def test_gpu_snapshot_loads_where_there_is_no_gpu(start) -> None:
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    _train("dtypes", d)
+    code = ("import hashlib, json, sys, numpy as np, snapd.client as s, torch\n"
+            "assert not torch.cuda.is_available()\n"
+            "out = s.load(sys.argv[1], 'dtypes')\n"
+            "def walk(t, p=''):\n"
+            "    if isinstance(t, dict):\n"
+            "        for k, v in t.items(): yield from walk(v, p + k + '.')\n"
+            "    elif hasattr(t, 'shape'): yield p[:-1], t\n"
+            "def raw(t):\n"
+            "    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if isinstance(t, torch.Tensor)"
+            " else np.ascontiguousarray(t).tobytes()\n"
+            "print(json.dumps({k: hashlib.sha256(raw(v)).hexdigest() for k, v in walk(out)}))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(d.root)], capture_output=True, text=True, cwd="/",
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((d.root.parent / "expect-dtypes.json").read_text())
+
+
+def test_mutation_after_fence_does_not_reach_the_snapshot(start) -> None:
+    """The trainer changes every tensor right after fence(), without waiting on the CPU: the GPU
+    orders the change after the daemon's copy, so the snapshot holds the values from before."""
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    _train("mutate", d)
+
+
+@pytest.mark.parametrize("codec", ["shuffle-zstd", "raw"])
+def test_gpu_path_writes_the_same_bytes_as_the_cpu_path(start, codec) -> None:
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG, "--codec", codec)
+    r = _train("identical", d)
+    assert f"codec {codec}: identical chunks" in r.stdout
+
+
+def test_expandable_segments_fall_back_to_staging(start) -> None:
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    r = _train("dtypes", d, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    assert "not legacy-IPC capable" in r.stderr
+
+
+def test_daemon_without_cuda_gets_staged_tensors(start) -> None:
+    d = start("--backend", "cpu", "--host-buffer-bytes", BIG)
+    r = _train("dtypes", d)
+    assert "the daemon has no CUDA path" in r.stderr
+
+
+def test_cupy_arrays_round_trip(start) -> None:
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    _train("cupy", d)
+
+
+@pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "raw"])
+def test_cpu_saved_snapshot_restores_onto_the_gpu(root, codec) -> None:
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(1000, 999, generator=g), "bf": torch.randn(12345, generator=g).bfloat16(),
+             "i": torch.arange(7), "np": np.arange(5.0)}
+    snapd.save(root, "j", state, step=1, codec=codec)
+    out = snapd.load(root, "j", device="cuda:0")
+    for k in ("w", "bf", "i"):
+        assert out[k].device.type == "cuda" and out[k].dtype == state[k].dtype
+        assert hashlib.sha256(out[k].cpu().reshape(-1).view(torch.uint8).numpy()).digest() == \
+            hashlib.sha256(state[k].reshape(-1).view(torch.uint8).numpy()).digest()
+    assert isinstance(out["np"], np.ndarray) and np.array_equal(out["np"], state["np"])
