@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 EVENT_RING = 16  # ready events per device, reused in turn (more than snapshots in flight)
 
 
-def _pid_namespace() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
 def _mps() -> bool:
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
     return os.path.exists(os.path.join(pipe, "control"))
@@ -52,7 +45,7 @@ class CudaExport:
         self.why_not: str | None = None
         if not self.daemon_devices:
             self.why_not = "the daemon has no CUDA path (no CuPy or no device there)"
-        elif info.get("pid_ns") != _pid_namespace():
+        elif info.get("pid_ns") != cuda_driver.pid_namespace():
             self.why_not = "the daemon runs in another pid namespace (CUDA IPC needs the same one)"
         elif _mps():
             self.why_not = "CUDA MPS is running (its clients cannot share memory by IPC)"

@@ -194,6 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     c = st["counters"]
     print(f"snapd {st['version']} pid {st['pid']} up {st['uptime_s']:.0f} s on {st['endpoint']}")
+    print(f"backend {st.get('backend', '-')}; GPU path: "
+          f"{', '.join(st.get('cuda_devices') or []) or 'off (device tensors are staged by the clients)'}")
     print(f"root {st['root']}; buffers {st['buffers']['busy']}/{st['buffers']['count']} busy x "
           f"{human_bytes(st['buffers']['bytes_each'])}; waiting {st['waiting_for_buffer']}")
     print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "

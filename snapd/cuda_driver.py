@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import uuid as uuidlib
 
@@ -72,6 +73,14 @@ def _check(lib: ctypes.CDLL, rc: int, call: str) -> None:
 def _call(name: str, *args: object) -> None:
     lib = _driver()
     _check(lib, getattr(lib, name)(*args), name)
+
+
+def pid_namespace() -> int:
+    """This process's pid namespace (an inode number): CUDA IPC needs both sides in the same one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def available() -> bool:

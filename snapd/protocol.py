@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -72,51 +73,75 @@ def _best(v: Any, name: str) -> None:
         raise ProtocolError(f"{name} must be null or [metric, \"min\"|\"max\"]", "bad_field")
 
 
+_U64 = _int()
+
+
+def _fields_u64(t: dict, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that is not an integer in [0, 2^63), or None (the fast path: no closures,
+    no strings built per tensor; a snapshot of a large model carries 10^4-10^5 descriptors)."""
+    for n in names:
+        x = t.get(n)
+        if type(x) is not int or not 0 <= x < 2**63:
+            return n
+    return None
+
+
 def _tensors(v: Any, name: str) -> None:
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
         raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} descriptors", "bad_field")
     for i, t in enumerate(v):
-        where = f"{name}[{i}]"
         if not isinstance(t, dict):
-            raise ProtocolError(f"{where} must be an object", "bad_field")
+            raise ProtocolError(f"{name}[{i}] must be an object", "bad_field")
         problem = key_problem(t.get("key"))
         if problem:
-            raise ProtocolError(f"{where}.key {_short(t.get('key'))}: {problem}", "bad_field")
+            raise ProtocolError(f"{name}[{i}].key {_short(t.get('key'))}: {problem}", "bad_field")
         if t.get("kind") not in KINDS:
-            raise ProtocolError(f"{where}.kind must be one of {', '.join(KINDS)}", "bad_field")
+            raise ProtocolError(f"{name}[{i}].kind must be one of {', '.join(KINDS)}", "bad_field")
         if t.get("dtype") not in dtypes.ITEMSIZE:
-            raise ProtocolError(f"{where}.dtype {_short(t.get('dtype'))} is not a known dtype", "bad_field")
+            raise ProtocolError(f"{name}[{i}].dtype {_short(t.get('dtype'))} is not a known dtype", "bad_field")
         shape = t.get("shape")
         if not isinstance(shape, list) or len(shape) > 64:
-            raise ProtocolError(f"{where}.shape must be a list of at most 64 dimensions", "bad_field")
+            raise ProtocolError(f"{name}[{i}].shape must be a list of at most 64 dimensions", "bad_field")
         for d in shape:
-            _int()(d, f"{where}.shape")
-        _int()(t.get("offset"), f"{where}.offset")
-        if "region" in t:  # registered path: the bytes are at region_offset in a registered region
-            _int()(t.get("region"), f"{where}.region")
-            _int()(t.get("region_offset"), f"{where}.region_offset")
-        _int()(t.get("nbytes"), f"{where}.nbytes")
+            if type(d) is not int or not 0 <= d < 2**63:
+                _U64(d, f"{name}[{i}].shape")
+        # registered path: the bytes are at region_offset in a registered region
+        bad = _fields_u64(t, ("offset", "nbytes", "region", "region_offset") if "region" in t else
+                          ("offset", "nbytes"))
+        if bad is not None:
+            _U64(t.get(bad), f"{name}[{i}].{bad}")
         if "cuda" in t:  # GPU path: the bytes are at offset in the allocation this IPC handle maps
-            _cuda(t["cuda"], f"{where}.cuda", t["nbytes"])
+            _cuda(t["cuda"], f"{name}[{i}].cuda", t["nbytes"])
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
-            raise ProtocolError(f"{where}: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
+            raise ProtocolError(f"{name}[{i}]: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
                                 "bad_field")
 
 
 def _hex(length: int) -> Validator:
+    pattern = re.compile(f"[0-9a-f]{{{length}}}")  # one C-level match: a snapshot can carry 10^5 of these
+
     def check(v: Any, name: str) -> None:
-        if not isinstance(v, str) or len(v) != length or any(c not in "0123456789abcdef" for c in v):
+        if not isinstance(v, str) or not pattern.fullmatch(v):
             raise ProtocolError(f"{name} must be {length} lowercase hex digits", "bad_field")
     return check
+
+
+_HANDLE = _hex(128)
+_HANDLE_RE = re.compile("[0-9a-f]{128}")
+_DEVICE = _str(64)
 
 
 def _cuda(v: Any, name: str, nbytes: int) -> None:
     if not isinstance(v, dict):
         raise ProtocolError(f"{name} must be an object", "bad_field")
-    _str(64)(v.get("dev"), f"{name}.dev")
-    _hex(128)(v.get("handle"), f"{name}.handle")
-    _int()(v.get("offset"), f"{name}.offset")
-    _int(1)(v.get("size"), f"{name}.size")
+    dev, handle = v.get("dev"), v.get("handle")
+    if not isinstance(dev, str) or len(dev) > 64:
+        _DEVICE(dev, f"{name}.dev")
+    if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):
+        raise ProtocolError(f"{name}.handle must be 128 lowercase hex digits", "bad_field")
+    bad = _fields_u64(v, ("offset", "size"))
+    if bad is not None or not v["size"]:
+        _int(1)(v.get(bad or "size"), f"{name}.{bad or 'size'}")
     if v["offset"] + nbytes > v["size"]:
         raise ProtocolError(f"{name}: {nbytes} bytes at offset {v['offset']} lie outside the {v['size']}-byte "
                             "allocation", "bad_field")
@@ -126,8 +151,8 @@ def _events(v: Any, name: str) -> None:
     if not isinstance(v, dict) or len(v) > 64:
         raise ProtocolError(f"{name} must be an object of at most 64 device events", "bad_field")
     for dev, handle in v.items():
-        _str(64)(dev, f"{name} key")
-        _hex(128)(handle, f"{name}[{dev}]")
+        _DEVICE(dev, f"{name} key")
+        _HANDLE(handle, f"{name}[{dev}]")
 
 
 # type -> required fields and their validators (optional fields use _opt)
@@ -170,10 +195,14 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     _int()(msg.get("id"), "id")
     kind = msg.get("type")
     fields = REQUESTS.get(kind) if isinstance(kind, str) else None
-    if fields is None:
-        raise ProtocolError(f"unknown message type {_short(kind)}", "unknown_type")
-    for name, check in fields.items():
-        check(msg.get(name), name)
+    try:
+        if fields is None:
+            raise ProtocolError(f"unknown message type {_short(kind)}", "unknown_type")
+        for name, check in fields.items():
+            check(msg.get(name), name)
+    except ProtocolError as e:
+        e.req_id = msg["id"]  # the id is valid by now: the error reply must reach the waiting caller
+        raise
     return msg
 
 

@@ -5,10 +5,10 @@ allocation, plus the tensor's offset in it) and, per device, an
 interprocess event the trainer recorded after the work that produced the
 values. On the ``snapd-gpu`` thread, for each device, on that device's one
 copy stream:
-  wait for the trainer's event -> pack (and, when the job's codec shuffles,
-  shuffle each writer chunk) into a device staging window with one kernel
-  launch -> copy the window to the leased host buffer (pinned with
-  cudaHostRegister) -> ... -> record a "done" interprocess event.
+  wait for the trainer's event -> per window (``gpu_windows.plan``): pack
+  (and, when the job's codec shuffles, shuffle each writer chunk) into the
+  device staging buffer with one kernel launch, then copy it to the leased
+  host buffer (page-locked) -> record a "done" interprocess event.
 The events' handles go to the client at once (``queued``): its next
 mutation waits on them on the GPU, never on the CPU. A second thread waits
 for the copies on the host, then reports ``copied`` and hands the snapshot
@@ -32,12 +32,10 @@ import numpy as np
 import zmq
 
 from snapd import cuda_driver
-from snapd.kernels import chunk_step
+from snapd.daemon import gpu_windows
 
 log = logging.getLogger(__name__)
 
-STAGING_BYTES = 256 << 20  # one device window per device: 256 MiB, ~5 ms of device->host traffic
-ALIGN = 64  # tensors lie at 64-byte aligned offsets in the host buffer (the client's layout)
 EVENT_RING = 16  # done events per client and device, reused in turn (more than any client has in flight)
 _D2H = 2  # cudaMemcpyDeviceToHost
 
@@ -48,7 +46,7 @@ class _Device:
         self.context = cuda_driver.primary_context(ordinal)
         with cp.cuda.Device(ordinal):
             self.stream = cp.cuda.Stream(non_blocking=True)
-            self.staging = cp.empty(STAGING_BYTES, dtype=cp.uint8)
+            self.staging = cp.empty(gpu_windows.STAGING_BYTES, dtype=cp.uint8)
 
 
 class _Client:
@@ -72,14 +70,17 @@ class GpuCopier:
         self.devices = {d.uuid: d for d in (_Device(cupy, i, cuda_driver.device_uuid(i))
                                             for i in range(cupy.cuda.runtime.getDeviceCount()))}
         self._context = next(iter(self.devices.values())).context  # pins host memory (portable: for all)
+        log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.describe()))
         self._clients: dict[bytes, _Client] = {}
-        self._pinned: dict[int, int] = {}  # host address -> bytes registered
+        self._pinned: dict[int, list[int]] = {}  # host buffer address -> the pieces registered
+        self._pin_lock = threading.Lock()
         self._work: queue.Queue = queue.Queue()
         self._waits: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name="snapd-gpu", daemon=True),
                          threading.Thread(target=self._wait_loop, name="snapd-gpu-wait", daemon=True)]
 
     def describe(self) -> list[str]:
+        """The UUIDs of the devices this daemon copies from (sent to clients in ``welcome``)."""
         return sorted(self.devices)
 
     def start(self) -> None:
@@ -97,8 +98,9 @@ class GpuCopier:
         self._work.put(("copy", task, items, ready, host, shuffle, region_copies))
 
     def pin(self, views: list) -> None:
-        """Page-lock host buffers ahead of the first copy (slow for large buffers: seconds per 10 GiB)."""
-        self._work.put(("pin", views))
+        """Page-lock host buffers ahead of their first copy, on a thread of its own (about 1 GB/s with
+        the first touch of the pages): a snapshot waits only for the buffer it was given."""
+        threading.Thread(target=lambda: [self._pin(v) for v in views], name="snapd-pin", daemon=True).start()
 
     def forget(self, peer: bytes) -> None:
         """The client left: close what it opened (on the GPU thread, after its copies)."""
@@ -106,8 +108,9 @@ class GpuCopier:
 
     def unpin(self, address: int) -> None:
         """A host buffer is about to be unmapped (called by the pool, any thread)."""
-        if (self._pinned.pop(address, None) or 0) > 0:
-            cuda_driver.host_unregister(self._context, address)
+        with self._pin_lock:
+            for piece in self._pinned.pop(address, []):
+                cuda_driver.host_unregister(self._context, piece)
 
     # -- the GPU thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -121,10 +124,6 @@ class GpuCopier:
                     return
                 if item[0] == "forget":
                     self._close(item[1])
-                    continue
-                if item[0] == "pin":
-                    for view in item[1]:
-                        self._pin(view)
                     continue
                 _, task, items, ready, host, shuffle, region_copies = item
                 try:
@@ -180,64 +179,37 @@ class GpuCopier:
         return handles, marks
 
     def _windows(self, dev: _Device, pieces: list[tuple[int, Any]], host: int, shuffle: bool) -> None:
-        """Stage ``pieces`` (device address, leaf over the host buffer) through the staging window."""
+        """Stage ``pieces`` (device address, leaf over the host buffer) through the staging buffer."""
         from snapd.kernels.cupy_backend import COPY, SHUFFLE, chunk_segments, run_segments
 
-        cp = self._cp
         stage = dev.staging.data.ptr
-        window: list[tuple[int, int, int, int]] = []  # (src, offset in window, bytes, itemsize)
-        start = 0
-
-        def flush() -> None:
-            if not window:
-                return
+        tensors = [(src, leaf.data.ctypes.data - host, leaf.nbytes, _itemsize(leaf)) for src, leaf in pieces]
+        for w in gpu_windows.plan(tensors, shuffle, self.chunk_bytes):
             segs = []
-            for src, rel, n, k in window:
-                segs += (chunk_segments(src, stage + rel, n, k, self.chunk_bytes, SHUFFLE) if shuffle and k > 1
-                         else [(src, stage + rel, n, 1, COPY)])
+            for p in w.pieces:
+                segs += (chunk_segments(p.src, stage + p.rel, p.nbytes, p.itemsize, self.chunk_bytes, SHUFFLE)
+                         if shuffle and p.itemsize > 1 else [(p.src, stage + p.rel, p.nbytes, 1, COPY)])
             run_segments(segs, dev.stream)
-            # one device->host copy per run of adjacent pieces: a gap of 64 bytes or more may hold a
-            # tensor the client copied itself, which staging garbage must not overwrite
-            runs: list[list[int]] = []
-            for _, rel, n, _ in sorted(window, key=lambda w: w[1]):
-                if runs and rel - runs[-1][1] < ALIGN:
-                    runs[-1][1] = max(runs[-1][1], rel + n)
-                else:
-                    runs.append([rel, rel + n])
-            for a, b in runs:
-                cp.cuda.runtime.memcpyAsync(host + start + a, stage + a, b - a, _D2H, dev.stream.ptr)
-            window.clear()
-
-        for src, leaf in sorted(pieces, key=lambda p: p[1].data.ctypes.data):
-            off = leaf.data.ctypes.data - host
-            n, k = leaf.nbytes, _itemsize(leaf)
-            step = chunk_step(k, self.chunk_bytes) if shuffle else 1
-            a = 0
-            while a < n:
-                if not window:
-                    start = off + a
-                room = start + STAGING_BYTES - (off + a)
-                if room < min(step, n - a):
-                    flush()
-                    start, room = off + a, STAGING_BYTES
-                take = min(n - a, room)
-                if shuffle and take < n - a:
-                    take -= take % step
-                window.append((src + a, off + a - start, take, k))
-                a += take
-        flush()
+            for at, rel, n in w.copies:
+                self._cp.cuda.runtime.memcpyAsync(host + at, stage + rel, n, _D2H, dev.stream.ptr)
 
     def _pin(self, host: Any) -> None:
         address, size = host.ctypes.data, host.nbytes
-        if self._pinned.get(address) == size or not size:
-            return
+        with self._pin_lock:  # the pinning thread and the GPU thread: each buffer once
+            if address in self._pinned or not size:
+                return
+            self._pin_pieces(address, size)
+
+    def _pin_pieces(self, address: int, size: int) -> None:
+        pieces = []
         try:
-            cuda_driver.host_register(self._context, address, size)
-            self._pinned[address] = size
+            for a in range(0, size, gpu_windows.PIN_PIECE):
+                cuda_driver.host_register(self._context, address + a, min(gpu_windows.PIN_PIECE, size - a))
+                pieces.append(address + a)
             log.info("host buffer at %#x pinned for device copies (%d MiB)", address, size >> 20)
         except Exception as e:  # RLIMIT_MEMLOCK, or a kernel that refuses: copies still work, slower
-            self._pinned[address] = -1
             log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
+        self._pinned[address] = pieces
 
     def _ready_event(self, client: _Client, dev: _Device, handle: str) -> cuda_driver.OpenedEvent:
         ev = client.ready.get(handle)

@@ -17,12 +17,14 @@ from typing import Any
 import zmq
 
 from snapd import __version__, protocol
+from snapd.cuda_driver import pid_namespace
 from snapd.daemon.access import AccessPolicy, Peer, ZapHandler
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
+from snapd.daemon.endings import on_event
 from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.sessions import Session, open_region, place_tensors
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
@@ -62,7 +64,6 @@ class Server:
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
-        self._pid_ns = _pid_namespace()
 
     def enable_gpu(self) -> None:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
@@ -70,7 +71,6 @@ class Server:
 
         self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.pipeline.submit, self.config.chunk_bytes)
         self.pool.before_discard = lambda buf: self.gpu.unpin(buf.view.ctypes.data)
-        log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.gpu.describe()))
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -106,21 +106,7 @@ class Server:
                 elif self.zap is not None and s is self.zap.sock:
                     self.zap.handle()
                 else:
-                    event = json.loads(self.events.recv())
-                    if event["event"] == "copied":
-                        task = self.tasks[event["seq"]]
-                        self.leases.copied(task.lease)
-                        if event.get("submit"):  # from the GPU copier: the state machine moves here
-                            task.advance(COPIED)
-                            self.pipeline.submit(task)
-                        self._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
-                    elif event["event"] == "queued":  # GPU copies enqueued: the client may order after them
-                        task = self.tasks.get(event["seq"])  # None: it already failed
-                        if task is not None:
-                            self._send(task.peer, protocol.reply("queued", task.req_id, step=task.step,
-                                                                 events=event["events"]))
-                    else:
-                        self._finish(event)
+                    on_event(self, json.loads(self.events.recv()))
             now = time.monotonic()
             notifier.tick()
             if now >= next_check:
@@ -184,7 +170,7 @@ class Server:
             else:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
-            reply = protocol.error_reply(req_id, e.code, str(e))
+            reply = protocol.error_reply(getattr(e, "req_id", req_id), e.code, str(e))
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
@@ -220,7 +206,7 @@ class Server:
                               root=str(self.config.root), jobs_root=str(jobs_root),
                               job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
                               buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
-                              cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": self._pid_ns})
+                              cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)
@@ -298,27 +284,6 @@ class Server:
         return protocol.reply("bye", msg["id"])
 
     # -- endings ------------------------------------------------------------------
-    def _finish(self, event: dict) -> None:
-        task = self.tasks.pop(event["seq"])
-        self.leases.free(None, task.lease)
-        if event["ok"]:
-            self.counters["persisted"] += 1
-            self.counters["bytes_raw"] += task.raw_bytes
-            self.counters["bytes_stored"] += event["stored_bytes"]
-            self.metrics.persisted(task.raw_bytes, event["stored_bytes"], event["seconds"])
-            self.recent.persisted(task.job, str(task.root / task.job), task.step, task.raw_bytes,
-                                  event["stored_bytes"])
-            reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
-                                   codec=event["codec"], stored_bytes=event["stored_bytes"],
-                                   raw_bytes=task.raw_bytes, seconds=event["seconds"])
-        else:
-            self.counters["failed"] += 1
-            self.metrics.snapshots.labels("failed").inc()
-            self.recent.failed(task.job, str(task.root / task.job))
-            self.last_error = f"{task.job} step {task.step}: {event['message']}"
-            reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
-        self._send(task.peer, reply)
-
     def _reap_dead_clients(self) -> None:
         for s in list(self.sessions.values()):
             try:
@@ -344,10 +309,3 @@ class Server:
     def status(self) -> dict[str, Any]:
         return status_of(self)
 
-
-def _pid_namespace() -> int:
-    """This process's pid namespace (an inode number): CUDA IPC needs the client in the same one."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0

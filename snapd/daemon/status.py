@@ -59,6 +59,7 @@ def status_of(server: Server) -> dict[str, Any]:
     return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - server.started, 3),
             "endpoint": config.endpoint, "root": str(config.root), "stopping": server.stopping,
             "backend": server.backend, "metrics": server.metrics.url,
+            "cuda_devices": server.gpu.describe() if server.gpu is not None else [],
             "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
                          "held_buffers": server.leases.held(s)} for s in server.sessions.values()],
             "access": server.policy.describe(),

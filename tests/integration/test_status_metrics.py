@@ -10,7 +10,8 @@ import numpy as np
 
 import snapd.client as snapd
 
-STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "clients",
+STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "cuda_devices",
+               "clients",
                "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access",
                "jobs", "throughput"}
 

@@ -1,0 +1,57 @@
+"""What the server does with the stages' reports (over the inproc events socket).
+
+- ``copied`` (the registered-region copy thread, or the GPU copier once the
+  device copies are done): the buffer now holds the bytes; tell the client.
+  From the GPU copier the snapshot is also handed to the encode/flush stages.
+- ``queued`` (GPU copier): the copies are enqueued; the client gets the
+  daemon's done events, so its stream can wait on them.
+- ``done``: persisted or failed; the buffer goes back, counters and metrics
+  move, and the client gets ``persisted`` or the error with its stage.
+Runs on the server thread, the only one that sends on the ROUTER socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from snapd import protocol
+from snapd.daemon.pipeline import COPIED
+
+
+def on_event(server: Any, event: dict) -> None:
+    if event["event"] == "done":
+        finish(server, event)
+        return
+    task = server.tasks.get(event["seq"])
+    if task is None:  # already failed and answered
+        return
+    if event["event"] == "queued":
+        server._send(task.peer, protocol.reply("queued", task.req_id, step=task.step, events=event["events"]))
+        return
+    server.leases.copied(task.lease)
+    if event.get("submit"):  # from the GPU copier: the state machine moves here
+        task.advance(COPIED)
+        server.pipeline.submit(task)
+    server._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
+
+
+def finish(server: Any, event: dict) -> None:
+    task = server.tasks.pop(event["seq"])
+    server.leases.free(None, task.lease)
+    if event["ok"]:
+        server.counters["persisted"] += 1
+        server.counters["bytes_raw"] += task.raw_bytes
+        server.counters["bytes_stored"] += event["stored_bytes"]
+        server.metrics.persisted(task.raw_bytes, event["stored_bytes"], event["seconds"])
+        server.recent.persisted(task.job, str(task.root / task.job), task.step, task.raw_bytes,
+                                event["stored_bytes"])
+        reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
+                               codec=event["codec"], stored_bytes=event["stored_bytes"],
+                               raw_bytes=task.raw_bytes, seconds=event["seconds"])
+    else:
+        server.counters["failed"] += 1
+        server.metrics.snapshots.labels("failed").inc()
+        server.recent.failed(task.job, str(task.root / task.job))
+        server.last_error = f"{task.job} step {task.step}: {event['message']}"
+        reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
+    server._send(task.peer, reply)
