@@ -64,6 +64,7 @@ class Server:
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
+        self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
 
     def enable_gpu(self) -> None:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
@@ -174,8 +175,14 @@ class Server:
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
+        # Work handed to other threads starts after the reply is out: a stage thread holding the
+        # GIL (the GPU copier plans in Python) would otherwise delay the reply the trainer waits on
+        # by up to the interpreter's 5 ms switch interval. (Only a handler that returned sets it.)
+        handoff, self._handoff = self._handoff, None
         if reply is not None:
             self._send(peer, reply)
+        if handoff is not None:
+            handoff()
 
     def _session(self, peer: bytes) -> Session:
         s = self.sessions.get(peer)
@@ -258,14 +265,15 @@ class Server:
         self.tasks[task.seq] = task
         if on_gpu:  # GPU path: the copier reports queued, then copied
             shuffle = self.pipeline.gpu_shuffle(task) is not None
-            self.gpu.copy(task, on_gpu, msg.get("ready_events") or {}, buf.view, shuffle, copies)
+            self._handoff = lambda: self.gpu.copy(task, on_gpu, msg.get("ready_events") or {}, buf.view, shuffle,
+                                                  copies)
             return protocol.reply("received", msg["id"], step=msg["step"])
         if copies:  # registered path: the copy stage copies while the trainer runs on
-            self.pipeline.copy(task, copies)
+            self._handoff = lambda: self.pipeline.copy(task, copies)
             return protocol.reply("received", msg["id"], step=msg["step"])
         self.leases.copied(task.lease)
         task.advance(COPIED)  # plain path: the client copied the bytes before sending this
-        self.pipeline.submit(task)
+        self._handoff = lambda: self.pipeline.submit(task)
         return protocol.reply("copied", msg["id"], step=msg["step"])
 
     def _on_status(self, peer: bytes, msg: dict) -> bytes:
