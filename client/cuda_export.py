@@ -126,7 +126,7 @@ class CudaExport:
             import torch
 
             self._pin(mapping, torch)
-            torch.from_numpy(dst).copy_(src.reshape(-1).view(torch.uint8))
+            torch.from_numpy(dst).copy_(src.detach().reshape(-1).view(torch.uint8))
         else:
             import cupy
 

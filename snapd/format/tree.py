@@ -55,7 +55,7 @@ class TensorLeaf:
         if self._data is None:
             import torch  # only torch leaves are made without their view
 
-            flat = self.source.reshape(-1)
+            flat = self.source.detach().reshape(-1)
             self._data = flat.view(torch.uint8).numpy() if self.nbytes else np.empty(0, np.uint8)
         return self._data
 
@@ -131,18 +131,19 @@ def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | 
         if obj.layout != torch.strided or obj.is_quantized:
             raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
                                         "(only dense tensors)")
-        where = obj.device.type
-        if where == "meta":
+        if obj.is_meta:
             raise UnsupportedValueError(f"{key}: a meta tensor has no data to save")
         name = dtypes.torch_name(obj.dtype, key)
-        on_device = keep_device and where == "cuda"
-        t = obj if on_device else obj.detach()  # (a device leaf is only read by address: no detach needed)
-        if where != "cpu" and not on_device:
-            t = t.cpu()
+        # (the snapshot path runs this for every tensor of every snapshot: is_cpu/is_cuda over
+        # device.type, and no detach() unless a new tensor is made; ``data`` detaches when needed)
+        on_device = keep_device and obj.is_cuda
+        t = obj
+        if not obj.is_cpu and not on_device:
+            t = obj.detach().cpu()
         if t.is_conj() or t.is_neg():
-            t = t.resolve_conj().resolve_neg()
+            t = t.detach().resolve_conj().resolve_neg()
         if not t.is_contiguous():
-            t = t.contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
+            t = t.detach().contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
         return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
     if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__"):
         return _cuda_array_leaf(key, obj, keep_device)
