@@ -64,8 +64,8 @@ class CudaExport:
             self._said.add(reason)
             log.warning("GPU tensors staged by this process, not copied by the daemon: %s", reason)
 
-    def describe(self, leaf: TensorLeaf) -> tuple[dict, int] | None:
-        """The leaf's `cuda` descriptor and its stream, or None when this process must stage it."""
+    def describe(self, leaf: TensorLeaf) -> dict | None:
+        """The leaf's `cuda` descriptor, or None when this process must stage it."""
         if self.why_not:
             self._once(self.why_not)
             return None
@@ -83,8 +83,16 @@ class CudaExport:
         if handle is None:
             handle = self._handles[alloc.buffer_id] = cuda_driver.mem_handle(alloc).hex()
         self._contexts.setdefault(uuid, alloc.context)
-        return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}, \
-            _stream_of(leaf)
+        return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}
+
+    def streams(self, leaves: list[TensorLeaf], cuda: dict[int, dict | None]) -> dict[str, int]:
+        """The trainer stream of each device the snapshot copies from: the first tensor's there
+        (asked once a device, not once a tensor: torch's current_stream costs microseconds)."""
+        out: dict[str, int] = {}
+        for i, d in cuda.items():
+            if d is not None and d["dev"] not in out:
+                out[d["dev"]] = _stream_of(leaves[i])
+        return out
 
     def _allocation(self, ptr: int) -> cuda_driver.Allocation:
         """Where ``ptr`` lives, cached by address and re-checked by allocation id (one driver call):

@@ -9,6 +9,7 @@ its tensors; compression and disk I/O happen in the daemon.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -21,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from snapd.client.connection import Connection, probe
+from snapd.client.layout import LayoutCache, buffer_offsets, descriptors
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
-from snapd.errors import Busy, DaemonUnavailable, InvalidArgument
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
@@ -34,7 +36,6 @@ __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 
 log = logging.getLogger(__name__)
 
-ALIGN = 64
 PARALLEL_COPY_BYTES = 64 << 20
 
 
@@ -54,6 +55,7 @@ class Client:
         self._on_gpu: list[Pending] = []  # GPU-path snapshots whose device copy is not known done
         self._welcome_cuda = welcome.get("cuda")
         self._export_: Any = None
+        self._layouts = LayoutCache()
 
     def _buffer(self, path: str, nbytes: int) -> np.ndarray:
         """The mapping of a host buffer. The daemon replaces a buffer's file when it passes
@@ -74,12 +76,9 @@ class Client:
         t0 = time.perf_counter()
         check_step(step)
         metrics = check_metrics(metrics)
-        tree, leaves = flatten(state, keep_device=True)
-        offsets, pos = [], 0
-        for leaf in leaves:
-            pos += -pos % ALIGN
-            offsets.append(pos)
-            pos += leaf.nbytes
+        scalars: list[dict] = []
+        tree, leaves = flatten(state, keep_device=True, scalars=scalars)
+        offsets, pos = buffer_offsets(leaves)
         shared = [None if leaf.on_device else self._registered(leaf) for leaf in leaves]
         cuda = {i: self._export.describe(leaf) for i, leaf in enumerate(leaves) if leaf.on_device and leaf.nbytes}
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
@@ -92,7 +91,7 @@ class Client:
             return Pending(self, step, None, stall_s=time.perf_counter() - t0, skipped=str(e))
         if granted["waited_s"] > 0.05:
             log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
-        streams = {d[0]["dev"]: d[1] for d in cuda.values() if d is not None}
+        streams = self._export.streams(leaves, cuda) if cuda else {}
         try:
             buf = self._buffer(granted["path"], granted["bytes"])
             plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None and not leaf.on_device]
@@ -104,19 +103,19 @@ class Client:
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
-        descs = []
-        for i, (leaf, off, sh) in enumerate(zip(leaves, offsets, shared)):
-            d = {"key": leaf.key, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
-                 "offset": off, "nbytes": leaf.nbytes}
-            if sh is not None:
-                d["region"], d["region_offset"] = sh
-            if cuda.get(i) is not None:
-                d["cuda"] = cuda[i][0]
-            descs.append(d)
-        extra = {"ready_events": ready} if ready else {}
-        req = self._conn.send("snapshot", lease=granted["lease"], step=step, metrics=metrics, emergency=emergency,
-                              tree=tree, tensors=descs, **extra)
-        first = self._conn.wait(req)  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
+        descs = descriptors(leaves, offsets, shared, cuda)
+        head = {"lease": granted["lease"], "step": step, "metrics": metrics, "emergency": emergency}
+        if ready:
+            head["ready_events"] = ready
+        req = self._conn.send("snapshot", **head, **self._layouts.fields(tree, scalars, descs))
+        try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
+            first = self._conn.wait(req)
+        except SnapdError as e:
+            if e.code != "unknown_layout":  # refused: the daemon kept the layout it had
+                self._layouts.forget()
+                raise
+            req = self._conn.send("snapshot", **head, **self._layouts.full(tree, scalars))
+            first = self._conn.wait(req)
         pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
                           waited_s=granted["waited_s"], streams=streams,
                           keep=[leaf.source for leaf in leaves if leaf.on_device] if streams else None)
@@ -178,20 +177,23 @@ class Client:
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
     def _copy(self, buf: np.ndarray, leaves: list, offsets: list[int]) -> None:
-        """One memcpy per byte; large states on a few threads (np.copyto releases the GIL)."""
-        jobs = []
+        """One memcpy per byte, from each tensor's own address: no NumPy view of a torch tensor
+        (making one costs ~15 us, most of a small tensor's copy). Large states on a few threads
+        (ctypes releases the GIL around memmove)."""
+        base, jobs = buf.ctypes.data, []
         for leaf, off in zip(leaves, offsets):
             n = leaf.nbytes
+            if off + n > buf.size:  # the daemon grants what was asked; a raw copy must never run past it
+                raise SnapdError(f"{leaf.key}: {n} bytes at {off} do not fit the {buf.size}-byte host buffer")
             for a in range(0, n, PARALLEL_COPY_BYTES):
-                b = min(n, a + PARALLEL_COPY_BYTES)
-                jobs.append((buf[off + a:off + b], leaf.data[a:b]))
-        if sum(d.nbytes for d, _ in jobs) < 2 * PARALLEL_COPY_BYTES:
-            for dst, src in jobs:
-                np.copyto(dst, src)
+                jobs.append((base + off + a, leaf.ptr + a, min(PARALLEL_COPY_BYTES, n - a)))
+        if sum(job[2] for job in jobs) < 2 * PARALLEL_COPY_BYTES:
+            for job in jobs:
+                ctypes.memmove(*job)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="snapd-copy")
-        list(self._pool.map(lambda j: np.copyto(j[0], j[1]), jobs))
+        list(self._pool.map(lambda job: ctypes.memmove(*job), jobs))
 
     def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None, device: Any = None) -> Any:
         return load(self.root, self.job, step, keys=keys, into=into, device=device)

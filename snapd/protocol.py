@@ -155,13 +155,31 @@ def _events(v: Any, name: str) -> None:
         _HANDLE(handle, f"{name}[{dev}]")
 
 
+_SCALAR_TYPES = (type(None), bool, int, float, str)
+
+
+def _scalars(v: Any, name: str) -> None:
+    """The value, float and bytes nodes of a tree, in pre-order (a layout's new values)."""
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} tree nodes", "bad_field")
+    for i, node in enumerate(v):
+        t = node.get("t") if isinstance(node, dict) else None
+        x = node.get("v") if t else None
+        if not (t == "value" and type(x) in _SCALAR_TYPES or t == "float" and x in ("nan", "inf", "-inf")
+                or t == "bytes" and isinstance(x, str)):
+            raise ProtocolError(f"{name}[{i}] must be a value, float or bytes node of the tree, got {_short(node)}",
+                                "bad_field")
+
+
 # type -> required fields and their validators (optional fields use _opt)
 REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
-    "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _object,
-                 "tensors": _tensors, "ready_events": _opt(_events)},
+    # tensors and tree, or the number of a layout sent before (snapd.daemon.sessions.layout_of)
+    "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _opt(_object),
+                 "tensors": _opt(_tensors), "layout": _opt(_int(1)), "values": _opt(_scalars),
+                 "ready_events": _opt(_events)},
     "release": {"lease": _int()},
     "register": {"path": _str(), "bytes": _int(1)},
     "status": {},

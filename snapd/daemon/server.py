@@ -23,14 +23,13 @@ from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
-from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT, Pipeline, Task
+from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
 from snapd.daemon.endings import on_event
 from snapd.daemon.status import Recent, status_line, status_of
-from snapd.daemon.sessions import Session, open_region, place_tensors
+from snapd.daemon.layouts import accept_snapshot
+from snapd.daemon.sessions import Session, open_region
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
-from snapd.format.manifest import _check_tree
-from snapd.format.saving import check_metrics
 from snapd.format.writer import Retention
 from snapd.paths import socket_path
 
@@ -246,35 +245,8 @@ class Server:
         return protocol.reply("registered", msg["id"], region=rid)
 
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
-        s = self._session(peer)
-        buf = self.leases.take(s, msg["lease"])
-        try:
-            leaves, copies, on_gpu = place_tensors(msg["tensors"], buf.view, s.regions,
-                                                   set(self.gpu.devices) if self.gpu else set())
-            try:
-                _check_tree(msg["tree"], len(leaves))
-            except SnapdError as e:
-                raise ProtocolError(f"tree: {e}", "bad_field") from None
-            metrics = check_metrics(msg["metrics"])
-        except SnapdError:
-            self.leases.free(s, msg["lease"])  # a refused snapshot gives its buffer back
-            raise
-        s.leases.discard(msg["lease"])  # the task owns the lease now
-        task = Task(peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], msg["tree"], leaves,
-                    msg["lease"], s.retention, sum(leaf.nbytes for leaf in leaves), s.jobs_root)
-        self.tasks[task.seq] = task
-        if on_gpu:  # GPU path: the copier reports queued, then copied
-            shuffle = self.pipeline.gpu_shuffle(task) is not None
-            self._handoff = lambda: self.gpu.copy(task, on_gpu, msg.get("ready_events") or {}, buf.view, shuffle,
-                                                  copies)
-            return protocol.reply("received", msg["id"], step=msg["step"])
-        if copies:  # registered path: the copy stage copies while the trainer runs on
-            self._handoff = lambda: self.pipeline.copy(task, copies)
-            return protocol.reply("received", msg["id"], step=msg["step"])
-        self.leases.copied(task.lease)
-        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
-        self._handoff = lambda: self.pipeline.submit(task)
-        return protocol.reply("copied", msg["id"], step=msg["step"])
+        reply, self._handoff = accept_snapshot(self, self._session(peer), msg)
+        return reply
 
     def _on_status(self, peer: bytes, msg: dict) -> bytes:
         return protocol.reply("status", msg["id"], **self.status())
@@ -283,26 +255,25 @@ class Server:
         return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())
 
     def _on_bye(self, peer: bytes, msg: dict) -> bytes:
-        s = self.sessions.pop(peer, None)
-        if s:
-            self.leases.release_all(s)
-            if self.gpu is not None:
-                self.gpu.forget(peer)
-        self.metrics.clients.set(len(self.sessions))
+        if peer in self.sessions:
+            self._end_session(self.sessions[peer])
         return protocol.reply("bye", msg["id"])
 
     # -- endings ------------------------------------------------------------------
+    def _end_session(self, s: Session) -> None:
+        del self.sessions[s.peer]
+        self.leases.release_all(s)
+        if self.gpu is not None:
+            self.gpu.forget(s.peer)
+        self.metrics.clients.set(len(self.sessions))
+
     def _reap_dead_clients(self) -> None:
         for s in list(self.sessions.values()):
             try:
                 os.kill(s.pid, 0)
             except ProcessLookupError:
                 log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
-                del self.sessions[s.peer]
-                self.leases.release_all(s)
-                if self.gpu is not None:
-                    self.gpu.forget(s.peer)
-                self.metrics.clients.set(len(self.sessions))
+                self._end_session(s)
                 for region in s.regions.values():  # copies in flight keep their mapping
                     try:
                         os.unlink(region.path)

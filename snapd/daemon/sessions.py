@@ -1,6 +1,5 @@
-"""What the server knows of each client: its session, the shared-memory
-regions it registered (the registered path), and where the tensors of its
-snapshot message lie.
+"""What the server knows of each client: its session, and the shared-memory
+regions it registered (the registered path).
 """
 
 from __future__ import annotations
@@ -10,12 +9,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from snapd.errors import ProtocolError
-from snapd.format.tree import TensorLeaf
 from snapd.format.writer import Retention
+
+if TYPE_CHECKING:
+    from snapd.daemon.layouts import Layout
 
 REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
 
@@ -40,6 +42,7 @@ class Session:
     on_busy: str
     leases: set[int] = field(default_factory=set)  # buffers granted, snapshot not yet sent
     regions: dict[int, Region] = field(default_factory=dict)
+    layout: Layout | None = None  # the last layout accepted on this connection
 
 
 def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:
@@ -62,32 +65,3 @@ def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Re
     finally:
         os.close(fd)
     return Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
-
-
-def place_tensors(tensors: list[dict], buf: np.ndarray, regions: dict[int, Region], devices: set[str]
-                  ) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]], list[tuple[TensorLeaf, dict]]]:
-    """The leaves of a ``snapshot`` message over the leased buffer ``buf``, the copies the daemon
-    must make from registered regions (region bytes -> buffer), and the tensors it must copy from
-    GPUs (leaf, `cuda` descriptor). Every range is checked."""
-    leaves, copies, on_gpu = [], [], []
-    for t in tensors:
-        if t["offset"] + t["nbytes"] > buf.size:
-            raise ProtocolError(f"{t['key']}: bytes {t['offset']}..{t['offset'] + t['nbytes']} lie "
-                                f"outside the {buf.size}-byte buffer", "bad_field")
-        dst = buf[t["offset"]:t["offset"] + t["nbytes"]]
-        if "region" in t:
-            region = regions.get(t["region"])
-            if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
-                raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
-            copies.append((dst, region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]))
-        leaf = TensorLeaf(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), dst)
-        if "cuda" in t:
-            if t["cuda"]["dev"] not in devices:
-                raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {t['cuda']['dev']} "
-                                    f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
-            if t["nbytes"]:
-                on_gpu.append((leaf, t["cuda"]))
-        leaves.append(leaf)
-    if len({leaf.key for leaf in leaves}) != len(leaves):
-        raise ProtocolError("two tensors share a key path", "bad_field")
-    return leaves, copies, on_gpu

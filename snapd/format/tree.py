@@ -66,7 +66,7 @@ def key_problem(key: object) -> str | None:
         return "empty or not a string"
     if "\x00" in key:
         return "contains NUL"
-    if "" in key.split("."):
+    if key[0] == "." or key[-1] == "." or ".." in key:  # (no split: this runs for every tensor)
         return "has an empty segment (leading, trailing or doubled '.')"
     return None
 
@@ -128,70 +128,93 @@ def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | 
         return TensorLeaf(key, kind, name, tuple(arr.shape), data, arr, data.nbytes, arr.ctypes.data)
     torch = dtypes.torch_module()
     if torch is not None and isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided or obj.is_quantized:
-            raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
-                                        "(only dense tensors)")
-        if obj.is_meta:
-            raise UnsupportedValueError(f"{key}: a meta tensor has no data to save")
-        name = dtypes.torch_name(obj.dtype, key)
-        # (the snapshot path runs this for every tensor of every snapshot: is_cpu/is_cuda over
-        # device.type, and no detach() unless a new tensor is made; ``data`` detaches when needed)
-        on_device = keep_device and obj.is_cuda
-        t = obj
-        if not obj.is_cpu and not on_device:
-            t = obj.detach().cpu()
-        if t.is_conj() or t.is_neg():
-            t = t.detach().resolve_conj().resolve_neg()
-        if not t.is_contiguous():
-            t = t.detach().contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
-        return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
+        return _torch_leaf(key, obj, keep_device, torch.strided)
     if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__"):
         return _cuda_array_leaf(key, obj, keep_device)
     return None
 
 
-def flatten(state: Any, keep_device: bool = False) -> tuple[dict, list[TensorLeaf]]:
+def _torch_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLeaf:
+    # The snapshot path runs this for every tensor of every snapshot, inside the trainer's stall:
+    # each torch attribute costs 0.1-0.2 us, so only what can differ is asked (a quantized
+    # tensor's dtype is refused by torch_name; conj and neg bits only exist on views), and
+    # nothing is detached unless a new tensor is made (``TensorLeaf.data`` detaches when needed).
+    if obj.layout is not strided:
+        raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
+                                    "(only dense tensors)")
+    name = dtypes.torch_name(obj.dtype, key)
+    t, on_device = obj, False
+    if not obj.is_cpu:
+        if obj.is_meta:
+            raise UnsupportedValueError(f"{key}: a meta tensor has no data to save")
+        on_device = keep_device and obj.is_cuda
+        if not on_device:
+            t = obj.detach().cpu()
+    if t.is_neg() or name[0] == "c" and t.is_conj():  # ("complex*": no other dtype has a conj bit)
+        t = t.detach().resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.detach().contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
+    return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
+
+
+def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = None
+            ) -> tuple[dict, list[TensorLeaf]]:
     """Split ``state`` into a JSON skeleton and its tensors, in visiting order.
 
     CUDA tensors are copied to the host here unless ``keep_device`` (the
     daemon's GPU path), which leaves them where they are (``leaf.on_device``).
+    ``scalars`` collects the skeleton's value, float and bytes nodes, in
+    pre-order (the client sends only these when the rest is unchanged).
     """
     leaves: list[TensorLeaf] = []
     seen: set[str] = set()
+    torch = dtypes.torch_module()
+    tensor_type, strided = (torch.Tensor, torch.strided) if torch is not None else ((), None)
 
     def visit(obj: Any, key: str, depth: int) -> dict:
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"{key}: state nests deeper than {MAX_DEPTH} levels")
-        leaf = _tensor_leaf(key, obj, keep_device)
+        if isinstance(obj, tensor_type):  # the common leaf first
+            leaf = _torch_leaf(key, obj, keep_device, strided)
+        else:
+            leaf = _tensor_leaf(key, obj, keep_device)
         if leaf is not None:
-            problem = key_problem(key)
-            if problem:
-                raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {problem}")
-            if key in seen:
-                raise UnsupportedValueError(f"{key}: two leaves share this key path")
+            n = len(seen)
             seen.add(key)
+            if n == len(seen):
+                raise UnsupportedValueError(f"{key}: two leaves share this key path")
+            if not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:  # key_problem, inlined
+                raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {key_problem(key)}")
             leaves.append(leaf)
-            return {"t": "tensor", "i": len(leaves) - 1}
+            return {"t": "tensor", "i": n}
         if isinstance(obj, dict):
             keys = list(obj.keys())
             for k in keys:
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                if isinstance(k, str):
+                    if k == "" or "\x00" in k:
+                        raise UnsupportedValueError(f"{key or '<root>'}: dict key {k!r} is empty or has NUL")
+                elif isinstance(k, bool) or not isinstance(k, int):
                     raise UnsupportedValueError(f"{join_key(key, repr(k))}: dict key of type "
                                                 f"{type(k).__name__} (only str and int keys)")
-                if isinstance(k, str) and (k == "" or "\x00" in k):
-                    raise UnsupportedValueError(f"{key or '<root>'}: dict key {k!r} is empty or has NUL")
-            return {"t": "dict", "k": keys, "v": [visit(obj[k], join_key(key, k), depth + 1) for k in keys]}
+            pre = key + "." if key else ""  # join_key, inlined: this runs for every leaf
+            return {"t": "dict", "k": keys,
+                    "v": [visit(obj[k], pre + k if isinstance(k, str) else pre + str(k), depth + 1) for k in keys]}
         if isinstance(obj, (list, tuple)):
             t = "tuple" if isinstance(obj, tuple) else "list"
-            return {"t": t, "v": [visit(v, join_key(key, i), depth + 1) for i, v in enumerate(obj)]}
+            pre = key + "." if key else ""
+            return {"t": t, "v": [visit(v, pre + str(i), depth + 1) for i, v in enumerate(obj)]}
         if obj is None or isinstance(obj, (bool, int, str)):
-            return {"t": "value", "v": obj}
-        if isinstance(obj, float):
-            if math.isfinite(obj):
-                return {"t": "value", "v": obj}
-            return {"t": "float", "v": repr(obj)}
-        if isinstance(obj, (bytes, bytearray)):
-            return {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+            node = {"t": "value", "v": obj}
+        elif isinstance(obj, float):
+            node = {"t": "value", "v": obj} if math.isfinite(obj) else {"t": "float", "v": repr(obj)}
+        elif isinstance(obj, (bytes, bytearray)):
+            node = {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        else:
+            node = None
+        if node is not None:
+            if scalars is not None:
+                scalars.append(node)
+            return node
         raise UnsupportedValueError(f"{key or '<root>'}: values of type {type(obj).__module__}."
                                     f"{type(obj).__qualname__} cannot be saved (tensors, dict/list/tuple, "
                                     "int, float, str, bool, None and bytes can)")

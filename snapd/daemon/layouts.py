@@ -1,0 +1,177 @@
+"""What a ``snapshot`` message describes, and its acceptance: the layout (descriptors and tree,
+checked once and then reused by number: client/layout.py, docs/PROTOCOL.md), the new values of
+the tree's scalar nodes, where each tensor lies (``Placement``), and the task made of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from snapd import protocol
+from snapd.daemon.pipeline import COPIED, Task
+from snapd.errors import ProtocolError, SnapdError
+from snapd.format.manifest import _check_tree
+from snapd.format.saving import check_metrics
+from snapd.format.tree import TensorLeaf
+
+if TYPE_CHECKING:
+    from snapd.daemon.sessions import Region, Session
+
+
+@dataclass
+class Layout:
+    """A snapshot message's descriptors and tree, checked once, reused by number (client/layout.py)."""
+
+    number: int | None
+    tensors: list[dict]
+    tree: dict
+    plan: Placement | None = None  # made with the first buffer it is placed over
+    scalars: int = -1  # how many value nodes the tree has (counted when values first come)
+
+
+def layout_of(s: Session, msg: dict) -> tuple[Layout, list[dict] | None]:
+    """The layout of a ``snapshot`` message, its own or the connection's last one that it names,
+    and the new values of that layout's scalar tree nodes, if the message brings any."""
+    number, tensors, tree, values = msg.get("layout"), msg.get("tensors"), msg.get("tree"), msg.get("values")
+    if tensors is not None:
+        if tree is None or values is not None:
+            raise ProtocolError("a snapshot that sends tensors must send its tree, and no values", "bad_field")
+        return Layout(number, tensors, tree), None
+    if number is None or tree is not None:
+        raise ProtocolError("a snapshot needs tensors and a tree, or the layout number of ones sent before "
+                            "(and optionally new values)", "bad_field")
+    layout = s.layout
+    if layout is None or layout.number != number:
+        raise ProtocolError(f"layout {number} is not known on this connection (the daemon keeps only the last "
+                            "layout it accepted): send the tensors and tree", "unknown_layout")
+    if values is not None:
+        if layout.scalars < 0:
+            layout.scalars = sum(1 for _ in _scalar_nodes(layout.tree))
+        if len(values) != layout.scalars:
+            raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot sent "
+                                f"{len(values)} values", "bad_field")
+    return layout, values
+
+
+def _scalar_nodes(node: dict) -> Iterator[dict]:
+    """The value, float and bytes nodes of a (checked) tree in pre-order: flatten's visiting order."""
+    t = node["t"]
+    if t in ("dict", "list", "tuple"):
+        for child in node["v"]:
+            yield from _scalar_nodes(child)
+    elif t != "tensor":
+        yield node
+
+
+def with_values(node: dict, values: Iterator[dict]) -> dict:
+    """A copy of a (checked) tree whose value nodes are the next of ``values``, in pre-order."""
+    t = node["t"]
+    if t == "dict":
+        return {"t": t, "k": node["k"], "v": [with_values(child, values) for child in node["v"]]}
+    if t in ("list", "tuple"):
+        return {"t": t, "v": [with_values(child, values) for child in node["v"]]}
+    return node if t == "tensor" else next(values)
+
+
+class Placement:
+    """Where a layout's tensors lie, checked once: each one's span of the host buffer, and the
+    registered-region bytes or the device allocation it is copied from. Placing the leaves over a
+    buffer is then about 1 us a tensor; the checks cost twice that, on every snapshot before
+    layouts were reused, while the trainer waited for the reply."""
+
+    def __init__(self, tensors: list[dict], buf_size: int, regions: dict[int, Region], devices: set[str]) -> None:
+        rows = []
+        for t in tensors:
+            a, b = t["offset"], t["offset"] + t["nbytes"]
+            if b > buf_size:
+                raise ProtocolError(f"{t['key']}: bytes {a}..{b} lie outside the {buf_size}-byte buffer", "bad_field")
+            src = None
+            if "region" in t:
+                region = regions.get(t["region"])
+                if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
+                    raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
+                src = region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]
+            cuda = t.get("cuda")
+            if cuda is not None and cuda["dev"] not in devices:
+                raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {cuda['dev']} "
+                                    f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
+            rows.append((t["key"], t["kind"], t["dtype"], tuple(t["shape"]), a, b, src,
+                         cuda if t["nbytes"] else None))
+        if len({r[0] for r in rows}) != len(rows):
+            raise ProtocolError("two tensors share a key path", "bad_field")
+        self.rows = rows
+        self.end = max((r[5] for r in rows), default=0)
+        self.raw_bytes = sum(r[5] - r[4] for r in rows)
+        self.has_copies = any(r[6] is not None for r in rows)  # the registered path
+        self.has_gpu = any(r[7] is not None for r in rows)  # the GPU path
+
+    def check_fits(self, buf: np.ndarray) -> None:
+        if self.end > buf.size:  # (host buffers all have one size: a layout checked on one fits all)
+            raise ProtocolError(f"the snapshot needs {self.end} bytes, over the {buf.size}-byte buffer", "bad_field")
+
+    def place(self, buf: np.ndarray) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]],
+                                               list[tuple[TensorLeaf, dict]]]:
+        """The leaves over ``buf``, the copies the daemon must make from registered regions
+        (region bytes -> buffer), and the tensors it must copy from GPUs (leaf, `cuda` descriptor)."""
+        leaves, copies, on_gpu = [], [], []
+        for key, kind, dtype, shape, a, b, src, cuda in self.rows:
+            leaf = TensorLeaf(key, kind, dtype, shape, buf[a:b])
+            if src is not None:
+                copies.append((leaf.data, src))
+            if cuda is not None:
+                on_gpu.append((leaf, cuda))
+            leaves.append(leaf)
+        return leaves, copies, on_gpu
+
+
+def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes, Callable[[], None]]:
+    """Check a ``snapshot`` message and make its task: the reply, and the hand-over to the task's
+    stage that the server runs once the reply is out. Refused: the lease goes back (except for
+    ``unknown_layout``: the client sends the same snapshot again in full, under the same lease)."""
+    layout, values = layout_of(s, msg)
+    buf = server.leases.take(s, msg["lease"])
+    try:
+        if layout.plan is None:
+            layout.plan = Placement(layout.tensors, buf.view.size, s.regions,
+                                    set(server.gpu.devices) if server.gpu else set())
+        plan = layout.plan
+        plan.check_fits(buf.view)
+        try:
+            if layout is not s.layout:  # a new layout: its tree is checked once
+                _check_tree(layout.tree, len(plan.rows))
+        except SnapdError as e:
+            raise ProtocolError(f"tree: {e}", "bad_field") from None
+        metrics = check_metrics(msg["metrics"])
+    except SnapdError:
+        server.leases.free(s, msg["lease"])
+        raise
+    if layout.number is not None:
+        s.layout = layout
+    s.leases.discard(msg["lease"])  # the task owns the lease now
+    task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [],
+                msg["lease"], s.retention, plan.raw_bytes, s.jobs_root)
+    server.tasks[task.seq] = task
+    shuffle = plan.has_gpu and server.pipeline.gpu_shuffle(task) is not None
+    if not plan.has_gpu and not plan.has_copies:
+        server.leases.copied(task.lease)
+        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
+    ready_events = msg.get("ready_events") or {}
+
+    def start() -> None:
+        # After the reply: place the leaves and fill in the new values (~1.5 us a tensor that the
+        # trainer need not wait for; nothing here can fail once the layout was checked).
+        task.leaves, copies, on_gpu = plan.place(buf.view)
+        if values is not None:
+            task.tree = with_values(task.tree, iter(values))
+        if on_gpu:  # GPU path: the copier reports queued, then copied
+            server.gpu.copy(task, on_gpu, ready_events, buf.view, shuffle, copies)
+        elif copies:  # registered path: the copy stage copies while the trainer runs on
+            server.pipeline.copy(task, copies)
+        else:
+            server.pipeline.submit(task)
+    kind = "received" if plan.has_gpu or plan.has_copies else "copied"
+    return protocol.reply(kind, msg["id"], step=msg["step"]), start

@@ -1,0 +1,149 @@
+"""Layouts sent once (client/layout.py): a training loop's later snapshots carry a layout number
+and the tree's changed values instead of every descriptor, and still restore exactly what was
+saved; a daemon that does not know a layout says so and the client sends it in full; bad layout
+fields are refused with the lease given back and the daemon serving on."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import snapd.client as snapd
+from snapd.client.connection import Connection
+from snapd.errors import SnapdError
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The fields of every snapshot message the client sends (the real send still happens)."""
+    out: list[dict] = []
+    real = Connection.send
+
+    def spy(self, kind, **fields):
+        if kind == "snapshot":
+            out.append(fields)
+        return real(self, kind, **fields)
+    monkeypatch.setattr(Connection, "send", spy)
+    return out
+
+
+def _state(step, lr, w: np.ndarray, extra=None) -> dict:
+    s = {"model": {"w": w, "b": torch.arange(5, dtype=torch.float64) * step},
+         "optim": {"param_groups": [{"lr": lr, "betas": (0.9, 0.999)}], "step": torch.tensor(float(step))},
+         "step": step, "tag": b"\x00\xff", "note": None}
+    if extra:
+        s.update(extra)
+    return s
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["plain", "registered"])
+def test_changed_values_travel_alone_and_restore_exactly(daemon, sent, share) -> None:
+    w = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32)
+    lrs = [0.1, 0.1, 1, 1.0, True, math.nan, math.inf, 0.05]  # 1, 1.0 and True must not be taken for each other
+    with snapd.connect("lay", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        if share:
+            state0 = _state(0, lrs[0], w)
+            c.share(state0["model"])
+            w = state0["model"]["w"]
+        pendings = []
+        for step, lr in enumerate(lrs):
+            c.fence()  # (what guard(optimizer) does: the daemon may still be copying the region)
+            w[step] = step  # the tensor bytes change in place, as a trainer's do
+            pendings.append((c.snapshot(_state(step, lr, w), step=step), w.copy(), lr))
+        for p, w_then, lr in pendings:
+            p.wait(30)
+            got = c.restore(p.step)
+            assert got["step"] == p.step and type(got["step"]) is int
+            got_lr = got["optim"]["param_groups"][0]["lr"]
+            assert type(got_lr) is type(lr) and (got_lr == lr or math.isnan(lr) and math.isnan(got_lr))
+            assert got["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)
+            assert got["tag"] == b"\x00\xff" and got["note"] is None
+            assert np.array_equal(got["model"]["w"], w_then)
+            assert torch.equal(got["model"]["b"], torch.arange(5, dtype=torch.float64) * p.step)
+            assert got["optim"]["step"].item() == p.step
+    assert "tensors" in sent[0] and "tree" in sent[0]
+    for fields in sent[1:]:
+        assert "tensors" not in fields and "tree" not in fields  # only the layout's number, and values
+        assert fields["layout"] == sent[0]["layout"]
+        assert "values" in fields  # the step changed every time
+
+
+def test_a_new_structure_or_shape_is_a_new_layout(daemon, sent) -> None:
+    w = np.ones((4, 4), np.float32)
+    with snapd.connect("shape", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        states = [_state(1, 0.1, w), _state(1, 0.1, w),  # unchanged: nothing but the number
+                  _state(2, 0.1, w, {"new": 3}),  # a key more
+                  _state(3, 0.1, np.ones((2, 8), np.float32)),  # same bytes, another shape
+                  _state(4, 0.1, w),
+                  # a layout saved with lr 1, then 1.0 and True: equal in Python, not in JSON
+                  _state(4, 1, w, {"x": 0}), _state(4, 1.0, w, {"x": 0}), _state(4, True, w, {"x": 0})]
+        for step, s in enumerate(states):
+            c.snapshot(s, step=step).wait(30)
+        for step, s in enumerate(states):
+            got = c.restore(step)
+            assert got["model"]["w"].shape == s["model"]["w"].shape and got.get("new") == s.get("new")
+            lr = got["optim"]["param_groups"][0]["lr"]
+            assert type(lr) is type(s["optim"]["param_groups"][0]["lr"]) and lr == s["optim"]["param_groups"][0]["lr"]
+    assert [("tensors" in f, "values" in f) for f in sent] == [
+        (True, False), (False, False), (True, False), (True, False), (True, False),
+        (True, False), (False, True), (False, True)]
+    assert sorted({f["layout"] for f in sent}) == [1, 2, 3, 4, 5]
+
+
+def test_an_unknown_layout_is_sent_again_in_full(daemon, sent) -> None:
+    """The daemon keeps one layout per connection; a number it does not hold (a snapshot sent from
+    a signal handler in between, say) gets unknown_layout, and the client resends in full."""
+    w = np.arange(12, dtype=np.float32)
+    with snapd.connect("again", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        c.snapshot(_state(0, 0.1, w), step=0).wait(30)
+        c._layouts._number += 7  # the client now names a layout this daemon never accepted
+        c.snapshot(_state(1, 0.2, w), step=1).wait(30)
+        c.snapshot(_state(2, 0.3, w), step=2).wait(30)
+        assert c.restore(1)["optim"]["param_groups"][0]["lr"] == 0.2
+        assert c.restore(2)["optim"]["param_groups"][0]["lr"] == 0.3
+        assert c.status()["buffers"]["busy"] == 0
+    assert "tensors" not in sent[1] and sent[1]["layout"] == 8  # refused: unknown_layout
+    assert "tensors" in sent[2] and sent[2]["layout"] == 8  # the same snapshot, in full, same lease
+    assert sent[2]["lease"] == sent[1]["lease"]
+    assert "tensors" not in sent[3] and sent[3]["layout"] == 8
+
+
+def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
+    conn = Connection(daemon.endpoint, 5.0)
+    try:
+        conn.call("hello", job="bad", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+                  on_busy="wait", root=None)
+        tensors = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
+        tree = {"t": "dict", "k": ["w", "step"], "v": [{"t": "tensor", "i": 0}, {"t": "value", "v": 1}]}
+        head = {"step": 1, "metrics": {}, "emergency": False}
+
+        def lease() -> int:
+            return conn.call("acquire", nbytes=16, emergency=False)["lease"]
+        first = lease()
+        conn.call("snapshot", lease=first, **head, layout=1, tensors=tensors, tree=tree)
+        for fields, words in [
+            ({"layout": 2}, "layout 2 is not known"),
+            ({"layout": 1, "values": [{"t": "value", "v": 1}, {"t": "value", "v": 2}]}, "has 1 value nodes"),
+            ({"layout": 1, "values": [{"t": "dict", "k": [], "v": []}]}, "value, float or bytes node"),
+            ({"layout": 1, "values": [{"t": "float", "v": "1e9"}]}, "value, float or bytes node"),
+            ({"layout": 1, "tree": tree}, "layout number of ones sent before"),
+            ({"layout": 1, "tensors": tensors}, "must send its tree"),
+            ({}, "needs tensors and a tree"),
+        ]:
+            held = lease()
+            with pytest.raises(SnapdError) as e:
+                conn.call("snapshot", lease=held, **head, **fields)
+            assert words in str(e.value), e.value
+            try:  # refused before the lease was taken (it is still ours) or after (given back)
+                conn.call("release", lease=held)
+            except SnapdError as e:
+                assert "is not yours" in str(e)
+        ok = conn.call("snapshot", lease=lease(), **head, layout=1, values=[{"t": "value", "v": 7}])
+        assert ok["type"] == "copied"
+        assert conn.call("status")["buffers"]["busy"] <= 2  # the two accepted snapshots, at most
+    finally:
+        conn.close()
