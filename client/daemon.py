@@ -84,14 +84,45 @@ class Client:
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
         self._wait_registered()  # a region being copied must not be described again until that copy is done
+        streams = self._export.streams(leaves, cuda) if cuda else {}
+        head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
+        waited_s = 0.0
         try:
-            granted = self._conn.wait(self._conn.send("acquire", nbytes=pos, emergency=emergency))
+            if any(sh is None and not leaf.on_device and leaf.nbytes for leaf, sh in zip(leaves, shared)) \
+                    or None in cuda.values():  # bytes to write first: lease a buffer, then describe them
+                head["lease"], waited_s = self._write(leaves, offsets, pos, shared, cuda, emergency)
+            else:  # the daemon copies every byte: one round trip, it leases the buffer itself
+                head["nbytes"] = pos
+            if streams:
+                head["ready_events"] = self._export.record(streams)
+            descs = descriptors(leaves, offsets, shared, cuda)
+            req = self._conn.send("snapshot", **head, **self._layouts.fields(tree, scalars, descs))
+            try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
+                first = self._conn.wait(req)
+            except SnapdError as e:
+                if e.code != "unknown_layout":  # refused: the daemon kept the layout it had
+                    self._layouts.forget()
+                    raise
+                req = self._conn.send("snapshot", **head, **self._layouts.full(tree, scalars))
+                first = self._conn.wait(req)
         except Busy as e:
             log.info("step %d skipped: %s", step, e)
             return Pending(self, step, None, stall_s=time.perf_counter() - t0, skipped=str(e))
-        if granted["waited_s"] > 0.05:
-            log.info("step %d waited %.2f s for a free host buffer", step, granted["waited_s"])
-        streams = self._export.streams(leaves, cuda) if cuda else {}
+        waited_s = max(waited_s, first.get("waited_s", 0.0))  # (a snapshot sent without a lease waited there)
+        if waited_s > 0.05:
+            log.info("step %d waited %.2f s for a free host buffer", step, waited_s)
+        pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
+                          waited_s=waited_s, streams=streams,
+                          keep=[leaf.source for leaf in leaves if leaf.on_device] if streams else None)
+        if not pending.copied:
+            (self._on_gpu if streams else self._uncopied).append(pending)
+        return pending
+
+    def _write(self, leaves: list, offsets: list[int], nbytes: int, shared: list, cuda: dict,
+               emergency: bool) -> tuple[int, float]:
+        """Lease a host buffer and write into it what the daemon cannot copy itself: plain tensors
+        and device tensors without IPC. Returns the lease and how long the grant took to come."""
+        granted = self._conn.wait(self._conn.send("acquire", nbytes=nbytes, emergency=emergency))
         try:
             buf = self._buffer(granted["path"], granted["bytes"])
             plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None and not leaf.on_device]
@@ -99,29 +130,10 @@ class Client:
             for i, d in cuda.items():
                 if d is None:  # no IPC for this one: copy it device -> host buffer here
                     self._export.stage(leaves[i], buf[offsets[i]:offsets[i] + leaves[i].nbytes], buf)
-            ready = self._export.record(streams) if streams else None
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
-        descs = descriptors(leaves, offsets, shared, cuda)
-        head = {"lease": granted["lease"], "step": step, "metrics": metrics, "emergency": emergency}
-        if ready:
-            head["ready_events"] = ready
-        req = self._conn.send("snapshot", **head, **self._layouts.fields(tree, scalars, descs))
-        try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
-            first = self._conn.wait(req)
-        except SnapdError as e:
-            if e.code != "unknown_layout":  # refused: the daemon kept the layout it had
-                self._layouts.forget()
-                raise
-            req = self._conn.send("snapshot", **head, **self._layouts.full(tree, scalars))
-            first = self._conn.wait(req)
-        pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
-                          waited_s=granted["waited_s"], streams=streams,
-                          keep=[leaf.source for leaf in leaves if leaf.on_device] if streams else None)
-        if not pending.copied:
-            (self._on_gpu if streams else self._uncopied).append(pending)
-        return pending
+        return granted["lease"], granted["waited_s"]
 
     @property
     def _export(self) -> Any:

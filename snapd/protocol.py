@@ -177,7 +177,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # tensors and tree, or the number of a layout sent before (snapd.daemon.sessions.layout_of)
-    "snapshot": {"lease": _int(), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _opt(_object),
+    "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _opt(_object),
                  "tensors": _opt(_tensors), "layout": _opt(_int(1)), "values": _opt(_scalars),
                  "ready_events": _opt(_events)},
     "release": {"lease": _int()},

@@ -108,6 +108,8 @@ class Placement:
         self.raw_bytes = sum(r[5] - r[4] for r in rows)
         self.has_copies = any(r[6] is not None for r in rows)  # the registered path
         self.has_gpu = any(r[7] is not None for r in rows)  # the GPU path
+        # bytes the client copies into the buffer itself (the plain path): it needs the lease first
+        self.has_plain = any(r[6] is None and "cuda" not in t and r[5] > r[4] for r, t in zip(rows, tensors))
 
     def check_fits(self, buf: np.ndarray) -> None:
         if self.end > buf.size:  # (host buffers all have one size: a layout checked on one fits all)
@@ -128,32 +130,55 @@ class Placement:
         return leaves, copies, on_gpu
 
 
-def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes, Callable[[], None]]:
+def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, Callable[[], None] | None]:
     """Check a ``snapshot`` message and make its task: the reply, and the hand-over to the task's
-    stage that the server runs once the reply is out. Refused: the lease goes back (except for
-    ``unknown_layout``: the client sends the same snapshot again in full, under the same lease)."""
+    stage that the server runs once the reply is out. With a ``lease``, the buffer it names; with
+    ``nbytes`` instead (every tensor is copied by the daemon: nothing to write first), a buffer
+    leased here, now or once one frees (the reply is None until then). Refused: the lease goes
+    back, except after ``unknown_layout``: the client sends the same snapshot again in full."""
     layout, values = layout_of(s, msg)
+    if msg.get("lease") is None:
+        if msg.get("nbytes") is None:
+            raise ProtocolError("a snapshot needs a lease, or nbytes when the daemon copies every tensor",
+                                "bad_field")
+        plan = _check(server, s, layout, server.config.host_buffer_bytes)
+        if plan.has_plain:
+            raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: acquire "
+                                "one first", "bad_field")
+        metrics = check_metrics(msg["metrics"])
+        return server.acquire(s, msg["id"], msg["nbytes"], msg["emergency"],
+                              lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, lease,
+                                                                waited_s)) or (None, None)
     buf = server.leases.take(s, msg["lease"])
     try:
-        if layout.plan is None:
-            layout.plan = Placement(layout.tensors, buf.view.size, s.regions,
-                                    set(server.gpu.devices) if server.gpu else set())
-        plan = layout.plan
-        plan.check_fits(buf.view)
-        try:
-            if layout is not s.layout:  # a new layout: its tree is checked once
-                _check_tree(layout.tree, len(plan.rows))
-        except SnapdError as e:
-            raise ProtocolError(f"tree: {e}", "bad_field") from None
+        _check(server, s, layout, buf.view.size).check_fits(buf.view)
         metrics = check_metrics(msg["metrics"])
     except SnapdError:
         server.leases.free(s, msg["lease"])
         raise
+    return _accepted(server, s, msg, layout, values, metrics, msg["lease"], 0.0)
+
+
+def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
+    """The layout's placement, made and its tree checked the first time it is used."""
+    if layout.plan is None:
+        layout.plan = Placement(layout.tensors, buf_size, s.regions, set(server.gpu.devices) if server.gpu else set())
+        try:
+            _check_tree(layout.tree, len(layout.plan.rows))
+        except SnapdError as e:
+            layout.plan = None
+            raise ProtocolError(f"tree: {e}", "bad_field") from None
+    return layout.plan
+
+
+def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: list[dict] | None, metrics: dict,
+              lease: int, waited_s: float) -> tuple[bytes, Callable[[], None]]:
+    plan, buf = layout.plan, server.pool.by_lease(lease)
     if layout.number is not None:
         s.layout = layout
-    s.leases.discard(msg["lease"])  # the task owns the lease now
-    task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [],
-                msg["lease"], s.retention, plan.raw_bytes, s.jobs_root)
+    s.leases.discard(lease)  # the task owns the lease now
+    task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
+                s.retention, plan.raw_bytes, s.jobs_root)
     server.tasks[task.seq] = task
     shuffle = plan.has_gpu and server.pipeline.gpu_shuffle(task) is not None
     if not plan.has_gpu and not plan.has_copies:
@@ -174,4 +199,4 @@ def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes, Callable
         else:
             server.pipeline.submit(task)
     kind = "received" if plan.has_gpu or plan.has_copies else "copied"
-    return protocol.reply(kind, msg["id"], step=msg["step"]), start
+    return protocol.reply(kind, msg["id"], step=msg["step"], waited_s=waited_s), start

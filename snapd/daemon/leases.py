@@ -28,6 +28,9 @@ class Waiter:
     req_id: int
     emergency: bool
     since: float
+    # a snapshot that came without a lease (docs/PROTOCOL.md): run with the lease once granted,
+    # it returns the reply and the hand-over to run after it; None for an ``acquire``
+    then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
 
 
 def client_limit(config: DaemonConfig) -> tuple[int, str] | None:
@@ -61,17 +64,21 @@ class Leases:
         """A fresh id (leases and registered regions share the sequence)."""
         return next(self._ids)
 
-    def acquire(self, s: Session, req_id: int, emergency: bool) -> bytes | None:
-        """The grant reply, or None when the request waits; ``Busy`` for a client that skips."""
+    def acquire(self, s: Session, req_id: int, emergency: bool, then: Any = None) -> Any:
+        """The grant reply, or None when the request waits; ``Busy`` for a client that skips.
+        With ``then`` (a snapshot without a lease): what ``then(lease, waited_s)`` returns, at once
+        or, when the request waits, once a buffer is granted (None here then)."""
         buf = self.pool.free()
         at_limit = self._at_limit(s)
         if buf is not None and not at_limit and not (self._eligible_waiter() and not emergency):
+            if then is not None:
+                return then(self._lease(s, buf), 0.0)
             return self._grant(s, buf, req_id)
         if s.on_busy == "skip" and not emergency:
             if at_limit:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
-        w = Waiter(s.peer, req_id, emergency, time.monotonic())
+        w = Waiter(s.peer, req_id, emergency, time.monotonic(), then)
         if emergency:
             self.waiters.appendleft(w)
         else:
@@ -107,11 +114,18 @@ class Leases:
         w = None if self.stopping else self._eligible_waiter()
         if w is not None:
             self.waiters.remove(w)
+            handoff = None
+            waited = time.monotonic() - w.since
             try:
-                reply = self._grant(self.sessions[w.peer], buf, w.req_id, time.monotonic() - w.since)
+                if w.then is not None:
+                    reply, handoff = w.then(self._lease(self.sessions[w.peer], buf, waited), waited)
+                else:
+                    reply = self._grant(self.sessions[w.peer], buf, w.req_id, waited)
             except SnapdError as e:
                 reply = protocol.error_reply(w.req_id, e.code, str(e))
             self._send(w.peer, reply)
+            if handoff is not None:
+                handoff()
 
     def release_all(self, s: Session) -> None:
         for lease in list(s.leases):
@@ -143,7 +157,7 @@ class Leases:
                 return w
         return None
 
-    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+    def _lease(self, s: Session, buf: Any, waited_s: float = 0.0) -> int:
         try:
             buf = self.pool.for_uid(buf, s.uid)
         except OSError as e:
@@ -152,5 +166,9 @@ class Leases:
         s.leases.add(buf.lease)
         self._asked[buf.lease] = time.monotonic() - waited_s
         self.gauges()
+        return buf.lease
+
+    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+        buf = self.pool.by_lease(self._lease(s, buf, waited_s))
         return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
                               bytes=buf.size, waited_s=waited_s)

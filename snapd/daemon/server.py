@@ -215,14 +215,17 @@ class Server:
                               cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
-        s = self._session(peer)
+        return self.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])
+
+    def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
+        """A host buffer for a snapshot of ``nbytes``: snapd.daemon.leases.Leases.acquire."""
         if self.stopping:
             raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
-        if msg["nbytes"] > self.config.host_buffer_bytes:
-            raise ProtocolError(f"a snapshot of {msg['nbytes']} bytes does not fit a host buffer of "
+        if nbytes > self.config.host_buffer_bytes:
+            raise ProtocolError(f"a snapshot of {nbytes} bytes does not fit a host buffer of "
                                 f"{self.config.host_buffer_bytes} bytes: raise host_buffer_bytes", "too_large")
         try:
-            return self.leases.acquire(s, msg["id"], msg["emergency"])
+            return self.leases.acquire(s, req_id, emergency, then)
         except Busy:
             self.counters["skipped"] += 1
             self.metrics.snapshots.labels("skipped").inc()

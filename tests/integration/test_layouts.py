@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,5 +147,70 @@ def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
         ok = conn.call("snapshot", lease=lease(), **head, layout=1, values=[{"t": "value", "v": 7}])
         assert ok["type"] == "copied"
         assert conn.call("status")["buffers"]["busy"] <= 2  # the two accepted snapshots, at most
+    finally:
+        conn.close()
+
+
+def _hold_all_buffers(endpoint: str, n: int = 2) -> tuple[Connection, list[int]]:
+    """Another client's connection holding every host buffer (granted, no snapshot sent yet)."""
+    other = Connection(endpoint, 5.0)
+    other.call("hello", job="holder", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+               on_busy="wait", root=None)
+    return other, [other.call("acquire", nbytes=64, emergency=False)["lease"] for _ in range(n)]
+
+
+def test_a_state_the_daemon_copies_needs_no_acquire(daemon, monkeypatch) -> None:
+    """Every tensor registered: the snapshot goes without a lease (one round trip), waits in the
+    daemon for a buffer like an acquire would, and is skipped there with on_busy skip."""
+    sends: list[tuple[Connection, str]] = []
+    real = Connection.send
+    monkeypatch.setattr(Connection, "send", lambda self, kind, **f: (sends.append((self, kind)), real(self, kind, **f))[1])
+    state = {"w": np.arange(4096, dtype=np.float32), "step": 0}
+    with snapd.connect("noacq", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        c.share(state)
+        c.snapshot(state, step=0).wait(30)
+        kinds = [kind for conn, kind in sends if conn is c._conn]
+        assert kinds.count("acquire") == 0 and kinds.count("snapshot") == 1
+        other, held = _hold_all_buffers(daemon.endpoint)
+        try:
+            with snapd.connect("noacq-skip", endpoint=daemon.endpoint, spawn=False, on_busy="skip") as skipper:
+                skipper.share(shared := {"v": np.ones(8)})
+                assert skipper.snapshot(shared, step=1).skipped  # refused in the daemon: no buffer free
+            c.fence()
+            state["w"][:] = 7
+            state["step"] = 1
+            releaser = threading.Timer(0.5, lambda: [other.call("release", lease=x) for x in held])
+            releaser.start()
+            t = time.monotonic()
+            p = c.snapshot(state, step=1)  # returns once a buffer freed and the daemon took the snapshot
+            assert time.monotonic() - t >= 0.4 and p.waited_s >= 0.3
+            releaser.join()
+            p.wait(30)
+        finally:
+            other.close()
+        got = c.restore(1)
+        assert np.all(got["w"] == 7) and got["step"] == 1
+        assert np.array_equal(c.restore(0)["w"], np.arange(4096, dtype=np.float32))
+        kinds = [kind for conn, kind in sends if conn is c._conn]
+    assert "acquire" not in kinds and kinds.count("snapshot") == 2
+
+
+def test_lease_free_snapshots_are_refused_when_the_client_has_bytes_to_write(daemon) -> None:
+    conn = Connection(daemon.endpoint, 5.0)
+    try:
+        conn.call("hello", job="nolease", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+                  on_busy="wait", root=None)
+        plain = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
+        tree = {"t": "tensor", "i": 0}
+        head = {"step": 1, "metrics": {}, "emergency": False}
+        with pytest.raises(SnapdError, match="need a lease: acquire one first"):
+            conn.call("snapshot", **head, nbytes=16, tensors=plain, tree=tree)
+        with pytest.raises(SnapdError, match="needs a lease, or nbytes"):
+            conn.call("snapshot", **head, tensors=plain, tree=tree)
+        with pytest.raises(SnapdError, match="does not fit a host buffer"):
+            conn.call("snapshot", **head, nbytes=1 << 40, tensors=[], tree={"t": "dict", "k": [], "v": []})
+        assert conn.call("status")["buffers"]["busy"] == 0
+        empty = conn.call("snapshot", **head, nbytes=0, tensors=[], tree={"t": "dict", "k": [], "v": []})
+        assert empty["type"] == "copied"  # nothing to copy: taken at once
     finally:
         conn.close()
