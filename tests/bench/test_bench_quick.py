@@ -37,3 +37,18 @@ def test_quick_bench_writes_results_tables_and_plots(tmp_path) -> None:
     assert "## stall: stall_per_snapshot" in md and "| snapd plain |" in md and "snapd ÷ peer" in md
     for png in ("stall.png", "durable.png", "compression.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_stall_scaling_bench_runs_every_method(tmp_path) -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.stall_scaling", "--counts", "3,12", "--reps", "2",
+                          "--out", str(tmp_path), "--dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "stall-scaling.jsonl").read_text().splitlines()]
+    assert {(r["tensors"], r["method"]) for r in rows} == {
+        (n, m) for n in (3, 12) for m in ("torch.save + fsync", "DCP async_save (default)", "snapd plain",
+                                          "snapd registered")}
+    assert all(len(r["values"]) == 2 and r["unit"] == "ms" for r in rows)
+    assert "| snapd registered |" in (tmp_path / "stall-scaling.md").read_text()

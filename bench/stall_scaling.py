@@ -1,0 +1,89 @@
+"""The trainer's stall against the number of tensors: ``python -m bench.stall_scaling``.
+
+What ``snapshot()`` costs beyond copying bytes: flattening the state, describing each tensor, the
+messages. The tensors are small (16 KiB each by default), so that per-tensor costs, not memcpy,
+make the stall; a model with AdamW has about three tensors per parameter, thousands for an LLM.
+Each state is saved by snapd plain (the trainer copies into the daemon's buffer), snapd
+registered (after ``share()``: descriptors only, the message flow of the GPU path), torch.save +
+fsync and DCP async_save (default; its stall lasts until staging ends), in the same run; every
+save is waited to durable before the next, so no method is slowed by its own backlog. The state
+carries a changing step counter as a real one would. Results: bench/results/stall-scaling.{jsonl,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.machine import Recorder, describe
+from bench.peers import DcpAsync, Snapd, SnapdDaemon, TorchSave
+from bench.report import markdown
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _state(n: int, numel: int) -> dict:
+    g = torch.Generator().manual_seed(n)
+    return {f"model.layers.{i // 3}.{('weight', 'exp_avg', 'exp_avg_sq')[i % 3]}": torch.randn(numel, generator=g)
+            for i in range(n)}
+
+
+def _measure(method: object, state: dict, reps: int, with_step: bool) -> list[float]:
+    stalls = []
+    for step in range(reps + 2):  # two warm-up saves: buffers touched, layouts sent, DCP's first plan
+        s = {**state, "step": step} if with_step else state
+        t = time.perf_counter()
+        handle = method.start(s, step)
+        took = time.perf_counter() - t
+        handle.wait()
+        if step >= 2:
+            stalls.append(took)
+    return stalls
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.stall_scaling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--counts", default="16,64,256,1024", help="tensor counts, comma-separated")
+    ap.add_argument("--tensor-bytes", type=int, default=16 << 10)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",")]
+    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="snapd-stall-"))
+    rec = Recorder(args.out / "stall-scaling.jsonl", describe(work))
+    numel = args.tensor_bytes // 4
+    daemon = SnapdDaemon(work, max(counts) * (args.tensor_bytes + 64) + (1 << 20))
+    try:
+        for n in counts:
+            metric = f"stall, {n} tensors of {args.tensor_bytes >> 10} KiB"
+            for make, with_step in [(lambda: TorchSave(work), True), (lambda: DcpAsync(work, fastest=False), True),
+                                    (lambda: Snapd(daemon, f"plain-{n}"), True),
+                                    (lambda: Snapd(daemon, f"registered-{n}", registered=True), True)]:
+                state = _state(n, numel)
+                method = make()
+                if getattr(method, "registered", False):
+                    method.share(state)
+                stalls = _measure(method, state, args.reps, with_step)
+                rec.add("stall_scaling", method.name, metric, [x * 1e3 for x in stalls], unit="ms", tensors=n,
+                        tensor_bytes=args.tensor_bytes)
+                print(f"{n:5d} tensors  {method.name:28s} stall median {statistics.median(stalls) * 1e3:8.2f} ms",
+                      flush=True)
+                method.close()
+    finally:
+        daemon.close()
+        rec.close()
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python -m bench.stall_scaling " + " ".join(argv or [])
+    (args.out / "stall-scaling.md").write_text(markdown(rec.rows, rec.machine, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
