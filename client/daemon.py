@@ -103,7 +103,7 @@ class Client:
                 if e.code != "unknown_layout":  # refused: the daemon kept the layout it had
                     self._layouts.forget()
                     raise
-                req = self._conn.send("snapshot", **head, **self._layouts.full(tree, scalars))
+                req = self._conn.send("snapshot", **head, **self._layouts.define(tree, scalars, descs))
                 first = self._conn.wait(req)
         except Busy as e:
             log.info("step %d skipped: %s", step, e)

@@ -66,6 +66,12 @@ class LayoutCache:
             if json.dumps(scalars) == self._values:
                 return {"layout": self._number}
             return {"layout": self._number, "values": scalars}
+        return self.define(tree, scalars, tensors)
+
+    def define(self, tree: dict, scalars: list[dict], tensors: list[dict]) -> dict[str, Any]:
+        """A new layout number for these descriptors and tree, sent in full (also after
+        ``unknown_layout``: the daemon never took the layout named, or took another since, from a
+        snapshot a signal handler sent in between, say)."""
         self._number += 1
         self._tensors, self._values = tensors, json.dumps(scalars)
         saved = _blank(scalars)
@@ -79,12 +85,6 @@ class LayoutCache:
             return tree == self._skeleton
         finally:
             _restore(scalars, saved)
-
-    def full(self, tree: dict, scalars: list[dict]) -> dict[str, Any]:
-        """The last layout in full, with ``tree`` (after ``unknown_layout``: the daemon never took
-        that layout, or took another since, from a snapshot sent by a signal handler, say)."""
-        self._values = json.dumps(scalars)  # what the daemon will hold as the layout's values
-        return {"layout": self._number, "tensors": self._tensors, "tree": tree}
 
     def forget(self) -> None:
         self._tensors = self._skeleton = None

@@ -109,9 +109,36 @@ def test_an_unknown_layout_is_sent_again_in_full(daemon, sent) -> None:
         assert c.restore(2)["optim"]["param_groups"][0]["lr"] == 0.3
         assert c.status()["buffers"]["busy"] == 0
     assert "tensors" not in sent[1] and sent[1]["layout"] == 8  # refused: unknown_layout
-    assert "tensors" in sent[2] and sent[2]["layout"] == 8  # the same snapshot, in full, same lease
+    assert "tensors" in sent[2] and sent[2]["layout"] == 9  # the same snapshot, in full, same lease
     assert sent[2]["lease"] == sent[1]["lease"]
-    assert "tensors" not in sent[3] and sent[3]["layout"] == 8
+    assert "tensors" not in sent[3] and sent[3]["layout"] == 9
+
+
+def test_a_snapshot_sent_from_a_signal_handler_mid_snapshot(daemon, monkeypatch) -> None:
+    """A preemption handler runs between any two bytecodes: here, just before the outer
+    snapshot's message goes out, it sends an emergency snapshot of another state (a new layout,
+    so the daemon forgets the one the outer message names). Both must restore exactly."""
+    w = np.arange(64, dtype=np.float32)
+    other = {"only": torch.full((3,), 5.0), "flag": True}
+    real = Connection.send
+    armed = {"on": False}
+    with snapd.connect("reenter", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        def send(self, kind, **fields):
+            if kind == "snapshot" and armed["on"]:
+                armed["on"] = False
+                c.snapshot(other, step=99, emergency=True).wait(30)
+            return real(self, kind, **fields)
+        monkeypatch.setattr(Connection, "send", send)
+        c.snapshot(_state(0, 0.1, w), step=0).wait(30)
+        armed["on"] = True
+        c.snapshot(_state(1, 0.2, w), step=1).wait(30)  # named the old layout: resent in full
+        c.snapshot(_state(2, 0.3, w), step=2).wait(30)
+        got = c.restore(99)
+        assert torch.equal(got["only"], other["only"]) and got["flag"] is True
+        for step, lr in ((1, 0.2), (2, 0.3)):
+            got = c.restore(step)
+            assert got["step"] == step and got["optim"]["param_groups"][0]["lr"] == lr
+            assert np.array_equal(got["model"]["w"], w)
 
 
 def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
