@@ -59,6 +59,28 @@ def test_round_trip_bit_exact_and_state_changes_after_return(daemon) -> None:
     assert cli(["verify", str(daemon.root / "exact")]) == 0
 
 
+def test_snapshot_while_the_daemon_still_faults_its_buffers_in(start) -> None:
+    """A new daemon faults its host buffers in on a thread (about 1.3 GB/s); a snapshot that comes
+    meanwhile must keep every byte (that thread once wrote a zero to each page, over the first
+    byte of pages a client had just filled)."""
+    from snapd.client.connection import Connection
+
+    d = start("--host-buffer-bytes", str(512 << 20), "--codec", "raw")
+    holder = Connection(d.endpoint, 5.0)  # holds the first buffer: the snapshot gets the one faulted in last
+    holder.call("hello", job="holder", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+                on_busy="wait", root=None)
+    holder.call("acquire", nbytes=64, emergency=False)
+    ones = np.full(384 << 20, 0xFF, np.uint8)
+    try:
+        with snapd.connect("early", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+            c.snapshot({"w": ones}, step=0).wait(60)
+            got = c.restore(0)["w"]
+    finally:
+        holder.close()
+    bad = np.flatnonzero(got != 0xFF)
+    assert bad.size == 0, f"{bad.size} bytes lost, first at offsets {bad[:5].tolist()}"
+
+
 def test_two_jobs_from_two_processes(daemon, client_proc) -> None:
     code = ("import sys, numpy as np, snapd.client as c\n"
             "cl = c.connect(sys.argv[2], endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
