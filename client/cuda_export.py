@@ -150,6 +150,15 @@ class CudaExport:
         if int(rc) != 0:
             log.info("could not pin the host buffer (cudaHostRegister: %s); staging copies are slower", rc)
 
+    def unpin(self, address: int) -> None:
+        """The mapping at ``address`` is about to go (the daemon replaced that buffer): unpin it, or
+        its pages stay locked for the life of the process."""
+        if address in self._pinned:
+            self._pinned.discard(address)
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(address)
+
     def close(self) -> None:
         for ev in [*self._done.values(), *(e for ring in self._ready.values() for e in ring)]:
             try:

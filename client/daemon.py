@@ -62,7 +62,9 @@ class Client:
         between users, so mappings are kept by path; one to a replaced file is dropped."""
         if path not in self._maps:
             for stale in [p for p in self._maps if not os.path.exists(p)]:
-                self._maps.pop(stale)
+                mm, view = self._maps.pop(stale)
+                if self._export_ is not None:  # the fallback staging may have pinned it
+                    self._export_.unpin(view.ctypes.data)
             fd = os.open(path, os.O_RDWR)
             try:
                 mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
