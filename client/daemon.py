@@ -55,7 +55,9 @@ class Client:
         self._on_gpu: list[Pending] = []  # GPU-path snapshots whose device copy is not known done
         self._welcome_cuda = welcome.get("cuda")
         self._export_: Any = None
-        self._layouts = LayoutCache()
+        features = welcome.get("features", [])  # what this daemon understands beyond protocol 1
+        self._layouts = LayoutCache() if "layouts" in features else None
+        self._lease_free = "lease_free_snapshots" in features
 
     def _buffer(self, path: str, nbytes: int) -> np.ndarray:
         """The mapping of a host buffer. The daemon replaces a buffer's file when it passes
@@ -90,20 +92,23 @@ class Client:
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
         waited_s = 0.0
         try:
-            if any(sh is None and not leaf.on_device and leaf.nbytes for leaf, sh in zip(leaves, shared)) \
-                    or None in cuda.values():  # bytes to write first: lease a buffer, then describe them
+            if not self._lease_free or None in cuda.values() \
+                    or any(sh is None and not leaf.on_device and leaf.nbytes for leaf, sh in zip(leaves, shared)):
+                # bytes to write first (or an older daemon): lease a buffer, then describe them
                 head["lease"], waited_s = self._write(leaves, offsets, pos, shared, cuda, emergency)
             else:  # the daemon copies every byte: one round trip, it leases the buffer itself
                 head["nbytes"] = pos
             if streams:
                 head["ready_events"] = self._export.record(streams)
             descs = descriptors(leaves, offsets, shared, cuda)
-            req = self._conn.send("snapshot", **head, **self._layouts.fields(tree, scalars, descs))
+            layout = self._layouts.fields(tree, scalars, descs) if self._layouts else {"tensors": descs, "tree": tree}
+            req = self._conn.send("snapshot", **head, **layout)
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
             except SnapdError as e:
-                if e.code != "unknown_layout":  # refused: the daemon kept the layout it had
-                    self._layouts.forget()
+                if e.code != "unknown_layout" or self._layouts is None:  # refused: the daemon kept its layout
+                    if self._layouts is not None:
+                        self._layouts.forget()
                     raise
                 req = self._conn.send("snapshot", **head, **self._layouts.define(tree, scalars, descs))
                 first = self._conn.wait(req)

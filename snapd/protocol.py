@@ -23,6 +23,9 @@ from snapd.format.manifest import KINDS
 from snapd.format.tree import key_problem
 
 PROTOCOL_VERSION = 1
+# additions to version 1 a daemon announces in ``welcome``; a client uses one only when announced
+# (a daemon run as a service can be older than the clients that connect to it)
+FEATURES = ("layouts", "lease_free_snapshots")
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 1_000_000
 

@@ -212,6 +212,7 @@ class Server:
                               root=str(self.config.root), jobs_root=str(jobs_root),
                               job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
                               buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                              features=list(protocol.FEATURES),
                               cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:

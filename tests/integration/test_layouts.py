@@ -241,3 +241,25 @@ def test_lease_free_snapshots_are_refused_when_the_client_has_bytes_to_write(dae
         assert empty["type"] == "copied"  # nothing to copy: taken at once
     finally:
         conn.close()
+
+
+def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent, monkeypatch) -> None:
+    """A daemon run as a service may be older than its clients: what its welcome does not announce
+    (layouts, lease-free snapshots) the client does not use."""
+    real_call = Connection.call
+
+    def call(self, kind, timeout_s=None, **fields):
+        reply = real_call(self, kind, timeout_s, **fields)
+        if kind == "hello":
+            assert set(reply["features"]) == {"layouts", "lease_free_snapshots"}
+            reply.pop("features")  # as an older daemon's welcome
+        return reply
+    monkeypatch.setattr(Connection, "call", call)
+    state = {"w": np.arange(1024, dtype=np.float32), "step": 0}
+    with snapd.connect("old", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        c.share(state)
+        for step in range(3):
+            state["step"] = step
+            c.snapshot(state, step=step).wait(30)
+        assert [c.restore(s)["step"] for s in range(3)] == [0, 1, 2]
+    assert all("tensors" in f and "tree" in f and "lease" in f and "layout" not in f for f in sent)
