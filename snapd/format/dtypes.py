@@ -59,16 +59,16 @@ def torch_module() -> Any | None:
     return sys.modules.get("torch")
 
 
-_torch_names: dict[Any, str] = {}  # torch dtype -> name, filled as dtypes are met (str() costs ~1 us)
+TORCH_NAMES: dict[Any, str] = {}  # torch dtype -> name, filled as dtypes are met (str() costs ~1 us)
 
 
 def torch_name(dtype: Any, key: str) -> str:
-    name = _torch_names.get(dtype)
+    name = TORCH_NAMES.get(dtype)
     if name is not None:
         return name
     name = str(dtype).removeprefix("torch.")
     if name in ITEMSIZE:
-        _torch_names[dtype] = name
+        TORCH_NAMES[dtype] = name
         return name
     raise UnsupportedValueError(f"{key}: torch dtype {dtype} is not supported "
                                 f"(supported: {', '.join(sorted(ITEMSIZE))})")

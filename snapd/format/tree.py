@@ -116,6 +116,7 @@ def _cuda_array_leaf(key: str, obj: Any, keep_device: bool) -> TensorLeaf | None
 
 
 def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | None:
+    """A NumPy or CUDA-array leaf, or None (torch tensors are taken by flatten before this)."""
     if isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, (np.str_, np.bytes_, np.object_)):
         arr = np.asarray(obj)
         name = dtypes.numpy_name(arr.dtype, key)
@@ -126,9 +127,6 @@ def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | 
         kind = "numpy_scalar" if isinstance(obj, np.generic) else "numpy"
         data = arr.reshape(-1).view(np.uint8)
         return TensorLeaf(key, kind, name, tuple(arr.shape), data, arr, data.nbytes, arr.ctypes.data)
-    torch = dtypes.torch_module()
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return _torch_leaf(key, obj, keep_device, torch.strided)
     if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__"):
         return _cuda_array_leaf(key, obj, keep_device)
     return None
@@ -170,23 +168,43 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
     seen: set[str] = set()
     torch = dtypes.torch_module()
     tensor_type, strided = (torch.Tensor, torch.strided) if torch is not None else ((), None)
+    torch_names = dtypes.TORCH_NAMES
+
+    def add(leaf: TensorLeaf, key: str) -> dict:
+        n = len(seen)
+        seen.add(key)
+        if n == len(seen):
+            raise UnsupportedValueError(f"{key}: two leaves share this key path")
+        if not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:  # key_problem, inlined
+            raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {key_problem(key)}")
+        leaves.append(leaf)
+        return {"t": "tensor", "i": n}
+
+    def tensor(obj: Any, key: str) -> dict:
+        # A torch tensor, straight from its container: snapshot() pays ~1 us for each call made per
+        # tensor, so the common tensor (dense, contiguous, on the CPU or kept on its GPU, a known
+        # real dtype) is taken here; any other goes through _torch_leaf.
+        name = torch_names.get(obj.dtype)
+        cpu = obj.is_cpu
+        n = len(seen)
+        seen.add(key)
+        if name is None or name[0] == "c" or obj.layout is not strided or obj.is_neg() or not obj.is_contiguous() \
+                or not (cpu or keep_device and obj.is_cuda) or n == len(seen) \
+                or not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:
+            if n != len(seen):
+                seen.discard(key)  # (add checks it again, and says what is wrong)
+            return add(_torch_leaf(key, obj, keep_device, strided), key)
+        leaves.append(TensorLeaf(key, "torch", name, tuple(obj.shape), None, obj, obj.nbytes, obj.data_ptr(), not cpu))
+        return {"t": "tensor", "i": n}
 
     def visit(obj: Any, key: str, depth: int) -> dict:
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"{key}: state nests deeper than {MAX_DEPTH} levels")
-        if isinstance(obj, tensor_type):  # the common leaf first
-            leaf = _torch_leaf(key, obj, keep_device, strided)
-        else:
-            leaf = _tensor_leaf(key, obj, keep_device)
+        if isinstance(obj, tensor_type):
+            return tensor(obj, key)
+        leaf = _tensor_leaf(key, obj, keep_device)
         if leaf is not None:
-            n = len(seen)
-            seen.add(key)
-            if n == len(seen):
-                raise UnsupportedValueError(f"{key}: two leaves share this key path")
-            if not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:  # key_problem, inlined
-                raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {key_problem(key)}")
-            leaves.append(leaf)
-            return {"t": "tensor", "i": n}
+            return add(leaf, key)
         if isinstance(obj, dict):
             keys = list(obj.keys())
             for k in keys:
@@ -198,11 +216,14 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
                                                 f"{type(k).__name__} (only str and int keys)")
             pre = key + "." if key else ""  # join_key, inlined: this runs for every leaf
             return {"t": "dict", "k": keys,
-                    "v": [visit(obj[k], pre + k if isinstance(k, str) else pre + str(k), depth + 1) for k in keys]}
+                    "v": [tensor(v, pre + k if isinstance(k, str) else pre + str(k)) if isinstance(v, tensor_type)
+                          else visit(v, pre + k if isinstance(k, str) else pre + str(k), depth + 1)
+                          for k, v in zip(keys, obj.values())]}
         if isinstance(obj, (list, tuple)):
             t = "tuple" if isinstance(obj, tuple) else "list"
             pre = key + "." if key else ""
-            return {"t": t, "v": [visit(v, pre + str(i), depth + 1) for i, v in enumerate(obj)]}
+            return {"t": t, "v": [tensor(v, pre + str(i)) if isinstance(v, tensor_type) else visit(v, pre + str(i), depth + 1)
+                                  for i, v in enumerate(obj)]}
         if obj is None or isinstance(obj, (bool, int, str)):
             node = {"t": "value", "v": obj}
         elif isinstance(obj, float):

@@ -62,7 +62,8 @@ def test_non_contiguous_big_endian_and_scalars(root, digest) -> None:
     tbase = torch.arange(10000, dtype=torch.float32).reshape(100, 100)
     state = {"T": base.T, "strided": base[::3, 1::2], "be": base.astype(">f4"),
              "np_scalar": np.float64(3.25), "torch_T": tbase.t(), "torch_slice": tbase[5:, ::4],
-             "param": torch.nn.Parameter(torch.ones(4)), "neg": (torch.ones(3) * 1j).conj()}
+             "param": torch.nn.Parameter(torch.ones(4)), "neg": (torch.ones(3) * 1j).conj(),
+             "neg_real": (torch.arange(3.0) * 1j).conj().imag, "in_list": [tbase.t(), torch.ones(2)]}
     snapd.save(root, "j", state, step=5)
     out = snapd.load(root, "j")
     np.testing.assert_array_equal(out["T"], base.T)
@@ -72,6 +73,8 @@ def test_non_contiguous_big_endian_and_scalars(root, digest) -> None:
     assert torch.equal(out["torch_T"], tbase.t()) and torch.equal(out["torch_slice"], tbase[5:, ::4])
     assert torch.equal(out["param"], torch.ones(4)) and not out["param"].requires_grad
     assert torch.equal(out["neg"], (torch.ones(3) * 1j).conj().resolve_conj())
+    assert state["neg_real"].is_neg() and torch.equal(out["neg_real"], -torch.arange(3.0))
+    assert torch.equal(out["in_list"][0], tbase.t()) and torch.equal(out["in_list"][1], torch.ones(2))
 
 
 def test_tree_structure_and_json_leaves(root) -> None:
@@ -105,6 +108,11 @@ def test_large_state_is_sharded_and_chunked(root, digest) -> None:
     ({"a": np.array(["s"])}, "a: NumPy dtype <U1 is not supported"),
     ({"a": np.zeros(2, dtype=np.float128) if hasattr(np, "float128") else object()}, "a:"),
     ({"a.": np.zeros(2)}, "invalid key path"),
+    ({"a.": torch.zeros(2)}, "invalid key path"),
+    ({"a": [torch.zeros(1)], "a.0": torch.zeros(1)}, "a.0: two leaves share this key path"),
+    ({"a": {"b": torch.zeros(1)}, "a.b": np.zeros(1)}, "a.b: two leaves share this key path"),
+    ({"a": torch.zeros(2).to_sparse()}, "a: torch tensor with layout torch.sparse_coo"),
+    ({"a": [torch.zeros(2).to(torch.float8_e4m3fnuz)]}, "a.0: torch dtype torch.float8_e4m3fnuz is not supported"),
 ])
 def test_unsupported_leaf_named_by_key_path(root, bad, fragment) -> None:
     with pytest.raises(UnsupportedValueError, match=fragment.replace(".", r"\.").replace("(", r"\(").replace("<", "<")):
