@@ -52,6 +52,7 @@ class CudaExport:
         self._said: set[str] = set()
         self._handles: dict[int, str] = {}  # allocation id -> handle (hex)
         self._allocs: dict[int, cuda_driver.Allocation] = {}  # tensor address -> its allocation
+        self._checked: set[int] = set()  # allocation ids found live during this snapshot
         self._uuids: dict[int, str] = {}
         self._contexts: dict[str, int] = {}
         self._ready: dict[str, list[cuda_driver.IpcEvent]] = {}
@@ -63,6 +64,11 @@ class CudaExport:
         if reason not in self._said:
             self._said.add(reason)
             log.warning("GPU tensors staged by this process, not copied by the daemon: %s", reason)
+
+    def describe_all(self, leaves: list[TensorLeaf]) -> dict[int, dict | None]:
+        """The `cuda` descriptor of each device leaf (by index; None: this process stages it)."""
+        self._checked.clear()  # allocations are checked again, once each, for every snapshot
+        return {i: self.describe(leaf) for i, leaf in enumerate(leaves) if leaf.on_device and leaf.nbytes}
 
     def describe(self, leaf: TensorLeaf) -> dict | None:
         """The leaf's `cuda` descriptor, or None when this process must stage it."""
@@ -95,14 +101,19 @@ class CudaExport:
         return out
 
     def _allocation(self, ptr: int) -> cuda_driver.Allocation:
-        """Where ``ptr`` lives, cached by address and re-checked by allocation id (one driver call):
-        a freed and re-made allocation at the same address gets a new id, and a new handle."""
+        """Where ``ptr`` lives, cached by address and re-checked by allocation id: a freed and
+        re-made allocation at the same address gets a new id, and a new handle. The check is one
+        driver call (a few us through ctypes) per allocation per snapshot, not per tensor: ids are
+        unique for the life of the process, so an id found live now still holds its whole range,
+        and every cached address in it (allocators put many tensors in one allocation)."""
         alloc = self._allocs.get(ptr)
-        if alloc is not None and cuda_driver.buffer_id(ptr) == alloc.buffer_id:
+        if alloc is not None and (alloc.buffer_id in self._checked or cuda_driver.buffer_id(ptr) == alloc.buffer_id):
+            self._checked.add(alloc.buffer_id)
             return alloc
         if len(self._allocs) > 65536:  # tensors that come and go: keep the cache bounded
             self._allocs.clear()
         alloc = self._allocs[ptr] = cuda_driver.Allocation(ptr)
+        self._checked.add(alloc.buffer_id)
         return alloc
 
     def record(self, streams: dict[str, int]) -> dict[str, str]:

@@ -84,7 +84,7 @@ class Client:
         tree, leaves = flatten(state, keep_device=True, scalars=scalars)
         offsets, pos = buffer_offsets(leaves)
         shared = [None if leaf.on_device else self._registered(leaf) for leaf in leaves]
-        cuda = {i: self._export.describe(leaf) for i, leaf in enumerate(leaves) if leaf.on_device and leaf.nbytes}
+        cuda = self._export.describe_all(leaves) if any(leaf.on_device for leaf in leaves) else {}
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
         self._wait_registered()  # a region being copied must not be described again until that copy is done
