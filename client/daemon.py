@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from snapd.client.connection import Connection, probe
-from snapd.client.layout import LayoutCache, buffer_offsets, descriptors
+from snapd.client.layout import LayoutCache, buffer_offsets, descriptors, signature
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError
@@ -100,8 +100,9 @@ class Client:
                 head["nbytes"] = pos
             if streams:
                 head["ready_events"] = self._export.record(streams)
-            descs = descriptors(leaves, offsets, shared, cuda)
-            layout = self._layouts.fields(tree, scalars, descs) if self._layouts else {"tensors": descs, "tree": tree}
+            sig = signature(leaves, offsets, shared, cuda)
+            layout = self._layouts.fields(tree, scalars, sig) if self._layouts else \
+                {"tensors": descriptors(sig), "tree": tree}
             req = self._conn.send("snapshot", **head, **layout)
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
@@ -110,7 +111,7 @@ class Client:
                     if self._layouts is not None:
                         self._layouts.forget()
                     raise
-                req = self._conn.send("snapshot", **head, **self._layouts.define(tree, scalars, descs))
+                req = self._conn.send("snapshot", **head, **self._layouts.define(tree, scalars, sig))
                 first = self._conn.wait(req)
         except Busy as e:
             log.info("step %d skipped: %s", step, e)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from snapd.client.layout import LayoutCache, buffer_offsets, descriptors
+from snapd.client.layout import LayoutCache, buffer_offsets, signature
 from snapd.daemon.layouts import Placement, _scalar_nodes, with_values
 from snapd.errors import ProtocolError
 from snapd.format.tree import build, flatten
@@ -42,7 +42,7 @@ def test_layout_cache_sends_what_changed() -> None:
         scalars: list[dict] = []
         tree, leaves = flatten(state, scalars=scalars)
         offsets, _ = buffer_offsets(leaves)
-        out = cache.fields(tree, scalars, descriptors(leaves, offsets, [None] * len(leaves), {}))
+        out = cache.fields(tree, scalars, signature(leaves, offsets, [None] * len(leaves), {}))
         assert all(n["t"] != "scalar" for n in scalars)  # the comparison leaves the tree as it was
         return out
     first = fields(_state(1, 2.5, "x"))
