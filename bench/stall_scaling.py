@@ -7,7 +7,9 @@ Each state is saved by snapd plain (the trainer copies into the daemon's buffer)
 registered (after ``share()``: descriptors only, the message flow of the GPU path), torch.save +
 fsync and DCP async_save (default; its stall lasts until staging ends), in the same run; every
 save is waited to durable before the next, so no method is slowed by its own backlog. The state
-carries a changing step counter as a real one would. Results: bench/results/stall-scaling.{jsonl,md}.
+carries a changing step counter as a real one would. Results: bench/results/stall-scaling[-cuda].{jsonl,md}.
+``--device cuda`` puts the state on the GPU and measures snapd's CUDA IPC path instead (the issue's
+target: a stall of at most 2 ms whatever the size).
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from bench.report import markdown
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _state(n: int, numel: int) -> dict:
+def _state(n: int, numel: int, device: str) -> dict:
     g = torch.Generator().manual_seed(n)
-    return {f"model.layers.{i // 3}.{('weight', 'exp_avg', 'exp_avg_sq')[i % 3]}": torch.randn(numel, generator=g)
-            for i in range(n)}
+    return {f"model.layers.{i // 3}.{('weight', 'exp_avg', 'exp_avg_sq')[i % 3]}":
+            torch.randn(numel, generator=g).to(device) for i in range(n)}
 
 
-def _measure(method: object, state: dict, reps: int, with_step: bool) -> list[float]:
+def _measure(method: object, state: dict, reps: int) -> list[float]:
     stalls = []
     for step in range(reps + 2):  # two warm-up saves: buffers touched, layouts sent, DCP's first plan
-        s = {**state, "step": step} if with_step else state
+        s = {**state, "step": step}
         t = time.perf_counter()
         handle = method.start(s, step)
         took = time.perf_counter() - t
@@ -54,23 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="cuda: the state on the GPU, snapd by CUDA IPC "
+                    "(its daemon on the CUDA backend) against the same peers")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="snapd-stall-"))
-    rec = Recorder(args.out / "stall-scaling.jsonl", describe(work))
+    gpu = args.device != "cpu"
+    stem = "stall-scaling-cuda" if gpu else "stall-scaling"
+    machine = describe(work)
+    if gpu:
+        machine["gpu"] = torch.cuda.get_device_name()
+    rec = Recorder(args.out / f"{stem}.jsonl", machine)
     numel = args.tensor_bytes // 4
-    daemon = SnapdDaemon(work, max(counts) * (args.tensor_bytes + 64) + (1 << 20))
+    daemon = SnapdDaemon(work, max(counts) * (args.tensor_bytes + 64) + (1 << 20),
+                         *(["--backend", "cuda"] if gpu else []))
+    snapds = [(lambda n: Snapd(daemon, f"ipc-{n}"), "snapd (CUDA IPC)")] if gpu else [
+        (lambda n: Snapd(daemon, f"plain-{n}"), "snapd plain"),
+        (lambda n: Snapd(daemon, f"registered-{n}", registered=True), "snapd registered")]
     try:
         for n in counts:
             metric = f"stall, {n} tensors of {args.tensor_bytes >> 10} KiB"
-            for make, with_step in [(lambda: TorchSave(work), True), (lambda: DcpAsync(work, fastest=False), True),
-                                    (lambda: Snapd(daemon, f"plain-{n}"), True),
-                                    (lambda: Snapd(daemon, f"registered-{n}", registered=True), True)]:
-                state = _state(n, numel)
-                method = make()
+            for make, name in [(lambda n: TorchSave(work), "torch.save + fsync"),
+                               (lambda n: DcpAsync(work, fastest=False), "DCP async_save (default)"), *snapds]:
+                state = _state(n, numel, args.device)
+                method = make(n)
+                method.name = name
                 if getattr(method, "registered", False):
                     method.share(state)
-                stalls = _measure(method, state, args.reps, with_step)
+                stalls = _measure(method, state, args.reps)
                 rec.add("stall_scaling", method.name, metric, [x * 1e3 for x in stalls], unit="ms", tensors=n,
                         tensor_bytes=args.tensor_bytes)
                 print(f"{n:5d} tensors  {method.name:28s} stall median {statistics.median(stalls) * 1e3:8.2f} ms",
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rec.close()
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m bench.stall_scaling " + " ".join(argv or [])
-    (args.out / "stall-scaling.md").write_text(markdown(rec.rows, rec.machine, command.strip()))
+    (args.out / f"{stem}.md").write_text(markdown(rec.rows, rec.machine, command.strip()))
     return 0
 
 
