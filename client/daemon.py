@@ -9,19 +9,15 @@ its tensors; compression and disk I/O happen in the daemon.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from snapd.client.connection import Connection, probe
+from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
 from snapd.client.layout import LayoutCache, buffer_offsets, descriptors, signature
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
@@ -36,9 +32,6 @@ __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 
 log = logging.getLogger(__name__)
 
-PARALLEL_COPY_BYTES = 64 << 20
-
-
 class Client:
     def __init__(self, job: str, conn: Connection, welcome: dict, hello: dict) -> None:
         self.job = job
@@ -47,8 +40,7 @@ class Client:
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
-        self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._buffers = HostBuffers(lambda address: self._export_ and self._export_.unpin(address))
         self._conn.daemon_pid = welcome["daemon_pid"]
         self._regions: list = []  # registered shared regions (client.share)
         self._uncopied: list[Pending] = []  # registered-path snapshots the daemon is still copying
@@ -58,22 +50,7 @@ class Client:
         features = welcome.get("features", [])  # what this daemon understands beyond protocol 1
         self._layouts = LayoutCache() if "layouts" in features else None
         self._lease_free = "lease_free_snapshots" in features
-
-    def _buffer(self, path: str, nbytes: int) -> np.ndarray:
-        """The mapping of a host buffer. The daemon replaces a buffer's file when it passes
-        between users, so mappings are kept by path; one to a replaced file is dropped."""
-        if path not in self._maps:
-            for stale in [p for p in self._maps if not os.path.exists(p)]:
-                mm, view = self._maps.pop(stale)
-                if self._export_ is not None:  # the fallback staging may have pinned it
-                    self._export_.unpin(view.ctypes.data)
-            fd = os.open(path, os.O_RDWR)
-            try:
-                mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
-            self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8))
-        return self._maps[path][1]
+        self._inline = "inline_tensors" in features
 
     def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
@@ -92,15 +69,20 @@ class Client:
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
         waited_s = 0.0
         try:
+            plain = [i for i, (leaf, sh) in enumerate(zip(leaves, shared))
+                     if sh is None and not leaf.on_device and leaf.nbytes]
             if not self._lease_free or None in cuda.values() \
-                    or any(sh is None and not leaf.on_device and leaf.nbytes for leaf, sh in zip(leaves, shared)):
+                    or plain and not (self._inline and can_inline(leaves, plain)):
                 # bytes to write first (or an older daemon): lease a buffer, then describe them
                 head["lease"], waited_s = self._write(leaves, offsets, pos, shared, cuda, emergency)
-            else:  # the daemon copies every byte: one round trip, it leases the buffer itself
+                plain = []
+            else:  # the daemon copies every byte (tiny CPU tensors come in the message): it leases the buffer
                 head["nbytes"] = pos
+                if plain:  # Adam's step counters, say: CPU scalars beside a state on the GPU
+                    head["inline"] = inline_bytes(leaves, plain)
             if streams:
                 head["ready_events"] = self._export.record(streams)
-            sig = signature(leaves, offsets, shared, cuda)
+            sig = signature(leaves, offsets, shared, cuda, plain)
             layout = self._layouts.fields(tree, scalars, sig) if self._layouts else \
                 {"tensors": descriptors(sig), "tree": tree}
             req = self._conn.send("snapshot", **head, **layout)
@@ -132,9 +114,9 @@ class Client:
         and device tensors without IPC. Returns the lease and how long the grant took to come."""
         granted = self._conn.wait(self._conn.send("acquire", nbytes=nbytes, emergency=emergency))
         try:
-            buf = self._buffer(granted["path"], granted["bytes"])
+            buf = self._buffers.mapping(granted["path"], granted["bytes"])
             plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None and not leaf.on_device]
-            self._copy(buf, [p[0] for p in plain], [p[1] for p in plain])
+            self._buffers.copy(buf, [p[0] for p in plain], [p[1] for p in plain])
             for i, d in cuda.items():
                 if d is None:  # no IPC for this one: copy it device -> host buffer here
                     self._export.stage(leaves[i], buf[offsets[i]:offsets[i] + leaves[i].nbytes], buf)
@@ -196,25 +178,6 @@ class Client:
         """Make ``optimizer.step()`` wait (only) for unfinished copies of snapshotted tensors."""
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
-    def _copy(self, buf: np.ndarray, leaves: list, offsets: list[int]) -> None:
-        """One memcpy per byte, from each tensor's own address: no NumPy view of a torch tensor
-        (making one costs ~15 us, most of a small tensor's copy). Large states on a few threads
-        (ctypes releases the GIL around memmove)."""
-        base, jobs = buf.ctypes.data, []
-        for leaf, off in zip(leaves, offsets):
-            n = leaf.nbytes
-            if off + n > buf.size:  # the daemon grants what was asked; a raw copy must never run past it
-                raise SnapdError(f"{leaf.key}: {n} bytes at {off} do not fit the {buf.size}-byte host buffer")
-            for a in range(0, n, PARALLEL_COPY_BYTES):
-                jobs.append((base + off + a, leaf.ptr + a, min(PARALLEL_COPY_BYTES, n - a)))
-        if sum(job[2] for job in jobs) < 2 * PARALLEL_COPY_BYTES:
-            for job in jobs:
-                ctypes.memmove(*job)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="snapd-copy")
-        list(self._pool.map(lambda job: ctypes.memmove(*job), jobs))
-
     def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None, device: Any = None) -> Any:
         return load(self.root, self.job, step, keys=keys, into=into, device=device)
 
@@ -242,15 +205,11 @@ class Client:
         except (TimeoutError, DaemonUnavailable):
             pass
         self._conn.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        self._buffers.close()
         for region in self._regions:
             region.close()
         if self._export_ is not None:
             self._export_.close()
-        for mm, view in self._maps.values():
-            del view
-        self._maps.clear()
 
     def __enter__(self) -> Client:
         return self

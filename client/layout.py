@@ -34,11 +34,15 @@ Signature = list[tuple]  # one tuple per leaf: what its descriptor says, cheaper
 
 
 def signature(leaves: list[TensorLeaf], offsets: list[int], shared: list[tuple[int, int] | None],
-              cuda: dict[int, dict | None]) -> Signature:
+              cuda: dict[int, dict | None], inline: list[int]) -> Signature:
     """Each leaf's key, kind, dtype, shape, place in the leased buffer, size, and where the daemon
-    copies it from: a registered region (id, offset) or a CUDA allocation (a `cuda` descriptor)."""
-    return [(leaf.key, leaf.kind, leaf.dtype, leaf.shape, offsets[i], leaf.nbytes, shared[i], cuda.get(i))
-            for i, leaf in enumerate(leaves)]
+    gets it from: a registered region (id, offset), a CUDA allocation (a `cuda` descriptor), or
+    the message (``inline``: indices of tiny CPU tensors whose bytes travel with it)."""
+    sig = [(leaf.key, leaf.kind, leaf.dtype, leaf.shape, offsets[i], leaf.nbytes, shared[i], cuda.get(i))
+           for i, leaf in enumerate(leaves)]
+    for i in inline:
+        sig[i] = (*sig[i][:6], "inline", None)
+    return sig
 
 
 def descriptors(sig: Signature) -> list[dict]:
@@ -46,7 +50,9 @@ def descriptors(sig: Signature) -> list[dict]:
     out = []
     for key, kind, dtype, shape, offset, nbytes, sh, c in sig:
         d = {"key": key, "kind": kind, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes}
-        if sh is not None:
+        if sh == "inline":
+            d["inline"] = True
+        elif sh is not None:
             d["region"], d["region_offset"] = sh
         if c is not None:
             d["cuda"] = c

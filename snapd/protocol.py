@@ -25,9 +25,10 @@ from snapd.format.tree import key_problem
 PROTOCOL_VERSION = 1
 # additions to version 1 a daemon announces in ``welcome``; a client uses one only when announced
 # (a daemon run as a service can be older than the clients that connect to it)
-FEATURES = ("layouts", "lease_free_snapshots")
+FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors")
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 1_000_000
+MAX_INLINE_TENSOR_BYTES = 256  # a tensor this small may travel in the message itself (`inline`)
 
 Validator = Callable[[Any, str], None]
 
@@ -115,6 +116,10 @@ def _tensors(v: Any, name: str) -> None:
             _U64(t.get(bad), f"{name}[{i}].{bad}")
         if "cuda" in t:  # GPU path: the bytes are at offset in the allocation this IPC handle maps
             _cuda(t["cuda"], f"{name}[{i}].cuda", t["nbytes"])
+        if "inline" in t and (t["inline"] is not True or "cuda" in t or "region" in t
+                              or t["nbytes"] > MAX_INLINE_TENSOR_BYTES):
+            raise ProtocolError(f"{name}[{i}].inline must be true, on a tensor of at most {MAX_INLINE_TENSOR_BYTES} "
+                                "bytes that is neither in a region nor on a GPU", "bad_field")
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
             raise ProtocolError(f"{name}[{i}]: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
                                 "bad_field")
@@ -179,10 +184,11 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
-    # tensors and tree, or the number of a layout sent before (snapd.daemon.sessions.layout_of)
-    "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object, "emergency": _bool, "tree": _opt(_object),
-                 "tensors": _opt(_tensors), "layout": _opt(_int(1)), "values": _opt(_scalars),
-                 "ready_events": _opt(_events)},
+    # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
+    # before and new values (snapd.daemon.layouts); inline: tiny tensors' bytes, base64
+    "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object,
+                 "emergency": _bool, "tree": _opt(_object), "tensors": _opt(_tensors), "layout": _opt(_int(1)),
+                 "values": _opt(_scalars), "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
     "release": {"lease": _int()},
     "register": {"path": _str(), "bytes": _int(1)},
     "status": {},

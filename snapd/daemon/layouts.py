@@ -5,6 +5,8 @@ the tree's scalar nodes, where each tensor lies (``Placement``), and the task ma
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,7 +102,7 @@ class Placement:
                 raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {cuda['dev']} "
                                     f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
             rows.append((t["key"], t["kind"], t["dtype"], tuple(t["shape"]), a, b, src,
-                         cuda if t["nbytes"] else None))
+                         cuda if t["nbytes"] else None, "inline" in t))
         if len({r[0] for r in rows}) != len(rows):
             raise ProtocolError("two tensors share a key path", "bad_field")
         self.rows = rows
@@ -109,7 +111,10 @@ class Placement:
         self.has_copies = any(r[6] is not None for r in rows)  # the registered path
         self.has_gpu = any(r[7] is not None for r in rows)  # the GPU path
         # bytes the client copies into the buffer itself (the plain path): it needs the lease first
-        self.has_plain = any(r[6] is None and "cuda" not in t and r[5] > r[4] for r, t in zip(rows, tensors))
+        self.has_plain = any(r[6] is None and "cuda" not in t and not r[8] and r[5] > r[4]
+                             for r, t in zip(rows, tensors))
+        self.inline = [i for i, r in enumerate(rows) if r[8]]  # tiny tensors whose bytes come in the message
+        self.inline_bytes = sum(rows[i][5] - rows[i][4] for i in self.inline)
 
     def check_fits(self, buf: np.ndarray) -> None:
         if self.end > buf.size:  # (host buffers all have one size: a layout checked on one fits all)
@@ -120,7 +125,7 @@ class Placement:
         """The leaves over ``buf``, the copies the daemon must make from registered regions
         (region bytes -> buffer), and the tensors it must copy from GPUs (leaf, `cuda` descriptor)."""
         leaves, copies, on_gpu = [], [], []
-        for key, kind, dtype, shape, a, b, src, cuda in self.rows:
+        for key, kind, dtype, shape, a, b, src, cuda, _ in self.rows:
             leaf = TensorLeaf(key, kind, dtype, shape, buf[a:b])
             if src is not None:
                 copies.append((leaf.data, src))
@@ -146,17 +151,36 @@ def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, C
             raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: acquire "
                                 "one first", "bad_field")
         metrics = check_metrics(msg["metrics"])
+        blob = _inline_bytes(plan, msg.get("inline"))
         return server.acquire(s, msg["id"], msg["nbytes"], msg["emergency"],
-                              lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, lease,
+                              lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, blob, lease,
                                                                 waited_s)) or (None, None)
     buf = server.leases.take(s, msg["lease"])
     try:
-        _check(server, s, layout, buf.view.size).check_fits(buf.view)
+        plan = _check(server, s, layout, buf.view.size)
+        plan.check_fits(buf.view)
         metrics = check_metrics(msg["metrics"])
+        blob = _inline_bytes(plan, msg.get("inline"))
     except SnapdError:
         server.leases.free(s, msg["lease"])
         raise
-    return _accepted(server, s, msg, layout, values, metrics, msg["lease"], 0.0)
+    return _accepted(server, s, msg, layout, values, metrics, blob, msg["lease"], 0.0)
+
+
+def _inline_bytes(plan: Placement, text: str | None) -> bytes:
+    """The bytes of the snapshot's inline tensors (base64 in the message, in descriptor order)."""
+    if text is None:
+        if plan.inline_bytes:
+            raise ProtocolError(f"the snapshot has {len(plan.inline)} inline tensors but no inline bytes", "bad_field")
+        return b""
+    try:
+        blob = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("inline is not base64", "bad_field") from None
+    if len(blob) != plan.inline_bytes:
+        raise ProtocolError(f"inline carries {len(blob)} bytes; the inline tensors take {plan.inline_bytes}",
+                            "bad_field")
+    return blob
 
 
 def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
@@ -172,7 +196,7 @@ def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
 
 
 def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: list[dict] | None, metrics: dict,
-              lease: int, waited_s: float) -> tuple[bytes, Callable[[], None]]:
+              blob: bytes, lease: int, waited_s: float) -> tuple[bytes, Callable[[], None]]:
     plan, buf = layout.plan, server.pool.by_lease(lease)
     if layout.number is not None:
         s.layout = layout
@@ -190,6 +214,11 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: list[d
         # After the reply: place the leaves and fill in the new values (~1.5 us a tensor that the
         # trainer need not wait for; nothing here can fail once the layout was checked).
         task.leaves, copies, on_gpu = plan.place(buf.view)
+        pos = 0
+        for i in plan.inline:  # before any stage reads the buffer
+            leaf = task.leaves[i]
+            leaf.data[:] = np.frombuffer(blob, np.uint8, leaf.nbytes, pos)
+            pos += leaf.nbytes
         if values is not None:
             task.tree = with_values(task.tree, iter(values))
         if on_gpu:  # GPU path: the copier reports queued, then copied

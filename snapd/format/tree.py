@@ -222,8 +222,8 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
         if isinstance(obj, (list, tuple)):
             t = "tuple" if isinstance(obj, tuple) else "list"
             pre = key + "." if key else ""
-            return {"t": t, "v": [tensor(v, pre + str(i)) if isinstance(v, tensor_type) else visit(v, pre + str(i), depth + 1)
-                                  for i, v in enumerate(obj)]}
+            return {"t": t, "v": [tensor(v, pre + str(i)) if isinstance(v, tensor_type)
+                                  else visit(v, pre + str(i), depth + 1) for i, v in enumerate(obj)]}
         if obj is None or isinstance(obj, (bool, int, str)):
             node = {"t": "value", "v": obj}
         elif isinstance(obj, float):

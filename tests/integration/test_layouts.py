@@ -99,7 +99,7 @@ def test_a_new_structure_or_shape_is_a_new_layout(daemon, sent) -> None:
 def test_an_unknown_layout_is_sent_again_in_full(daemon, sent) -> None:
     """The daemon keeps one layout per connection; a number it does not hold (a snapshot sent from
     a signal handler in between, say) gets unknown_layout, and the client resends in full."""
-    w = np.arange(12, dtype=np.float32)
+    w = np.arange(1024, dtype=np.float32)  # (over the inline limit: this snapshot takes a lease)
     with snapd.connect("again", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
         c.snapshot(_state(0, 0.1, w), step=0).wait(30)
         c._layouts._number += 7  # the client now names a layout this daemon never accepted
@@ -251,7 +251,7 @@ def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent
     def call(self, kind, timeout_s=None, **fields):
         reply = real_call(self, kind, timeout_s, **fields)
         if kind == "hello":
-            assert set(reply["features"]) == {"layouts", "lease_free_snapshots"}
+            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors"}
             reply.pop("features")  # as an older daemon's welcome
         return reply
     monkeypatch.setattr(Connection, "call", call)
@@ -263,3 +263,45 @@ def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent
             c.snapshot(state, step=step).wait(30)
         assert [c.restore(s)["step"] for s in range(3)] == [0, 1, 2]
     assert all("tensors" in f and "tree" in f and "lease" in f and "layout" not in f for f in sent)
+
+
+def test_tiny_cpu_tensors_travel_inline_beside_registered_ones(daemon, sent) -> None:
+    """A GPU state's optimizer keeps its step counters as CPU scalars (Adam without capturable):
+    those bytes come in the message, so the snapshot still needs no acquire."""
+    state = {"w": np.arange(4096, dtype=np.float32), "step": 0}
+    with snapd.connect("inline", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        c.share(state)
+        for step in range(4):
+            c.fence()
+            state["w"][0] = step
+            s = {**state, "step": step, "optim": {i: {"step": torch.tensor(float(step * 10 + i))} for i in range(5)},
+                 "small": np.full(64, step, np.int32), "empty": torch.zeros(0)}  # 256 bytes: at the limit
+            c.snapshot(s, step=step).wait(30)
+        for step in range(4):
+            got = c.restore(step)
+            assert got["w"][0] == step and np.array_equal(got["w"][1:], np.arange(1, 4096, dtype=np.float32))
+            assert [got["optim"][i]["step"].item() for i in range(5)] == [step * 10.0 + i for i in range(5)]
+            assert np.array_equal(got["small"], np.full(64, step, np.int32)) and got["empty"].numel() == 0
+    assert all("lease" not in f and "inline" in f for f in sent)
+    assert "tensors" in sent[0] and all("tensors" not in f for f in sent[1:])  # the bytes are not the layout
+    assert sum(d.get("inline", False) for d in sent[0]["tensors"]) == 6
+
+
+def test_bad_inline_bytes_are_refused(daemon) -> None:
+    conn = Connection(daemon.endpoint, 5.0)
+    try:
+        conn.call("hello", job="badinline", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+                  on_busy="wait", root=None)
+        t = [{"key": "s", "kind": "torch", "dtype": "float32", "shape": [], "offset": 0, "nbytes": 4, "inline": True}]
+        base = {"step": 1, "metrics": {}, "emergency": False, "nbytes": 4, "tensors": t, "tree": {"t": "tensor", "i": 0}}
+        for fields, words in [({}, "inline tensors but no inline bytes"), ({"inline": "AAAAAAAA"}, "carries 6 bytes"),
+                              ({"inline": "***"}, "not base64"),
+                              ({"tensors": [{**t[0], "inline": 1}], "inline": "AAAAAA=="}, "inline must be true"),
+                              ({"tensors": [{**t[0], "shape": [65], "nbytes": 260}], "inline": ""}, "at most 256")]:
+            with pytest.raises(SnapdError, match=words):
+                conn.call("snapshot", **{**base, **fields})
+        req = conn.send("snapshot", **base, inline="AACAPw==")  # 1.0 as float32
+        assert conn.wait(req, 10)["type"] == "copied" and conn.wait(req, 30)["type"] == "persisted"
+    finally:
+        conn.close()
+    assert float(snapd.load(daemon.root, "badinline")) == 1.0  # (the tree is the tensor itself)

@@ -42,7 +42,7 @@ def test_layout_cache_sends_what_changed() -> None:
         scalars: list[dict] = []
         tree, leaves = flatten(state, scalars=scalars)
         offsets, _ = buffer_offsets(leaves)
-        out = cache.fields(tree, scalars, signature(leaves, offsets, [None] * len(leaves), {}))
+        out = cache.fields(tree, scalars, signature(leaves, offsets, [None] * len(leaves), {}, []))
         assert all(n["t"] != "scalar" for n in scalars)  # the comparison leaves the tree as it was
         return out
     first = fields(_state(1, 2.5, "x"))
