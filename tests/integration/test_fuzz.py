@@ -20,8 +20,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                            max_leaves=12)
 fields = st.dictionaries(st.sampled_from(["job", "pid", "nbytes", "emergency", "lease", "step", "metrics", "tree",
-                                          "tensors", "layout", "values", "inline", "on_busy", "keep_last", "best", "root"]),
-                      json_values)
+                                          "tensors", "layout", "values", "inline", "on_busy", "keep_last", "best",
+                                          "root"]), json_values)
 
 
 @pytest.fixture(scope="module")
