@@ -33,6 +33,14 @@ def sent(monkeypatch):
     return out
 
 
+def _session(endpoint: str, job: str) -> Connection:
+    """A raw connection after hello: messages written by hand, as a client of another language would."""
+    conn = Connection(endpoint, 5.0)
+    conn.call("hello", job=job, pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None, on_busy="wait",
+              root=None)
+    return conn
+
+
 def _state(step, lr, w: np.ndarray, extra=None) -> dict:
     s = {"model": {"w": w, "b": torch.arange(5, dtype=torch.float64) * step},
          "optim": {"param_groups": [{"lr": lr, "betas": (0.9, 0.999)}], "step": torch.tensor(float(step))},
@@ -142,10 +150,8 @@ def test_a_snapshot_sent_from_a_signal_handler_mid_snapshot(daemon, monkeypatch)
 
 
 def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
-    conn = Connection(daemon.endpoint, 5.0)
+    conn = _session(daemon.endpoint, "bad")
     try:
-        conn.call("hello", job="bad", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
-                  on_busy="wait", root=None)
         tensors = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
         tree = {"t": "dict", "k": ["w", "step"], "v": [{"t": "tensor", "i": 0}, {"t": "value", "v": 1}]}
         head = {"step": 1, "metrics": {}, "emergency": False}
@@ -180,9 +186,7 @@ def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
 
 def _hold_all_buffers(endpoint: str, n: int = 2) -> tuple[Connection, list[int]]:
     """Another client's connection holding every host buffer (granted, no snapshot sent yet)."""
-    other = Connection(endpoint, 5.0)
-    other.call("hello", job="holder", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
-               on_busy="wait", root=None)
+    other = _session(endpoint, "holder")
     return other, [other.call("acquire", nbytes=64, emergency=False)["lease"] for _ in range(n)]
 
 
@@ -223,10 +227,8 @@ def test_a_state_the_daemon_copies_needs_no_acquire(daemon, monkeypatch) -> None
 
 
 def test_lease_free_snapshots_are_refused_when_the_client_has_bytes_to_write(daemon) -> None:
-    conn = Connection(daemon.endpoint, 5.0)
+    conn = _session(daemon.endpoint, "nolease")
     try:
-        conn.call("hello", job="nolease", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
-                  on_busy="wait", root=None)
         plain = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
         tree = {"t": "tensor", "i": 0}
         head = {"step": 1, "metrics": {}, "emergency": False}
@@ -288,10 +290,8 @@ def test_tiny_cpu_tensors_travel_inline_beside_registered_ones(daemon, sent) -> 
 
 
 def test_bad_inline_bytes_are_refused(daemon) -> None:
-    conn = Connection(daemon.endpoint, 5.0)
+    conn = _session(daemon.endpoint, "badinline")
     try:
-        conn.call("hello", job="badinline", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
-                  on_busy="wait", root=None)
         t = [{"key": "s", "kind": "torch", "dtype": "float32", "shape": [], "offset": 0, "nbytes": 4, "inline": True}]
         base = {"step": 1, "metrics": {}, "emergency": False, "nbytes": 4, "tensors": t, "tree": {"t": "tensor", "i": 0}}
         for fields, words in [({}, "inline tensors but no inline bytes"), ({"inline": "AAAAAAAA"}, "carries 6 bytes"),
