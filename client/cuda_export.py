@@ -91,14 +91,30 @@ class CudaExport:
         self._contexts.setdefault(uuid, alloc.context)
         return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}
 
-    def streams(self, leaves: list[TensorLeaf], cuda: dict[int, dict | None]) -> dict[str, int]:
+    def streams(self, leaves: list[TensorLeaf], cuda: dict[int, dict | None], sources: list[Any]) -> dict[str, int]:
         """The trainer stream of each device the snapshot copies from: the first tensor's there
-        (asked once a device, not once a tensor: torch's current_stream costs microseconds)."""
+        (asked once a device, not once a tensor: torch's current_stream costs microseconds).
+        ``sources`` are the tensors behind ``leaves`` (a replayed snapshot's leaves have none)."""
         out: dict[str, int] = {}
         for i, d in cuda.items():
             if d is not None and d["dev"] not in out:
-                out[d["dev"]] = _stream_of(leaves[i])
+                out[d["dev"]] = _stream_of(leaves[i].kind, sources[i])
         return out
+
+    def allocations(self, ptrs: list[int]) -> list[tuple[int, int]]:
+        """One (address, allocation id) per allocation holding these (described) addresses."""
+        out: dict[int, int] = {}
+        for ptr in ptrs:
+            out.setdefault(self._allocation(ptr).buffer_id, ptr)  # (cached: checked in describe_all)
+        return [(ptr, buffer_id) for buffer_id, ptr in out.items()]
+
+    def still_live(self, allocations: list[tuple[int, int]]) -> bool:
+        """Whether each allocation is still the one described (a replayed snapshot's check: one
+        driver call per allocation, as ``describe_all`` makes)."""
+        try:
+            return all(cuda_driver.buffer_id(ptr) == buffer_id for ptr, buffer_id in allocations)
+        except cuda_driver.CudaError:
+            return False
 
     def _allocation(self, ptr: int) -> cuda_driver.Allocation:
         """Where ``ptr`` lives, cached by address and re-checked by allocation id: a freed and
@@ -180,12 +196,12 @@ class CudaExport:
         self._ready.clear()
 
 
-def _stream_of(leaf: TensorLeaf) -> int:
+def _stream_of(kind: str, source: Any) -> int:
     """The stream the tensor's values are produced on: torch's current stream for its device, or
     the stream ``__cuda_array_interface__`` names (0: the legacy default stream)."""
-    if leaf.kind == "torch":
+    if kind == "torch":
         import torch
 
-        return torch.cuda.current_stream(leaf.source.device).cuda_stream
-    stream = leaf.source.__cuda_array_interface__.get("stream")
+        return torch.cuda.current_stream(source.device).cuda_stream
+    stream = source.__cuda_array_interface__.get("stream")
     return int(stream) if stream else 0

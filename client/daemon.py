@@ -18,14 +18,14 @@ from typing import Any
 
 from snapd.client.connection import Connection, probe
 from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
-from snapd.client.layout import LayoutCache, buffer_offsets, descriptors, signature
+from snapd.client import snapshot_plan
+from snapd.client.layout import LayoutCache, descriptors
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
-from snapd.format.tree import flatten
 from snapd.paths import default_endpoint, default_root
 
 __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
@@ -51,41 +51,35 @@ class Client:
         self._layouts = LayoutCache() if "layouts" in features else None
         self._lease_free = "lease_free_snapshots" in features
         self._inline = "inline_tensors" in features
+        # the last layout's state, recognised without flattening it (client/state_memo.py)
+        self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
 
     def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         t0 = time.perf_counter()
         check_step(step)
         metrics = check_metrics(metrics)
-        scalars: list[dict] = []
-        tree, leaves = flatten(state, keep_device=True, scalars=scalars)
-        offsets, pos = buffer_offsets(leaves)
-        shared = [None if leaf.on_device else self._registered(leaf) for leaf in leaves]
-        cuda = self._export.describe_all(leaves) if any(leaf.on_device for leaf in leaves) else {}
+        plan = self._planner.plan(state)
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
         self._wait_registered()  # a region being copied must not be described again until that copy is done
-        streams = self._export.streams(leaves, cuda) if cuda else {}
+        streams = self._export.streams(plan.leaves, plan.cuda, plan.sources) if plan.cuda else {}
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
         waited_s = 0.0
         try:
-            plain = [i for i, (leaf, sh) in enumerate(zip(leaves, shared))
-                     if sh is None and not leaf.on_device and leaf.nbytes]
-            if not self._lease_free or None in cuda.values() \
-                    or plain and not (self._inline and can_inline(leaves, plain)):
+            plain = plan.plain
+            if not self._lease_free or None in plan.cuda.values() \
+                    or plain and not (self._inline and can_inline(plan.leaves, plain)):
                 # bytes to write first (or an older daemon): lease a buffer, then describe them
-                head["lease"], waited_s = self._write(leaves, offsets, pos, shared, cuda, emergency)
+                head["lease"], waited_s = self._write(plan, emergency)
                 plain = []
             else:  # the daemon copies every byte (tiny CPU tensors come in the message): it leases the buffer
-                head["nbytes"] = pos
+                head["nbytes"] = plan.nbytes
                 if plain:  # Adam's step counters, say: CPU scalars beside a state on the GPU
-                    head["inline"] = inline_bytes(leaves, plain)
+                    head["inline"] = inline_bytes(plan.leaves, plain)
             if streams:
                 head["ready_events"] = self._export.record(streams)
-            sig = signature(leaves, offsets, shared, cuda, plain)
-            layout = self._layouts.fields(tree, scalars, sig) if self._layouts else \
-                {"tensors": descriptors(sig), "tree": tree}
-            req = self._conn.send("snapshot", **head, **layout)
+            req = self._conn.send("snapshot", **head, **self._layout_fields(plan, plain))
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
             except SnapdError as e:
@@ -93,8 +87,12 @@ class Client:
                     if self._layouts is not None:
                         self._layouts.forget()
                     raise
-                req = self._conn.send("snapshot", **head, **self._layouts.define(tree, scalars, sig))
+                if plan.tree is None:  # a replayed plan has no tree: flatten this state after all
+                    plan = self._planner.flatten(state)
+                req = self._conn.send("snapshot", **head, **self._layouts.define(plan.tree, plan.scalars,
+                                                                                  plan.signature(plain)))
                 first = self._conn.wait(req)
+            self._planner.taken(state, plan)
         except Busy as e:
             log.info("step %d skipped: %s", step, e)
             return Pending(self, step, None, stall_s=time.perf_counter() - t0, skipped=str(e))
@@ -103,23 +101,30 @@ class Client:
             log.info("step %d waited %.2f s for a free host buffer", step, waited_s)
         pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
                           waited_s=waited_s, streams=streams,
-                          keep=[leaf.source for leaf in leaves if leaf.on_device] if streams else None)
+                          keep=[plan.sources[i] for i in plan.cuda] if streams else None)
         if not pending.copied:
             (self._on_gpu if streams else self._uncopied).append(pending)
         return pending
 
-    def _write(self, leaves: list, offsets: list[int], nbytes: int, shared: list, cuda: dict,
-               emergency: bool) -> tuple[int, float]:
+    def _layout_fields(self, plan: snapshot_plan.SnapshotPlan, inline: list[int]) -> dict[str, Any]:
+        if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values
+            return {"layout": plan.memo.number} if plan.values is None else \
+                {"layout": plan.memo.number, "values": plan.values}
+        sig = plan.signature(inline)
+        if self._layouts is None:
+            return {"tensors": descriptors(sig), "tree": plan.tree}
+        return self._layouts.fields(plan.tree, plan.scalars, sig)
+
+    def _write(self, plan: snapshot_plan.SnapshotPlan, emergency: bool) -> tuple[int, float]:
         """Lease a host buffer and write into it what the daemon cannot copy itself: plain tensors
         and device tensors without IPC. Returns the lease and how long the grant took to come."""
-        granted = self._conn.wait(self._conn.send("acquire", nbytes=nbytes, emergency=emergency))
+        granted = self._conn.wait(self._conn.send("acquire", nbytes=plan.nbytes, emergency=emergency))
         try:
             buf = self._buffers.mapping(granted["path"], granted["bytes"])
-            plain = [(leaf, off) for leaf, off, sh in zip(leaves, offsets, shared) if sh is None and not leaf.on_device]
-            self._buffers.copy(buf, [p[0] for p in plain], [p[1] for p in plain])
-            for i, d in cuda.items():
-                if d is None:  # no IPC for this one: copy it device -> host buffer here
-                    self._export.stage(leaves[i], buf[offsets[i]:offsets[i] + leaves[i].nbytes], buf)
+            leaves, offsets = plan.leaves, plan.offsets
+            self._buffers.copy(buf, [leaves[i] for i in plan.plain], [offsets[i] for i in plan.plain])
+            for i in plan.staged:  # no IPC for these: copy them device -> host buffer here
+                self._export.stage(leaves[i], buf[offsets[i]:offsets[i] + leaves[i].nbytes], buf)
         except BaseException:
             self._conn.send("release", lease=granted["lease"])
             raise
@@ -153,6 +158,7 @@ class Client:
             region.close()
             raise
         self._regions.append(region)
+        self._planner.forget()  # its tensors moved: the next snapshot is flattened
 
     def _wait_registered(self) -> None:
         while self._uncopied:

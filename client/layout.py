@@ -98,6 +98,11 @@ class LayoutCache:
         finally:
             _restore(scalars, saved)
 
+    @property
+    def current(self) -> int | None:
+        """The number of the layout last defined, or None once forgotten (the daemon refused it)."""
+        return self._number if self._sig is not None else None
+
     def forget(self) -> None:
         self._sig = self._skeleton = None
 

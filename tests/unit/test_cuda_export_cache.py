@@ -71,3 +71,20 @@ def test_one_check_per_allocation_and_a_remade_allocation_is_found(driver) -> No
     assert moved[2]["handle"] == (4).to_bytes(64, "little").hex() and moved[2]["offset"] == 0
     assert moved[3] == first[3]
     assert driver.lookups == 4 + 3  # every address of the stale allocation looked up again
+
+
+def test_a_replayed_snapshot_checks_each_allocation_and_sees_one_remade(driver) -> None:
+    """A snapshot replayed from a memo (client/snapshot_plan.py) describes nothing anew: it checks
+    that each allocation it names is still the one described, one driver call each."""
+    export = CudaExport({"devices": ["GPU-fake"], "pid_ns": 4026531836})
+    driver.live = {1: (0x1000, 0x1000), 2: (0x8000, 0x100)}
+    leaves = _leaves([0x1000, 0x1100, 0x8000])
+    export.describe_all(leaves)
+    allocations = export.allocations([leaf.ptr for leaf in leaves])
+    assert sorted(allocations) == [(0x1000, 1), (0x8000, 2)]
+    driver.checks = 0
+    assert export.still_live(allocations) and driver.checks == 2
+    driver.live = {3: (0x1000, 0x1000), 2: (0x8000, 0x100)}  # freed, and made again at the same address
+    assert not export.still_live(allocations)
+    driver.live = {2: (0x8000, 0x100)}  # freed (the driver says so)
+    assert not export.still_live(allocations)
