@@ -51,6 +51,7 @@ class Client:
         self._layouts = LayoutCache() if "layouts" in features else None
         self._lease_free = "lease_free_snapshots" in features
         self._inline = "inline_tensors" in features
+        self._changes = "value_changes" in features
         # the last layout's state, recognised without flattening it (client/state_memo.py)
         self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
 
@@ -108,8 +109,12 @@ class Client:
 
     def _layout_fields(self, plan: snapshot_plan.SnapshotPlan, inline: list[int]) -> dict[str, Any]:
         if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values
-            return {"layout": plan.memo.number} if plan.values is None else \
-                {"layout": plan.memo.number, "values": plan.values}
+            fields: dict[str, Any] = {"layout": plan.memo.number}
+            if plan.hit.changed and self._changes:  # (a step counter, say: only it)
+                fields["changes"] = plan.hit.changes()
+            elif plan.hit.changed:  # a daemon that takes all values or none
+                fields["values"] = plan.hit.values()
+            return fields
         sig = plan.signature(inline)
         if self._layouts is None:
             return {"tensors": descriptors(sig), "tree": plan.tree}

@@ -18,7 +18,7 @@ class SnapshotPlan:
     """One snapshot's descriptors and what they were made from (read-only once made: a memo's
     template is shared by every snapshot that replays it)."""
 
-    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "sources", "tree", "scalars", "values",
+    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "sources", "tree", "scalars", "hit",
                  "sig", "allocations", "memo")
 
     def __init__(self, leaves: list[TensorLeaf], offsets: list[int], nbytes: int,
@@ -30,7 +30,7 @@ class SnapshotPlan:
         self.sources = sources  # the tensor behind each leaf (the user's, or the copy flatten made)
         self.tree: dict | None = None  # flattened plans: the tree and its scalar nodes
         self.scalars: list[dict] | None = None
-        self.values: list[dict] | None = None  # replayed plans: new scalar nodes, None if unchanged
+        self.hit: Hit | None = None  # replayed plans: the tensors and scalars the memo found
         self.sig: Signature | None = None
         self.allocations: list[tuple[int, int]] = []  # (address, allocation id) of each CUDA allocation used
         self.memo: StateMemo | None = None  # replayed plans: the memo replayed
@@ -80,7 +80,7 @@ def replayed(memo: StateMemo, hit: Hit, export: Callable[[], Any]) -> SnapshotPl
             leaves[i] = TensorLeaf(m.key, m.kind, m.dtype, m.shape, None, hit.sources[i], m.nbytes, m.ptr, m.on_device)
     plan = SnapshotPlan.__new__(SnapshotPlan)
     plan.leaves, plan.offsets, plan.nbytes, plan.shared, plan.cuda = leaves, t.offsets, t.nbytes, t.shared, t.cuda
-    plan.plain, plan.sources, plan.tree, plan.scalars, plan.values = t.plain, hit.sources, None, None, hit.values
+    plan.plain, plan.sources, plan.tree, plan.scalars, plan.hit = t.plain, hit.sources, None, None, hit
     plan.sig, plan.allocations, plan.memo = t.sig, t.allocations, memo
     return plan
 
@@ -90,7 +90,7 @@ def remember(number: int, state: Any, plan: SnapshotPlan) -> StateMemo | None:
     template = SnapshotPlan.__new__(SnapshotPlan)  # the plan without its tensors: a memo keeps none alive
     template.leaves, template.offsets, template.nbytes, template.shared = [], plan.offsets, plan.nbytes, plan.shared
     template.cuda, template.plain, template.sources, template.tree = plan.cuda, plan.plain, [], None
-    template.scalars, template.values, template.sig = None, None, plan.sig
+    template.scalars, template.hit, template.sig = None, None, plan.sig
     template.allocations, template.memo = plan.allocations, None
     return StateMemo.of(number, state, plan.tree, plan.leaves, template)
 

@@ -39,14 +39,21 @@ class _Miss(Exception):
 
 
 class Hit:
-    """What a memo hit gives the snapshot: the tensors seen (by leaf index), and the tree's
-    scalars, raw and as tree nodes only when they differ from the layout's."""
+    """What a memo hit gives the snapshot: the tensors seen (in leaf order), and the tree's
+    scalars that differ from the layout's (by type or value: 1, 1.0 and True differ)."""
 
-    __slots__ = ("sources", "values")
+    __slots__ = ("sources", "raw", "changed")
 
-    def __init__(self, sources: list[Any], values: list[dict] | None) -> None:
-        self.sources = sources
-        self.values = values  # None: the scalars are the layout's own
+    def __init__(self, sources: list[Any], raw: list[Any], changed: list[int]) -> None:
+        self.sources, self.raw, self.changed = sources, raw, changed
+
+    def values(self) -> list[dict]:
+        """Every scalar node of the tree (the ``values`` of a snapshot message)."""
+        return [_value_node(v) for v in self.raw]
+
+    def changes(self) -> list[list]:
+        """The changed ones, as [index, node] pairs (``changes``: docs/PROTOCOL.md)."""
+        return [[i, _value_node(self.raw[i])] for i in self.changed]
 
 
 class StateMemo:
@@ -99,9 +106,10 @@ class StateMemo:
             return None
         if len(sources) != len(self._checks) or not self._same_tensors(sources):
             return None
-        if raw == self._raw and list(map(type, raw)) == self._types:
-            return Hit(sources, None)
-        return Hit(sources, [_value_node(v) for v in raw])
+        if raw == self._raw and list(map(type, raw)) == self._types:  # (the common case, at C speed)
+            return Hit(sources, raw, [])
+        return Hit(sources, raw, [i for i, (v, old, tp) in enumerate(zip(raw, self._raw, self._types))
+                                  if type(v) is not tp or v != old])
 
     def _same_tensors(self, sources: list[Any]) -> bool:
         """Whether each tensor (in leaf order) is one flatten would take as it is, with the layout's

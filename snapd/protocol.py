@@ -25,7 +25,7 @@ from snapd.format.tree import key_problem
 PROTOCOL_VERSION = 1
 # additions to version 1 a daemon announces in ``welcome``; a client uses one only when announced
 # (a daemon run as a service can be older than the clients that connect to it)
-FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors")
+FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors", "value_changes")
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 1_000_000
 MAX_INLINE_TENSOR_BYTES = 256  # a tensor this small may travel in the message itself (`inline`)
@@ -171,12 +171,29 @@ def _scalars(v: Any, name: str) -> None:
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
         raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} tree nodes", "bad_field")
     for i, node in enumerate(v):
-        t = node.get("t") if isinstance(node, dict) else None
-        x = node.get("v") if t else None
-        if not (t == "value" and type(x) in _SCALAR_TYPES or t == "float" and x in ("nan", "inf", "-inf")
-                or t == "bytes" and isinstance(x, str)):
-            raise ProtocolError(f"{name}[{i}] must be a value, float or bytes node of the tree, got {_short(node)}",
+        _scalar_node(node, f"{name}[{i}]")
+
+
+def _scalar_node(node: Any, name: str) -> None:
+    t = node.get("t") if isinstance(node, dict) else None
+    x = node.get("v") if t else None
+    if not (t == "value" and type(x) in _SCALAR_TYPES or t == "float" and x in ("nan", "inf", "-inf")
+            or t == "bytes" and isinstance(x, str)):
+        raise ProtocolError(f"{name} must be a value, float or bytes node of the tree, got {_short(node)}",
+                            "bad_field")
+
+
+def _changes(v: Any, name: str) -> None:
+    """Some of a layout's value nodes: [index in pre-order, node] pairs, indices increasing."""
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} [index, node] pairs", "bad_field")
+    last = -1
+    for i, pair in enumerate(v):
+        if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int or pair[0] <= last:
+            raise ProtocolError(f"{name}[{i}] must be an [index, node] pair, indices increasing, got {_short(pair)}",
                                 "bad_field")
+        last = pair[0]
+        _scalar_node(pair[1], f"{name}[{i}][1]")
 
 
 # type -> required fields and their validators (optional fields use _opt)
@@ -185,10 +202,10 @@ REQUESTS: dict[str, dict[str, Validator]] = {
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
-    # before and new values (snapd.daemon.layouts); inline: tiny tensors' bytes, base64
+    # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors' bytes, base64
     "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object,
                  "emergency": _bool, "tree": _opt(_object), "tensors": _opt(_tensors), "layout": _opt(_int(1)),
-                 "values": _opt(_scalars), "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
+                 "values": _opt(_scalars), "changes": _opt(_changes), "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
     "release": {"lease": _int()},
     "register": {"path": _str(), "bytes": _int(1)},
     "status": {},

@@ -35,28 +35,51 @@ class Layout:
     scalars: int = -1  # how many value nodes the tree has (counted when values first come)
 
 
-def layout_of(s: Session, msg: dict) -> tuple[Layout, list[dict] | None]:
+@dataclass
+class NewValues:
+    """A snapshot's new values of its layout's scalar tree nodes: all of them (``values``), or the
+    changed ones (``changes``: [index in pre-order, node] pairs; the others are the layout's)."""
+
+    values: list[dict] | None
+    changes: list[list] | None
+
+    def nodes(self, layout: Layout) -> list[dict]:
+        if self.values is not None:
+            return self.values
+        out = list(_scalar_nodes(layout.tree))
+        for i, node in self.changes:
+            out[i] = node
+        return out
+
+
+def layout_of(s: Session, msg: dict) -> tuple[Layout, NewValues | None]:
     """The layout of a ``snapshot`` message, its own or the connection's last one that it names,
     and the new values of that layout's scalar tree nodes, if the message brings any."""
-    number, tensors, tree, values = msg.get("layout"), msg.get("tensors"), msg.get("tree"), msg.get("values")
+    number, tensors, tree = msg.get("layout"), msg.get("tensors"), msg.get("tree")
+    values, changes = msg.get("values"), msg.get("changes")
     if tensors is not None:
-        if tree is None or values is not None:
+        if tree is None or values is not None or changes is not None:
             raise ProtocolError("a snapshot that sends tensors must send its tree, and no values", "bad_field")
         return Layout(number, tensors, tree), None
     if number is None or tree is not None:
         raise ProtocolError("a snapshot needs tensors and a tree, or the layout number of ones sent before "
                             "(and optionally new values)", "bad_field")
+    if values is not None and changes is not None:
+        raise ProtocolError("a snapshot sends values or changes, not both", "bad_field")
     layout = s.layout
     if layout is None or layout.number != number:
         raise ProtocolError(f"layout {number} is not known on this connection (the daemon keeps only the last "
                             "layout it accepted): send the tensors and tree", "unknown_layout")
-    if values is not None:
+    if values is not None or changes:
         if layout.scalars < 0:
             layout.scalars = sum(1 for _ in _scalar_nodes(layout.tree))
-        if len(values) != layout.scalars:
+        if values is not None and len(values) != layout.scalars:
             raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot sent "
                                 f"{len(values)} values", "bad_field")
-    return layout, values
+        if changes and changes[-1][0] >= layout.scalars:  # (indices increase: protocol.py checked)
+            raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot changes node "
+                                f"{changes[-1][0]}", "bad_field")
+    return layout, NewValues(values, changes) if values is not None or changes else None
 
 
 def _scalar_nodes(node: dict) -> Iterator[dict]:
@@ -195,7 +218,7 @@ def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
     return layout.plan
 
 
-def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: list[dict] | None, metrics: dict,
+def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewValues | None, metrics: dict,
               blob: bytes, lease: int, waited_s: float) -> tuple[bytes, Callable[[], None]]:
     plan, buf = layout.plan, server.pool.by_lease(lease)
     if layout.number is not None:
@@ -220,7 +243,7 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: list[d
             leaf.data[:] = np.frombuffer(blob, np.uint8, leaf.nbytes, pos)
             pos += leaf.nbytes
         if values is not None:
-            task.tree = with_values(task.tree, iter(values))
+            task.tree = with_values(task.tree, iter(values.nodes(layout)))
         if on_gpu:  # GPU path: the copier reports queued, then copied
             server.gpu.copy(task, on_gpu, ready_events, buf.view, shuffle, copies)
         elif copies:  # registered path: the copy stage copies while the trainer runs on

@@ -165,6 +165,13 @@ def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
             ({"layout": 1, "values": [{"t": "value", "v": 1}, {"t": "value", "v": 2}]}, "has 1 value nodes"),
             ({"layout": 1, "values": [{"t": "dict", "k": [], "v": []}]}, "value, float or bytes node"),
             ({"layout": 1, "values": [{"t": "float", "v": "1e9"}]}, "value, float or bytes node"),
+            ({"layout": 1, "changes": [[1, {"t": "value", "v": 2}]]}, "changes node 1"),
+            ({"layout": 1, "changes": [[0, {"t": "value", "v": 2}], [0, {"t": "value", "v": 3}]]},
+             "indices increasing"),
+            ({"layout": 1, "changes": [{"t": "value", "v": 2}]}, "an [index, node] pair"),
+            ({"layout": 1, "changes": [[0, {"t": "tensor", "i": 0}]]}, "value, float or bytes node"),
+            ({"layout": 1, "changes": [[0, {"t": "value", "v": 2}]], "values": [{"t": "value", "v": 2}]},
+             "values or changes, not both"),
             ({"layout": 1, "tree": tree}, "layout number of ones sent before"),
             ({"layout": 1, "tensors": tensors}, "must send its tree"),
             ({}, "needs tensors and a tree"),
@@ -179,7 +186,12 @@ def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
                 assert "is not yours" in str(e)
         ok = conn.call("snapshot", lease=lease(), **head, layout=1, values=[{"t": "value", "v": 7}])
         assert ok["type"] == "copied"
-        assert conn.call("status")["buffers"]["busy"] <= 2  # the two accepted snapshots, at most
+        ok = conn.call("snapshot", lease=lease(), **{**head, "step": 2}, layout=1, changes=[[0, {"t": "value", "v": 8}]])
+        assert ok["type"] == "copied"
+        assert conn.wait(ok["id"], 30)["type"] == "persisted"
+        got = snapd.load(daemon.root, "bad", 2)  # the layout's tree, with the one changed value put in
+        assert got["step"] == 8 and got["w"].shape == (4,)
+        assert conn.call("status")["buffers"]["busy"] <= 2  # the accepted snapshots still in flight, at most
     finally:
         conn.close()
 
@@ -253,7 +265,7 @@ def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent
     def call(self, kind, timeout_s=None, **fields):
         reply = real_call(self, kind, timeout_s, **fields)
         if kind == "hello":
-            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors"}
+            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors", "value_changes"}
             reply.pop("features")  # as an older daemon's welcome
         return reply
     monkeypatch.setattr(Connection, "call", call)

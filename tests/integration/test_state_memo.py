@@ -96,7 +96,9 @@ def test_a_training_loop_is_replayed_and_every_step_restores_exactly(daemon, fla
             assert _same(c.restore(pending.step), want), pending.step
     assert len(flattens) == 1  # the first snapshot only
     assert "tensors" in sent[0] and all("tensors" not in f and f["layout"] == sent[0]["layout"] for f in sent[1:])
-    assert all("values" in f for f in sent[1:])  # the step changed every time
+    # the step changed every time, and the learning rate once: only they travel
+    assert [[n["v"] for _, n in f["changes"]] for f in sent[1:]] == [[1], [2], [3], [5e-4, 4, 5e-4], [5e-4, 5, 5e-4]]
+    assert all("values" not in f for f in sent)
 
 
 def test_a_tensor_moved_or_reshaped_is_described_anew(daemon, flattens, sent) -> None:
@@ -172,3 +174,26 @@ def test_new_tensors_every_step_are_flattened_and_the_memo_given_up(daemon, flat
         for step, state in enumerate(keep):
             assert _same(c.restore(step), {"model": state, "step": step})
     assert len(flattens) == 6 and len(walks) == 2
+
+
+def test_a_daemon_without_value_changes_gets_every_value(daemon, sent, monkeypatch) -> None:
+    """A service daemon older than its clients announces no ``value_changes``: a replayed snapshot
+    then sends all the tree's values, as before."""
+    real_call = Connection.call
+
+    def call(self, kind, timeout_s=None, **fields):
+        reply = real_call(self, kind, timeout_s, **fields)
+        if kind == "hello":
+            reply["features"].remove("value_changes")
+        return reply
+    monkeypatch.setattr(Connection, "call", call)
+    model, opt = _training()
+    with snapd.connect("older", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        wants = []
+        for step in range(3):
+            _step(model, opt)
+            wants.append(_expected(_state(model, opt, step)))
+            c.snapshot(_state(model, opt, step), step=step).wait(30)
+        for step, want in enumerate(wants):
+            assert _same(c.restore(step), want)
+    assert all("changes" not in f and "values" in f and "tensors" not in f for f in sent[1:])

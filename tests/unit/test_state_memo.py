@@ -57,7 +57,11 @@ def _agrees(memo: StateMemo, state) -> bool:
     _, leaves = flatten(state, keep_device=True, scalars=scalars)
     assert _leaf_rows(leaves) == _leaf_rows(memo.leaves)
     assert [id(x.source) for x in leaves] == [id(s) for s in hit.sources]
-    assert (hit.values if hit.values is not None else memo.scalars) == scalars
+    assert hit.values() == scalars
+    merged = [dict(n) for n in memo.scalars]  # the layout's values with the changed ones put in
+    for i, node in hit.changes():
+        merged[i] = node
+    assert merged == scalars
     return True
 
 
@@ -70,9 +74,9 @@ def test_a_fresh_state_dict_of_the_same_tensors_is_recognised() -> None:
                 p.add_(1.0)
         opt.step()
         s = _state(model, opt, step=1)
-        assert _agrees(memo, s) and memo.match(s).values is None  # nothing but the tensors' bytes changed
+        assert _agrees(memo, s) and memo.match(s).changed == []  # nothing but the tensors' bytes changed
     changed = memo.match(_state(model, opt, step=7))
-    assert changed is not None and {"t": "value", "v": 7} in changed.values
+    assert changed is not None and [n for _, n in changed.changes()] == [{"t": "value", "v": 7}]
 
 
 @pytest.mark.parametrize("value", [3, 3.5, -0.0, math.nan, math.inf, -math.inf, True, False, None, "s", b"\x00\xff",
@@ -83,14 +87,26 @@ def test_scalars_come_back_as_flatten_makes_them(value) -> None:
     assert _agrees(memo, _state(model, opt, extra=value))
 
 
+def test_only_what_changed_is_sent_and_1_is_not_1_0() -> None:
+    w = _model()[0].weight
+
+    def state(step, lr, tag) -> dict:
+        return {"w": w, "step": step, "lr": lr, "tag": tag}
+    memo = _memo(state(1, 1, "a"))
+    assert memo.match(state(1, 1, "a")).changed == []
+    assert memo.match(state(1, 1.0, "a")).changed == [1]
+    assert memo.match(state(True, 1, "a")).changed == [0]
+    assert memo.match(state(2, 1, "b")).changes() == [[0, {"t": "value", "v": 2}], [2, {"t": "value", "v": "b"}]]
+
+
 def test_a_bytearray_changed_in_place_is_sent() -> None:
     model, _ = _trained()
     tag = bytearray(b"abc")
     state = {"w": model[0].weight, "tag": tag}
     memo = _memo(state)
-    assert memo.match(state).values is None
+    assert memo.match(state).changed == []
     tag[0] = ord("z")
-    assert memo.match(state).values == [{"t": "bytes", "v": "emJj"}]
+    assert memo.match(state).changes() == [[0, {"t": "bytes", "v": "emJj"}]]
 
 
 class Color(enum.IntEnum):
