@@ -52,9 +52,10 @@ class Leases:
     """
 
     def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
-                 tasks: dict[int, Any], send: Callable[[bytes, bytes], None]) -> None:
+                 tasks: dict[int, Any], send: Callable[[bytes, bytes], None],
+                 hand_over: Callable[[Callable[[], None]], None]) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
-        self.sessions, self.tasks, self._send = sessions, tasks, send
+        self.sessions, self.tasks, self._send, self._hand_over = sessions, tasks, send, hand_over
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -125,7 +126,7 @@ class Leases:
                 reply = protocol.error_reply(w.req_id, e.code, str(e))
             self._send(w.peer, reply)
             if handoff is not None:
-                handoff()
+                self._hand_over(handoff)
 
     def release_all(self, s: Session) -> None:
         for lease in list(s.leases):

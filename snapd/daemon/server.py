@@ -8,10 +8,12 @@ here; a bad request gets an error reply and everyone else keeps being served.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -34,6 +36,8 @@ from snapd.format.writer import Retention
 from snapd.paths import socket_path
 
 log = logging.getLogger(__name__)
+
+HANDOFF_DELAY_S = 0.001  # the longest an accepted snapshot's hand-over waits behind other messages
 
 
 class Server:
@@ -60,10 +64,11 @@ class Server:
         self.recent = Recent()
         self.backend = "cpu"
         self.metrics = Metrics()
-        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send)
+        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
+        self._handoffs: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
 
     def enable_gpu(self) -> None:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
@@ -100,13 +105,17 @@ class Server:
         next_check = 0.0
         drain_deadline = None
         while True:
-            for s, _ in poller.poll(100):
+            events = poller.poll(1 if self._handoffs else 100)
+            for s, _ in events:
                 if s is self.sock:
                     self._serve_one()
                 elif self.zap is not None and s is self.zap.sock:
                     self.zap.handle()
                 else:
                     on_event(self, json.loads(self.events.recv()))
+            if self._handoffs and (not events or time.monotonic() - self._handoffs[0][0] >= HANDOFF_DELAY_S):
+                while self._handoffs:
+                    self._handoffs.popleft()[1]()
             now = time.monotonic()
             notifier.tick()
             if now >= next_check:
@@ -174,14 +183,20 @@ class Server:
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
-        # Work handed to other threads starts after the reply is out: a stage thread holding the
-        # GIL (the GPU copier plans in Python) would otherwise delay the reply the trainer waits on
-        # by up to the interpreter's 5 ms switch interval. (Only a handler that returned sets it.)
+        # Work handed to other threads starts after the reply is out (hand_over). (Only a handler
+        # that returned sets it.)
         handoff, self._handoff = self._handoff, None
         if reply is not None:
             self._send(peer, reply)
         if handoff is not None:
-            handoff()
+            self.hand_over(handoff)
+
+    def hand_over(self, start: Callable[[], None]) -> None:
+        """Run a snapshot's hand-over to its stage once its reply is on its way: after the loop's
+        next poll (up to HANDOFF_DELAY_S). Started at once, this work (Python, then copies on
+        another thread) kept libzmq's I/O threads off a small machine's cores: on 2 cores the
+        trainer got the reply for 1024 tensors 1-3 ms late, against 0.2 ms with the wait."""
+        self._handoffs.append((time.monotonic(), start))
 
     def _session(self, peer: bytes) -> Session:
         s = self.sessions.get(peer)
