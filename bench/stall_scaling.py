@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.close()
         rec.close()
         shutil.rmtree(work, ignore_errors=True)
-    command = "python -m bench.stall_scaling " + " ".join(argv or [])
+    command = "python -m bench.stall_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.out / f"{stem}.md").write_text(markdown(rec.rows, rec.machine, command.strip()))
     return 0
 

@@ -103,3 +103,38 @@ def module_daemon(tmp_path_factory):
     if d.proc.poll() is None:
         d.proc.send_signal(signal.SIGTERM)
         d.proc.wait(30)
+
+
+@pytest.fixture
+def preempt_next_send(monkeypatch):
+    """``arm(client, state)``: just before the client's next snapshot message goes out, it sends
+    an emergency snapshot of ``state`` (step 99) and waits for it, as a preemption handler that
+    runs between any two bytecodes would; the daemon then holds that snapshot's layout."""
+    from snapd.client.connection import Connection
+
+    real = Connection.send
+    armed: dict = {}
+
+    def send(self, kind, **fields):
+        if kind == "snapshot" and armed:
+            client, state = armed.pop("client"), armed.pop("state")
+            client.snapshot(state, step=99, emergency=True).wait(30)
+        return real(self, kind, **fields)
+    monkeypatch.setattr(Connection, "send", send)
+    return lambda client, state: armed.update(client=client, state=state)
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The fields of every snapshot message the client sends (the real send still happens)."""
+    from snapd.client.connection import Connection
+
+    out: list[dict] = []
+    real = Connection.send
+
+    def spy(self, kind, **fields):
+        if kind == "snapshot":
+            out.append(fields)
+        return real(self, kind, **fields)
+    monkeypatch.setattr(Connection, "send", spy)
+    return out

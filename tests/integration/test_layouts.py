@@ -19,20 +19,6 @@ from snapd.client.connection import Connection
 from snapd.errors import SnapdError
 
 
-@pytest.fixture
-def sent(monkeypatch):
-    """The fields of every snapshot message the client sends (the real send still happens)."""
-    out: list[dict] = []
-    real = Connection.send
-
-    def spy(self, kind, **fields):
-        if kind == "snapshot":
-            out.append(fields)
-        return real(self, kind, **fields)
-    monkeypatch.setattr(Connection, "send", spy)
-    return out
-
-
 def _session(endpoint: str, job: str) -> Connection:
     """A raw connection after hello: messages written by hand, as a client of another language would."""
     conn = Connection(endpoint, 5.0)
@@ -122,23 +108,15 @@ def test_an_unknown_layout_is_sent_again_in_full(daemon, sent) -> None:
     assert "tensors" not in sent[3] and sent[3]["layout"] == 9
 
 
-def test_a_snapshot_sent_from_a_signal_handler_mid_snapshot(daemon, monkeypatch) -> None:
+def test_a_snapshot_sent_from_a_signal_handler_mid_snapshot(daemon, preempt_next_send) -> None:
     """A preemption handler runs between any two bytecodes: here, just before the outer
     snapshot's message goes out, it sends an emergency snapshot of another state (a new layout,
     so the daemon forgets the one the outer message names). Both must restore exactly."""
     w = np.arange(64, dtype=np.float32)
     other = {"only": torch.full((3,), 5.0), "flag": True}
-    real = Connection.send
-    armed = {"on": False}
     with snapd.connect("reenter", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
-        def send(self, kind, **fields):
-            if kind == "snapshot" and armed["on"]:
-                armed["on"] = False
-                c.snapshot(other, step=99, emergency=True).wait(30)
-            return real(self, kind, **fields)
-        monkeypatch.setattr(Connection, "send", send)
         c.snapshot(_state(0, 0.1, w), step=0).wait(30)
-        armed["on"] = True
+        preempt_next_send(c, other)
         c.snapshot(_state(1, 0.2, w), step=1).wait(30)  # named the old layout: resent in full
         c.snapshot(_state(2, 0.3, w), step=2).wait(30)
         got = c.restore(99)

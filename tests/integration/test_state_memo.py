@@ -25,19 +25,6 @@ def flattens(monkeypatch) -> list[int]:
     return out
 
 
-@pytest.fixture
-def sent(monkeypatch) -> list[dict]:
-    out: list[dict] = []
-    real = Connection.send
-
-    def spy(self, kind, **fields):
-        if kind == "snapshot":
-            out.append(fields)
-        return real(self, kind, **fields)
-    monkeypatch.setattr(Connection, "send", spy)
-    return out
-
-
 def _training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32),
@@ -126,25 +113,17 @@ def test_a_tensor_moved_or_reshaped_is_described_anew(daemon, flattens, sent) ->
 
 
 def test_a_replayed_snapshot_the_daemon_no_longer_knows_is_flattened_and_sent_in_full(daemon, flattens,
-                                                                                      monkeypatch) -> None:
+                                                                                      preempt_next_send) -> None:
     """A preemption handler's emergency snapshot of another state lands between the outer
     snapshot's replay and its message: the daemon now holds another layout, so the outer one is
     refused with unknown_layout, and the client flattens its state and sends it in full."""
     model, opt = _training()
     other = {"only": torch.full((3,), 5.0), "flag": True}
-    real = Connection.send
-    armed = {"on": False}
     with snapd.connect("reenter-memo", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
-        def send(self, kind, **fields):
-            if kind == "snapshot" and armed["on"]:
-                armed["on"] = False
-                c.snapshot(other, step=99, emergency=True).wait(30)
-            return real(self, kind, **fields)
-        monkeypatch.setattr(Connection, "send", send)
         c.snapshot(_state(model, opt, 0), step=0).wait(30)
         _step(model, opt)
         want1 = _expected(_state(model, opt, 1))
-        armed["on"] = True
+        preempt_next_send(c, other)
         c.snapshot(_state(model, opt, 1), step=1).wait(30)
         assert len(flattens) == 3  # step 0, the emergency state, step 1 again after unknown_layout
         _step(model, opt)
