@@ -69,7 +69,7 @@ class Client:
         waited_s = 0.0
         try:
             plain = plan.plain
-            if not self._lease_free or None in plan.cuda.values() \
+            if not self._lease_free or plan.staged \
                     or plain and not (self._inline and can_inline(plan.leaves, plain)):
                 # bytes to write first (or an older daemon): lease a buffer, then describe them
                 head["lease"], waited_s = self._write(plan, emergency)

@@ -18,8 +18,8 @@ class SnapshotPlan:
     """One snapshot's descriptors and what they were made from (read-only once made: a memo's
     template is shared by every snapshot that replays it)."""
 
-    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "sources", "tree", "scalars", "hit",
-                 "sig", "allocations", "memo")
+    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "staged", "sources", "tree", "scalars",
+                 "hit", "sig", "allocations", "memo")
 
     def __init__(self, leaves: list[TensorLeaf], offsets: list[int], nbytes: int,
                  shared: list[tuple[int, int] | None], cuda: dict[int, dict | None], sources: list[Any]) -> None:
@@ -27,6 +27,7 @@ class SnapshotPlan:
         # CPU leaves whose bytes the client writes (into the leased buffer, or inline in the message)
         self.plain = [i for i, (leaf, sh) in enumerate(zip(leaves, shared))
                       if sh is None and not leaf.on_device and leaf.nbytes]
+        self.staged = [i for i, d in cuda.items() if d is None]  # device leaves without CUDA IPC: copied here
         self.sources = sources  # the tensor behind each leaf (the user's, or the copy flatten made)
         self.tree: dict | None = None  # flattened plans: the tree and its scalar nodes
         self.scalars: list[dict] | None = None
@@ -36,15 +37,17 @@ class SnapshotPlan:
         self.memo: StateMemo | None = None  # replayed plans: the memo replayed
 
     def signature(self, inline: list[int]) -> Signature:
-        """The descriptor signature (made once for a flattened plan; a replay reuses its memo's)."""
+        """The descriptor signature of a flattened plan (made once; a replay sends none)."""
         if self.sig is None:
             self.sig = signature(self.leaves, self.offsets, self.shared, self.cuda, inline)
         return self.sig
 
-    @property
-    def staged(self) -> list[int]:
-        """Device leaves this process copies to the host buffer itself (no CUDA IPC for them)."""
-        return [i for i, d in self.cuda.items() if d is None]
+    def but(self, **fields: Any) -> SnapshotPlan:
+        """A copy of this plan with ``fields`` replaced (the lists are shared, not copied)."""
+        out = SnapshotPlan.__new__(SnapshotPlan)
+        for name in self.__slots__:
+            setattr(out, name, fields[name] if name in fields else getattr(self, name))
+        return out
 
 
 def flattened(state: Any, registered: Callable[[TensorLeaf], tuple[int, int] | None],
@@ -72,26 +75,17 @@ def replayed(memo: StateMemo, hit: Hit, export: Callable[[], Any]) -> SnapshotPl
     if t.allocations and not export().still_live(t.allocations):
         return None
     leaves = memo.leaves
-    staged = t.staged
-    if staged:  # these are copied here, from the tensor itself
+    if t.staged:  # these are copied here, from the tensor itself
         leaves = list(leaves)
-        for i in staged:
+        for i in t.staged:
             m = leaves[i]
             leaves[i] = TensorLeaf(m.key, m.kind, m.dtype, m.shape, None, hit.sources[i], m.nbytes, m.ptr, m.on_device)
-    plan = SnapshotPlan.__new__(SnapshotPlan)
-    plan.leaves, plan.offsets, plan.nbytes, plan.shared, plan.cuda = leaves, t.offsets, t.nbytes, t.shared, t.cuda
-    plan.plain, plan.sources, plan.tree, plan.scalars, plan.hit = t.plain, hit.sources, None, None, hit
-    plan.sig, plan.allocations, plan.memo = t.sig, t.allocations, memo
-    return plan
+    return t.but(leaves=leaves, sources=hit.sources, hit=hit, memo=memo)
 
 
 def remember(number: int, state: Any, plan: SnapshotPlan) -> StateMemo | None:
     """A memo of the layout ``number`` that ``plan`` (flattened from ``state``) defined."""
-    template = SnapshotPlan.__new__(SnapshotPlan)  # the plan without its tensors: a memo keeps none alive
-    template.leaves, template.offsets, template.nbytes, template.shared = [], plan.offsets, plan.nbytes, plan.shared
-    template.cuda, template.plain, template.sources, template.tree = plan.cuda, plan.plain, [], None
-    template.scalars, template.hit, template.sig = None, None, plan.sig
-    template.allocations, template.memo = plan.allocations, None
+    template = plan.but(leaves=[], sources=[], tree=None, scalars=None, sig=None)  # a memo keeps no tensor alive
     return StateMemo.of(number, state, plan.tree, plan.leaves, template)
 
 

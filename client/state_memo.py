@@ -132,8 +132,7 @@ class StateMemo:
         checked afterwards, in one loop."""
         kind = node[0]
         if kind is _TENSOR_DICT or kind is _DICT:
-            if type(obj) not in _DICT_TYPES or list(obj) != node[1] or not set(map(type, obj)) <= _KEY_TYPES:
-                raise _Miss
+            _check_dict(obj, node[1])
             if kind is _TENSOR_DICT:
                 sources.extend(obj.values())
                 return
@@ -153,12 +152,17 @@ class StateMemo:
                 if tp not in _VALUE_TYPES and tp is not float and tp is not bytes and tp is not bytearray:
                     raise _Miss
                 raw.append(v)
-            elif kind is _TENSOR_DICT:  # (inline: an optimizer has one such dict a parameter)
-                if type(v) not in _DICT_TYPES or list(v) != child[1] or not set(map(type, v)) <= _KEY_TYPES:
-                    raise _Miss
+            elif kind is _TENSOR_DICT:  # (here, not by recursion: an optimizer has one such dict a parameter)
+                _check_dict(v, child[1])
                 sources.extend(v.values())
             else:
                 self._walk(child, v, sources, raw)
+
+
+def _check_dict(obj: Any, keys: list) -> None:
+    """A miss unless ``obj`` is a dict with exactly these keys, in this order, of flatten's key types."""
+    if type(obj) not in _DICT_TYPES or list(obj) != keys or not set(map(type, obj)) <= _KEY_TYPES:
+        raise _Miss
 
 
 def _compile(node: dict) -> tuple:
