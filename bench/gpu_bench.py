@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,23 +52,43 @@ def _time(cp, fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def kernels(rec: Recorder, nbytes: int) -> None:
+def kernels(rec: Recorder, nbytes: int, compare: list[Path]) -> None:
+    """The segment kernel's modes over ``nbytes`` against a device-to-device copy; each source in
+    ``compare`` (an earlier version of kernels/segments.cu) is timed the same way in the same run, and
+    its bytes checked against the committed kernel's."""
     import cupy as cp
 
-    from snapd.kernels.cupy_backend import CupyBackend
+    from snapd.kernels import segments as sg
 
-    gpu = CupyBackend()
     src = cp.random.standard_normal(nbytes // 4, dtype=cp.float32).view(cp.uint8)
     dst = cp.empty_like(src)
     d2d = _time(cp, lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, 3,
                                                         cp.cuda.get_current_stream().ptr))
     rec.add("kernels", "device-to-device copy", "bandwidth", [2 * nbytes / d2d / 1e9], "GB/s")
-    for name, fn in [("shuffle fp32 (4 MiB chunks)", lambda: gpu.pack([src], [0], dst, [4], 4 << 20)),
-                     ("shuffle bf16 (4 MiB chunks)", lambda: gpu.pack([src], [0], dst, [2], 4 << 20)),
-                     ("unshuffle fp32 (4 MiB chunks)", lambda: gpu.unshuffle_chunks(src, 4, 4 << 20, None, dst)),
-                     ("pack (copy)", lambda: gpu.pack([src], [0], dst))]:
-        t = _time(cp, fn)
-        rec.add("kernels", name, "bandwidth", [2 * nbytes / t / 1e9], "GB/s", ratio_to_d2d=round(d2d / t, 3))
+    a, b = src.data.ptr, dst.data.ptr
+    cases = [("shuffle fp32 (4 MiB chunks)", sg.chunk_segments(a, b, nbytes, 4, 4 << 20, sg.SHUFFLE)),
+             ("shuffle bf16 (4 MiB chunks)", sg.chunk_segments(a, b, nbytes, 2, 4 << 20, sg.SHUFFLE)),
+             ("shuffle fp64 (4 MiB chunks)", sg.chunk_segments(a, b, nbytes, 8, 4 << 20, sg.SHUFFLE)),
+             ("unshuffle fp32 (4 MiB chunks)", sg.chunk_segments(a, b, nbytes, 4, 4 << 20, sg.UNSHUFFLE)),
+             ("pack (copy)", [(a, b, nbytes, 1, sg.COPY)])]
+    want: dict[str, Any] = {}
+    for label, code in [("", sg.source())] + [(f" [{p.name}]", p.read_text()) for p in compare]:
+        fn = cp.RawModule(code=code, options=sg.compile_options()).get_function("snapd_segments")
+
+        def run(segs: list, fn: Any = fn) -> None:
+            for launch in sg.launches(segs):
+                fn(launch.grid, (launch.block,), (cp.asarray(launch.table),))
+
+        for name, segs in cases:
+            t = _time(cp, lambda: run(segs))
+            extra = {}
+            if label:
+                extra["same_bytes"] = bool((dst == want[name]).all())
+            else:
+                want[name] = dst.copy()
+            rec.add("kernels", name + label, "bandwidth", [2 * nbytes / t / 1e9], "GB/s",
+                    ratio_to_d2d=round(d2d / t, 3), **extra)
+    del want
 
 
 def device_to_host(rec: Recorder, nbytes: int) -> float:
@@ -184,7 +205,7 @@ def report(rec: Recorder, path: Path, device: str) -> None:
     med = {(r["scenario"], r["method"], r["metric"]): statistics.median(r["values"]) for r in rec.rows}
     lines = [f"# GPU path ({device})", "", "| scenario | method | metric | median | unit |", "|---|---|---|---|---|"]
     for r in rec.rows:
-        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio"))
+        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio") or k == "same_bytes")
         lines.append(f"| {r['scenario']} | {r['method']} | {r['metric']} | "
                      f"{med[(r['scenario'], r['method'], r['metric'])]:.4g}{extra} | {r['unit']} |")
     path.write_text("\n".join(lines) + "\n")
@@ -195,14 +216,17 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16", help="state sizes in GiB")
     ap.add_argument("--work", default="/var/tmp", help="where snapshots are written")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--compare-kernel", action="append", default=[], type=Path, metavar="FILE",
+                    help="an earlier segments.cu to time beside the committed one (repeatable)")
+    ap.add_argument("--kernels-only", action="store_true", help="time the kernels and stop")
     args = ap.parse_args()
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="snapd-gpu-bench-", dir=args.work))
     device = torch.cuda.get_device_name()
     rec = Recorder(out / "gpu.jsonl", {**describe(work), "gpu": device})
-    kernels(rec, GIB)
-    pinned = device_to_host(rec, GIB)
-    for s in (int(x) for x in args.sizes.split(",") if x):
+    kernels(rec, GIB, args.compare_kernel)
+    pinned = 0.0 if args.kernels_only else device_to_host(rec, GIB)
+    for s in ([] if args.kernels_only else [int(x) for x in args.sizes.split(",") if x]):
         (work / f"s{s}").mkdir()
         snapshots(rec, s, work / f"s{s}", pinned)
     rec.close()

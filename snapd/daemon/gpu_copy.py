@@ -180,16 +180,12 @@ class GpuCopier:
 
     def _windows(self, dev: _Device, pieces: list[tuple[int, Any]], host: int, shuffle: bool) -> None:
         """Stage ``pieces`` (device address, leaf over the host buffer) through the staging buffer."""
-        from snapd.kernels.cupy_backend import COPY, SHUFFLE, chunk_segments, run_segments
+        from snapd.kernels.cupy_backend import run_segments
 
         stage = dev.staging.data.ptr
         tensors = [(src, leaf.data.ctypes.data - host, leaf.nbytes, _itemsize(leaf)) for src, leaf in pieces]
         for w in gpu_windows.plan(tensors, shuffle, self.chunk_bytes):
-            segs = []
-            for p in w.pieces:
-                segs += (chunk_segments(p.src, stage + p.rel, p.nbytes, p.itemsize, self.chunk_bytes, SHUFFLE)
-                         if shuffle and p.itemsize > 1 else [(p.src, stage + p.rel, p.nbytes, 1, COPY)])
-            run_segments(segs, dev.stream)
+            run_segments(gpu_windows.segments(w, stage, shuffle, self.chunk_bytes), dev.stream)
             for at, rel, n in w.copies:
                 self._cp.cuda.runtime.memcpyAsync(host + at, stage + rel, n, _D2H, dev.stream.ptr)
 

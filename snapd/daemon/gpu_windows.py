@@ -8,7 +8,8 @@ therefore starts on a chunk boundary) and a few device->host copies:
   device tensors may hold a tensor the client copied itself, which staging
   garbage must not overwrite (tensors lie at 64-byte aligned offsets);
 - never across a pin piece: host buffers are page-locked piece by piece.
-Pure arithmetic, so tests check it on the CPU against a NumPy execution.
+Pure arithmetic, so tests check it on the CPU: against a NumPy execution, and through the segment
+kernel itself built for the host.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from snapd.kernels import chunk_step
+from snapd.kernels.segments import COPY, SHUFFLE, Segment, chunk_segments
 
 STAGING_BYTES = 256 << 20  # one window per device: 256 MiB, ~5 ms of device->host traffic
 # Host buffers are pinned piece by piece: pinning holds the process's mmap lock, and a whole 4 GiB
@@ -70,3 +72,13 @@ def plan(tensors: list[tuple[int, int, int, int]], shuffle: bool, chunk_bytes: i
                 w.copies.append((w.start + a, a, end - a))
                 a = end
     return windows
+
+
+def segments(w: Window, stage: int, shuffle: bool, chunk_bytes: int) -> list[Segment]:
+    """The segment kernel's work for window ``w``, the staging buffer at device address ``stage``:
+    each piece packed to its place, and cut into the writer's chunks and shuffled when ``shuffle``."""
+    out: list[Segment] = []
+    for p in w.pieces:
+        out += (chunk_segments(p.src, stage + p.rel, p.nbytes, p.itemsize, chunk_bytes, SHUFFLE)
+                if shuffle and p.itemsize > 1 else [(p.src, stage + p.rel, p.nbytes, 1, COPY)])
+    return out

@@ -3,7 +3,7 @@
 Chunks are read and decompressed on CPU threads as for any restore, except
 that a shuffled chunk is left as its byte planes; the tensor's bytes are
 copied to the device in one transfer and unshuffled there by the CUDA kernel
-(``snapd.kernels.cupy_backend``), which is far faster than NumPy's strided
+(``snapd.kernels.segments``), which is far faster than NumPy's strided
 unshuffle on the host. Without CuPy (a torch-only machine) the planes are
 unshuffled on the host first. torch and CuPy are imported only here, and only
 when a restore asks for a device.
@@ -63,7 +63,8 @@ def _shuffled(rec: TensorRecord) -> list[bool]:
 
 
 def _segments(rec: TensorRecord, src: int, dst: int) -> list[tuple[int, int, int, int, int]]:
-    from snapd.kernels.cupy_backend import COPY, UNSHUFFLE
+    """The segment kernel's work to unshuffle ``rec``'s decoded chunks at ``src`` into ``dst``."""
+    from snapd.kernels.segments import COPY, UNSHUFFLE
 
     k = dtypes.itemsize(rec.dtype)
     segs, pos = [], 0

@@ -5,7 +5,7 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-SIZES = [1, 2, 3, 255, 4096, 1_000_003]
+SIZES = [1, 2, 3, 255, 4096, 4096 + 80, 1 << 20, 1_000_003]  # whole tiles, a cut tile, odd
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from snapd.format.jobdir import JobDir
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader
 from snapd.format.saving import encode_and_write
-from snapd.format.to_device import _unshuffle_on_host
+from snapd.format.to_device import _segments, _unshuffle_on_host
 from snapd.format.tree import flatten
 from snapd.format.writer import Retention, SnapshotWriter
 from snapd.kernels import shuffle_chunks, unshuffle_chunks
@@ -87,18 +87,25 @@ def test_snapshot_from_preshuffled_chunks_is_byte_identical(root, codec: str) ->
             assert out[i].tobytes() == np.ascontiguousarray(state[rec.key]).tobytes(), rec.key
 
 
-def test_planes_kept_for_the_device_unshuffle_to_the_saved_bytes(root) -> None:
-    """A restore onto a GPU reads shuffled chunks as planes; unshuffling them (the NumPy twin of
-    the device kernel) gives back the saved bytes, raw-stored chunks included."""
-    state = _state(np.random.default_rng(3))
+def _kept_planes(root, codec: str, seed: int):
+    """(record, decoded bytes with shuffled chunks left as planes, saved bytes) for each tensor of a
+    snapshot written with ``codec``, read as a restore onto a GPU reads it."""
+    state = _state(np.random.default_rng(seed))
     tree, leaves = flatten(state)
-    _write(root, "job", leaves, "shuffle-zstd", tree)
+    _write(root, "job", leaves, codec, tree)
     path = next(p for p in (root / "job").iterdir() if (p / MANIFEST_NAME).exists())
     with SnapshotReader(path) as r:
         for i, rec in enumerate(r.manifest.tensors):
             host = np.empty(rec.nbytes, np.uint8)
             r.read_tensors([i], lambda _: memoryview(host), keep_planes=lambda _: True)
-            assert _unshuffle_on_host(rec, host).tobytes() == np.ascontiguousarray(state[rec.key]).tobytes()
+            yield rec, host, np.ascontiguousarray(state[rec.key]).tobytes()
+
+
+def test_planes_kept_for_the_device_unshuffle_to_the_saved_bytes(root) -> None:
+    """A restore onto a GPU reads shuffled chunks as planes; unshuffling them (the NumPy twin of
+    the device kernel) gives back the saved bytes, raw-stored chunks included."""
+    for rec, host, saved in _kept_planes(root, "shuffle-zstd", 3):
+        assert _unshuffle_on_host(rec, host).tobytes() == saved, rec.key
 
 
 def test_numpy_pack_shuffles_each_source_in_writer_chunks() -> None:
@@ -113,3 +120,12 @@ def test_numpy_pack_shuffles_each_source_in_writer_chunks() -> None:
         back = np.empty(s.nbytes, np.uint8)
         unshuffle_chunks(planes, 4, CHUNK, None, back)
         assert back.tobytes() == s.tobytes()
+
+
+def test_device_unshuffle_segments_give_the_saved_bytes(root, host_kernel) -> None:
+    """What a restore onto a GPU launches (to_device._segments: unshuffle the chunks stored shuffled,
+    copy the others) run by the CUDA kernel's source built for the host: the saved bytes."""
+    for rec, host, saved in _kept_planes(root, "shuffle-lz4", 4):
+        out = np.random.default_rng(len(saved)).integers(0, 256, rec.nbytes, dtype=np.uint8)  # poison
+        host_kernel(_segments(rec, host.ctypes.data, out.ctypes.data))
+        assert out.tobytes() == saved, rec.key

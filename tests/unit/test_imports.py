@@ -51,3 +51,11 @@ def test_every_source_folder_is_packaged(py) -> None:
     out = py(code, *mods)
     assert out.returncode == 0, out.stderr
     assert optional <= set(mods)
+
+
+def test_kernel_source_is_packaged(py) -> None:
+    """The CUDA source ships beside its wrapper as package data, which only a non-editable install
+    would show missing."""
+    out = py("from snapd.kernels.segments import source; print('snapd_segments' in source())")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU check of issue 4 in one call on a lent CUDA machine, most wanted first, each under its
+# own time limit (about 9 minutes in all): one log and six result files under $OUT, within what the
+# device tool brings back (8 files, 2 folders down).
+#
+# Here, once (the device image lacks pyzmq, lz4 and zstandard; .whl is git-ignored through
+# .git/info/exclude):   bash bench/device_check.sh fetch
+# Then, through the device tool, with carry [".whl"] and a timeout of about 600 s:
+#                       bash bench/device_check.sh run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = fetch ]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl pyzmq lz4 zstandard
+    ls .whl
+    exit
+fi
+[ "${1:-}" = run ] || { echo "usage: $0 fetch|run" >&2; exit 2; }
+
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit
+export PYTHONPATH=/tmp/site
+# editable, as here: run from the repository root, ./snapd shadows any installed copy, and only an
+# editable install's finder supplies snapd.client and snapd.kernels beside it
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
+LOG=$OUT/log.txt
+nvidia-smi -L | tee "$LOG"
+
+step() {  # step NAME SECONDS COMMAND...: one check, its whole output appended to $LOG, its end shown
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/step.log" 2>&1
+    local rc=$?
+    cat "$OUT/step.log" >> "$LOG"
+    echo "== $name: rc $rc in $((SECONDS - t0))s" | tee -a "$LOG"
+    tail -n 25 "$OUT/step.log"
+    rm -f "$OUT/step.log"
+}
+
+# 1. the segment kernel, committed against the one before the warp tiles (results in k/), and the tests
+step kernels 90 python3 -m bench.gpu_bench --kernels-only --out "$OUT/k" \
+    --compare-kernel bench/kernel_versions/segments-v1.cu
+step gpu-tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu
+# 2. the CPU stall by tensor count on the CUDA IPC path (the 2 ms target), a trainer's real state (s/)
+step stall 120 python3 -m bench.stall_scaling --device cuda --state module --counts 16,256,1024 --reps 9 \
+    --out "$OUT/s"
+# 3. the whole GPU path at 1 and 4 GiB, against torch.save and DCP async_save (f/)
+step gpu-bench 200 python3 -m bench.gpu_bench --sizes 1,4 --out "$OUT/f"
+ls -lR "$OUT"
