@@ -24,10 +24,15 @@ OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=/tmp/site
-# editable, as here: run from the repository root, ./snapd shadows any installed copy, and only an
-# editable install's finder supplies snapd.client and snapd.kernels beside it
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
+# The three import packages as pyproject maps them (snapd/, client/ as snapd.client, kernels/ as
+# snapd.kernels), made of links to this checkout; PYTHONSAFEPATH keeps ./snapd, which lacks the
+# other two, off the front of sys.path, in the daemons and trainers the tests start too.
+mkdir -p /tmp/site/snapd
+for f in snapd/*; do ln -sfn "$PWD/$f" /tmp/site/snapd/; done
+ln -sfn "$PWD/client" /tmp/site/snapd/client
+ln -sfn "$PWD/kernels" /tmp/site/snapd/kernels
+export PYTHONPATH=/tmp/site:$PWD PYTHONSAFEPATH=1
+python3 -c "import snapd.client, snapd.kernels.segments, snapd.daemon" || exit
 LOG=$OUT/log.txt
 nvidia-smi -L | tee "$LOG"
 
