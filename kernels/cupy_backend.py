@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import cupy as cp
+import numpy as np
 
 from snapd.kernels.segments import COPY, SHUFFLE, UNSHUFFLE, Segment, chunk_segments, compile_options, launches, source
 
@@ -33,7 +34,7 @@ def run_segments(segs: list[Segment], stream: Any = None) -> None:
     for launch in launches(segs):
         with (stream if stream is not None else cp.cuda.get_current_stream()):
             dev = cp.asarray(launch.table)  # copied on this stream: ordered before the launch
-            _kernel()(launch.grid, (launch.block,), (dev,))
+            _kernel()((launch.blocks,), (launch.block,), (dev, np.uint32(launch.segments)))
 
 
 class CupyBackend:

@@ -1,8 +1,8 @@
 // The segment kernel of the GPU path (wrapper: segments.py, cupy_backend.py). The NumPy backend
 // defines the bytes; this kernel must write exactly those bytes.
 //
-// One launch runs a table of segments, blockIdx.y picking the segment, the x dimension striding over
-// it. A segment is four u64: src, dst, m, and k | mode << 8:
+// One launch runs a table of segments, each over its own range of the grid's blocks, striding over
+// its work. A segment is four u64: src, dst, m, and k | mode << 8 | first block << 16:
 //   mode 0, copy: m bytes;
 //   mode 1, shuffle: m elements of k bytes into k planes of m bytes (dst[p * m + i] = src[i * k + p]);
 //   mode 2, unshuffle: the inverse.
@@ -121,12 +121,11 @@ template <int K> __device__ __forceinline__ void unshuffle_tile(const unsigned c
 }
 
 template <int K> __device__ __forceinline__ void planes_fast(const unsigned char* src, unsigned char* dst, u64 m,
-                                                             int mode, uint4* sm) {
+                                                             int mode, uint4* sm, u64 first, u64 stride) {
     const unsigned lane = threadIdx.x & 31u;
     const u64 groups = m / 16, tiles = (groups + 31) / 32;
-    const u64 warps = ((u64)blockDim.x * gridDim.x) / 32;
     // t is the same for the whole warp, so every lane reaches the same __syncwarp calls
-    for (u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32; t < tiles; t += warps) {
+    for (u64 t = first / 32; t < tiles; t += stride / 32) {
         if ((t + 1) * 32 <= groups) {
             if (mode == 1) shuffle_tile<K>(src, dst, m, t, sm, lane);
             else unshuffle_tile<K>(src, dst, m, t, sm, lane);
@@ -139,15 +138,28 @@ template <int K> __device__ __forceinline__ void planes_fast(const unsigned char
 
 // 4 blocks a multiprocessor (64 registers, no spills; 72 uncapped, the k = 8 path): half occupancy, as
 // the kernel before the tiles had, and 32 KB of shared memory a block.
-extern "C" __global__ void __launch_bounds__(SNAPD_THREADS, 4) snapd_segments(const u64* __restrict__ segs) {
+extern "C" __global__ void __launch_bounds__(SNAPD_THREADS, 4) snapd_segments(const u64* __restrict__ segs,
+                                                                              unsigned nsegs) {
     __shared__ uint4 smem[SNAPD_WARPS * SNAPD_TILE_SLOTS];
-    const u64* s = segs + 4ULL * blockIdx.y;
+    // Segment i owns blocks [start_i, start_(i+1)) of a one-dimensional grid, start_i in bits 16-63 of
+    // its fourth word, as many as its work fills (segments.py): this block's segment is the last that
+    // starts at or before it. (A grid of segments x the largest segment's blocks left most blocks idle
+    // when a window held one large tensor beside many small ones.) The search's reads are the same
+    // for the whole block and the table's first levels stay in L1.
+    unsigned lo = 0, hi = nsegs - 1;
+    while (lo < hi) {
+        const unsigned mid = (lo + hi + 1) / 2;
+        if ((segs[4ULL * mid + 3] >> 16) <= blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const u64* s = segs + 4ULL * lo;
     const unsigned char* src = (const unsigned char*)s[0];
     unsigned char* dst = (unsigned char*)s[1];
     const u64 m = s[2];
-    const int k = (int)(s[3] & 0xffULL), mode = (int)(s[3] >> 8);
-    const u64 stride = (u64)blockDim.x * gridDim.x;
-    const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const int k = (int)(s[3] & 0xffULL), mode = (int)((s[3] >> 8) & 0xffULL);
+    const u64 start = s[3] >> 16, end = lo + 1 < nsegs ? segs[4ULL * lo + 7] >> 16 : (u64)gridDim.x;
+    const u64 stride = (u64)blockDim.x * (end - start);
+    const u64 first = ((u64)blockIdx.x - start) * blockDim.x + threadIdx.x;
     const bool aligned = (((u64)src | (u64)dst) & 15ULL) == 0;
     if (mode == 0) {
         if (aligned && (m & 15ULL) == 0) {
@@ -159,9 +171,9 @@ extern "C" __global__ void __launch_bounds__(SNAPD_THREADS, 4) snapd_segments(co
     }
     if (aligned && (m & 15ULL) == 0 && (k == 2 || k == 4 || k == 8)) {
         uint4* sm = smem + (threadIdx.x / 32) * SNAPD_TILE_SLOTS;
-        if (k == 2) planes_fast<2>(src, dst, m, mode, sm);
-        else if (k == 4) planes_fast<4>(src, dst, m, mode, sm);
-        else planes_fast<8>(src, dst, m, mode, sm);
+        if (k == 2) planes_fast<2>(src, dst, m, mode, sm, first, stride);
+        else if (k == 4) planes_fast<4>(src, dst, m, mode, sm, first, stride);
+        else planes_fast<8>(src, dst, m, mode, sm, first, stride);
         return;
     }
     const u64 total = m * (u64)k;

@@ -18,17 +18,21 @@ from snapd.kernels.numpy_shuffle import chunk_step
 
 COPY, SHUFFLE, UNSHUFFLE = 0, 1, 2
 THREADS = 256          # threads per block (SNAPD_THREADS in the kernel)
-MAX_SEGMENTS = 65535   # gridDim.y
-MAX_BLOCKS = 8192      # gridDim.x: a grid-stride loop covers the rest
+MAX_SEGMENTS = 65535   # segments a launch (a table of 2 MiB at most)
+MAX_BLOCKS = 8192      # blocks a segment: a grid-stride loop covers the rest
 
 Segment = tuple[int, int, int, int, int]
 
 
 @dataclass(frozen=True)
 class Launch:
-    table: np.ndarray            # (segments, 4) uint64: src, dst, m, k | mode << 8
-    grid: tuple[int, int]        # (blocks along a segment, segments)
+    table: np.ndarray            # (segments, 4) uint64: src, dst, m, k | mode << 8 | first block << 16
+    blocks: int                  # the grid: every segment's blocks, one after another
     block: int = THREADS
+
+    @property
+    def segments(self) -> int:
+        return int(self.table.shape[0])
 
 
 def source() -> str:
@@ -48,18 +52,20 @@ def threads_for(m: int, k: int, mode: int) -> int:
     return m * k
 
 
-def launches(segs: list[Segment]) -> list[Launch]:
-    """The launches that run ``segs`` (empty segments dropped), at most MAX_SEGMENTS each."""
+def launches(segs: list[Segment], max_blocks: int = MAX_BLOCKS) -> list[Launch]:
+    """The launches that run ``segs`` (empty segments dropped), at most MAX_SEGMENTS each. Each
+    segment gets the blocks its work fills, up to ``max_blocks``, so a small segment beside a large
+    one costs one block, not as many as the large one needs."""
     segs = [s for s in segs if s[2]]
     out = []
     for a in range(0, len(segs), MAX_SEGMENTS):
-        batch = segs[a:a + MAX_SEGMENTS]
-        for src, dst, m, k, mode in batch:
+        rows, start = [], 0
+        for src, dst, m, k, mode in segs[a:a + MAX_SEGMENTS]:
             if mode not in (COPY, SHUFFLE, UNSHUFFLE) or not 1 <= k <= 255:
                 raise ValueError(f"bad segment: mode {mode}, element size {k}")
-        table = np.array([(src, dst, m, k | mode << 8) for src, dst, m, k, mode in batch], dtype=np.uint64)
-        threads = max(threads_for(m, k, mode) for _, _, m, k, mode in batch)
-        out.append(Launch(table, (max(1, min((threads + THREADS - 1) // THREADS, MAX_BLOCKS)), len(batch))))
+            rows.append((src, dst, m, k | mode << 8 | start << 16))
+            start += min(max_blocks, -(-threads_for(m, k, mode) // THREADS))
+        out.append(Launch(np.array(rows, dtype=np.uint64), start))
     return out
 
 

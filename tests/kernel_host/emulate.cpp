@@ -1,4 +1,4 @@
-// Runs one launch of snapd_segments on the CPU: snapd_emulate(table, segments, grid_x, block_x).
+// Runs one launch of snapd_segments on the CPU: snapd_emulate(table, segments, blocks, block_x).
 // Warps run one after another; a warp's lanes are ucontext coroutines, switched at __syncwarp (see
 // cuda_shim.h). Returns 0, or -1 when some lane reached a __syncwarp that another lane of its warp
 // never reached (returned from the kernel instead): a hang or a race on a GPU.
@@ -22,9 +22,10 @@ ucontext_t scheduler;
 Lane lanes[32];
 int current = -1;
 const u64* launch_table = nullptr;
+unsigned launch_segments = 0;
 
 void lane_main() {
-    snapd_segments(launch_table);
+    snapd_segments(launch_table, launch_segments);
     lanes[current].state = RETURNED;
 }  // returning resumes uc_link: the scheduler
 }  // namespace
@@ -35,13 +36,14 @@ void snapd_syncwarp() {
     swapcontext(&me.ctx, &scheduler);
 }
 
-extern "C" int snapd_emulate(const u64* table, unsigned segments, unsigned grid_x, unsigned block_x) {
-    gridDim = {grid_x, segments, 1};
+extern "C" int snapd_emulate(const u64* table, unsigned segments, unsigned blocks, unsigned block_x) {
+    gridDim = {blocks, 1, 1};
     blockDim = {block_x, 1, 1};
     launch_table = table;
+    launch_segments = segments;
     int status = 0;
-    for (unsigned y = 0; y < segments; y++)
-        for (unsigned x = 0; x < grid_x; x++)
+    const unsigned y = 0;
+    for (unsigned x = 0; x < blocks; x++)
             for (unsigned w0 = 0; w0 < block_x; w0 += 32) {
                 const int n = block_x - w0 < 32 ? (int)(block_x - w0) : 32;
                 for (int l = 0; l < n; l++) {

@@ -11,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapd.kernels.segments import THREADS, Segment, launches
+from snapd.kernels.segments import MAX_BLOCKS, THREADS, Segment, launches
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def host_kernel(tmp_path_factory) -> Callable[..., None]:
-    """``run(segments, grid_x=None)``: the GPU segment kernel (kernels/segments.cu), built with g++
-    through tests/kernel_host and run over host memory, launch by launch as kernels.segments cuts
-    them (``grid_x`` overrides the grid's width). Skips where there is no g++."""
+    """``run(segments, max_blocks=MAX_BLOCKS)``: the GPU segment kernel (kernels/segments.cu), built
+    with g++ through tests/kernel_host and run over host memory, launch by launch as
+    kernels.segments cuts them (``max_blocks``: blocks a segment, fewer to make the blocks loop).
+    Skips where there is no g++."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the segment kernel for the host")
@@ -33,9 +34,9 @@ def host_kernel(tmp_path_factory) -> Callable[..., None]:
     so.snapd_emulate.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint]
     so.snapd_emulate.restype = ctypes.c_int
 
-    def run(segs: list[Segment], grid_x: int | None = None) -> None:
-        for launch in launches(segs):
+    def run(segs: list[Segment], max_blocks: int = MAX_BLOCKS) -> None:
+        for launch in launches(segs, max_blocks):
             table = np.ascontiguousarray(launch.table)
-            status = so.snapd_emulate(table.ctypes.data, table.shape[0], grid_x or launch.grid[0], launch.block)
+            status = so.snapd_emulate(table.ctypes.data, launch.segments, launch.blocks, launch.block)
             assert status == 0, "lanes of a warp reached different __syncwarp calls"
     return run

@@ -47,16 +47,34 @@ def test_shuffle_and_unshuffle_equal_numpy(host_kernel, itemsize, misalign) -> N
 
 
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
-def test_small_grid_strides_over_every_tile(host_kernel, itemsize) -> None:
-    """One block of 8 warps for 40 tiles and a cut one: each warp loops, reusing its shared slots."""
+def test_blocks_loop_over_every_tile_beside_other_segments(host_kernel, itemsize) -> None:
+    """Segments of one launch capped at 2 blocks: 41 tiles are walked by 16 warps, each warp
+    reusing its shared slots; beside them, segments of a cut tile, one tile and 9 tiles."""
     rng = np.random.default_rng(itemsize)
-    n = 512 * 40 + 48
-    data = buffer(n * itemsize, 0, rng)
-    planes, back = buffer(data.size, 0, rng), buffer(data.size, 0, rng)
-    host_kernel([(data.ctypes.data, planes.ctypes.data, n, itemsize, SHUFFLE)], grid_x=1)
-    assert np.array_equal(planes, numpy_shuffle.shuffle(data, itemsize).reshape(-1))
-    host_kernel([(planes.ctypes.data, back.ctypes.data, n, itemsize, UNSHUFFLE)], grid_x=1)
-    assert np.array_equal(back, data)
+    counts = [48, 512 * 40 + 48, 512, 512 * 9]
+    datas = [buffer(n * itemsize, 0, rng) for n in counts]
+    planes = [buffer(d.size, 0, rng) for d in datas]
+    backs = [buffer(d.size, 0, rng) for d in datas]
+    host_kernel([(d.ctypes.data, p.ctypes.data, n, itemsize, SHUFFLE) for d, p, n in zip(datas, planes, counts)],
+                max_blocks=2)
+    host_kernel([(p.ctypes.data, b.ctypes.data, n, itemsize, UNSHUFFLE) for p, b, n in zip(planes, backs, counts)],
+                max_blocks=2)
+    for d, p, b in zip(datas, planes, backs):
+        assert np.array_equal(p, numpy_shuffle.shuffle(d, itemsize).reshape(-1))
+        assert np.array_equal(b, d)
+
+
+def test_each_segment_gets_the_blocks_its_work_fills() -> None:
+    """A small segment beside a large one takes one block, not as many as the large one: the
+    grid is the sum of what each needs (capped per segment), each segment's first block in its row."""
+    segs = [(0, 0, 256 << 20, 1, COPY), (0, 0, 4096, 1, COPY), (0, 0, 1 << 20, 4, SHUFFLE),
+            (0, 0, 5, 4, SHUFFLE), (0, 0, 0, 1, COPY), (0, 0, 100, 2, UNSHUFFLE)]
+    (launch,) = launches(segs)
+    want = [8192, 1, 256, 1, 1]  # 16 Mi vectors (capped), 256 vectors, 64 Ki groups, 20 bytes, 200 bytes
+    assert launch.segments == 5 and launch.blocks == sum(want)
+    starts = [int(w) >> 16 for w in launch.table[:, 3]]
+    assert starts == [sum(want[:i]) for i in range(5)]
+    assert [int(w) & 0xffff for w in launch.table[:, 3]] == [1, 1, 4 | 1 << 8, 4 | 1 << 8, 2 | 2 << 8]
 
 
 @pytest.mark.parametrize("aligned", [True, False])
