@@ -84,20 +84,28 @@ class StateMemo:
         if torch is None or not leaves or any(leaf.kind != "torch" for leaf in leaves):
             return None
         memo = cls(number, tree, leaves, template, torch)
-        sources: list[Any] = []
-        raw: list[Any] = []
-        try:
-            memo._walk(memo._plan, state, sources, raw)
-        except _Miss:
+        found = memo._collect(state)
+        if found is None:
             return None
-        if len(sources) != len(leaves) or not memo._same_tensors(sources):
-            return None
+        raw = found[1]
         memo._raw = [bytes(v) if type(v) is bytearray else v for v in raw]  # a copy: bytearrays change in place
         memo._types = [type(v) for v in raw]
         return memo
 
     def match(self, state: Any) -> Hit | None:
         """The hit for ``state``, or None when it must be flattened."""
+        found = self._collect(state)
+        if found is None:
+            return None
+        sources, raw = found
+        if raw == self._raw and list(map(type, raw)) == self._types:  # (the common case, at C speed)
+            return Hit(sources, raw, [])
+        return Hit(sources, raw, [i for i, (v, old, tp) in enumerate(zip(raw, self._raw, self._types))
+                                  if type(v) is not tp or v != old])
+
+    def _collect(self, state: Any) -> tuple[list[Any], list[Any]] | None:
+        """The tensors (in leaf order) and scalars of ``state`` if it has the layout's shape and
+        every tensor answers as the layout's did; None otherwise."""
         sources: list[Any] = []
         raw: list[Any] = []
         try:
@@ -106,10 +114,7 @@ class StateMemo:
             return None
         if len(sources) != len(self._checks) or not self._same_tensors(sources):
             return None
-        if raw == self._raw and list(map(type, raw)) == self._types:  # (the common case, at C speed)
-            return Hit(sources, raw, [])
-        return Hit(sources, raw, [i for i, (v, old, tp) in enumerate(zip(raw, self._raw, self._types))
-                                  if type(v) is not tp or v != old])
+        return sources, raw
 
     def _same_tensors(self, sources: list[Any]) -> bool:
         """Whether each tensor (in leaf order) is one flatten would take as it is, with the layout's
