@@ -42,33 +42,32 @@ extern "C" int snapd_emulate(const u64* table, unsigned segments, unsigned block
     launch_table = table;
     launch_segments = segments;
     int status = 0;
-    const unsigned y = 0;
     for (unsigned x = 0; x < blocks; x++)
-            for (unsigned w0 = 0; w0 < block_x; w0 += 32) {
-                const int n = block_x - w0 < 32 ? (int)(block_x - w0) : 32;
-                for (int l = 0; l < n; l++) {
-                    getcontext(&lanes[l].ctx);
-                    lanes[l].ctx.uc_stack.ss_sp = lanes[l].stack.data();
-                    lanes[l].ctx.uc_stack.ss_size = lanes[l].stack.size();
-                    lanes[l].ctx.uc_link = &scheduler;
-                    makecontext(&lanes[l].ctx, lane_main, 0);
-                    lanes[l].state = RUNNING;
-                }
-                for (;;) {  // one round: every lane runs to its next __syncwarp or to its return
-                    int waiting = 0, returned = 0;
-                    for (int l = 0; l < n; l++) {
-                        if (lanes[l].state == RETURNED) { returned++; continue; }
-                        lanes[l].state = RUNNING;
-                        current = l;
-                        blockIdx = {x, y, 0};
-                        threadIdx = {w0 + l, 0, 0};
-                        swapcontext(&scheduler, &lanes[l].ctx);
-                        if (lanes[l].state == AT_BARRIER) waiting++;
-                        else returned++;
-                    }
-                    if (waiting == 0) break;
-                    if (returned) status = -1;   // released anyway, so the launch still ends
-                }
+        for (unsigned w0 = 0; w0 < block_x; w0 += 32) {
+            const int n = block_x - w0 < 32 ? (int)(block_x - w0) : 32;
+            for (int l = 0; l < n; l++) {
+                getcontext(&lanes[l].ctx);
+                lanes[l].ctx.uc_stack.ss_sp = lanes[l].stack.data();
+                lanes[l].ctx.uc_stack.ss_size = lanes[l].stack.size();
+                lanes[l].ctx.uc_link = &scheduler;
+                makecontext(&lanes[l].ctx, lane_main, 0);
+                lanes[l].state = RUNNING;
             }
+            for (;;) {  // one round: every lane runs to its next __syncwarp or to its return
+                int waiting = 0, returned = 0;
+                for (int l = 0; l < n; l++) {
+                    if (lanes[l].state == RETURNED) { returned++; continue; }
+                    lanes[l].state = RUNNING;
+                    current = l;
+                    blockIdx = {x, 0, 0};
+                    threadIdx = {w0 + l, 0, 0};
+                    swapcontext(&scheduler, &lanes[l].ctx);
+                    if (lanes[l].state == AT_BARRIER) waiting++;
+                    else returned++;
+                }
+                if (waiting == 0) break;
+                if (returned) status = -1;   // released anyway, so the launch still ends
+            }
+        }
     return status;
 }
