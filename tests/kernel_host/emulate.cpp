@@ -1,9 +1,17 @@
 // Runs one launch of snapd_segments on the CPU: snapd_emulate(table, segments, blocks, block_x).
 // Warps run one after another; a warp's lanes are ucontext coroutines, switched at __syncwarp (see
 // cuda_shim.h). Returns 0, or -1 when some lane reached a __syncwarp that another lane of its warp
-// never reached (returned from the kernel instead): a hang or a race on a GPU.
+// never reached (returned from the kernel instead): a hang or a race on a GPU; or -2 when a 16-byte
+// access was one a GPU faults on (snapd_fault says which): misaligned, or outside the memory of the
+// launch: a load outside every segment's source, a store outside every destination (the lane's own
+// stack and the shared array aside). Byte accesses are not seen; the tests' guard bytes catch the
+// stray stores among them.
 #include <ucontext.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <utility>
 #include <vector>
 
 #include "cuda_shim.h"
@@ -24,11 +32,49 @@ int current = -1;
 const u64* launch_table = nullptr;
 unsigned launch_segments = 0;
 
+using Ranges = std::vector<std::pair<uintptr_t, uintptr_t>>;   // [start, end), sorted, disjoint
+Ranges sources, destinations;
+char fault[256];   // the first bad access of the launch ("" while there is none)
+
+Ranges merged(Ranges r) {
+    std::sort(r.begin(), r.end());
+    Ranges out;
+    for (const auto& x : r) {
+        if (x.first == x.second) continue;
+        if (!out.empty() && x.first <= out.back().second) out.back().second = std::max(out.back().second, x.second);
+        else out.push_back(x);
+    }
+    return out;
+}
+
+bool inside(const Ranges& r, uintptr_t a, uintptr_t n) {
+    auto it = std::upper_bound(r.begin(), r.end(), std::make_pair(a, UINTPTR_MAX));
+    return it != r.begin() && a + n <= (--it)->second;
+}
+
 void lane_main() {
     snapd_segments(launch_table, launch_segments);
     lanes[current].state = RETURNED;
 }  // returning resumes uc_link: the scheduler
 }  // namespace
+
+extern char __start_snapd_shared[], __stop_snapd_shared[];   // the linker's bounds of cuda_shim.h's section
+
+bool snapd_vector_access(const void* at, bool store) {
+    const uintptr_t a = (uintptr_t)at;
+    const char* what = nullptr;
+    const Lane& me = lanes[current];
+    if (a % 16) what = "misaligned";
+    else if (a >= (uintptr_t)me.stack.data() && a + 16 <= (uintptr_t)me.stack.data() + me.stack.size()) return true;
+    else if (a >= (uintptr_t)__start_snapd_shared && a + 16 <= (uintptr_t)__stop_snapd_shared) return true;
+    else if (!inside(store ? destinations : sources, a, 16)) what = store ? "outside every destination" : "outside every source";
+    if (what && !fault[0])
+        snprintf(fault, sizeof fault, "16-byte %s at %#lx %s (block %u, thread %u)", store ? "store" : "load",
+                 (unsigned long)a, what, blockIdx.x, threadIdx.x);
+    return what == nullptr;
+}
+
+extern "C" const char* snapd_fault() { return fault; }
 
 void snapd_syncwarp() {
     Lane& me = lanes[current];
@@ -41,6 +87,16 @@ extern "C" int snapd_emulate(const u64* table, unsigned segments, unsigned block
     blockDim = {block_x, 1, 1};
     launch_table = table;
     launch_segments = segments;
+    Ranges src, dst;
+    for (unsigned i = 0; i < segments; i++) {
+        const u64* g = table + 4 * i;
+        const u64 k = g[3] & 0xff, mode = (g[3] >> 8) & 0xff, n = mode == 0 ? g[2] : g[2] * k;
+        src.emplace_back(g[0], g[0] + n);
+        dst.emplace_back(g[1], g[1] + n);
+    }
+    sources = merged(src);
+    destinations = merged(dst);
+    fault[0] = 0;
     int status = 0;
     for (unsigned x = 0; x < blocks; x++)
         for (unsigned w0 = 0; w0 < block_x; w0 += 32) {
@@ -69,5 +125,5 @@ extern "C" int snapd_emulate(const u64* table, unsigned segments, unsigned block
                 if (returned) status = -1;   // released anyway, so the launch still ends
             }
         }
-    return status;
+    return fault[0] ? -2 : status;
 }

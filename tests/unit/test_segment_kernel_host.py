@@ -1,11 +1,14 @@
 """The GPU segment kernel (kernels/segments.cu) compiled for the CPU and run over host memory.
 
 The source is the one CuPy compiles, built with g++ through a small shim
-(tests/kernel_host): each lane is a host thread, ``__syncwarp`` a barrier among
-a warp's 32. The launches come from kernels/segments.py, as on the GPU. So the
-kernel's indexing, its tiles through shared memory and the launch arithmetic
-are checked against the NumPy backend, byte for byte, on every CI run; only
-the device itself (its memory model, its compiler) waits for tests/gpu.
+(tests/kernel_host): each lane is a coroutine, switched at ``__syncwarp``, so a
+missing barrier shows as bytes read before they were written. Every 16-byte
+access is checked as a GPU would fault on it (aligned, inside the launch's
+segments), and guard bytes round each buffer catch stray byte stores. The
+launches come from kernels/segments.py, as on the GPU. So the kernel's
+indexing, its tiles through shared memory and the launch arithmetic are
+checked against the NumPy backend, byte for byte, on every CI run; only the
+device itself (its memory model, its compiler) waits for tests/gpu.
 """
 
 from __future__ import annotations
@@ -18,11 +21,22 @@ from snapd.kernels.numpy_backend import NumpyBackend
 from snapd.kernels.segments import COPY, SHUFFLE, UNSHUFFLE, chunk_segments, launches
 
 
-def buffer(nbytes: int, misalign: int, rng: np.random.Generator) -> np.ndarray:
-    """``nbytes`` of poison (so an unwritten byte shows) starting ``misalign`` bytes past a 64-byte boundary."""
-    raw = rng.integers(0, 256, nbytes + 128, dtype=np.uint8)
-    start = -raw.ctypes.data % 64 + misalign
-    return raw[start:start + nbytes]
+@pytest.fixture
+def buffer():
+    """``buffer(nbytes, misalign, rng)``: ``nbytes`` of poison (so an unwritten byte shows) starting
+    ``misalign`` bytes past a 64-byte boundary, between 64 guard bytes or more on either side that
+    the kernel must leave as they are (checked when the test ends)."""
+    made: list[tuple[np.ndarray, slice, np.ndarray]] = []
+
+    def make(nbytes: int, misalign: int, rng: np.random.Generator) -> np.ndarray:
+        raw = rng.integers(0, 256, nbytes + 256, dtype=np.uint8)
+        start = 64 + -(raw.ctypes.data + 64) % 64 + misalign
+        made.append((raw, slice(start, start + nbytes), raw.copy()))
+        return raw[start:start + nbytes]
+    yield make
+    for raw, inside, before in made:
+        raw[inside] = before[inside]
+        assert np.array_equal(raw, before), "the kernel wrote next to a buffer"
 
 
 # element counts: under one group, a group, tiles whole and cut, a tile plus a partial group
@@ -31,7 +45,7 @@ COUNTS = [1, 15, 16, 17, 512, 512 * 3, 512 * 3 + 16, 512 * 2 + 100, 4099]
 
 @pytest.mark.parametrize("itemsize", [2, 4, 8, 1, 16, 3])
 @pytest.mark.parametrize("misalign", [0, 1, 8])
-def test_shuffle_and_unshuffle_equal_numpy(host_kernel, itemsize, misalign) -> None:
+def test_shuffle_and_unshuffle_equal_numpy(host_kernel, buffer, itemsize, misalign) -> None:
     rng = np.random.default_rng(itemsize * 10 + misalign)
     for n in COUNTS:
         data = buffer(n * itemsize, misalign, rng)
@@ -47,7 +61,7 @@ def test_shuffle_and_unshuffle_equal_numpy(host_kernel, itemsize, misalign) -> N
 
 
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
-def test_blocks_loop_over_every_tile_beside_other_segments(host_kernel, itemsize) -> None:
+def test_blocks_loop_over_every_tile_beside_other_segments(host_kernel, buffer, itemsize) -> None:
     """Segments of one launch capped at 2 blocks: 41 tiles are walked by 16 warps, each warp
     reusing its shared slots; beside them, segments of a cut tile, one tile and 9 tiles."""
     rng = np.random.default_rng(itemsize)
@@ -78,7 +92,7 @@ def test_each_segment_gets_the_blocks_its_work_fills() -> None:
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_pack_with_chunk_shuffle_in_one_launch(host_kernel, aligned) -> None:
+def test_pack_with_chunk_shuffle_in_one_launch(host_kernel, buffer, aligned) -> None:
     """What the daemon's GPU copy launches: many sources of mixed element sizes, each cut in the
     writer's chunks and shuffled, into one staging region, against NumpyBackend.pack."""
     rng = np.random.default_rng(int(aligned))
@@ -109,7 +123,7 @@ def test_pack_with_chunk_shuffle_in_one_launch(host_kernel, aligned) -> None:
         assert np.array_equal(back[off:off + h.size], h)
 
 
-def test_unshuffle_chunks_keeps_chunks_stored_unshuffled(host_kernel) -> None:
+def test_unshuffle_chunks_keeps_chunks_stored_unshuffled(host_kernel, buffer) -> None:
     """A restore's segments: chunks the writer stored plain are copied, the rest unshuffled."""
     rng = np.random.default_rng(5)
     chunk, k = 16 << 10, 4
