@@ -11,7 +11,8 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from snapd.kernels.segments import COPY, SHUFFLE, UNSHUFFLE, Segment, chunk_segments, compile_options, launches, source
+from snapd.kernels.segments import (COPY, MAX_BLOCKS, SHUFFLE, UNSHUFFLE, Segment, chunk_segments, compile_options,
+                                    launches, source)
 
 __all__ = ["COPY", "SHUFFLE", "UNSHUFFLE", "CupyBackend", "chunk_segments", "run_segments"]
 
@@ -29,9 +30,10 @@ def _bytes(a: Any) -> cp.ndarray:
     return cp.asarray(a).view(cp.uint8).reshape(-1)
 
 
-def run_segments(segs: list[Segment], stream: Any = None) -> None:
-    """Launch ``[(src_ptr, dst_ptr, m, k, mode), ...]`` (device addresses) on ``stream``."""
-    for launch in launches(segs):
+def run_segments(segs: list[Segment], stream: Any = None, max_blocks: int = MAX_BLOCKS) -> None:
+    """Launch ``[(src_ptr, dst_ptr, m, k, mode), ...]`` (device addresses) on ``stream``
+    (``max_blocks``: blocks a segment; the tests take fewer, so that blocks loop over tiles)."""
+    for launch in launches(segs, max_blocks):
         with (stream if stream is not None else cp.cuda.get_current_stream()):
             dev = cp.asarray(launch.table)  # copied on this stream: ordered before the launch
             _kernel()((launch.blocks,), (launch.block,), (dev, np.uint32(launch.segments)))
