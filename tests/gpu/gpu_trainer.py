@@ -10,6 +10,12 @@ everything it checks holds, else raises. Modes:
   flags) has the same chunk checksums as an in-process save of the same values.
 - ``cupy``: CuPy arrays (no torch): back as CuPy arrays on the device, and as
   NumPy with device="cpu".
+- ``loop``: a model and AdamW on the GPU, ``guard(optimizer)``, a snapshot of
+  ``state_dict()``s after every step: all but the first replay the layout's
+  memo (CPU step counters inline beside the device tensors), each step
+  restores exactly; then the model is made anew in freed memory (the same
+  addresses, new allocations): restored exactly. Prints how many snapshots
+  were flattened.
 """
 
 from __future__ import annotations
@@ -72,8 +78,63 @@ def check_equal(want: dict, got, where: str) -> None:
         assert host_bytes(got[key]) == w, f"{where}: {key} differs"
 
 
+def training_loop(client, torch) -> None:
+    from snapd.client import snapshot_plan
+
+    flattens = []
+    real = snapshot_plan.flattened
+    snapshot_plan.flattened = lambda *a, **k: flattens.append(1) or real(*a, **k)
+    torch.manual_seed(5)
+
+    def make():
+        model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.LayerNorm(1024),
+                                    torch.nn.Linear(1024, 333)).cuda()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train(model, opt) -> None:
+        opt.zero_grad()
+        model(torch.randn(64, 256, device="cuda")).square().mean().backward()
+        opt.step()  # guarded: its kernels wait (on the GPU) for the daemon's copy of the last snapshot
+
+    def state(model, opt, step):
+        return {"model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+                "lr": opt.param_groups[0]["lr"]}
+
+    model, opt = make()
+    client.guard(opt)
+    train(model, opt)
+    assert opt.state_dict()["state"][0]["step"].device.type == "cpu"  # Adam's counters: CPU scalars
+    taken = []
+    for step in range(6):
+        train(model, opt)
+        if step == 4:
+            opt.param_groups[0]["lr"] = 5e-4
+        s = state(model, opt, step)
+        taken.append((client.snapshot(s, step=step), {k: host_bytes(v) for k, v in leaves(s)}, s["lr"]))
+    assert len(flattens) == 1, f"{len(flattens)} of 6 snapshots flattened; only the first should be"
+    for pending, want, lr in taken:
+        pending.wait()
+        back = client.restore(pending.step)
+        check_equal(want, back, f"step {pending.step}")
+        assert back["step"] == pending.step and back["lr"] == lr, (back["step"], back["lr"])
+    check_equal(taken[-1][1], client.restore(device="cuda:0"), "last step onto the device")
+
+    addresses = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    del model, opt, s, taken
+    torch.cuda.empty_cache()  # the allocations go back to the driver; the next ones may reuse their addresses
+    model, opt = make()
+    client.guard(opt)
+    train(model, opt)
+    s = state(model, opt, 10)
+    reused = sum(addresses[k] == v.data_ptr() for k, v in model.state_dict().items())
+    want = {k: host_bytes(v) for k, v in leaves(s)}
+    client.snapshot(s, step=10).wait()
+    check_equal(want, client.restore(10), "a model made anew")
+    print(json.dumps({"flattened": len(flattens), "snapshots": 7, "addresses_reused": reused}), flush=True)
+
+
 def run(mode: str, endpoint: str, root: str) -> None:
-    client = snapd.connect(mode, endpoint=endpoint, spawn=False)
+    client = snapd.connect(mode, endpoint=endpoint, spawn=False, keep_last=None)
     if mode == "cupy":
         import cupy as cp  # and no torch: the client must not need it
 
@@ -90,6 +151,11 @@ def run(mode: str, endpoint: str, root: str) -> None:
         return
     import torch
 
+    if mode == "loop":
+        training_loop(client, torch)
+        client.close()
+        print("OK")
+        return
     state = torch_state(torch, big=mode == "mutate")
     want = {k: host_bytes(v) for k, v in leaves(state)}
     digests = {k: hashlib.sha256(v).hexdigest() for k, v in want.items()}

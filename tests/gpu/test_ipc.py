@@ -69,6 +69,21 @@ def test_gpu_path_writes_the_same_bytes_as_the_cpu_path(start, codec) -> None:
     assert f"codec {codec}: identical chunks" in r.stdout
 
 
+@pytest.mark.parametrize("alloc", ["", "expandable_segments:True"], ids=["ipc", "staged"])
+def test_a_training_loop_replays_its_layout_and_every_step_restores(start, alloc) -> None:
+    """What a trainer does: snapshot model and AdamW state_dicts every step, guard(optimizer).
+    Replayed snapshots name the allocations the first one opened (or, staged, copy from the
+    tensors the memo found); a model made anew in freed memory (same addresses, new allocations)
+    is restored exactly: by IPC it needs new handles, so it is described anew."""
+    d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
+    r = _train("loop", d, env={"PYTORCH_CUDA_ALLOC_CONF": alloc} if alloc else None)
+    flattened = json.loads(r.stdout.splitlines()[0])["flattened"]
+    if alloc:
+        assert "not legacy-IPC capable" in r.stderr
+    else:
+        assert "staged by this process" not in r.stderr and flattened == 2, r.stdout
+
+
 def test_expandable_segments_fall_back_to_staging(start) -> None:
     d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
     r = _train("dtypes", d, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
