@@ -23,6 +23,7 @@ fi
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export GPU_TRAINER_TRACE_AFTER_S=60  # a hung GPU trainer prints its threads' stacks and exits (tests/gpu)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit
 # The three import packages as pyproject maps them (snapd/, client/ as snapd.client, kernels/ as
 # snapd.kernels), made of links to this checkout; PYTHONSAFEPATH keeps ./snapd, which lacks the
@@ -56,7 +57,7 @@ step() {  # step NAME SECONDS COMMAND...: one check, its whole output appended t
 # 1. the segment kernel, committed against the one before the warp tiles (results in k/), and the tests
 step kernels 90 python3 -m bench.gpu_bench --kernels-only --out "$OUT/k" \
     --compare-kernel bench/kernel_versions/segments-v1.cu
-step gpu-tests 180 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu --deselect tests/gpu/test_kernel_sanitizer.py
+step gpu-tests 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu --deselect tests/gpu/test_kernel_sanitizer.py
 # the kernel under compute-sanitizer: bad accesses, shared-memory races between lanes, barrier misuse
 step sanitizer 100 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kernel_sanitizer.py
 # 2. the CPU stall by tensor count on the CUDA IPC path (the 2 ms target), a trainer's real state (s/)

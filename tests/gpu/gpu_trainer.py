@@ -20,6 +20,7 @@ everything it checks holds, else raises. Modes:
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -187,4 +188,7 @@ def run(mode: str, endpoint: str, root: str) -> None:
 
 
 if __name__ == "__main__":
+    # A hang (a copy that never completes, an event never recorded) prints every thread's stack and
+    # exits, so that the test shows where, with the daemon's log, instead of running out its time.
+    faulthandler.dump_traceback_later(float(os.environ.get("GPU_TRAINER_TRACE_AFTER_S", "120")), exit=True)
     run(*sys.argv[1:4])
