@@ -13,7 +13,7 @@ everything it checks holds, else raises. Modes:
 - ``loop``: a model and AdamW on the GPU, ``guard(optimizer)``, a snapshot of
   ``state_dict()``s after every step: all but the first replay the layout's
   memo (CPU step counters inline beside the device tensors), each step
-  restores exactly; then the model is made anew in freed memory (the same
+  restores exactly, also into a new model's device tensors (``into=``); then the model is made anew in freed memory (the same
   addresses, new allocations): restored exactly. Prints how many snapshots
   were flattened.
 """
@@ -119,6 +119,12 @@ def training_loop(client, torch) -> None:
         check_equal(want, back, f"step {pending.step}")
         assert back["step"] == pending.step and back["lr"] == lr, (back["step"], back["lr"])
     check_equal(taken[-1][1], client.restore(device="cuda:0"), "last step onto the device")
+    fresh, _ = make()  # resuming: the model's own device tensors filled in place
+    client.restore(taken[-1][0].step, keys="model", into={"model": fresh.state_dict()})
+    assert all(p.is_cuda for p in fresh.parameters())
+    check_equal({k: v for k, v in taken[-1][1].items() if k.startswith("model.")}, {"model": fresh.state_dict()},
+                "into a model on the device")
+    del fresh
 
     addresses = {k: v.data_ptr() for k, v in model.state_dict().items()}
     del model, opt, s, taken
