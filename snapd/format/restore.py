@@ -12,7 +12,7 @@ import numpy as np
 from snapd.errors import MismatchError
 from snapd.format import dtypes
 from snapd.format.manifest import Manifest, TensorRecord
-from snapd.format.to_device import goes_to_gpu, upload
+from snapd.format.to_device import fills_on_gpu, goes_to_gpu, upload, upload_into
 from snapd.format.tree import build, join_key
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ class Destinations:
             direct = _bytes_of(t)
             if direct is not None:
                 self._buffers[i] = direct
+            elif fills_on_gpu(self.manifest.tensors[i], t):  # its planes go up and are unshuffled there
+                self._gpu.add(i)
+                self._buffers[i] = np.empty(self.manifest.tensors[i].nbytes, dtype=np.uint8)
             else:
                 tmp, self._buffers[i] = self._allocate(self.manifest.tensors[i])
                 self._pending[i] = (t, tmp)
@@ -138,6 +141,9 @@ class Destinations:
     def value(self, i: int) -> Any:
         """The finished tensor ``i`` (copied into its target, or moved to ``device``)."""
         if i in self._gpu:
+            if i in self._into:
+                upload_into(self.manifest.tensors[i], self._buffers.pop(i), self.values[i])
+                return self.values[i]
             return upload(self.manifest.tensors[i], self._buffers.pop(i), self.device)
         v = self.values[i]
         if i in self._pending:

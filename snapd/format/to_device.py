@@ -97,6 +97,30 @@ def _torch_stream(cp: Any, torch: Any, t: Any) -> Any:
         return cp.cuda.ExternalStream(ptr)
 
 
+def fills_on_gpu(rec: TensorRecord, target: Any) -> bool:
+    """Whether ``into``'s ``target`` for ``rec`` is filled by unshuffling on its GPU: a contiguous CUDA
+    torch tensor outside autograd (a ``state_dict()`` tensor) with shuffled chunks, and CuPy here.
+    Any other target is filled from the host (``copy_``), unshuffled there."""
+    torch = dtypes.torch_module()
+    return torch is not None and isinstance(target, torch.Tensor) and target.is_cuda and bool(rec.nbytes) \
+        and target.is_contiguous() and not target.requires_grad and any(_shuffled(rec)) and _cupy() is not None
+
+
+def upload_into(rec: TensorRecord, host: np.ndarray, target: Any) -> None:
+    """Fill ``target`` (``fills_on_gpu``; ``rec``'s dtype and shape, checked by the caller) from the
+    decoded chunks in ``host``: one upload of the planes, then the kernel unshuffles them straight
+    into the target's memory, on torch's current stream."""
+    import torch
+
+    from snapd.kernels.cupy_backend import run_segments
+
+    cp = _cupy()
+    staged = torch.from_numpy(host).to(target.device)
+    with cp.cuda.Device(target.device.index):
+        run_segments(_segments(rec, staged.data_ptr(), target.data_ptr()), _torch_stream(cp, torch, target))
+    # (``staged`` goes back to torch's allocator for its stream: reused only after the kernel ran)
+
+
 def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
     """The tensor whose decoded chunks (shuffled ones as planes) are in ``host``, on the GPU."""
     cp = _cupy()

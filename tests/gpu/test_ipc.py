@@ -114,3 +114,15 @@ def test_cpu_saved_snapshot_restores_onto_the_gpu(root, codec) -> None:
         assert hashlib.sha256(out[k].cpu().reshape(-1).view(torch.uint8).numpy()).digest() == \
             hashlib.sha256(state[k].reshape(-1).view(torch.uint8).numpy()).digest()
     assert isinstance(out["np"], np.ndarray) and np.array_equal(out["np"], state["np"])
+    # resuming in place: contiguous device tensors are unshuffled into on the GPU; a transposed one
+    # and a parameter that requires grad are filled from the host
+    into = {"w": torch.empty(1000, 999, device="cuda"), "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda"),
+            "i": torch.empty(7, dtype=torch.int64, device="cuda")}
+    back = snapd.load(root, "j", keys=["w", "bf", "i"], into=into)
+    filled = [(k, t, back[k]) for k, t in into.items()]
+    for t in (torch.empty(999, 1000, device="cuda").t(), torch.nn.Parameter(torch.empty(1000, 999, device="cuda"))):
+        filled.append(("w", t, snapd.load(root, "j", keys="w", into={"w": t})["w"]))
+    for k, t, returned in filled:
+        assert returned is t and t.device.type == "cuda", k
+        assert torch.equal(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+                           state[k].reshape(-1).view(torch.uint8)), k
