@@ -63,6 +63,6 @@ step sanitizer 100 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_k
 # 2. the CPU stall by tensor count on the CUDA IPC path (the 2 ms target), a trainer's real state (s/)
 step stall 90 python3 -m bench.stall_scaling --device cuda --state module --counts 16,256,1024 --reps 9 \
     --out "$OUT/s"
-# 3. the whole GPU path at 1 and 4 GiB, against torch.save and DCP async_save (f/)
+# 3. the whole GPU path at 1 and 4 GiB, against torch.save and DCP async_save, restores onto the device too (f/)
 step gpu-bench 200 python3 -m bench.gpu_bench --sizes 1,4 --out "$OUT/f"
 ls -lR "$OUT"

@@ -12,6 +12,10 @@
    the next step waits at ``fence()`` (right away, and after 100 ms of
    compute), and the time to durable; against torch.save + fsync and PyTorch
    DCP async_save (default), in the same run.
+4. Restore onto the device, from page cache (the files just written): snapd
+   into new tensors (``device="cuda:0"``) and into the trainer's own
+   (``into=``, as a resumed job does), against ``torch.load(map_location=
+   "cuda")`` and DCP ``load`` into the same tensors.
 Figures go to bench/results/gpu.jsonl and gpu.md, with the device named.
 """
 
@@ -183,6 +187,31 @@ def gpu_wait(client, after_ms: float) -> float:
     return a.elapsed_time(b) / 1e3
 
 
+def _restore(rec: Recorder, scen: str, method: str, load: Any, reps: int = 2, **extra: Any) -> None:
+    """Seconds until ``load()``'s tensors are on the device (its copies and kernels finished)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = load()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        del out
+    rec.add(scen, method, "restore_to_gpu", times, **extra)
+
+
+def _peer_restore(rec: Recorder, scen: str, peer: Any, state: dict) -> None:
+    if isinstance(peer, TorchSave):
+        _restore(rec, scen, "torch.load(map_location='cuda')",
+                 lambda: torch.load(peer.last, map_location="cuda", weights_only=True))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        peer.pending.wait()
+        _restore(rec, scen, "DCP load (into the state)",
+                 lambda: dcp.load(state, checkpoint_id=str(peer.last), no_dist=True))
+
+
 def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> None:
     nbytes = size_gib * GIB
     state = make_state(nbytes)
@@ -209,6 +238,9 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
                 waits_later.append(gpu_wait(client, 100))
             p.wait()
             durable.append(time.perf_counter() - t0)
+        codec = p.wait().codec
+        _restore(rec, scen, "snapd load(device='cuda:0')", lambda: client.restore(device="cuda:0"), codec=codec)
+        _restore(rec, scen, "snapd load(into=the state)", lambda: client.restore(into=state), codec=codec)
         client.close()
     finally:
         daemon.close()
@@ -228,6 +260,7 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
             handle.wait()
             stall.append(s)
             dur.append(time.perf_counter() - t0)
+        _peer_restore(rec, scen, peer, state)
         peer.close()
         rec.add(scen, peer.name, "cpu_stall", stall)
         rec.add(scen, peer.name, "durable", dur)
@@ -239,7 +272,7 @@ def report(rec: Recorder, path: Path, device: str) -> None:
     med = {(r["scenario"], r["method"], r["metric"]): statistics.median(r["values"]) for r in rec.rows}
     lines = [f"# GPU path ({device})", "", "| scenario | method | metric | median | unit |", "|---|---|---|---|---|"]
     for r in rec.rows:
-        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio") or k == "same_bytes")
+        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio") or k in ("same_bytes", "codec"))
         lines.append(f"| {r['scenario']} | {r['method']} | {r['metric']} | "
                      f"{med[(r['scenario'], r['method'], r['metric'])]:.4g}{extra} | {r['unit']} |")
     path.write_text("\n".join(lines) + "\n")
