@@ -13,9 +13,9 @@ everything it checks holds, else raises. Modes:
 - ``loop``: a model and AdamW on the GPU, ``guard(optimizer)``, a snapshot of
   ``state_dict()``s after every step: all but the first replay the layout's
   memo (CPU step counters inline beside the device tensors), each step
-  restores exactly, also into a new model's device tensors (``into=``); then the model is made anew in freed memory (the same
-  addresses, new allocations): restored exactly. Prints how many snapshots
-  were flattened.
+  restores exactly, also into a new model's device tensors (``into=``); then
+  the model is made anew in freed memory (the same addresses, new
+  allocations): restored exactly. Prints how many snapshots were flattened.
 """
 
 from __future__ import annotations
