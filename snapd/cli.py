@@ -185,6 +185,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _last_snapshot(last: dict | None) -> str:
+    """``step 12: 1.0 GiB cuda_ipc, 8 B inline``: how a client's last snapshot reached the daemon."""
+    if not last:
+        return "-"
+    parts = [f"{human_bytes(n)} {path}" for path, n in last["bytes"].items() if n]
+    return f"step {last['step']}: {', '.join(parts) or 'no bytes'}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from snapd.client.connection import daemon_status
 
@@ -207,8 +215,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
               f"failed {j['failed']}")
     rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
-             st["codecs"].get(cl["job"], {}).get("codec", "-")] for cl in st["clients"]]
-    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC"]) if rows else "no clients connected")
+             st["codecs"].get(cl["job"], {}).get("codec", "-"), _last_snapshot(cl.get("last_snapshot"))]
+            for cl in st["clients"]]
+    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows else "no clients connected")
     if st["last_error"]:
         print(f"last error: {st['last_error']}")
     return 0

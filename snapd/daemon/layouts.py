@@ -138,6 +138,11 @@ class Placement:
                              for r, t in zip(rows, tensors))
         self.inline = [i for i, r in enumerate(rows) if r[8]]  # tiny tensors whose bytes come in the message
         self.inline_bytes = sum(rows[i][5] - rows[i][4] for i in self.inline)
+        # how the bytes reach the buffer (``snapd status``: is a job on the GPU path, or staging?)
+        gpu = sum(r[5] - r[4] for r in rows if r[7] is not None)
+        registered = sum(r[5] - r[4] for r in rows if r[6] is not None)
+        self.by_path = {"cuda_ipc": gpu, "registered": registered, "inline": self.inline_bytes,
+                        "client": self.raw_bytes - gpu - registered - self.inline_bytes}
 
     def check_fits(self, buf: np.ndarray) -> None:
         if self.end > buf.size:  # (host buffers all have one size: a layout checked on one fits all)
@@ -223,6 +228,7 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
     plan, buf = layout.plan, server.pool.by_lease(lease)
     if layout.number is not None:
         s.layout = layout
+    s.last_snapshot = {"step": msg["step"], "tensors": len(plan.rows), "bytes": plan.by_path}
     s.leases.discard(lease)  # the task owns the lease now
     task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
                 s.retention, plan.raw_bytes, s.jobs_root)

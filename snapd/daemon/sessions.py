@@ -43,6 +43,7 @@ class Session:
     leases: set[int] = field(default_factory=set)  # buffers granted, snapshot not yet sent
     regions: dict[int, Region] = field(default_factory=dict)
     layout: Layout | None = None  # the last layout accepted on this connection
+    last_snapshot: dict | None = None  # its step, tensor count and bytes by path (``snapd status``)
 
 
 def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:

@@ -53,6 +53,11 @@ def status_line(server: Server) -> str:
             f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed")
 
 
+def _last_snapshot(last: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy (its ``bytes`` are the layout's, shared by every snapshot of it)."""
+    return None if last is None else {**last, "bytes": dict(last["bytes"])}
+
+
 def status_of(server: Server) -> dict[str, Any]:
     config, pool = server.config, server.pool
     by_state = collections.Counter(t.state for t in server.tasks.values())
@@ -61,7 +66,8 @@ def status_of(server: Server) -> dict[str, Any]:
             "backend": server.backend, "metrics": server.metrics.url,
             "cuda_devices": server.gpu.describe() if server.gpu is not None else [],
             "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
-                         "held_buffers": server.leases.held(s)} for s in server.sessions.values()],
+                         "held_buffers": server.leases.held(s),
+                         "last_snapshot": _last_snapshot(s.last_snapshot)} for s in server.sessions.values()],
             "access": server.policy.describe(),
             "in_flight": dict(by_state), "waiting_for_buffer": len(server.leases.waiters),
             "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,

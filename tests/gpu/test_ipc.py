@@ -77,11 +77,14 @@ def test_a_training_loop_replays_its_layout_and_every_step_restores(start, alloc
     is restored exactly: by IPC it needs new handles, so it is described anew."""
     d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
     r = _train("loop", d, env={"PYTORCH_CUDA_ALLOC_CONF": alloc} if alloc else None)
-    flattened = json.loads(r.stdout.splitlines()[0])["flattened"]
+    out = json.loads(r.stdout.splitlines()[0])
+    paths = out["last_snapshot"]["bytes"]  # as `snapd status` shows them, for step 5
     if alloc:
         assert "not legacy-IPC capable" in r.stderr
+        assert paths["cuda_ipc"] == 0 and paths["client"] > 0, paths
     else:
-        assert "staged by this process" not in r.stderr and flattened == 2, r.stdout
+        assert "staged by this process" not in r.stderr and out["flattened"] == 2, r.stdout
+        assert paths["cuda_ipc"] > 0 and paths["client"] == 0 and paths["inline"] > 0, paths  # Adam's step counters
 
 
 def test_expandable_segments_fall_back_to_staging(start) -> None:

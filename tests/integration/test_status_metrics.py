@@ -7,6 +7,7 @@ import sys
 import urllib.request
 
 import numpy as np
+import pytest
 
 import snapd.client as snapd
 
@@ -25,7 +26,9 @@ def test_status_json_schema(daemon) -> None:
         st = json.loads(out.stdout)
         assert set(st) == STATUS_KEYS
         assert st["clients"] == [{"pid": c._hello["pid"], "uid": os.geteuid(), "job": "st",
-                                  "jobs_root": str(c.root), "held_buffers": 0}]
+                                  "jobs_root": str(c.root), "held_buffers": 0,
+                                  "last_snapshot": {"step": 1, "tensors": 1, "bytes": {
+                                      "cuda_ipc": 0, "registered": 0, "inline": 0, "client": 4000}}}]
         assert set(st["access"]) == {"uids", "gids", "socket_gid", "user_dirs"}
         [job] = st["jobs"]
         assert (job["job"], job["dir"], job["persisted"], job["failed"], job["last_step"]) == \
@@ -38,10 +41,29 @@ def test_status_json_schema(daemon) -> None:
         human = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
                                capture_output=True, text=True, timeout=30, cwd="/")
         assert human.returncode == 0 and "persisted 1" in human.stdout and "job st (" in human.stdout
+        assert "step 1: 3.9 KiB client" in human.stdout, human.stdout
         assert "1 snapshots" in human.stdout, human.stdout
     gone = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", "ipc:///nonexistent/x.sock",
                            "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30, cwd="/")
     assert gone.returncode == 2 and "no daemon answered" in gone.stderr
+
+
+def test_status_says_how_each_clients_bytes_reached_the_daemon(daemon) -> None:
+    """An operator's first question about a slow job: did its tensors come by the fast path? Per
+    client, the last snapshot's bytes by path: registered regions and inline scalars here (a CPU
+    run's registered path; tests/gpu checks cuda_ipc against staging)."""
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(100, 10)
+    with snapd.connect("paths", endpoint=daemon.endpoint, spawn=False) as c, \
+            snapd.connect("plain", endpoint=daemon.endpoint, spawn=False) as other:
+        assert [cl["last_snapshot"] for cl in c.status()["clients"]] == [None, None]
+        c.share(model)
+        c.snapshot({"model": model.state_dict(), "step": torch.tensor(7.0)}, step=3).wait(30)
+        other.snapshot({"w": np.ones(10, np.float64)}, step=1).wait(30)
+        by_job = {cl["job"]: cl["last_snapshot"] for cl in c.status()["clients"]}
+    assert by_job["paths"] == {"step": 3, "tensors": 3, "bytes": {"cuda_ipc": 0, "registered": 4040, "inline": 4,
+                                                                  "client": 0}}
+    assert by_job["plain"]["bytes"] == {"cuda_ipc": 0, "registered": 0, "inline": 80, "client": 0}
 
 
 def test_metrics_endpoint_scraped_over_http(start) -> None:
