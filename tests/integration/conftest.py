@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +36,12 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, *extra: str, name: str = "d", root: Path | None = None,
-                 endpoint: str | None = None, env: dict | None = None) -> Daemon:
+                 endpoint: str | None = None, env: dict | None = None, command: list[str] | None = None) -> Daemon:
+    """``snapd serve`` (or ``command`` + ``serve``) as a subprocess, answering once this returns."""
     root = root or tmp / "root"
     endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
     log = tmp / f"{name}.log"
-    args = [sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint", endpoint,
+    args = [*(command or [sys.executable, "-m", "snapd"]), "serve", "--root", str(root), "--endpoint", endpoint,
             "--host-buffer-bytes", str(32 << 20), *extra]
     with open(log, "ab") as f:
         proc = subprocess.Popen(args, stdout=f, stderr=f, cwd="/", env={**os.environ, **(env or {})})
@@ -138,3 +142,55 @@ def sent(monkeypatch):
         return real(self, kind, **fields)
     monkeypatch.setattr(Connection, "send", spy)
     return out
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str, path: Path) -> types.ModuleType:
+    """A helper module of the tests by path (the tests run with --import-mode=importlib)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def host_kernel_lib(tmp_path_factory) -> Path:
+    """The segment kernel built for the host (tests/kernel_host); skips without g++."""
+    lib = _load("snapd_tests_host_kernel", HERE.parent / "kernel_host" / "host_kernel.py").build(
+        tmp_path_factory.mktemp("kernel"))
+    if lib is None:
+        pytest.skip("no g++ to build the segment kernel for the host")
+    return lib
+
+
+_arenas = itertools.count()
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
+    """The GPU path on a stand-in GPU (tests/integration/fake_cuda.py): ``start(*flags, staging=)``
+    starts a daemon on the CUDA backend over it; ``array(values, within=None)`` puts NumPy values
+    in its device memory (``within``: an ``alloc(nbytes)``'s (id, address), for sub-blocks);
+    ``bad`` holds allocation ids whose IPC handles will not open in the daemon."""
+    fake = _load("snapd_tests_fake_cuda", HERE / "fake_cuda.py")
+    arena = fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{next(_arenas)}")
+    bad: set[int] = set()
+    fake.install_client(monkeypatch, arena, bad)
+    started: list[Daemon] = []
+
+    def _start(*extra: str, staging: int = 256 << 10) -> Daemon:
+        d = start_daemon(tmp_path, "--backend", "cuda", *extra, name=f"fake{len(started)}",
+                         command=[sys.executable, str(HERE / "fake_cuda_daemon.py"), str(host_kernel_lib),
+                                  str(staging)], env={"SNAPD_CHUNK_BYTES": str(64 << 10)})
+        started.append(d)
+        return d
+    yield types.SimpleNamespace(start=_start, array=lambda v, within=None: fake.DeviceArray(arena, v, within),
+                                alloc=arena.alloc, free=arena.free, bad=bad, uuid=fake.UUID)
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+    arena.close()

@@ -1,0 +1,179 @@
+"""The GPU path's logic on every CI run, on a stand-in GPU (tests/integration/fake_cuda.py): the
+trainer's device arrays go to a real daemon subprocess as IPC handles, the daemon's copier maps
+them, packs and shuffles them through its staging windows with the kernel's own source (built for
+the host), and the snapshot on disk is byte for byte the one a CPU save writes. Stream ordering
+and the real driver are tests/gpu's (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import snapd.client as snapd
+from snapd.errors import SnapshotError
+from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.saving import save_state
+
+
+def _values(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((513, 257)).astype(np.float32),  # 0.5 MiB: windows of 256 KiB cut it
+            "d": rng.standard_normal(7),
+            "h": rng.standard_normal(4097).astype(np.float16),
+            "i": rng.integers(-1 << 40, 1 << 40, 1001),
+            "m": rng.random(999) > 0.5,
+            "c": (rng.standard_normal(33) + 1j * rng.standard_normal(33)).astype(np.complex64),
+            "u": rng.integers(0, 256, 300_001, dtype=np.uint8),
+            "e": np.zeros(0, np.float32)}
+
+
+def _device_state(gpu, values: dict) -> dict:
+    """The values on the stand-in device, two of them sub-blocks of one allocation at odd offsets."""
+    bid, base = gpu.alloc(1 << 20)
+    slab = np.random.default_rng(1).standard_normal(100_000).astype(np.float32)
+    return {"model": {k: gpu.array(v) for k, v in values.items()},
+            "views": {"a": gpu.array(slab[:77_777], within=(bid, base + 4 * 3)),
+                      "b": gpu.array(slab[:5], within=(bid, base + 4 * 200_001))},
+            "cpu": {"np": np.arange(10, dtype=np.int32)}, "step": 3}
+
+
+def _host(tree):
+    """The tree with its device arrays read back (what the snapshot must hold)."""
+    if isinstance(tree, dict):
+        return {k: _host(v) for k, v in tree.items()}
+    return tree.host().copy() if hasattr(tree, "host") else tree
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, dict):
+        return isinstance(got, dict) and set(got) == set(want) and all(_same(got[k], want[k]) for k in want)
+    if isinstance(want, np.ndarray):
+        return isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape and \
+            got.tobytes() == want.tobytes()
+    return got == want
+
+
+def _chunks(path) -> list:
+    return [t["chunks"] for t in json.loads((path / MANIFEST_NAME).read_text())["tensors"]]
+
+
+@pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "raw"])
+def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tmp_path, codec, caplog) -> None:
+    d = fake_gpu.start("--codec", codec)
+    state = _device_state(fake_gpu, _values(0))
+    want = _host(state)
+    device_bytes = sum(v.nbytes for part in ("model", "views") for v in want[part].values())
+    with caplog.at_level(logging.WARNING), snapd.connect("g", endpoint=d.endpoint, spawn=False) as c:
+        p = c.snapshot(state, step=1)
+        assert not p.copied  # "received": the daemon copies from the device after replying
+        info = p.wait(30)
+        [mine] = c.status()["clients"]
+        back = c.restore()
+    assert "staged by this process" not in caplog.text
+    assert f"GPU path: CUDA IPC from devices {fake_gpu.uuid}" in d.log_text()
+    assert mine["last_snapshot"]["bytes"] == {"cuda_ipc": device_bytes, "registered": 0, "inline": 40, "client": 0}
+    assert _same(back, want)  # (device arrays come back as NumPy where there is no CuPy)
+    ref = save_state(tmp_path / "cpu", "g", want, step=1, codec=codec, chunk_bytes=64 << 10)
+    assert _chunks(info.path) == _chunks(ref.path)  # shuffled on the "device", the same stored bytes
+
+
+def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gpu, sent) -> None:
+    """Snapshots of the same arrays replay the layout; values changed after each copy reach only
+    the next snapshot. An allocation freed and made anew gets a new handle, the old one is closed
+    once no snapshot uses it, and the rest when the client leaves."""
+    d = fake_gpu.start("--codec", "shuffle-lz4")
+    state = {"w": fake_gpu.array(np.zeros(70_000, np.float32)), "b": fake_gpu.array(np.zeros(33, np.float64)),
+             "step": 0}
+    wants = []
+    with snapd.connect("loop", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        for step in range(4):
+            state["w"].host()[...] = step + np.arange(70_000, dtype=np.float32)
+            state["b"].host()[...] = -step
+            state["step"] = step
+            wants.append(_host(state))
+            c.snapshot(state, step=step).wait_copied(30)  # then the trainer may change them
+        assert "tensors" in sent[0] and all("tensors" not in f and "layout" in f for f in sent[1:])
+        fake_gpu.free(state["w"].allocation)
+        state["w"] = fake_gpu.array(np.full(70_000, 9.0, np.float32))  # another allocation
+        state["step"] = 4
+        wants.append(_host(state))
+        c.snapshot(state, step=4).wait(30)
+        assert "tensors" in sent[-1]  # a new handle: a new layout
+        for step, want in enumerate(wants):
+            assert _same(c.restore(step), want), step
+        assert _log_count(d, "fake cuda: opened") == 3
+        assert _log_count(d, "fake cuda: closed") == 1  # the freed allocation's
+    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
+
+
+def test_a_handle_that_will_not_open_fails_that_snapshot_and_the_daemon_serves_on(fake_gpu) -> None:
+    d = fake_gpu.start()
+    bad = fake_gpu.array(np.ones(1000, np.float32))
+    fake_gpu.bad.add(bad.allocation)
+    with snapd.connect("bad", endpoint=d.endpoint, spawn=False) as c:
+        with pytest.raises(SnapshotError, match="GPU copy: .*CUDA_ERROR_INVALID_HANDLE"):
+            c.snapshot({"w": bad}, step=1).wait(30)
+        good = fake_gpu.array(np.arange(1000, dtype=np.float32))
+        c.snapshot({"w": good}, step=2).wait(30)
+        assert _same(c.restore(2), {"w": np.arange(1000, dtype=np.float32)})
+        st = c.status()
+        assert st["counters"]["failed"] == 1 and st["buffers"]["busy"] == 0, st
+        assert [s.step for s in c.list()] == [2]  # the failed snapshot left nothing on disk
+
+
+KILLED_TRAINER = r"""
+import sys, time, types
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import fake_cuda
+import snapd.client as snapd
+arena = fake_cuda.Arena(Path(sys.argv[3]))
+fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), arena)
+c = snapd.connect("killed", endpoint=sys.argv[2], spawn=False)
+w = fake_cuda.DeviceArray(arena, np.arange(5000, dtype=np.float32))
+c.snapshot({"w": w, "v": fake_cuda.DeviceArray(arena, np.ones(10))}, step=1).wait(30)
+print("OK", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_trainer_killed_leaves_no_handle_open(fake_gpu, tmp_path) -> None:
+    """SIGKILL: no bye. The daemon finds the trainer gone and closes what it opened for it."""
+    d = fake_gpu.start()  # (it looks for gone clients every 2 s)
+    arena = Path("/dev/shm") / f"snapd-fake-gpu-killed-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, str(Path(__file__).parent), d.endpoint,
+                             str(arena)], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert proc.stdout.readline().strip() == "OK"
+        assert _log_count(d, "fake cuda: opened") == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 2, d)
+        assert "is gone; releasing its buffers" in d.log_text()
+    finally:
+        proc.kill()
+        proc.wait()
+        arena.unlink(missing_ok=True)
+    with snapd.connect("after", endpoint=d.endpoint, spawn=False) as c:  # and serves on
+        c.snapshot({"w": fake_gpu.array(np.ones(3))}, step=1).wait(30)
+
+
+def _log_count(d, words: str) -> int:
+    return d.log_text().count(words)
+
+
+def _wait_for(cond, d, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, d.log_text()
+        time.sleep(0.05)
