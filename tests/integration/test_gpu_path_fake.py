@@ -168,6 +168,48 @@ def test_a_trainer_killed_leaves_no_handle_open(fake_gpu, tmp_path) -> None:
         c.snapshot({"w": fake_gpu.array(np.ones(3))}, step=1).wait(30)
 
 
+PREEMPTED_TRAINER = r"""
+import sys, time, types
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import fake_cuda
+import snapd.client as snapd
+arena = fake_cuda.Arena(Path(sys.argv[3]))
+fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), arena)
+c = snapd.connect("preempted", endpoint=sys.argv[2], spawn=False, keep_last=None)
+state = {"w": fake_cuda.DeviceArray(arena, np.zeros(300_000, np.float32)), "step": 0}
+c.on_preemption(lambda: (state, state["step"]))
+for step in range(1, 4):  # a snapshot every step, then the step that is preempted
+    state["w"].host()[...] = step
+    state["step"] = step
+    if step < 3:
+        c.snapshot(state, step=step).wait_copied(30)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_preempted_trainer_on_the_gpu_path_gets_its_latest_state_to_disk(fake_gpu) -> None:
+    d = fake_gpu.start("--codec", "shuffle-zstd")
+    arena = Path("/dev/shm") / f"snapd-fake-gpu-preempted-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED_TRAINER, str(Path(__file__).parent), d.endpoint,
+                             str(arena)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM  # handed on to the default action, once persisted
+        stderr = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        arena.unlink(missing_ok=True)
+    assert "emergency snapshot of step 3 persisted" in stderr, stderr
+    latest = snapd.load(d.root, "preempted")
+    assert latest["step"] == 3 and _same(latest["w"], np.full(300_000, 3, np.float32))
+    assert [s.step for s in snapd.list_snapshots(d.root, "preempted")] == [1, 2, 3]
+
+
 def _log_count(d, words: str) -> int:
     return d.log_text().count(words)
 
