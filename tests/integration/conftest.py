@@ -171,26 +171,30 @@ _arenas = itertools.count()
 
 @pytest.fixture
 def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
-    """The GPU path on a stand-in GPU (tests/integration/fake_cuda.py): ``start(*flags, staging=)``
-    starts a daemon on the CUDA backend over it; ``array(values, within=None)`` puts NumPy values
-    in its device memory (``within``: an ``alloc(nbytes)``'s (id, address), for sub-blocks);
-    ``bad`` holds allocation ids whose IPC handles will not open in the daemon."""
+    """The GPU path on stand-in GPUs (tests/integration/fake_cuda.py): ``start(*flags, staging=,
+    devices=1)`` starts a daemon on the CUDA backend over them; ``array(values, within=None,
+    device=0)`` puts NumPy values in a device's memory (``within``: an ``alloc(nbytes)``'s (id,
+    address) on device 0, for sub-blocks); ``bad`` holds allocation ids whose IPC handles will not
+    open in the daemon; ``uuid(ordinal)`` names a device."""
     fake = _load("snapd_tests_fake_cuda", HERE / "fake_cuda.py")
-    arena = fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{next(_arenas)}")
+    n = next(_arenas)
+    arenas = [fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{n}-{i}", ordinal=i) for i in range(2)]
     bad: set[int] = set()
-    fake.install_client(monkeypatch, arena, bad)
+    fake.install_client(monkeypatch, arenas, bad)
     started: list[Daemon] = []
 
-    def _start(*extra: str, staging: int = 256 << 10) -> Daemon:
+    def _start(*extra: str, staging: int = 256 << 10, devices: int = 1) -> Daemon:
         d = start_daemon(tmp_path, "--backend", "cuda", *extra, name=f"fake{len(started)}",
                          command=[sys.executable, str(HERE / "fake_cuda_daemon.py"), str(host_kernel_lib),
-                                  str(staging)], env={"SNAPD_CHUNK_BYTES": str(64 << 10)})
+                                  str(staging), str(devices)], env={"SNAPD_CHUNK_BYTES": str(64 << 10)})
         started.append(d)
         return d
-    yield types.SimpleNamespace(start=_start, array=lambda v, within=None: fake.DeviceArray(arena, v, within),
-                                alloc=arena.alloc, free=arena.free, bad=bad, uuid=fake.UUID)
+    yield types.SimpleNamespace(
+        start=_start, array=lambda v, within=None, device=0: fake.DeviceArray(arenas[device], v, within),
+        alloc=arenas[0].alloc, free=arenas[0].free, bad=bad, uuid=fake.uuid)
     for d in started:
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
-    arena.close()
+    for arena in arenas:
+        arena.close()

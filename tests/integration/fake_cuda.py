@@ -30,7 +30,8 @@ import numpy as np
 
 log = logging.getLogger("fake_cuda")
 
-UUID = "GPU-00000000-0000-4000-8000-00000000fa4e"
+def uuid(ordinal: int) -> str:
+    return f"GPU-00000000-0000-4000-8000-00000000fa{ordinal:02x}"
 BAD_ARENA = "/dev/shm/snapd-fake-gpu-none"  # a handle naming it cannot be opened
 _MAGIC = b"FAKE"
 
@@ -41,8 +42,8 @@ class Arena:
 
     _ids = itertools.count(1)
 
-    def __init__(self, path: Path, size: int = 64 << 20) -> None:
-        self.path = str(path)
+    def __init__(self, path: Path, size: int = 64 << 20, ordinal: int = 0) -> None:
+        self.path, self.ordinal = str(path), ordinal
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -128,24 +129,31 @@ class _Event:
         self.event = 0
 
 
-def install_client(monkeypatch: Any, arena: Arena, bad_handles: set[int] | None = None) -> None:
-    """The trainer's driver calls (snapd/cuda_driver.py) over ``arena``; the allocations whose ids
-    are in ``bad_handles`` export a handle the daemon cannot open."""
+def install_client(monkeypatch: Any, arenas: list[Arena], bad_handles: set[int] | None = None) -> None:
+    """The trainer's driver calls (snapd/cuda_driver.py) over ``arenas`` (one a device, by ordinal);
+    the allocations whose ids are in ``bad_handles`` export a handle the daemon cannot open."""
     from snapd import cuda_driver
 
+    def where(ptr: int) -> tuple[Arena, int, int, int]:
+        for arena in arenas:
+            if arena.base <= ptr < arena.base + arena.view.size:
+                return (arena, *arena.find(ptr))
+        return (arenas[0], *arenas[0].find(ptr))  # (raises, naming the address)
+
     def allocation(ptr: int) -> Any:
-        bid, base, size = arena.find(ptr)
-        a = types.SimpleNamespace(base=base, size=size, buffer_id=bid, ordinal=0, ipc_capable=True, context=1)
-        return a
+        arena, bid, base, size = where(ptr)
+        return types.SimpleNamespace(base=base, size=size, buffer_id=bid, ordinal=arena.ordinal, ipc_capable=True,
+                                     context=1 + arena.ordinal)
 
     def mem_handle(alloc: Any) -> bytes:
         if bad_handles and alloc.buffer_id in bad_handles:
             return handle(BAD_ARENA, 0, alloc.size)
+        arena = where(alloc.base)[0]
         return handle(arena.path, alloc.base - arena.base, alloc.size)
 
     monkeypatch.setattr(cuda_driver, "Allocation", allocation)
-    monkeypatch.setattr(cuda_driver, "buffer_id", lambda ptr: arena.find(ptr)[0])
-    monkeypatch.setattr(cuda_driver, "device_uuid", lambda ordinal: UUID)
+    monkeypatch.setattr(cuda_driver, "buffer_id", lambda ptr: where(ptr)[1])
+    monkeypatch.setattr(cuda_driver, "device_uuid", uuid)
     monkeypatch.setattr(cuda_driver, "mem_handle", mem_handle)
     monkeypatch.setattr(cuda_driver, "IpcEvent", lambda context: _Event(context))
     monkeypatch.setattr(cuda_driver, "OpenedEvent", _Event)
@@ -233,9 +241,9 @@ def _memcpy(dst: int, src: int, n: int, kind: int, stream: int) -> None:
     ctypes.memmove(dst, src, n)
 
 
-def install_daemon(kernel_lib: str, staging_bytes: int) -> None:
-    """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process;
-    the GPU copier's staging buffer and windows become ``staging_bytes``."""
+def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> None:
+    """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process, with
+    ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``."""
     from snapd import cuda_driver
     from snapd.daemon import gpu_windows
 
@@ -243,7 +251,7 @@ def install_daemon(kernel_lib: str, staging_bytes: int) -> None:
     from host_kernel import HostKernel
 
     kernel = HostKernel(Path(kernel_lib))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0, memcpyAsync=_memcpy)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: 0, memcpyAsync=_memcpy)
     cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_Stream, Event=_Mark,
                                  get_current_stream=lambda: _Stream())
     cupy = types.ModuleType("cupy")
@@ -264,7 +272,7 @@ def install_daemon(kernel_lib: str, staging_bytes: int) -> None:
     gpu_windows.plan.__defaults__ = (staging_bytes, gpu_windows.PIN_PIECE)
     handles = _Daemon()
     for name, fn in [("open_mem_handle", handles.open_mem_handle), ("close_mem_handle", handles.close_mem_handle),
-                     ("primary_context", lambda ordinal: 1), ("device_uuid", lambda ordinal: UUID),
+                     ("primary_context", lambda ordinal: 1 + ordinal), ("device_uuid", uuid),
                      ("host_register", lambda context, address, nbytes: None),
                      ("host_unregister", lambda context, address: None),
                      ("IpcEvent", lambda context: _Event(context)), ("OpenedEvent", _Event)]:

@@ -79,7 +79,7 @@ def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tm
         [mine] = c.status()["clients"]
         back = c.restore()
     assert "staged by this process" not in caplog.text
-    assert f"GPU path: CUDA IPC from devices {fake_gpu.uuid}" in d.log_text()
+    assert f"GPU path: CUDA IPC from devices {fake_gpu.uuid(0)}" in d.log_text()
     assert mine["last_snapshot"]["bytes"] == {"cuda_ipc": device_bytes, "registered": 0, "inline": 40, "client": 0}
     assert _same(back, want)  # (device arrays come back as NumPy where there is no CuPy)
     ref = save_state(tmp_path / "cpu", "g", want, step=1, codec=codec, chunk_bytes=64 << 10)
@@ -115,6 +115,22 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
 
 
+def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) -> None:
+    """One process on two GPUs (a pipeline stage each, say): per device a ready event, a copy
+    stream, handles; the snapshot is the one a CPU save writes."""
+    d = fake_gpu.start("--codec", "shuffle-lz4", devices=2)
+    values = _values(5)
+    state = {k: fake_gpu.array(v, device=i % 2) for i, (k, v) in enumerate(values.items())}
+    with snapd.connect("two", endpoint=d.endpoint, spawn=False) as c:
+        info = c.snapshot(state, step=1).wait(30)
+        assert set(sent[0]["ready_events"]) == {fake_gpu.uuid(0), fake_gpu.uuid(1)}
+        assert c.status()["cuda_devices"] == [fake_gpu.uuid(0), fake_gpu.uuid(1)]
+        assert _same(c.restore(), values)
+    ref = save_state(tmp_path / "cpu", "two", values, step=1, codec="shuffle-lz4", chunk_bytes=64 << 10)
+    assert _chunks(info.path) == _chunks(ref.path)
+    assert _log_count(d, "fake cuda: opened") == len(values) - 1  # (not the empty one's)
+
+
 def test_a_handle_that_will_not_open_fails_that_snapshot_and_the_daemon_serves_on(fake_gpu) -> None:
     d = fake_gpu.start()
     bad = fake_gpu.array(np.ones(1000, np.float32))
@@ -138,7 +154,7 @@ sys.path.insert(0, sys.argv[1])
 import fake_cuda
 import snapd.client as snapd
 arena = fake_cuda.Arena(Path(sys.argv[3]))
-fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), arena)
+fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), [arena])
 c = snapd.connect("killed", endpoint=sys.argv[2], spawn=False)
 w = fake_cuda.DeviceArray(arena, np.arange(5000, dtype=np.float32))
 c.snapshot({"w": w, "v": fake_cuda.DeviceArray(arena, np.ones(10))}, step=1).wait(30)
@@ -176,7 +192,7 @@ sys.path.insert(0, sys.argv[1])
 import fake_cuda
 import snapd.client as snapd
 arena = fake_cuda.Arena(Path(sys.argv[3]))
-fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), arena)
+fake_cuda.install_client(types.SimpleNamespace(setattr=setattr), [arena])
 c = snapd.connect("preempted", endpoint=sys.argv[2], spawn=False, keep_last=None)
 state = {"w": fake_cuda.DeviceArray(arena, np.zeros(300_000, np.float32)), "step": 0}
 c.on_preemption(lambda: (state, state["step"]))
