@@ -6,6 +6,7 @@ and the real driver are tests/gpu's (skipped without a GPU)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,25 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
         assert _log_count(d, "fake cuda: opened") == 3
         assert _log_count(d, "fake cuda: closed") == 1  # the freed allocation's
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
+
+
+def test_device_arrays_are_kept_alive_until_copied_and_not_after(fake_gpu) -> None:
+    """The trainer may drop its arrays right after snapshot() (a fresh state_dict each step): the
+    client keeps them (and so their memory) until the daemon has copied them, and not longer, even
+    when the trainer never fences."""
+    d = fake_gpu.start()
+    with snapd.connect("alive", endpoint=d.endpoint, spawn=False) as c:
+        arr = fake_gpu.array(np.arange(50_000, dtype=np.float32))
+        p = c.snapshot({"w": arr}, step=1)
+        ref = weakref.ref(arr)
+        del arr
+        gc.collect()
+        assert ref() is not None  # the daemon may still be reading it
+        p.wait(30)
+        c.snapshot({"w": fake_gpu.array(np.ones(10, np.float32))}, step=2).wait(30)
+        gc.collect()
+        assert ref() is None
+        assert _same(c.restore(1), {"w": np.arange(50_000, dtype=np.float32)})
 
 
 def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) -> None:
