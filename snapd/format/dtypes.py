@@ -40,6 +40,20 @@ def numpy_name(dtype: np.dtype, key: str) -> str:
                                 f"(supported: {', '.join(sorted(ITEMSIZE))})")
 
 
+CAI_NAMES: dict[str, tuple[str, int]] = {}  # __cuda_array_interface__ typestr -> (name, itemsize), as met
+
+
+def cai_name(typestr: str, key: str) -> tuple[str, int]:
+    """The canonical name and element size of a ``__cuda_array_interface__`` typestr ("<f4"), or
+    an error naming the key path. Cached: a snapshot asks it for every CUDA array, and NumPy's
+    ``dtype.name`` alone costs ~4 us."""
+    dtype = np.dtype(typestr)
+    if dtype.byteorder == ">":  # (snapshots hold little-endian bytes; a device copy cannot swap them)
+        raise UnsupportedValueError(f"{key}: a big-endian CUDA array ({typestr}) cannot be saved")
+    out = CAI_NAMES[typestr] = (numpy_name(dtype, key), dtype.itemsize)
+    return out
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """The little-endian NumPy dtype for ``name``; ml_dtypes for torch-only types."""
     itemsize(name)

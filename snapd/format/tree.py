@@ -83,9 +83,12 @@ def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _cuda_array_leaf(key: str, obj: Any, keep_device: bool) -> TensorLeaf | None:
-    """CuPy arrays and anything else exposing ``__cuda_array_interface__`` or a CUDA DLPack capsule."""
-    cai = getattr(obj, "__cuda_array_interface__", None)
+def _cuda_array_leaf(key: str, obj: Any, keep_device: bool, cai: dict | None = None) -> TensorLeaf | None:
+    """CuPy arrays and anything else exposing ``__cuda_array_interface__`` (``cai``, when the caller
+    has it: the property builds a dict each call) or a CUDA DLPack capsule. A snapshot pays this
+    for every such array: ~2 us, cached dtype names and math.prod instead of NumPy's."""
+    if cai is None:
+        cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:
         dev = getattr(obj, "__dlpack_device__", None)
         if dev is None or not callable(dev) or dev()[0] != 2:  # kDLCUDA
@@ -95,12 +98,12 @@ def _cuda_array_leaf(key: str, obj: Any, keep_device: bool) -> TensorLeaf | None
         except ImportError:
             raise UnsupportedValueError(f"{key}: a CUDA DLPack tensor needs CuPy to be saved") from None
         return _cuda_array_leaf(key, cupy.from_dlpack(obj), keep_device)
-    dtype = np.dtype(cai["typestr"])
-    name = dtypes.numpy_name(dtype, key)
-    shape = tuple(int(d) for d in cai["shape"])
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    typestr = cai["typestr"]
+    name, size = dtypes.CAI_NAMES.get(typestr) or dtypes.cai_name(typestr, key)
+    shape = tuple(map(int, cai["shape"]))
+    nbytes = math.prod(shape) * size
     strides = cai.get("strides")
-    if strides is not None and nbytes and tuple(strides) != _c_strides(shape, dtype.itemsize):
+    if strides is not None and nbytes and tuple(strides) != _c_strides(shape, size):
         if type(obj).__module__.split(".")[0] != "cupy":
             raise UnsupportedValueError(f"{key}: a non-contiguous CUDA array of type {type(obj).__name__} "
                                         "(make it contiguous first)")
@@ -127,8 +130,9 @@ def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | 
         kind = "numpy_scalar" if isinstance(obj, np.generic) else "numpy"
         data = arr.reshape(-1).view(np.uint8)
         return TensorLeaf(key, kind, name, tuple(arr.shape), data, arr, data.nbytes, arr.ctypes.data)
-    if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__"):
-        return _cuda_array_leaf(key, obj, keep_device)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None or hasattr(obj, "__dlpack_device__"):
+        return _cuda_array_leaf(key, obj, keep_device, cai)
     return None
 
 
