@@ -91,15 +91,12 @@ class CudaExport:
         self._contexts.setdefault(uuid, alloc.context)
         return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}
 
-    def streams(self, leaves: list[TensorLeaf], cuda: dict[int, dict | None], sources: list[Any]) -> dict[str, int]:
-        """The trainer stream of each device the snapshot copies from: the first tensor's there
-        (asked once a device, not once a tensor: torch's current_stream costs microseconds).
-        ``sources`` are the tensors behind ``leaves`` (a replayed snapshot's leaves have none)."""
-        out: dict[str, int] = {}
-        for i, d in cuda.items():
-            if d is not None and d["dev"] not in out:
-                out[d["dev"]] = _stream_of(leaves[i].kind, sources[i])
-        return out
+    def streams(self, leads: dict[str, int], leaves: list[TensorLeaf], sources: list[Any]) -> dict[str, int]:
+        """The trainer stream of each device the snapshot copies from: that of ``leads[device]``,
+        its first tensor there (asked once a device, not once a tensor: torch's current_stream
+        costs microseconds). ``sources`` are the tensors behind ``leaves`` (a replayed snapshot's
+        leaves have none)."""
+        return {dev: _stream_of(leaves[i].kind, sources[i]) for dev, i in leads.items()}
 
     def allocations(self, ptrs: list[int]) -> list[tuple[int, int]]:
         """One (address, allocation id) per allocation holding these (described) addresses."""

@@ -64,7 +64,7 @@ class Client:
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
         self._wait_registered()  # a region being copied must not be described again until that copy is done
-        streams = self._export.streams(plan.leaves, plan.cuda, plan.sources) if plan.cuda else {}
+        streams = self._export.streams(plan.leads, plan.leaves, plan.sources) if plan.leads else {}
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
         waited_s = 0.0
         try:
@@ -102,7 +102,7 @@ class Client:
             log.info("step %d waited %.2f s for a free host buffer", step, waited_s)
         pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
                           waited_s=waited_s, streams=streams,
-                          keep=[plan.sources[i] for i in plan.cuda] if streams else None)
+                          keep=plan.sources if streams else None)  # (the CPU ones too: no harm, no loop)
         if not pending.copied:
             (self._on_gpu if streams else self._uncopied).append(pending)
         return pending
