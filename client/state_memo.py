@@ -7,8 +7,9 @@ descriptor signature and its comparison) costs 2-5 us a tensor, 2-5 ms of the tr
 for a thousand tensors. A ``StateMemo``, made when a layout is defined, walks the next state
 beside that layout's tree instead, asking each torch tensor only what flatten's own fast path
 asks (dtype, shape, address, device, contiguity, neg and conj bits, layout) and comparing the
-answers with the layout's; the tree's scalars (a step counter, a learning rate) are collected
-as they are. Anything else, or anything different, is a miss, and the snapshot is flattened as
+answers with the layout's (a state of CuPy arrays, or anything else known by its
+``__cuda_array_interface__``: the type, dtype, shape, strides and address the interface gives);
+the tree's scalars (a step counter, a learning rate) are collected as they are. Anything else, or anything different, is a miss, and the snapshot is flattened as
 before, so a hit always describes exactly the bytes flatten would have described.
 
 A hit names memory, not tensor objects: a tensor at the same address with the same dtype and
@@ -57,7 +58,8 @@ class Hit:
 
 
 class StateMemo:
-    """A layout's tree as a walk plan, with what each of its torch tensors must still answer.
+    """A layout's tree as a walk plan, with what each of its tensors must still answer: torch
+    tensors, or device arrays known by ``__cuda_array_interface__`` (CuPy's), not both.
 
     ``leaves`` become sourceless copies (key, dtype, shape, size, address): what the plain copy,
     inline bytes and staging need besides the tensor itself."""
@@ -66,22 +68,34 @@ class StateMemo:
         self.number = number  # the layout this memo belongs to
         self.leaves = [TensorLeaf(leaf.key, leaf.kind, leaf.dtype, leaf.shape, None, None, leaf.nbytes, leaf.ptr,
                                   leaf.on_device) for leaf in leaves]
-        self._checks = [(leaf.source.dtype, leaf.shape, leaf.ptr, not leaf.on_device, leaf.dtype[0] == "c")
-                        for leaf in leaves]
+        if torch is not None:
+            self._checks: list[tuple] = [(leaf.source.dtype, leaf.shape, leaf.ptr, not leaf.on_device,
+                                          leaf.dtype[0] == "c") for leaf in leaves]
+            self._tensor, self._strided = torch.Tensor, torch.strided
+            self._same = self._same_tensors
+        else:  # what each array's interface said (its type too: another kind of array is flattened)
+            self._checks = [(type(leaf.source), *_interface(leaf.source), leaf.ptr) for leaf in leaves]
+            self._same = self._same_arrays
         self._plan = _compile(tree)
         self._raw: list[Any] = []
         self._types: list[type] = []
-        self._tensor, self._strided = torch.Tensor, torch.strided
         self.template = template  # the layout's snapshot plan, without tensors (client/snapshot_plan.py)
 
     @classmethod
     def of(cls, number: int, state: Any, tree: dict, leaves: list[TensorLeaf], template: Any
            ) -> StateMemo | None:
         """The memo of layout ``number``, defined by flattening ``state`` into ``tree`` and
-        ``leaves``; None unless every leaf is a torch tensor flatten took as it is (not a copy it
-        made of a non-contiguous tensor, say), so that the walk finds the state it was made from."""
-        torch = dtypes.torch_module()  # (no memo without torch tensors: never import torch here)
-        if torch is None or not leaves or any(leaf.kind != "torch" for leaf in leaves):
+        ``leaves``; None unless every leaf is a torch tensor, or every leaf a device array known by
+        its ``__cuda_array_interface__``, that flatten took as it is (not a copy it made of a
+        non-contiguous tensor, say), so that the walk finds the state it was made from."""
+        kinds = {leaf.kind for leaf in leaves}
+        if kinds == {"torch"}:
+            torch = dtypes.torch_module()  # (never import torch here)
+            if torch is None:
+                return None
+        elif kinds == {"cupy"} and all(leaf.on_device for leaf in leaves):
+            torch = None
+        else:
             return None
         memo = cls(number, tree, leaves, template, torch)
         found = memo._collect(state)
@@ -112,7 +126,7 @@ class StateMemo:
             self._walk(self._plan, state, sources, raw)
         except _Miss:
             return None
-        if len(sources) != len(self._checks) or not self._same_tensors(sources):
+        if len(sources) != len(self._checks) or not self._same(sources):
             return None
         return sources, raw
 
@@ -128,6 +142,22 @@ class StateMemo:
                         or complex_ and v.is_conj():
                     return False
         except RuntimeError:  # (a tensor without storage raises on data_ptr; flatten says why it cannot be saved)
+            return False
+        return True
+
+    def _same_arrays(self, sources: list[Any]) -> bool:
+        """Whether each array (in leaf order) is of the type flatten took, and its interface gives
+        the layout's dtype, shape, strides and address (the property builds a dict each call:
+        the cost of this check, about 1 us an array)."""
+        try:
+            for v, (tp, typestr, shape, strides, ptr) in zip(sources, self._checks):
+                if type(v) is not tp:
+                    return False
+                cai = v.__cuda_array_interface__
+                if cai["data"][0] != ptr or cai["shape"] != shape or cai["typestr"] != typestr \
+                        or cai.get("strides") != strides:
+                    return False
+        except (AttributeError, KeyError, TypeError, IndexError):  # not an array as the layout's was
             return False
         return True
 
@@ -162,6 +192,12 @@ class StateMemo:
                 sources.extend(v.values())
             else:
                 self._walk(child, v, sources, raw)
+
+
+def _interface(array: Any) -> tuple[str, tuple, Any]:
+    """The typestr, shape (as flatten's leaf has it) and strides a device array's interface gives."""
+    cai = array.__cuda_array_interface__
+    return cai["typestr"], cai["shape"], cai.get("strides")
 
 
 def _check_dict(obj: Any, keys: list) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import snapd.client as snapd
+from snapd.client import snapshot_plan
 from snapd.errors import SnapshotError
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.saving import save_state
@@ -88,10 +89,13 @@ def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tm
     assert _chunks(info.path) == _chunks(ref.path)  # shuffled on the "device", the same stored bytes
 
 
-def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gpu, sent) -> None:
-    """Snapshots of the same arrays replay the layout; values changed after each copy reach only
-    the next snapshot. An allocation freed and made anew gets a new handle, the old one is closed
-    once no snapshot uses it, and the rest when the client leaves."""
+def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gpu, sent, monkeypatch) -> None:
+    """Snapshots of the same arrays replay the layout's memo (no flattening); values changed after
+    each copy reach only the next snapshot. An allocation freed and made anew gets a new handle,
+    the old one is closed once no snapshot uses it, and the rest when the client leaves."""
+    flattens = []
+    real = snapshot_plan.flattened
+    monkeypatch.setattr(snapshot_plan, "flattened", lambda *a, **k: flattens.append(1) or real(*a, **k))
     d = fake_gpu.start("--codec", "shuffle-lz4")
     state = {"w": fake_gpu.array(np.zeros(70_000, np.float32)), "b": fake_gpu.array(np.zeros(33, np.float64)),
              "step": 0}
@@ -104,12 +108,13 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
             wants.append(_host(state))
             c.snapshot(state, step=step).wait_copied(30)  # then the trainer may change them
         assert "tensors" in sent[0] and all("tensors" not in f and "layout" in f for f in sent[1:])
+        assert len(flattens) == 1  # the first snapshot only
         fake_gpu.free(state["w"].allocation)
         state["w"] = fake_gpu.array(np.full(70_000, 9.0, np.float32))  # another allocation
         state["step"] = 4
         wants.append(_host(state))
         c.snapshot(state, step=4).wait(30)
-        assert "tensors" in sent[-1]  # a new handle: a new layout
+        assert "tensors" in sent[-1] and len(flattens) == 2  # another address: flattened, a new handle
         for step, want in enumerate(wants):
             assert _same(c.restore(step), want), step
         assert _log_count(d, "fake cuda: opened") == 3

@@ -180,3 +180,56 @@ def test_the_memo_keeps_no_tensor_alive() -> None:
     del model, opt
     gc.collect()
     assert gone() is None and memo.leaves[0].source is None
+
+
+class Cai:
+    """A device array as snapd knows CuPy's: by ``__cuda_array_interface__`` only."""
+
+    def __init__(self, ptr: int, shape: tuple = (4, 5), typestr: str = "<f4", strides: tuple | None = None) -> None:
+        self.iface = {"typestr": typestr, "shape": shape, "data": (ptr, False), "version": 3, "strides": strides,
+                      "stream": 1}
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return self.iface
+
+
+class OtherCai(Cai):
+    pass
+
+
+class Gone:
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        raise AttributeError("freed")
+
+
+def _arrays(**over) -> dict:
+    a = {"w": Cai(0x10000), "b": Cai(0x20000, (7,), "<f8"), **over}
+    return {"layer": {"w": a["w"], "b": a["b"]}, "step": 3, "lr": 0.1}
+
+
+def test_a_state_of_device_arrays_is_recognised_by_its_interface() -> None:
+    memo = _memo(_arrays())
+    assert _agrees(memo, _arrays())  # new objects, the same memory: a hit
+    assert _agrees(memo, {**_arrays(), "step": 4})
+
+
+@pytest.mark.parametrize("change", [
+    {"w": Cai(0x10040)},                         # another address
+    {"w": Cai(0x10000, (5, 4))},                 # another shape
+    {"w": Cai(0x10000, typestr="<i4")},          # another dtype
+    {"w": Cai(0x10000, strides=(20, 4))},        # strides given where they were not
+    {"w": OtherCai(0x10000)},                    # another kind of array
+    {"w": Gone()},                               # an interface that fails
+    {"w": np.zeros((4, 5), np.float32)},         # a host array
+], ids=["address", "shape", "dtype", "strides", "type", "broken", "numpy"])
+def test_a_device_array_that_answers_otherwise_is_a_miss(change) -> None:
+    memo = _memo(_arrays())
+    assert memo.match(_arrays(**change)) is None
+
+
+def test_no_memo_for_torch_tensors_beside_device_arrays() -> None:
+    state = {"a": Cai(0x10000), "t": torch.zeros(3)}
+    tree, leaves = flatten(state, keep_device=True)
+    assert StateMemo.of(1, state, tree, leaves, None) is None
