@@ -52,3 +52,15 @@ def test_stall_scaling_bench_runs_every_method(tmp_path) -> None:
                                           "snapd registered")}
     assert all(len(r["values"]) == 2 and r["unit"] == "ms" for r in rows)
     assert "| snapd registered |" in (tmp_path / "stall-scaling.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_the_stand_in_gpu_stall_bench_runs(tmp_path) -> None:
+    """`python -m bench.stall_fake_gpu` end to end, small: a line per count, nothing asserted of speed."""
+    if subprocess.run(["which", "g++"], capture_output=True).returncode != 0:
+        pytest.skip("no g++ to build the segment kernel for the host")
+    run = subprocess.run([sys.executable, "-m", "bench.stall_fake_gpu", "--counts", "4,64", "--reps", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "arrays: median" in line]
+    assert [line.split()[0] for line in lines] == ["4", "64"], run.stdout
