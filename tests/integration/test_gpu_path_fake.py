@@ -157,6 +157,26 @@ def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) ->
     assert _log_count(d, "fake cuda: opened") == len(values) - 1  # (not the empty one's)
 
 
+def test_two_trainers_share_the_daemon_and_leaving_closes_only_ones_own(fake_gpu) -> None:
+    """Two trainers on one node (each its device): their snapshots interleave, each restores its
+    own; one leaving closes its handles, and the other's next snapshot still copies."""
+    d = fake_gpu.start("--host-buffers", "3", devices=2)
+    a = {"w": fake_gpu.array(np.full(20_000, 1.0, np.float32), device=0)}
+    b = {"w": fake_gpu.array(np.full(30_000, 2.0, np.float32), device=1), "v": fake_gpu.array(np.arange(9.0))}
+    ca = snapd.connect("a", endpoint=d.endpoint, spawn=False)
+    with snapd.connect("b", endpoint=d.endpoint, spawn=False) as cb:
+        pa, pb = ca.snapshot(a, step=1), cb.snapshot(b, step=1)
+        pa.wait(30), pb.wait(30)
+        ca.close()
+        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 1, d)  # a's one handle, not b's two
+        b["w"].host()[...] = 3.0
+        cb.snapshot(b, step=2).wait(30)
+        assert _same(cb.restore(2), {"w": np.full(30_000, 3.0, np.float32), "v": np.arange(9.0)})
+        assert _log_count(d, "fake cuda: opened") == 3
+    assert _same(snapd.load(d.root, "a"), {"w": np.full(20_000, 1.0, np.float32)})
+    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)
+
+
 def test_a_handle_that_will_not_open_fails_that_snapshot_and_the_daemon_serves_on(fake_gpu) -> None:
     d = fake_gpu.start()
     bad = fake_gpu.array(np.ones(1000, np.float32))
