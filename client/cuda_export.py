@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from snapd import cuda_driver
+from snapd.errors import UnsupportedValueError
 from snapd.format.tree import TensorLeaf
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,12 @@ class CudaExport:
             self._pin(mapping, torch)
             torch.from_numpy(dst).copy_(src.detach().reshape(-1).view(torch.uint8))
         else:
-            import cupy
-
+            try:
+                import cupy
+            except ImportError:
+                raise UnsupportedValueError(
+                    f"{leaf.key}: this process must copy this {type(src).__name__} from the GPU itself (the "
+                    "warning above says why), and that needs CuPy (pip install cupy-cuda12x)") from None
             cupy.asarray(src).reshape(-1).view(cupy.uint8).get(out=dst)
 
     def _pin(self, mapping: np.ndarray, torch: Any) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 import snapd.client as snapd
 from snapd.client import snapshot_plan
-from snapd.errors import SnapshotError
+from snapd.errors import SnapshotError, UnsupportedValueError
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.saving import save_state
 
@@ -175,6 +175,19 @@ def test_two_trainers_share_the_daemon_and_leaving_closes_only_ones_own(fake_gpu
         assert _log_count(d, "fake cuda: opened") == 3
     assert _same(snapd.load(d.root, "a"), {"w": np.full(20_000, 1.0, np.float32)})
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)
+
+
+def test_an_array_the_daemon_cannot_reach_without_cupy_here_is_a_clear_error(fake_gpu, caplog) -> None:
+    """A device the daemon does not see: this process must stage the array itself, and a generic
+    device array needs CuPy for that. The error says so; the lease goes back; the daemon serves on."""
+    d = fake_gpu.start()  # (one device: device 1 is not the daemon's)
+    with caplog.at_level(logging.WARNING), snapd.connect("far", endpoint=d.endpoint, spawn=False) as c:
+        with pytest.raises(UnsupportedValueError, match="w: this process must copy this DeviceArray from the GPU "
+                                                        "itself .* needs CuPy"):
+            c.snapshot({"w": fake_gpu.array(np.ones(100), device=1)}, step=1)
+        assert f"the daemon cannot see device {fake_gpu.uuid(1)}" in caplog.text
+        assert c.status()["buffers"]["busy"] == 0
+        c.snapshot({"w": fake_gpu.array(np.ones(100), device=0)}, step=2).wait(30)
 
 
 def test_a_handle_that_will_not_open_fails_that_snapshot_and_the_daemon_serves_on(fake_gpu) -> None:
