@@ -162,11 +162,13 @@ def install_client(monkeypatch: Any, arenas: list[Arena], bad_handles: set[int] 
 # -- the daemon's side --------------------------------------------------------------------------
 
 class _Daemon:
-    """The daemon's view of the arenas: files mapped on first use, handles counted (the log)."""
+    """The daemon's view of the arenas: files mapped on first use, handles counted as the driver
+    does (a handle opened again in the same context returns the same address, one reference
+    more; each close takes one away, and closing what is not open is an error), each in the log."""
 
     def __init__(self) -> None:
         self.maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
-        self.open: dict[int, str] = {}  # mapped address handed out -> its arena
+        self.open: dict[int, int] = {}  # mapped address handed out -> its references
 
     def open_mem_handle(self, context: int, raw: bytes) -> int:
         from snapd.cuda_driver import CudaError
@@ -186,13 +188,18 @@ class _Daemon:
                 os.close(fd)
             self.maps[path] = (mm, np.frombuffer(mm, np.uint8))
         address = self.maps[path][1].ctypes.data + offset
-        self.open[address] = path
-        log.info("fake cuda: opened a handle (%d open)", len(self.open))
+        self.open[address] = self.open.get(address, 0) + 1
+        log.info("fake cuda: opened a handle (%d open)", sum(self.open.values()))
         return address
 
     def close_mem_handle(self, context: int, ptr: int) -> None:
-        del self.open[ptr]
-        log.info("fake cuda: closed a handle (%d open)", len(self.open))
+        from snapd.cuda_driver import CudaError
+
+        if not self.open.get(ptr):
+            log.error("fake cuda: closed a handle that is not open (%#x)", ptr)
+            raise CudaError("cuIpcCloseMemHandle failed: CUDA_ERROR_INVALID_VALUE")
+        self.open[ptr] -= 1
+        log.info("fake cuda: closed a handle (%d open)", sum(self.open.values()))
 
 
 class _Buffer:

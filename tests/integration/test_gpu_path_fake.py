@@ -177,6 +177,23 @@ def test_two_trainers_share_the_daemon_and_leaving_closes_only_ones_own(fake_gpu
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)
 
 
+def test_two_connections_of_one_process_share_an_allocation(fake_gpu) -> None:
+    """The same handle opened for two clients (one process connected twice) is the same mapping
+    twice over, as the driver counts it: one client leaving leaves the other's copies working."""
+    d = fake_gpu.start()
+    arr = fake_gpu.array(np.zeros(10_000, np.float32))
+    one = snapd.connect("one", endpoint=d.endpoint, spawn=False)
+    with snapd.connect("two", endpoint=d.endpoint, spawn=False) as two:
+        one.snapshot({"w": arr}, step=1).wait(30)
+        two.snapshot({"w": arr}, step=1).wait(30)
+        one.close()
+        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 1, d)
+        arr.host()[...] = 5.0
+        two.snapshot({"w": arr}, step=2).wait(30)
+        assert _same(two.restore(2), {"w": np.full(10_000, 5.0, np.float32)})
+    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 2, d)
+
+
 def test_an_array_the_daemon_cannot_reach_without_cupy_here_is_a_clear_error(fake_gpu, caplog) -> None:
     """A device the daemon does not see: this process must stage the array itself, and a generic
     device array needs CuPy for that. The error says so; the lease goes back; the daemon serves on."""
@@ -286,7 +303,9 @@ def test_a_preempted_trainer_on_the_gpu_path_gets_its_latest_state_to_disk(fake_
 
 
 def _log_count(d, words: str) -> int:
-    return d.log_text().count(words)
+    text = d.log_text()
+    assert "that is not open" not in text, text  # (the stand-in driver's word for a double close)
+    return text.count(words)
 
 
 def _wait_for(cond, d, timeout: float = 10.0) -> None:
