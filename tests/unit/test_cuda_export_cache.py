@@ -57,12 +57,12 @@ def test_one_check_per_allocation_and_a_remade_allocation_is_found(driver) -> No
     driver.live = {1: (0x1000, 0x1000), 2: (0x8000, 0x100)}
     leaves = _leaves([0x1000, 0x1100, 0x1f00, 0x8000])
     first = export.describe_all(leaves)
-    assert driver.lookups == 4 and driver.checks == 0
+    assert driver.lookups == 2 and driver.checks == 0  # one query an allocation, not one a tensor
     assert [d["offset"] for d in first.values()] == [0, 0x100, 0xF00, 0]
     assert first[0]["handle"] == first[2]["handle"] != first[3]["handle"]
 
     again = export.describe_all(leaves)  # a later snapshot: each allocation checked once
-    assert again == first and driver.lookups == 4 and driver.checks == 2
+    assert again == first and driver.lookups == 2 and driver.checks == 2
 
     # allocation 1 freed; a new one (id 3) made at the same base, smaller: its tensors move
     driver.live = {3: (0x1000, 0x200), 2: (0x8000, 0x100), 4: (0x1f00, 0x100)}
@@ -70,7 +70,19 @@ def test_one_check_per_allocation_and_a_remade_allocation_is_found(driver) -> No
     assert moved[0]["handle"] == moved[1]["handle"] == (3).to_bytes(64, "little").hex()
     assert moved[2]["handle"] == (4).to_bytes(64, "little").hex() and moved[2]["offset"] == 0
     assert moved[3] == first[3]
-    assert driver.lookups == 4 + 3  # every address of the stale allocation looked up again
+    assert driver.lookups == 2 + 2  # each new allocation queried once
+
+
+def test_many_tensors_in_few_allocations_take_one_query_each_and_edges_are_exact(driver) -> None:
+    """A thousand new tensors in two allocations: two queries. An address at the very end of one
+    allocation is the next one's start, not inside the first."""
+    export = CudaExport({"devices": ["GPU-fake"], "pid_ns": 4026531836})
+    driver.live = {1: (0x10000, 0x10000), 2: (0x20000, 0x10000)}
+    leaves = _leaves([0x10000 + 64 * i for i in range(1024)] + [0x20000])
+    out = export.describe_all(leaves)
+    assert driver.lookups == 2 and driver.checks == 0
+    assert out[1023]["offset"] == 64 * 1023 and out[1024]["offset"] == 0
+    assert out[1023]["handle"] != out[1024]["handle"]
 
 
 def test_a_replayed_snapshot_checks_each_allocation_and_sees_one_remade(driver) -> None:
