@@ -11,10 +11,10 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from snapd.kernels.segments import (COPY, MAX_BLOCKS, SHUFFLE, UNSHUFFLE, Segment, chunk_segments, compile_options,
-                                    launches, source)
+from snapd.kernels.segments import (COPY, MAX_BLOCKS, SHUFFLE, UNSHUFFLE, Launch, Segment, chunk_segments,
+                                    compile_options, launches, source)
 
-__all__ = ["COPY", "SHUFFLE", "UNSHUFFLE", "CupyBackend", "chunk_segments", "run_segments"]
+__all__ = ["COPY", "SHUFFLE", "UNSHUFFLE", "CupyBackend", "chunk_segments", "run_launches", "run_segments"]
 
 _module: Any = None
 
@@ -33,7 +33,12 @@ def _bytes(a: Any) -> cp.ndarray:
 def run_segments(segs: list[Segment], stream: Any = None, max_blocks: int = MAX_BLOCKS) -> None:
     """Launch ``[(src_ptr, dst_ptr, m, k, mode), ...]`` (device addresses) on ``stream``
     (``max_blocks``: blocks a segment; the tests take fewer, so that blocks loop over tiles)."""
-    for launch in launches(segs, max_blocks):
+    run_launches(launches(segs, max_blocks), stream)
+
+
+def run_launches(prepared: list[Launch], stream: Any = None) -> None:
+    """Run launches made by ``segments.launches`` (made once, run for every snapshot of a layout)."""
+    for launch in prepared:
         with (stream if stream is not None else cp.cuda.get_current_stream()):
             dev = cp.asarray(launch.table)  # copied on this stream: ordered before the launch
             _kernel()((launch.blocks,), (launch.block,), (dev, np.uint32(launch.segments)))

@@ -92,10 +92,12 @@ class GpuCopier:
         self._threads[0].join(timeout=5)
 
     def copy(self, task: Any, items: list[tuple[Any, dict]], ready: dict[str, str], host: Any,
-             shuffle: bool, region_copies: list) -> None:
+             shuffle: bool, region_copies: list, plans: dict | None = None) -> None:
         """Queue ``items`` = [(leaf over the host buffer, its `cuda` descriptor)] of ``task``, and the
-        registered-region copies of the same snapshot, if any."""
-        self._work.put(("copy", task, items, ready, host, shuffle, region_copies))
+        registered-region copies of the same snapshot, if any. ``plans``: where the device plans
+        made for these descriptors are kept for the next snapshot of the same layout (the layout's
+        own dict, so that they go with it)."""
+        self._work.put(("copy", task, items, ready, host, shuffle, region_copies, plans))
 
     def pin(self, views: list) -> None:
         """Page-lock host buffers ahead of their first copy, on a thread of its own (about 1 GB/s with
@@ -125,11 +127,11 @@ class GpuCopier:
                 if item[0] == "forget":
                     self._close(item[1])
                     continue
-                _, task, items, ready, host, shuffle, region_copies = item
+                _, task, items, ready, host, shuffle, region_copies, plans = item
                 try:
                     for dst, src in region_copies:
                         np.copyto(dst, src)
-                    handles, marks = self._enqueue(task, items, ready, host, shuffle)
+                    handles, marks = self._enqueue(task, items, ready, host, shuffle, plans)
                 except Exception as e:  # a handle that will not open, a device gone
                     log.error("snapshot %s step %d: GPU copy failed: %s", task.job, task.step, e)
                     for d in self.devices.values():
@@ -141,32 +143,34 @@ class GpuCopier:
         finally:
             events.close(linger=1000)
 
-    def _enqueue(self, task: Any, items: list, ready: dict[str, str], host: Any,
-                 shuffle: bool) -> tuple[dict[str, str], list]:
+    def _enqueue(self, task: Any, items: list, ready: dict[str, str], host: Any, shuffle: bool,
+                 plans: dict | None) -> tuple[dict[str, str], list]:
+        from snapd.kernels.cupy_backend import run_launches
+
         cp = self._cp
         client = self._clients.setdefault(task.peer, _Client())
         self._pin(host)
-        by_dev: dict[str, list] = defaultdict(list)
-        for leaf, desc in items:
-            by_dev[desc["dev"]].append((leaf, desc))
-        used: set[tuple[str, str]] = set()
+        by_dev = plans.get(shuffle) if plans is not None else None
+        if by_dev is None or any(client.mem.get(key, (0, None))[1] != base
+                                 for p in by_dev.values() for key, base in p.bases.items()):
+            by_dev = self._plan(client, items, host.ctypes.data, shuffle)  # (a new layout, or a handle moved)
+            if plans is not None:
+                plans[shuffle] = by_dev
+        for leaf, _ in items:
+            leaf.preshuffled = shuffle
+        used = {key for p in by_dev.values() for key in p.bases}
         handles, marks = {}, []
-        for uuid, group in by_dev.items():
+        address = host.ctypes.data
+        for uuid, p in by_dev.items():
             dev = self.devices[uuid]
+            stage = dev.staging.data.ptr
             with cp.cuda.Device(dev.ordinal):
                 if uuid in ready:
                     self._ready_event(client, dev, ready[uuid]).wait_on(dev.stream.ptr)
-                pieces = []
-                for leaf, desc in group:
-                    key = (uuid, desc["handle"])
-                    used.add(key)
-                    if key not in client.mem:
-                        client.mem[key] = (dev.context, cuda_driver.open_mem_handle(
-                            dev.context, bytes.fromhex(desc["handle"])))
-                    base = client.mem[key][1]
-                    pieces.append((base + desc["offset"], leaf))
-                    leaf.preshuffled = shuffle
-                self._windows(dev, pieces, host.ctypes.data, shuffle)
+                for prepared, copies in p.steps:
+                    run_launches(prepared, dev.stream)
+                    for at, rel, n in copies:
+                        cp.cuda.runtime.memcpyAsync(address + at, stage + rel, n, _D2H, dev.stream.ptr)
                 done = self._done_event(client, dev)
                 done.record(dev.stream.ptr)
                 handles[uuid] = done.handle.hex()
@@ -178,16 +182,31 @@ class GpuCopier:
             self._waits.put(("close", context, base, marks))
         return handles, marks
 
-    def _windows(self, dev: _Device, pieces: list[tuple[int, Any]], host: int, shuffle: bool) -> None:
-        """Stage ``pieces`` (device address, leaf over the host buffer) through the staging buffer."""
-        from snapd.kernels.cupy_backend import run_segments
+    def _plan(self, client: _Client, items: list, host: int, shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
+        """Each device's plan for ``items``, opening the handles not yet open (lazily: once per
+        client and allocation). Host offsets are taken from the leaves over the host buffer at
+        ``host``; the plans hold them relative to it."""
+        from snapd.format.dtypes import ITEMSIZE
 
-        stage = dev.staging.data.ptr
-        tensors = [(src, leaf.data.ctypes.data - host, leaf.nbytes, _itemsize(leaf)) for src, leaf in pieces]
-        for w in gpu_windows.plan(tensors, shuffle, self.chunk_bytes):
-            run_segments(gpu_windows.segments(w, stage, shuffle, self.chunk_bytes), dev.stream)
-            for at, rel, n in w.copies:
-                self._cp.cuda.runtime.memcpyAsync(host + at, stage + rel, n, _D2H, dev.stream.ptr)
+        by_dev: dict[str, list] = defaultdict(list)
+        for leaf, desc in items:
+            by_dev[desc["dev"]].append((leaf, desc))
+        out = {}
+        for uuid, group in by_dev.items():
+            dev = self.devices[uuid]
+            bases: dict[tuple[str, str], int] = {}
+            tensors = []
+            for leaf, desc in group:
+                key = (uuid, desc["handle"])
+                if key not in client.mem:
+                    client.mem[key] = (dev.context, cuda_driver.open_mem_handle(dev.context,
+                                                                                bytes.fromhex(desc["handle"])))
+                base = bases[key] = client.mem[key][1]
+                tensors.append((base + desc["offset"], leaf.data.ctypes.data - host, leaf.nbytes, ITEMSIZE[leaf.dtype]))
+            out[uuid] = gpu_windows.device_plan(tensors, bases, dev.staging.data.ptr, shuffle, self.chunk_bytes)
+            log.info("GPU copy plan: %d tensors from %s in %d window(s), kept for the layout's next snapshots",
+                     len(tensors), uuid, len(out[uuid].steps))
+        return out
 
     def _pin(self, host: Any) -> None:
         address, size = host.ctypes.data, host.nbytes
@@ -265,12 +284,6 @@ class GpuCopier:
                 events.send(json.dumps({"event": "copied", "seq": task.seq, "submit": True}).encode())
         finally:
             events.close(linger=1000)
-
-
-def _itemsize(leaf: Any) -> int:
-    from snapd.format import dtypes
-
-    return dtypes.itemsize(leaf.dtype)
 
 
 def _quietly(fn: Callable, *args: Any) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from snapd.kernels import chunk_step
-from snapd.kernels.segments import COPY, SHUFFLE, Segment, chunk_segments
+from snapd.kernels.segments import COPY, SHUFFLE, Launch, Segment, chunk_segments, launches
 
 STAGING_BYTES = 256 << 20  # one window per device: 256 MiB, ~5 ms of device->host traffic
 # Host buffers are pinned piece by piece: pinning holds the process's mmap lock, and a whole 4 GiB
@@ -82,3 +82,22 @@ def segments(w: Window, stage: int, shuffle: bool, chunk_bytes: int) -> list[Seg
         out += (chunk_segments(p.src, stage + p.rel, p.nbytes, p.itemsize, chunk_bytes, SHUFFLE)
                 if shuffle and p.itemsize > 1 else [(p.src, stage + p.rel, p.nbytes, 1, COPY)])
     return out
+
+
+@dataclass
+class DevicePlan:
+    """One device's part of a snapshot, ready to run again for every snapshot of its layout: per
+    window, the kernel's launches and the device->host copies (host offsets relative to the host
+    buffer, so any buffer will do). Made with the handles' mapped bases in ``bases``: valid while
+    each is still mapped there."""
+
+    bases: dict[tuple[str, str], int]  # (device, handle) -> mapped base
+    steps: list[tuple[list[Launch], list[tuple[int, int, int]]]]
+
+
+def device_plan(tensors: list[tuple[int, int, int, int]], bases: dict[tuple[str, str], int], stage: int,
+                shuffle: bool, chunk_bytes: int) -> DevicePlan:
+    """The plan of ``tensors`` = [(device address, host offset, bytes, itemsize)] through the
+    staging buffer at device address ``stage``."""
+    return DevicePlan(bases, [(launches(segments(w, stage, shuffle, chunk_bytes)), w.copies)
+                              for w in plan(tensors, shuffle, chunk_bytes)])

@@ -136,6 +136,7 @@ class Placement:
         # bytes the client copies into the buffer itself (the plain path): it needs the lease first
         self.has_plain = any(r[6] is None and "cuda" not in t and not r[8] and r[5] > r[4]
                              for r, t in zip(rows, tensors))
+        self.gpu_plans: dict = {}  # the GPU copier's plans for these descriptors (snapd/daemon/gpu_copy.py)
         self.inline = [i for i, r in enumerate(rows) if r[8]]  # tiny tensors whose bytes come in the message
         self.inline_bytes = sum(rows[i][5] - rows[i][4] for i in self.inline)
         # how the bytes reach the buffer (``snapd status``: is a job on the GPU path, or staging?)
@@ -251,7 +252,7 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
         if values is not None:
             task.tree = with_values(task.tree, iter(values.nodes(layout)))
         if on_gpu:  # GPU path: the copier reports queued, then copied
-            server.gpu.copy(task, on_gpu, ready_events, buf.view, shuffle, copies)
+            server.gpu.copy(task, on_gpu, ready_events, buf.view, shuffle, copies, plan.gpu_plans)
         elif copies:  # registered path: the copy stage copies while the trainer runs on
             server.pipeline.copy(task, copies)
         else:

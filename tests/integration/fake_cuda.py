@@ -273,6 +273,7 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
         name = "cuda"
     backend.CupyBackend = CupyBackend
     backend.run_segments = lambda segs, stream=None, max_blocks=None: kernel.run(segs)
+    backend.run_launches = lambda prepared, stream=None: kernel.run_launches(prepared)
     sys.modules["snapd.kernels.cupy_backend"] = backend
 
     gpu_windows.STAGING_BYTES = staging_bytes

@@ -119,6 +119,7 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
             assert _same(c.restore(step), want), step
         assert _log_count(d, "fake cuda: opened") == 3
         assert _log_count(d, "fake cuda: closed") == 1  # the freed allocation's
+        assert _log_count(d, "GPU copy plan: 2 tensors") == 2  # made for each layout, run for each snapshot
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
 
 

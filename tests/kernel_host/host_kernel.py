@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snapd.kernels.segments import MAX_BLOCKS, THREADS, Segment, launches
+from snapd.kernels.segments import MAX_BLOCKS, THREADS, Launch, Segment, launches
 
 HERE = Path(__file__).resolve().parent
 KERNELS = HERE.parents[1] / "kernels"
@@ -44,7 +44,11 @@ class HostKernel:
 
     def run(self, segs: list[Segment], max_blocks: int = MAX_BLOCKS) -> None:
         """Run ``[(src, dst, m, k, mode), ...]`` over host addresses (``max_blocks``: blocks a segment)."""
-        for launch in launches(segs, max_blocks):
+        self.run_launches(launches(segs, max_blocks))
+
+    def run_launches(self, prepared: list[Launch]) -> None:
+        """Run launches made by ``snapd.kernels.segments.launches``, as the CUDA backend's ``run_launches``."""
+        for launch in prepared:
             table = np.ascontiguousarray(launch.table)
             status = self._so.snapd_emulate(table.ctypes.data, launch.segments, launch.blocks, launch.block)
             if status == -2:
