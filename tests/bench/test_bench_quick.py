@@ -64,3 +64,15 @@ def test_the_stand_in_gpu_stall_bench_runs(tmp_path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "arrays: median" in line]
     assert [line.split()[0] for line in lines] == ["4", "64"], run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_stand_in_gpu_prep_bench_runs() -> None:
+    """`python -m bench.gpu_prep_fake` end to end, small."""
+    if subprocess.run(["which", "g++"], capture_output=True).returncode != 0:
+        pytest.skip("no g++ to build the segment kernel for the host")
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_prep_fake", "--counts", "8", "--reps", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert any(line.split()[:2] == ["8", "tensors:"] and "kept" in line for line in run.stdout.splitlines()), \
+        run.stdout
