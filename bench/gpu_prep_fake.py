@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+from bench.fake_gpu import stand_in
 
 
 def main() -> None:
@@ -30,17 +30,11 @@ def main() -> None:
     ap.add_argument("--counts", default="16,256,1024")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    sys.path.insert(0, str(TESTS / "integration"))
-    sys.path.insert(0, str(TESTS / "kernel_host"))
-    import fake_cuda  # this process becomes a stand-in daemon: CuPy and the driver calls replaced
-    import host_kernel
     import zmq
 
     with tempfile.TemporaryDirectory(prefix="snapd-gpu-prep-") as tmp:
-        lib = host_kernel.build(Path(tmp))
-        if lib is None:
-            raise SystemExit("needs g++ to build the segment kernel for the host")
-        fake_cuda.install_daemon(str(lib), 256 << 20, 1)
+        fake_cuda, lib = stand_in(Path(tmp))
+        fake_cuda.install_daemon(str(lib), 256 << 20, 1)  # this process: a stand-in daemon's CuPy and driver
         backend = sys.modules["snapd.kernels.cupy_backend"]
         backend.run_launches = lambda prepared, stream=None: None  # the Python around the launches only
         from snapd.daemon.gpu_copy import GpuCopier

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import snapd.client as snapd
+from bench.fake_gpu import TESTS, stand_in
 from snapd.client.connection import probe
-
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def measure(count: int, reps: int, work: Path, fake: types.ModuleType, lib: Path) -> list[float]:
@@ -67,16 +66,9 @@ def main() -> None:
     ap.add_argument("--counts", default="16,256,1024")
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
-    sys.path.insert(0, str(TESTS / "integration"))
-    sys.path.insert(0, str(TESTS / "kernel_host"))
-    import fake_cuda
-    import host_kernel
-
     with tempfile.TemporaryDirectory(prefix="snapd-stall-fake-gpu-") as tmp:
         work = Path(tmp)
-        lib = host_kernel.build(work)
-        if lib is None:
-            raise SystemExit("needs g++ to build the segment kernel for the host")
+        fake_cuda, lib = stand_in(work)
         print(f"{os.cpu_count()} cores; stall of snapshot() on the stand-in GPU path, ms")
         for count in (int(c) for c in args.counts.split(",")):
             t0 = time.perf_counter()
