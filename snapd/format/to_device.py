@@ -131,17 +131,12 @@ def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
         import torch
 
         dev = torch.device(device)
-        if not rec.nbytes:  # a uint8 view of nothing cannot be re-viewed as another dtype
-            return torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype), device=dev)
-        staged = torch.from_numpy(host).to(dev)
-        if needs_unshuffle:
-            from snapd.kernels.cupy_backend import run_segments
-
-            out = torch.empty_like(staged)
-            with cp.cuda.Device(staged.device.index):
-                run_segments(_segments(rec, staged.data_ptr(), out.data_ptr()), _torch_stream(cp, torch, staged))
-            staged = out
-        return staged.view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
+        if not rec.nbytes or needs_unshuffle:  # (a uint8 view of nothing cannot be re-viewed as another dtype)
+            out = torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype), device=dev)
+            if rec.nbytes:
+                upload_into(rec, host, out)  # the planes up, unshuffled straight into the new tensor
+            return out
+        return torch.from_numpy(host).to(dev).view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
     index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else None
     with cp.cuda.Device(index if index is not None else cp.cuda.runtime.getDevice()):
         if not rec.nbytes:
