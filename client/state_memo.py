@@ -9,8 +9,9 @@ beside that layout's tree instead, asking each torch tensor only what flatten's 
 asks (dtype, shape, address, device, contiguity, neg and conj bits, layout) and comparing the
 answers with the layout's (a state of CuPy arrays, or anything else known by its
 ``__cuda_array_interface__``: the type, dtype, shape, strides and address the interface gives);
-the tree's scalars (a step counter, a learning rate) are collected as they are. Anything else, or anything different, is a miss, and the snapshot is flattened as
-before, so a hit always describes exactly the bytes flatten would have described.
+the tree's scalars (a step counter, a learning rate) are collected as they are. Anything else,
+or anything different, is a miss, and the snapshot is flattened as before, so a hit always
+describes exactly the bytes flatten would have described.
 
 A hit names memory, not tensor objects: a tensor at the same address with the same dtype and
 shape is the same bytes to copy, whichever object holds it. The memo holds no tensors (it must
