@@ -116,7 +116,8 @@ class PermissionDenied(SnapdError, PermissionError):
 
 
 class LimitExceeded(SnapdError):
-    """A request exceeds a per-client limit of the daemon's config (names the limit)."""
+    """A request exceeds a limit: a per-client one of the daemon's config, or the memory left for a
+    larger host buffer (the message names which)."""
 
     code = "limit"
 

@@ -6,6 +6,10 @@ once and touched once at start (first touch of shared memory runs at
 ~1.3 GB/s here, an already touched buffer at ~8.5 GB/s). A buffer is leased
 to one snapshot at a time: from ``acquire`` until its bytes are persisted.
 
+A snapshot larger than a buffer grows the one it is granted, up to ``max_host_buffer_bytes``: a
+fresh, larger file replaces it (its first snapshot writes fresh pages, slower; the ones after run at
+full speed), as DCP's ``async_save`` allocates its staging memory at the first save.
+
 A buffer serves one uid at a time. A client keeps its mapping after its
 lease ends, so handing the same pages to another user would let the first
 read the second's tensors: a buffer granted to a different uid is first
@@ -29,6 +33,8 @@ from typing import Callable
 import numpy as np
 
 from snapd import posix_acl
+from snapd.daemon.host_memory import grown_size, room_to_grow, shm_room
+from snapd.errors import LimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +72,9 @@ class BufferPool:
 
     def __init__(self, shm_dir: Path, count: int, size: int) -> None:
         remove_stale(shm_dir)
-        st = os.statvfs(shm_dir)
-        if st.f_bavail * st.f_frsize < count * size:  # else the first touch past the end is a SIGBUS
+        if shm_room(shm_dir) < count * size:  # else the first touch past the end is a SIGBUS
             raise OSError(f"{count} host buffers of {size} bytes need {count * size} bytes, but {shm_dir} has "
-                          f"{st.f_bavail * st.f_frsize} free: lower host_buffer_bytes")
+                          f"{shm_room(shm_dir)} free: lower host_buffer_bytes")
         self.shm_dir = shm_dir
         self.buffers: list[HostBuffer] = []
         self.before_discard: Callable[[HostBuffer], None] | None = None  # the GPU copier unpins it
@@ -98,20 +103,33 @@ class BufferPool:
         return HostBuffer(index, path, size, mm, np.frombuffer(mm, dtype=np.uint8),
                           uid=-1 if uid is None else uid)
 
-    def for_uid(self, buf: HostBuffer, uid: int) -> HostBuffer:
-        """``buf`` if it already serves ``uid``, else a fresh replacement that only ``uid`` may open.
+    def fit(self, buf: HostBuffer, uid: int, nbytes: int, cap: int) -> HostBuffer:
+        """``buf`` if it serves ``uid`` and holds ``nbytes``, else a fresh replacement that does: only
+        ``uid`` may open it, and it is grown (at most to ``cap``) when ``nbytes`` is over its size.
 
-        Raises OSError when the replacement cannot be made (no ACL support in
-        the shm filesystem, or no memory left there).
+        Raises LimitExceeded when a larger buffer does not fit the memory or shm filesystem left,
+        and OSError when the replacement cannot be made (no ACL support in the shm filesystem).
         """
         own = os.geteuid()
-        if buf.uid == uid or (buf.uid == -1 and uid == own):
+        same_user = buf.uid == uid or (buf.uid == -1 and uid == own)
+        if same_user and nbytes <= buf.size:
             return buf
-        new = self._create(buf.index, buf.size, uid)
+        size = buf.size if nbytes <= buf.size else grown_size(nbytes, cap)
+        if size > buf.size:
+            why = room_to_grow(self.shm_dir, size - buf.size)
+            if why:
+                raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown from "
+                                    f"{buf.size} to {size} bytes, but {why}")
+        new = self._create(buf.index, size, uid)
         self.buffers[buf.index] = new
         self._discard(buf)
-        log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
-                 buf.index, uid)
+        if size > buf.size:
+            log.warning("host buffer %d grown from %d to %d MiB for a snapshot of %d MiB (its first snapshot "
+                        "writes fresh pages; start with host_buffer_bytes >= %d to avoid that)",
+                        buf.index, buf.size >> 20, size >> 20, -(-nbytes >> 20), size)
+        if not same_user:
+            log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
+                     buf.index, uid)
         return new
 
     def _touch(self) -> None:
@@ -122,13 +140,15 @@ class BufferPool:
             populate(b.view)
         self._touched.set()
         log.info("host buffers ready: %d x %d MiB in %s", len(self.buffers), self.buffers[0].size >> 20,
-                 self.buffers[0].path.parent)
+                 self.shm_dir)
 
     def wait_touched(self, timeout: float | None = None) -> bool:
         return self._touched.wait(timeout)
 
-    def free(self) -> HostBuffer | None:
-        return next((b for b in self.buffers if b.lease is None), None)
+    def free(self, nbytes: int = 0) -> HostBuffer | None:
+        """A free buffer, one that holds ``nbytes`` if any does (else the largest: the least to grow)."""
+        free = [b for b in self.buffers if b.lease is None]
+        return next((b for b in free if b.size >= nbytes), max(free, key=lambda b: b.size, default=None))
 
     def by_lease(self, lease: int) -> HostBuffer | None:
         return next((b for b in self.buffers if b.lease == lease), None)

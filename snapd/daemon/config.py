@@ -14,26 +14,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_max_host_buffer_bytes
 from snapd.errors import InvalidArgument
 from snapd.format.manifest import CODECS
 from snapd.paths import default_endpoint, default_root, socket_path
-
-MIB = 1 << 20
-
-
-def default_host_buffer_bytes() -> int:
-    """An eighth of available memory per buffer, between 64 MiB and 4 GiB."""
-    return int(min(4096 * MIB, max(64 * MIB, psutil.virtual_memory().available // 8)))
 
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     root: Path
     endpoint: str
-    host_buffer_bytes: int
+    host_buffer_bytes: int  # each buffer's size at start
     host_buffers: int = 2
+    # a snapshot larger than a buffer grows it (once, fresh pages) up to this; None: never
+    # (``from_sources`` sets the default: snapd.daemon.host_memory.default_max_host_buffer_bytes)
+    max_host_buffer_bytes: int | None = None
     encode_threads: int = max(1, min(8, (os.cpu_count() or 2)))
     chunk_bytes: int = 4 * MIB
     codec: str = "auto"
@@ -58,6 +53,9 @@ class DaemonConfig:
             raise InvalidArgument(f"host_buffers must be at least 2 (a double buffer), got {self.host_buffers}")
         if self.host_buffer_bytes < MIB:
             raise InvalidArgument(f"host_buffer_bytes must be at least 1 MiB, got {self.host_buffer_bytes}")
+        if self.max_host_buffer_bytes is not None and self.max_host_buffer_bytes < self.host_buffer_bytes:
+            raise InvalidArgument(f"max_host_buffer_bytes ({self.max_host_buffer_bytes}) is less than "
+                                  f"host_buffer_bytes ({self.host_buffer_bytes})")
         if not 1 <= self.encode_threads <= 64:
             raise InvalidArgument(f"encode_threads must be 1..64, got {self.encode_threads}")
         if self.chunk_bytes < 64 << 10 or self.chunk_bytes > 64 * MIB or self.chunk_bytes % 16:
@@ -86,6 +84,11 @@ class DaemonConfig:
         if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:
             raise InvalidArgument(f"exit_when_idle_s must be > 0, got {self.exit_when_idle_s}")
 
+    @property
+    def buffer_cap(self) -> int:
+        """The largest a host buffer may become (the largest snapshot the daemon takes)."""
+        return self.max_host_buffer_bytes or self.host_buffer_bytes
+
     @classmethod
     def from_sources(cls, flags: dict[str, Any], env: dict[str, str] | None = None,
                      config_file: str | os.PathLike | None = None) -> DaemonConfig:
@@ -107,6 +110,10 @@ class DaemonConfig:
         values.setdefault("host_buffer_bytes", default_host_buffer_bytes())
         values["root"] = Path(values["root"])
         values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
+        count = values.get("host_buffers", 2)
+        if "max_host_buffer_bytes" not in values and isinstance(values["host_buffer_bytes"], int):
+            values["max_host_buffer_bytes"] = default_max_host_buffer_bytes(
+                count if isinstance(count, int) and count >= 2 else 2, values["host_buffer_bytes"], values["shm_dir"])
         for name in ("allowed_users", "allowed_groups"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(str(x) for x in values[name])

@@ -146,7 +146,7 @@ class Placement:
                         "client": self.raw_bytes - gpu - registered - self.inline_bytes}
 
     def check_fits(self, buf: np.ndarray) -> None:
-        if self.end > buf.size:  # (host buffers all have one size: a layout checked on one fits all)
+        if self.end > buf.size:  # (a layout placed over a larger buffer, grown for another snapshot)
             raise ProtocolError(f"the snapshot needs {self.end} bytes, over the {buf.size}-byte buffer", "bad_field")
 
     def place(self, buf: np.ndarray) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]],
@@ -175,13 +175,14 @@ def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, C
         if msg.get("nbytes") is None:
             raise ProtocolError("a snapshot needs a lease, or nbytes when the daemon copies every tensor",
                                 "bad_field")
-        plan = _check(server, s, layout, server.config.host_buffer_bytes)
+        plan = _check(server, s, layout, server.config.buffer_cap)
         if plan.has_plain:
             raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: acquire "
                                 "one first", "bad_field")
         metrics = check_metrics(msg["metrics"])
         blob = _inline_bytes(plan, msg.get("inline"))
-        return server.acquire(s, msg["id"], msg["nbytes"], msg["emergency"],
+        # (a buffer that holds the tensors as placed, whatever ``nbytes`` says)
+        return server.acquire(s, msg["id"], max(msg["nbytes"], plan.end), msg["emergency"],
                               lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, blob, lease,
                                                                 waited_s)) or (None, None)
     buf = server.leases.take(s, msg["lease"])

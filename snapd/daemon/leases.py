@@ -26,21 +26,12 @@ from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, Snapd
 class Waiter:
     peer: bytes
     req_id: int
+    nbytes: int  # the buffer it needs (a smaller free one is grown for it)
     emergency: bool
     since: float
     # a snapshot that came without a lease (docs/PROTOCOL.md): run with the lease once granted,
     # it returns the reply and the hand-over to run after it; None for an ``acquire``
     then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
-
-
-def client_limit(config: DaemonConfig) -> tuple[int, str] | None:
-    """The most host buffers one client may hold, and the setting that says so (None: no limit)."""
-    limits = []
-    if config.client_max_in_flight is not None:
-        limits.append((config.client_max_in_flight, "client_max_in_flight"))
-    if config.client_buffer_bytes is not None:
-        limits.append((config.client_buffer_bytes // config.host_buffer_bytes, "client_buffer_bytes"))
-    return min(limits) if limits else None
 
 
 class Leases:
@@ -65,21 +56,21 @@ class Leases:
         """A fresh id (leases and registered regions share the sequence)."""
         return next(self._ids)
 
-    def acquire(self, s: Session, req_id: int, emergency: bool, then: Any = None) -> Any:
+    def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
         """The grant reply, or None when the request waits; ``Busy`` for a client that skips.
         With ``then`` (a snapshot without a lease): what ``then(lease, waited_s)`` returns, at once
         or, when the request waits, once a buffer is granted (None here then)."""
-        buf = self.pool.free()
+        buf = self.pool.free(nbytes)
         at_limit = self._at_limit(s)
         if buf is not None and not at_limit and not (self._eligible_waiter() and not emergency):
             if then is not None:
-                return then(self._lease(s, buf), 0.0)
-            return self._grant(s, buf, req_id)
+                return then(self._lease(s, buf, nbytes), 0.0)
+            return self._grant(s, buf, req_id, nbytes)
         if s.on_busy == "skip" and not emergency:
             if at_limit:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
-        w = Waiter(s.peer, req_id, emergency, time.monotonic(), then)
+        w = Waiter(s.peer, req_id, nbytes, emergency, time.monotonic(), then)
         if emergency:
             self.waiters.appendleft(w)
         else:
@@ -111,17 +102,22 @@ class Leases:
             return
         buf.lease = None
         self.gauges()
+        self._grant_waiter()
+
+    def _grant_waiter(self) -> None:
+        """The first eligible waiter gets a free buffer (grown for it if it must be)."""
         self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
         w = None if self.stopping else self._eligible_waiter()
-        if w is not None:
+        buf = self.pool.free(w.nbytes) if w is not None else None
+        if w is not None and buf is not None:
             self.waiters.remove(w)
             handoff = None
             waited = time.monotonic() - w.since
             try:
                 if w.then is not None:
-                    reply, handoff = w.then(self._lease(self.sessions[w.peer], buf, waited), waited)
+                    reply, handoff = w.then(self._lease(self.sessions[w.peer], buf, w.nbytes, waited), waited)
                 else:
-                    reply = self._grant(self.sessions[w.peer], buf, w.req_id, waited)
+                    reply = self._grant(self.sessions[w.peer], buf, w.req_id, w.nbytes, waited)
             except SnapdError as e:
                 reply = protocol.error_reply(w.req_id, e.code, str(e))
             self._send(w.peer, reply)
@@ -141,14 +137,25 @@ class Leases:
             self._send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
 
     def gauges(self) -> None:
-        busy = sum(b.lease is not None for b in self.pool.buffers)
-        self.metrics.buffers(busy, len(self.pool.buffers) - busy, self.config.host_buffer_bytes)
+        busy = sum(b.size for b in self.pool.buffers if b.lease is not None)
+        self.metrics.buffers(busy, sum(b.size for b in self.pool.buffers) - busy)
         self.metrics.clients.set(len(self.sessions))
+
+    def held_bytes(self, s: Session) -> int:
+        """The sizes of the host buffers ``s`` holds (grown ones count as grown)."""
+        leases = [*s.leases, *(t.lease for t in self.tasks.values() if t.peer == s.peer)]
+        return sum(b.size for b in map(self.pool.by_lease, leases) if b is not None)
 
     def _at_limit(self, s: Session) -> str:
         """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends."""
-        limit = client_limit(self.config)
-        return f"{limit[1]} = {limit[0]} buffer(s)" if limit and self.held(s) >= limit[0] else ""
+        c = self.config
+        if c.client_max_in_flight is not None and self.held(s) >= c.client_max_in_flight:
+            return f"client_max_in_flight = {c.client_max_in_flight} buffer(s)"
+        if c.client_buffer_bytes is not None:  # one more buffer, at least the starting size, would pass it
+            held = self.held_bytes(s)
+            if held and held + c.host_buffer_bytes > c.client_buffer_bytes:
+                return f"client_buffer_bytes = {c.client_buffer_bytes}, holding {held}"
+        return ""
 
     def _eligible_waiter(self) -> Waiter | None:
         """The first queued request whose client is under its limits (it gets the next free buffer)."""
@@ -158,9 +165,9 @@ class Leases:
                 return w
         return None
 
-    def _lease(self, s: Session, buf: Any, waited_s: float = 0.0) -> int:
+    def _lease(self, s: Session, buf: Any, nbytes: int, waited_s: float = 0.0) -> int:
         try:
-            buf = self.pool.for_uid(buf, s.uid)
+            buf = self.pool.fit(buf, s.uid, nbytes, self.config.buffer_cap)
         except OSError as e:
             raise LimitExceeded(f"cannot give a host buffer to uid {s.uid}: {e}") from None
         buf.lease = self.new_id()
@@ -169,7 +176,7 @@ class Leases:
         self.gauges()
         return buf.lease
 
-    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
-        buf = self.pool.by_lease(self._lease(s, buf, waited_s))
+    def _grant(self, s: Session, buf: Any, req_id: int, nbytes: int, waited_s: float = 0.0) -> bytes:
+        buf = self.pool.by_lease(self._lease(s, buf, nbytes, waited_s))
         return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
                               bytes=buf.size, waited_s=waited_s)

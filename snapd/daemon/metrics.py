@@ -70,6 +70,6 @@ class Metrics:
         self.persist.observe(seconds)
         self.last_success.set(time.time())
 
-    def buffers(self, busy: int, free: int, size: int) -> None:
-        self.buffer_bytes.labels("busy").set(busy * size)
-        self.buffer_bytes.labels("free").set(free * size)
+    def buffers(self, busy_bytes: int, free_bytes: int) -> None:
+        self.buffer_bytes.labels("busy").set(busy_bytes)
+        self.buffer_bytes.labels("free").set(free_bytes)

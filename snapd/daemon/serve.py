@@ -97,8 +97,9 @@ def serve(config: DaemonConfig) -> int:
         server.leases.gauges()
         if config.metrics_addr:
             server.metrics.serve(config.metrics_addr)
-        log.info("serving %s; snapshots under %s; %d host buffers of %d MiB; pid %d", config.endpoint,
-                 config.root, config.host_buffers, config.host_buffer_bytes >> 20, os.getpid())
+        log.info("serving %s; snapshots under %s; %d host buffers of %d MiB (growing to at most %d MiB for a "
+                 "larger snapshot); pid %d", config.endpoint, config.root, config.host_buffers,
+                 config.host_buffer_bytes >> 20, config.buffer_cap >> 20, os.getpid())
         log.info("access: uids %s, gids %s, socket %s, per-user directories %s", sorted(policy.uids),
                  sorted(policy.gids), f"group {policy.socket_gid}" if policy.socket_gid is not None
                  else "owner only", "on" if policy.user_dirs else "off")

@@ -237,11 +237,13 @@ class Server:
         """A host buffer for a snapshot of ``nbytes``: snapd.daemon.leases.Leases.acquire."""
         if self.stopping:
             raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
-        if nbytes > self.config.host_buffer_bytes:
-            raise ProtocolError(f"a snapshot of {nbytes} bytes does not fit a host buffer of "
-                                f"{self.config.host_buffer_bytes} bytes: raise host_buffer_bytes", "too_large")
+        cap = self.config.buffer_cap
+        if nbytes > cap:
+            raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon makes, "
+                                f"{cap} bytes: raise max_host_buffer_bytes (and the memory the daemon may use)",
+                                "too_large")
         try:
-            return self.leases.acquire(s, req_id, emergency, then)
+            return self.leases.acquire(s, req_id, nbytes, emergency, then)
         except Busy:
             self.counters["skipped"] += 1
             self.metrics.snapshots.labels("skipped").inc()

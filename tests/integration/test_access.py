@@ -158,10 +158,10 @@ def test_buffer_passed_to_another_uid_gets_fresh_pages(tmp_path) -> None:
 
     pool = BufferPool(Path("/dev/shm"), 2, 1 << 20)
     try:
-        first = pool.for_uid(pool.buffers[0], NOBODY)
+        first = pool.fit(pool.buffers[0], NOBODY, 100, 1 << 20)
         first.view[:4] = [1, 2, 3, 4]
-        assert pool.for_uid(first, NOBODY) is first
-        second = pool.for_uid(first, OTHER)
+        assert pool.fit(first, NOBODY, 100, 1 << 20) is first
+        second = pool.fit(first, OTHER, 100, 1 << 20)
         assert second.path != first.path and not first.path.exists() and pool.buffers[0] is second
         probe = "print([os.access(p, os.R_OK | os.W_OK) for p in sys.argv[3:]])"
         assert as_user(OTHER, NOGROUP, probe, str(second.path), str(pool.buffers[1].path)).stdout.strip() \

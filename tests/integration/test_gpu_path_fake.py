@@ -158,6 +158,30 @@ def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) ->
     assert _log_count(d, "fake cuda: opened") == len(values) - 1  # (not the empty one's)
 
 
+def test_a_device_state_larger_than_the_host_buffers_grows_them(fake_gpu, tmp_path) -> None:
+    """A rank's GPU state is often larger than the default host buffer: the daemon grows the buffer
+    it copies into (and pins the new one), and the same layout replays on it step after step."""
+    d = fake_gpu.start("--codec", "shuffle-zstd", "--host-buffer-bytes", str(1 << 20))
+    rng = np.random.default_rng(11)
+    w = fake_gpu.array(rng.standard_normal(3 << 18).astype(np.float32))  # 3 MiB
+    state = {"w": w, "h": fake_gpu.array(rng.standard_normal(5000).astype(np.float16)), "step": 0}
+    wants = []
+    with snapd.connect("big-gpu", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        for step in range(3):
+            w.host()[:7] = step
+            state["step"] = step
+            wants.append(_host(state))
+            info = c.snapshot(state, step=step).wait(30)
+        [mine] = c.status()["clients"]
+        assert mine["last_snapshot"]["bytes"]["cuda_ipc"] == (3 << 20) + 10_000
+        assert max(c.status()["buffers"]["sizes"]) > 3 << 20
+        for step, want in enumerate(wants):
+            assert _same(c.restore(step), want), step
+    ref = save_state(tmp_path / "cpu", "big-gpu", wants[-1], step=2, codec="shuffle-zstd", chunk_bytes=64 << 10)
+    assert _chunks(info.path) == _chunks(ref.path)
+    assert "grown from 1 to" in d.log_text()
+
+
 def test_two_trainers_share_the_daemon_and_leaving_closes_only_ones_own(fake_gpu) -> None:
     """Two trainers on one node (each its device): their snapshots interleave, each restores its
     own; one leaving closes its handles, and the other's next snapshot still copies."""

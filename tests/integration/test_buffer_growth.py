@@ -1,0 +1,125 @@
+"""A snapshot larger than the daemon's host buffers: the buffer it is granted grows (up to
+max_host_buffer_bytes), the snapshot lands whole, and the snapshots after it reuse the grown
+buffers. Past the bound: a clear error, the daemon goes on, and nothing on disk is lost."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import snapd.client as snapd
+from snapd.client.connection import Connection, daemon_status
+from snapd.errors import Busy, SnapdError
+
+MIB = 1 << 20
+
+
+def _state(seed: int, floats: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal(floats, dtype=np.float32), "b": rng.standard_normal(77), "step": seed}
+
+
+def _same(got: dict, want: dict) -> bool:
+    return set(got) == set(want) and all(
+        got[k].tobytes() == want[k].tobytes() and got[k].dtype == want[k].dtype if isinstance(want[k], np.ndarray)
+        else got[k] == want[k] for k in want)
+
+
+def test_a_snapshot_larger_than_the_buffers_grows_them_and_restores_exactly(start) -> None:
+    d = start("--host-buffer-bytes", str(MIB))
+    wants = [_state(step, 3 * MIB // 4 + step) for step in range(5)]  # 3 MiB each, over the 1 MiB buffers
+    with snapd.connect("grow", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        assert c.snapshot(wants[0], step=0).wait(30).step == 0
+        pendings = [c.snapshot(want, step=step) for step, want in enumerate(wants) if step]  # no waiting between
+        assert [p.wait(30).step for p in pendings] == [1, 2, 3, 4]
+        buffers = c.status()["buffers"]
+        for step, want in enumerate(wants):
+            assert _same(c.restore(step), want), step
+    assert buffers["bytes_each"] == MIB and buffers["count"] == 2
+    grown = [size for size in buffers["sizes"] if size > MIB]
+    assert grown and all(3 * MIB < size <= buffers["max_bytes_each"] for size in grown)
+    assert d.log_text().count("grown from 1 to") == len(grown), d.log_text()  # once a buffer, not a snapshot
+
+
+def test_past_max_host_buffer_bytes_a_snapshot_is_refused_and_the_daemon_goes_on(start, tmp_path) -> None:
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(2 * MIB))
+    small, fits, big = _state(1, MIB // 8), _state(2, 3 * MIB // 8), _state(3, MIB)
+    with snapd.connect("cap", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        c.snapshot(small, step=1).wait(30)
+        c.snapshot(fits, step=2).wait(30)  # 1.5 MiB: grown to the bound, 2 MiB, not the usual 64 MiB step
+        with pytest.raises(SnapdError, match="max_host_buffer_bytes"):
+            c.snapshot(big, step=3).wait(30)
+        c.snapshot(small, step=4).wait(30)
+        assert _same(c.restore(1), small) and _same(c.restore(2), fits) and _same(c.restore(4), small)
+        assert [s.step for s in c.list()] == [1, 2, 4]
+        assert max(c.status()["buffers"]["sizes"]) == 2 * MIB
+    assert d.proc.poll() is None
+
+
+def test_registered_tensors_larger_than_the_buffers_grow_them(start) -> None:
+    """The lease-free path: the daemon copies every tensor from the client's shared regions, so the
+    buffer is granted (and grown) on the daemon's side for the snapshot as the layout places it."""
+    d = start("--host-buffer-bytes", str(MIB))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 768)  # 3 MiB of weights
+    with snapd.connect("reg-grow", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        c.share(model)
+        for step in range(3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            want = {k: v.clone() for k, v in model.state_dict().items()}
+            c.snapshot(model.state_dict(), step=step).wait(30)
+            got = c.restore(step)
+            assert all(torch.equal(got[k], want[k]) for k in want), step
+        assert c.status()["clients"][0]["last_snapshot"]["bytes"]["registered"] == 4 * (1024 * 768 + 768)
+
+
+def test_a_waiting_snapshot_is_granted_a_grown_buffer_when_one_frees(start) -> None:
+    """Both buffers held by another client: the large snapshot waits, and gets a buffer grown for it
+    as soon as one is given back."""
+    d = start("--host-buffer-bytes", str(MIB))
+    holder = Connection(d.endpoint, 10)
+    try:
+        holder.call("hello", job="holder", pid=os.getpid(), on_busy="wait")
+        leases = [holder.call("acquire", nbytes=100, emergency=False)["lease"] for _ in range(2)]
+        want = _state(7, MIB)  # 4 MiB
+        with snapd.connect("waits", endpoint=d.endpoint, spawn=False) as c:
+            done: list = []
+            t = threading.Thread(target=lambda: done.append(c.snapshot(want, step=7).wait(30)))
+            t.start()
+            t.join(1.0)
+            assert not done and daemon_status(d.endpoint)["waiting_for_buffer"] == 1
+            holder.call("release", lease=leases[0])
+            t.join(30)
+            assert done and done[0].step == 7
+            assert _same(c.restore(7), want)
+        holder.call("release", lease=leases[1])
+    finally:
+        holder.close()
+
+
+def test_client_buffer_bytes_counts_a_grown_buffer_at_its_size(start) -> None:
+    """A client limited to 2 MiB of buffers that holds one grown for a 3 MiB snapshot is at its limit
+    (counted in buffers of the starting size it would hold only one of two); others go on."""
+    d = start("--host-buffer-bytes", str(MIB), "--host-buffers", "3", env={"SNAPD_CLIENT_BUFFER_BYTES": str(2 * MIB)})
+    a, b = Connection(d.endpoint, 10), Connection(d.endpoint, 10)
+    try:
+        a.call("hello", job="lim", pid=os.getpid(), on_busy="skip")
+        b.call("hello", job="other", pid=os.getpid(), on_busy="skip")
+        big = a.call("acquire", nbytes=3 * MIB, emergency=False)
+        assert big["bytes"] >= 3 * MIB
+        with pytest.raises(Busy, match="client_buffer_bytes"):
+            a.call("acquire", nbytes=100, emergency=False)
+        small = b.call("acquire", nbytes=100, emergency=False)
+        a.call("release", lease=big["lease"])
+        again = a.call("acquire", nbytes=100, emergency=False)  # under its limit once the big one is back
+        assert again["lease"] != big["lease"]
+        for conn, grant in ((a, again), (b, small)):
+            conn.call("release", lease=grant["lease"])
+    finally:
+        a.close()
+        b.close()
