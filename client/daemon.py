@@ -125,7 +125,7 @@ class Client:
         and device tensors without IPC. Returns the lease and how long the grant took to come."""
         granted = self._conn.wait(self._conn.send("acquire", nbytes=plan.nbytes, emergency=emergency))
         try:
-            buf = self._buffers.mapping(granted["path"], granted["bytes"])
+            buf = self._buffers.mapping(granted["path"], granted["bytes"], plan.nbytes)
             leaves, offsets = plan.leaves, plan.offsets
             self._buffers.copy(buf, [leaves[i] for i in plan.plain], [offsets[i] for i in plan.plain])
             for i in plan.staged:  # no IPC for these: copy them device -> host buffer here

@@ -7,20 +7,41 @@
   daemon's done events, so its stream can wait on them.
 - ``done``: persisted or failed; the buffer goes back, counters and metrics
   move, and the client gets ``persisted`` or the error with its stage.
+- ``buffer_ready`` (the host buffer pool's threads): a buffer made anew (grown,
+  or for another uid) goes into the pool and to the request waiting for it.
 Runs on the server thread, the only one that sends on the ROUTER socket.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import zmq
+
 from snapd import protocol
-from snapd.daemon.pipeline import COPIED
+from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT
+
+
+def post_event(ctx: zmq.Context, event: dict) -> None:
+    """Send ``event`` to the server thread from a thread with no events socket of its own."""
+    try:
+        sock = ctx.socket(zmq.PUSH)
+    except zmq.ZMQError:  # the context is closed: the daemon is stopping
+        return
+    try:
+        sock.connect(EVENTS_ENDPOINT)
+        sock.send(json.dumps(event).encode())
+    finally:
+        sock.close(linger=1000)
 
 
 def on_event(server: Any, event: dict) -> None:
     if event["event"] == "done":
         finish(server, event)
+        return
+    if event["event"] == "buffer_ready":  # a host buffer made on the pool's thread
+        server.leases.replaced()
         return
     task = server.tasks.get(event["seq"])
     if task is None:  # already failed and answered

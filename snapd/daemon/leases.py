@@ -4,18 +4,20 @@ A lease is a host buffer granted to a client: held from ``acquire`` until its
 snapshot is persisted (or the lease is released, or the client goes away).
 Requests that find no free buffer, or whose client is at its limit, queue as
 waiters; emergency requests jump the queue. The server thread is the only
-caller, so nothing here locks.
+caller, so nothing here locks; buffers made on the pool's threads come back
+through a queue and an event (``replaced``).
 """
 
 from __future__ import annotations
 
 import collections
+import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from snapd import protocol
-from snapd.daemon.buffers import BufferPool
+from snapd.daemon.buffers import BufferPool, HostBuffer
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
@@ -44,9 +46,12 @@ class Leases:
 
     def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
                  tasks: dict[int, Any], send: Callable[[bytes, bytes], None],
-                 hand_over: Callable[[Callable[[], None]], None]) -> None:
+                 hand_over: Callable[[Callable[[], None]], None], post: Callable[[dict], None]) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
         self.sessions, self.tasks, self._send, self._hand_over = sessions, tasks, send, hand_over
+        self._post = post  # an event to the server thread, from any thread
+        self._preparing: dict[int, Waiter | None] = {}  # buffer index -> the request it is being made for
+        self._made: queue.SimpleQueue[tuple[HostBuffer, str]] = queue.SimpleQueue()  # from the pool's threads
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -59,23 +64,63 @@ class Leases:
     def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
         """The grant reply, or None when the request waits; ``Busy`` for a client that skips.
         With ``then`` (a snapshot without a lease): what ``then(lease, waited_s)`` returns, at once
-        or, when the request waits, once a buffer is granted (None here then)."""
+        or, when the request waits, once a buffer is granted (None here then). A free buffer that
+        must first be replaced (grown for ``nbytes``, or fresh pages for another uid) is made on a
+        thread while the request waits (a skipping client's snapshot is skipped instead)."""
         buf = self.pool.free(nbytes)
         at_limit = self._at_limit(s)
         if buf is not None and not at_limit and not (self._eligible_waiter() and not emergency):
-            if then is not None:
-                return then(self._lease(s, buf, nbytes), 0.0)
-            return self._grant(s, buf, req_id, nbytes)
+            size = self.pool.replacement_size(buf, s.uid, nbytes, self.config.buffer_cap)
+            if size is None:
+                if then is not None:
+                    return then(self._lease(s, buf), 0.0)
+                return self._grant(s, buf, req_id)
+            w = self._queue(s, req_id, nbytes, emergency, then) if s.on_busy != "skip" or emergency else None
+            self._replace(buf, size, s.uid, w)
+            if w is None:
+                raise Busy(f"host buffer {buf.index} is being made ready for snapshots of this size ({size} bytes):"
+                           f" this one is skipped, a later one gets it")
+            return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
+        self._queue(s, req_id, nbytes, emergency, then)
+        return None  # granted later, when a buffer frees
+
+    def _queue(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any) -> Waiter:
         w = Waiter(s.peer, req_id, nbytes, emergency, time.monotonic(), then)
         if emergency:
             self.waiters.appendleft(w)
         else:
             self.waiters.append(w)
-        return None  # granted later, when a buffer frees
+        return w
+
+    def _replace(self, buf: HostBuffer, size: int, uid: int, w: Waiter | None) -> None:
+        """Have ``buf`` replaced on a thread; ``replaced`` takes it from there on this one."""
+        self._preparing[buf.index] = w
+
+        def done(new: HostBuffer, why: str) -> None:  # (the pool's thread)
+            self._made.put((new, why))
+            self._post({"event": "buffer_ready"})
+        self.pool.replace(buf, size, uid, done)
+        self.gauges()
+
+    def replaced(self) -> None:
+        """Buffers made on the pool's threads go into the pool, and to the requests waiting for them;
+        a request whose buffer could not be made hears why."""
+        while not self._made.empty():
+            new, why = self._made.get()
+            w = self._preparing.pop(new.index, None)
+            new.lease = None
+            if why:
+                if w is not None and w in self.waiters:
+                    self.waiters.remove(w)
+                    self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
+            else:
+                self.pool.install(new)
+        self.gauges()
+        self._grant_waiters()
 
     def held(self, s: Session) -> int:
         """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
@@ -102,22 +147,35 @@ class Leases:
             return
         buf.lease = None
         self.gauges()
-        self._grant_waiter()
+        self._grant_waiters()
 
-    def _grant_waiter(self) -> None:
-        """The first eligible waiter gets a free buffer (grown for it if it must be)."""
+    def _grant_waiters(self) -> None:
+        """Free buffers to the eligible waiters, first come first served (emergencies first); a
+        buffer that must be replaced for one is made while others take the remaining buffers."""
         self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
-        w = None if self.stopping else self._eligible_waiter()
-        buf = self.pool.free(w.nbytes) if w is not None else None
-        if w is not None and buf is not None:
+        while not self.stopping:
+            w = self._eligible_waiter()
+            buf = self.pool.free(w.nbytes) if w is not None else None
+            if w is None or buf is None:
+                return
+            ws = self.sessions[w.peer]
+            try:
+                size = self.pool.replacement_size(buf, ws.uid, w.nbytes, self.config.buffer_cap)
+            except SnapdError as e:
+                self.waiters.remove(w)
+                self._send(w.peer, protocol.error_reply(w.req_id, e.code, str(e)))
+                continue
+            if size is not None:
+                self._replace(buf, size, ws.uid, w)
+                continue
             self.waiters.remove(w)
             handoff = None
             waited = time.monotonic() - w.since
             try:
                 if w.then is not None:
-                    reply, handoff = w.then(self._lease(self.sessions[w.peer], buf, w.nbytes, waited), waited)
+                    reply, handoff = w.then(self._lease(ws, buf, waited), waited)
                 else:
-                    reply = self._grant(self.sessions[w.peer], buf, w.req_id, w.nbytes, waited)
+                    reply = self._grant(ws, buf, w.req_id, waited)
             except SnapdError as e:
                 reply = protocol.error_reply(w.req_id, e.code, str(e))
             self._send(w.peer, reply)
@@ -159,24 +217,23 @@ class Leases:
 
     def _eligible_waiter(self) -> Waiter | None:
         """The first queued request whose client is under its limits (it gets the next free buffer)."""
+        preparing = {id(w) for w in self._preparing.values()}
         for w in self.waiters:
             ws = self.sessions.get(w.peer)
+            if id(w) in preparing:  # its buffer is being made
+                continue
             if ws is not None and not self._at_limit(ws):
                 return w
         return None
 
-    def _lease(self, s: Session, buf: Any, nbytes: int, waited_s: float = 0.0) -> int:
-        try:
-            buf = self.pool.fit(buf, s.uid, nbytes, self.config.buffer_cap)
-        except OSError as e:
-            raise LimitExceeded(f"cannot give a host buffer to uid {s.uid}: {e}") from None
+    def _lease(self, s: Session, buf: Any, waited_s: float = 0.0) -> int:
         buf.lease = self.new_id()
         s.leases.add(buf.lease)
         self._asked[buf.lease] = time.monotonic() - waited_s
         self.gauges()
         return buf.lease
 
-    def _grant(self, s: Session, buf: Any, req_id: int, nbytes: int, waited_s: float = 0.0) -> bytes:
-        buf = self.pool.by_lease(self._lease(s, buf, nbytes, waited_s))
+    def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
+        buf = self.pool.by_lease(self._lease(s, buf, waited_s))
         return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
                               bytes=buf.size, waited_s=waited_s)

@@ -26,7 +26,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
-from snapd.daemon.endings import on_event
+from snapd.daemon.endings import on_event, post_event
 from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.layouts import accept_snapshot
 from snapd.daemon.sessions import Session, open_region
@@ -64,7 +64,8 @@ class Server:
         self.recent = Recent()
         self.backend = "cpu"
         self.metrics = Metrics()
-        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over)
+        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over,
+                             lambda event: post_event(self.ctx, event))
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
@@ -76,6 +77,7 @@ class Server:
 
         self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.pipeline.submit, self.config.chunk_bytes)
         self.pool.before_discard = lambda buf: self.gpu.unpin(buf.view.ctypes.data)
+        self.pool.after_install = lambda buf: self.gpu.pin([buf.view])
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:

@@ -158,10 +158,11 @@ def test_buffer_passed_to_another_uid_gets_fresh_pages(tmp_path) -> None:
 
     pool = BufferPool(Path("/dev/shm"), 2, 1 << 20)
     try:
-        first = pool.fit(pool.buffers[0], NOBODY, 100, 1 << 20)
+        first = pool.install(pool.make(0, 1 << 20, NOBODY))
         first.view[:4] = [1, 2, 3, 4]
-        assert pool.fit(first, NOBODY, 100, 1 << 20) is first
-        second = pool.fit(first, OTHER, 100, 1 << 20)
+        assert pool.replacement_size(first, NOBODY, 100, 1 << 20) is None
+        assert pool.replacement_size(first, OTHER, 100, 1 << 20) == 1 << 20
+        second = pool.install(pool.make(0, 1 << 20, OTHER))
         assert second.path != first.path and not first.path.exists() and pool.buffers[0] is second
         probe = "print([os.access(p, os.R_OK | os.W_OK) for p in sys.argv[3:]])"
         assert as_user(OTHER, NOGROUP, probe, str(second.path), str(pool.buffers[1].path)).stdout.strip() \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import snapd.client as snapd
 from snapd.client.connection import Connection, daemon_status
-from snapd.errors import Busy, SnapdError
+from snapd.errors import Busy, LimitExceeded, SnapdError
 
 MIB = 1 << 20
 
@@ -110,7 +111,12 @@ def test_client_buffer_bytes_counts_a_grown_buffer_at_its_size(start) -> None:
     try:
         a.call("hello", job="lim", pid=os.getpid(), on_busy="skip")
         b.call("hello", job="other", pid=os.getpid(), on_busy="skip")
-        big = a.call("acquire", nbytes=3 * MIB, emergency=False)
+        with pytest.raises(Busy, match="being made ready"):  # a skipping client does not wait for it
+            a.call("acquire", nbytes=3 * MIB, emergency=False)
+        deadline = time.monotonic() + 20
+        while max(daemon_status(d.endpoint)["buffers"]["sizes"]) < 3 * MIB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        big = a.call("acquire", nbytes=3 * MIB, emergency=False)  # a later snapshot gets it
         assert big["bytes"] >= 3 * MIB
         with pytest.raises(Busy, match="client_buffer_bytes"):
             a.call("acquire", nbytes=100, emergency=False)
@@ -123,3 +129,21 @@ def test_client_buffer_bytes_counts_a_grown_buffer_at_its_size(start) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_buffer_larger_than_memory_allows_is_refused_naming_why(start) -> None:
+    """max_host_buffer_bytes set past what the machine has: the growth is refused before any page is
+    touched (a touch past tmpfs's end is a SIGBUS in whoever made it), and the daemon goes on."""
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(1 << 50))
+    with snapd.connect("huge", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        conn = Connection(d.endpoint, 10)
+        try:
+            conn.call("hello", job="huge", pid=os.getpid(), on_busy="wait")
+            with pytest.raises(LimitExceeded, match=r"grown from 1048576 to \d+ bytes, but .*(free|available)"):
+                conn.call("acquire", nbytes=1 << 49, emergency=False)
+        finally:
+            conn.close()
+        want = _state(9, MIB // 8)
+        c.snapshot(want, step=9).wait(30)
+        assert _same(c.restore(9), want)
+        assert daemon_status(d.endpoint)["buffers"]["sizes"] == [MIB, MIB]

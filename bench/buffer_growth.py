@@ -1,0 +1,113 @@
+"""What a snapshot larger than the host buffers costs: ``python -m bench.buffer_growth``.
+
+The buffer such a snapshot is granted grows once (a fresh, larger shared-memory file), so that
+snapshot writes fresh pages and the ones after it run at full speed. Three methods on the same
+torch state in the same run, each snapshot waited to durable before the next:
+- snapd with buffers sized for the state at start (prefaulted before the first snapshot);
+- snapd with 64 MiB buffers, grown by the first snapshots (the default of a daemon whose
+  ``host_buffer_bytes`` is below a rank's state);
+- DCP ``async_save``, whose first call also allocates its staging memory.
+For each: the stall (``snapshot()`` / ``async_save`` until the trainer may go on) and the time to
+durable, per snapshot index, and the first snapshot against the median of the later ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.peers import DcpAsync, Snapd, SnapdDaemon
+
+MIB = 1 << 20
+
+
+def _state(nbytes: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = nbytes // 16 // 4
+    return {f"layers.{i}.weight": torch.randn(n, generator=g) * 0.02 for i in range(16)}
+
+
+def _wait_prefaulted(log: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "host buffers ready" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not touch its buffers in {timeout_s} s")
+        time.sleep(0.05)
+
+
+def measure(method: Any, state: dict, snapshots: int) -> list[tuple[float, float]]:
+    """(stall, time to durable) in seconds for each snapshot, in order."""
+    out = []
+    for step in range(snapshots):
+        next(iter(state.values()))[:4] += 1.0  # a training step's change
+        t0 = time.perf_counter()
+        handle = method.start(state, step)
+        stall = time.perf_counter() - t0
+        handle.wait()
+        out.append((stall, time.perf_counter() - t0))
+    return out
+
+
+def run(nbytes: int, snapshots: int, work: Path) -> dict[str, list[tuple[float, float]]]:
+    state = _state(nbytes)
+    results: dict[str, list[tuple[float, float]]] = {}
+    for i, (name, buffer_bytes) in enumerate((("snapd, buffers sized at start", nbytes + 16 * MIB),
+                                              ("snapd, 64 MiB buffers grown", 64 * MIB))):
+        run_dir = work / f"d{i}"  # (short: the socket's path must fit sun_path's 108 bytes)
+        run_dir.mkdir()
+        daemon = SnapdDaemon(run_dir, buffer_bytes, "--codec", "shuffle-lz4")
+        try:
+            _wait_prefaulted(run_dir / "snapd.log")
+            method = Snapd(daemon, "growth")
+            results[name] = measure(method, state, snapshots)
+            method.close()
+        finally:
+            daemon.close()
+    dcp = DcpAsync(work, fastest=False)
+    results[dcp.name] = measure(dcp, state, snapshots)
+    dcp.close()
+    return results
+
+
+def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: str) -> str:
+    n = len(next(iter(results.values())))
+    lines = [f"# A snapshot larger than the host buffers ({nbytes / MIB:.0f} MiB of float32, "
+             f"{os.cpu_count()} cores)", "", f"`{command}`; seconds, each snapshot waited to durable before the "
+             "next.", "", "| method | what | " + " | ".join(f"#{i + 1}" for i in range(n)) +
+             " | #1 / median of the rest |", "|---|---|" + "---|" * (n + 1)]
+    for name, rows in results.items():
+        for col, what in ((0, "stall"), (1, "to durable")):
+            vals = [r[col] for r in rows]
+            rest = statistics.median(vals[1:]) if n > 1 else float("nan")
+            lines.append(f"| {name} | {what} | " + " | ".join(f"{v:.3f}" for v in vals) +
+                         f" | {vals[0] / rest:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.buffer_growth", description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=512, help="state size (default 512 MiB)")
+    ap.add_argument("--snapshots", type=int, default=5)
+    ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
+    ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapd-growth-") as tmp:
+        results = run(args.mib * MIB, args.snapshots, Path(tmp))
+    command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(results, args.mib * MIB, command.strip())
+    print(text, end="", flush=True)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
