@@ -11,6 +11,13 @@ for the copy. Before the next mutation, ``fence`` makes the trainer's stream
 wait on the daemon's "done" events: the GPU waits only if the copy is
 unfinished, the CPU not at all.
 
+The daemon keeps the handles of the allocations the latest snapshot used
+open (reopening them every snapshot would cost a driver call each), and CUDA
+leaves freeing memory that another process still maps undefined. So one tensor
+of each such allocation is held here (``hold``) until the daemon has closed its
+handle: the trainer's allocator cannot free (``empty_cache``, its garbage
+collection) an allocation the daemon maps, and counts it as in use, as it is.
+
 Where IPC cannot work the client copies device -> host buffer itself
 (``stage``), logging once why: an allocation made by PyTorch's
 ``expandable_segments`` (not legacy-IPC capable), a daemon in another pid
@@ -63,6 +70,9 @@ class CudaExport:
         self._turn: dict[str, int] = {}
         self._done: dict[str, cuda_driver.OpenedEvent] = {}
         self._pinned: set[int] = set()
+        self._seq = 0  # GPU-path snapshots handed over, in order
+        self._held: list[Any] = []  # a tensor of each allocation the daemon may still map (``hold``)
+        self._held_seq = 0
 
     def _once(self, reason: str) -> None:
         if reason not in self._said:
@@ -209,7 +219,24 @@ class CudaExport:
 
             torch.cuda.cudart().cudaHostUnregister(address)
 
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def hold(self, seq: int, anchors: list[Any], ok: bool) -> None:
+        """GPU-path snapshot ``seq`` (``next_seq``) is copied (``ok``) or failed; ``anchors``: a
+        tensor of each allocation it used. Once copied, the daemon has closed the handles of the
+        allocations it no longer uses and keeps these mapped: hold them instead of the earlier
+        ones. A failed snapshot may have left anything open: hold its anchors besides. A message
+        read after a later snapshot's changes nothing (the daemon copies in order)."""
+        if seq < self._held_seq:
+            return
+        self._held = anchors if ok else [*self._held, *anchors]
+        self._held_seq = seq
+
     def close(self) -> None:
+        """(After ``bye``: the daemon has closed this client's handles.)"""
+        self._held = []
         for ev in [*self._done.values(), *(e for ring in self._ready.values() for e in ring)]:
             try:
                 ev.close()

@@ -100,8 +100,9 @@ class Client:
         waited_s = max(waited_s, first.get("waited_s", 0.0))  # (a snapshot sent without a lease waited there)
         if waited_s > 0.05:
             log.info("step %d waited %.2f s for a free host buffer", step, waited_s)
+        anchors = (self._export.next_seq(), [plan.sources[i] for i in plan.anchors]) if streams else None
         pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
-                          waited_s=waited_s, streams=streams,
+                          waited_s=waited_s, streams=streams, anchors=anchors,
                           keep=plan.sources if streams else None)  # (the CPU ones too: no harm, no loop)
         if not pending.copied:
             (self._on_gpu if streams else self._uncopied).append(pending)
@@ -212,7 +213,7 @@ class Client:
         except Exception:  # closing anyway; the error was or will be raised by the Pending
             pass
         try:
-            self._conn.call("bye", timeout_s=1.0)
+            self._conn.call("bye", timeout_s=5.0)  # (answered once the daemon has closed our CUDA handles)
         except (TimeoutError, DaemonUnavailable):
             pass
         self._conn.close()

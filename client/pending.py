@@ -33,7 +33,8 @@ class Pending:
 
     def __init__(self, client: Client | None, step: int, req_id: int | None, *, copied: bool = True,
                  stall_s: float = 0.0, waited_s: float = 0.0, skipped: str | None = None,
-                 streams: dict[str, int] | None = None, keep: list | None = None) -> None:
+                 streams: dict[str, int] | None = None, keep: list | None = None,
+                 anchors: tuple[int, list] | None = None) -> None:
         self._client = client
         self.step = step
         self._req_id = req_id
@@ -50,6 +51,7 @@ class Pending:
         self._done_events: dict[str, str] | None = None
         self._fenced = not self._streams
         self._keep = keep
+        self._anchors = anchors  # (seq, a tensor per allocation) for CudaExport.hold once copied
 
     def _absorb(self, msg: dict) -> None:
         if msg["type"] == "queued":
@@ -57,6 +59,7 @@ class Pending:
             return
         if msg["type"] in ("error", "copied", "persisted"):
             self._keep = None
+            self._hand_anchors(ok=msg["type"] != "error")
         if msg["type"] == "error":
             self._error = reply_error(msg)
             self.copied = True
@@ -66,6 +69,11 @@ class Pending:
             self.copied = True
             self._result = Persisted(msg["step"], Path(msg["path"]), msg["codec"], msg["raw_bytes"],
                                      msg["stored_bytes"], msg["seconds"])
+
+    def _hand_anchors(self, ok: bool) -> None:
+        if self._anchors is not None:
+            self._client._export.hold(*self._anchors, ok=ok)
+            self._anchors = None
 
     def _settled(self) -> bool:
         return self.skipped or self._result is not None or self._error is not None
@@ -78,6 +86,8 @@ class Pending:
         except Exception as e:  # the daemon's error for this snapshot, or the daemon gone
             self._error = e
             self.copied = True  # nothing left to wait for
+            self._keep = None
+            self._hand_anchors(ok=False)
 
     def wait_copied(self, timeout: float | None = None) -> None:
         """Block until the daemon holds its own copy; the trainer may then change its tensors."""
@@ -105,6 +115,8 @@ class Pending:
             if msg["type"] == "error":
                 self._error = reply_error(msg)
                 self.copied = True
+                self._keep = None
+                self._hand_anchors(ok=False)
                 break
             self._absorb(msg)
         return True

@@ -18,8 +18,8 @@ class SnapshotPlan:
     """One snapshot's descriptors and what they were made from (read-only once made: a memo's
     template is shared by every snapshot that replays it)."""
 
-    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "staged", "leads", "sources", "tree",
-                 "scalars", "hit", "sig", "allocations", "memo")
+    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "staged", "leads", "anchors", "sources",
+                 "tree", "scalars", "hit", "sig", "allocations", "memo")
 
     def __init__(self, leaves: list[TensorLeaf], offsets: list[int], nbytes: int,
                  shared: list[tuple[int, int] | None], cuda: dict[int, dict | None], sources: list[Any]) -> None:
@@ -29,9 +29,12 @@ class SnapshotPlan:
                       if sh is None and not leaf.on_device and leaf.nbytes]
         self.staged = [i for i, d in cuda.items() if d is None]  # device leaves without CUDA IPC: copied here
         self.leads: dict[str, int] = {}  # each device the daemon copies from -> its first leaf (its stream's)
+        first: dict[tuple[str, str], int] = {}  # each allocation the daemon maps -> its first leaf
         for i, d in cuda.items():
             if d is not None:
                 self.leads.setdefault(d["dev"], i)
+                first.setdefault((d["dev"], d["handle"]), i)
+        self.anchors = list(first.values())
         self.sources = sources  # the tensor behind each leaf (the user's, or the copy flatten made)
         self.tree: dict | None = None  # flattened plans: the tree and its scalar nodes
         self.scalars: list[dict] | None = None

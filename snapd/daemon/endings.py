@@ -7,6 +7,7 @@
   daemon's done events, so its stream can wait on them.
 - ``done``: persisted or failed; the buffer goes back, counters and metrics
   move, and the client gets ``persisted`` or the error with its stage.
+- ``forgotten`` (GPU copier): a client's handles are closed; its ``bye`` is answered.
 - ``buffer_ready`` (the host buffer pool's threads): a buffer made anew (grown,
   or for another uid) goes into the pool and to the request waiting for it.
 Runs on the server thread, the only one that sends on the ROUTER socket.
@@ -42,6 +43,9 @@ def on_event(server: Any, event: dict) -> None:
         return
     if event["event"] == "buffer_ready":  # a host buffer made on the pool's thread
         server.leases.replaced()
+        return
+    if event["event"] == "forgotten":  # the GPU copier closed a leaving client's handles
+        server._send(bytes.fromhex(event["peer"]), protocol.reply("bye", event["id"]))
         return
     task = server.tasks.get(event["seq"])
     if task is None:  # already failed and answered

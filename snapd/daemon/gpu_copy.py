@@ -104,9 +104,11 @@ class GpuCopier:
         the first touch of the pages): a snapshot waits only for the buffer it was given."""
         threading.Thread(target=lambda: [self._pin(v) for v in views], name="snapd-pin", daemon=True).start()
 
-    def forget(self, peer: bytes) -> None:
-        """The client left: close what it opened (on the GPU thread, after its copies)."""
-        self._work.put(("forget", peer))
+    def forget(self, peer: bytes, bye: int | None = None) -> None:
+        """The client left: close what it opened (on the GPU thread, after its copies). ``bye``:
+        the id of its ``bye``, answered once that is done (the client then lets go of the memory
+        it held for us)."""
+        self._work.put(("forget", peer, bye))
 
     def unpin(self, address: int) -> None:
         """A host buffer is about to be unmapped (called by the pool, any thread)."""
@@ -126,6 +128,8 @@ class GpuCopier:
                     return
                 if item[0] == "forget":
                     self._close(item[1])
+                    if item[2] is not None:
+                        events.send(json.dumps({"event": "forgotten", "peer": item[1].hex(), "id": item[2]}).encode())
                     continue
                 _, task, items, ready, host, shuffle, region_copies, plans = item
                 try:

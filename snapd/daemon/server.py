@@ -277,17 +277,19 @@ class Server:
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
         return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())
 
-    def _on_bye(self, peer: bytes, msg: dict) -> bytes:
+    def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:
-            self._end_session(self.sessions[peer])
+            self._end_session(self.sessions[peer], bye=msg["id"])
+            if self.gpu is not None:
+                return None  # answered once the GPU copier has closed the client's handles (endings)
         return protocol.reply("bye", msg["id"])
 
     # -- endings ------------------------------------------------------------------
-    def _end_session(self, s: Session) -> None:
+    def _end_session(self, s: Session, bye: int | None = None) -> None:
         del self.sessions[s.peer]
         self.leases.release_all(s)
         if self.gpu is not None:
-            self.gpu.forget(s.peer)
+            self.gpu.forget(s.peer, bye)
         self.metrics.clients.set(len(self.sessions))
 
     def _reap_dead_clients(self) -> None:

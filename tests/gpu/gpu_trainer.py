@@ -129,7 +129,9 @@ def training_loop(client, torch) -> None:
 
     addresses = {k: v.data_ptr() for k, v in model.state_dict().items()}
     del model, opt, s, taken
-    torch.cuda.empty_cache()  # the allocations go back to the driver; the next ones may reuse their addresses
+    # the allocations go back to the driver, but for one the daemon still maps (the client holds a
+    # tensor of it until snapshot 10 is copied: CUDA leaves freeing mapped memory undefined)
+    torch.cuda.empty_cache()
     model, opt = make()
     client.guard(opt)
     train(model, opt)

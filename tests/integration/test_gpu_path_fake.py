@@ -123,23 +123,33 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
     _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
 
 
-def test_device_arrays_are_kept_alive_until_copied_and_not_after(fake_gpu) -> None:
+def test_device_arrays_are_kept_alive_while_the_daemon_maps_them_and_not_after(fake_gpu) -> None:
     """The trainer may drop its arrays right after snapshot() (a fresh state_dict each step): the
-    client keeps them (and so their memory) until the daemon has copied them, and not longer, even
-    when the trainer never fences."""
+    client keeps them until the daemon has copied them, even when the trainer never fences, and
+    then one array of each allocation the daemon still maps (CUDA leaves freeing memory another
+    process maps undefined): until a snapshot that no longer uses it is copied, or ``bye``."""
     d = fake_gpu.start()
     with snapd.connect("alive", endpoint=d.endpoint, spawn=False) as c:
-        arr = fake_gpu.array(np.arange(50_000, dtype=np.float32))
-        p = c.snapshot({"w": arr}, step=1)
-        ref = weakref.ref(arr)
-        del arr
+        bid, base = fake_gpu.alloc(1 << 20)
+        arr = fake_gpu.array(np.arange(50_000, dtype=np.float32), within=(bid, base))
+        twin = fake_gpu.array(np.zeros(1000, np.float32), within=(bid, base + (512 << 10)))  # the same allocation
+        other = fake_gpu.array(np.arange(77, dtype=np.float64))
+        p = c.snapshot({"w": arr, "t": twin, "o": other}, step=1)
+        refs = {k: weakref.ref(v) for k, v in (("w", arr), ("t", twin), ("o", other))}
+        del arr, twin
         gc.collect()
-        assert ref() is not None  # the daemon may still be reading it
+        assert refs["w"]() is not None and refs["t"]() is not None  # the daemon may still be reading them
         p.wait(30)
-        c.snapshot({"w": fake_gpu.array(np.ones(10, np.float32))}, step=2).wait(30)
         gc.collect()
-        assert ref() is None
-        assert _same(c.restore(1), {"w": np.arange(50_000, dtype=np.float32)})
+        assert (refs["w"]() is None) != (refs["t"]() is None)  # one of that allocation's two, held for the daemon
+        c.snapshot({"o": other}, step=2).wait(30)  # the daemon closes the allocation no longer used
+        gc.collect()
+        assert refs["w"]() is None and refs["t"]() is None
+        assert _same(c.restore(1)["w"], np.arange(50_000, dtype=np.float32))
+    del other
+    gc.collect()
+    assert refs["o"]() is None  # bye: the daemon closed the rest
+    assert _log_count(d, "fake cuda: closed") == _log_count(d, "fake cuda: opened") == 2
 
 
 def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) -> None:
