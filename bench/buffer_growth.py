@@ -9,13 +9,19 @@ torch state in the same run, each snapshot waited to durable before the next:
 - DCP ``async_save``, whose first call also allocates its staging memory.
 For each: the stall (``snapshot()`` / ``async_save`` until the trainer may go on) and the time to
 durable, per snapshot index, and the first snapshot against the median of the later ones.
+
+``--ranks N`` also runs N trainer processes at once on one daemon with two buffers at start (the
+ranks of a node): with no more buffers allowed (``max_host_memory_bytes`` at two buffers, as
+before buffers could be added) and with the default, which adds one when all are busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +83,26 @@ def run(nbytes: int, snapshots: int, work: Path) -> dict[str, list[tuple[float, 
     return results
 
 
+def run_ranks(n: int, nbytes: int, snapshots: int, work: Path) -> dict[str, list[float]]:
+    """Each setting's stalls over ``n`` trainers (bench.durable's trainer, each waits to durable)."""
+    out = {}
+    one = nbytes + 16 * MIB
+    for i, (name, extra) in enumerate(((f"{n} ranks, 2 buffers and no more", ["--max-host-memory-bytes", str(2 * one)]),
+                                       (f"{n} ranks, 2 buffers at start, more added", []))):
+        run_dir = work / f"r{i}"
+        run_dir.mkdir()
+        daemon = SnapdDaemon(run_dir, one, *extra)
+        try:
+            procs = [subprocess.Popen([sys.executable, "-m", "bench.durable", "trainer", daemon.endpoint, str(nbytes),
+                                       str(snapshots), f"rank{r}"], stdout=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parent.parent) for r in range(n)]
+            res = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
+        finally:
+            daemon.close()
+        out[name] = sorted(x for r in res for x in r["stall"])
+    return out
+
+
 def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: str) -> str:
     n = len(next(iter(results.values())))
     lines = [f"# A snapshot larger than the host buffers ({nbytes / MIB:.0f} MiB of float32, "
@@ -92,17 +118,29 @@ def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: 
     return "\n".join(lines) + "\n"
 
 
+def report_ranks(stalls: dict[str, list[float]], nbytes: int) -> str:
+    lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots:", "",
+             "| setting | median | max |", "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(v):.3f} | {v[-1]:.3f} |" for name, v in stalls.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.buffer_growth", description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=512, help="state size (default 512 MiB)")
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    ap.add_argument("--ranks", type=int, default=0, help="also N trainer processes at once (0: not)")
+    ap.add_argument("--rank-mib", type=int, default=256, help="each rank's state (default 256 MiB)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapd-growth-") as tmp:
         results = run(args.mib * MIB, args.snapshots, Path(tmp))
+        ranks = run_ranks(args.ranks, args.rank_mib * MIB, args.snapshots, Path(tmp)) if args.ranks else None
     command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, args.mib * MIB, command.strip())
+    if ranks:
+        text += report_ranks(ranks, args.rank_mib * MIB)
     print(text, end="", flush=True)
     if args.out:
         args.out.write_text(text)

@@ -118,7 +118,7 @@ class Connection:
                 if msg["type"] == "error":
                     self._sent_epoch.pop(req_id, None)
                     raise reply_error(msg)
-                if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released"):
+                if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released", "synced"):
                     self._sent_epoch.pop(req_id, None)
                 return msg
             if self._sent_epoch.get(req_id, self.epoch) < self.epoch:

@@ -52,6 +52,7 @@ class Client:
         self._lease_free = "lease_free_snapshots" in features
         self._inline = "inline_tensors" in features
         self._changes = "value_changes" in features
+        self._sync = "sync" in features
         # the last layout's state, recognised without flattening it (client/state_memo.py)
         self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
 
@@ -191,10 +192,20 @@ class Client:
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
     def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None, device: Any = None) -> Any:
+        """A snapshot of this job, once the daemon has written every one of them still in flight
+        (``latest`` after a crash is then the last snapshot the killed trainer handed over)."""
+        self.sync()
         return load(self.root, self.job, step, keys=keys, into=into, device=device)
 
     def list(self) -> list:
+        self.sync()
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
+
+    def sync(self) -> None:
+        """Wait until the daemon has persisted (or failed) every snapshot of this job in flight,
+        this client's and any other's (a daemon older than the ``sync`` feature: no wait)."""
+        if self._sync and not self._conn.closed:
+            self._conn.call("sync")
 
     def status(self) -> dict:
         msg = self._conn.call("status")

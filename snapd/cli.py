@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from snapd.daemon.serve import serve
 
     flags = {"root": args.root, "endpoint": args.endpoint, "host_buffer_bytes": args.host_buffer_bytes,
-             "max_host_buffer_bytes": args.max_host_buffer_bytes,
+             "max_host_buffer_bytes": args.max_host_buffer_bytes, "max_host_memory_bytes": args.max_host_memory_bytes,
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
              "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
              "backend": args.backend, "metrics_addr": args.metrics_addr,
@@ -207,7 +207,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{', '.join(st.get('cuda_devices') or []) or 'off (device tensors are staged by the clients)'}")
     b = st["buffers"]
     sizes = sorted(set(b.get("sizes") or [b["bytes_each"]]))  # (grown ones differ; older daemons send no sizes)
-    grow = f", growing to {human_bytes(b['max_bytes_each'])}" if b.get("max_bytes_each", 0) > sizes[-1] else ""
+    grow = f", growing to {human_bytes(b['max_bytes_each'])} each and {human_bytes(b['max_bytes'])} in all" \
+        if b.get("max_bytes", 0) > sum(b.get("sizes") or []) else ""
     print(f"root {st['root']}; buffers {b['busy']}/{b['count']} busy x "
           f"{' / '.join(human_bytes(x) for x in sizes)}{grow}; waiting {st['waiting_for_buffer']}")
     print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
@@ -255,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", help="ipc://PATH to listen on (env SNAPD_ENDPOINT)")
     s.add_argument("--host-buffer-bytes", type=int, help="size of each host buffer at start")
     s.add_argument("--max-host-buffer-bytes", type=int,
-                   help="the size a buffer may grow to for a larger snapshot (default: all buffers together at "
-                        "most half the memory limit and half of shm_dir)")
+                   help="the size a buffer may grow to for a larger snapshot (default: max-host-memory-bytes / "
+                        "host-buffers)")
+    s.add_argument("--max-host-memory-bytes", type=int,
+                   help="all host buffers together, grown or added for snapshots that come at once (default: half "
+                        "the memory limit and half of shm_dir)")
     s.add_argument("--host-buffers", type=int, help="number of host buffers (>= 2)")
     s.add_argument("--encode-threads", type=int)
     s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")

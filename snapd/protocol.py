@@ -25,7 +25,7 @@ from snapd.format.tree import key_problem
 PROTOCOL_VERSION = 1
 # additions to version 1 a daemon announces in ``welcome``; a client uses one only when announced
 # (a daemon run as a service can be older than the clients that connect to it)
-FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors", "value_changes")
+FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors", "value_changes", "sync")
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 1_000_000
 MAX_INLINE_TENSOR_BYTES = 256  # a tensor this small may travel in the message itself (`inline`)
@@ -211,6 +211,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     "status": {},
     "ping": {},
     "bye": {},
+    "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended
 }
 
 

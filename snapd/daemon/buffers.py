@@ -9,7 +9,8 @@ to one snapshot at a time: from ``acquire`` until its bytes are persisted.
 A snapshot larger than a buffer grows the one it is granted, up to ``max_host_buffer_bytes``: a
 fresh, larger file replaces it, made and touched on a thread while the snapshot waits (about 0.6 s
 a GiB, once: the snapshots after run at full speed), as DCP's ``async_save`` allocates its staging
-memory at its first save.
+memory at its first save. A request that finds every buffer busy gets one more, made the same
+way (``reserve``), within ``max_host_memory_bytes``.
 
 A buffer serves one uid at a time. A client keeps its mapping after its
 lease ends, so handing the same pages to another user would let the first
@@ -66,7 +67,7 @@ class HostBuffer:
     index: int
     path: Path
     size: int
-    mm: mmap.mmap
+    mm: mmap.mmap | None  # None: a slot for a buffer being made (``reserve``)
     view: np.ndarray  # uint8 over the whole mapping
     lease: int | None = None  # the lease holding it, None when free
     uid: int = -1  # the only client uid that may map it (-1: the daemon's own)
@@ -85,6 +86,7 @@ class BufferPool:
         self.before_discard: Callable[[HostBuffer], None] | None = None  # the GPU copier unpins it
         self.after_install: Callable[[HostBuffer], None] | None = None  # the GPU copier pins it
         self._touched = threading.Event()
+        self._next_index = count
         try:
             for i in range(count):
                 self.buffers.append(self._create(i, size, None))
@@ -157,19 +159,41 @@ class BufferPool:
             raise
         return new
 
+    def reserve(self, size: int) -> HostBuffer:
+        """A slot for one more buffer of ``size``, to be made by ``replace`` (it counts in ``total``
+        from now on: two requests cannot both take the last of the memory)."""
+        slot = HostBuffer(self._next_index, self.shm_dir / "(being made)", size, None, np.empty(0, np.uint8), PREPARING)
+        self._next_index += 1
+        self.buffers.append(slot)
+        return slot
+
+    def total(self) -> int:
+        return sum(b.size for b in self.buffers)
+
+    def drop(self, b: HostBuffer) -> None:
+        """``b`` (free, or a slot whose buffer could not be made) leaves the pool."""
+        self.buffers = [x for x in self.buffers if x is not b]
+        self._discard(b)
+        if b.mm is not None:
+            log.info("host buffer %d (%d MiB) released: no client left", b.index, b.size >> 20)
+
     def install(self, new: HostBuffer) -> HostBuffer:
-        """``new`` (from ``make``) takes the place of the buffer of its index, which goes (server thread)."""
-        old = self.buffers[new.index] if new.index < len(self.buffers) else None
-        if old is None or old is new:
-            if old is None:  # closed meanwhile
-                _discard(new)
+        """``new`` (from ``make``) takes the place of the buffer (or slot) of its index, which goes
+        (server thread)."""
+        at = next((i for i, b in enumerate(self.buffers) if b.index == new.index), None)
+        if at is None:  # closed meanwhile
+            _discard(new)
             return new
-        self.buffers[new.index] = new
+        old = self.buffers[at]
+        self.buffers[at] = new
         self._discard(old)
-        if new.size > old.size:
+        if old.mm is None:
+            log.warning("host buffer %d of %d MiB added: more snapshots at once than buffers", new.index,
+                        new.size >> 20)
+        elif new.size > old.size:
             log.warning("host buffer %d grown from %d to %d MiB for a larger snapshot (start with "
                         "host_buffer_bytes >= %d to skip this)", new.index, old.size >> 20, new.size >> 20, new.size)
-        if new.uid != old.uid:
+        if new.uid != old.uid and old.mm is not None:
             log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
                      new.index, new.uid)
         if self.after_install is not None:
@@ -198,7 +222,7 @@ class BufferPool:
         return next((b for b in self.buffers if b.lease == lease), None)
 
     def describe(self) -> list[dict]:
-        return [{"index": b.index, "path": str(b.path), "bytes": b.size} for b in self.buffers]
+        return [{"index": b.index, "path": str(b.path), "bytes": b.size} for b in self.buffers if b.mm is not None]
 
     def close(self) -> None:
         for b in self.buffers:
@@ -212,6 +236,8 @@ class BufferPool:
 
 
 def _discard(b: HostBuffer) -> None:
+    if b.mm is None:  # a slot: nothing was made
+        return
     b.path.unlink(missing_ok=True)
     b.view = np.empty(0, np.uint8)
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_max_host_buffer_bytes
+from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_host_memory_bytes
 from snapd.errors import InvalidArgument
 from snapd.format.manifest import CODECS
 from snapd.paths import default_endpoint, default_root, socket_path
@@ -26,9 +26,12 @@ class DaemonConfig:
     endpoint: str
     host_buffer_bytes: int  # each buffer's size at start
     host_buffers: int = 2
-    # a snapshot larger than a buffer grows it (once, fresh pages) up to this; None: never
-    # (``from_sources`` sets the default: snapd.daemon.host_memory.default_max_host_buffer_bytes)
+    # a snapshot larger than a buffer grows it up to this; None: never. Clients that snapshot at
+    # once get more buffers, all of them together up to max_host_memory_bytes; None: never. Both
+    # go back to the starting ones when no client is left (``from_sources`` sets the defaults:
+    # snapd.daemon.host_memory)
     max_host_buffer_bytes: int | None = None
+    max_host_memory_bytes: int | None = None
     encode_threads: int = max(1, min(8, (os.cpu_count() or 2)))
     chunk_bytes: int = 4 * MIB
     codec: str = "auto"
@@ -56,6 +59,11 @@ class DaemonConfig:
         if self.max_host_buffer_bytes is not None and self.max_host_buffer_bytes < self.host_buffer_bytes:
             raise InvalidArgument(f"max_host_buffer_bytes ({self.max_host_buffer_bytes}) is less than "
                                   f"host_buffer_bytes ({self.host_buffer_bytes})")
+        if self.max_host_memory_bytes is not None and \
+                self.max_host_memory_bytes < max(self.host_buffers * self.host_buffer_bytes, self.buffer_cap):
+            raise InvalidArgument(f"max_host_memory_bytes ({self.max_host_memory_bytes}) is less than the "
+                                  f"starting buffers ({self.host_buffers} x {self.host_buffer_bytes}) or one "
+                                  f"buffer at max_host_buffer_bytes ({self.buffer_cap})")
         if not 1 <= self.encode_threads <= 64:
             raise InvalidArgument(f"encode_threads must be 1..64, got {self.encode_threads}")
         if self.chunk_bytes < 64 << 10 or self.chunk_bytes > 64 * MIB or self.chunk_bytes % 16:
@@ -89,6 +97,11 @@ class DaemonConfig:
         """The largest a host buffer may become (the largest snapshot the daemon takes)."""
         return self.max_host_buffer_bytes or self.host_buffer_bytes
 
+    @property
+    def memory_cap(self) -> int:
+        """The most all host buffers together may take."""
+        return self.max_host_memory_bytes or self.host_buffers * self.buffer_cap
+
     @classmethod
     def from_sources(cls, flags: dict[str, Any], env: dict[str, str] | None = None,
                      config_file: str | os.PathLike | None = None) -> DaemonConfig:
@@ -110,10 +123,11 @@ class DaemonConfig:
         values.setdefault("host_buffer_bytes", default_host_buffer_bytes())
         values["root"] = Path(values["root"])
         values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
-        count = values.get("host_buffers", 2)
-        if "max_host_buffer_bytes" not in values and isinstance(values["host_buffer_bytes"], int):
-            values["max_host_buffer_bytes"] = default_max_host_buffer_bytes(
-                count if isinstance(count, int) and count >= 2 else 2, values["host_buffer_bytes"], values["shm_dir"])
+        count, start = values.get("host_buffers", 2), values["host_buffer_bytes"]
+        if isinstance(count, int) and count >= 2 and isinstance(start, int):
+            values.setdefault("max_host_memory_bytes", max(count * start, default_host_memory_bytes(values["shm_dir"])))
+            if isinstance(values["max_host_memory_bytes"], int):
+                values.setdefault("max_host_buffer_bytes", max(start, values["max_host_memory_bytes"] // count // MIB * MIB))
         for name in ("allowed_users", "allowed_groups"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(str(x) for x in values[name])

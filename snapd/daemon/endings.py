@@ -60,8 +60,24 @@ def on_event(server: Any, event: dict) -> None:
     server._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
 
 
+def on_sync(server: Any, peer: bytes, job: str, root: Any, req_id: int) -> bytes | None:
+    """``sync``: "synced" once every snapshot of ``job`` under ``root`` now in flight has ended,
+    whichever client sent it (a trainer killed a moment ago, whose successor is about to restore:
+    its last snapshots are still the daemon's to write). None: answered from ``finish``."""
+    seqs = {t.seq for t in server.tasks.values() if t.job == job and t.root == root}
+    if not seqs:
+        return protocol.reply("synced", req_id)
+    server.syncs.append((peer, req_id, seqs))
+    return None
+
+
 def finish(server: Any, event: dict) -> None:
     task = server.tasks.pop(event["seq"])
+    for entry in list(server.syncs):
+        entry[2].discard(task.seq)
+        if not entry[2]:
+            server.syncs.remove(entry)
+            server._send(entry[0], protocol.reply("synced", entry[1]))
     server.leases.free(None, task.lease)
     if event["ok"]:
         server.counters["persisted"] += 1

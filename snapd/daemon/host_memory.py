@@ -3,8 +3,8 @@
 Three things bound it: the machine's memory, the memory limit of the cgroup the daemon runs in
 (systemd's ``MemoryMax=``, a batch job's allocation: psutil sees neither), and the room left in
 the shared-memory filesystem, where a page touched past its end is a SIGBUS in whoever touched
-it, the trainer included. The defaults of ``host_buffer_bytes`` and ``max_host_buffer_bytes`` are
-made here, and a buffer is grown only when all three have room for it.
+it, the trainer included. The defaults of ``host_buffer_bytes`` and ``max_host_memory_bytes`` are
+made here, and a buffer is grown or added only when all three have room for it.
 """
 
 from __future__ import annotations
@@ -105,16 +105,14 @@ def default_host_buffer_bytes() -> int:
     return int(min(4096 * MIB, max(64 * MIB, available_memory() // 8)))
 
 
-def default_max_host_buffer_bytes(count: int, host_buffer_bytes: int, shm_dir: Path) -> int:
-    """How far buffers grow for a snapshot larger than ``host_buffer_bytes``: all ``count`` of them
-    together at most half the daemon's memory limit and half the shm filesystem (the rest is for
-    the trainers and their registered regions), and never less than the starting size."""
+def default_host_memory_bytes(shm_dir: Path) -> int:
+    """The most all host buffers together take by default: half the daemon's memory limit and half
+    the shm filesystem (the rest is for the trainers and their registered regions)."""
     try:
         shm = shm_size(shm_dir)
     except OSError:  # the pool reports a missing shm_dir with its own error
         shm = memory_limit()
-    cap = min(memory_limit(), shm) // (2 * count)
-    return max(host_buffer_bytes, cap // MIB * MIB)
+    return min(memory_limit(), shm) // 2 // MIB * MIB
 
 
 def grown_size(nbytes: int, cap: int) -> int:

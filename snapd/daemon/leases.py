@@ -11,6 +11,7 @@ through a queue and an event (``replaced``).
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Callable
 from snapd import protocol
 from snapd.daemon.buffers import BufferPool, HostBuffer
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.host_memory import grown_size, room_to_grow
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
@@ -67,26 +69,57 @@ class Leases:
         or, when the request waits, once a buffer is granted (None here then). A free buffer that
         must first be replaced (grown for ``nbytes``, or fresh pages for another uid) is made on a
         thread while the request waits (a skipping client's snapshot is skipped instead)."""
-        buf = self.pool.free(nbytes)
         at_limit = self._at_limit(s)
-        if buf is not None and not at_limit and not (self._eligible_waiter() and not emergency):
-            size = self.pool.replacement_size(buf, s.uid, nbytes, self.config.buffer_cap)
-            if size is None:
+        if not at_limit and not (self._eligible_waiter() and not emergency):
+            room = self._room_for(s.uid, nbytes)
+            if room is not None and room[1] is None:
                 if then is not None:
-                    return then(self._lease(s, buf), 0.0)
-                return self._grant(s, buf, req_id)
-            w = self._queue(s, req_id, nbytes, emergency, then) if s.on_busy != "skip" or emergency else None
-            self._replace(buf, size, s.uid, w)
-            if w is None:
-                raise Busy(f"host buffer {buf.index} is being made ready for snapshots of this size ({size} bytes):"
-                           f" this one is skipped, a later one gets it")
-            return None
+                    return then(self._lease(s, room[0]), 0.0)
+                return self._grant(s, room[0], req_id)
+            if room is not None:
+                w = self._queue(s, req_id, nbytes, emergency, then) if s.on_busy != "skip" or emergency else None
+                self._replace(room[0], room[1], s.uid, w)
+                if w is None:
+                    raise Busy(f"host buffer {room[0].index} is being made ready for snapshots of this size "
+                               f"({room[1]} bytes): this one is skipped, a later one gets it")
+                return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
-            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots")
+            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots, and "
+                       f"max_host_memory_bytes ({self.config.memory_cap}) or the memory left has no room for another")
         self._queue(s, req_id, nbytes, emergency, then)
         return None  # granted later, when a buffer frees
+
+    def _room_for(self, uid: int, nbytes: int) -> tuple[HostBuffer, int | None] | None:
+        """Where a snapshot of ``nbytes`` for ``uid`` can go now: a free buffer that serves as it is
+        (size None), one to replace first (grown, or for this uid: the size to make), or a slot
+        for one more buffer when none is free and memory allows; None: wait for one to free.
+        LimitExceeded when the free buffer cannot grow as far."""
+        c, pool = self.config, self.pool
+        buf = pool.free(nbytes)
+        if buf is not None:
+            size = pool.replacement_size(buf, uid, nbytes, c.buffer_cap)
+            if size is not None and pool.total() - buf.size + size > c.memory_cap:
+                raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown to {size} "
+                                    f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
+            return buf, size
+        size = grown_size(nbytes, c.buffer_cap) if nbytes > c.host_buffer_bytes else c.host_buffer_bytes
+        if pool.total() + size > c.memory_cap or room_to_grow(pool.shm_dir, size):
+            return None
+        return pool.reserve(size), size
+
+    def restore_start(self) -> None:
+        """No client left (a job ended): the buffers added go, and grown ones are made anew at the
+        starting size, so that a service does not hold a finished job's memory."""
+        c = self.config
+        for b in sorted(self.pool.buffers, key=lambda b: -b.index):
+            if b.lease is None and b.index >= c.host_buffers and len(self.pool.buffers) > c.host_buffers:
+                self.pool.drop(b)
+        for b in self.pool.buffers:
+            if b.lease is None and b.size > c.host_buffer_bytes:
+                self._replace(b, c.host_buffer_bytes, b.uid if b.uid != -1 else os.geteuid(), None)
+        self.gauges()
 
     def _queue(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any) -> Waiter:
         w = Waiter(s.peer, req_id, nbytes, emergency, time.monotonic(), then)
@@ -114,6 +147,8 @@ class Leases:
             w = self._preparing.pop(new.index, None)
             new.lease = None
             if why:
+                if new.mm is None:  # a slot: no buffer was added
+                    self.pool.drop(new)
                 if w is not None and w in self.waiters:
                     self.waiters.remove(w)
                     self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
@@ -155,16 +190,18 @@ class Leases:
         self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
         while not self.stopping:
             w = self._eligible_waiter()
-            buf = self.pool.free(w.nbytes) if w is not None else None
-            if w is None or buf is None:
+            if w is None:
                 return
             ws = self.sessions[w.peer]
             try:
-                size = self.pool.replacement_size(buf, ws.uid, w.nbytes, self.config.buffer_cap)
+                room = self._room_for(ws.uid, w.nbytes)
             except SnapdError as e:
                 self.waiters.remove(w)
                 self._send(w.peer, protocol.error_reply(w.req_id, e.code, str(e)))
                 continue
+            if room is None:
+                return
+            buf, size = room
             if size is not None:
                 self._replace(buf, size, ws.uid, w)
                 continue

@@ -26,7 +26,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
-from snapd.daemon.endings import on_event, post_event
+from snapd.daemon.endings import on_event, on_sync, post_event
 from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.layouts import accept_snapshot
 from snapd.daemon.sessions import Session, open_region
@@ -70,6 +70,7 @@ class Server:
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
         self._handoffs: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
+        self.syncs: list[tuple[bytes, int, set[int]]] = []  # (peer, sync request, tasks it waits for)
 
     def enable_gpu(self) -> None:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
@@ -122,6 +123,8 @@ class Server:
             notifier.tick()
             if now >= next_check:
                 self._reap_dead_clients()
+                if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
+                    self.leases.restore_start()
                 next_check = now + self.config.client_check_interval_s
                 notifier.status(self.status_line())
             if should_stop() and not self.stopping:
@@ -240,7 +243,7 @@ class Server:
         if self.stopping:
             raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
         cap = self.config.buffer_cap
-        if nbytes > cap:
+        if nbytes > cap:  # (max_host_buffer_bytes is at most max_host_memory_bytes: one names both)
             raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon makes, "
                                 f"{cap} bytes: raise max_host_buffer_bytes (and the memory the daemon may use)",
                                 "too_large")
@@ -277,6 +280,10 @@ class Server:
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
         return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())
 
+    def _on_sync(self, peer: bytes, msg: dict) -> bytes | None:
+        s = self._session(peer)
+        return on_sync(self, peer, s.job, s.jobs_root, msg["id"])
+
     def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:
             self._end_session(self.sessions[peer], bye=msg["id"])
@@ -287,6 +294,7 @@ class Server:
     # -- endings ------------------------------------------------------------------
     def _end_session(self, s: Session, bye: int | None = None) -> None:
         del self.sessions[s.peer]
+        self.syncs = [x for x in self.syncs if x[0] != s.peer]
         self.leases.release_all(s)
         if self.gpu is not None:
             self.gpu.forget(s.peer, bye)

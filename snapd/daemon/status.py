@@ -72,6 +72,7 @@ def status_of(server: Server) -> dict[str, Any]:
             "in_flight": dict(by_state), "waiting_for_buffer": len(server.leases.waiters),
             "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,
                         "sizes": [b.size for b in pool.buffers], "max_bytes_each": config.buffer_cap,
+                        "max_bytes": config.memory_cap,
                         "busy": sum(b.lease is not None for b in pool.buffers)},
             "codecs": {job: {"codec": c.codec, "reason": c.reason} for job, c in server.pipeline.choices.items()},
             "jobs": sorted(server.recent.jobs.values(), key=lambda j: j["dir"]),

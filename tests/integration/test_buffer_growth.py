@@ -31,7 +31,7 @@ def _same(got: dict, want: dict) -> bool:
 
 
 def test_a_snapshot_larger_than_the_buffers_grows_them_and_restores_exactly(start) -> None:
-    d = start("--host-buffer-bytes", str(MIB))
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-memory-bytes", str(128 * MIB))  # room for 2 grown
     wants = [_state(step, 3 * MIB // 4 + step) for step in range(5)]  # 3 MiB each, over the 1 MiB buffers
     with snapd.connect("grow", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
         assert c.snapshot(wants[0], step=0).wait(30).step == 0
@@ -81,8 +81,9 @@ def test_registered_tensors_larger_than_the_buffers_grow_them(start) -> None:
 
 def test_a_waiting_snapshot_is_granted_a_grown_buffer_when_one_frees(start) -> None:
     """Both buffers held by another client: the large snapshot waits, and gets a buffer grown for it
-    as soon as one is given back."""
-    d = start("--host-buffer-bytes", str(MIB))
+    as soon as one is given back (max_host_memory_bytes leaves room to grow one, not to add one)."""
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(32 * MIB),
+              "--max-host-memory-bytes", str(33 * MIB))
     holder = Connection(d.endpoint, 10)
     try:
         holder.call("hello", job="holder", pid=os.getpid(), on_busy="wait")
@@ -134,7 +135,8 @@ def test_client_buffer_bytes_counts_a_grown_buffer_at_its_size(start) -> None:
 def test_a_buffer_larger_than_memory_allows_is_refused_naming_why(start) -> None:
     """max_host_buffer_bytes set past what the machine has: the growth is refused before any page is
     touched (a touch past tmpfs's end is a SIGBUS in whoever made it), and the daemon goes on."""
-    d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(1 << 50))
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(1 << 50),
+              "--max-host-memory-bytes", str(1 << 51))
     with snapd.connect("huge", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
         conn = Connection(d.endpoint, 10)
         try:
@@ -147,3 +149,62 @@ def test_a_buffer_larger_than_memory_allows_is_refused_naming_why(start) -> None
         c.snapshot(want, step=9).wait(30)
         assert _same(c.restore(9), want)
         assert daemon_status(d.endpoint)["buffers"]["sizes"] == [MIB, MIB]
+
+
+def test_clients_snapshotting_at_once_get_more_buffers_and_a_finished_job_gives_them_back(start) -> None:
+    """Eight ranks of a node snapshot at the same step into one daemon: a request that finds every
+    buffer busy gets one more (within max_host_memory_bytes) instead of waiting for a flush. Once
+    no client is left, the added and grown buffers go: a service keeps no finished job's memory."""
+    d = start("--host-buffer-bytes", str(MIB), env={"SNAPD_CLIENT_CHECK_INTERVAL_S": "0.2"})
+    a, b = Connection(d.endpoint, 10), Connection(d.endpoint, 10)
+    try:
+        a.call("hello", job="rank0", pid=os.getpid(), on_busy="wait")
+        b.call("hello", job="rank1", pid=os.getpid(), on_busy="wait")
+        held = [a.call("acquire", nbytes=100, emergency=False) for _ in range(2)]  # both, never given back
+        third = b.call("acquire", nbytes=3 * MIB, emergency=False)  # would wait forever without a third
+        assert third["buffer"] not in {g["buffer"] for g in held} and third["bytes"] >= 3 * MIB
+        st = daemon_status(d.endpoint)["buffers"]
+        assert st["count"] == 3 and st["busy"] == 3 and st["max_bytes"] >= sum(st["sizes"])
+        b.call("release", lease=third["lease"])
+        want = _state(4, MIB // 2)  # 2 MiB: a free buffer grows for it rather than another being added
+        with snapd.connect("rank1", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+            c.snapshot(want, step=4).wait(30)
+            assert _same(c.restore(4), want)
+            assert daemon_status(d.endpoint)["buffers"]["count"] == 3
+        for g in held:
+            a.call("release", lease=g["lease"])
+    finally:
+        a.call("bye")
+        b.call("bye")
+        a.close()
+        b.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        st = daemon_status(d.endpoint)["buffers"]
+        if st["sizes"] == [MIB, MIB]:
+            break
+        time.sleep(0.1)
+    assert st["sizes"] == [MIB, MIB] and st["count"] == 2, st
+    assert "added: more snapshots at once than buffers" in d.log_text()
+    with snapd.connect("next-job", endpoint=d.endpoint, spawn=False) as c:  # the pool serves on as at start
+        c.snapshot(_state(5, 1000), step=5).wait(30)
+
+
+def test_with_no_memory_left_for_another_buffer_a_request_waits_or_is_skipped(start) -> None:
+    d = start("--host-buffer-bytes", str(MIB), "--max-host-memory-bytes", str(2 * MIB))
+    a, b = Connection(d.endpoint, 10), Connection(d.endpoint, 10)
+    try:
+        a.call("hello", job="rank0", pid=os.getpid(), on_busy="wait")
+        b.call("hello", job="rank1", pid=os.getpid(), on_busy="skip")
+        held = [a.call("acquire", nbytes=100, emergency=False) for _ in range(2)]
+        with pytest.raises(Busy, match="max_host_memory_bytes"):
+            b.call("acquire", nbytes=100, emergency=False)
+        waiting = a.send("acquire", nbytes=100, emergency=False)
+        with pytest.raises(TimeoutError):
+            a.wait(waiting, 0.5)
+        a.call("release", lease=held[0]["lease"])
+        assert a.wait(waiting, 10)["buffer"] == held[0]["buffer"]
+        assert daemon_status(d.endpoint)["buffers"]["count"] == 2
+    finally:
+        a.close()
+        b.close()

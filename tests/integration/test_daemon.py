@@ -200,7 +200,8 @@ def _ask(s: zmq.Socket, frame: bytes) -> dict:
     return protocol.decode_reply(s.recv())
 
 
-def test_busy_buffers_skip_or_wait(daemon) -> None:
+def test_busy_buffers_skip_or_wait(start) -> None:
+    daemon = start("--max-host-memory-bytes", str(64 << 20))  # a fixed pool: two buffers, no more
     holder = _ask_hello(daemon.endpoint)
     leases = [_ask(holder, protocol.request("acquire", i + 2, nbytes=1024, emergency=False))["lease"]
               for i in range(2)]  # both host buffers held

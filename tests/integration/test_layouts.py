@@ -180,9 +180,10 @@ def _hold_all_buffers(endpoint: str, n: int = 2) -> tuple[Connection, list[int]]
     return other, [other.call("acquire", nbytes=64, emergency=False)["lease"] for _ in range(n)]
 
 
-def test_a_state_the_daemon_copies_needs_no_acquire(daemon, monkeypatch) -> None:
+def test_a_state_the_daemon_copies_needs_no_acquire(start, monkeypatch) -> None:
     """Every tensor registered: the snapshot goes without a lease (one round trip), waits in the
     daemon for a buffer like an acquire would, and is skipped there with on_busy skip."""
+    daemon = start("--max-host-memory-bytes", str(64 << 20))  # a fixed pool: two buffers, no more
     sends: list[tuple[Connection, str]] = []
     real = Connection.send
     monkeypatch.setattr(Connection, "send", lambda self, kind, **f: (sends.append((self, kind)), real(self, kind, **f))[1])
@@ -243,7 +244,7 @@ def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent
     def call(self, kind, timeout_s=None, **fields):
         reply = real_call(self, kind, timeout_s, **fields)
         if kind == "hello":
-            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors", "value_changes"}
+            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors", "value_changes", "sync"}
             reply.pop("features")  # as an older daemon's welcome
         return reply
     monkeypatch.setattr(Connection, "call", call)

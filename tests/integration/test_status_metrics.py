@@ -34,7 +34,7 @@ def test_status_json_schema(daemon) -> None:
         assert (job["job"], job["dir"], job["persisted"], job["failed"], job["last_step"]) == \
             ("st", str(c.root / "st"), 1, 0, 1)
         assert st["throughput"]["snapshots"] == 1 and st["throughput"]["raw_bytes_per_s"] == round(4000 / 60)
-        assert set(st["buffers"]) == {"count", "bytes_each", "sizes", "max_bytes_each", "busy"}
+        assert set(st["buffers"]) == {"count", "bytes_each", "sizes", "max_bytes_each", "max_bytes", "busy"}
         assert st["buffers"]["count"] == 2 and st["buffers"]["sizes"] == [32 << 20] * 2
         assert st["buffers"]["max_bytes_each"] >= 32 << 20
         assert set(st["counters"]) == {"persisted", "failed", "skipped", "bytes_raw", "bytes_stored"}
