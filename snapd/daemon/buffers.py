@@ -213,10 +213,14 @@ class BufferPool:
     def wait_touched(self, timeout: float | None = None) -> bool:
         return self._touched.wait(timeout)
 
-    def free(self, nbytes: int = 0) -> HostBuffer | None:
-        """A free buffer, one that holds ``nbytes`` if any does (else the largest: the least to grow)."""
+    def free(self, nbytes: int = 0, uid: int | None = None) -> HostBuffer | None:
+        """A free buffer: one that holds ``nbytes`` and already serves ``uid`` if any (nothing to
+        make), else one that holds ``nbytes``, else the largest (the least to grow)."""
         free = [b for b in self.buffers if b.lease is None]
-        return next((b for b in free if b.size >= nbytes), max(free, key=lambda b: b.size, default=None))
+        fits = [b for b in free if b.size >= nbytes]
+        own = os.geteuid()
+        return next((b for b in fits if b.uid == uid or (b.uid == -1 and uid == own)), None) \
+            or next(iter(fits), None) or max(free, key=lambda b: b.size, default=None)
 
     def by_lease(self, lease: int) -> HostBuffer | None:
         return next((b for b in self.buffers if b.lease == lease), None)

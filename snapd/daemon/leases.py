@@ -97,7 +97,7 @@ class Leases:
         for one more buffer when none is free and memory allows; None: wait for one to free.
         LimitExceeded when the free buffer cannot grow as far."""
         c, pool = self.config, self.pool
-        buf = pool.free(nbytes)
+        buf = pool.free(nbytes, uid)
         if buf is not None:
             size = pool.replacement_size(buf, uid, nbytes, c.buffer_cap)
             if size is not None and pool.total() - buf.size + size > c.memory_cap:
