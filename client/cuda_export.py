@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from snapd import cuda_driver
-from snapd.errors import UnsupportedValueError
 from snapd.format.tree import TensorLeaf
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class CudaExport:
         self._ready: dict[str, list[cuda_driver.IpcEvent]] = {}
         self._turn: dict[str, int] = {}
         self._done: dict[str, cuda_driver.OpenedEvent] = {}
-        self._pinned: set[int] = set()
+        self._pinned: dict[int, int] = {}  # host buffer address -> the context that pinned it (0: not pinned)
         self._seq = 0  # GPU-path snapshots handed over, in order
         self._held: list[Any] = []  # a tensor of each allocation the daemon may still map (``hold``)
         self._held_seq = 0
@@ -184,40 +183,42 @@ class CudaExport:
             ev.wait_on(streams[uuid])
 
     def stage(self, leaf: TensorLeaf, dst: np.ndarray, mapping: np.ndarray) -> None:
-        """Copy a device tensor into the host buffer ourselves (blocking: this is the fallback)."""
+        """Copy a device tensor into the host buffer ourselves (blocking: this is the fallback).
+        torch tensors by torch (its current stream orders the copy); anything else known by
+        ``__cuda_array_interface__`` (CuPy, JAX, Numba, ...) by the driver, after the stream the
+        interface names: no CuPy needed in the trainer."""
         src = leaf.source
+        context = self._allocation(leaf.ptr).context
+        self._pin(mapping, context)
         if leaf.kind == "torch":
             import torch
 
-            self._pin(mapping, torch)
             torch.from_numpy(dst).copy_(src.detach().reshape(-1).view(torch.uint8))
         else:
-            try:
-                import cupy
-            except ImportError:
-                raise UnsupportedValueError(
-                    f"{leaf.key}: this process must copy this {type(src).__name__} from the GPU itself (the "
-                    "warning above says why), and that needs CuPy (pip install cupy-cuda12x)") from None
-            cupy.asarray(src).reshape(-1).view(cupy.uint8).get(out=dst)
+            cuda_driver.copy_to_host(context, dst.ctypes.data, leaf.ptr, leaf.nbytes, _stream_of(leaf.kind, src))
 
-    def _pin(self, mapping: np.ndarray, torch: Any) -> None:
-        """Page-lock the mapped host buffer once, so staging copies run at full speed."""
+    def _pin(self, mapping: np.ndarray, context: int) -> None:
+        """Page-lock the mapped host buffer once (portable: for every context), so staging copies
+        run at full speed."""
         address = mapping.ctypes.data
         if address in self._pinned:
             return
-        self._pinned.add(address)
-        rc = torch.cuda.cudart().cudaHostRegister(address, mapping.nbytes, 0)
-        if int(rc) != 0:
-            log.info("could not pin the host buffer (cudaHostRegister: %s); staging copies are slower", rc)
+        self._pinned[address] = context
+        try:
+            cuda_driver.host_register(context, address, mapping.nbytes)
+        except cuda_driver.CudaError as e:
+            self._pinned[address] = 0
+            log.info("could not pin the host buffer (%s); staging copies are slower", e)
 
     def unpin(self, address: int) -> None:
         """The mapping at ``address`` is about to go (the daemon replaced that buffer): unpin it, or
         its pages stay locked for the life of the process."""
-        if address in self._pinned:
-            self._pinned.discard(address)
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(address)
+        context = self._pinned.pop(address, 0)
+        if context:
+            try:
+                cuda_driver.host_unregister(context, address)
+            except cuda_driver.CudaError as e:
+                log.debug("unpinning the host buffer: %s", e)
 
     def next_seq(self) -> int:
         self._seq += 1

@@ -254,6 +254,17 @@ def host_register(context: int, address: int, nbytes: int) -> None:
         _call("cuMemHostRegister_v2", ctypes.c_void_p(address), ctypes.c_size_t(nbytes), ctypes.c_uint(1))
 
 
+def copy_to_host(context: int, dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Copy ``nbytes`` of device memory at ``src`` to host memory at ``dst`` once the work queued on
+    ``stream`` (the producer's: 0 none, 1 legacy default, 2 per-thread default, else a handle) is
+    done. Blocking, GIL released: the fallback that stages a device array when CUDA IPC cannot
+    work, for arrays neither torch nor CuPy can copy (anything known by __cuda_array_interface__)."""
+    with _Current(context):
+        if stream:
+            _call("cuStreamSynchronize", ctypes.c_void_p(stream))
+        _call("cuMemcpyDtoH_v2", ctypes.c_void_p(dst), ctypes.c_uint64(src), ctypes.c_size_t(nbytes))
+
+
 def host_unregister(context: int, address: int) -> None:
     with _Current(context):
         _call("cuMemHostUnregister", ctypes.c_void_p(address))

@@ -155,6 +155,11 @@ def install_client(monkeypatch: Any, arenas: list[Arena], bad_handles: set[int] 
     monkeypatch.setattr(cuda_driver, "buffer_id", lambda ptr: where(ptr)[1])
     monkeypatch.setattr(cuda_driver, "device_uuid", uuid)
     monkeypatch.setattr(cuda_driver, "mem_handle", mem_handle)
+    monkeypatch.setattr(cuda_driver, "host_register", lambda context, address, nbytes: None)
+    monkeypatch.setattr(cuda_driver, "host_unregister", lambda context, address: None)
+    # (the arenas are mapped here: a device->host copy is a memmove, once the address is checked)
+    monkeypatch.setattr(cuda_driver, "copy_to_host",
+                        lambda context, dst, src, n, stream: where(src) and ctypes.memmove(dst, src, n))
     monkeypatch.setattr(cuda_driver, "IpcEvent", lambda context: _Event(context))
     monkeypatch.setattr(cuda_driver, "OpenedEvent", _Event)
 

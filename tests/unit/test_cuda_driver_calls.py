@@ -36,6 +36,18 @@ int cuPointerGetAttributes(unsigned n, int *attrs, void **data, u64 ptr) {
     for (unsigned i = 0; i < n; i++) { int rc = attribute(attrs[i], data[i], ptr); if (rc) return rc; }
     return 0;
 }
+/* the staging copy: "device" memory is host memory here; what was called, in order, is logged */
+u64 calls[16]; int ncalls = 0;
+static void note(u64 v) { if (ncalls < 16) calls[ncalls++] = v; }
+int cuCtxPushCurrent_v2(void *ctx) { note(1); note((u64)ctx); return 0; }
+int cuCtxPopCurrent_v2(void **ctx) { note(2); *ctx = 0; return 0; }
+int cuStreamSynchronize(void *stream) { note(3); note((u64)stream); return 0; }
+int cuMemcpyDtoH_v2(void *dst, u64 src, size_t n) {
+    note(4);
+    if (src == 0) return 1;
+    for (size_t i = 0; i < n; i++) ((char *)dst)[i] = ((const char *)src)[i];
+    return 0;
+}
 """
 
 # addresses that need all 64 bits (a 32-bit conversion anywhere would lose the top)
@@ -75,3 +87,20 @@ def test_a_failed_query_names_the_call_and_the_error(libcuda) -> None:
         cuda_driver.buffer_id(0)
     with pytest.raises(cuda_driver.CudaError, match="cuPointerGetAttributes failed: CUDA_ERROR_INVALID_VALUE"):
         cuda_driver.Allocation(0)
+
+
+def test_a_staging_copy_waits_on_the_producers_stream_in_the_allocations_context(libcuda) -> None:
+    """What the client does to stage an array neither torch nor CuPy copies (JAX, Numba, ...)."""
+    lib = cuda_driver._lib
+    src = ctypes.create_string_buffer(bytes(range(256)) * 40)
+    dst = ctypes.create_string_buffer(len(src))
+    stream, context = 0x7F00_DEAD_BEEF, 0xFFFF_8000_0000_C000  # (all 64 bits must get through)
+    cuda_driver.copy_to_host(context, ctypes.addressof(dst), ctypes.addressof(src), 10_000, stream)
+    assert dst.raw[:10_000] == src.raw[:10_000] and dst.raw[10_000:] == bytes(len(src) - 10_000)
+    calls = (ctypes.c_uint64 * 16).in_dll(lib, "calls")[:ctypes.c_int.in_dll(lib, "ncalls").value]
+    assert calls == [1, context, 3, stream, 4, 2]  # push, wait on the stream, copy, pop
+    ctypes.c_int.in_dll(lib, "ncalls").value = 0
+    cuda_driver.copy_to_host(context, ctypes.addressof(dst), ctypes.addressof(src), 16, 0)  # no stream named
+    assert (ctypes.c_uint64 * 16).in_dll(lib, "calls")[:4] == [1, context, 4, 2]
+    with pytest.raises(cuda_driver.CudaError, match="cuMemcpyDtoH_v2 failed"):
+        cuda_driver.copy_to_host(context, ctypes.addressof(dst), 0, 16, 0)
