@@ -29,7 +29,7 @@ from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
 from snapd.daemon.endings import on_event, on_sync, post_event
 from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.layouts import accept_snapshot
-from snapd.daemon.sessions import Session, open_region
+from snapd.daemon.sessions import Session, end_session, open_region, reap_dead_clients
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
 from snapd.format.writer import Retention
@@ -122,7 +122,7 @@ class Server:
             now = time.monotonic()
             notifier.tick()
             if now >= next_check:
-                self._reap_dead_clients()
+                reap_dead_clients(self)
                 if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
                     self.leases.restore_start()
                 next_check = now + self.config.client_check_interval_s
@@ -286,34 +286,10 @@ class Server:
 
     def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:
-            self._end_session(self.sessions[peer], bye=msg["id"])
+            end_session(self, self.sessions[peer], bye=msg["id"])
             if self.gpu is not None:
                 return None  # answered once the GPU copier has closed the client's handles (endings)
         return protocol.reply("bye", msg["id"])
-
-    # -- endings ------------------------------------------------------------------
-    def _end_session(self, s: Session, bye: int | None = None) -> None:
-        del self.sessions[s.peer]
-        self.syncs = [x for x in self.syncs if x[0] != s.peer]
-        self.leases.release_all(s)
-        if self.gpu is not None:
-            self.gpu.forget(s.peer, bye)
-        self.metrics.clients.set(len(self.sessions))
-
-    def _reap_dead_clients(self) -> None:
-        for s in list(self.sessions.values()):
-            try:
-                os.kill(s.pid, 0)
-            except ProcessLookupError:
-                log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
-                self._end_session(s)
-                for region in s.regions.values():  # copies in flight keep their mapping
-                    try:
-                        os.unlink(region.path)
-                    except OSError:
-                        pass
-            except PermissionError:
-                pass
 
     def status_line(self) -> str:
         return status_line(self)

@@ -1,15 +1,16 @@
-"""What the server knows of each client: its session, and the shared-memory
-regions it registered (the registered path).
+"""What the server knows of each client: its session, the shared-memory regions it
+registered (the registered path), and how a session ends (``bye``, or the client's death).
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from snapd.format.writer import Retention
 
 if TYPE_CHECKING:
     from snapd.daemon.layouts import Layout
+
+log = logging.getLogger(__name__)
 
 REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
 
@@ -66,3 +69,30 @@ def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Re
     finally:
         os.close(fd)
     return Region(path, mm, np.frombuffer(mm, dtype=np.uint8))
+
+
+def end_session(server: Any, s: Session, bye: int | None = None) -> None:
+    """The client left (``bye``: the id of its request, answered once the GPU copier has closed its
+    handles) or died: its leases go back, its waits end, the GPU copier closes what it opened."""
+    del server.sessions[s.peer]
+    server.syncs = [x for x in server.syncs if x[0] != s.peer]
+    server.leases.release_all(s)
+    if server.gpu is not None:
+        server.gpu.forget(s.peer, bye)
+    server.metrics.clients.set(len(server.sessions))
+
+
+def reap_dead_clients(server: Any) -> None:
+    for s in list(server.sessions.values()):
+        try:
+            os.kill(s.pid, 0)
+        except ProcessLookupError:
+            log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
+            end_session(server, s)
+            for region in s.regions.values():  # copies in flight keep their mapping
+                try:
+                    os.unlink(region.path)
+                except OSError:
+                    pass
+        except PermissionError:
+            pass
