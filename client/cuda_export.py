@@ -68,6 +68,7 @@ class CudaExport:
         self._ready: dict[str, list[cuda_driver.IpcEvent]] = {}
         self._turn: dict[str, int] = {}
         self._done: dict[str, cuda_driver.OpenedEvent] = {}
+        self._primaries: dict[int, int] = {}  # device ordinal -> its primary context (staging VMM memory)
         self._pinned: dict[int, int] = {}  # host buffer address -> the context that pinned it (0: not pinned)
         self._seq = 0  # GPU-path snapshots handed over, in order
         self._held: list[Any] = []  # a tensor of each allocation the daemon may still map (``hold``)
@@ -188,7 +189,10 @@ class CudaExport:
         ``__cuda_array_interface__`` (CuPy, JAX, Numba, ...) by the driver, after the stream the
         interface names: no CuPy needed in the trainer."""
         src = leaf.source
-        context = self._allocation(leaf.ptr).context
+        alloc = self._allocation(leaf.ptr)
+        # (memory mapped by the VMM API, as expandable_segments makes it, names no context: the
+        # device's primary context, the runtime's, then)
+        context = alloc.context or self._primary(alloc.ordinal)
         self._pin(mapping, context)
         if leaf.kind == "torch":
             import torch
@@ -196,6 +200,12 @@ class CudaExport:
             torch.from_numpy(dst).copy_(src.detach().reshape(-1).view(torch.uint8))
         else:
             cuda_driver.copy_to_host(context, dst.ctypes.data, leaf.ptr, leaf.nbytes, _stream_of(leaf.kind, src))
+
+    def _primary(self, ordinal: int) -> int:
+        ctx = self._primaries.get(ordinal)
+        if ctx is None:
+            ctx = self._primaries[ordinal] = cuda_driver.primary_context(ordinal)
+        return ctx
 
     def _pin(self, mapping: np.ndarray, context: int) -> None:
         """Page-lock the mapped host buffer once (portable: for every context), so staging copies

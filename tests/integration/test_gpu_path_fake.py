@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -242,6 +243,24 @@ def test_an_array_the_daemon_cannot_reach_is_staged_here_through_the_driver(fake
         assert mine["last_snapshot"]["bytes"] == {"cuda_ipc": near.nbytes, "registered": 0, "inline": 0,
                                                   "client": far.nbytes}
         assert _same(c.restore(1), {"far": far, "near": near})
+
+
+def test_staging_memory_that_names_no_context_copies_in_the_devices_primary_one(fake_gpu, monkeypatch) -> None:
+    """Memory mapped by the VMM API (PyTorch's expandable_segments) names no context: the staging
+    copy and the pinning run in the device's primary context (a NULL one would fail the copy)."""
+    from snapd import cuda_driver
+
+    real_alloc, real_copy = cuda_driver.Allocation, cuda_driver.copy_to_host
+    monkeypatch.setattr(cuda_driver, "Allocation", lambda ptr: types.SimpleNamespace(**{**vars(real_alloc(ptr)),
+                                                                                           "context": 0}))
+    monkeypatch.setattr(cuda_driver, "primary_context", lambda ordinal: 500 + ordinal)
+    used: list[int] = []
+    monkeypatch.setattr(cuda_driver, "copy_to_host", lambda ctx, *a: used.append(ctx) or real_copy(ctx, *a))
+    d = fake_gpu.start()
+    far = np.arange(3000, dtype=np.float32)
+    with snapd.connect("vmm", endpoint=d.endpoint, spawn=False) as c:
+        c.snapshot({"far": fake_gpu.array(far, device=1)}, step=1).wait(30)
+        assert _same(c.restore(1), {"far": far}) and used == [501]
 
 
 def test_a_handle_that_will_not_open_fails_that_snapshot_and_the_daemon_serves_on(fake_gpu) -> None:
