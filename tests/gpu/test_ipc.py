@@ -104,6 +104,14 @@ def test_cupy_arrays_round_trip(start) -> None:
     _train("cupy", d)
 
 
+def test_cupy_arrays_are_staged_by_the_driver_for_a_daemon_without_cuda(start) -> None:
+    """No IPC: arrays known by __cuda_array_interface__ go by cuMemcpyDtoH after their stream
+    (client/cuda_export.py stage), the transposed one made contiguous by CuPy first."""
+    d = start("--backend", "cpu", "--host-buffer-bytes", BIG)
+    r = _train("cupy", d)
+    assert "the daemon has no CUDA path" in r.stderr
+
+
 @pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "raw"])
 def test_cpu_saved_snapshot_restores_onto_the_gpu(root, codec) -> None:
     torch = pytest.importorskip("torch")
