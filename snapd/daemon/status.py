@@ -48,9 +48,10 @@ class Recent:
 
 def status_line(server: Server) -> str:
     """One line for systemd's STATUS= (shown by systemctl status)."""
-    c = server.counters
+    c, pool = server.counters, server.pool
     return (f"{len(server.sessions)} clients, {len(server.tasks)} snapshots in flight, "
-            f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed")
+            f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed; "
+            f"{len(pool.buffers)} host buffers, {pool.total() >> 20} MiB")
 
 
 def _last_snapshot(last: dict[str, Any] | None) -> dict[str, Any] | None:

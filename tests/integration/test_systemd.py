@@ -37,6 +37,7 @@ def test_notify_ready_status_watchdog_stopping(start, tmp_path, abstract) -> Non
     msgs = _collect(sock, 1.5)
     ready = [m for m in msgs if m.get("READY") == "1"]
     assert ready and ready[0]["MAINPID"] == str(d.proc.pid) and "clients" in ready[0]["STATUS"]
+    assert ready[0]["STATUS"].endswith("2 host buffers, 64 MiB")  # (the operator sees the memory they hold)
     beats = [m["_t"] for m in msgs if m.get("WATCHDOG") == "1"]
     assert len(beats) >= 4, msgs
     assert max(b - a for a, b in zip(beats, beats[1:])) < 0.4  # within the advertised interval
