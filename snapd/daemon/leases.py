@@ -11,6 +11,7 @@ through a queue and an event (``replaced``).
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import time
@@ -24,6 +25,8 @@ from snapd.daemon.host_memory import grown_size, room_to_grow
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Leases:
         self._post = post  # an event to the server thread, from any thread
         self._preparing: dict[int, Waiter | None] = {}  # buffer index -> the request it is being made for
         self._made: queue.SimpleQueue[tuple[HostBuffer, str]] = queue.SimpleQueue()  # from the pool's threads
+        self._said_full = False
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -105,7 +109,14 @@ class Leases:
                                     f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
             return buf, size
         size = grown_size(nbytes, c.buffer_cap) if nbytes > c.host_buffer_bytes else c.host_buffer_bytes
-        if pool.total() + size > c.memory_cap or room_to_grow(pool.shm_dir, size):
+        why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
+            else room_to_grow(pool.shm_dir, size)
+        if why:
+            if not self._said_full:  # (once a daemon's life: an operator's hint, not a per-snapshot line)
+                self._said_full = True
+                log.warning("all %d host buffers busy and no room for another of %d MiB (%s): snapshots wait for "
+                            "one to be persisted; raise max_host_memory_bytes (and MemoryMax) for none to wait",
+                            len(pool.buffers), size >> 20, why)
             return None
         return pool.reserve(size), size
 

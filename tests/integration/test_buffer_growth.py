@@ -205,6 +205,7 @@ def test_with_no_memory_left_for_another_buffer_a_request_waits_or_is_skipped(st
         a.call("release", lease=held[0]["lease"])
         assert a.wait(waiting, 10)["buffer"] == held[0]["buffer"]
         assert daemon_status(d.endpoint)["buffers"]["count"] == 2
+        assert d.log_text().count("no room for another of 1 MiB (max_host_memory_bytes (2097152))") == 1
     finally:
         a.close()
         b.close()
