@@ -58,6 +58,7 @@ class Leases:
         self._preparing: dict[int, Waiter | None] = {}  # buffer index -> the request it is being made for
         self._made: queue.SimpleQueue[tuple[HostBuffer, str]] = queue.SimpleQueue()  # from the pool's threads
         self._said_full = False
+        self._kept_grown: set[int] = set()  # buffers whose remaking at the starting size failed: not retried
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -128,7 +129,7 @@ class Leases:
             if b.lease is None and b.index >= c.host_buffers and len(self.pool.buffers) > c.host_buffers:
                 self.pool.drop(b)
         for b in self.pool.buffers:
-            if b.lease is None and b.size > c.host_buffer_bytes:
+            if b.lease is None and b.size > c.host_buffer_bytes and b.index not in self._kept_grown:
                 self._replace(b, c.host_buffer_bytes, b.uid if b.uid != -1 else os.geteuid(), None)
         self.gauges()
 
@@ -160,6 +161,8 @@ class Leases:
             if why:
                 if new.mm is None:  # a slot: no buffer was added
                     self.pool.drop(new)
+                elif w is None:  # restore_start's: it keeps the grown one (it logged why), not every 2 s
+                    self._kept_grown.add(new.index)
                 if w is not None and w in self.waiters:
                     self.waiters.remove(w)
                     self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
