@@ -10,6 +10,10 @@ torch state in the same run, each snapshot waited to durable before the next:
 For each: the stall (``snapshot()`` / ``async_save`` until the trainer may go on) and the time to
 durable, per snapshot index, and the first snapshot against the median of the later ones.
 
+Then, on fresh daemons, a second snapshot ``--gap`` seconds after the first, before the first is
+durable (as an emergency snapshot at preemption comes): with 64 MiB buffers, its buffer is the
+second one of the double buffer, which must have grown too.
+
 ``--ranks N`` also runs N trainer processes at once on one daemon with two buffers at start (the
 ranks of a node): with no more buffers allowed (``max_host_memory_bytes`` at two buffers, as
 before buffers could be added) and with the default, which adds one when all are busy.
@@ -62,25 +66,49 @@ def measure(method: Any, state: dict, snapshots: int) -> list[tuple[float, float
     return out
 
 
-def run(nbytes: int, snapshots: int, work: Path) -> dict[str, list[tuple[float, float]]]:
+def measure_overlap(method: Any, state: dict, gap_s: float) -> list[tuple[float, float]]:
+    """(stall, time to durable) of a first snapshot and of a second one ``gap_s`` after it, sent
+    before the first is durable."""
+    t0 = time.perf_counter()
+    first = method.start(state, 0)
+    stall0 = time.perf_counter() - t0
+    time.sleep(gap_s)
+    next(iter(state.values()))[:4] += 1.0
+    t1 = time.perf_counter()
+    second = method.start(state, 1)
+    stall1 = time.perf_counter() - t1
+    first.wait()
+    done0 = time.perf_counter() - t0
+    second.wait()
+    return [(stall0, done0), (stall1, time.perf_counter() - t1)]
+
+
+SNAPD_SETTINGS = (("snapd, buffers sized at start", None), ("snapd, 64 MiB buffers grown", 64 * MIB))
+
+
+def run(nbytes: int, snapshots: int, work: Path, gap_s: float) -> tuple[dict, dict]:
+    """Each method's (stall, to durable) per snapshot, one after another and with an overlap."""
     state = _state(nbytes)
     results: dict[str, list[tuple[float, float]]] = {}
-    for i, (name, buffer_bytes) in enumerate((("snapd, buffers sized at start", nbytes + 16 * MIB),
-                                              ("snapd, 64 MiB buffers grown", 64 * MIB))):
-        run_dir = work / f"d{i}"  # (short: the socket's path must fit sun_path's 108 bytes)
-        run_dir.mkdir()
-        daemon = SnapdDaemon(run_dir, buffer_bytes, "--codec", "shuffle-lz4")
-        try:
-            _wait_prefaulted(run_dir / "snapd.log")
-            method = Snapd(daemon, "growth")
-            results[name] = measure(method, state, snapshots)
-            method.close()
-        finally:
-            daemon.close()
+    overlap: dict[str, list[tuple[float, float]]] = {}
+    for i, (name, buffer_bytes) in enumerate(SNAPD_SETTINGS):
+        for table, fn in ((results, lambda m: measure(m, state, snapshots)),
+                          (overlap, lambda m: measure_overlap(m, state, gap_s))):
+            run_dir = work / f"d{i}{int(table is overlap)}"  # (short: the socket's path must fit sun_path's 108 bytes)
+            run_dir.mkdir()
+            daemon = SnapdDaemon(run_dir, buffer_bytes or nbytes + 16 * MIB, "--codec", "shuffle-lz4")
+            try:
+                _wait_prefaulted(run_dir / "snapd.log")
+                method = Snapd(daemon, "growth")
+                table[name] = fn(method)
+                method.close()
+            finally:
+                daemon.close()
     dcp = DcpAsync(work, fastest=False)
     results[dcp.name] = measure(dcp, state, snapshots)
+    overlap[dcp.name] = measure_overlap(dcp, state, gap_s)
     dcp.close()
-    return results
+    return results, overlap
 
 
 def run_ranks(n: int, nbytes: int, snapshots: int, work: Path) -> dict[str, list[float]]:
@@ -118,6 +146,14 @@ def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: 
     return "\n".join(lines) + "\n"
 
 
+def report_overlap(overlap: dict[str, list[tuple[float, float]]], gap_s: float) -> str:
+    lines = ["", f"A second snapshot {gap_s:g} s after the first, before the first is durable (fresh daemons; "
+             "DCP allows one save in flight, so its second waits for the first):", "",
+             "| method | #1 stall | #1 to durable | #2 stall | #2 to durable |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {a[0]:.3f} | {a[1]:.3f} | {b[0]:.3f} | {b[1]:.3f} |" for name, (a, b) in overlap.items()]
+    return "\n".join(lines) + "\n"
+
+
 def report_ranks(stalls: dict[str, list[float]], nbytes: int) -> str:
     lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots:", "",
              "| setting | median | max |", "|---|---|---|"]
@@ -131,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    ap.add_argument("--gap", type=float, default=1.0, help="seconds between the overlapping snapshots (default 1)")
     ap.add_argument("--ranks", type=int, default=0, help="also N trainer processes at once (0: not)")
     ap.add_argument("--rank-mib", type=int, default=256, help="each rank's state (default 256 MiB)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapd-growth-") as tmp:
-        results = run(args.mib * MIB, args.snapshots, Path(tmp))
+        results, overlap = run(args.mib * MIB, args.snapshots, Path(tmp), args.gap)
         ranks = run_ranks(args.ranks, args.rank_mib * MIB, args.snapshots, Path(tmp)) if args.ranks else None
     command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, args.mib * MIB, command.strip())
+    text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap, args.gap)
     if ranks:
         text += report_ranks(ranks, args.rank_mib * MIB)
     print(text, end="", flush=True)

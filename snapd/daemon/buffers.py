@@ -111,13 +111,17 @@ class BufferPool:
         return HostBuffer(index, path, size, mm, np.frombuffer(mm, dtype=np.uint8),
                           uid=-1 if uid is None else uid)
 
+    @staticmethod
+    def serves(buf: HostBuffer, uid: int, nbytes: int) -> bool:
+        """Whether ``buf`` holds a snapshot of ``nbytes`` for ``uid`` as it is."""
+        return nbytes <= buf.size and (buf.uid == uid or (buf.uid == -1 and uid == os.geteuid()))
+
     def replacement_size(self, buf: HostBuffer, uid: int, nbytes: int, cap: int) -> int | None:
         """The size of the fresh buffer that must replace ``buf`` before it can hold a snapshot of
         ``nbytes`` for ``uid`` (grown, at most to ``cap``, when ``nbytes`` is over its size), or
         None when ``buf`` serves as it is. Raises LimitExceeded when memory or the shm filesystem
         has no room for the larger buffer."""
-        same_user = buf.uid == uid or (buf.uid == -1 and uid == os.geteuid())
-        if same_user and nbytes <= buf.size:
+        if self.serves(buf, uid, nbytes):
             return None
         size = buf.size if nbytes <= buf.size else grown_size(nbytes, cap)
         if size > buf.size:
@@ -170,16 +174,16 @@ class BufferPool:
     def total(self) -> int:
         return sum(b.size for b in self.buffers)
 
-    def drop(self, b: HostBuffer) -> None:
+    def drop(self, b: HostBuffer, why: str = "no client left") -> None:
         """``b`` (free, or a slot whose buffer could not be made) leaves the pool."""
         self.buffers = [x for x in self.buffers if x is not b]
         self._discard(b)
         if b.mm is not None:
-            log.info("host buffer %d (%d MiB) released: no client left", b.index, b.size >> 20)
+            log.info("host buffer %d (%d MiB) released: %s", b.index, b.size >> 20, why)
 
-    def install(self, new: HostBuffer) -> HostBuffer:
+    def install(self, new: HostBuffer, ahead: bool = False) -> HostBuffer:
         """``new`` (from ``make``) takes the place of the buffer (or slot) of its index, which goes
-        (server thread)."""
+        (server thread). ``ahead``: made ahead of need (buffer_making logs why)."""
         at = next((i for i, b in enumerate(self.buffers) if b.index == new.index), None)
         if at is None:  # closed meanwhile
             _discard(new)
@@ -187,7 +191,7 @@ class BufferPool:
         old = self.buffers[at]
         self.buffers[at] = new
         self._discard(old)
-        if old.mm is None:
+        if old.mm is None and not ahead:
             log.warning("host buffer %d of %d MiB added: more snapshots at once than buffers", new.index,
                         new.size >> 20)
         elif new.size > old.size:

@@ -5,20 +5,19 @@ snapshot is persisted (or the lease is released, or the client goes away).
 Requests that find no free buffer, or whose client is at its limit, queue as
 waiters; emergency requests jump the queue. The server thread is the only
 caller, so nothing here locks; buffers made on the pool's threads come back
-through a queue and an event (``replaced``).
+through a queue and an event (``replaced``); ``buffer_making`` keeps what each is made for.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
-import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from snapd import protocol
+from snapd.daemon.buffer_making import BufferMaker
 from snapd.daemon.buffers import BufferPool, HostBuffer
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import grown_size, room_to_grow
@@ -41,6 +40,9 @@ class Waiter:
     then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
 
 
+CLAIM = -1  # _room_for's size for a buffer being made ahead of need: the request waits for it
+
+
 class Leases:
     """The host buffers' leases and the queue for them.
 
@@ -54,11 +56,8 @@ class Leases:
                  hand_over: Callable[[Callable[[], None]], None], post: Callable[[dict], None]) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
         self.sessions, self.tasks, self._send, self._hand_over = sessions, tasks, send, hand_over
-        self._post = post  # an event to the server thread, from any thread
-        self._preparing: dict[int, Waiter | None] = {}  # buffer index -> the request it is being made for
-        self._made: queue.SimpleQueue[tuple[HostBuffer, str]] = queue.SimpleQueue()  # from the pool's threads
+        self.maker = BufferMaker(config, pool, post)
         self._said_full = False
-        self._kept_grown: set[int] = set()  # buffers whose remaking at the starting size failed: not retried
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
@@ -83,10 +82,13 @@ class Leases:
                 return self._grant(s, room[0], req_id)
             if room is not None:
                 w = self._queue(s, req_id, nbytes, emergency, then) if s.on_busy != "skip" or emergency else None
-                self._replace(room[0], room[1], s.uid, w)
+                if room[1] != CLAIM:
+                    self._replace(room[0], room[1], s.uid, w)
+                elif w is not None:
+                    self.maker.claim(room[0], w)
                 if w is None:
                     raise Busy(f"host buffer {room[0].index} is being made ready for snapshots of this size "
-                               f"({room[1]} bytes): this one is skipped, a later one gets it")
+                               f"({self.maker.size_of(room[0])} bytes): this one is skipped, a later one gets it")
                 return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
@@ -98,11 +100,16 @@ class Leases:
 
     def _room_for(self, uid: int, nbytes: int) -> tuple[HostBuffer, int | None] | None:
         """Where a snapshot of ``nbytes`` for ``uid`` can go now: a free buffer that serves as it is
-        (size None), one to replace first (grown, or for this uid: the size to make), or a slot
-        for one more buffer when none is free and memory allows; None: wait for one to free.
-        LimitExceeded when the free buffer cannot grow as far."""
+        (size None), one being made ahead of need that will (``CLAIM``: the request waits for it
+        rather than for one of its own), one to replace first (grown, or for this uid: the size to
+        make), or a slot for one more buffer when none is free and memory allows; None: wait for
+        one to free. LimitExceeded when the free buffer cannot grow as far."""
         c, pool = self.config, self.pool
         buf = pool.free(nbytes, uid)
+        if (buf is None or not pool.serves(buf, uid, nbytes)) and nbytes > c.host_buffer_bytes:
+            ahead = self.maker.made_ahead(uid, nbytes)
+            if ahead is not None:
+                return ahead, CLAIM
         if buf is not None:
             size = pool.replacement_size(buf, uid, nbytes, c.buffer_cap)
             if size is not None and pool.total() - buf.size + size > c.memory_cap:
@@ -122,15 +129,8 @@ class Leases:
         return pool.reserve(size), size
 
     def restore_start(self) -> None:
-        """No client left (a job ended): the buffers added go, and grown ones are made anew at the
-        starting size, so that a service does not hold a finished job's memory."""
-        c = self.config
-        for b in sorted(self.pool.buffers, key=lambda b: -b.index):
-            if b.lease is None and b.index >= c.host_buffers and len(self.pool.buffers) > c.host_buffers:
-                self.pool.drop(b)
-        for b in self.pool.buffers:
-            if b.lease is None and b.size > c.host_buffer_bytes and b.index not in self._kept_grown:
-                self._replace(b, c.host_buffer_bytes, b.uid if b.uid != -1 else os.geteuid(), None)
+        """No client left: added buffers go, grown ones are made anew at the starting size."""
+        self.maker.restore_start()
         self.gauges()
 
     def _queue(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any) -> Waiter:
@@ -143,31 +143,16 @@ class Leases:
 
     def _replace(self, buf: HostBuffer, size: int, uid: int, w: Waiter | None) -> None:
         """Have ``buf`` replaced on a thread; ``replaced`` takes it from there on this one."""
-        self._preparing[buf.index] = w
-
-        def done(new: HostBuffer, why: str) -> None:  # (the pool's thread)
-            self._made.put((new, why))
-            self._post({"event": "buffer_ready"})
-        self.pool.replace(buf, size, uid, done)
+        self.maker.start(buf, size, uid, w)
         self.gauges()
 
     def replaced(self) -> None:
         """Buffers made on the pool's threads go into the pool, and to the requests waiting for them;
         a request whose buffer could not be made hears why."""
-        while not self._made.empty():
-            new, why = self._made.get()
-            w = self._preparing.pop(new.index, None)
-            new.lease = None
-            if why:
-                if new.mm is None:  # a slot: no buffer was added
-                    self.pool.drop(new)
-                elif w is None:  # restore_start's: it keeps the grown one (it logged why), not every 2 s
-                    self._kept_grown.add(new.index)
-                if w is not None and w in self.waiters:
-                    self.waiters.remove(w)
-                    self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
-            else:
-                self.pool.install(new)
+        for w, why in self.maker.collect():
+            if w in self.waiters:
+                self.waiters.remove(w)
+                self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
         self.gauges()
         self._grant_waiters()
 
@@ -185,6 +170,7 @@ class Leases:
     def copied(self, lease: int) -> None:
         """The snapshot's bytes are in the buffer: the trainer's stall for it ended."""
         self.metrics.stall.observe(time.monotonic() - self._asked.pop(lease, time.monotonic()))
+        self.maker.copied(self.pool.by_lease(lease))
 
     def free(self, s: Session | None, lease: int) -> None:
         """Give the buffer back, and to the first eligible waiter if any."""
@@ -194,6 +180,7 @@ class Leases:
         self._asked.pop(lease, None)
         if buf is None:
             return
+        self.maker.copied(buf)
         buf.lease = None
         self.gauges()
         self._grant_waiters()
@@ -216,6 +203,9 @@ class Leases:
             if room is None:
                 return
             buf, size = room
+            if size == CLAIM:
+                self.maker.claim(buf, w)
+                continue
             if size is not None:
                 self._replace(buf, size, ws.uid, w)
                 continue
@@ -268,7 +258,7 @@ class Leases:
 
     def _eligible_waiter(self) -> Waiter | None:
         """The first queued request whose client is under its limits (it gets the next free buffer)."""
-        preparing = {id(w) for w in self._preparing.values()}
+        preparing = self.maker.waited_for()
         for w in self.waiters:
             ws = self.sessions.get(w.peer)
             if id(w) in preparing:  # its buffer is being made

@@ -87,6 +87,7 @@ def test_the_buffer_growth_bench_runs(tmp_path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| snapd")
             or line.startswith("| DCP")]
-    assert len(rows) == 6 and all(len(r.split("|")) == 7 for r in rows), rows
+    assert len(rows) == 6 + 3 and all(len(r.split("|")) == 7 for r in rows), rows  # (3: the overlap table)
+    assert "A second snapshot 1 s after the first" in (tmp_path / "g.md").read_text()
     ranks = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| 3 ranks")]
     assert len(ranks) == 2, ranks

@@ -46,6 +46,24 @@ def test_a_snapshot_larger_than_the_buffers_grows_them_and_restores_exactly(star
     assert d.log_text().count("grown from 1 to") == len(grown), d.log_text()  # once a buffer, not a snapshot
 
 
+def test_the_whole_double_buffer_grows_so_a_snapshot_during_a_flush_does_not_wait_for_a_buffer(start) -> None:
+    """After the first large snapshot the other starting buffer grows ahead: the next one (an
+    emergency snapshot at preemption, while the first is still being written) finds it ready."""
+    d = start("--host-buffer-bytes", str(MIB))
+    want = _state(3, MIB)  # 4 MiB
+    with snapd.connect("double", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        c.snapshot(want, step=1).wait(30)
+        deadline = time.monotonic() + 20
+        while min(daemon_status(d.endpoint)["buffers"]["sizes"]) < 4 * MIB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        buffers = daemon_status(d.endpoint)["buffers"]
+        assert buffers["count"] == 2 and min(buffers["sizes"]) >= 4 * MIB, buffers
+        c.snapshot(want, step=2, emergency=True).wait(30)
+        assert _same(c.restore(2), want)
+    assert "host buffer 1 grows ahead" in d.log_text()
+    assert d.log_text().count("grown from 1 to") == 1  # (the first; nothing was made for the second)
+
+
 def test_past_max_host_buffer_bytes_a_snapshot_is_refused_and_the_daemon_goes_on(start, tmp_path) -> None:
     d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(2 * MIB))
     small, fits, big = _state(1, MIB // 8), _state(2, 3 * MIB // 8), _state(3, MIB)

@@ -1,0 +1,158 @@
+"""Host buffers being made, and what each is made for.
+
+The pool makes a buffer on a thread of its own (``BufferPool.replace``): grown for a snapshot
+larger than the one it was granted, added when every buffer is busy, remade with fresh pages for
+another uid, remade at the starting size once a job has ended, or grown ahead of need. This keeps,
+for each, the request waiting for it, until it comes back on the server thread (``collect``),
+which alone changes the pool.
+
+Growing ahead: when a starting buffer grows for a request, each other free starting buffer gets a
+grown successor, as memory allows. Without it the double buffer holds only one buffer of the grown
+state's size, and the next snapshot that comes while the first is still being persisted waits
+about 0.6 s a GiB for its buffer to be made; the one that matters most is the emergency snapshot
+at preemption, which has seconds. The successor is made once the grown buffer's first snapshot is
+in it (not during that snapshot's copy, which it would slow), beside the buffer it succeeds, in a
+slot of its own, so that the smaller buffer serves on meanwhile; it takes that buffer's place once
+made if that buffer is free then, and is otherwise one buffer more (a job's end gives it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from snapd.daemon.buffers import BufferPool, HostBuffer
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.host_memory import room_to_grow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Making:
+    """A buffer being made: ``size`` bytes for ``uid``, for ``waiter`` (a leases.Waiter; None: for
+    no request, or for a skipping client's, which does not wait), or ahead of need as the successor
+    of buffer ``succeeds`` (a request that would need as large a buffer waits for it instead, as its
+    ``waiter``)."""
+    size: int
+    uid: int
+    waiter: Any = None
+    succeeds: int | None = None
+
+    @property
+    def ahead(self) -> bool:
+        return self.succeeds is not None
+
+
+def _serves(uid: int, buffer_uid: int) -> bool:
+    return buffer_uid == uid or (buffer_uid == -1 and uid == os.geteuid())
+
+
+class BufferMaker:
+    """The buffers of ``pool`` being made. ``post`` wakes the server thread (from any thread)."""
+
+    def __init__(self, config: DaemonConfig, pool: BufferPool, post: Callable[[dict], None]) -> None:
+        self.config, self.pool, self._post = config, pool, post
+        self.making: dict[int, Making] = {}  # buffer index -> what it is being made for
+        self._made: queue.SimpleQueue[tuple[HostBuffer, str]] = queue.SimpleQueue()  # from the pool's threads
+        self._kept_grown: set[int] = set()  # buffers whose remaking at the starting size failed: not retried
+        self._grow_after: set[int] = set()  # grown starting buffers whose first snapshot is not in yet
+
+    def start(self, buf: HostBuffer, size: int, uid: int, waiter: Any, succeeds: int | None = None) -> None:
+        """Have ``buf`` (or a slot) replaced by a fresh buffer of ``size`` for ``uid``, on a thread."""
+        self.making[buf.index] = Making(size, uid, waiter, succeeds)
+
+        def done(new: HostBuffer, why: str) -> None:  # (the pool's thread)
+            self._made.put((new, why))
+            self._post({"event": "buffer_ready"})
+        self.pool.replace(buf, size, uid, done)
+
+    def waited_for(self) -> set[int]:
+        """The ids of the requests waiting for a buffer being made (no other is granted them)."""
+        return {id(m.waiter) for m in self.making.values() if m.waiter is not None}
+
+    def made_ahead(self, uid: int, nbytes: int) -> HostBuffer | None:
+        """A buffer being made ahead of need for ``uid`` that will hold ``nbytes``, and that no
+        request waits for yet (the caller's will: ``claim``)."""
+        for b in self.pool.buffers:
+            m = self.making.get(b.index)
+            if m is not None and m.ahead and m.waiter is None and m.size >= nbytes and _serves(uid, m.uid):
+                return b
+        return None
+
+    def claim(self, buf: HostBuffer, waiter: Any) -> None:
+        self.making[buf.index].waiter = waiter
+
+    def size_of(self, buf: HostBuffer) -> int:
+        return self.making[buf.index].size
+
+    def collect(self) -> list[tuple[Any, str]]:
+        """The buffers made since the last call go into the pool (a slot whose buffer could not be
+        made leaves it). Returns (waiter, why) for each request whose own buffer could not be made;
+        one that waited for a buffer made ahead waits on for any other."""
+        failed = []
+        while not self._made.empty():
+            new, why = self._made.get()
+            m = self.making.pop(new.index, None) or Making(new.size, new.uid)
+            new.lease = None
+            if not why:
+                self.pool.install(new, m.ahead)
+                c = self.config
+                self._grow_after.discard(new.index)
+                if m.ahead:
+                    self._succeed(new, m.succeeds)
+                elif new.index < c.host_buffers and new.size > c.host_buffer_bytes:
+                    self._grow_after.add(new.index)
+                continue
+            if new.mm is None:  # a slot: no buffer was added
+                self.pool.drop(new)
+            elif m.waiter is None and not m.ahead:  # restore_start's: it keeps the grown one (logged why)
+                self._kept_grown.add(new.index)
+            if m.waiter is not None and not m.ahead:
+                failed.append((m.waiter, why))
+        return failed
+
+    def copied(self, buf: HostBuffer | None) -> None:
+        """A snapshot's bytes are in ``buf`` (or its lease was given back): if it is a starting
+        buffer that grew for it, the others grow ahead now."""
+        if buf is not None and buf.index in self._grow_after:
+            self._grow_after.discard(buf.index)
+            self._grow_ahead(buf)
+
+    def _grow_ahead(self, grown: HostBuffer) -> None:
+        """Each other free starting buffer smaller than ``grown`` gets a successor of its size."""
+        c, pool = self.config, self.pool
+        for b in list(pool.buffers):
+            if b.lease is not None or b.mm is None or b.index >= c.host_buffers or b.size >= grown.size:
+                continue
+            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + grown.size > c.memory_cap \
+                else room_to_grow(pool.shm_dir, grown.size)
+            if why:
+                log.info("host buffer %d not grown ahead to %d MiB (%s): a snapshot that needs it waits while it is "
+                         "made", b.index, grown.size >> 20, why)
+                continue
+            log.info("host buffer %d grows ahead to %d MiB, as buffer %d did", b.index, grown.size >> 20, grown.index)
+            self.start(pool.reserve(grown.size), grown.size, grown.uid if grown.uid != -1 else os.geteuid(), None,
+                       succeeds=b.index)
+
+    def _succeed(self, new: HostBuffer, index: int) -> None:
+        """``new``, made ahead of need, takes the place of buffer ``index`` if that one is free."""
+        old = next((b for b in self.pool.buffers if b.index == index), None)
+        if old is None or old.lease is not None or old.mm is None or new.lease is not None:
+            return  # (one buffer more until the job ends)
+        self.pool.drop(old, f"buffer {new.index}, grown ahead to {new.size >> 20} MiB, takes its place")
+        new.index = index  # (a starting buffer again: it is the one that shrinks when the job ends)
+
+    def restore_start(self) -> None:
+        """No client left (a job ended): the buffers added go, and grown ones are made anew at the
+        starting size, so that a service does not hold a finished job's memory."""
+        c, pool = self.config, self.pool
+        for b in sorted(pool.buffers, key=lambda b: -b.index):
+            if b.lease is None and b.index >= c.host_buffers and len(pool.buffers) > c.host_buffers:
+                pool.drop(b)
+        for b in pool.buffers:
+            if b.lease is None and b.size > c.host_buffer_bytes and b.index not in self._kept_grown:
+                self.start(b, c.host_buffer_bytes, b.uid if b.uid != -1 else os.geteuid(), None)

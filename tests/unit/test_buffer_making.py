@@ -1,0 +1,142 @@
+"""Growing ahead: when a starting buffer grows for a snapshot, the other starting buffer gets a grown
+successor, so that the next snapshot of that size (an emergency one at preemption above all) finds a
+buffer ready instead of waiting for one to be made. Real buffers in /dev/shm made on the pool's
+threads; this test stands in for the server thread, which alone collects them (``replaced``), so
+that it decides what a request finds while a buffer is still being made."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from snapd.daemon.buffers import BufferPool
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.leases import Leases
+from snapd.daemon.metrics import Metrics
+from snapd.daemon.sessions import Session
+from snapd.errors import Busy
+from snapd.format.writer import Retention
+
+MIB = 1 << 20
+
+
+class Server:
+    """Leases over a real pool, the replies kept by peer."""
+
+    def __init__(self, shm: Path, memory: int) -> None:
+        self.config = DaemonConfig(root=shm / "root", endpoint=f"ipc://{shm}/s.sock", host_buffer_bytes=MIB,
+                                   max_host_buffer_bytes=64 * MIB, max_host_memory_bytes=memory, shm_dir=shm)
+        self.pool = BufferPool(shm, 2, MIB)
+        self.sessions: dict[bytes, Session] = {}
+        self.replies: dict[bytes, list[dict]] = {}
+        self._made = threading.Semaphore(0)
+        self.leases = Leases(self.config, self.pool, Metrics(), self.sessions, {}, self._send, lambda f: f(),
+                             lambda event: self._made.release())
+
+    def _send(self, peer: bytes, reply: bytes) -> None:
+        self.replies.setdefault(peer, []).append(json.loads(reply))
+
+    def client(self, name: str, on_busy: str = "wait") -> Session:
+        s = Session(name.encode(), name, os.getpid(), os.geteuid(), self.pool.shm_dir, Retention(), on_busy)
+        self.sessions[s.peer] = s
+        return s
+
+    def collect_one(self) -> None:
+        """Wait for one buffer to be made, and take it in as the server thread would."""
+        assert self._made.acquire(timeout=30), "no buffer was made"
+        self.leases.replaced()
+
+    def granted(self, s: Session) -> dict:
+        (reply,) = [r for r in self.replies.pop(s.peer, []) if r["type"] == "granted"]
+        return reply
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return sorted((b.index, b.size) for b in self.pool.buffers)
+
+
+@pytest.fixture
+def server(request):
+    shm = Path("/dev/shm") / f"snapd-test-{os.getpid()}-{request.node.name[:24]}"
+    shm.mkdir()
+    made: list[Server] = []
+    yield lambda memory=256 * MIB: made.append(Server(shm, memory)) or made[-1]
+    for srv in made:
+        srv.pool.close()
+    for f in shm.iterdir():
+        f.unlink()
+    shm.rmdir()
+
+
+def test_the_partner_of_a_grown_buffer_is_grown_ahead_and_the_next_large_snapshot_finds_it(server) -> None:
+    srv = server()
+    a = srv.client("rank0")
+    assert srv.leases.acquire(a, 1, 3 * MIB, False) is None  # buffer 0 grows for it
+    srv.collect_one()
+    first = srv.granted(a)
+    assert first["buffer"] == 0 and first["bytes"] == 64 * MIB
+    assert not srv.leases.maker.making  # nothing competes with the snapshot's copy into buffer 0 ...
+    srv.leases.copied(first["lease"])  # ... once it is in, buffer 1 gets a grown successor
+    srv.collect_one()  # it takes buffer 1's place, which was free
+    assert srv.sizes() == [(0, 64 * MIB), (1, 64 * MIB)]
+    emergency = srv.client("rank0-sigterm")
+    grant = srv.leases.acquire(emergency, 2, 3 * MIB, True)  # while the first is still being persisted
+    assert grant is not None and json.loads(grant)["buffer"] == 1  # at once: nothing is made for it
+    assert len(srv.pool.buffers) == 2
+
+
+def test_while_the_successor_is_made_the_small_buffer_serves_on_and_a_large_request_waits_for_it(server) -> None:
+    srv = server()
+    a, small, large = srv.client("rank0"), srv.client("small", on_busy="skip"), srv.client("large")
+    srv.leases.acquire(a, 1, 3 * MIB, False)
+    srv.collect_one()
+    srv.leases.copied(srv.granted(a)["lease"])  # buffer 0; buffer 1's successor is being made now
+    grant = srv.leases.acquire(small, 2, 100, False)
+    assert grant is not None and json.loads(grant)["buffer"] == 1 and json.loads(grant)["bytes"] == MIB
+    assert srv.leases.acquire(large, 3, 3 * MIB, True) is None  # it waits for the successor ...
+    assert len(srv.pool.buffers) == 3  # ... rather than having a fourth buffer made for it
+    srv.collect_one()
+    got = srv.granted(large)
+    assert got["bytes"] == 64 * MIB and got["buffer"] not in (0, 1)  # buffer 1 was busy: one buffer more
+    assert srv.sizes() == [(0, 64 * MIB), (1, MIB), (got["buffer"], 64 * MIB)]
+
+
+def test_a_skipping_client_is_told_the_buffer_is_being_made_and_a_later_snapshot_gets_it(server) -> None:
+    srv = server()
+    a, skip = srv.client("rank0"), srv.client("rank1", on_busy="skip")
+    srv.leases.acquire(a, 1, 3 * MIB, False)
+    srv.collect_one()
+    srv.leases.copied(srv.granted(a)["lease"])
+
+    with pytest.raises(Busy, match=r"being made ready for snapshots of this size \(67108864 bytes\)"):
+        srv.leases.acquire(skip, 2, 3 * MIB, False)
+    srv.collect_one()
+    grant = srv.leases.acquire(skip, 3, 3 * MIB, False)
+    assert grant is not None and json.loads(grant)["buffer"] == 1
+
+
+def test_without_memory_for_both_grown_buffers_nothing_is_grown_ahead(server) -> None:
+    srv = server(memory=100 * MIB)  # one grown buffer and the small one; not two grown
+    a = srv.client("rank0")
+    srv.leases.acquire(a, 1, 3 * MIB, False)
+    srv.collect_one()
+    srv.leases.copied(srv.granted(a)["lease"])
+    assert srv.sizes() == [(0, 64 * MIB), (1, MIB)] and not srv.leases.maker.making
+
+
+def test_a_finished_job_gives_the_grown_buffers_back(server) -> None:
+    srv = server()
+    a = srv.client("rank0")
+    srv.leases.acquire(a, 1, 3 * MIB, False)
+    srv.collect_one()
+    srv.leases.free(a, srv.granted(a)["lease"])  # (given back without a snapshot: it grows ahead then)
+    srv.collect_one()
+    assert srv.sizes() == [(0, 64 * MIB), (1, 64 * MIB)]
+    del srv.sessions[a.peer]
+    srv.leases.restore_start()
+    srv.collect_one()
+    srv.collect_one()
+    assert srv.sizes() == [(0, MIB), (1, MIB)] and not srv.leases.maker.making
