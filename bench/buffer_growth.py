@@ -12,7 +12,9 @@ durable, per snapshot index, and the first snapshot against the median of the la
 
 Then, on fresh daemons, a second snapshot ``--gap`` seconds after the first, before the first is
 durable (as an emergency snapshot at preemption comes): with 64 MiB buffers, its buffer is the
-second one of the double buffer, which must have grown too.
+second one of the double buffer, which must have grown too. And a job that resumes: it ran once,
+ended (the daemon's buffers went back to 64 MiB), then connects again, restores, trains for
+``--first-steps`` seconds (a sleep) and snapshots.
 
 ``--ranks N`` also runs N trainer processes at once on one daemon with two buffers at start (the
 ranks of a node): with no more buffers allowed (``max_host_memory_bytes`` at two buffers, as
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from bench.peers import DcpAsync, Snapd, SnapdDaemon
+from snapd.client.connection import daemon_status
 
 MIB = 1 << 20
 
@@ -111,6 +114,36 @@ def run(nbytes: int, snapshots: int, work: Path, gap_s: float) -> tuple[dict, di
     return results, overlap
 
 
+def run_resume(nbytes: int, work: Path, first_steps_s: float) -> dict[str, float]:
+    """A job's first snapshot stall when new, and when it resumes (its restore, then
+    ``first_steps_s`` of training) on the same daemon with 64 MiB buffers, once the first run's
+    buffers have gone back."""
+    state = _state(nbytes)
+    run_dir = work / "rs"
+    run_dir.mkdir()
+    daemon = SnapdDaemon(run_dir, 64 * MIB)
+    try:
+        _wait_prefaulted(run_dir / "snapd.log")
+        method = Snapd(daemon, "resume")
+        ((new_stall, _),) = measure(method, state, 1)
+        method.close()
+        deadline = time.monotonic() + 60
+        while daemon_status(daemon.endpoint)["buffers"]["sizes"] != [64 * MIB] * 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon kept the ended job's buffers")
+            time.sleep(0.1)
+        method = Snapd(daemon, "resume")
+        t0 = time.perf_counter()
+        method.client.restore()
+        restore_s = time.perf_counter() - t0
+        time.sleep(first_steps_s)
+        ((resumed_stall, _),) = measure(method, state, 1)
+        method.close()
+    finally:
+        daemon.close()
+    return {"new": new_stall, "restore": restore_s, "resumed": resumed_stall, "steps": first_steps_s}
+
+
 def run_ranks(n: int, nbytes: int, snapshots: int, work: Path) -> dict[str, list[float]]:
     """Each setting's stalls over ``n`` trainers (bench.durable's trainer, each waits to durable)."""
     out = {}
@@ -154,6 +187,13 @@ def report_overlap(overlap: dict[str, list[tuple[float, float]]], gap_s: float) 
     return "\n".join(lines) + "\n"
 
 
+def report_resume(r: dict[str, float]) -> str:
+    return "\n".join(["", "A job that resumes on a daemon with 64 MiB buffers, seconds (the daemon sizes the buffers "
+                       f"for it while it restores and trains {r['steps']:g} s before its first snapshot):", "",
+                       "| first snapshot stall, new job | restore | first snapshot stall, resumed job |",
+                       "|---|---|---|", f"| {r['new']:.3f} | {r['restore']:.3f} | {r['resumed']:.3f} |"]) + "\n"
+
+
 def report_ranks(stalls: dict[str, list[float]], nbytes: int) -> str:
     lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots:", "",
              "| setting | median | max |", "|---|---|---|"]
@@ -168,14 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between the overlapping snapshots (default 1)")
+    ap.add_argument("--first-steps", type=float, default=3.0,
+                    help="seconds a resumed job trains before its first snapshot (default 3)")
     ap.add_argument("--ranks", type=int, default=0, help="also N trainer processes at once (0: not)")
     ap.add_argument("--rank-mib", type=int, default=256, help="each rank's state (default 256 MiB)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapd-growth-") as tmp:
         results, overlap = run(args.mib * MIB, args.snapshots, Path(tmp), args.gap)
+        resume = run_resume(args.mib * MIB, Path(tmp), args.first_steps)
         ranks = run_ranks(args.ranks, args.rank_mib * MIB, args.snapshots, Path(tmp)) if args.ranks else None
     command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap, args.gap)
+    text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap, args.gap) + report_resume(resume)
     if ranks:
         text += report_ranks(ranks, args.rank_mib * MIB)
     print(text, end="", flush=True)

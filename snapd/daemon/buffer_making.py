@@ -6,14 +6,19 @@ another uid, remade at the starting size once a job has ended, or grown ahead of
 for each, the request waiting for it, until it comes back on the server thread (``collect``),
 which alone changes the pool.
 
-Growing ahead: when a starting buffer grows for a request, each other free starting buffer gets a
-grown successor, as memory allows. Without it the double buffer holds only one buffer of the grown
+Growing ahead. When a starting buffer grows for a request, each other free starting buffer gets a
+grown successor, as memory allows: without it the double buffer holds only one buffer of the grown
 state's size, and the next snapshot that comes while the first is still being persisted waits
 about 0.6 s a GiB for its buffer to be made; the one that matters most is the emergency snapshot
 at preemption, which has seconds. The successor is made once the grown buffer's first snapshot is
-in it (not during that snapshot's copy, which it would slow), beside the buffer it succeeds, in a
-slot of its own, so that the smaller buffer serves on meanwhile; it takes that buffer's place once
-made if that buffer is free then, and is otherwise one buffer more (a job's end gives it back).
+in it (not during that snapshot's copy, which it would slow). And when a job that resumes
+connects (its index records its last snapshot's size), each starting buffer smaller than that
+gets one, in the background (lowest priority: the trainer is restoring), so that even its first
+snapshot finds a buffer ready. A successor is made beside the buffer it succeeds, in a slot of
+its own, so that the smaller buffer serves on meanwhile; once made it takes that buffer's place
+if that buffer is free then, and is otherwise one buffer more (a job's end gives it back). A
+request that would need as large a buffer waits for a successor being made (and hurries it)
+rather than having its own made.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class Making:
         return self.succeeds is not None
 
 
+def _uid(buffer_uid: int) -> int:
+    return buffer_uid if buffer_uid != -1 else os.geteuid()
+
+
 def _serves(uid: int, buffer_uid: int) -> bool:
     return buffer_uid == uid or (buffer_uid == -1 and uid == os.geteuid())
 
@@ -61,14 +70,16 @@ class BufferMaker:
         self._kept_grown: set[int] = set()  # buffers whose remaking at the starting size failed: not retried
         self._grow_after: set[int] = set()  # grown starting buffers whose first snapshot is not in yet
 
-    def start(self, buf: HostBuffer, size: int, uid: int, waiter: Any, succeeds: int | None = None) -> None:
-        """Have ``buf`` (or a slot) replaced by a fresh buffer of ``size`` for ``uid``, on a thread."""
+    def start(self, buf: HostBuffer, size: int, uid: int, waiter: Any, succeeds: int | None = None,
+              background: bool = False) -> None:
+        """Have ``buf`` (or a slot) replaced by a fresh buffer of ``size`` for ``uid``, on a thread
+        (``background``: BufferPool.replace's)."""
         self.making[buf.index] = Making(size, uid, waiter, succeeds)
 
         def done(new: HostBuffer, why: str) -> None:  # (the pool's thread)
             self._made.put((new, why))
             self._post({"event": "buffer_ready"})
-        self.pool.replace(buf, size, uid, done)
+        self.pool.replace(buf, size, uid, done, background)
 
     def waited_for(self) -> set[int]:
         """The ids of the requests waiting for a buffer being made (no other is granted them)."""
@@ -84,7 +95,9 @@ class BufferMaker:
         return None
 
     def claim(self, buf: HostBuffer, waiter: Any) -> None:
+        """``waiter`` waits for ``buf``, made ahead of need: it is made at full speed from now on."""
         self.making[buf.index].waiter = waiter
+        self.pool.hurry(buf.index)
 
     def size_of(self, buf: HostBuffer) -> int:
         return self.making[buf.index].size
@@ -120,23 +133,26 @@ class BufferMaker:
         buffer that grew for it, the others grow ahead now."""
         if buf is not None and buf.index in self._grow_after:
             self._grow_after.discard(buf.index)
-            self._grow_ahead(buf)
+            self.grow_ahead(buf.size, _uid(buf.uid), f"as buffer {buf.index} did")
 
-    def _grow_ahead(self, grown: HostBuffer) -> None:
-        """Each other free starting buffer smaller than ``grown`` gets a successor of its size."""
+    def grow_ahead(self, size: int, uid: int, cause: str, background: bool = False) -> None:
+        """Each free starting buffer smaller than ``size`` (none of whose successors is being made)
+        gets a successor of ``size`` for ``uid``, as memory allows; ``background``: made at the
+        lowest priority until a request waits for it."""
         c, pool = self.config, self.pool
+        succeeded = {m.succeeds for m in self.making.values()}
         for b in list(pool.buffers):
-            if b.lease is not None or b.mm is None or b.index >= c.host_buffers or b.size >= grown.size:
+            if b.lease is not None or b.mm is None or b.index >= c.host_buffers or b.size >= size or \
+                    b.index in succeeded:
                 continue
-            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + grown.size > c.memory_cap \
-                else room_to_grow(pool.shm_dir, grown.size)
+            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
+                else room_to_grow(pool.shm_dir, size)
             if why:
                 log.info("host buffer %d not grown ahead to %d MiB (%s): a snapshot that needs it waits while it is "
-                         "made", b.index, grown.size >> 20, why)
+                         "made", b.index, size >> 20, why)
                 continue
-            log.info("host buffer %d grows ahead to %d MiB, as buffer %d did", b.index, grown.size >> 20, grown.index)
-            self.start(pool.reserve(grown.size), grown.size, grown.uid if grown.uid != -1 else os.geteuid(), None,
-                       succeeds=b.index)
+            log.info("host buffer %d grows ahead to %d MiB, %s", b.index, size >> 20, cause)
+            self.start(pool.reserve(size), size, uid, None, succeeds=b.index, background=background)
 
     def _succeed(self, new: HostBuffer, index: int) -> None:
         """``new``, made ahead of need, takes the place of buffer ``index`` if that one is free."""
@@ -155,4 +171,4 @@ class BufferMaker:
                 pool.drop(b)
         for b in pool.buffers:
             if b.lease is None and b.size > c.host_buffer_bytes and b.index not in self._kept_grown:
-                self.start(b, c.host_buffer_bytes, b.uid if b.uid != -1 else os.geteuid(), None)
+                self.start(b, c.host_buffer_bytes, _uid(b.uid), None)

@@ -21,14 +21,12 @@ POSIX ACL), made the same way.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
 import re
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,27 +35,13 @@ import numpy as np
 
 from snapd import posix_acl
 from snapd.daemon.host_memory import grown_size, room_to_grow, shm_room
+from snapd.daemon.prefault import Prefault, populate
 from snapd.errors import LimitExceeded
 
 log = logging.getLogger(__name__)
 
-PAGE = mmap.PAGESIZE
 PREPARING = 0  # the lease of a buffer whose replacement is being made (lease ids start at 1)
-MADV_POPULATE_WRITE = 23  # Linux 5.14 (Python's mmap module names it from 3.12 on)
-
-
-def populate(view: np.ndarray) -> None:
-    """Fault a mapping's pages in, writable, leaving its bytes as they are. madvise through
-    ctypes: it releases the GIL for the seconds a large buffer takes (mmap.madvise does not)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes), MADV_POPULATE_WRITE) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    # older kernels: a read of each page faults it in (the first write later takes a minor fault)
-    np.bitwise_or.reduce(view[::PAGE])
-
+FILL_THREADS = 4  # threads that fault a buffer's pages in for a request waiting on it
 
 NAME_RE = re.compile(r"^snapd-(\d+)-[0-9a-f]+-\d+$")
 
@@ -86,6 +70,7 @@ class BufferPool:
         self.before_discard: Callable[[HostBuffer], None] | None = None  # the GPU copier unpins it
         self.after_install: Callable[[HostBuffer], None] | None = None  # the GPU copier pins it
         self._touched = threading.Event()
+        self._prefaults: dict[int, Prefault] = {}  # buffer index -> its pages being faulted in, in the background
         self._next_index = count
         try:
             for i in range(count):
@@ -131,17 +116,22 @@ class BufferPool:
                                     f"{buf.size} to {size} bytes, but {why}")
         return size
 
-    def replace(self, buf: HostBuffer, size: int, uid: int, done: Callable[[HostBuffer, str], None]) -> None:
+    def replace(self, buf: HostBuffer, size: int, uid: int, done: Callable[[HostBuffer, str], None],
+                background: bool = False) -> None:
         """Make ``buf``'s replacement on a thread of its own, ``buf`` meanwhile held (``PREPARING``):
         a fresh file of ``size`` bytes that only ``uid`` may open, its pages faulted in there (about
         0.6 s a GiB), so that they are the daemon's memory, counted in its cgroup, and not a
         trainer's that touched them first. ``done(new, '')`` or ``done(buf, why)`` is called on
-        that thread; the server thread then ``install``s it."""
+        that thread; the server thread then ``install``s it. ``background``: made ahead of need,
+        on one thread at the lowest CPU priority until someone waits for it (``hurry``): on 2
+        cores, four threads at full priority made a trainer's restore beside it 3-5 times slower."""
         buf.lease = PREPARING
 
         def work() -> None:
             try:
-                new = self.make(buf.index, size, uid)
+                if background:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # (this thread only)
+                new = self.make(buf.index, size, uid, background)
             except Exception as e:
                 log.error("cannot make host buffer %d of %d bytes for uid %d: %s", buf.index, size, uid, e)
                 done(buf, f"cannot make a host buffer of {size} bytes: {e}")
@@ -149,19 +139,32 @@ class BufferPool:
             done(new, "")
         threading.Thread(target=work, name=f"snapd-buffer-{buf.index}", daemon=True).start()
 
-    def make(self, index: int, size: int, uid: int) -> HostBuffer:
-        """A fresh buffer for ``uid``, its pages faulted in (any thread), on a few threads: a page's
-        allocation and zeroing is the kernel's work, and it scales with cores."""
+    def make(self, index: int, size: int, uid: int, background: bool = False) -> HostBuffer:
+        """A fresh buffer for ``uid``, its pages faulted in (any thread): on ``FILL_THREADS``
+        threads (a page's allocation and zeroing is the kernel's work, and it scales with cores),
+        or ``background``: on this thread alone until ``hurry``."""
         new = self._create(index, size, uid)
+        job = Prefault(new.view)
         try:
-            n = max(1, min(4, os.cpu_count() or 1))
-            step = -(-size // n // PAGE) * PAGE
-            with ThreadPoolExecutor(n, thread_name_prefix="snapd-populate") as pool:
-                list(pool.map(populate, [new.view[a:a + step] for a in range(0, size, step)]))
+            if background:
+                self._prefaults[index] = job
+            else:
+                job.start(min(FILL_THREADS, os.cpu_count() or 1) - 1, f"snapd-populate-{index}")
+            job.work()
+            job.wait()
         except BaseException:
             _discard(new)
             raise
+        finally:
+            self._prefaults.pop(index, None)
         return new
+
+    def hurry(self, index: int) -> None:
+        """A request waits for buffer ``index``, being made in the background: threads at the
+        calling (server) thread's priority join in for the pages still untouched."""
+        job = self._prefaults.get(index)
+        if job is not None and job.untouched():
+            job.start(min(FILL_THREADS, os.cpu_count() or 1), f"snapd-hurry-{index}")
 
     def reserve(self, size: int) -> HostBuffer:
         """A slot for one more buffer of ``size``, to be made by ``replace`` (it counts in ``total``
@@ -208,11 +211,11 @@ class BufferPool:
         """Fault every page in once, off the serving thread, WITHOUT writing: a client may already be
         copying a snapshot into a buffer (this once wrote a zero to every page, over the first byte
         of pages a client had just filled; tests/integration/test_daemon.py catches it)."""
-        for b in self.buffers:
+        buffers = list(self.buffers)  # (the pool may be closed meanwhile)
+        for b in buffers:
             populate(b.view)
         self._touched.set()
-        log.info("host buffers ready: %d x %d MiB in %s", len(self.buffers), self.buffers[0].size >> 20,
-                 self.shm_dir)
+        log.info("host buffers ready: %d x %d MiB in %s", len(buffers), buffers[0].size >> 20, self.shm_dir)
 
     def wait_touched(self, timeout: float | None = None) -> bool:
         return self._touched.wait(timeout)

@@ -226,7 +226,7 @@ class Server:
             raise SnapdError(f"cannot create the directory for uid {creds.uid} under {self.config.root}: "
                              f"{e.strerror}") from None
         self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"])
-        self.metrics.clients.set(len(self.sessions))
+        self.leases.expect(self.sessions[peer])  # (gauges the clients too)
         log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),

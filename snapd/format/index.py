@@ -136,6 +136,17 @@ def load(job: JobDir) -> JobIndex:
     return index
 
 
+def latest_raw_bytes(job_path: Path) -> int | None:
+    """The tensor bytes of the job's latest snapshot as its index file records them, without
+    reconciling with the directories (a hint for sizing buffers: None when there is no readable
+    index, or no snapshot in it)."""
+    try:
+        latest = _parse((job_path / INDEX_NAME).read_bytes()).latest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return latest.raw_bytes if latest is not None else None
+
+
 def save(job: JobDir, index: JobIndex) -> None:
     """Atomically replace the index file (call under the job lock)."""
     tmp = job.path / f".{INDEX_NAME}.{os.getpid()}.tmp"

@@ -64,6 +64,29 @@ def test_the_whole_double_buffer_grows_so_a_snapshot_during_a_flush_does_not_wai
     assert d.log_text().count("grown from 1 to") == 1  # (the first; nothing was made for the second)
 
 
+def test_a_job_that_resumes_finds_buffers_sized_for_its_last_snapshot(start) -> None:
+    """A preempted job restarts: when it connects, the daemon grows its buffers to its last
+    snapshot's size (the job's index says it), before the first snapshot asks."""
+    d = start("--host-buffer-bytes", str(MIB), env={"SNAPD_CLIENT_CHECK_INTERVAL_S": "0.2"})
+    want = _state(5, MIB)  # 4 MiB
+
+    def sizes_reach(test, what: str) -> list[int]:
+        deadline = time.monotonic() + 20
+        while not test(sizes := daemon_status(d.endpoint)["buffers"]["sizes"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert test(sizes), (what, sizes)
+        return sizes
+    with snapd.connect("resumes", endpoint=d.endpoint, spawn=False) as c:
+        c.snapshot(want, step=1).wait(30)
+    sizes_reach(lambda s: s == [MIB, MIB], "the job ended: back to the starting buffers")
+    with snapd.connect("resumes", endpoint=d.endpoint, spawn=False) as c:
+        sizes_reach(lambda s: len(s) == 2 and min(s) >= 4 * MIB, "grown for the job on its hello")
+        assert _same(c.restore(), want)
+        c.snapshot(want, step=2).wait(30)
+    assert "whose last snapshot was 4 MiB" in d.log_text()
+    assert d.log_text().count("grown from 1 to") == 1  # the first run's first snapshot only
+
+
 def test_past_max_host_buffer_bytes_a_snapshot_is_refused_and_the_daemon_goes_on(start, tmp_path) -> None:
     d = start("--host-buffer-bytes", str(MIB), "--max-host-buffer-bytes", str(2 * MIB))
     small, fits, big = _state(1, MIB // 8), _state(2, 3 * MIB // 8), _state(3, MIB)

@@ -6,19 +6,26 @@ that it decides what a request finds while a buffer is still being made."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from snapd.daemon.buffers import BufferPool
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
+from snapd.daemon.prefault import PIECE, Prefault
 from snapd.daemon.sessions import Session
 from snapd.errors import Busy
+from snapd.format import index
+from snapd.format.jobdir import JobDir
 from snapd.format.writer import Retention
 
 MIB = 1 << 20
@@ -66,9 +73,7 @@ def server(request):
     yield lambda memory=256 * MIB: made.append(Server(shm, memory)) or made[-1]
     for srv in made:
         srv.pool.close()
-    for f in shm.iterdir():
-        f.unlink()
-    shm.rmdir()
+    shutil.rmtree(shm)
 
 
 def test_the_partner_of_a_grown_buffer_is_grown_ahead_and_the_next_large_snapshot_finds_it(server) -> None:
@@ -140,3 +145,75 @@ def test_a_finished_job_gives_the_grown_buffers_back(server) -> None:
     srv.collect_one()
     srv.collect_one()
     assert srv.sizes() == [(0, MIB), (1, MIB)] and not srv.leases.maker.making
+
+
+def _resumes(srv: Server, job: str, raw_bytes: int) -> None:
+    """Job ``job`` has run before: its index records a last snapshot of ``raw_bytes``."""
+    jd = JobDir(srv.pool.shm_dir, job)
+    jd.path.mkdir()
+    index.save(jd, index.JobIndex([index.Entry(7, "step-000000000007", 0.0, raw_bytes, raw_bytes // 2)]))
+
+
+def test_a_job_that_resumes_finds_its_buffers_grown_for_its_last_snapshot_before_its_first(server) -> None:
+    srv = server()
+    _resumes(srv, "resumes", 3 * MIB)
+    rank0, rank1 = srv.client("resumes"), srv.client("resumes")
+    srv.leases.expect(rank0)  # (its hello)
+    assert sorted(m.succeeds for m in srv.leases.maker.making.values()) == [0, 1]  # both starting buffers
+    srv.leases.expect(rank1)  # another rank of the job: nothing more is made for the same buffers
+    assert len(srv.leases.maker.making) == 2
+    assert srv.leases.acquire(rank0, 1, 3 * MIB, False) is None  # (still being made: it waits for one)
+    srv.collect_one()
+    srv.collect_one()
+    assert srv.granted(rank0)["bytes"] == 64 * MIB
+    assert srv.sizes() == [(0, 64 * MIB), (1, 64 * MIB)] and not srv.leases.maker.making
+    grant = srv.leases.acquire(rank1, 2, 3 * MIB, False)
+    assert grant is not None and json.loads(grant)["bytes"] == 64 * MIB
+
+
+def test_a_new_job_or_one_whose_last_snapshot_fits_grows_nothing(server) -> None:
+    srv = server()
+    _resumes(srv, "small", MIB // 2)
+    for job in ("new", "small"):
+        srv.leases.expect(srv.client(job))
+    assert not srv.leases.maker.making and srv.sizes() == [(0, MIB), (1, MIB)]
+
+
+def _resident(view: np.ndarray) -> int:
+    """How many of ``view``'s pages are in memory (mincore(2))."""
+    pages = -(-view.nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes), vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec)
+
+
+def test_a_buffer_made_in_the_background_and_then_hurried_has_every_page_in_once(server) -> None:
+    """One thread at the lowest priority starts; three more join when a request waits (``hurry``);
+    every page is faulted in, and the bytes a client may already have written stay."""
+    srv = server()
+    new = srv.pool._create(9, 3 * PIECE + 5 * mmap.PAGESIZE, os.geteuid())  # 3 pieces and a bit
+    try:
+        new.view[-1] = 7  # (a byte already there must survive: pages are faulted in, not written)
+        assert _resident(new.view) < len(new.view) // mmap.PAGESIZE
+        job = Prefault(new.view)
+        job.start(1, "test-background")
+        job.start(3, "test-hurry")
+        job.wait()
+        assert _resident(new.view) == -(-new.size // mmap.PAGESIZE) and job.untouched() == 0
+        assert new.view[-1] == 7 and not new.view[:PIECE].any()
+    finally:
+        new.path.unlink()  # (the mapping goes with the views over it)
+
+
+def test_a_request_that_claims_a_buffer_made_in_the_background_hurries_it(server) -> None:
+    srv = server()
+    _resumes(srv, "resumes", 3 * MIB)
+    a = srv.client("resumes")
+    srv.leases.expect(a)  # successors of buffers 0 and 1, made in the background (slots 2 and 3)
+    hurried: list[int] = []
+    hurry, srv.pool.hurry = srv.pool.hurry, lambda index: hurried.append(index) or hurry(index)
+    assert srv.leases.acquire(a, 1, 3 * MIB, True) is None
+    srv.collect_one()
+    srv.collect_one()
+    assert hurried == [2] and srv.granted(a)["bytes"] == 64 * MIB
