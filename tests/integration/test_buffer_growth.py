@@ -5,6 +5,7 @@ buffers. Past the bound: a clear error, the daemon goes on, and nothing on disk 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -62,6 +63,28 @@ def test_the_whole_double_buffer_grows_so_a_snapshot_during_a_flush_does_not_wai
         assert _same(c.restore(2), want)
     assert "host buffer 1 grows ahead" in d.log_text()
     assert d.log_text().count("grown from 1 to") == 1  # (the first; nothing was made for the second)
+
+
+def test_sigterm_during_the_first_flush_of_a_grown_state_persists_the_emergency_snapshot(start, client_proc) -> None:
+    """A state larger than the buffers, preempted right after its first snapshot: the emergency
+    snapshot needs the other buffer of the double buffer, grown (ahead, or for it) while the first
+    is still being written. Both land, the emergency one with the values at the signal."""
+    d = start("--host-buffer-bytes", str(MIB), "--codec", "shuffle-zstd", "--encode-threads", "1")
+    code = ("import os, signal, sys, numpy as np, snapd.client as c\n"
+            "cl = c.connect('preempt-grown', endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
+            "state = {'w': np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32), 'step': 1}\n"
+            "cl.on_preemption(lambda: (state, state['step']), deadline_s=60)\n"
+            "cl.snapshot(state, step=1)  # 16 MiB: not waited for\n"
+            "state['w'] += 1; state['step'] = 2\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('not terminated')\n")
+    out = client_proc(code, d.endpoint)
+    assert out.returncode == -signal.SIGTERM, out.stdout + out.stderr
+    infos = snapd.list_snapshots(d.root, "preempt-grown")
+    assert [(i.step, i.emergency) for i in infos] == [(1, False), (2, True)], d.log_text()
+    want = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)
+    assert snapd.load(d.root, "preempt-grown", step=1)["w"].tobytes() == want.tobytes()
+    assert snapd.load(d.root, "preempt-grown", step=2)["w"].tobytes() == (want + 1).tobytes()
 
 
 def test_a_job_that_resumes_finds_buffers_sized_for_its_last_snapshot(start) -> None:
