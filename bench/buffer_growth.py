@@ -18,7 +18,9 @@ ended (the daemon's buffers went back to 64 MiB), then connects again, restores,
 
 ``--ranks N`` also runs N trainer processes at once on one daemon with two buffers at start (the
 ranks of a node): with no more buffers allowed (``max_host_memory_bytes`` at two buffers, as
-before buffers could be added) and with the default, which adds one when all are busy.
+before buffers could be added) and with the default, which adds one when all are busy. Then N
+ranks of a job that resumes on a daemon with 64 MiB buffers: each connects, restores, trains
+``--first-steps`` seconds and snapshots, once as a new job and once resumed.
 """
 
 from __future__ import annotations
@@ -194,8 +196,50 @@ def report_resume(r: dict[str, float]) -> str:
                        "|---|---|---|", f"| {r['new']:.3f} | {r['restore']:.3f} | {r['resumed']:.3f} |"]) + "\n"
 
 
+def rank_first_snapshot(endpoint: str, nbytes: int, job: str, first_steps_s: float) -> None:
+    """One rank of ``run_ranks_resume`` (a process of its own): connect, restore what the job has,
+    train, and print the first snapshot's stall."""
+    import snapd.client as snapd
+
+    state = _state(nbytes)
+    with snapd.connect(job, endpoint=endpoint, spawn=False, keep_last=1) as c:
+        if c.list():
+            c.restore()
+        time.sleep(first_steps_s)
+        t0 = time.perf_counter()
+        p = c.snapshot(state, step=len(c.list()))
+        stall = time.perf_counter() - t0
+        p.wait()
+    print(json.dumps({"stall": stall}))
+
+
+def run_ranks_resume(n: int, nbytes: int, work: Path, first_steps_s: float) -> dict[str, list[float]]:
+    """The first snapshots' stalls of ``n`` ranks on a daemon with 64 MiB buffers: a new job, then
+    the same job resumed once the daemon's buffers have gone back."""
+    run_dir = work / "rr"
+    run_dir.mkdir()
+    daemon = SnapdDaemon(run_dir, 64 * MIB)
+    out = {}
+    try:
+        for name in (f"{n} ranks, new job", f"{n} ranks, resumed"):
+            deadline = time.monotonic() + 60
+            while daemon_status(daemon.endpoint)["buffers"]["sizes"] != [64 * MIB] * 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the daemon kept the ended job's buffers")
+                time.sleep(0.1)
+            procs = [subprocess.Popen([sys.executable, "-m", "bench.buffer_growth", "rank", daemon.endpoint,
+                                       str(nbytes), f"resume-rank{r}", str(first_steps_s)], stdout=subprocess.PIPE,
+                                      text=True, cwd=Path(__file__).resolve().parent.parent) for r in range(n)]
+            out[name] = sorted(json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1])["stall"]
+                               for p in procs)
+    finally:
+        daemon.close()
+    return out
+
+
 def report_ranks(stalls: dict[str, list[float]], nbytes: int) -> str:
-    lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots:", "",
+    lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots (new job "
+             "and resumed: each rank's first snapshot, 64 MiB buffers, after its restore and --first-steps):", "",
              "| setting | median | max |", "|---|---|---|"]
     lines += [f"| {name} | {statistics.median(v):.3f} | {v[-1]:.3f} |" for name, v in stalls.items()]
     return "\n".join(lines) + "\n"
@@ -217,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         results, overlap = run(args.mib * MIB, args.snapshots, Path(tmp), args.gap)
         resume = run_resume(args.mib * MIB, Path(tmp), args.first_steps)
         ranks = run_ranks(args.ranks, args.rank_mib * MIB, args.snapshots, Path(tmp)) if args.ranks else None
+        if args.ranks:
+            ranks.update(run_ranks_resume(args.ranks, args.rank_mib * MIB, Path(tmp), args.first_steps))
     command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap, args.gap) + report_resume(resume)
     if ranks:
@@ -227,5 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["rank"]:
+    rank_first_snapshot(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
+elif __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,9 @@ about 0.6 s a GiB for its buffer to be made; the one that matters most is the em
 at preemption, which has seconds. The successor is made once the grown buffer's first snapshot is
 in it (not during that snapshot's copy, which it would slow). And when a job that resumes
 connects (its index records its last snapshot's size), each starting buffer smaller than that
-gets one, in the background (lowest priority: the trainer is restoring), so that even its first
-snapshot finds a buffer ready. A successor is made beside the buffer it succeeds, in a slot of
+gets one, and buffers are added so that each client connected for such a job (the ranks of a
+node) has one, in the background (lowest priority: the trainer is restoring), so that even its
+first snapshot finds a buffer ready. A successor is made beside the buffer it succeeds, in a slot of
 its own, so that the smaller buffer serves on meanwhile; once made it takes that buffer's place
 if that buffer is free then, and is otherwise one buffer more (a job's end gives it back). A
 request that would need as large a buffer waits for a successor being made (and hurries it)
@@ -39,17 +40,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Making:
     """A buffer being made: ``size`` bytes for ``uid``, for ``waiter`` (a leases.Waiter; None: for
-    no request, or for a skipping client's, which does not wait), or ahead of need as the successor
-    of buffer ``succeeds`` (a request that would need as large a buffer waits for it instead, as its
-    ``waiter``)."""
+    no request, or for a skipping client's, which does not wait), or ``ahead`` of need, as the
+    successor of buffer ``succeeds`` or as one more (a request that would need as large a buffer
+    waits for it instead, as its ``waiter``)."""
     size: int
     uid: int
     waiter: Any = None
+    ahead: bool = False
     succeeds: int | None = None
-
-    @property
-    def ahead(self) -> bool:
-        return self.succeeds is not None
 
 
 def _uid(buffer_uid: int) -> int:
@@ -70,11 +68,11 @@ class BufferMaker:
         self._kept_grown: set[int] = set()  # buffers whose remaking at the starting size failed: not retried
         self._grow_after: set[int] = set()  # grown starting buffers whose first snapshot is not in yet
 
-    def start(self, buf: HostBuffer, size: int, uid: int, waiter: Any, succeeds: int | None = None,
-              background: bool = False) -> None:
+    def start(self, buf: HostBuffer, size: int, uid: int, waiter: Any, ahead: bool = False,
+              succeeds: int | None = None, background: bool = False) -> None:
         """Have ``buf`` (or a slot) replaced by a fresh buffer of ``size`` for ``uid``, on a thread
         (``background``: BufferPool.replace's)."""
-        self.making[buf.index] = Making(size, uid, waiter, succeeds)
+        self.making[buf.index] = Making(size, uid, waiter, ahead, succeeds)
 
         def done(new: HostBuffer, why: str) -> None:  # (the pool's thread)
             self._made.put((new, why))
@@ -115,7 +113,7 @@ class BufferMaker:
                 self.pool.install(new, m.ahead)
                 c = self.config
                 self._grow_after.discard(new.index)
-                if m.ahead:
+                if m.succeeds is not None:
                     self._succeed(new, m.succeeds)
                 elif new.index < c.host_buffers and new.size > c.host_buffer_bytes:
                     self._grow_after.add(new.index)
@@ -140,7 +138,7 @@ class BufferMaker:
         gets a successor of ``size`` for ``uid``, as memory allows; ``background``: made at the
         lowest priority until a request waits for it."""
         c, pool = self.config, self.pool
-        succeeded = {m.succeeds for m in self.making.values()}
+        succeeded = {m.succeeds for m in self.making.values() if m.succeeds is not None}
         for b in list(pool.buffers):
             if b.lease is not None or b.mm is None or b.index >= c.host_buffers or b.size >= size or \
                     b.index in succeeded:
@@ -152,7 +150,24 @@ class BufferMaker:
                          "made", b.index, size >> 20, why)
                 continue
             log.info("host buffer %d grows ahead to %d MiB, %s", b.index, size >> 20, cause)
-            self.start(pool.reserve(size), size, uid, None, succeeds=b.index, background=background)
+            self.start(pool.reserve(size), size, uid, None, ahead=True, succeeds=b.index, background=background)
+
+    def add_ahead(self, size: int, uid: int, wanted: int, cause: str) -> None:
+        """Buffers for ``uid`` of ``size`` (ready, or made ahead of need) up to ``wanted``, more added
+        in the background as memory allows: one for each rank of a job that resumes."""
+        c, pool = self.config, self.pool
+        have = sum(1 for b in pool.buffers if (b.mm is not None and b.size >= size and _serves(uid, b.uid)) or
+                   ((m := self.making.get(b.index)) is not None and m.ahead and m.size >= size and _serves(uid, m.uid)))
+        for _ in range(wanted - have):
+            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
+                else room_to_grow(pool.shm_dir, size)
+            if why:
+                log.info("no host buffer of %d MiB added ahead (%s): a snapshot that needs it waits while it is made",
+                         size >> 20, why)
+                return
+            slot = pool.reserve(size)
+            log.info("host buffer %d of %d MiB added ahead, %s", slot.index, size >> 20, cause)
+            self.start(slot, size, uid, None, ahead=True, background=True)
 
     def _succeed(self, new: HostBuffer, index: int) -> None:
         """``new``, made ahead of need, takes the place of buffer ``index`` if that one is free."""

@@ -132,14 +132,18 @@ class Leases:
 
     def expect(self, s: Session) -> None:
         """``s``'s job resumes: the starting buffers grow ahead to its last snapshot's size (as its
-        index records it), so that its first snapshot finds one ready, pinned on the GPU path.
+        index records it), and more are added so that each client connected for such a job (the
+        ranks of a node) has one: its first snapshot finds a buffer ready, pinned on the GPU path.
         In the background: the trainer is restoring meanwhile, and four threads at full priority
         beside it made its restore 3-5 times slower on 2 cores."""
         c = self.config
         last = latest_raw_bytes(JobDir(s.jobs_root, s.job).path)
         if last is not None and c.host_buffer_bytes < last <= c.buffer_cap:
-            self.maker.grow_ahead(grown_size(last, c.buffer_cap), s.uid,
-                                  f"for job {s.job}, whose last snapshot was {last >> 20} MiB", background=True)
+            s.expects = size = grown_size(last, c.buffer_cap)
+            cause = f"for job {s.job}, whose last snapshot was {last >> 20} MiB"
+            self.maker.grow_ahead(size, s.uid, cause, background=True)
+            wanted = sum(x.expects == size and x.uid == s.uid for x in self.sessions.values())
+            self.maker.add_ahead(size, s.uid, wanted, cause)
         self.gauges()
 
     def restore_start(self) -> None:

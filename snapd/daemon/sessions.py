@@ -47,6 +47,7 @@ class Session:
     regions: dict[int, Region] = field(default_factory=dict)
     layout: Layout | None = None  # the last layout accepted on this connection
     last_snapshot: dict | None = None  # its step, tensor count and bytes by path (``snapd status``)
+    expects: int | None = None  # the buffer its job's last snapshot needs, when it resumed (Leases.expect)
 
 
 def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:

@@ -47,8 +47,9 @@ class Server:
     def _send(self, peer: bytes, reply: bytes) -> None:
         self.replies.setdefault(peer, []).append(json.loads(reply))
 
-    def client(self, name: str, on_busy: str = "wait") -> Session:
-        s = Session(name.encode(), name, os.getpid(), os.geteuid(), self.pool.shm_dir, Retention(), on_busy)
+    def client(self, job: str, on_busy: str = "wait") -> Session:
+        s = Session(f"{job}-{len(self.sessions)}".encode(), job, os.getpid(), os.geteuid(), self.pool.shm_dir,
+                    Retention(), on_busy)
         self.sessions[s.peer] = s
         return s
 
@@ -160,7 +161,7 @@ def test_a_job_that_resumes_finds_its_buffers_grown_for_its_last_snapshot_before
     rank0, rank1 = srv.client("resumes"), srv.client("resumes")
     srv.leases.expect(rank0)  # (its hello)
     assert sorted(m.succeeds for m in srv.leases.maker.making.values()) == [0, 1]  # both starting buffers
-    srv.leases.expect(rank1)  # another rank of the job: nothing more is made for the same buffers
+    srv.leases.expect(rank1)  # a second rank: the two being made are one each
     assert len(srv.leases.maker.making) == 2
     assert srv.leases.acquire(rank0, 1, 3 * MIB, False) is None  # (still being made: it waits for one)
     srv.collect_one()
@@ -217,3 +218,20 @@ def test_a_request_that_claims_a_buffer_made_in_the_background_hurries_it(server
     srv.collect_one()
     srv.collect_one()
     assert hurried == [2] and srv.granted(a)["bytes"] == 64 * MIB
+
+
+def test_each_rank_of_a_job_that_resumes_gets_a_buffer_ahead_as_memory_allows(server) -> None:
+    srv = server(memory=200 * MIB)  # room for three grown buffers (and the small ones meanwhile), not four
+    _resumes(srv, "ranks", 3 * MIB)
+    ranks = [srv.client("ranks") for _ in range(4)]
+    for r in ranks:
+        srv.leases.expect(r)
+    made = srv.leases.maker.making.values()
+    assert sorted((m.succeeds if m.succeeds is not None else -1, m.size) for m in made) == \
+        [(-1, 64 * MIB), (0, 64 * MIB), (1, 64 * MIB)]  # the two starting buffers grown, one added
+    for _ in range(3):
+        srv.collect_one()
+    assert [size for _, size in srv.sizes()] == [64 * MIB] * 3
+    grants = [srv.leases.acquire(r, i, 3 * MIB, False) for i, r in enumerate(ranks[:3])]
+    assert all(g is not None for g in grants)  # three first snapshots, nothing made for them
+    assert srv.leases.acquire(ranks[3], 9, 3 * MIB, False) is None  # the fourth waits for room
