@@ -25,12 +25,11 @@ rather than having its own made.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from snapd.daemon.buffers import BufferPool, HostBuffer
+from snapd.daemon.buffers import BufferPool, HostBuffer, owner_uid, serves_uid
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import room_to_grow
 
@@ -48,14 +47,6 @@ class Making:
     waiter: Any = None
     ahead: bool = False
     succeeds: int | None = None
-
-
-def _uid(buffer_uid: int) -> int:
-    return buffer_uid if buffer_uid != -1 else os.geteuid()
-
-
-def _serves(uid: int, buffer_uid: int) -> bool:
-    return buffer_uid == uid or (buffer_uid == -1 and uid == os.geteuid())
 
 
 class BufferMaker:
@@ -88,7 +79,7 @@ class BufferMaker:
         request waits for yet (the caller's will: ``claim``)."""
         for b in self.pool.buffers:
             m = self.making.get(b.index)
-            if m is not None and m.ahead and m.waiter is None and m.size >= nbytes and _serves(uid, m.uid):
+            if m is not None and m.ahead and m.waiter is None and m.size >= nbytes and serves_uid(m.uid, uid):
                 return b
         return None
 
@@ -131,7 +122,14 @@ class BufferMaker:
         buffer that grew for it, the others grow ahead now."""
         if buf is not None and buf.index in self._grow_after:
             self._grow_after.discard(buf.index)
-            self.grow_ahead(buf.size, _uid(buf.uid), f"as buffer {buf.index} did")
+            self.grow_ahead(buf.size, owner_uid(buf.uid), f"as buffer {buf.index} did")
+
+    def no_room(self, size: int) -> str:
+        """Why one more buffer of ``size`` cannot be had now ('' when it can)."""
+        c, pool = self.config, self.pool
+        if pool.total() + size > c.memory_cap:
+            return f"max_host_memory_bytes ({c.memory_cap})"
+        return room_to_grow(pool.shm_dir, size)
 
     def grow_ahead(self, size: int, uid: int, cause: str, background: bool = False) -> None:
         """Each free starting buffer smaller than ``size`` (none of whose successors is being made)
@@ -143,8 +141,7 @@ class BufferMaker:
             if b.lease is not None or b.mm is None or b.index >= c.host_buffers or b.size >= size or \
                     b.index in succeeded:
                 continue
-            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
-                else room_to_grow(pool.shm_dir, size)
+            why = self.no_room(size)
             if why:
                 log.info("host buffer %d not grown ahead to %d MiB (%s): a snapshot that needs it waits while it is "
                          "made", b.index, size >> 20, why)
@@ -155,12 +152,11 @@ class BufferMaker:
     def add_ahead(self, size: int, uid: int, wanted: int, cause: str) -> None:
         """Buffers for ``uid`` of ``size`` (ready, or made ahead of need) up to ``wanted``, more added
         in the background as memory allows: one for each rank of a job that resumes."""
-        c, pool = self.config, self.pool
-        have = sum(1 for b in pool.buffers if (b.mm is not None and b.size >= size and _serves(uid, b.uid)) or
-                   ((m := self.making.get(b.index)) is not None and m.ahead and m.size >= size and _serves(uid, m.uid)))
+        pool = self.pool
+        have = sum(1 for b in pool.buffers if (b.mm is not None and pool.serves(b, uid, size)) or
+                   ((m := self.making.get(b.index)) is not None and m.ahead and m.size >= size and serves_uid(m.uid, uid)))
         for _ in range(wanted - have):
-            why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
-                else room_to_grow(pool.shm_dir, size)
+            why = self.no_room(size)
             if why:
                 log.info("no host buffer of %d MiB added ahead (%s): a snapshot that needs it waits while it is made",
                          size >> 20, why)
@@ -186,4 +182,4 @@ class BufferMaker:
                 pool.drop(b)
         for b in pool.buffers:
             if b.lease is None and b.size > c.host_buffer_bytes and b.index not in self._kept_grown:
-                self.start(b, c.host_buffer_bytes, _uid(b.uid), None)
+                self.start(b, c.host_buffer_bytes, owner_uid(b.uid), None)

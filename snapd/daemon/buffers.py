@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 PREPARING = 0  # the lease of a buffer whose replacement is being made (lease ids start at 1)
 FILL_THREADS = 4  # threads that fault a buffer's pages in for a request waiting on it
 
+def serves_uid(buffer_uid: int, uid: int) -> bool:
+    """Whether a buffer made for ``buffer_uid`` (-1: the daemon's own) may be handed to ``uid``."""
+    return buffer_uid == uid or (buffer_uid == -1 and uid == os.geteuid())
+
+
+def owner_uid(buffer_uid: int) -> int:
+    """The uid a buffer made for ``buffer_uid`` serves (-1: the daemon's own)."""
+    return buffer_uid if buffer_uid != -1 else os.geteuid()
+
+
 NAME_RE = re.compile(r"^snapd-(\d+)-[0-9a-f]+-\d+$")
 
 
@@ -99,7 +109,7 @@ class BufferPool:
     @staticmethod
     def serves(buf: HostBuffer, uid: int, nbytes: int) -> bool:
         """Whether ``buf`` holds a snapshot of ``nbytes`` for ``uid`` as it is."""
-        return nbytes <= buf.size and (buf.uid == uid or (buf.uid == -1 and uid == os.geteuid()))
+        return nbytes <= buf.size and serves_uid(buf.uid, uid)
 
     def replacement_size(self, buf: HostBuffer, uid: int, nbytes: int, cap: int) -> int | None:
         """The size of the fresh buffer that must replace ``buf`` before it can hold a snapshot of
@@ -123,8 +133,7 @@ class BufferPool:
         0.6 s a GiB), so that they are the daemon's memory, counted in its cgroup, and not a
         trainer's that touched them first. ``done(new, '')`` or ``done(buf, why)`` is called on
         that thread; the server thread then ``install``s it. ``background``: made ahead of need,
-        on one thread at the lowest CPU priority until someone waits for it (``hurry``): on 2
-        cores, four threads at full priority made a trainer's restore beside it 3-5 times slower."""
+        on one thread at the lowest CPU priority until someone waits for it (``hurry``)."""
         buf.lease = PREPARING
 
         def work() -> None:
@@ -225,8 +234,7 @@ class BufferPool:
         make), else one that holds ``nbytes``, else the largest (the least to grow)."""
         free = [b for b in self.buffers if b.lease is None]
         fits = [b for b in free if b.size >= nbytes]
-        own = os.geteuid()
-        return next((b for b in fits if b.uid == uid or (b.uid == -1 and uid == own)), None) \
+        return next((b for b in fits if uid is not None and serves_uid(b.uid, uid)), None) \
             or next(iter(fits), None) or max(free, key=lambda b: b.size, default=None)
 
     def by_lease(self, lease: int) -> HostBuffer | None:

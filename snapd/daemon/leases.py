@@ -20,7 +20,7 @@ from snapd import protocol
 from snapd.daemon.buffer_making import BufferMaker
 from snapd.daemon.buffers import BufferPool, HostBuffer
 from snapd.daemon.config import DaemonConfig
-from snapd.daemon.host_memory import grown_size, room_to_grow
+from snapd.daemon.host_memory import grown_size
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
@@ -119,8 +119,7 @@ class Leases:
                                     f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
             return buf, size
         size = grown_size(nbytes, c.buffer_cap) if nbytes > c.host_buffer_bytes else c.host_buffer_bytes
-        why = f"max_host_memory_bytes ({c.memory_cap})" if pool.total() + size > c.memory_cap \
-            else room_to_grow(pool.shm_dir, size)
+        why = self.maker.no_room(size)
         if why:
             if not self._said_full:  # (once a daemon's life: an operator's hint, not a per-snapshot line)
                 self._said_full = True
