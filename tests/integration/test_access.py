@@ -49,10 +49,19 @@ def as_user(uid: int, gid: int, code: str, *args: str, timeout: float = 60) -> s
                           text=True, cwd="/", timeout=timeout)
 
 
+def _traversable(path: Path) -> bool:
+    """Whether every directory from / down to ``path`` lets other uids through (o+x)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+
 @pytest.fixture
 def shared_dir():
-    """A directory other uids can traverse (pytest's tmp_path is 0700 under /tmp/pytest-of-root)."""
-    d = Path(tempfile.mkdtemp(prefix="snapd-access-", dir="/tmp"))
+    """A directory other uids can traverse (pytest's tmp_path is 0700 under /tmp/pytest-of-root, and
+    some machines make /tmp itself 0700): the first of /tmp, /var/tmp, /dev/shm that they can reach."""
+    base = next((b for b in map(Path, ("/tmp", "/var/tmp", "/dev/shm")) if b.is_dir() and _traversable(b)), None)
+    if base is None:
+        pytest.skip("no temporary directory that other uids can traverse")
+    d = Path(tempfile.mkdtemp(prefix="snapd-access-", dir=base))
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
