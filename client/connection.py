@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 def reply_error(msg: dict) -> Exception:
     """The exception an error reply stands for: a failed stage is a SnapshotError."""
     if msg.get("stage"):
-        return SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"])
+        return SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"],
+                             {k: msg[k] for k in ("refused", "any_open") if k in msg})
     return error_from_code(msg.get("code", "error"), msg.get("message", ""))
 
 

@@ -21,7 +21,9 @@ collection) an allocation the daemon maps, and counts it as in use, as it is.
 Where IPC cannot work the client copies device -> host buffer itself
 (``stage``), logging once why: an allocation made by PyTorch's
 ``expandable_segments`` (not legacy-IPC capable), a daemon in another pid
-namespace or without that device, or CUDA MPS.
+namespace or without that device, or CUDA MPS; and, found only when tried,
+an allocation whose handle the driver will not export here or open in the
+daemon, or a daemon whose device copy failed (``copy_failed``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class CudaExport:
             self.why_not = "CUDA MPS is running (its clients cannot share memory by IPC)"
         self._said: set[str] = set()
         self._handles: dict[int, str] = {}  # allocation id -> handle (hex)
+        self._refused: set[int] = set()  # allocation ids whose handle the daemon could not open
         self._allocs: dict[int, cuda_driver.Allocation] = {}  # tensor address -> its allocation
         self._checked: set[int] = set()  # allocation ids found live during this snapshot
         self._ranges: list[tuple[int, int, int]] = []  # their (base, end, id), by base
@@ -95,6 +98,9 @@ class CudaExport:
         if not alloc.ipc_capable:
             self._once("the allocation is not legacy-IPC capable (PyTorch expandable_segments?)")
             return None
+        if alloc.buffer_id in self._refused:
+            self._once("the daemon could not open the CUDA IPC handle of an allocation")
+            return None
         uuid = self._uuids.get(alloc.ordinal)
         if uuid is None:
             uuid = self._uuids[alloc.ordinal] = cuda_driver.device_uuid(alloc.ordinal)
@@ -103,9 +109,26 @@ class CudaExport:
             return None
         handle = self._handles.get(alloc.buffer_id)
         if handle is None:
-            handle = self._handles[alloc.buffer_id] = cuda_driver.mem_handle(alloc).hex()
+            try:
+                handle = self._handles[alloc.buffer_id] = cuda_driver.mem_handle(alloc).hex()
+            except cuda_driver.CudaError as e:  # (memory the driver will not share: staged instead)
+                self._refused.add(alloc.buffer_id)
+                self._once(f"an allocation has no CUDA IPC handle here ({e})")
+                return None
         self._contexts.setdefault(uuid, alloc.context)
         return {"dev": uuid, "handle": handle, "offset": leaf.ptr - alloc.base, "size": alloc.size}
+
+    def copy_failed(self, code: str, details: dict, reason: str) -> None:
+        """The daemon could not copy a snapshot from the device: stage from now on the allocations
+        whose handles it could not open (``ipc_refused``; ones freed and made again get new handles,
+        tried anew), or every device tensor when it opened none of this process's or its copy failed."""
+        refused = set(details.get("refused") or ())
+        if code == "ipc_refused" and refused and details.get("any_open"):
+            self._refused.update(bid for bid, h in self._handles.items() if h in refused)
+            log.warning("the daemon could not open %d CUDA IPC handle(s) of this process (%s): their "
+                        "tensors are staged by this process from now on", len(refused), reason)
+        elif self.why_not is None:
+            self.why_not = f"the daemon could not copy them from the device ({reason})"
 
     def streams(self, leads: dict[str, int], leaves: list[TensorLeaf], sources: list[Any]) -> dict[str, int]:
         """The trainer stream of each device the snapshot copies from: that of ``leads[device]``,

@@ -22,7 +22,7 @@ from snapd.client import snapshot_plan
 from snapd.client.layout import LayoutCache, descriptors
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
-from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError, SnapshotError
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
@@ -58,12 +58,17 @@ class Client:
 
     def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
-        t0 = time.perf_counter()
         check_step(step)
-        metrics = check_metrics(metrics)
-        plan = self._planner.plan(state)
+        pending = self._hand_over(state, step, check_metrics(metrics), emergency)
+        if not pending.copied:
+            (self._on_gpu if pending.on_gpu else self._uncopied).append(pending)
+        return pending
+
+    def _hand_over(self, state: Any, step: int, metrics: dict, emergency: bool) -> Pending:
+        t0 = time.perf_counter()
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
+        plan = self._planner.plan(state)  # (after those: a copy that failed changes how tensors go)
         self._wait_registered()  # a region being copied must not be described again until that copy is done
         streams = self._export.streams(plan.leads, plan.leaves, plan.sources) if plan.leads else {}
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
@@ -102,12 +107,15 @@ class Client:
         if waited_s > 0.05:
             log.info("step %d waited %.2f s for a free host buffer", step, waited_s)
         anchors = (self._export.next_seq(), [plan.sources[i] for i in plan.anchors]) if streams else None
-        pending = Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
-                          waited_s=waited_s, streams=streams, anchors=anchors,
-                          keep=plan.sources if streams else None)  # (the CPU ones too: no harm, no loop)
-        if not pending.copied:
-            (self._on_gpu if streams else self._uncopied).append(pending)
-        return pending
+        retry = (lambda: self._hand_over(state, step, metrics, emergency)) if streams else None
+        return Pending(self, step, req, copied=first["type"] == "copied", stall_s=time.perf_counter() - t0,
+                       waited_s=waited_s, streams=streams, anchors=anchors, retry=retry,
+                       keep=plan.sources if streams else None)  # (the CPU ones too: no harm, no loop)
+
+    def _device_copy_failed(self, e: SnapshotError) -> None:
+        """The daemon could not copy a snapshot's device tensors (``Pending``): stage them here."""
+        self._export.copy_failed(e.code, e.details, str(e))
+        self._planner.forget()  # (the memo would replay the descriptors that failed)
 
     def _layout_fields(self, plan: snapshot_plan.SnapshotPlan, inline: list[int]) -> dict[str, Any]:
         if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values

@@ -127,10 +127,12 @@ class SnapshotError(SnapdError):
 
     code = "snapshot_failed"
 
-    def __init__(self, message: str, code: str = "snapshot_failed", stage: str = "") -> None:
+    def __init__(self, message: str, code: str = "snapshot_failed", stage: str = "",
+                 details: dict | None = None) -> None:
         super().__init__(f"{message} (stage: {stage})" if stage else message)
         self.code = code
         self.stage = stage
+        self.details = details or {}  # what the code carries besides (ipc_refused: refused, any_open)
 
 
 _BY_CODE: dict[str, type[SnapdError]] = {}

@@ -259,8 +259,9 @@ def reply(kind: str, req_id: int | None, **fields: Any) -> bytes:
     return encode({"v": PROTOCOL_VERSION, "type": kind, "id": req_id, **fields})
 
 
-def error_reply(req_id: int | None, code: str, message: str, stage: str = "") -> bytes:
-    return reply("error", req_id, code=code, message=message, stage=stage)
+def error_reply(req_id: int | None, code: str, message: str, stage: str = "", **extra: Any) -> bytes:
+    """``extra``: fields a code carries besides (``ipc_refused``: ``refused``, ``any_open``)."""
+    return reply("error", req_id, code=code, message=message, stage=stage, **extra)
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:

@@ -94,5 +94,6 @@ def finish(server: Any, event: dict) -> None:
         server.metrics.snapshots.labels("failed").inc()
         server.recent.failed(task.job, str(task.root / task.job))
         server.last_error = f"{task.job} step {task.step}: {event['message']}"
-        reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"])
+        extra = {k: event[k] for k in ("refused", "any_open") if k in event}  # (the GPU copier's ipc_refused)
+        reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"], **extra)
     server._send(task.peer, reply)

@@ -14,9 +14,11 @@ mutation waits on them on the GPU, never on the CPU. A second thread waits
 for the copies on the host, then reports ``copied`` and hands the snapshot
 to the encode/flush stages, which read the host buffer as on the CPU path.
 
-Handles are opened lazily and cached per client and allocation; those a
-client's latest snapshot did not use are closed after it, and all of a
-client's are closed when it leaves.
+Handles are opened lazily and cached per client and allocation
+(``gpu_handles``); those a client's latest snapshot did not use are closed
+after it, and all of a client's are closed when it leaves. A copy that fails
+(a handle that will not open, the device path broken) fails that snapshot
+with a code that tells the client to copy those tensors itself from then on.
 """
 
 from __future__ import annotations
@@ -26,17 +28,17 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zmq
 
 from snapd import cuda_driver
 from snapd.daemon import gpu_windows
+from snapd.daemon.gpu_handles import ClientHandles, failure, quietly
 
 log = logging.getLogger(__name__)
 
-EVENT_RING = 16  # done events per client and device, reused in turn (more than any client has in flight)
 _D2H = 2  # cudaMemcpyDeviceToHost
 
 
@@ -49,29 +51,18 @@ class _Device:
             self.staging = cp.empty(gpu_windows.STAGING_BYTES, dtype=cp.uint8)
 
 
-class _Client:
-    """What one client's snapshots opened: memory handles, its ready events, our done events."""
-
-    def __init__(self) -> None:
-        self.mem: dict[tuple[str, str], tuple[int, int]] = {}  # (device, handle) -> (context, base)
-        self.ready: dict[str, cuda_driver.OpenedEvent] = {}
-        self.done: dict[str, list[cuda_driver.IpcEvent]] = {}
-        self.turn: dict[str, int] = defaultdict(int)
-
-
 class GpuCopier:
-    def __init__(self, ctx: zmq.Context, events_endpoint: str, submit: Callable[[Any], None],
-                 chunk_bytes: int) -> None:
+    def __init__(self, ctx: zmq.Context, events_endpoint: str, chunk_bytes: int) -> None:
         import cupy
 
         self._cp = cupy
-        self._ctx, self._endpoint, self._submit = ctx, events_endpoint, submit
+        self._ctx, self._endpoint = ctx, events_endpoint
         self.chunk_bytes = chunk_bytes
         self.devices = {d.uuid: d for d in (_Device(cupy, i, cuda_driver.device_uuid(i))
                                             for i in range(cupy.cuda.runtime.getDeviceCount()))}
         self._context = next(iter(self.devices.values())).context  # pins host memory (portable: for all)
         log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.describe()))
-        self._clients: dict[bytes, _Client] = {}
+        self._clients: dict[bytes, ClientHandles] = {}
         self._pinned: dict[int, list[int]] = {}  # host buffer address -> the pieces registered
         self._pin_lock = threading.Lock()
         self._work: queue.Queue = queue.Queue()
@@ -140,7 +131,7 @@ class GpuCopier:
                     log.error("snapshot %s step %d: GPU copy failed: %s", task.job, task.step, e)
                     for d in self.devices.values():
                         d.stream.synchronize()  # nothing may still read the client's memory
-                    self._waits.put((task, None, f"GPU copy: {e}"))
+                    self._waits.put((task, None, failure(e)))
                     continue
                 events.send(json.dumps({"event": "queued", "seq": task.seq, "events": handles}).encode())
                 self._waits.put((task, marks, None))
@@ -152,7 +143,7 @@ class GpuCopier:
         from snapd.kernels.cupy_backend import run_launches
 
         cp = self._cp
-        client = self._clients.setdefault(task.peer, _Client())
+        client = self._clients.setdefault(task.peer, ClientHandles())
         self._pin(host)
         by_dev = plans.get(shuffle) if plans is not None else None
         if by_dev is None or any(client.mem.get(key, (0, None))[1] != base
@@ -170,12 +161,12 @@ class GpuCopier:
             stage = dev.staging.data.ptr
             with cp.cuda.Device(dev.ordinal):
                 if uuid in ready:
-                    self._ready_event(client, dev, ready[uuid]).wait_on(dev.stream.ptr)
+                    client.ready_event(dev.context, ready[uuid]).wait_on(dev.stream.ptr)
                 for prepared, copies in p.steps:
                     run_launches(prepared, dev.stream)
                     for at, rel, n in copies:
                         cp.cuda.runtime.memcpyAsync(address + at, stage + rel, n, _D2H, dev.stream.ptr)
-                done = self._done_event(client, dev)
+                done = client.done_event(uuid, dev.context)
                 done.record(dev.stream.ptr)
                 handles[uuid] = done.handle.hex()
                 mark = cp.cuda.Event(block=True, disable_timing=True)
@@ -186,12 +177,13 @@ class GpuCopier:
             self._waits.put(("close", context, base, marks))
         return handles, marks
 
-    def _plan(self, client: _Client, items: list, host: int, shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
+    def _plan(self, client: ClientHandles, items: list, host: int, shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
         """Each device's plan for ``items``, opening the handles not yet open (lazily: once per
         client and allocation). Host offsets are taken from the leaves over the host buffer at
         ``host``; the plans hold them relative to it."""
         from snapd.format.dtypes import ITEMSIZE
 
+        client.open([(d["dev"], self.devices[d["dev"]].context, d["handle"]) for _, d in items])
         by_dev: dict[str, list] = defaultdict(list)
         for leaf, desc in items:
             by_dev[desc["dev"]].append((leaf, desc))
@@ -202,9 +194,6 @@ class GpuCopier:
             tensors = []
             for leaf, desc in group:
                 key = (uuid, desc["handle"])
-                if key not in client.mem:
-                    client.mem[key] = (dev.context, cuda_driver.open_mem_handle(dev.context,
-                                                                                bytes.fromhex(desc["handle"])))
                 base = bases[key] = client.mem[key][1]
                 tensors.append((base + desc["offset"], leaf.data.ctypes.data - host, leaf.nbytes, ITEMSIZE[leaf.dtype]))
             out[uuid] = gpu_windows.device_plan(tensors, bases, dev.staging.data.ptr, shuffle, self.chunk_bytes)
@@ -230,34 +219,13 @@ class GpuCopier:
             log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
         self._pinned[address] = pieces
 
-    def _ready_event(self, client: _Client, dev: _Device, handle: str) -> cuda_driver.OpenedEvent:
-        ev = client.ready.get(handle)
-        if ev is None:
-            ev = client.ready[handle] = cuda_driver.OpenedEvent(dev.context, bytes.fromhex(handle))
-        return ev
-
-    def _done_event(self, client: _Client, dev: _Device) -> cuda_driver.IpcEvent:
-        ring = client.done.setdefault(dev.uuid, [])
-        turn = client.turn[dev.uuid]
-        client.turn[dev.uuid] = turn + 1
-        if len(ring) < EVENT_RING:
-            ring.append(cuda_driver.IpcEvent(dev.context))
-            return ring[-1]
-        return ring[turn % EVENT_RING]
-
     def _close(self, peer: bytes) -> None:
         client = self._clients.pop(peer, None)
         if client is None:
             return
         for d in self.devices.values():
             d.stream.synchronize()
-        for context, base in client.mem.values():
-            _quietly(cuda_driver.close_mem_handle, context, base)
-        for ev in client.ready.values():
-            _quietly(ev.close)
-        for ring in client.done.values():
-            for ev in ring:
-                _quietly(ev.close)
+        client.close()
 
     # -- the waiting thread --------------------------------------------------------
     def _wait_loop(self) -> None:
@@ -272,7 +240,7 @@ class GpuCopier:
                     _, context, base, marks = item
                     for m in marks:
                         m.synchronize()
-                    _quietly(cuda_driver.close_mem_handle, context, base)
+                    quietly(cuda_driver.close_mem_handle, context, base)
                     continue
                 task, marks, error = item
                 if error is None:
@@ -280,18 +248,11 @@ class GpuCopier:
                         for m in marks:
                             m.synchronize()
                     except Exception as e:
-                        error = f"GPU copy: {e}"
+                        error = failure(e)
                 if error is not None:
-                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "code": "copy",
-                                            "message": error, "stage": "copy"}).encode())
+                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "stage": "copy",
+                                            **error}).encode())
                     continue
                 events.send(json.dumps({"event": "copied", "seq": task.seq, "submit": True}).encode())
         finally:
             events.close(linger=1000)
-
-
-def _quietly(fn: Callable, *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception as e:  # closing: the client may be gone, its context with it
-        log.debug("ignored while closing: %s", e)

@@ -76,7 +76,7 @@ class Server:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
         from snapd.daemon.gpu_copy import GpuCopier
 
-        self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.pipeline.submit, self.config.chunk_bytes)
+        self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.config.chunk_bytes)
         self.pool.before_discard = lambda buf: self.gpu.unpin(buf.view.ctypes.data)
         self.pool.after_install = lambda buf: self.gpu.pin([buf.view])
 

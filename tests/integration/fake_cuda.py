@@ -253,17 +253,32 @@ def _memcpy(dst: int, src: int, n: int, kind: int, stream: int) -> None:
     ctypes.memmove(dst, src, n)
 
 
+def _failing(what: str) -> Any:
+    """A stand-in call that fails as the real one does where CUDA IPC or the device path is broken."""
+    from snapd.cuda_driver import CudaError
+
+    def fail(*args: Any) -> None:
+        if what == "open":  # (a sandbox or driver that will not map another process's memory)
+            raise CudaError("cuIpcOpenMemHandle_v2 failed: CUDA_ERROR_NOT_SUPPORTED")
+        raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+    return fail
+
+
 def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> None:
     """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process, with
-    ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``."""
+    ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``.
+    ``$SNAPD_FAKE_CUDA_FAIL``: ``open``, no IPC handle opens; ``copy``, every device->host copy fails."""
     from snapd import cuda_driver
     from snapd.daemon import gpu_windows
+
+    fail = os.environ.get("SNAPD_FAKE_CUDA_FAIL", "")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel_host"))
     from host_kernel import HostKernel
 
     kernel = HostKernel(Path(kernel_lib))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: 0, memcpyAsync=_memcpy)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: 0,
+                                    memcpyAsync=_failing("copy") if fail == "copy" else _memcpy)
     cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_Stream, Event=_Mark,
                                  get_current_stream=lambda: _Stream())
     cupy = types.ModuleType("cupy")
@@ -284,7 +299,8 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     gpu_windows.STAGING_BYTES = staging_bytes
     gpu_windows.plan.__defaults__ = (staging_bytes, gpu_windows.PIN_PIECE)
     handles = _Daemon()
-    for name, fn in [("open_mem_handle", handles.open_mem_handle), ("close_mem_handle", handles.close_mem_handle),
+    for name, fn in [("open_mem_handle", _failing("open") if fail == "open" else handles.open_mem_handle),
+                     ("close_mem_handle", handles.close_mem_handle),
                      ("primary_context", lambda ordinal: 1 + ordinal), ("device_uuid", uuid),
                      ("host_register", lambda context, address, nbytes: None),
                      ("host_unregister", lambda context, address: None),
