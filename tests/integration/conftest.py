@@ -176,13 +176,31 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
     ``copy``, a daemon whose CUDA IPC or device copies fail); ``array(values, within=None,
     device=0)`` puts NumPy values in a device's memory (``within``: an ``alloc(nbytes)``'s (id,
     address) on device 0, for sub-blocks); ``bad`` holds allocation ids whose IPC handles will not
-    open in the daemon; ``uuid(ordinal)`` names a device."""
+    open in the daemon; ``uuid(ordinal)`` names a device;
+    ``preempt(script, daemon)`` runs a trainer script to READY and SIGTERMs it (its stderr)."""
     fake = _load("snapd_tests_fake_cuda", HERE / "fake_cuda.py")
     n = next(_arenas)
     arenas = [fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{n}-{i}", ordinal=i) for i in range(2)]
     bad: set[int] = set()
     fake.install_client(monkeypatch, arenas, bad)
     started: list[Daemon] = []
+
+    def _preempt(script: str, d: Daemon) -> str:
+        """Run ``script`` (argv: this folder, the daemon's endpoint, an arena path for its stand-in
+        device) as a trainer until it prints READY, SIGTERM it, and return its stderr once the
+        signal, handed on after the emergency snapshot, has ended it."""
+        arena = Path("/dev/shm") / f"snapd-fake-gpu-trainer-{os.getpid()}-{n}"
+        proc = subprocess.Popen([sys.executable, "-c", script, str(HERE), d.endpoint, str(arena)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        try:
+            assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == -signal.SIGTERM  # handed on to the default action, once persisted
+            return proc.stderr.read()
+        finally:
+            proc.kill()
+            proc.wait()
+            arena.unlink(missing_ok=True)
 
     def _start(*extra: str, staging: int = 256 << 10, devices: int = 1, fail: str = "") -> Daemon:
         d = start_daemon(tmp_path, "--backend", "cuda", *extra, name=f"fake{len(started)}",
@@ -193,7 +211,7 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
         return d
     yield types.SimpleNamespace(
         start=_start, array=lambda v, within=None, device=0: fake.DeviceArray(arenas[device], v, within),
-        alloc=arenas[0].alloc, free=arenas[0].free, bad=bad, uuid=fake.uuid)
+        alloc=arenas[0].alloc, free=arenas[0].free, bad=bad, uuid=fake.uuid, preempt=_preempt)
     for d in started:
         if d.proc.poll() is None:
             d.proc.kill()

@@ -7,11 +7,6 @@ the later snapshots stage those tensors from the start instead of failing one by
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -132,18 +127,7 @@ def test_a_preempted_trainer_whose_daemon_has_no_ipc_gets_its_first_snapshot_to_
     """The emergency snapshot is the job's first: the daemon's failure to open the handle comes
     while the signal handler waits for it, and the trainer stages the state there and then."""
     d = fake_gpu.start(fail="open")
-    arena = Path("/dev/shm") / f"snapd-fake-gpu-first-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED_FIRST, str(Path(__file__).parent), d.endpoint,
-                             str(arena)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-    try:
-        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == -signal.SIGTERM
-        stderr = proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        arena.unlink(missing_ok=True)
+    stderr = fake_gpu.preempt(PREEMPTED_FIRST, d)
     assert "emergency snapshot of step 5 persisted" in stderr, stderr
     latest = snapd.load(d.root, "preempted")
     assert latest["step"] == 5 and latest["w"].tobytes() == np.full(300_000, 5, np.float32).tobytes()

@@ -324,18 +324,7 @@ time.sleep(600)
 
 def test_a_preempted_trainer_on_the_gpu_path_gets_its_latest_state_to_disk(fake_gpu) -> None:
     d = fake_gpu.start("--codec", "shuffle-zstd")
-    arena = Path("/dev/shm") / f"snapd-fake-gpu-preempted-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED_TRAINER, str(Path(__file__).parent), d.endpoint,
-                             str(arena)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-    try:
-        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == -signal.SIGTERM  # handed on to the default action, once persisted
-        stderr = proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        arena.unlink(missing_ok=True)
+    stderr = fake_gpu.preempt(PREEMPTED_TRAINER, d)
     assert "emergency snapshot of step 3 persisted" in stderr, stderr
     latest = snapd.load(d.root, "preempted")
     assert latest["step"] == 3 and _same(latest["w"], np.full(300_000, 3, np.float32))
