@@ -20,6 +20,7 @@ from snapd.format import catalog
 from snapd.format.jobdir import JOB_NAME_RE, step_of
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader
+from snapd.report import human_bytes, status_text, table
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors: one line too
         raise UsageError(message)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 def _metrics(m: dict) -> str:
@@ -186,14 +173,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def _last_snapshot(last: dict | None) -> str:
-    """``step 12: 1.0 GiB cuda_ipc, 8 B inline``: how a client's last snapshot reached the daemon."""
-    if not last:
-        return "-"
-    parts = [f"{human_bytes(n)} {path}" for path, n in last["bytes"].items() if n]
-    return f"step {last['step']}: {', '.join(parts) or 'no bytes'}"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from snapd.client.connection import daemon_status
 
@@ -201,30 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0
-    c = st["counters"]
-    print(f"snapd {st['version']} pid {st['pid']} up {st['uptime_s']:.0f} s on {st['endpoint']}")
-    print(f"backend {st.get('backend', '-')}; GPU path: "
-          f"{', '.join(st.get('cuda_devices') or []) or 'off (device tensors are staged by the clients)'}")
-    b = st["buffers"]
-    sizes = sorted(set(b.get("sizes") or [b["bytes_each"]]))  # (grown ones differ; older daemons send no sizes)
-    grow = f", growing to {human_bytes(b['max_bytes_each'])} each and {human_bytes(b['max_bytes'])} in all" \
-        if b.get("max_bytes", 0) > sum(b.get("sizes") or []) else ""
-    print(f"root {st['root']}; buffers {b['busy']}/{b['count']} busy x "
-          f"{' / '.join(human_bytes(x) for x in sizes)}{grow}; waiting {st['waiting_for_buffer']}")
-    print(f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
-          f"stored), failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}")
-    tp = st["throughput"]
-    print(f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s raw, "
-          f"{human_bytes(tp['stored_bytes_per_s'])}/s stored")
-    for j in st["jobs"]:
-        print(f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
-              f"failed {j['failed']}")
-    rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
-             st["codecs"].get(cl["job"], {}).get("codec", "-"), _last_snapshot(cl.get("last_snapshot"))]
-            for cl in st["clients"]]
-    print(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows else "no clients connected")
-    if st["last_error"]:
-        print(f"last error: {st['last_error']}")
+    print(status_text(st))
     return 0
 
 

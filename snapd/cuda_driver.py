@@ -27,6 +27,9 @@ IPC_HANDLE_BYTES = 64
 # CUpointer_attribute (cuda.h)
 _CONTEXT, _BUFFER_ID, _ORDINAL, _IPC_CAPABLE, _RANGE_START, _RANGE_SIZE = 1, 7, 9, 10, 11, 12
 _EVENT_DISABLE_TIMING, _EVENT_INTERPROCESS = 0x2, 0x4
+_COMPUTE_MODE = 20  # CU_DEVICE_ATTRIBUTE_COMPUTE_MODE
+COMPUTE_MODE_DEFAULT = 0
+COMPUTE_MODES = {1: "exclusive-thread", 2: "prohibited", 3: "exclusive-process"}  # (CUcomputemode)
 
 
 class CudaError(RuntimeError):
@@ -159,6 +162,15 @@ def device_uuid(ordinal: int) -> str:
     fn = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
     _check(lib, fn(raw, dev), "cuDeviceGetUuid")
     return "GPU-" + str(uuidlib.UUID(bytes=bytes(raw)))
+
+
+def compute_mode(ordinal: int) -> int:
+    """The device's compute mode (``COMPUTE_MODE_DEFAULT`` or a key of ``COMPUTE_MODES``), asked
+    without making a context there."""
+    dev, mode = ctypes.c_int(), ctypes.c_int()
+    _call("cuDeviceGet", ctypes.byref(dev), ctypes.c_int(ordinal))
+    _call("cuDeviceGetAttribute", ctypes.byref(mode), ctypes.c_int(_COMPUTE_MODE), dev)
+    return mode.value
 
 
 def device_count() -> int:

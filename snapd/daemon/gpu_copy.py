@@ -14,6 +14,13 @@ mutation waits on them on the GPU, never on the CPU. A second thread waits
 for the copies on the host, then reports ``copied`` and hands the snapshot
 to the encode/flush stages, which read the host buffer as on the CPU path.
 
+A device gets the daemon's context, copy stream and staging window with the
+first snapshot that copies from it, not before: a daemon no trainer uses on a
+GPU holds no memory there, and one that cannot have them (the trainer filled
+the device's memory) fails that snapshot, which the client then stages. A
+device in exclusive-process or prohibited compute mode is never used (a
+context of ours would lock the trainers out): its tensors are staged.
+
 Handles are opened lazily and cached per client and allocation
 (``gpu_handles``); those a client's latest snapshot did not use are closed
 after it, and all of a client's are closed when it leaves. A copy that fails
@@ -36,6 +43,7 @@ import zmq
 from snapd import cuda_driver
 from snapd.daemon import gpu_windows
 from snapd.daemon.gpu_handles import ClientHandles, failure, quietly
+from snapd.daemon.host_pinning import HostPins
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,8 @@ _D2H = 2  # cudaMemcpyDeviceToHost
 
 
 class _Device:
+    """The daemon's context, copy stream and staging window on one device."""
+
     def __init__(self, cp: Any, ordinal: int, uuid: str) -> None:
         self.ordinal, self.uuid = ordinal, uuid
         self.context = cuda_driver.primary_context(ordinal)
@@ -58,13 +68,23 @@ class GpuCopier:
         self._cp = cupy
         self._ctx, self._endpoint = ctx, events_endpoint
         self.chunk_bytes = chunk_bytes
-        self.devices = {d.uuid: d for d in (_Device(cupy, i, cuda_driver.device_uuid(i))
-                                            for i in range(cupy.cuda.runtime.getDeviceCount()))}
-        self._context = next(iter(self.devices.values())).context  # pins host memory (portable: for all)
+        self._ordinals: dict[str, int] = {}  # the devices this daemon may copy from: UUID -> ordinal
+        self.skipped: dict[str, str] = {}  # the others: UUID -> why
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            uuid, mode = cuda_driver.device_uuid(i), cuda_driver.compute_mode(i)
+            if mode == cuda_driver.COMPUTE_MODE_DEFAULT:
+                self._ordinals[uuid] = i
+            else:
+                self.skipped[uuid] = f"{cuda_driver.COMPUTE_MODES.get(mode, mode)} compute mode"
+                log.warning("GPU path: device %s is in %s: its tensors are staged by the trainers", uuid,
+                            self.skipped[uuid])
+        if not self._ordinals:
+            raise RuntimeError("no device in the default compute mode (a context of the daemon's would lock "
+                               "the trainers out of an exclusive one)")
+        self.devices: dict[str, _Device] = {}  # made on the GPU thread, each with its first snapshot
+        self._pins = HostPins()
         log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.describe()))
         self._clients: dict[bytes, ClientHandles] = {}
-        self._pinned: dict[int, list[int]] = {}  # host buffer address -> the pieces registered
-        self._pin_lock = threading.Lock()
         self._work: queue.Queue = queue.Queue()
         self._waits: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name="snapd-gpu", daemon=True),
@@ -72,7 +92,7 @@ class GpuCopier:
 
     def describe(self) -> list[str]:
         """The UUIDs of the devices this daemon copies from (sent to clients in ``welcome``)."""
-        return sorted(self.devices)
+        return sorted(self._ordinals)
 
     def start(self) -> None:
         for t in self._threads:
@@ -91,9 +111,8 @@ class GpuCopier:
         self._work.put(("copy", task, items, ready, host, shuffle, region_copies, plans))
 
     def pin(self, views: list) -> None:
-        """Page-lock host buffers ahead of their first copy, on a thread of its own (about 1 GB/s with
-        the first touch of the pages): a snapshot waits only for the buffer it was given."""
-        threading.Thread(target=lambda: [self._pin(v) for v in views], name="snapd-pin", daemon=True).start()
+        """Page-lock host buffers ahead of their first copy (``host_pinning``; once a device is in use)."""
+        self._pins.ahead(views)
 
     def forget(self, peer: bytes, bye: int | None = None) -> None:
         """The client left: close what it opened (on the GPU thread, after its copies). ``bye``:
@@ -103,9 +122,7 @@ class GpuCopier:
 
     def unpin(self, address: int) -> None:
         """A host buffer is about to be unmapped (called by the pool, any thread)."""
-        with self._pin_lock:
-            for piece in self._pinned.pop(address, []):
-                cuda_driver.host_unregister(self._context, piece)
+        self._pins.drop(address)
 
     # -- the GPU thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -144,7 +161,9 @@ class GpuCopier:
 
         cp = self._cp
         client = self._clients.setdefault(task.peer, ClientHandles())
-        self._pin(host)
+        for uuid in {d["dev"] for _, d in items}:
+            self._device(uuid)
+        self._pins.now(host)
         by_dev = plans.get(shuffle) if plans is not None else None
         if by_dev is None or any(client.mem.get(key, (0, None))[1] != base
                                  for p in by_dev.values() for key, base in p.bases.items()):
@@ -201,23 +220,23 @@ class GpuCopier:
                      len(tensors), uuid, len(out[uuid].steps))
         return out
 
-    def _pin(self, host: Any) -> None:
-        address, size = host.ctypes.data, host.nbytes
-        with self._pin_lock:  # the pinning thread and the GPU thread: each buffer once
-            if address in self._pinned or not size:
-                return
-            self._pin_pieces(address, size)
-
-    def _pin_pieces(self, address: int, size: int) -> None:
-        pieces = []
+    def _device(self, uuid: str) -> _Device:
+        """The device's context, stream and staging window, made now if this is its first snapshot
+        (raises if they cannot be: the snapshot fails, and its client stages it)."""
+        dev = self.devices.get(uuid)
+        if dev is not None:
+            return dev
+        if uuid not in self._ordinals:
+            raise RuntimeError(f"device {uuid} is not one this daemon copies from")
         try:
-            for a in range(0, size, gpu_windows.PIN_PIECE):
-                cuda_driver.host_register(self._context, address + a, min(gpu_windows.PIN_PIECE, size - a))
-                pieces.append(address + a)
-            log.info("host buffer at %#x pinned for device copies (%d MiB)", address, size >> 20)
-        except Exception as e:  # RLIMIT_MEMLOCK, or a kernel that refuses: copies still work, slower
-            log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
-        self._pinned[address] = pieces
+            dev = self.devices[uuid] = _Device(self._cp, self._ordinals[uuid], uuid)
+        except Exception as e:
+            raise RuntimeError(f"device {uuid}: the daemon cannot have its context and staging window "
+                               f"({gpu_windows.STAGING_BYTES / 2**20:g} MiB) there ({type(e).__name__}: {e})") from None
+        log.info("GPU path: device %s in use (the daemon's context and staging window, %g MiB, there)", uuid,
+                 gpu_windows.STAGING_BYTES / 2**20)
+        self._pins.start(dev.context)
+        return dev
 
     def _close(self, peer: bytes) -> None:
         client = self._clients.pop(peer, None)

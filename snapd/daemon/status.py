@@ -66,6 +66,8 @@ def status_of(server: Server) -> dict[str, Any]:
             "endpoint": config.endpoint, "root": str(config.root), "stopping": server.stopping,
             "backend": server.backend, "metrics": server.metrics.url,
             "cuda_devices": server.gpu.describe() if server.gpu is not None else [],
+            "cuda_devices_in_use": sorted(server.gpu.devices) if server.gpu is not None else [],
+            "cuda_devices_skipped": dict(server.gpu.skipped) if server.gpu is not None else {},
             "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
                          "held_buffers": server.leases.held(s),
                          "last_snapshot": _last_snapshot(s.last_snapshot)} for s in server.sessions.values()],

@@ -172,8 +172,9 @@ _arenas = itertools.count()
 @pytest.fixture
 def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
     """The GPU path on stand-in GPUs (tests/integration/fake_cuda.py): ``start(*flags, staging=,
-    devices=1, fail="")`` starts a daemon on the CUDA backend over them (``fail``: ``open`` or
-    ``copy``, a daemon whose CUDA IPC or device copies fail); ``array(values, within=None,
+    devices=1, fail="", modes=())`` starts a daemon on the CUDA backend over them (``fail``:
+    ``open``, ``copy`` or ``context``, a daemon whose CUDA IPC, device copies or contexts fail;
+    ``modes``: each device's compute mode); ``array(values, within=None,
     device=0)`` puts NumPy values in a device's memory (``within``: an ``alloc(nbytes)``'s (id,
     address) on device 0, for sub-blocks); ``bad`` holds allocation ids whose IPC handles will not
     open in the daemon; ``uuid(ordinal)`` names a device;
@@ -202,11 +203,13 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
             proc.wait()
             arena.unlink(missing_ok=True)
 
-    def _start(*extra: str, staging: int = 256 << 10, devices: int = 1, fail: str = "") -> Daemon:
+    def _start(*extra: str, staging: int = 256 << 10, devices: int = 1, fail: str = "",
+               modes: tuple[int, ...] = ()) -> Daemon:
         d = start_daemon(tmp_path, "--backend", "cuda", *extra, name=f"fake{len(started)}",
                          command=[sys.executable, str(HERE / "fake_cuda_daemon.py"), str(host_kernel_lib),
                                   str(staging), str(devices)],
-                         env={"SNAPD_CHUNK_BYTES": str(64 << 10), "SNAPD_FAKE_CUDA_FAIL": fail})
+                         env={"SNAPD_CHUNK_BYTES": str(64 << 10), "SNAPD_FAKE_CUDA_FAIL": fail,
+                              "SNAPD_FAKE_CUDA_MODES": ",".join(map(str, modes))})
         started.append(d)
         return d
     yield types.SimpleNamespace(

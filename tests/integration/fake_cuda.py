@@ -260,6 +260,8 @@ def _failing(what: str) -> Any:
     def fail(*args: Any) -> None:
         if what == "open":  # (a sandbox or driver that will not map another process's memory)
             raise CudaError("cuIpcOpenMemHandle_v2 failed: CUDA_ERROR_NOT_SUPPORTED")
+        if what == "context":  # (the trainer has filled the device's memory)
+            raise CudaError("cuDevicePrimaryCtxRetain failed: CUDA_ERROR_OUT_OF_MEMORY")
         raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
     return fail
 
@@ -267,11 +269,20 @@ def _failing(what: str) -> Any:
 def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> None:
     """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process, with
     ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``.
-    ``$SNAPD_FAKE_CUDA_FAIL``: ``open``, no IPC handle opens; ``copy``, every device->host copy fails."""
+    ``$SNAPD_FAKE_CUDA_FAIL``: ``open``, no IPC handle opens; ``copy``, every device->host copy fails;
+    ``context``, no device gets a context. ``$SNAPD_FAKE_CUDA_MODES``: each device's compute mode
+    (``0,3``: device 1 exclusive-process). Each device made (its context) is logged."""
     from snapd import cuda_driver
     from snapd.daemon import gpu_windows
 
     fail = os.environ.get("SNAPD_FAKE_CUDA_FAIL", "")
+    modes = [int(m) for m in os.environ.get("SNAPD_FAKE_CUDA_MODES", "").split(",") if m]
+
+    def primary_context(ordinal: int) -> int:
+        if fail == "context":
+            _failing("context")()
+        log.info("fake cuda: a context on device %d", ordinal)
+        return 1 + ordinal
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel_host"))
     from host_kernel import HostKernel
@@ -301,7 +312,8 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     handles = _Daemon()
     for name, fn in [("open_mem_handle", _failing("open") if fail == "open" else handles.open_mem_handle),
                      ("close_mem_handle", handles.close_mem_handle),
-                     ("primary_context", lambda ordinal: 1 + ordinal), ("device_uuid", uuid),
+                     ("primary_context", primary_context), ("device_uuid", uuid),
+                     ("compute_mode", lambda ordinal: modes[ordinal] if ordinal < len(modes) else 0),
                      ("host_register", lambda context, address, nbytes: None),
                      ("host_unregister", lambda context, address: None),
                      ("IpcEvent", lambda context: _Event(context)), ("OpenedEvent", _Event)]:

@@ -168,6 +168,23 @@ def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) ->
     assert _log_count(d, "fake cuda: opened") == len(values) - 1  # (not the empty one's)
 
 
+def test_the_daemon_takes_a_device_with_the_first_snapshot_copied_from_it(fake_gpu) -> None:
+    """Its context, stream and staging window, and the host buffers' pinning (which needs a
+    context): none before, on no device but that one after."""
+    d = fake_gpu.start(devices=2)
+    with snapd.connect("lazy", endpoint=d.endpoint, spawn=False) as c:
+        assert c.status()["cuda_devices_in_use"] == [] and "a context on device" not in d.log_text()
+        assert "pinned for device copies" not in d.log_text()
+        w = fake_gpu.array(np.arange(1000, dtype=np.float32))
+        for step in (1, 2):
+            c.snapshot({"w": w}, step=step).wait(30)
+        assert c.status()["cuda_devices_in_use"] == [fake_gpu.uuid(0)]
+        count = c.status()["buffers"]["count"]
+    assert _log_count(d, "fake cuda: a context on device 0") == 1
+    assert "a context on device 1" not in d.log_text()
+    _wait_for(lambda: _log_count(d, "pinned for device copies") == count, d)  # every buffer, once
+
+
 def test_a_device_state_larger_than_the_host_buffers_grows_them(fake_gpu, tmp_path) -> None:
     """A rank's GPU state is often larger than the default host buffer: the daemon grows the buffer
     it copies into (and pins the new one), and the same layout replays on it step after step."""

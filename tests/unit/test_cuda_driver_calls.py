@@ -36,6 +36,12 @@ int cuPointerGetAttributes(unsigned n, int *attrs, void **data, u64 ptr) {
     for (unsigned i = 0; i < n; i++) { int rc = attribute(attrs[i], data[i], ptr); if (rc) return rc; }
     return 0;
 }
+/* devices: ordinal n is the handle 100 + n, in compute mode n (0 default, 3 exclusive-process) */
+int cuDeviceGet(int *dev, int ordinal) { if (ordinal < 0 || ordinal > 3) return 1; *dev = 100 + ordinal; return 0; }
+int cuDeviceGetAttribute(int *value, int attr, int dev) {
+    if (attr != 20 || dev < 100) return 1;                                /* COMPUTE_MODE only */
+    *value = dev - 100; return 0;
+}
 /* the staging copy: "device" memory is host memory here; what was called, in order, is logged */
 u64 calls[16]; int ncalls = 0;
 static void note(u64 v) { if (ncalls < 16) calls[ncalls++] = v; }
@@ -104,3 +110,12 @@ def test_a_staging_copy_waits_on_the_producers_stream_in_the_allocations_context
     assert (ctypes.c_uint64 * 16).in_dll(lib, "calls")[:4] == [1, context, 4, 2]
     with pytest.raises(cuda_driver.CudaError, match="cuMemcpyDtoH_v2 failed"):
         cuda_driver.copy_to_host(context, ctypes.addressof(dst), 0, 16, 0)
+
+
+def test_a_devices_compute_mode_is_asked_of_its_handle(libcuda) -> None:
+    """The daemon skips a device in exclusive-process or prohibited mode (its context would lock the
+    trainers out), asking without making a context there."""
+    assert [cuda_driver.compute_mode(i) for i in range(4)] == [0, 1, 2, 3]
+    assert cuda_driver.COMPUTE_MODES[3] == "exclusive-process" and cuda_driver.COMPUTE_MODE_DEFAULT == 0
+    with pytest.raises(cuda_driver.CudaError, match="cuDeviceGet failed"):
+        cuda_driver.compute_mode(9)

@@ -1,0 +1,58 @@
+"""What the command line prints: sizes, tables, and ``snapd status`` as text (``--json`` aside)."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GiB``: binary units, one decimal (bytes whole)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned columns two spaces apart, the header first."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _last_snapshot(last: dict | None) -> str:
+    """``step 12: 1.0 GiB cuda_ipc, 8 B inline``: how a client's last snapshot reached the daemon."""
+    if not last:
+        return "-"
+    parts = [f"{human_bytes(n)} {path}" for path, n in last["bytes"].items() if n]
+    return f"step {last['step']}: {', '.join(parts) or 'no bytes'}"
+
+
+def status_text(st: dict) -> str:
+    """The daemon's status (``snapd.daemon.status``) as the lines ``snapd status`` prints."""
+    c, b, tp = st["counters"], st["buffers"], st["throughput"]
+    used, skipped = set(st.get("cuda_devices_in_use") or []), st.get("cuda_devices_skipped") or {}
+    devices = [d + (" (in use)" if d in used else "") for d in st.get("cuda_devices") or []]
+    devices += [f"{d} skipped: {why}" for d, why in skipped.items()]
+    sizes = sorted(set(b.get("sizes") or [b["bytes_each"]]))  # (grown ones differ; older daemons send no sizes)
+    grow = f", growing to {human_bytes(b['max_bytes_each'])} each and {human_bytes(b['max_bytes'])} in all" \
+        if b.get("max_bytes", 0) > sum(b.get("sizes") or []) else ""
+    lines = [
+        f"snapd {st['version']} pid {st['pid']} up {st['uptime_s']:.0f} s on {st['endpoint']}",
+        f"backend {st.get('backend', '-')}; GPU path: "
+        f"{', '.join(devices) or 'off (device tensors are staged by the clients)'}",
+        f"root {st['root']}; buffers {b['busy']}/{b['count']} busy x "
+        f"{' / '.join(human_bytes(x) for x in sizes)}{grow}; waiting {st['waiting_for_buffer']}",
+        f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} stored), "
+        f"failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}",
+        f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s raw, "
+        f"{human_bytes(tp['stored_bytes_per_s'])}/s stored"]
+    lines += [f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
+              f"failed {j['failed']}" for j in st["jobs"]]
+    rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
+             st["codecs"].get(cl["job"], {}).get("codec", "-"), _last_snapshot(cl.get("last_snapshot"))]
+            for cl in st["clients"]]
+    lines.append(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows
+                 else "no clients connected")
+    if st["last_error"]:
+        lines.append(f"last error: {st['last_error']}")
+    return "\n".join(lines)
