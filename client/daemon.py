@@ -19,7 +19,7 @@ from typing import Any
 from snapd.client.connection import Connection, probe
 from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
 from snapd.client import snapshot_plan
-from snapd.client.layout import LayoutCache, descriptors
+from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError, SnapshotError
@@ -60,9 +60,15 @@ class Client:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
         pending = self._hand_over(state, step, check_metrics(metrics), emergency)
-        if not pending.copied:
-            (self._on_gpu if pending.on_gpu else self._uncopied).append(pending)
+        self._track(pending)
         return pending
+
+    def _track(self, pending: Pending) -> None:
+        """Keep ``pending`` (and the tensors it holds alive) until the daemon has copied it."""
+        if not pending.copied:
+            waiting = self._on_gpu if pending.on_gpu else self._uncopied
+            if pending not in waiting:
+                waiting.append(pending)
 
     def _hand_over(self, state: Any, step: int, metrics: dict, emergency: bool) -> Pending:
         t0 = time.perf_counter()
@@ -86,7 +92,8 @@ class Client:
                     head["inline"] = inline_bytes(plan.leaves, plain)
             if streams:
                 head["ready_events"] = self._export.record(streams)
-            req = self._conn.send("snapshot", **head, **self._layout_fields(plan, plain))
+            fields = snapshot_plan.layout_fields(plan, plain, self._layouts, self._changes)
+            req = self._conn.send("snapshot", **head, **fields)
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
             except SnapdError as e:
@@ -116,19 +123,6 @@ class Client:
         """The daemon could not copy a snapshot's device tensors (``Pending``): stage them here."""
         self._export.copy_failed(e.code, e.details, str(e))
         self._planner.forget()  # (the memo would replay the descriptors that failed)
-
-    def _layout_fields(self, plan: snapshot_plan.SnapshotPlan, inline: list[int]) -> dict[str, Any]:
-        if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values
-            fields: dict[str, Any] = {"layout": plan.memo.number}
-            if plan.hit.changed and self._changes:  # (a step counter, say: only it)
-                fields["changes"] = plan.hit.changes()
-            elif plan.hit.changed:  # a daemon that takes all values or none
-                fields["values"] = plan.hit.values()
-            return fields
-        sig = plan.signature(inline)
-        if self._layouts is None:
-            return {"tensors": descriptors(sig), "tree": plan.tree}
-        return self._layouts.fields(plan.tree, plan.scalars, sig)
 
     def _write(self, plan: snapshot_plan.SnapshotPlan, emergency: bool) -> tuple[int, float]:
         """Lease a host buffer and write into it what the daemon cannot copy itself: plain tensors

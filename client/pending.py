@@ -116,6 +116,7 @@ class Pending:
         self.__dict__.update(again.__dict__)  # this object, which the caller holds, is that snapshot now
         self.stall_s = stall_s
         self._retry = None  # once: a second failure stands (no loop against a daemon that keeps failing)
+        self._client._track(self)  # (partly on the GPU still, if only some handles failed)
         return True
 
     def _hand_anchors(self, ok: bool) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from snapd.client.layout import LayoutCache, Signature, buffer_offsets, signature
+from snapd.client.layout import LayoutCache, Signature, buffer_offsets, descriptors, signature
 from snapd.client.state_memo import Hit, StateMemo
 from snapd.format.tree import TensorLeaf, flatten
 
@@ -138,3 +138,19 @@ class Planner:
     def forget(self) -> None:
         """Tensors moved under the client's feet (``share``): flatten the next state."""
         self._memo, self._number, self._misses = None, None, 0
+
+
+def layout_fields(plan: SnapshotPlan, inline: list[int], layouts: LayoutCache | None, changes: bool) -> dict[str, Any]:
+    """The ``snapshot`` request's fields that describe ``plan`` (``inline``: the leaves that travel
+    in the message): a replayed plan's layout number and changed values, else its tensors."""
+    if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values
+        fields: dict[str, Any] = {"layout": plan.memo.number}
+        if plan.hit.changed and changes:  # (a step counter, say: only it)
+            fields["changes"] = plan.hit.changes()
+        elif plan.hit.changed:  # a daemon that takes all values or none
+            fields["values"] = plan.hit.values()
+        return fields
+    sig = plan.signature(inline)
+    if layouts is None:
+        return {"tensors": descriptors(sig), "tree": plan.tree}
+    return layouts.fields(plan.tree, plan.scalars, sig)

@@ -216,7 +216,8 @@ def _inline_bytes(plan: Placement, text: str | None) -> bytes:
 def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
     """The layout's placement, made and its tree checked the first time it is used."""
     if layout.plan is None:
-        layout.plan = Placement(layout.tensors, buf_size, s.regions, set(server.gpu.describe()) if server.gpu else set())
+        devices = set(server.gpu.describe()) if server.gpu else set()
+        layout.plan = Placement(layout.tensors, buf_size, s.regions, devices)
         try:
             _check_tree(layout.tree, len(layout.plan.rows))
         except SnapdError as e:
