@@ -27,8 +27,31 @@ from snapd.format.writer import DATA_HEADER, DATA_MAGIC
 log = logging.getLogger(__name__)
 
 
+WINDOW_BYTES = 256 << 20  # tensors read before they are handed on (``read_tensors``'s ``done``)
+
+
 def _physical_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _windows(wanted: list[int], sizes: list[int], window_bytes: int) -> list[list[int]]:
+    """``wanted`` in order, cut into runs of at most ``window_bytes`` (a larger tensor alone)."""
+    out: list[list[int]] = []
+    size = 0
+    for i, n in zip(wanted, sizes):
+        if not out or (out[-1] and size + n > window_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
+
+
+def _finish(window: list[int], futures: list, done: Callable[[int], None] | None) -> None:
+    for fut in futures:
+        fut.result()
+    for i in window if done else ():
+        done(i)
 
 
 class SnapshotReader:
@@ -118,16 +141,44 @@ class SnapshotReader:
         return [i for i, t in enumerate(self.manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
 
     def read_tensors(self, wanted: list[int], buffer_for: Callable[[int], memoryview],
-                     threads: int | None = None, keep_planes: Callable[[int], bool] = lambda i: False) -> None:
+                     threads: int | None = None, keep_planes: Callable[[int], bool] = lambda i: False,
+                     done: Callable[[int], None] | None = None, window_bytes: int | None = None) -> None:
         """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor;
-        tensors for which ``keep_planes(i)`` keep their shuffled chunks as planes."""
+        tensors for which ``keep_planes(i)`` keep their shuffled chunks as planes.
+
+        ``done(i)``: called (on this thread) once tensor i is read, a window of about
+        ``window_bytes`` of tensors at a time, while the threads read the next window: a restore
+        onto a GPU uploads a window and lets its host memory go (about two windows held, not the
+        whole state), and the uploads overlap the reads. ``buffer_for`` is asked per window."""
         limit = _physical_memory()
         total = sum(self.manifest.tensors[i].nbytes for i in wanted)
         if total > limit:
             raise FormatError(f"{self.path}: the selection declares {total} bytes, more than this "
                               f"machine's {limit} bytes of memory")
+        threads = threads or min(8, os.cpu_count() or 1)
+        windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted], window_bytes or WINDOW_BYTES)
+        if threads == 1 or sum(len(self.manifest.tensors[i].chunks) for i in wanted) <= 1:
+            for window in windows:
+                for job in self._jobs(window, buffer_for, keep_planes):
+                    self.read_chunk(*job)
+                for i in window if done else ():
+                    done(i)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
+            last: tuple[list[int], list] | None = None
+            for window in windows:
+                futures = [pool.submit(self.read_chunk, *job) for job in self._jobs(window, buffer_for, keep_planes)]
+                if last is not None:
+                    _finish(*last, done)
+                last = (window, futures)
+            if last is not None:
+                _finish(*last, done)
+
+    def _jobs(self, window: list[int], buffer_for: Callable[[int], memoryview],
+              keep_planes: Callable[[int], bool]) -> list[tuple]:
+        """``read_chunk``'s arguments for every chunk of the tensors in ``window``."""
         jobs = []
-        for i in wanted:
+        for i in window:
             rec = self.manifest.tensors[i]
             buf = buffer_for(i)
             keep = keep_planes(i)
@@ -135,21 +186,14 @@ class SnapshotReader:
             for n, c in enumerate(rec.chunks):
                 jobs.append((rec, n, buf[pos:pos + c.raw]) + ((True,) if keep else ()))
                 pos += c.raw
-        threads = threads or min(8, os.cpu_count() or 1)
-        if len(jobs) <= 1 or threads == 1:
-            for job in jobs:
-                self.read_chunk(*job)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
-            for fut in [pool.submit(self.read_chunk, *job) for job in jobs]:
-                fut.result()
+        return jobs
 
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
              threads: int | None = None) -> Any:
         """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved."""
         wanted = self.select(keys)
         dest = Destinations(self.manifest, wanted, into=into, device=device, where=str(self.path))
-        self.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes)
+        self.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes, done=dest.finish)
         selected = None if keys is None else (
             lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
         return build_tree(self.manifest.tree, dest, selected)

@@ -1,5 +1,10 @@
 """Where restored bytes go: fresh tensors of the kind saved, or the tensors
 of an existing tree (``into=``), checked all at once before any is touched.
+
+A tensor read into host memory only on its way elsewhere (onto a GPU, or
+into a target it cannot be read into directly) gets that memory when the
+reader comes to it and is finished (``finish``) as soon as it is read, so a
+restore holds about two reader windows of it at a time, not the whole state.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class Destinations:
         self._buffers: dict[int, np.ndarray] = {}
         self._into: set[int] = set()  # tensors that are the caller's own (never moved or replaced)
         self._gpu: set[int] = set()  # read to the host (shuffled chunks as planes), then finished on a GPU
+        self._placed: set[int] = set()  # (of those) uploaded: on their device already
         if into is not None:
             self._match(into, wanted, where)
         for i in wanted:
@@ -75,8 +81,7 @@ class Destinations:
                 continue
             rec = manifest.tensors[i]
             if goes_to_gpu(rec, device):
-                self._gpu.add(i)
-                self._buffers[i] = np.empty(rec.nbytes, dtype=np.uint8)
+                self._gpu.add(i)  # (its host memory is made when the reader comes to it)
                 self.values[i] = None
             else:
                 self.values[i], self._buffers[i] = self._allocate(rec)
@@ -115,10 +120,8 @@ class Destinations:
                 self._buffers[i] = direct
             elif fills_on_gpu(self.manifest.tensors[i], t):  # its planes go up and are unshuffled there
                 self._gpu.add(i)
-                self._buffers[i] = np.empty(self.manifest.tensors[i].nbytes, dtype=np.uint8)
             else:
-                tmp, self._buffers[i] = self._allocate(self.manifest.tensors[i])
-                self._pending[i] = (t, tmp)
+                self._pending[i] = (t, None)  # read into a temporary (made when the reader comes to it)
 
     def _allocate(self, rec: TensorRecord) -> tuple[Any, np.ndarray]:
         if rec.kind == "torch":
@@ -136,18 +139,29 @@ class Destinations:
         return i in self._gpu
 
     def buffer(self, i: int) -> memoryview:
+        if i not in self._buffers:  # on its way elsewhere: host memory for now (``finish``)
+            rec = self.manifest.tensors[i]
+            if i in self._gpu:
+                self._buffers[i] = np.empty(rec.nbytes, dtype=np.uint8)
+            else:
+                tmp, self._buffers[i] = self._allocate(rec)
+                self._pending[i] = (self._pending[i][0], tmp)
         return memoryview(self._buffers[i]).cast("B")
 
-    def value(self, i: int) -> Any:
-        """The finished tensor ``i`` (copied into its target, or moved to ``device``)."""
+    def finish(self, i: int) -> None:
+        """Tensor ``i`` is read: move it on (to the GPU, or into its target) and let its host
+        memory go, if it was only passing through."""
         if i in self._gpu:
+            host = self._buffers.pop(i)
             if i in self._into:
-                upload_into(self.manifest.tensors[i], self._buffers.pop(i), self.values[i])
-                return self.values[i]
-            return upload(self.manifest.tensors[i], self._buffers.pop(i), self.device)
-        v = self.values[i]
-        if i in self._pending:
+                upload_into(self.manifest.tensors[i], host, self.values[i])
+            else:
+                self.values[i] = upload(self.manifest.tensors[i], host, self.device)
+                self._placed.add(i)
+            self._gpu.discard(i)
+        elif i in self._pending:
             target, tmp = self._pending.pop(i)
+            del self._buffers[i]
             if isinstance(target, np.ndarray):
                 np.copyto(target, tmp)
             else:
@@ -155,7 +169,12 @@ class Destinations:
 
                 with torch.no_grad():
                     target.copy_(tmp if isinstance(tmp, torch.Tensor) else torch.from_numpy(tmp))
-        if i in self._into:
+
+    def value(self, i: int) -> Any:
+        """The finished tensor ``i`` (copied into its target, or moved to ``device``)."""
+        self.finish(i)  # (a reader that did not call it)
+        v = self.values[i]
+        if i in self._into or i in self._placed:
             return v
         if self.manifest.tensors[i].kind == "numpy_scalar" and isinstance(v, np.ndarray):
             return v[()]
