@@ -15,7 +15,8 @@
 4. Restore onto the device, from page cache (the files just written): snapd
    into new tensors (``device="cuda:0"``) and into the trainer's own
    (``into=``, as a resumed job does), against ``torch.load(map_location=
-   "cuda")`` and DCP ``load`` into the same tensors.
+   "cuda")`` and DCP ``load`` into the same tensors, each with the host memory it takes at its
+   peak (``bench.gpu_restore``).
 Figures go to bench/results/gpu.jsonl and gpu.md, with the device named.
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 import snapd.client as snapd
+from bench.gpu_restore import peer_restore, restore
 from bench.machine import Recorder, describe
 from bench.peers import DcpAsync, SnapdDaemon, TorchSave, timed
 
@@ -187,31 +189,6 @@ def gpu_wait(client, after_ms: float) -> float:
     return a.elapsed_time(b) / 1e3
 
 
-def _restore(rec: Recorder, scen: str, method: str, load: Any, reps: int = 2, **extra: Any) -> None:
-    """Seconds until ``load()``'s tensors are on the device (its copies and kernels finished)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = load()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        del out
-    rec.add(scen, method, "restore_to_gpu", times, **extra)
-
-
-def _peer_restore(rec: Recorder, scen: str, peer: Any, state: dict) -> None:
-    if isinstance(peer, TorchSave):
-        _restore(rec, scen, "torch.load(map_location='cuda')",
-                 lambda: torch.load(peer.last, map_location="cuda", weights_only=True))
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        peer.pending.wait()
-        _restore(rec, scen, "DCP load (into the state)",
-                 lambda: dcp.load(state, checkpoint_id=str(peer.last), no_dist=True))
-
-
 def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> None:
     nbytes = size_gib * GIB
     state = make_state(nbytes)
@@ -239,8 +216,8 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
             p.wait()
             durable.append(time.perf_counter() - t0)
         codec = p.wait().codec
-        _restore(rec, scen, "snapd load(device='cuda:0')", lambda: client.restore(device="cuda:0"), codec=codec)
-        _restore(rec, scen, "snapd load(into=the state)", lambda: client.restore(into=state), codec=codec)
+        restore(rec, scen, "snapd load(device='cuda:0')", lambda: client.restore(device="cuda:0"), codec=codec)
+        restore(rec, scen, "snapd load(into=the state)", lambda: client.restore(into=state), codec=codec)
         client.close()
     finally:
         daemon.close()
@@ -260,7 +237,7 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
             handle.wait()
             stall.append(s)
             dur.append(time.perf_counter() - t0)
-        _peer_restore(rec, scen, peer, state)
+        peer_restore(rec, scen, peer, state)
         peer.close()
         rec.add(scen, peer.name, "cpu_stall", stall)
         rec.add(scen, peer.name, "durable", dur)
