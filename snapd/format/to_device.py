@@ -4,9 +4,10 @@ Chunks are read and decompressed on CPU threads as for any restore, except
 that a shuffled chunk is left as its byte planes; the tensor's bytes are
 copied to the device in one transfer and unshuffled there by the CUDA kernel
 (``snapd.kernels.segments``), which is far faster than NumPy's strided
-unshuffle on the host. Without CuPy (a torch-only machine) the planes are
-unshuffled on the host first. torch and CuPy are imported only here, and only
-when a restore asks for a device.
+unshuffle on the host. Without CuPy (a torch-only machine), or with a CuPy
+that cannot run the kernel (its NVRTC missing, say: found at the first launch,
+logged once), the planes are unshuffled on the host first. torch and CuPy are
+imported only here, and only when a restore asks for a device.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from snapd.format.manifest import TensorRecord
 log = logging.getLogger(__name__)
 
 _SHUFFLED = ("shuffle-lz4", "shuffle-zstd")
+_kernel_failed: list[str] = []  # why the kernel could not run in this process (set once, at runtime)
 
 
 def _is_cuda(device: Any) -> bool:
@@ -31,12 +33,31 @@ def _is_cuda(device: Any) -> bool:
 
 
 def _cupy() -> Any | None:
+    """CuPy, if it can unshuffle on a device here."""
+    if _kernel_failed:
+        return None
     try:
         import cupy
 
         return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
     except Exception:  # no CuPy, no driver or no device
         return None
+
+
+def _on_gpu(cp: Any, device_index: int, segs: list, stream: Any = None) -> bool:
+    """Run the unshuffle ``segs`` on the device; False (logged once) if the kernel cannot run in this
+    process, so that the caller unshuffles on the host instead of failing the restore."""
+    from snapd.kernels.cupy_backend import run_segments
+
+    try:
+        with cp.cuda.Device(device_index):
+            run_segments(segs, stream)
+        return True
+    except Exception as e:  # (a compile or load failure comes before anything is launched)
+        if not _kernel_failed:
+            _kernel_failed.append(f"{type(e).__name__}: {e}")
+            log.warning("the unshuffle kernel cannot run here (%s): restores unshuffle on the host", _kernel_failed[0])
+        return False
 
 
 def goes_to_gpu(rec: TensorRecord, device: Any) -> bool:
@@ -112,13 +133,15 @@ def upload_into(rec: TensorRecord, host: np.ndarray, target: Any) -> None:
     into the target's memory, on torch's current stream."""
     import torch
 
-    from snapd.kernels.cupy_backend import run_segments
-
     cp = _cupy()
-    staged = torch.from_numpy(host).to(target.device)
-    with cp.cuda.Device(target.device.index):
-        run_segments(_segments(rec, staged.data_ptr(), target.data_ptr()), _torch_stream(cp, torch, target))
-    # (``staged`` goes back to torch's allocator for its stream: reused only after the kernel ran)
+    if cp is not None:
+        staged = torch.from_numpy(host).to(target.device)
+        index = target.device.index if target.device.index is not None else torch.cuda.current_device()
+        if _on_gpu(cp, index, _segments(rec, staged.data_ptr(), target.data_ptr()), _torch_stream(cp, torch, target)):
+            return  # (``staged`` goes back to torch's allocator for its stream: reused only after the kernel ran)
+    plain = torch.from_numpy(_unshuffle_on_host(rec, host)).view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
+    with torch.no_grad():
+        target.copy_(plain)
 
 
 def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
@@ -143,9 +166,9 @@ def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
             return cp.empty(rec.shape, dtype=dtypes.numpy_dtype(rec.dtype))
         staged = cp.asarray(host)
         if needs_unshuffle:
-            from snapd.kernels.cupy_backend import run_segments
-
             out = cp.empty_like(staged)
-            run_segments(_segments(rec, staged.data.ptr, out.data.ptr))
-            staged = out
+            if _on_gpu(cp, out.device.id, _segments(rec, staged.data.ptr, out.data.ptr)):
+                staged = out
+            else:
+                staged = cp.asarray(_unshuffle_on_host(rec, host))
         return staged.view(dtypes.numpy_dtype(rec.dtype)).reshape(rec.shape)

@@ -137,3 +137,29 @@ def test_cpu_saved_snapshot_restores_onto_the_gpu(root, codec) -> None:
         assert returned is t and t.device.type == "cuda", k
         assert torch.equal(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
                            state[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_a_restore_where_the_kernel_cannot_run_unshuffles_on_the_host(root, monkeypatch, caplog) -> None:
+    """A CuPy that cannot build or load the kernel (its NVRTC missing, say) must not fail a resume:
+    the planes are unshuffled on the host and uploaded as they are, once logged."""
+    torch = pytest.importorskip("torch")
+    import logging
+
+    from snapd.format import to_device
+    from snapd.kernels import cupy_backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12")
+    monkeypatch.setattr(cupy_backend, "run_segments", broken)
+    monkeypatch.setattr(to_device, "_kernel_failed", [])
+    state = {"w": torch.randn(1000, 999), "bf": torch.randn(12345).bfloat16()}
+    snapd.save(root, "j", state, step=1, codec="shuffle-zstd")
+    into = {"w": torch.empty(1000, 999, device="cuda"), "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda")}
+    with caplog.at_level(logging.WARNING):
+        snapd.load(root, "j", into=into)
+        fresh = snapd.load(root, "j", device="cuda:0")
+    for k in state:
+        want = state[k].reshape(-1).view(torch.uint8)
+        assert torch.equal(into[k].cpu().reshape(-1).view(torch.uint8), want), k
+        assert fresh[k].device.type == "cuda" and torch.equal(fresh[k].cpu().reshape(-1).view(torch.uint8), want), k
+    assert caplog.text.count("the unshuffle kernel cannot run here (RuntimeError: CuPy failed to load") == 1
