@@ -6,7 +6,9 @@ fraction of the bus's speed, so every host buffer is registered with CUDA
 ahead of time on a thread of its own, or by the GPU thread for the buffer a
 snapshot was given if that one is not done yet. Registering needs a CUDA
 context, and the daemon makes none until a snapshot copies from a device
-(``gpu_copy``): until then the buffers wait here.
+(``gpu_copy``): until then the buffers wait here. Pinning a buffer takes
+seconds; it holds up only what needs that buffer (its copy, its unmapping),
+never the server thread's other work.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ class HostPins:
         self._context: int | None = None  # the first device's, once one is in use
         self._waiting: list = []  # host buffers to pin once there is a context
         self._pinned: dict[int, list[int]] = {}  # host buffer address -> the pieces registered
-        self._lock = threading.Lock()  # the pinning threads, the GPU thread, the pool's unpin
+        self._pinning: set[int] = set()  # addresses being pinned now (outside the lock: seconds each)
+        self._cond = threading.Condition()  # guards the above; the pinning threads, the GPU thread, the pool
 
     def start(self, context: int) -> None:
         """A device is in use: pin with its context from now on, beginning with the buffers waiting."""
-        with self._lock:
+        with self._cond:
             if self._context is not None:
                 return
             self._context, waiting, self._waiting = context, self._waiting, []
@@ -39,7 +42,7 @@ class HostPins:
     def ahead(self, views: list) -> None:
         """Pin host buffers ahead of their first copy, on a thread of its own (about 1 GB/s with the
         first touch of the pages): a snapshot waits only for the buffer it was given."""
-        with self._lock:
+        with self._cond:
             if self._context is None:
                 self._waiting.extend(views)
                 return
@@ -47,24 +50,38 @@ class HostPins:
             threading.Thread(target=lambda: [self.now(v) for v in views], name="snapd-pin", daemon=True).start()
 
     def now(self, host: Any) -> None:
-        """Pin ``host`` (a buffer's view) unless it is already (the caller made sure of a context)."""
+        """Pin ``host`` (a buffer's view) unless it is already; if another thread is pinning it, wait
+        for that (the caller is about to copy into it)."""
         address, size = host.ctypes.data, host.nbytes
-        with self._lock:  # each buffer once
+        with self._cond:
+            while address in self._pinning:
+                self._cond.wait()
             if address in self._pinned or not size or self._context is None:
                 return
-            pieces = []
-            try:
-                for a in range(0, size, gpu_windows.PIN_PIECE):
-                    cuda_driver.host_register(self._context, address + a, min(gpu_windows.PIN_PIECE, size - a))
-                    pieces.append(address + a)
-                log.info("host buffer at %#x pinned for device copies (%d MiB)", address, size >> 20)
-            except Exception as e:  # RLIMIT_MEMLOCK, or a kernel that refuses: copies still work, slower
-                log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
-            self._pinned[address] = pieces
+            self._pinning.add(address)
+            context = self._context
+        pieces = []
+        try:
+            for a in range(0, size, gpu_windows.PIN_PIECE):
+                cuda_driver.host_register(context, address + a, min(gpu_windows.PIN_PIECE, size - a))
+                pieces.append(address + a)
+            log.info("host buffer at %#x pinned for device copies (%d MiB)", address, size >> 20)
+        except Exception as e:  # RLIMIT_MEMLOCK, or a kernel that refuses: copies still work, slower
+            log.warning("cannot pin the host buffer (%s): device->host copies will be slower", e)
+        finally:
+            with self._cond:
+                self._pinned[address] = pieces
+                self._pinning.discard(address)
+                self._cond.notify_all()
 
     def drop(self, address: int) -> None:
-        """The host buffer at ``address`` is about to be unmapped (called by the pool, any thread)."""
-        with self._lock:
+        """The host buffer at ``address`` is about to be unmapped (called by the pool, any thread):
+        unpin it, once a pinning of that buffer under way is done; other buffers' do not hold it up."""
+        with self._cond:
             self._waiting = [v for v in self._waiting if v.ctypes.data != address]
-            for piece in self._pinned.pop(address, []):
-                cuda_driver.host_unregister(self._context, piece)
+            while address in self._pinning:
+                self._cond.wait()
+            pieces = self._pinned.pop(address, [])
+            context = self._context
+        for piece in pieces:
+            cuda_driver.host_unregister(context, piece)
