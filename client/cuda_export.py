@@ -29,8 +29,10 @@ daemon, or a daemon whose device copy failed (``copy_failed``).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,16 @@ from snapd.format.tree import TensorLeaf
 log = logging.getLogger(__name__)
 
 EVENT_RING = 16  # ready events per device, reused in turn (more than snapshots in flight)
+
+
+def devices_in_use() -> list[str]:
+    """The UUID of the device this process's torch works on, once it has initialized CUDA (a hint in
+    ``hello``: the daemon gets ready to copy from it meanwhile); [] else."""
+    torch = sys.modules.get("torch")
+    try:
+        return [cuda_driver.device_uuid(torch.cuda.current_device())] if torch and torch.cuda.is_initialized() else []
+    except Exception:  # (a hint only: without it the daemon gets ready with the first snapshot)
+        return []
 
 
 def _mps() -> bool:
@@ -213,9 +225,7 @@ class CudaExport:
         interface names: no CuPy needed in the trainer."""
         src = leaf.source
         alloc = self._allocation(leaf.ptr)
-        # (memory mapped by the VMM API, as expandable_segments makes it, names no context: the
-        # device's primary context, the runtime's, then)
-        context = alloc.context or self._primary(alloc.ordinal)
+        context = alloc.context or self._primary(alloc.ordinal)  # (VMM memory names none: the runtime's)
         self._pin(mapping, context)
         if leaf.kind == "torch":
             import torch
@@ -272,10 +282,8 @@ class CudaExport:
         """(After ``bye``: the daemon has closed this client's handles.)"""
         self._held = []
         for ev in [*self._done.values(), *(e for ring in self._ready.values() for e in ring)]:
-            try:
+            with contextlib.suppress(cuda_driver.CudaError):  # (the context may already be gone at exit)
                 ev.close()
-            except cuda_driver.CudaError:  # the context may already be gone at exit
-                pass
         self._done.clear()
         self._ready.clear()
 

@@ -155,6 +155,13 @@ def _cuda(v: Any, name: str, nbytes: int) -> None:
                             "allocation", "bad_field")
 
 
+def _devices(v: Any, name: str) -> None:
+    if not isinstance(v, list) or len(v) > 64:
+        raise ProtocolError(f"{name} must be a list of at most 64 device UUIDs", "bad_field")
+    for i, dev in enumerate(v):
+        _DEVICE(dev, f"{name}[{i}]")
+
+
 def _events(v: Any, name: str) -> None:
     if not isinstance(v, dict) or len(v) > 64:
         raise ProtocolError(f"{name} must be an object of at most 64 device events", "bad_field")
@@ -199,7 +206,8 @@ def _changes(v: Any, name: str) -> None:
 # type -> required fields and their validators (optional fields use _opt)
 REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
-              "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str())},
+              "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str()),
+              "cuda_devices": _opt(_devices)},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
     # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors' bytes, base64

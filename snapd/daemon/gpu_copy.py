@@ -110,6 +110,13 @@ class GpuCopier:
         own dict, so that they go with it)."""
         self._work.put(("copy", task, items, ready, host, shuffle, region_copies, plans))
 
+    def prepare(self, uuids: list[str]) -> None:
+        """A trainer that works on these devices connected: make what a copy from them needs now, on
+        the GPU thread, so that its first snapshot does not wait for it (``_device``)."""
+        for uuid in uuids:
+            if uuid in self._ordinals and uuid not in self.devices:
+                self._work.put(("prepare", uuid))
+
     def pin(self, views: list) -> None:
         """Page-lock host buffers ahead of their first copy (``host_pinning``; once a device is in use)."""
         self._pins.ahead(views)
@@ -134,6 +141,12 @@ class GpuCopier:
                 if item is None:
                     self._waits.put(None)
                     return
+                if item[0] == "prepare":
+                    try:
+                        self._device(item[1])
+                    except Exception as e:  # (the first snapshot from it tries again, and fails over)
+                        log.warning("GPU path: %s", e)
+                    continue
                 if item[0] == "forget":
                     self._close(item[1])
                     if item[2] is not None:

@@ -188,8 +188,7 @@ class Server:
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
-        # Work handed to other threads starts after the reply is out (hand_over). (Only a handler
-        # that returned sets it.)
+        # work handed to other threads starts after the reply is out (hand_over; set by a handler that returned)
         handoff, self._handoff = self._handoff, None
         if reply is not None:
             self._send(peer, reply)
@@ -227,6 +226,8 @@ class Server:
                              f"{e.strerror}") from None
         self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"])
         self.leases.expect(self.sessions[peer])  # (gauges the clients too)
+        if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
+            self.gpu.prepare(msg.get("cuda_devices") or [])
         log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),

@@ -29,6 +29,13 @@ class Daemon:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_for(self, cond, timeout: float = 10.0) -> None:
+        """Until ``cond()`` holds (the daemon's threads work on after a reply); fails with the log."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -3,8 +3,7 @@ handle that will not open in the daemon, a daemon where none opens (a sandbox or
 CUDA IPC), a device copy that fails, a device where the daemon gets no context, a handle the
 driver will not export. Each time the snapshot still reaches disk with the values of its step,
 staged by the trainer before it changes them, and the later snapshots stage those tensors from
-the start instead of failing one by one. A device in exclusive-process compute mode is left to
-the trainers from the start."""
+the start instead of failing one by one."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import numpy as np
 
 import snapd.client as snapd
 from snapd import cuda_driver
-from snapd.cli import main as cli
 
 
 def _state(gpu) -> tuple[dict, dict]:
@@ -122,25 +120,6 @@ def test_a_device_where_the_daemon_gets_no_context_is_staged_here(fake_gpu) -> N
     assert "the daemon cannot have its context and staging window" in d.log_text()
     assert "CUDA_ERROR_OUT_OF_MEMORY" in d.log_text()
     assert _same(snapd.load(d.root, "nocontext", 1), want)
-
-
-def test_a_device_in_exclusive_process_mode_is_left_to_the_trainers(fake_gpu, capsys) -> None:
-    """A context of the daemon's there would lock the trainers out of their own device."""
-    d = fake_gpu.start(devices=2, modes=(0, 3))
-    on0, on1 = np.arange(4000, dtype=np.float32), np.linspace(0, 1, 999)
-    state = {"a": fake_gpu.array(on0, device=0), "b": fake_gpu.array(on1, device=1)}
-    with snapd.connect("exclusive", endpoint=d.endpoint, spawn=False) as c:
-        c.snapshot(state, step=1).wait(30)
-        assert _paths(c) == {"cuda_ipc": on0.nbytes, "client": on1.nbytes}
-        st = c.status()
-        assert st["counters"]["failed"] == 0  # known from the start: nothing tried, nothing failed
-        assert st["cuda_devices"] == st["cuda_devices_in_use"] == [fake_gpu.uuid(0)]
-        assert st["cuda_devices_skipped"] == {fake_gpu.uuid(1): "exclusive-process compute mode"}
-        assert cli(["status", "--endpoint", d.endpoint]) == 0
-    out = capsys.readouterr().out
-    assert f"GPU path: {fake_gpu.uuid(0)} (in use), {fake_gpu.uuid(1)} skipped: exclusive-process" in out, out
-    assert "a context on device 1" not in d.log_text()
-    assert _same(snapd.load(d.root, "exclusive"), {"a": on0, "b": on1})
 
 
 PREEMPTED_FIRST = r"""

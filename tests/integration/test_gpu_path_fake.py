@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 import weakref
 from pathlib import Path
@@ -120,7 +119,7 @@ def test_each_step_of_a_loop_restores_and_handles_follow_the_allocations(fake_gp
         assert _log_count(d, "fake cuda: opened") == 3
         assert _log_count(d, "fake cuda: closed") == 1  # the freed allocation's
         assert _log_count(d, "GPU copy plan: 2 tensors") == 2  # made for each layout, run for each snapshot
-    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)  # the rest, once the client left
+    d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 3)  # the rest, once the client left
 
 
 def test_device_arrays_are_kept_alive_while_the_daemon_maps_them_and_not_after(fake_gpu) -> None:
@@ -168,23 +167,6 @@ def test_a_state_on_two_devices_is_copied_from_each(fake_gpu, tmp_path, sent) ->
     assert _log_count(d, "fake cuda: opened") == len(values) - 1  # (not the empty one's)
 
 
-def test_the_daemon_takes_a_device_with_the_first_snapshot_copied_from_it(fake_gpu) -> None:
-    """Its context, stream and staging window, and the host buffers' pinning (which needs a
-    context): none before, on no device but that one after."""
-    d = fake_gpu.start(devices=2)
-    with snapd.connect("lazy", endpoint=d.endpoint, spawn=False) as c:
-        assert c.status()["cuda_devices_in_use"] == [] and "a context on device" not in d.log_text()
-        assert "pinned for device copies" not in d.log_text()
-        w = fake_gpu.array(np.arange(1000, dtype=np.float32))
-        for step in (1, 2):
-            c.snapshot({"w": w}, step=step).wait(30)
-        assert c.status()["cuda_devices_in_use"] == [fake_gpu.uuid(0)]
-        count = c.status()["buffers"]["count"]
-    assert _log_count(d, "fake cuda: a context on device 0") == 1
-    assert "a context on device 1" not in d.log_text()
-    _wait_for(lambda: _log_count(d, "pinned for device copies") == count, d)  # every buffer, once
-
-
 def test_a_device_state_larger_than_the_host_buffers_grows_them(fake_gpu, tmp_path) -> None:
     """A rank's GPU state is often larger than the default host buffer: the daemon grows the buffer
     it copies into (and pins the new one), and the same layout replays on it step after step."""
@@ -220,13 +202,13 @@ def test_two_trainers_share_the_daemon_and_leaving_closes_only_ones_own(fake_gpu
         pa, pb = ca.snapshot(a, step=1), cb.snapshot(b, step=1)
         pa.wait(30), pb.wait(30)
         ca.close()
-        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 1, d)  # a's one handle, not b's two
+        d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 1)  # a's one handle, not b's two
         b["w"].host()[...] = 3.0
         cb.snapshot(b, step=2).wait(30)
         assert _same(cb.restore(2), {"w": np.full(30_000, 3.0, np.float32), "v": np.arange(9.0)})
         assert _log_count(d, "fake cuda: opened") == 3
     assert _same(snapd.load(d.root, "a"), {"w": np.full(20_000, 1.0, np.float32)})
-    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 3, d)
+    d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 3)
 
 
 def test_two_connections_of_one_process_share_an_allocation(fake_gpu) -> None:
@@ -239,11 +221,11 @@ def test_two_connections_of_one_process_share_an_allocation(fake_gpu) -> None:
         one.snapshot({"w": arr}, step=1).wait(30)
         two.snapshot({"w": arr}, step=1).wait(30)
         one.close()
-        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 1, d)
+        d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 1)
         arr.host()[...] = 5.0
         two.snapshot({"w": arr}, step=2).wait(30)
         assert _same(two.restore(2), {"w": np.full(10_000, 5.0, np.float32)})
-    _wait_for(lambda: _log_count(d, "fake cuda: closed") == 2, d)
+    d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 2)
 
 
 def test_an_array_the_daemon_cannot_reach_is_staged_here_through_the_driver(fake_gpu, caplog) -> None:
@@ -307,7 +289,7 @@ def test_a_trainer_killed_leaves_no_handle_open(fake_gpu, tmp_path) -> None:
         assert _log_count(d, "fake cuda: opened") == 2
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        _wait_for(lambda: _log_count(d, "fake cuda: closed") == 2, d)
+        d.wait_for(lambda: _log_count(d, "fake cuda: closed") == 2)
         assert "is gone; releasing its buffers" in d.log_text()
     finally:
         proc.kill()
@@ -352,10 +334,3 @@ def _log_count(d, words: str) -> int:
     text = d.log_text()
     assert "that is not open" not in text, text  # (the stand-in driver's word for a double close)
     return text.count(words)
-
-
-def _wait_for(cond, d, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, d.log_text()
-        time.sleep(0.05)
