@@ -174,10 +174,10 @@ class GpuCopier:
 
         cp = self._cp
         client = self._clients.setdefault(task.peer, ClientHandles())
-        for uuid in {d["dev"] for _, d in items}:
+        by_dev = plans.get(shuffle) if plans is not None else None
+        for uuid in by_dev if by_dev is not None else {d["dev"] for _, d in items}:  # (a kept plan names them)
             self._device(uuid)
         self._pins.now(host)
-        by_dev = plans.get(shuffle) if plans is not None else None
         if by_dev is None or any(client.mem.get(key, (0, None))[1] != base
                                  for p in by_dev.values() for key, base in p.bases.items()):
             by_dev = self._plan(client, items, host.ctypes.data, shuffle)  # (a new layout, or a handle moved)
