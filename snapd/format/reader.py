@@ -161,8 +161,7 @@ class SnapshotReader:
             for window in windows:
                 for job in self._jobs(window, buffer_for, keep_planes):
                     self.read_chunk(*job)
-                for i in window if done else ():
-                    done(i)
+                _finish(window, [], done)
             return
         with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
             last: tuple[list[int], list] | None = None
