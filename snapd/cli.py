@@ -17,7 +17,8 @@ from pathlib import Path
 from snapd import __version__
 from snapd.errors import FormatError, SnapdError
 from snapd.format import catalog
-from snapd.format.jobdir import JOB_NAME_RE, step_of
+from snapd.format import index as jobindex
+from snapd.format.jobdir import JOB_NAME_RE, JobDir, step_of
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader
 from snapd.report import human_bytes, status_text, table
@@ -108,10 +109,18 @@ def _snapshot_dirs(path: Path) -> list[Path]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    dirs = _snapshot_dirs(Path(args.path))
+    path = Path(args.path)
+    dirs = _snapshot_dirs(path)
     if not dirs:
         raise UsageError(f"{args.path}: no snapshots in this directory")
     bad = 0
+    if dirs != [path] and JOB_NAME_RE.match(path.resolve().name):  # a job directory: its index too
+        damage, notes = jobindex.problems(JobDir(path.resolve().parent, path.resolve().name))
+        for p in damage:
+            print(f"BAD {p}")
+        for p in notes:
+            print(f"note {p}")
+        bad += len(damage)
     show = sys.stderr.isatty()
     for d in dirs:
         try:

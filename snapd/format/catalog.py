@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import InvalidArgument, SnapshotNotFound
+from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound, VersionError
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir
+from snapd.format.manifest import MANIFEST_NAME, parse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest"
         raise SnapshotNotFound(f"no job {job!r} under {root}")
     idx = jobindex.load(jd)
     if step == "latest":
-        entry = idx.latest
+        entry = _newest_valid(jd, idx)
     elif step == "best":
         if idx.best_metric is None:
             raise SnapshotNotFound(f"job {job!r} tracks no best snapshot (save with best=(metric, 'min'|'max'))")
@@ -63,3 +67,18 @@ def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest"
         have = ", ".join(str(e.step) for e in idx.history) or "none"
         raise SnapshotNotFound(f"job {job!r} under {root} has no snapshot {step!r} (steps: {have})")
     return jd.path / entry.name
+
+
+def _newest_valid(jd: JobDir, idx: jobindex.JobIndex) -> jobindex.Entry | None:
+    """The snapshot taken last whose manifest parses: a damaged newest snapshot must not stop
+    a resume when an older one is whole (it is logged, and ``snapd verify`` reports it)."""
+    for entry in sorted(idx.history, key=lambda e: e.order, reverse=True):
+        path = jd.path / entry.name / MANIFEST_NAME
+        try:
+            parse(path.read_bytes(), str(path))
+            return entry
+        except VersionError:
+            raise  # a newer snapd wrote it: falling back would silently resume from an older step
+        except (OSError, FormatError) as e:
+            log.warning("latest of job %s: skipping step %d: %s", jd.job, entry.step, e)
+    return None

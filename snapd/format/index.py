@@ -5,8 +5,14 @@ file).
 The index is a cache of what the snapshot directories say: each load
 reconciles it with the directories on disk, so a crash between installing a
 snapshot and rewriting the index loses nothing, and a lost or corrupt index
-is rebuilt from the manifests. Every update is written to a temporary file,
+is rebuilt from the manifests (each manifest records the job's best rule, so
+the best mark survives too). Every update is written to a temporary file,
 fsynced and renamed over the old one, under the job lock.
+
+``latest`` is the snapshot taken last (handed to the daemon, or saved), not
+the one committed last: an emergency snapshot that jumped the daemon's queue
+stays the resume point when older snapshots queued behind it commit after it,
+and a run resumed from an earlier step makes its new snapshots latest.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +47,17 @@ class Entry:
     stored_bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
     emergency: bool = False
+    taken_unix_s: float | None = None  # when the state was handed over (None: written before it was recorded)
 
     @classmethod
     def of(cls, m: Manifest) -> Entry:
         return cls(m.step, snapshot_name(m.step), m.created_unix_s, m.raw_bytes, m.stored_bytes,
-                   dict(m.metrics), m.emergency)
+                   dict(m.metrics), m.emergency, m.taken_unix_s)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """When the snapshot was taken (its commit time where that is not recorded), then its step."""
+        return (self.taken_unix_s if self.taken_unix_s is not None else self.created_unix_s, self.step)
 
 
 def check_best(best: object) -> tuple[str, str] | None:
@@ -64,7 +77,7 @@ class JobIndex:
 
     @property
     def latest(self) -> Entry | None:
-        return self.history[-1] if self.history else None
+        return max(self.history, key=lambda e: e.order) if self.history else None
 
     @property
     def best(self) -> Entry | None:
@@ -100,40 +113,97 @@ def _score(v: Any) -> float | None:
     return float(v)
 
 
-def _parse(raw: bytes) -> JobIndex:
-    body = json.loads(raw)
-    if body.get("magic") != INDEX_MAGIC:
-        raise FormatError("not a snapd index")
+def _entry(e: object) -> Entry:
+    if not isinstance(e, dict):
+        raise FormatError(f"history entry {e!r} is not an object")
+    entry = Entry(**e)
+    ints = (entry.step, entry.raw_bytes, entry.stored_bytes)
+    if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints)
+            or entry.name != snapshot_name(entry.step) or not isinstance(entry.metrics, dict)
+            or not isinstance(entry.created_unix_s, (int, float)) or not isinstance(entry.emergency, bool)
+            or not isinstance(entry.taken_unix_s, (int, float, type(None)))):
+        raise FormatError(f"history entry for {entry.name!r} is malformed")
+    return entry
+
+
+def parse_index(raw: bytes) -> JobIndex:
+    """Parse index bytes; anything but a well-formed index raises ``FormatError`` naming why."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"not valid JSON ({e})") from None
+    if not isinstance(body, dict) or body.get("magic") != INDEX_MAGIC:
+        raise FormatError("not a snapd index (no object with the index magic)")
     check = body.pop("checksum", None)
     if check != xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True).encode()):
         raise FormatError("index checksum mismatch")
-    return JobIndex([Entry(**e) for e in body["history"]],
-                    tuple(body["best_metric"]) if body.get("best_metric") else None)
+    try:
+        history = [_entry(e) for e in body["history"]]
+        best = check_best(body.get("best_metric")) if body.get("best_metric") else None
+    except (KeyError, TypeError, InvalidArgument) as e:
+        raise FormatError(f"malformed index ({type(e).__name__}: {e})") from None
+    if len({e.step for e in history}) != len(history):
+        raise FormatError("index lists a step twice")
+    return JobIndex(history, best)
+
+
+def _has_manifest(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path / MANIFEST_NAME, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def load(job: JobDir) -> JobIndex:
-    """The job's index, reconciled with the snapshot directories on disk."""
+    """The job's index, reconciled with the snapshot directories on disk: a directory
+    without a manifest is never listed, one the index lacks is added from its manifest."""
     index = JobIndex()
     try:
-        index = _parse((job.path / INDEX_NAME).read_bytes())
+        index = parse_index((job.path / INDEX_NAME).read_bytes())
     except FileNotFoundError:
         pass
-    except (ValueError, KeyError, TypeError) as e:
+    except OSError as e:
         log.warning("%s: index unreadable (%s); rebuilding it from the snapshot manifests", job.path, e)
-    on_disk = job.snapshot_dirs()
+    except FormatError as e:
+        log.warning("%s: index unusable (%s); rebuilding it from the snapshot manifests", job.path, e)
+    on_disk = {step: path for step, path in job.snapshot_dirs().items() if _has_manifest(path)}
     index.history = [e for e in index.history if e.step in on_disk]
     known = {e.step for e in index.history}
-    found = []
+    found: list[tuple[Entry, Manifest]] = []
     for step, path in on_disk.items():
         if step in known:
             continue
         try:
-            found.append(Entry.of(parse((path / MANIFEST_NAME).read_bytes(), str(path / MANIFEST_NAME))))
+            m = parse((path / MANIFEST_NAME).read_bytes(), str(path / MANIFEST_NAME))
         except (OSError, FormatError) as e:
             log.warning("%s: not listed: %s", path, e)
+            continue
+        found.append((Entry.of(m), m))
     # snapshots the index did not know about were committed after it was written
-    index.history.extend(sorted(found, key=lambda e: (e.created_unix_s, e.step)))
+    found.sort(key=lambda f: f[0].created_unix_s)
+    index.history.extend(e for e, _ in found)
+    if index.best_metric is None:  # a rebuilt index: the newest manifest that names the rule has it
+        rules = [m for _, m in found if m.best_metric is not None]
+        if rules:
+            index.best_metric = max(rules, key=lambda m: Entry.of(m).order).best_metric
     return index
+
+
+def problems(job: JobDir) -> tuple[list[str], list[str]]:
+    """What is wrong with the job's index file (``snapd verify``): damage (unreadable, not an
+    index, failing its checksum), then notes: out of step with the snapshot directories, as a
+    crash between a commit's rename and its index update leaves it. Readers repair both."""
+    try:
+        index = parse_index((job.path / INDEX_NAME).read_bytes())
+    except FileNotFoundError:
+        return [], [f"{job.path / INDEX_NAME}: missing (rebuilt from the manifests)"] if job.snapshot_dirs() else []
+    except (OSError, FormatError) as e:
+        return [f"{job.path / INDEX_NAME}: {e} (rebuilt from the manifests when read)"], []
+    on_disk = {s for s, p in job.snapshot_dirs().items() if _has_manifest(p)}
+    listed = {e.step for e in index.history}
+    notes = [f"{job.path / INDEX_NAME}: lists step {s}, which has no committed directory" for s in sorted(listed - on_disk)]
+    notes += [f"{job.path / INDEX_NAME}: does not list step {s} (added when read)" for s in sorted(on_disk - listed)]
+    return [], notes
 
 
 def latest_raw_bytes(job_path: Path) -> int | None:
@@ -141,8 +211,8 @@ def latest_raw_bytes(job_path: Path) -> int | None:
     reconciling with the directories (a hint for sizing buffers: None when there is no readable
     index, or no snapshot in it)."""
     try:
-        latest = _parse((job_path / INDEX_NAME).read_bytes()).latest
-    except (OSError, ValueError, KeyError, TypeError):
+        latest = parse_index((job_path / INDEX_NAME).read_bytes()).latest
+    except (OSError, FormatError):
         return None
     return latest.raw_bytes if latest is not None else None
 
@@ -163,12 +233,12 @@ def save(job: JobDir, index: JobIndex) -> None:
 
 
 def to_delete(index: JobIndex, keep_last: int | None, keep_every_steps: int | None) -> list[Entry]:
-    """Snapshots the retention policy lets go: not among the ``keep_last`` most
-    recent, not on a ``keep_every_steps`` boundary, and not the best."""
+    """Snapshots the retention policy lets go: not among the ``keep_last`` taken last (so
+    never ``latest``), not on a ``keep_every_steps`` boundary, and not the best."""
     keep = set()
     if keep_last is None:
         return []
-    keep.update(e.step for e in index.history[-keep_last:])
+    keep.update(e.step for e in sorted(index.history, key=lambda e: e.order)[-keep_last:])
     if keep_every_steps:
         keep.update(e.step for e in index.history if e.step % keep_every_steps == 0)
     if index.best is not None:

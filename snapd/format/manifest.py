@@ -66,6 +66,8 @@ class Manifest:
     codec: str = "raw"
     emergency: bool = False
     writer: str = ""
+    best_metric: tuple[str, str] | None = None  # the job's best rule, so a lost index can be rebuilt
+    taken_unix_s: float | None = None  # when the state was handed over: what orders ``latest``
 
     @property
     def raw_bytes(self) -> int:
@@ -84,6 +86,10 @@ class Manifest:
             "files": self.files, "tree": self.tree,
             "tensors": [_tensor_json(t) for t in self.tensors],
         }
+        if self.best_metric is not None:  # absent otherwise: manifests without a rule are as before
+            body["best_metric"] = list(self.best_metric)
+        if self.taken_unix_s is not None:
+            body["taken_unix_s"] = self.taken_unix_s
         body["checksum"] = _checksum(body)
         return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
 
@@ -173,10 +179,17 @@ def _build(body: dict) -> Manifest:
     metrics = body["metrics"]
     if not isinstance(metrics, dict):
         raise FormatError("metrics must be an object")
+    best = body.get("best_metric")
+    if best is not None and (not isinstance(best, list) or len(best) != 2 or not isinstance(best[0], str)
+                             or best[1] not in ("min", "max")):
+        raise FormatError(f"best_metric must be [name, 'min'|'max'], got {best!r}")
+    taken = body.get("taken_unix_s")
+    if taken is not None and (isinstance(taken, bool) or not isinstance(taken, (int, float))):
+        raise FormatError(f"taken_unix_s must be a number, got {taken!r}")
     return Manifest(step=_int(body["step"], "step"), created_unix_s=float(body["created_unix_s"]),
                     job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
                     codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
-                    writer=str(body.get("writer", "")))
+                    writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None, taken_unix_s=taken)
 
 
 def _check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:

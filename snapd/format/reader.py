@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +72,7 @@ class SnapshotReader:
             raise FormatError(f"{mpath}: is a directory") from None
         self.manifest: Manifest = parse(raw, str(mpath))
         self._fds: dict[int, int] = {}
+        self._fds_lock = threading.Lock()  # reader threads open data files on demand
 
     def __enter__(self) -> SnapshotReader:
         return self
@@ -78,24 +81,35 @@ class SnapshotReader:
         self.close()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
         if fd is not None:
             return fd
+        with self._fds_lock:  # two threads must not both open a file and keep one descriptor
+            fd = self._fds.get(i)
+            return fd if fd is not None else self._open_data(i)
+
+    def _open_data(self, i: int) -> int:
         info = self.manifest.files[i]
         path = self.path / info["name"]
-        try:
-            fd = os.open(path, os.O_RDONLY)
+        try:  # O_NONBLOCK: a FIFO planted as a data file must not hang the reader
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FormatError(f"{path}: data file is missing") from None
-        size = os.fstat(fd).st_size
-        header = os.pread(fd, DATA_HEADER.size, 0)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot open the data file: {e.strerror}") from None
+        st = os.fstat(fd)
+        size = st.st_size
+        header = os.pread(fd, DATA_HEADER.size, 0) if stat.S_ISREG(st.st_mode) else b""
         problem = None
-        if size != info["bytes"]:
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif size != info["bytes"]:
             problem = f"is {size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
         elif len(header) < DATA_HEADER.size or DATA_HEADER.unpack(header)[0] != DATA_MAGIC:
             problem = "does not start with the snapd data magic"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -91,12 +92,14 @@ def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metr
 
 
 def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: str, pool: Executor,
-                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                     guard: Callable[[], None] | None = None) -> None:
     """Encode every chunk on ``pool`` and write them in order on this thread.
 
     At most ``2 * threads + 2`` chunks are in flight, so memory stays bounded
     and the disk and the encoders work at the same time. The daemon's flush
-    stage runs this same loop over its host buffer.
+    stage runs this same loop over its host buffer, with a ``guard`` called
+    before each chunk is read (it raises when the buffer was cut short).
     """
     window: collections.deque[tuple[Any, Future]] = collections.deque()
     try:
@@ -104,6 +107,8 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
             rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.nbytes)
             size = dtypes.itemsize(leaf.dtype)
             for a, b in chunk_slices(leaf, chunk_bytes):
+                if guard is not None:
+                    guard()
                 window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec, leaf.preshuffled)))
                 while len(window) > 2 * threads + 2:
                     r, fut = window.popleft()

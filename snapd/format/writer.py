@@ -140,6 +140,7 @@ class SnapshotWriter:
         self.tmp = job.new_tmp_dir(step)
         self.files: list[_DataFile] = []
         self.tensors: list[TensorRecord] = []
+        self.taken_unix_s = time.time()  # the daemon sets when the state was handed to it
 
     def add_tensor(self, key: str, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> TensorRecord:
         rec = TensorRecord(key, kind, dtype, list(shape), nbytes)
@@ -188,7 +189,8 @@ class SnapshotWriter:
                 files.append({"name": name, "bytes": f.size})
             manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
                                 tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
-                                emergency=emergency, writer=f"snapd {__version__}")
+                                emergency=emergency, writer=f"snapd {__version__}", best_metric=retention.best,
+                                taken_unix_s=self.taken_unix_s)
             with open(self.tmp / MANIFEST_NAME, "wb") as mf:
                 mf.write(manifest.to_bytes())
                 mf.flush()
@@ -197,15 +199,9 @@ class SnapshotWriter:
             with self.job.lock():
                 index = jobindex.load(self.job)
                 self.job.install(self.tmp, self.step)
+                # committed from here on: what follows only tidies, and may fail without undoing it
                 entry = jobindex.Entry.of(manifest)
-                index.record(entry)
-                if retention.best is not None:
-                    index.best_metric = retention.best
-                for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
-                    log.info("%s: retention removes step %d", self.job.path, old.step)
-                    self.job.delete(old.name)
-                    index.history.remove(old)
-                jobindex.save(self.job, index)
+                self._tidy(index, entry, retention)
         except SnapdError:
             self.abort()
             raise
@@ -213,6 +209,29 @@ class SnapshotWriter:
             self.abort()
             raise FlushError(f"committing step {self.step} of job {self.job.job}: {e}") from e
         return Committed(self.job.path / entry.name, entry)
+
+    def _tidy(self, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> None:
+        """Record the committed snapshot in the index and apply retention (under the job lock).
+
+        A failure here (the disk full while rewriting the index) leaves the snapshot committed:
+        it is logged, not reported as a failed commit, and readers rebuild the index from the
+        manifests."""
+        latest = index.latest
+        if latest is not None and latest.order > entry.order:
+            log.warning("%s: step %d was taken before the latest, step %d, which stays latest",
+                        self.job.path, entry.step, latest.step)
+        index.record(entry)
+        if retention.best is not None:
+            index.best_metric = retention.best
+        try:
+            for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
+                log.info("%s: retention removes step %d", self.job.path, old.step)
+                self.job.delete(old.name)
+                index.history.remove(old)
+            jobindex.save(self.job, index)
+        except OSError as e:
+            log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
+                      "it from the snapshot manifests", self.job.path, entry.step, e)
 
     def abort(self) -> None:
         """Drop the temporary directory; nothing committed before is touched."""
