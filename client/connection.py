@@ -26,7 +26,7 @@ import zmq
 
 from snapd import protocol
 from snapd.errors import DaemonUnavailable, PermissionDenied, SnapshotError, error_from_code
-from snapd.paths import default_endpoint
+from snapd.paths import check_endpoint, default_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def reply_error(msg: dict) -> Exception:
 
 class Connection:
     def __init__(self, endpoint: str, timeout_s: float) -> None:
-        self.endpoint = endpoint
+        self.endpoint = endpoint = check_endpoint(endpoint)
         self.timeout_s = timeout_s
         self._lock = threading.RLock()
         self._ctx = zmq.Context.instance()
@@ -106,13 +106,14 @@ class Connection:
     def wait(self, req_id: int, timeout_s: float | None = None, *, liveness: bool = True) -> dict:
         """Wait for the next reply to ``req_id``; raise the error it carries.
 
-        While waiting, a silence longer than ``self.timeout_s`` triggers a ping;
-        no pong in time means the daemon is gone (DaemonUnavailable).
+        While waiting, a silence of half ``self.timeout_s`` sends a ping; no answer of any
+        kind within ``self.timeout_s`` of silence means the daemon is gone (DaemonUnavailable).
         ``timeout_s`` bounds the whole wait (TimeoutError); None waits as long as
         the daemon is alive.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         quiet_since = time.monotonic()
+        ping: int | None = None
         while True:
             msg = self.take(req_id)
             if msg is not None:
@@ -122,6 +123,9 @@ class Connection:
                 if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released", "synced"):
                     self._sent_epoch.pop(req_id, None)
                 return msg
+            if ping is not None and (pong := self.take(ping)) is not None:
+                self._pong(pong)
+                ping, quiet_since = None, time.monotonic()
             if self._sent_epoch.get(req_id, self.epoch) < self.epoch:
                 raise DaemonUnavailable(f"the daemon at {self.endpoint} restarted before answering; "
                                         "this request was lost")
@@ -131,22 +135,30 @@ class Connection:
             slice_s = 0.05 if deadline is None else max(0.0, min(0.05, deadline - now))
             if self._pump(slice_s):
                 quiet_since = time.monotonic()
-            elif liveness and time.monotonic() - quiet_since > self.timeout_s:
-                self.check_alive()
-                quiet_since = time.monotonic()
+            elif liveness:
+                quiet = time.monotonic() - quiet_since
+                if quiet > self.timeout_s:
+                    raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer for {self.timeout_s} s")
+                if ping is None and quiet > self.timeout_s / 2:
+                    ping = self.send("ping")
 
-    def check_alive(self) -> None:
-        """Ping; raise DaemonUnavailable unless a pong comes within the timeout."""
-        try:
-            pid = self.wait(self.send("ping"), self.timeout_s, liveness=False).get("daemon_pid")
-        except TimeoutError:
-            raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer a ping within "
-                                    f"{self.timeout_s} s") from None
+    def _pong(self, msg: dict) -> None:
+        pid = msg.get("daemon_pid")
+        self._sent_epoch.pop(msg.get("id"), None)
         if self.daemon_pid is not None and pid != self.daemon_pid:
             log.warning("the daemon restarted (pid %s -> %s): snapshots it had not persisted were lost",
                         self.daemon_pid, pid)
             self.epoch += 1
         self.daemon_pid = pid
+
+    def check_alive(self) -> None:
+        """Ping; raise DaemonUnavailable unless a pong comes within the timeout."""
+        try:
+            msg = self.wait(self.send("ping"), self.timeout_s, liveness=False)
+        except TimeoutError:
+            raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer a ping within "
+                                    f"{self.timeout_s} s") from None
+        self._pong(msg)
 
     def call(self, kind: str, timeout_s: float | None = None, **fields: Any) -> dict:
         return self.wait(self.send(kind, **fields), timeout_s if timeout_s is not None else self.timeout_s,

@@ -26,7 +26,7 @@ from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError, S
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
-from snapd.paths import default_endpoint, default_root
+from snapd.paths import check_endpoint, default_endpoint, default_root
 
 __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 
@@ -252,7 +252,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     best = check_best(best)
     if on_busy not in ("wait", "skip"):
         raise InvalidArgument(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
-    endpoint = endpoint or default_endpoint()
+    endpoint = check_endpoint(endpoint or default_endpoint())
     if probe(endpoint, min(timeout_s, 1.0)) is None:
         if not spawn:
             raise DaemonUnavailable(f"no snapd answers at {endpoint} (start one with `snapd serve`, "

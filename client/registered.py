@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from snapd.format import dtypes
+from snapd.format.tree import check_torch_memory
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ def share(objects: tuple[Any, ...]) -> SharedRegion:
     seen: dict[int, Any] = {}
     for obj in objects:
         for t in _tensors(obj):
-            if not isinstance(t, np.ndarray) and t.device.type != "cpu":
-                continue  # device tensors take the GPU path
+            if not isinstance(t, np.ndarray):
+                check_torch_memory(f"share(): {type(t).__name__}", t)  # before reading through its pointer
+                if t.device.type != "cpu":
+                    continue  # device tensors take the GPU path
             seen.setdefault(id(t), t)
     tensors = list(seen.values())
     region = SharedRegion(sum(_nbytes(t) + ALIGN for t in tensors))

@@ -72,7 +72,7 @@ class StateMemo:
         if torch is not None:
             self._checks: list[tuple] = [(leaf.source.dtype, leaf.shape, leaf.ptr, not leaf.on_device,
                                           leaf.dtype[0] == "c") for leaf in leaves]
-            self._tensor, self._strided = torch.Tensor, torch.strided
+            self._tensor, self._strided = (torch.Tensor, torch.nn.Parameter), torch.strided  # (not subclasses)
             self._same = self._same_tensors
         else:  # what each array's interface said (its type too: another kind of array is flattened)
             self._checks = [(type(leaf.source), *_interface(leaf.source), leaf.ptr) for leaf in leaves]
@@ -137,7 +137,7 @@ class StateMemo:
         tensor_type, strided = self._tensor, self._strided
         try:
             for v, (dtype, shape, ptr, cpu, complex_) in zip(sources, self._checks):
-                if not isinstance(v, tensor_type) or v.layout is not strided or v.dtype is not dtype \
+                if type(v) not in tensor_type or v.layout is not strided or v.dtype is not dtype \
                         or v.data_ptr() != ptr or v.shape != shape or v.is_cpu is not cpu \
                         or not v.is_contiguous() or v.is_neg() or not cpu and not v.is_cuda \
                         or complex_ and v.is_conj():

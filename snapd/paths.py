@@ -40,3 +40,12 @@ def socket_path(endpoint: str) -> Path:
         raise InvalidArgument(f"endpoint {endpoint!r}: snapd listens only on ipc://PATH endpoints "
                               "(abstract ipc://@ sockets bypass file permissions; tcp is not local)")
     return Path(endpoint[len("ipc://"):])
+
+
+def check_endpoint(endpoint: object) -> str:
+    """``endpoint`` if it is an ``ipc://PATH`` snapd can use, a relative PATH made absolute (a
+    spawned daemon runs in ``/``); anything else raises InvalidArgument naming the problem."""
+    path = socket_path(endpoint)  # type: ignore[arg-type]
+    if "\0" in str(path):
+        raise InvalidArgument(f"endpoint {endpoint!r}: the socket path contains NUL")
+    return endpoint if path.is_absolute() else f"ipc://{os.path.abspath(path)}"  # type: ignore[return-value]

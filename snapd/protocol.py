@@ -240,6 +240,8 @@ def decode_request(frame: bytes) -> dict[str, Any]:
         msg = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("message is not UTF-8 JSON", "malformed") from None
+    except RecursionError:
+        raise ProtocolError("message is nested too deep", "malformed") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object", "malformed")
     if msg.get("v") != PROTOCOL_VERSION:

@@ -107,6 +107,17 @@ class BufferPool:
                           uid=-1 if uid is None else uid)
 
     @staticmethod
+    def make_whole(buf: HostBuffer) -> None:
+        """Give a buffer its full size back if a client truncated it (it maps the file writable):
+        the pages past the cut come back as zeros, and the mapping is safe to read again."""
+        try:
+            if buf.mm is not None and os.stat(buf.path).st_size < buf.size:
+                log.warning("host buffer %d was truncated by a client; restoring its size", buf.index)
+                os.truncate(buf.path, buf.size)
+        except OSError as e:
+            log.warning("host buffer %d: cannot check its size: %s", buf.index, e)
+
+    @staticmethod
     def serves(buf: HostBuffer, uid: int, nbytes: int) -> bool:
         """Whether ``buf`` holds a snapshot of ``nbytes`` for ``uid`` as it is."""
         return nbytes <= buf.size and serves_uid(buf.uid, uid)

@@ -17,7 +17,7 @@ from typing import Any
 from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_host_memory_bytes
 from snapd.errors import InvalidArgument
 from snapd.format.manifest import CODECS
-from snapd.paths import default_endpoint, default_root, socket_path
+from snapd.paths import check_endpoint, default_endpoint, default_root
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,10 +48,13 @@ class DaemonConfig:
     allowed_groups: tuple[str, ...] | None = None  # names or gids; None = the socket group
     user_dirs: str = "auto"  # <root>/<user>/<job>: on | off | auto (on when other uids may connect)
     client_buffer_bytes: int | None = None  # host-buffer bytes one client may hold at once (whole buffers)
-    client_max_in_flight: int | None = None  # snapshots one client may have between acquire and persisted
+    # snapshots one client may have between acquire and persisted (an emergency one may pass it by
+    # one): a double buffer's worth, so one client cannot take every buffer from the others
+    client_max_in_flight: int | None = 2
+    busy_wait_s: float = 120.0  # the longest a snapshot waits for a host buffer before it is refused as busy
 
     def __post_init__(self) -> None:
-        socket_path(self.endpoint)
+        object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
         if self.host_buffers < 2:
             raise InvalidArgument(f"host_buffers must be at least 2 (a double buffer), got {self.host_buffers}")
         if self.host_buffer_bytes < MIB:
@@ -87,6 +90,8 @@ class DaemonConfig:
                                   f"({self.host_buffer_bytes}): no client could snapshot")
         if self.client_max_in_flight is not None and self.client_max_in_flight < 1:
             raise InvalidArgument(f"client_max_in_flight must be >= 1, got {self.client_max_in_flight}")
+        if not self.busy_wait_s > 0:
+            raise InvalidArgument(f"busy_wait_s must be > 0, got {self.busy_wait_s}")
         if self.drain_timeout_s <= 0:
             raise InvalidArgument(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:

@@ -37,13 +37,13 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import zmq
 
 from snapd import cuda_driver
 from snapd.daemon import gpu_windows
 from snapd.daemon.gpu_handles import ClientHandles, failure, quietly
 from snapd.daemon.host_pinning import HostPins
+from snapd.daemon.sessions import copy_from_region
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class GpuCopier:
                 _, task, items, ready, host, shuffle, region_copies, plans = item
                 try:
                     for dst, src in region_copies:
-                        np.copyto(dst, src)
+                        copy_from_region(dst, src)
                     handles, marks = self._enqueue(task, items, ready, host, shuffle, plans)
                 except Exception as e:  # a handle that will not open, a device gone
                     log.error("snapshot %s step %d: GPU copy failed: %s", task.job, task.step, e)

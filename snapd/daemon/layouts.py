@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from snapd import protocol
-from snapd.daemon.pipeline import COPIED, Task
+from snapd.daemon.pipeline import COPIED, Task, buffer_intact
 from snapd.errors import ProtocolError, SnapdError
 from snapd.format.manifest import _check_tree
 from snapd.format.saving import check_metrics
 from snapd.format.tree import TensorLeaf
 
 if TYPE_CHECKING:
-    from snapd.daemon.sessions import Region, Session
+    from snapd.daemon.sessions import Region, RegionSpan, Session
 
 
 @dataclass
@@ -117,9 +117,9 @@ class Placement:
             src = None
             if "region" in t:
                 region = regions.get(t["region"])
-                if region is None or t["region_offset"] + t["nbytes"] > region.view.size:
+                if region is None or t["region_offset"] + t["nbytes"] > region.size:
                     raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
-                src = region.view[t["region_offset"]:t["region_offset"] + t["nbytes"]]
+                src = region.span(t["region_offset"], t["nbytes"])
             cuda = t.get("cuda")
             if cuda is not None and cuda["dev"] not in devices:
                 raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {cuda['dev']} "
@@ -149,7 +149,7 @@ class Placement:
         if self.end > buf.size:  # (a layout placed over a larger buffer, grown for another snapshot)
             raise ProtocolError(f"the snapshot needs {self.end} bytes, over the {buf.size}-byte buffer", "bad_field")
 
-    def place(self, buf: np.ndarray) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, np.ndarray]],
+    def place(self, buf: np.ndarray) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, RegionSpan]],
                                                list[tuple[TensorLeaf, dict]]]:
         """The leaves over ``buf``, the copies the daemon must make from registered regions
         (region bytes -> buffer), and the tensors it must copy from GPUs (leaf, `cuda` descriptor)."""
@@ -234,7 +234,7 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
     s.last_snapshot = {"step": msg["step"], "tensors": len(plan.rows), "bytes": plan.by_path}
     s.leases.discard(lease)  # the task owns the lease now
     task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
-                s.retention, plan.raw_bytes, s.jobs_root)
+                s.retention, plan.raw_bytes, s.jobs_root, buffer=(buf.path, plan.end))
     server.tasks[task.seq] = task
     shuffle = plan.has_gpu and server.pipeline.gpu_shuffle(task) is not None
     if not plan.has_gpu and not plan.has_copies:
@@ -247,7 +247,8 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
         # trainer need not wait for; nothing here can fail once the layout was checked).
         task.leaves, copies, on_gpu = plan.place(buf.view)
         pos = 0
-        for i in plan.inline:  # before any stage reads the buffer
+        inline = plan.inline if buffer_intact(task) else []  # (else the flush refuses the snapshot)
+        for i in inline:  # before any stage reads the buffer
             leaf = task.leaves[i]
             leaf.data[:] = np.frombuffer(blob, np.uint8, leaf.nbytes, pos)
             pos += leaf.nbytes

@@ -40,6 +40,7 @@ class Waiter:
     # a snapshot that came without a lease (docs/PROTOCOL.md): run with the lease once granted,
     # it returns the reply and the hand-over to run after it; None for an ``acquire``
     then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
+    reported: bool = False  # its long wait was logged
 
 
 CLAIM = -1  # _room_for's size for a buffer being made ahead of need: the request waits for it
@@ -75,7 +76,7 @@ class Leases:
         or, when the request waits, once a buffer is granted (None here then). A free buffer that
         must first be replaced (grown for ``nbytes``, or fresh pages for another uid) is made on a
         thread while the request waits (a skipping client's snapshot is skipped instead)."""
-        at_limit = self._at_limit(s)
+        at_limit = self._at_limit(s, emergency)
         if not at_limit and not (self._eligible_waiter() and not emergency):
             room = self._room_for(s.uid, nbytes)
             if room is not None and room[1] is None:
@@ -198,6 +199,7 @@ class Leases:
         if buf is None:
             return
         self.maker.copied(buf)
+        self.pool.make_whole(buf)
         buf.lease = None
         self.gauges()
         self._grant_waiters()
@@ -245,6 +247,32 @@ class Leases:
             self.free(s, lease)
         self.waiters = collections.deque(w for w in self.waiters if w.peer != s.peer)
 
+    def expire_waiters(self, now: float) -> None:
+        """Bound every wait: a request waiting longer than ``busy_wait_s`` is refused as busy, and
+        one waiting more than 5 s is logged once, naming who holds the buffers."""
+        preparing = self.maker.waited_for()  # (their buffer is being made: that ends by itself)
+        for w in list(self.waiters):
+            waited = now - w.since
+            if waited > 5.0 and not w.reported:
+                w.reported = True
+                log.warning("a snapshot of client %s has waited %.0f s for a host buffer; held: %s",
+                            self._who(w.peer), waited, self._holders())
+            if waited > self.config.busy_wait_s and id(w) not in preparing:
+                self.waiters.remove(w)
+                log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer (busy_wait_s); "
+                            "held: %s", self._who(w.peer), waited, self._holders())
+                self._send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
+                    f"no host buffer came free for this snapshot within busy_wait_s ({self.config.busy_wait_s:.0f} s)"
+                    f"; held: {self._holders()}")))
+
+    def _who(self, peer: bytes) -> str:
+        s = self.sessions.get(peer)
+        return f"pid {s.pid} (uid {s.uid}, job {s.job})" if s is not None else "gone"
+
+    def _holders(self) -> str:
+        held = {s.peer: self.held(s) for s in self.sessions.values()}
+        return ", ".join(f"{self._who(p)}: {n}" for p, n in held.items() if n) or "none (buffers being made)"
+
     def refuse_waiters(self) -> None:
         """Draining: no more grants; every queued request hears why."""
         self.stopping = True
@@ -262,10 +290,11 @@ class Leases:
         leases = [*s.leases, *(t.lease for t in self.tasks.values() if t.peer == s.peer)]
         return sum(b.size for b in map(self.pool.by_lease, leases) if b is not None)
 
-    def _at_limit(self, s: Session) -> str:
-        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends."""
+    def _at_limit(self, s: Session, emergency: bool = False) -> str:
+        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends.
+        An emergency snapshot may hold one buffer more: it must not wait for the flushes before it."""
         c = self.config
-        if c.client_max_in_flight is not None and self.held(s) >= c.client_max_in_flight:
+        if c.client_max_in_flight is not None and self.held(s) >= c.client_max_in_flight + emergency:
             return f"client_max_in_flight = {c.client_max_in_flight} buffer(s)"
         if c.client_buffer_bytes is not None:  # one more buffer, at least the starting size, would pass it
             held = self.held_bytes(s)
@@ -280,7 +309,7 @@ class Leases:
             ws = self.sessions.get(w.peer)
             if id(w) in preparing:  # its buffer is being made
                 continue
-            if ws is not None and not self._at_limit(ws):
+            if ws is not None and not self._at_limit(ws, w.emergency):
                 return w
         return None
 

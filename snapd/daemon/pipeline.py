@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 import zmq
 
 from snapd.daemon.codec_choice import Choice, choose, measure_disk
 from snapd.daemon.config import DaemonConfig
-from snapd.errors import FlushError, SnapdError
+from snapd.daemon.sessions import copy_from_region
+from snapd.errors import FlushError, ProtocolError, SnapdError
 from snapd.format.jobdir import JobDir
 from snapd.format.saving import encode_and_write
 from snapd.format.tree import TensorLeaf
@@ -60,15 +61,32 @@ class Task:
     raw_bytes: int
     root: Path  # where this client's jobs live (the root, or the root's per-user directory)
     codec: str | None = None  # fixed before the copy when the GPU shuffled the chunks for it
+    buffer: tuple[Path, int] | None = None  # the host buffer's file and the bytes the snapshot spans
     state: str = RECEIVED
     seq: int = field(default_factory=lambda: next(_seq))
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
+    taken_unix_s: float = field(default_factory=time.time)  # orders ``latest`` (snapd.format.index)
 
     def advance(self, state: str) -> None:
         if state not in TRANSITIONS[self.state]:
             raise RuntimeError(f"snapshot {self.job}@{self.step}: {self.state} -> {state} is not allowed")
         self.state = state
         self.times[state] = time.monotonic()
+
+
+def buffer_intact(task: Task) -> bool:
+    """Whether the task's host buffer still spans its bytes. The client maps that file writable and
+    could truncate it: reading the mapping past the file's end would kill the daemon with SIGBUS, so
+    the buffer is checked before each chunk is read (a race within a chunk is still possible: a
+    memfd sealed against shrinking, passed over a unix socket, would close it)."""
+    if task.buffer is None:
+        return True
+    path, end = task.buffer
+    try:
+        st = os.stat(path)
+    except OSError:  # unlinked (replaced for another uid, or at exit): its mapping stays whole
+        return True
+    return st.st_size >= end
 
 
 class Pipeline:
@@ -108,9 +126,9 @@ class Pipeline:
                     return
                 task, copies = item
                 try:
-                    for dst, src in copies:  # np.copyto releases the GIL
-                        np.copyto(dst, src)
-                except Exception as e:  # a region that went away under us
+                    for dst, src in copies:  # pread releases the GIL
+                        copy_from_region(dst, src)
+                except Exception as e:  # a region that went away or was cut short under us
                     task.advance(FAILED)
                     events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "code": "copy",
                                             "message": str(e), "stage": "copy"}).encode())
@@ -196,11 +214,19 @@ class Pipeline:
             jobdir = JobDir(task.root, task.job)
             jobdir.open_for_write()
             writer = SnapshotWriter(jobdir, task.step)
+            writer.taken_unix_s = task.taken_unix_s
             stage = "encode"
+
+            def guard() -> None:
+                if not buffer_intact(task):
+                    raise ProtocolError("the host buffer holding this snapshot was truncated by its client",
+                                        "bad_region")
+            guard()  # (choosing the codec samples the tensors)
             codec = self._codec(task)
+
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
-                                 self.config.chunk_bytes)
+                                 self.config.chunk_bytes, guard)
             except (OSError, FlushError):
                 stage = "flush"
                 raise

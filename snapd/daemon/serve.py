@@ -21,6 +21,7 @@ from snapd.daemon.access import AccessPolicy
 from snapd.daemon.config import DaemonConfig
 from snapd.paths import socket_path
 from snapd.errors import InvalidArgument
+from snapd.format.jobdir import clean_root
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def take_endpoint(config: DaemonConfig, policy: AccessPolicy) -> int:
 
 def serve(config: DaemonConfig) -> int:
     from snapd.daemon.server import Server  # ZeroMQ is loaded only when serving
+    from snapd.daemon.sessions import remove_dead_regions
 
     policy = AccessPolicy(config)
     try:
@@ -71,6 +73,8 @@ def serve(config: DaemonConfig) -> int:
         raise InvalidArgument(str(e)) from None
     log.info("kernel backend %s", why)
     lock_fd = take_endpoint(config, policy)
+    clean_root(config.root)  # leftovers of a daemon that was killed
+    remove_dead_regions(config.shm_dir)
     stop = {"signal": None}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

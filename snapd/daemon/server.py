@@ -123,6 +123,7 @@ class Server:
             notifier.tick()
             if now >= next_check:
                 reap_dead_clients(self)
+                self.leases.expire_waiters(now)
                 if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
                     self.leases.restore_start()
                 next_check = now + self.config.client_check_interval_s
@@ -185,6 +186,9 @@ class Server:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
             reply = protocol.error_reply(getattr(e, "req_id", req_id), e.code, str(e))
+        except RecursionError:  # JSON nested past what the parser or our checks walk: the client's fault
+            log.warning("refused a request nested too deep")
+            reply = protocol.error_reply(req_id, "malformed", "message is nested too deep")
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
@@ -268,7 +272,7 @@ class Server:
         region = open_region(msg["path"], msg["bytes"], s.pid, s.uid, self.config.shm_dir)
         rid = self.leases.new_id()
         s.regions[rid] = region
-        log.info("client pid %d registered %d MiB of tensors", s.pid, region.view.size >> 20)
+        log.info("client pid %d registered %d MiB of tensors", s.pid, region.size >> 20)
         return protocol.reply("registered", msg["id"], region=rid)
 
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
