@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from snapd.format import dtypes
-from snapd.format.tree import check_torch_memory
+from snapd.format.dtypes import check_torch_memory
 
 log = logging.getLogger(__name__)
 

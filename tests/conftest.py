@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import sys
 from pathlib import Path
@@ -10,6 +11,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fault-runs", type=int, default=int(os.environ.get("SNAPD_FAULT_RUNS", "3")),
+                     help="cases each test of tests/faults draws (CI: 3)")
+    parser.addoption("--fault-seed", type=int, default=int(os.environ.get("SNAPD_FAULT_SEED", "20261204")),
+                     help="the seed tests/faults draws its cases from")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

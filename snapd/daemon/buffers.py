@@ -108,8 +108,7 @@ class BufferPool:
 
     @staticmethod
     def make_whole(buf: HostBuffer) -> None:
-        """Give a buffer its full size back if a client truncated it (it maps the file writable):
-        the pages past the cut come back as zeros, and the mapping is safe to read again."""
+        """Give back a buffer's full size if its client truncated it (the mapping is safe again)."""
         try:
             if buf.mm is not None and os.stat(buf.path).st_size < buf.size:
                 log.warning("host buffer %d was truncated by a client; restoring its size", buf.index)

@@ -49,8 +49,8 @@ class DaemonConfig:
     user_dirs: str = "auto"  # <root>/<user>/<job>: on | off | auto (on when other uids may connect)
     client_buffer_bytes: int | None = None  # host-buffer bytes one client may hold at once (whole buffers)
     # snapshots one client may have between acquire and persisted (an emergency one may pass it by
-    # one): a double buffer's worth, so one client cannot take every buffer from the others
-    client_max_in_flight: int | None = 2
+    # one), so one client cannot take every buffer from the others while a burst still runs on
+    client_max_in_flight: int | None = 4
     busy_wait_s: float = 120.0  # the longest a snapshot waits for a host buffer before it is refused as busy
 
     def __post_init__(self) -> None:

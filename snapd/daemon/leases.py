@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from snapd import protocol
@@ -23,24 +22,12 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import grown_size
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
+from snapd.daemon.waiting import Waiter, expire
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.index import latest_raw_bytes
 from snapd.format.jobdir import JobDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Waiter:
-    peer: bytes
-    req_id: int
-    nbytes: int  # the buffer it needs (a smaller free one is grown for it)
-    emergency: bool
-    since: float
-    # a snapshot that came without a lease (docs/PROTOCOL.md): run with the lease once granted,
-    # it returns the reply and the hand-over to run after it; None for an ``acquire``
-    then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
-    reported: bool = False  # its long wait was logged
 
 
 CLAIM = -1  # _room_for's size for a buffer being made ahead of need: the request waits for it
@@ -119,7 +106,10 @@ class Leases:
                 raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown to {size} "
                                     f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
             return buf, size
-        size = grown_size(nbytes, c.buffer_cap) if nbytes > c.host_buffer_bytes else c.host_buffer_bytes
+        # one more buffer, sized for this request (in 64 MiB steps), not a starting buffer's size: a
+        # small state's snapshot then waits for 64 MiB of pages to be touched, not gigabytes
+        size = grown_size(nbytes, c.buffer_cap)
+        size = size if nbytes > c.host_buffer_bytes else min(size, c.host_buffer_bytes)
         why = self.maker.no_room(size)
         if why:
             if not self._said_full:  # (once a daemon's life: an operator's hint, not a per-snapshot line)
@@ -248,30 +238,8 @@ class Leases:
         self.waiters = collections.deque(w for w in self.waiters if w.peer != s.peer)
 
     def expire_waiters(self, now: float) -> None:
-        """Bound every wait: a request waiting longer than ``busy_wait_s`` is refused as busy, and
-        one waiting more than 5 s is logged once, naming who holds the buffers."""
-        preparing = self.maker.waited_for()  # (their buffer is being made: that ends by itself)
-        for w in list(self.waiters):
-            waited = now - w.since
-            if waited > 5.0 and not w.reported:
-                w.reported = True
-                log.warning("a snapshot of client %s has waited %.0f s for a host buffer; held: %s",
-                            self._who(w.peer), waited, self._holders())
-            if waited > self.config.busy_wait_s and id(w) not in preparing:
-                self.waiters.remove(w)
-                log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer (busy_wait_s); "
-                            "held: %s", self._who(w.peer), waited, self._holders())
-                self._send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
-                    f"no host buffer came free for this snapshot within busy_wait_s ({self.config.busy_wait_s:.0f} s)"
-                    f"; held: {self._holders()}")))
-
-    def _who(self, peer: bytes) -> str:
-        s = self.sessions.get(peer)
-        return f"pid {s.pid} (uid {s.uid}, job {s.job})" if s is not None else "gone"
-
-    def _holders(self) -> str:
-        held = {s.peer: self.held(s) for s in self.sessions.values()}
-        return ", ".join(f"{self._who(p)}: {n}" for p, n in held.items() if n) or "none (buffers being made)"
+        """Bound every wait (snapd.daemon.waiting)."""
+        expire(self, now)
 
     def refuse_waiters(self) -> None:
         """Draining: no more grants; every queued request hears why."""

@@ -186,7 +186,7 @@ class Server:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
             reply = protocol.error_reply(getattr(e, "req_id", req_id), e.code, str(e))
-        except RecursionError:  # JSON nested past what the parser or our checks walk: the client's fault
+        except RecursionError:  # nested past what our checks walk: the client's fault, not a bug of ours
             log.warning("refused a request nested too deep")
             reply = protocol.error_reply(req_id, "malformed", "message is nested too deep")
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
@@ -267,11 +267,10 @@ class Server:
         return protocol.reply("released", msg["id"])
 
     def _on_register(self, peer: bytes, msg: dict) -> bytes:
-        """Map a client's region read-only; its tensors then travel as descriptors only."""
+        """Open a client's region (read with pread); its tensors then travel as descriptors only."""
         s = self._session(peer)
-        region = open_region(msg["path"], msg["bytes"], s.pid, s.uid, self.config.shm_dir)
-        rid = self.leases.new_id()
-        s.regions[rid] = region
+        s.regions[rid := self.leases.new_id()] = region = open_region(msg["path"], msg["bytes"], s.pid, s.uid,
+                                                                      self.config.shm_dir)
         log.info("client pid %d registered %d MiB of tensors", s.pid, region.size >> 20)
         return protocol.reply("registered", msg["id"], region=rid)
 

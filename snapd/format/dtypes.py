@@ -96,3 +96,29 @@ def torch_dtype(name: str) -> Any:
     if dt is None:
         raise UnsupportedValueError(f"dtype {name} is not available in torch {torch.__version__}")
     return dt
+
+
+def check_torch_memory(key: str, obj: Any) -> None:
+    """Refuse a torch tensor whose bytes are not plainly its own storage's: a DTensor or any
+    other wrapper subclass (its pointer is not the data its shape describes: reading through
+    it crashed trainers), a nested tensor, or a subclass whose storage is smaller than its extent."""
+    torch = torch_module()
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        if obj.is_nested:
+            raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component tensor)")
+        return
+    name = type(obj).__name__
+    if name == "DTensor":
+        raise UnsupportedValueError(f"{key}: a DTensor (FSDP2/tensor-parallel shard) is not supported yet: save "
+                                    "t.to_local() per rank, or the full state dict (get_state_dict with "
+                                    "StateDictOptions(full_state_dict=True))")
+    try:
+        storage = obj.untyped_storage()
+        start = obj.storage_offset() * obj.element_size()
+        ok = (obj.is_nested is False and storage.data_ptr() + start == obj.data_ptr()
+              and start + obj.nbytes <= storage.nbytes())
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise UnsupportedValueError(f"{key}: a torch tensor subclass {name} whose bytes are not a plain storage "
+                                    "(a wrapper or nested tensor) is not supported: save a plain torch.Tensor")

@@ -136,38 +136,12 @@ def _tensor_leaf(key: str, obj: Any, keep_device: bool = False) -> TensorLeaf | 
     return None
 
 
-def check_torch_memory(key: str, obj: Any) -> None:
-    """Refuse a torch tensor whose bytes are not plainly its own storage's: a DTensor or any
-    other wrapper subclass (its pointer is not the data its shape describes: reading through
-    it crashed trainers), a nested tensor, or a subclass whose storage is smaller than its extent."""
-    torch = dtypes.torch_module()
-    if type(obj) in (torch.Tensor, torch.nn.Parameter):
-        if obj.is_nested:
-            raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component tensor)")
-        return
-    name = type(obj).__name__
-    if name == "DTensor":
-        raise UnsupportedValueError(f"{key}: a DTensor (FSDP2/tensor-parallel shard) is not supported yet: save "
-                                    "t.to_local() per rank, or the full state dict (get_state_dict with "
-                                    "StateDictOptions(full_state_dict=True))")
-    try:
-        storage = obj.untyped_storage()
-        start = obj.storage_offset() * obj.element_size()
-        ok = (obj.is_nested is False and storage.data_ptr() + start == obj.data_ptr()
-              and start + obj.nbytes <= storage.nbytes())
-    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise UnsupportedValueError(f"{key}: a torch tensor subclass {name} whose bytes are not a plain storage "
-                                    "(a wrapper or nested tensor) is not supported: save a plain torch.Tensor")
-
-
 def _torch_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLeaf:
     # The snapshot path runs this for every tensor of every snapshot, inside the trainer's stall:
     # each torch attribute costs 0.1-0.2 us, so only what can differ is asked (a quantized
     # tensor's dtype is refused by torch_name; conj and neg bits only exist on views), and
     # nothing is detached unless a new tensor is made (``TensorLeaf.data`` detaches when needed).
-    check_torch_memory(key, obj)
+    dtypes.check_torch_memory(key, obj)
     if obj.layout is not strided:
         raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
                                     "(only dense tensors)")

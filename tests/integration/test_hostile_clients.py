@@ -164,13 +164,13 @@ def test_deeply_nested_json_is_a_bad_request_logged_once(daemon) -> None:
 
 
 def test_a_client_hoarding_leases_cannot_starve_another(start) -> None:
-    d = start("--max-host-memory-bytes", str(96 << 20))  # room for three 32 MiB buffers, no more
+    d = start("--max-host-memory-bytes", str(160 << 20))  # room for five 32 MiB buffers, no more
     hoarder = Raw(d.endpoint, "hoard")
-    grants = [hoarder.call("acquire", nbytes=1 << 20, emergency=False, timeout_s=2) for _ in range(2)]
+    grants = [hoarder.call("acquire", nbytes=32 << 20, emergency=False, timeout_s=5) for _ in range(4)]
     assert all(g["type"] == "granted" for g in grants)
-    hoarder.sock.send(protocol.request("acquire", 99, nbytes=1 << 20, emergency=False))  # over its limit: waits
+    hoarder.sock.send(protocol.request("acquire", 99, nbytes=32 << 20, emergency=False))  # over its limit: waits
     assert not hoarder.sock.poll(1000)
-    _serves_others(d)  # the third buffer is the other client's
+    _serves_others(d)  # the fifth buffer is the other client's
     hoarder.close()
 
 

@@ -1,0 +1,62 @@
+"""How long a snapshot may wait for a host buffer, and who hears of it.
+
+A request that finds no buffer it may have queues as a ``Waiter`` (snapd.daemon.leases grants
+them). No wait is unbounded: past 5 s it is logged once, naming the clients that hold buffers;
+past ``busy_wait_s`` it is refused as busy with the same names, so the trainer skips that
+snapshot and says why instead of hanging behind a client that hoards buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from snapd import protocol
+from snapd.errors import Busy
+
+log = logging.getLogger(__name__)
+
+REPORT_AFTER_S = 5.0
+
+
+@dataclass
+class Waiter:
+    peer: bytes
+    req_id: int
+    nbytes: int  # the buffer it needs (a smaller free one is grown for it)
+    emergency: bool
+    since: float
+    # a snapshot that came without a lease (docs/PROTOCOL.md): run with the lease once granted,
+    # it returns the reply and the hand-over to run after it; None for an ``acquire``
+    then: Callable[[int, float], tuple[bytes, Callable[[], None] | None]] | None = None
+    reported: bool = False  # its long wait was logged
+
+
+def expire(leases: Any, now: float) -> None:
+    """Log long waits once; refuse those past ``busy_wait_s`` (not one whose own buffer is being
+    made: that ends by itself)."""
+    preparing = leases.maker.waited_for()
+    for w in list(leases.waiters):
+        waited = now - w.since
+        if waited > REPORT_AFTER_S and not w.reported:
+            w.reported = True
+            log.warning("a snapshot of client %s has waited %.0f s for a host buffer; held: %s",
+                        who(leases, w.peer), waited, holders(leases))
+        if waited > leases.config.busy_wait_s and id(w) not in preparing:
+            leases.waiters.remove(w)
+            log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer (busy_wait_s); "
+                        "held: %s", who(leases, w.peer), waited, holders(leases))
+            leases._send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
+                f"no host buffer came free for this snapshot within busy_wait_s ({leases.config.busy_wait_s:.0f} s)"
+                f"; held: {holders(leases)}")))
+
+
+def who(leases: Any, peer: bytes) -> str:
+    s = leases.sessions.get(peer)
+    return f"pid {s.pid} (uid {s.uid}, job {s.job})" if s is not None else "gone"
+
+
+def holders(leases: Any) -> str:
+    held = {s.peer: leases.held(s) for s in leases.sessions.values()}
+    return ", ".join(f"{who(leases, p)}: {n}" for p, n in held.items() if n) or "none (buffers being made)"
