@@ -101,8 +101,11 @@ def shm_size(shm_dir: Path) -> int:
 
 
 def default_host_buffer_bytes() -> int:
-    """An eighth of available memory per buffer, between 64 MiB and 4 GiB."""
-    return int(min(4096 * MIB, max(64 * MIB, available_memory() // 8)))
+    """64 MiB: buffers start small and grow to the snapshots they are given (up to
+    ``max_host_buffer_bytes``, a share of the memory limit), so a daemon that serves small states
+    stays small; one sized from the machine's memory (an eighth of it) held gigabytes resident for
+    a 4 KiB state. A job that resumes has its buffers grown before its first snapshot."""
+    return 64 * MIB
 
 
 def default_host_memory_bytes(shm_dir: Path) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from snapd import protocol
-from snapd.daemon.pipeline import COPIED, Task, buffer_intact
+from snapd.daemon.buffer_reads import write_at
+from snapd.daemon.buffers import owner_uid
+from snapd.daemon.pipeline import COPIED, Task
 from snapd.errors import ProtocolError, SnapdError
 from snapd.format.manifest import _check_tree
 from snapd.format.saving import check_metrics
@@ -234,7 +237,7 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
     s.last_snapshot = {"step": msg["step"], "tensors": len(plan.rows), "bytes": plan.by_path}
     s.leases.discard(lease)  # the task owns the lease now
     task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
-                s.retention, plan.raw_bytes, s.jobs_root, buffer=(buf.path, plan.end))
+                s.retention, plan.raw_bytes, s.jobs_root, buffer=(buf.path, plan.end, buf.view.ctypes.data, owner_uid(buf.uid) != os.geteuid()))
     server.tasks[task.seq] = task
     shuffle = plan.has_gpu and server.pipeline.gpu_shuffle(task) is not None
     if not plan.has_gpu and not plan.has_copies:
@@ -247,10 +250,9 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
         # trainer need not wait for; nothing here can fail once the layout was checked).
         task.leaves, copies, on_gpu = plan.place(buf.view)
         pos = 0
-        inline = plan.inline if buffer_intact(task) else []  # (else the flush refuses the snapshot)
-        for i in inline:  # before any stage reads the buffer
+        for i in plan.inline:  # before any stage reads the buffer; through the file (buffer_reads)
             leaf = task.leaves[i]
-            leaf.data[:] = np.frombuffer(blob, np.uint8, leaf.nbytes, pos)
+            write_at(buf.path, plan.end, leaf.data.ctypes.data - buf.view.ctypes.data, blob[pos:pos + leaf.nbytes])
             pos += leaf.nbytes
         if values is not None:
             task.tree = with_values(task.tree, iter(values.nodes(layout)))

@@ -26,10 +26,11 @@ from typing import Any
 
 import zmq
 
-from snapd.daemon.codec_choice import Choice, choose, measure_disk
+from snapd.daemon.buffer_reads import BufferReads, ScratchPool
+from snapd.daemon.codec_choice import SAMPLE_BYTES, Choice, choose, measure_disk
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.sessions import copy_from_region
-from snapd.errors import FlushError, ProtocolError, SnapdError
+from snapd.errors import FlushError, SnapdError
 from snapd.format.jobdir import JobDir
 from snapd.format.saving import encode_and_write
 from snapd.format.tree import TensorLeaf
@@ -38,7 +39,8 @@ from snapd.format.writer import Retention, SnapshotWriter
 log = logging.getLogger(__name__)
 
 EVENTS_ENDPOINT = "inproc://snapd-pipeline-events"
-SMALL_BYTES = 16 << 20  # a snapshot this small is stored raw until the disk probe is done
+SMALL_BYTES = 16 << 20  # a snapshot this small does not wait for the disk probe
+ASSUMED_DISK_BPS = 500e6  # the disk's speed until it is measured
 
 # The job state machine, in one place.
 RECEIVED, COPIED, ENCODED, PERSISTED, FAILED = "RECEIVED", "COPIED", "ENCODED", "PERSISTED", "FAILED"
@@ -62,7 +64,9 @@ class Task:
     raw_bytes: int
     root: Path  # where this client's jobs live (the root, or the root's per-user directory)
     codec: str | None = None  # fixed before the copy when the GPU shuffled the chunks for it
-    buffer: tuple[Path, int] | None = None  # the host buffer's file and the bytes the snapshot spans
+    # the host buffer's file, the bytes the snapshot spans, its address here, and whether it serves
+    # a uid other than the daemon's (snapd.daemon.buffer_reads)
+    buffer: tuple[Path, int, int, bool] | None = None
     state: str = RECEIVED
     seq: int = field(default_factory=lambda: next(_seq))
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
@@ -73,21 +77,6 @@ class Task:
             raise RuntimeError(f"snapshot {self.job}@{self.step}: {self.state} -> {state} is not allowed")
         self.state = state
         self.times[state] = time.monotonic()
-
-
-def buffer_intact(task: Task) -> bool:
-    """Whether the task's host buffer still spans its bytes. The client maps that file writable and
-    could truncate it: reading the mapping past the file's end would kill the daemon with SIGBUS, so
-    the buffer is checked before each chunk is read (a race within a chunk is still possible: a
-    memfd sealed against shrinking, passed over a unix socket, would close it)."""
-    if task.buffer is None:
-        return True
-    path, end = task.buffer
-    try:
-        st = os.stat(path)
-    except OSError:  # unlinked (replaced for another uid, or at exit): its mapping stays whole
-        return True
-    return st.st_size >= end
 
 
 class Pipeline:
@@ -104,6 +93,7 @@ class Pipeline:
         self._queue: queue.PriorityQueue[tuple[int, int, Task | None]] = queue.PriorityQueue()
         self._pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="snapd-encode")
         self._disk_bps: float | None = None
+        self._scratch = ScratchPool(config.chunk_bytes)  # chunks copied out of host buffers (buffer_reads)
         self.choices: dict[str, Choice] = {}  # per job, shown by status
         self._thread = threading.Thread(target=self._run, name="snapd-flush", daemon=True)
         self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
@@ -123,8 +113,9 @@ class Pipeline:
         try:
             bps = measure_disk(self.config.root)
         except OSError as e:
-            log.warning("disk probe under %s failed (%s): assuming 500 MB/s", self.config.root, e)
-            bps = 500e6
+            log.warning("disk probe under %s failed (%s): assuming %.0f MB/s", self.config.root, e,
+                        ASSUMED_DISK_BPS / 1e6)
+            bps = ASSUMED_DISK_BPS
         if self._disk_bps is None:
             self._disk_bps = bps
         log.info("disk: %.0f MB/s durable writes under %s (first probe)", bps / 1e6, self.config.root)
@@ -179,26 +170,31 @@ class Pipeline:
             return codec
         return None
 
-    def _codec(self, task: Task) -> str:
+    def _codec(self, task: Task, reads: BufferReads | None) -> str:
         if self.config.codec != "auto":
             return self.config.codec
-        if self._disk_bps is None:
-            if task.raw_bytes < SMALL_BYTES:  # the codec cannot matter much: do not wait for the probe
-                return "raw"
+        if self._disk_bps is None and task.raw_bytes >= SMALL_BYTES:
             self._probe.join()
+        # a small snapshot before the probe ends does not wait for it: the choice hardly matters,
+        # and it is revised against the measured disk at the next snapshot
+        disk_bps = self._disk_bps or ASSUMED_DISK_BPS
         choice = self.choices.get(task.job)
         if choice is None:
-            choice = choose(task.leaves, self._disk_bps, self.config.encode_threads)
+            leaves = task.leaves
+            if reads is not None and leaves:  # the sample, copied out of the buffer file
+                big = max(leaves, key=lambda leaf: leaf.nbytes)
+                leaves = [reads.sample(big, min(big.nbytes, SAMPLE_BYTES))]
+            choice = choose(leaves, disk_bps, self.config.encode_threads)
             log.info("job %s: codec %s (%s)", task.job, choice.codec, choice.reason)
         else:
-            revised = choice.revised(self._disk_bps)
+            revised = choice.revised(disk_bps)
             if revised.codec != choice.codec:
                 log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
             choice = revised
         self.choices[task.job] = choice
         if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
             return task.codec
-        return choice.revised(self._disk_bps, fastest_only=True).codec if task.emergency else choice.codec
+        return choice.revised(disk_bps, fastest_only=True).codec if task.emergency else choice.codec
 
     def _learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:
         """Fold what this flush saw of the disk and of its codec into the next choice."""
@@ -226,6 +222,7 @@ class Pipeline:
     def _persist(self, task: Task) -> dict[str, Any]:
         stage = "flush"
         writer = None
+        reads: BufferReads | None = None
         started = time.monotonic()
         try:
             jobdir = JobDir(task.root, task.job)
@@ -233,17 +230,13 @@ class Pipeline:
             writer = SnapshotWriter(jobdir, task.step)
             writer.taken_unix_s = task.taken_unix_s
             stage = "encode"
-
-            def guard() -> None:
-                if not buffer_intact(task):
-                    raise ProtocolError("the host buffer holding this snapshot was truncated by its client",
-                                        "bad_region")
-            guard()  # (choosing the codec samples the tensors)
-            codec = self._codec(task)
-
+            if task.buffer is not None:  # reads a client cannot make fault (snapd.daemon.buffer_reads)
+                path, end, base, foreign = task.buffer
+                reads = BufferReads(path, base, end, self._scratch, copy=foreign)
+            codec = self._codec(task, reads)
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
-                                 self.config.chunk_bytes, guard)
+                                 self.config.chunk_bytes, reads.chunk if reads is not None else None)
             except (OSError, FlushError):
                 stage = "flush"
                 raise
@@ -252,6 +245,8 @@ class Pipeline:
             done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
                                  emergency=task.emergency)
             task.advance(PERSISTED)
+            if reads is not None:
+                reads.close()
             self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
             took = task.times[PERSISTED] - task.times[RECEIVED]
             log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
@@ -261,6 +256,8 @@ class Pipeline:
         except Exception as e:  # every failure is reported to the client, naming the stage
             if writer is not None:
                 writer.abort()
+            if reads is not None:
+                reads.close()
             task.advance(FAILED)
             code = e.code if isinstance(e, SnapdError) else ("flush" if isinstance(e, OSError) else "internal")
             log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, e)

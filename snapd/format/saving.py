@@ -91,31 +91,40 @@ def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metr
     return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention, emergency=emergency)
 
 
+Read = Callable[[TensorLeaf, int, int], tuple[Any, Callable[[], None] | None]]
+
+
 def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: str, pool: Executor,
-                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                     guard: Callable[[], None] | None = None) -> None:
+                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, read: Read | None = None) -> None:
     """Encode every chunk on ``pool`` and write them in order on this thread.
 
     At most ``2 * threads + 2`` chunks are in flight, so memory stays bounded
     and the disk and the encoders work at the same time. The daemon's flush
-    stage runs this same loop over its host buffer, with a ``guard`` called
-    before each chunk is read (it raises when the buffer was cut short).
+    stage runs this same loop over its host buffer, with ``read(leaf, a, b)``
+    giving each chunk's bytes and what to call once they are written.
     """
-    window: collections.deque[tuple[Any, Future]] = collections.deque()
+    window: collections.deque[tuple[Any, Future, Callable[[], None] | None]] = collections.deque()
+
+    def write_first() -> None:
+        r, fut, release = window.popleft()
+        try:
+            writer.write_chunk(r, fut.result())
+        finally:
+            if release is not None:
+                release()
     try:
         for leaf in leaves:
             rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.nbytes)
             size = dtypes.itemsize(leaf.dtype)
             for a, b in chunk_slices(leaf, chunk_bytes):
-                if guard is not None:
-                    guard()
-                window.append((rec, pool.submit(codecs.encode, leaf.data[a:b], size, codec, leaf.preshuffled)))
+                raw, release = read(leaf, a, b) if read is not None else (leaf.data[a:b], None)
+                window.append((rec, pool.submit(codecs.encode, raw, size, codec, leaf.preshuffled), release))
                 while len(window) > 2 * threads + 2:
-                    r, fut = window.popleft()
-                    writer.write_chunk(r, fut.result())
+                    write_first()
         while window:
-            r, fut = window.popleft()
-            writer.write_chunk(r, fut.result())
+            write_first()
     finally:
-        for _, fut in window:
+        for _, fut, release in window:
             fut.cancel()
+            if release is not None and fut.cancelled():  # (one still encoding keeps its bytes)
+                release()

@@ -226,10 +226,10 @@ def test_a_malformed_endpoint_is_one_clear_error(endpoint) -> None:
     with pytest.raises(InvalidArgument, match="ipc://PATH"):
         snapd.connect("j", endpoint=endpoint, spawn=False)
     out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", endpoint], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, cwd="/")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ipc://PATH" in out.stderr
     out = subprocess.run([sys.executable, "-m", "snapd", "status"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "SNAPD_ENDPOINT": endpoint})
+                         env={**os.environ, "SNAPD_ENDPOINT": endpoint}, cwd="/")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ipc://PATH" in out.stderr
 
 
