@@ -1,0 +1,47 @@
+"""Through a real daemon: an emergency snapshot is flushed ahead of the regular snapshots queued
+before it, and stays the resume point when they commit after it (the preemption case)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import snapd.client as snapd
+
+TRAINER = r"""
+import signal, sys, time, numpy as np, snapd.client as snapd
+rng = np.random.default_rng(0)
+w = rng.standard_normal(8 << 20).astype(np.float32)  # 32 MiB: each flush takes a while at shuffle-zstd
+state = {"w": w, "step": 0}
+c = snapd.connect("pre", endpoint=sys.argv[1], spawn=False, keep_last=None)
+c.on_preemption(lambda: (state, state["step"]), signals=(signal.SIGUSR1,), deadline_s=60)
+for step in (1, 2, 3, 4):
+    state["step"] = step
+    w[:4] = step
+    c.snapshot(state, step=step)
+print("QUEUED", flush=True)
+state["step"] = 5
+w[:4] = 5
+time.sleep(60)
+"""
+
+
+def test_emergency_snapshot_jumps_the_queue_and_stays_latest(start) -> None:
+    d = start("--codec", "shuffle-zstd", "--encode-threads", "1")
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, d.endpoint], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert proc.stdout.readline().strip() == "QUEUED"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # preempted with snapshots 2-4 still queued in the daemon
+        proc.wait(120)
+    finally:
+        proc.kill()
+    with snapd.connect("pre", endpoint=d.endpoint, spawn=False) as c:
+        latest = c.restore("latest")  # waits for everything the trainer handed over
+        infos = c.list()
+    assert latest["step"] == 5 and latest["w"][0] == 5
+    assert sorted(s.step for s in infos) == [1, 2, 3, 4, 5]
+    assert [s.step for s in infos if s.latest] == [5] and [s.step for s in infos if s.emergency] == [5]
+    committed = {s.step: json.loads((s.path / "manifest.json").read_text())["created_unix_s"] for s in infos}
+    assert committed[5] < committed[4], f"the emergency snapshot was not flushed ahead: {committed}"
