@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from snapd import posix_acl
+from snapd.daemon.leftovers import dead_pid_files
 from snapd.daemon.host_memory import grown_size, room_to_grow, shm_room
 from snapd.daemon.prefault import Prefault, populate
 from snapd.errors import LimitExceeded
@@ -277,22 +278,7 @@ def _discard(b: HostBuffer) -> None:
 
 def remove_stale(shm_dir: Path) -> None:
     """Remove buffers left by daemons of ours that died (SIGKILL leaves them behind)."""
-    try:
-        entries = list(os.scandir(shm_dir))
-    except FileNotFoundError:
-        return
-    for e in entries:
-        m = NAME_RE.match(e.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+    for e in dead_pid_files(shm_dir, NAME_RE):
         try:
             if e.stat().st_uid == os.geteuid():
                 os.unlink(e.path)

@@ -55,7 +55,7 @@ def take_endpoint(config: DaemonConfig, policy: AccessPolicy) -> int:
 
 def serve(config: DaemonConfig) -> int:
     from snapd.daemon.server import Server  # ZeroMQ is loaded only when serving
-    from snapd.daemon.sessions import remove_dead_regions
+    from snapd.daemon.leftovers import remove_dead_regions
 
     policy = AccessPolicy(config)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from snapd.daemon.leftovers import REGION_RE
 from snapd.errors import ProtocolError
 from snapd.format.writer import Retention
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")
 
 
 class Region:
@@ -104,31 +103,6 @@ def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Re
         os.close(fd)
         raise
     return Region(path, fd, nbytes)
-
-
-def remove_dead_regions(shm_dir: Path) -> None:
-    """Remove the registered regions of trainers that died while no daemon watched them (a
-    daemon stopped before it noticed): nothing else would ever unlink them."""
-    try:
-        entries = list(os.scandir(shm_dir))
-    except OSError:
-        return
-    for e in entries:
-        m = REGION_RE.match(e.name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.unlink(e.path)
-            log.info("removed the region of dead client pid %s: %s", m.group(1), e.path)
-        except OSError:
-            pass
 
 
 def end_session(server: Any, s: Session, bye: int | None = None) -> None:

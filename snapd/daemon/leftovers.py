@@ -1,0 +1,45 @@
+"""What dead processes leave under /dev/shm: a killed daemon's host buffers, and the regions of
+trainers that died while no daemon watched them. Nothing else would ever remove them; the pid in
+each name tells whether its owner is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")  # a trainer's registered region (client/registered.py)
+
+
+def dead_pid_files(shm_dir: Path, name_re: re.Pattern) -> list[os.DirEntry]:
+    """Files under ``shm_dir`` whose name matches ``name_re`` and names (group 1) a pid that is gone."""
+    try:
+        entries = list(os.scandir(shm_dir))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = name_re.match(e.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            out.append(e)
+        except PermissionError:  # alive, another user's
+            pass
+    return out
+
+
+def remove_dead_regions(shm_dir: Path) -> None:
+    """Remove the registered regions of trainers that died while no daemon watched them (a
+    daemon stopped before it noticed): nothing else would ever unlink them."""
+    for e in dead_pid_files(shm_dir, REGION_RE):
+        try:
+            os.unlink(e.path)
+            log.info("removed the region of a dead client: %s", e.path)
+        except OSError:
+            pass
