@@ -10,7 +10,7 @@ from typing import Any
 
 from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound, VersionError
 from snapd.format import index as jobindex
-from snapd.format.jobdir import JobDir
+from snapd.format.jobdir import JobDir, read_regular
 from snapd.format.manifest import MANIFEST_NAME, parse
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _newest_valid(jd: JobDir, idx: jobindex.JobIndex) -> jobindex.Entry | None:
     for entry in sorted(idx.history, key=lambda e: e.order, reverse=True):
         path = jd.path / entry.name / MANIFEST_NAME
         try:
-            parse(path.read_bytes(), str(path))
+            parse(read_regular(path), str(path))
             return entry
         except VersionError:
             raise  # a newer snapd wrote it: falling back would silently resume from an older step

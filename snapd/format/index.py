@@ -29,7 +29,7 @@ from typing import Any
 import xxhash
 
 from snapd.errors import FormatError, InvalidArgument
-from snapd.format.jobdir import JobDir, fsync_dir, snapshot_name
+from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def load(job: JobDir) -> JobIndex:
     without a manifest is never listed, one the index lacks is added from its manifest."""
     index = JobIndex()
     try:
-        index = parse_index((job.path / INDEX_NAME).read_bytes())
+        index = parse_index(read_regular(job.path / INDEX_NAME))
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -174,7 +174,7 @@ def load(job: JobDir) -> JobIndex:
         if step in known:
             continue
         try:
-            m = parse((path / MANIFEST_NAME).read_bytes(), str(path / MANIFEST_NAME))
+            m = parse(read_regular(path / MANIFEST_NAME), str(path / MANIFEST_NAME))
         except (OSError, FormatError) as e:
             log.warning("%s: not listed: %s", path, e)
             continue
@@ -194,7 +194,7 @@ def problems(job: JobDir) -> tuple[list[str], list[str]]:
     index, failing its checksum), then notes: out of step with the snapshot directories, as a
     crash between a commit's rename and its index update leaves it. Readers repair both."""
     try:
-        index = parse_index((job.path / INDEX_NAME).read_bytes())
+        index = parse_index(read_regular(job.path / INDEX_NAME))
     except FileNotFoundError:
         return [], [f"{job.path / INDEX_NAME}: missing (rebuilt from the manifests)"] if job.snapshot_dirs() else []
     except (OSError, FormatError) as e:
@@ -211,7 +211,7 @@ def latest_raw_bytes(job_path: Path) -> int | None:
     reconciling with the directories (a hint for sizing buffers: None when there is no readable
     index, or no snapshot in it)."""
     try:
-        latest = parse_index((job_path / INDEX_NAME).read_bytes()).latest
+        latest = parse_index(read_regular(job_path / INDEX_NAME)).latest
     except (OSError, FormatError):
         return None
     return latest.raw_bytes if latest is not None else None

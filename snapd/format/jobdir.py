@@ -21,11 +21,12 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from snapd.errors import InvalidArgument, LockTimeout
+from snapd.errors import FormatError, InvalidArgument, LockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,21 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path) -> bytes:
+    """A file's bytes, refusing anything but a regular file (a FIFO planted as a manifest or an
+    index must not hang a reader, or the daemon's commit under the job lock)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{path}: not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

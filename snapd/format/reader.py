@@ -21,6 +21,7 @@ from typing import Any
 
 from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
 from snapd.format import codecs, dtypes
+from snapd.format.jobdir import read_regular
 from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
 from snapd.format.restore import Destinations, build_tree
 from snapd.format.tree import iter_paths, key_matches
@@ -63,7 +64,7 @@ class SnapshotReader:
         self.path = Path(path)
         mpath = self.path / MANIFEST_NAME
         try:
-            raw = mpath.read_bytes()
+            raw = read_regular(mpath)
         except FileNotFoundError:
             if self.path.is_dir():
                 raise FormatError(f"{self.path}: no {MANIFEST_NAME}: not a committed snapshot") from None

@@ -229,3 +229,18 @@ def test_a_key_prefix_selects_at_name_boundaries_only(root) -> None:
     part = snapd.load(root, "j", keys="model")
     assert "model_ema" not in part and set(part) == {"model", "model.x"}
     assert set(snapd.load(root, "j", keys="model_ema")) == {"model_ema"}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("what", ["index.json", "step-000000000002/manifest.json"])
+def test_a_fifo_planted_as_index_or_manifest_never_hangs_a_reader(root, what) -> None:
+    for step in (1, 2):
+        snapd.save(root, "j", {"w": np.full(2, step)}, step=step)
+    (root / "j" / what).unlink()
+    os.mkfifo(root / "j" / what)
+    steps = [s.step for s in snapd.list_snapshots(root, "j")]
+    assert steps == ([1, 2] if what == "index.json" else [1])
+    assert snapd.load(root, "j")["w"][0] == steps[-1]
+    assert cli(["verify", str(root / "j")]) == 1
+    snapd.save(root, "j", {"w": np.full(2, 3)}, step=3)  # a commit goes on (and replaces a FIFO index)
+    assert snapd.load(root, "j")["w"][0] == 3
