@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 import zmq
 
 from snapd.daemon.buffer_reads import BufferReads, ScratchPool
@@ -173,10 +172,10 @@ class Pipeline:
     def _codec(self, task: Task, reads: BufferReads | None) -> str:
         if self.config.codec != "auto":
             return self.config.codec
-        if self._disk_bps is None and task.raw_bytes >= SMALL_BYTES:
+        if self._disk_bps is None and task.raw_bytes >= SMALL_BYTES and not task.emergency:
             self._probe.join()
-        # a small snapshot before the probe ends does not wait for it: the choice hardly matters,
-        # and it is revised against the measured disk at the next snapshot
+        # a small or emergency snapshot before the probe ends does not wait for it: it is coded
+        # against an assumed disk, and the choice is revised against the measured one next time
         disk_bps = self._disk_bps or ASSUMED_DISK_BPS
         choice = self.choices.get(task.job)
         if choice is None:
