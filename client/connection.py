@@ -55,6 +55,7 @@ class Connection:
         self.daemon_pid: int | None = None
         self.epoch = 0  # bumped when the daemon is found restarted
         self._sent_epoch: dict[int, int] = {}
+        self._unwanted: set[int] = set()
         self.closed = False
 
     def send(self, kind: str, **fields: Any) -> int:
@@ -81,7 +82,9 @@ class Connection:
                 except zmq.Again:
                     return True
                 msg = protocol.decode_reply(frame)
-                if msg.get("id") is not None:
+                if msg.get("id") in self._unwanted:  # the pong of a liveness ping whose wait ended first
+                    self._unwanted.discard(msg["id"])
+                elif msg.get("id") is not None:
                     self._replies[msg["id"]].append(msg)
 
     def _check_refused(self) -> None:
@@ -114,33 +117,41 @@ class Connection:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         ping: int | None = None
-        while True:
-            msg = self.take(req_id)
-            if msg is not None:
-                if msg["type"] == "error":
-                    self._sent_epoch.pop(req_id, None)
-                    raise reply_error(msg)
-                if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released", "synced"):
-                    self._sent_epoch.pop(req_id, None)
-                return msg
-            if ping is not None and (pong := self.take(ping)) is not None:
-                self._pong(pong)
-                ping, quiet_since = None, time.monotonic()
-            if self._sent_epoch.get(req_id, self.epoch) < self.epoch:
-                raise DaemonUnavailable(f"the daemon at {self.endpoint} restarted before answering; "
-                                        "this request was lost")
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise TimeoutError(f"no answer from the daemon within {timeout_s} s")
-            slice_s = 0.05 if deadline is None else max(0.0, min(0.05, deadline - now))
-            if self._pump(slice_s):
-                quiet_since = time.monotonic()
-            elif liveness:
-                quiet = time.monotonic() - quiet_since
-                if quiet > self.timeout_s:
-                    raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer for {self.timeout_s} s")
-                if ping is None and quiet > self.timeout_s / 2:
-                    ping = self.send("ping")
+        try:
+            while True:
+                msg = self.take(req_id)
+                if msg is not None:
+                    if msg["type"] == "error":
+                        self._sent_epoch.pop(req_id, None)
+                        raise reply_error(msg)
+                    if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released", "synced"):
+                        self._sent_epoch.pop(req_id, None)
+                    return msg
+                if ping is not None and (pong := self.take(ping)) is not None:
+                    self._pong(pong)
+                    ping, quiet_since = None, time.monotonic()
+                if self._sent_epoch.get(req_id, self.epoch) < self.epoch:
+                    raise DaemonUnavailable(f"the daemon at {self.endpoint} restarted before answering; "
+                                            "this request was lost")
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise TimeoutError(f"no answer from the daemon within {timeout_s} s")
+                slice_s = 0.05 if deadline is None else max(0.0, min(0.05, deadline - now))
+                if self._pump(slice_s):
+                    quiet_since = time.monotonic()
+                elif liveness:
+                    quiet = time.monotonic() - quiet_since
+                    if quiet > self.timeout_s:
+                        raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer for "
+                                                f"{self.timeout_s} s")
+                    if ping is None and quiet > self.timeout_s / 2:
+                        ping = self.send("ping")
+        finally:
+            if ping is not None:  # its pong, if one comes, is dropped on arrival
+                with self._lock:
+                    self._sent_epoch.pop(ping, None)
+                    if self._replies.pop(ping, None) is None:
+                        self._unwanted.add(ping)
 
     def _pong(self, msg: dict) -> None:
         pid = msg.get("daemon_pid")
