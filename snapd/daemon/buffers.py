@@ -54,7 +54,7 @@ def owner_uid(buffer_uid: int) -> int:
     return buffer_uid if buffer_uid != -1 else os.geteuid()
 
 
-NAME_RE = re.compile(r"^snapd-(\d+)-[0-9a-f]+-\d+$")
+NAME_RE = re.compile(r"^snapd-(\d+)-[0-9a-f]+-\d+\Z", re.ASCII)
 
 
 @dataclass
@@ -251,8 +251,10 @@ class BufferPool:
     def by_lease(self, lease: int) -> HostBuffer | None:
         return next((b for b in self.buffers if b.lease == lease), None)
 
-    def describe(self) -> list[dict]:
-        return [{"index": b.index, "path": str(b.path), "bytes": b.size} for b in self.buffers if b.mm is not None]
+    def describe(self, uid: int | None = None) -> list[dict]:
+        """The buffers (those that may serve ``uid``, when given: no user learns another's paths)."""
+        return [{"index": b.index, "path": str(b.path), "bytes": b.size} for b in self.buffers
+                if b.mm is not None and (uid is None or serves_uid(b.uid, uid))]
 
     def close(self) -> None:
         for b in self.buffers:

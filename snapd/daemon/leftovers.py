@@ -11,7 +11,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+$")  # a trainer's registered region (client/registered.py)
+REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+\Z", re.ASCII)  # client/registered.py
 
 
 def dead_pid_files(shm_dir: Path, name_re: re.Pattern) -> list[os.DirEntry]:

@@ -71,6 +71,11 @@ class Task:
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
     taken_unix_s: float = field(default_factory=time.time)  # orders ``latest`` (snapd.format.index)
 
+    @property
+    def key(self) -> str:
+        """The job's directory: two users' jobs of one name are two jobs (codec choice, status)."""
+        return str(self.root / self.job)
+
     def advance(self, state: str) -> None:
         if state not in TRANSITIONS[self.state]:
             raise RuntimeError(f"snapshot {self.job}@{self.step}: {self.state} -> {state} is not allowed")
@@ -93,7 +98,7 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="snapd-encode")
         self._disk_bps: float | None = None
         self._scratch = ScratchPool(config.chunk_bytes)  # chunks copied out of host buffers (buffer_reads)
-        self.choices: dict[str, Choice] = {}  # per job, shown by status
+        self.choices: dict[str, Choice] = {}  # per job directory (a user's job, not every job of that name)
         self._thread = threading.Thread(target=self._run, name="snapd-flush", daemon=True)
         self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
         self._copier = threading.Thread(target=self._copy_loop, name="snapd-copy", daemon=True)
@@ -162,7 +167,7 @@ class Pipeline:
             return None
         codec = self.config.codec
         if codec == "auto":
-            choice = self.choices.get(task.job)
+            choice = self.choices.get(task.key)
             codec = choice.codec if choice is not None else ""
         if codec.startswith("shuffle-"):
             task.codec = codec
@@ -177,7 +182,7 @@ class Pipeline:
         # a small or emergency snapshot before the probe ends does not wait for it: it is coded
         # against an assumed disk, and the choice is revised against the measured one next time
         disk_bps = self._disk_bps or ASSUMED_DISK_BPS
-        choice = self.choices.get(task.job)
+        choice = self.choices.get(task.key)
         if choice is None:
             leaves = task.leaves
             if reads is not None and leaves:  # the sample, copied out of the buffer file
@@ -190,7 +195,7 @@ class Pipeline:
             if revised.codec != choice.codec:
                 log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
             choice = revised
-        self.choices[task.job] = choice
+        self.choices[task.key] = choice
         if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
             return task.codec
         return choice.revised(disk_bps, fastest_only=True).codec if task.emergency else choice.codec
@@ -200,11 +205,11 @@ class Pipeline:
         seen = writer.disk_bytes_per_s
         if seen is not None and self._disk_bps is not None:
             self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
-        choice = self.choices.get(task.job)
+        choice = self.choices.get(task.key)
         if choice is not None and not task.emergency:
             # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
             encode_bound = writer.io_seconds < 0.7 * seconds
-            self.choices[task.job] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)
+            self.choices[task.key] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)
 
     def _run(self) -> None:
         events = self._ctx.socket(zmq.PUSH)

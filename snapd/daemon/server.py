@@ -180,8 +180,8 @@ class Server:
                 raise ProtocolError(f"expected one frame per message, got {len(frames) - 1}", "malformed")
             msg = protocol.decode_request(frame)
             req_id = msg["id"]
-            if msg["type"] == "hello":
-                reply = self._on_hello(peer, msg, Peer.from_address(frames[1].get("Peer-Address")))
+            if msg["type"] in ("hello", "status"):  # (they depend on who asks: the kernel's word)
+                reply = getattr(self, f"_on_{msg['type']}")(peer, msg, Peer.from_address(frames[1].get("Peer-Address")))
             else:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
@@ -236,7 +236,7 @@ class Server:
         return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),
                               job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
-                              buffers=self.pool.describe(), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                              buffers=self.pool.describe(creds.uid), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                               features=list(protocol.FEATURES),
                               cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
 
@@ -278,8 +278,8 @@ class Server:
         reply, self._handoff = accept_snapshot(self, self._session(peer), msg)
         return reply
 
-    def _on_status(self, peer: bytes, msg: dict) -> bytes:
-        return protocol.reply("status", msg["id"], **self.status())
+    def _on_status(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
+        return protocol.reply("status", msg["id"], **status_of(self, creds))
 
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
         return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from snapd import __version__
@@ -59,7 +60,31 @@ def _last_snapshot(last: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if last is None else {**last, "bytes": dict(last["bytes"])}
 
 
-def status_of(server: Server) -> dict[str, Any]:
+def _mine(viewer: Any, server: Server) -> Callable[[str], bool]:
+    """Whether a job directory is ``viewer``'s: under its per-user directory (with shared
+    directories off, no job is attributed to a user)."""
+    if not server.policy.user_dirs:
+        return lambda path: False
+    own = str(server.config.root / viewer.user) + os.sep
+    return lambda path: path.startswith(own)
+
+
+def status_of(server: Server, viewer: Any = None) -> dict[str, Any]:
+    """Everything for root and the daemon's own uid (and in-process callers: ``viewer`` None); for
+    any other user, their own clients and jobs, and figures summed over everyone."""
+    full = _status(server)
+    if viewer is None or viewer.uid in (0, os.geteuid()):
+        return full
+    mine = _mine(viewer, server)
+    full["clients"] = [c for c in full["clients"] if c["uid"] == viewer.uid]
+    full["jobs"] = [j for j in full["jobs"] if mine(j["dir"])]
+    full["codecs"] = {k: v for k, v in full["codecs"].items() if mine(str(server.config.root / k))}
+    full["access"] = {**full["access"], "uids": [viewer.uid], "gids": []}
+    full["last_error"] = ""  # (it names another user's job and path as readily as one's own)
+    return full
+
+
+def _status(server: Server) -> dict[str, Any]:
     config, pool = server.config, server.pool
     by_state = collections.Counter(t.state for t in server.tasks.values())
     return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - server.started, 3),
@@ -77,7 +102,8 @@ def status_of(server: Server) -> dict[str, Any]:
                         "sizes": [b.size for b in pool.buffers], "max_bytes_each": config.buffer_cap,
                         "max_bytes": config.memory_cap,
                         "busy": sum(b.lease is not None for b in pool.buffers)},
-            "codecs": {job: {"codec": c.codec, "reason": c.reason} for job, c in server.pipeline.choices.items()},
+            "codecs": {os.path.relpath(key, config.root): {"codec": c.codec, "reason": c.reason}
+                       for key, c in server.pipeline.choices.items()},
             "jobs": sorted(server.recent.jobs.values(), key=lambda j: j["dir"]),
             "throughput": server.recent.throughput(),
             "counters": dict(server.counters), "last_error": server.last_error}

@@ -30,9 +30,9 @@ from snapd.errors import FormatError, InvalidArgument, LockTimeout
 
 log = logging.getLogger(__name__)
 
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-SNAPSHOT_RE = re.compile(r"^step-(\d{12,})$")
-TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-[0-9a-f]+$")
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
+SNAPSHOT_RE = re.compile(r"^step-(\d{12,})\Z", re.ASCII)
+TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-[0-9a-f]+\Z", re.ASCII)
 LOCK_NAME = ".lock"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

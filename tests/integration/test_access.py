@@ -9,6 +9,7 @@ skipped without it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -244,3 +245,44 @@ def test_another_uid_truncating_a_shared_buffer_mid_flush_cannot_kill_the_daemon
     with snapd.connect("after", endpoint=d.endpoint, spawn=False) as c:  # the daemon serves on
         c.snapshot({"w": w}, step=1).wait(timeout=60)
         assert np.array_equal(c.restore()["w"], w)
+
+
+@as_root
+def test_a_user_sees_only_their_own_jobs_in_status_and_no_other_users_buffers(multi_user) -> None:
+    from snapd.client.connection import daemon_status
+
+    secret = """
+        with connect("root-secret-job", endpoint=sys.argv[3], spawn=False, timeout_s=5) as c:
+            c.snapshot({"secret.tensor.name": np.arange(1 << 20, dtype=np.float32)}, step=7).wait(30)
+            print("OK")
+        """
+    assert "OK" in as_user(0, 0, secret, multi_user.endpoint).stdout
+    spy = as_user(NOBODY, NOGROUP, """
+        from snapd.client.connection import Connection, daemon_status
+        with connect("mine", endpoint=sys.argv[3], spawn=False, timeout_s=5) as c:
+            c.snapshot({"w": np.arange(10.0)}, step=1).wait(30)
+        conn = Connection(sys.argv[3], 5)
+        welcome = conn.call("hello", job="mine", pid=os.getpid(), on_busy="wait")
+        mapped = []
+        for b in welcome["buffers"]:  # each buffer the daemon names must be one this uid may open
+            try:
+                os.close(os.open(b["path"], os.O_RDWR)); mapped.append(True)
+            except PermissionError:
+                mapped.append(False)
+        print(json.dumps({"status": daemon_status(sys.argv[3]), "welcome": welcome, "mapped": mapped}))
+        """, multi_user.endpoint)
+    assert spy.returncode == 0, spy.stderr
+    text = spy.stdout
+    assert "root-secret-job" not in text and "secret.tensor.name" not in text, text
+    seen = json.loads(text)
+    assert {c["uid"] for c in seen["status"]["clients"]} <= {NOBODY}
+    assert [j["job"] for j in seen["status"]["jobs"]] == ["mine"]
+    assert list(seen["status"]["codecs"]) in ([], ["nobody/mine"])
+    assert seen["status"]["counters"]["persisted"] >= 2  # figures summed over every user stay
+    assert all(seen["mapped"]), seen["welcome"]["buffers"]
+    st = daemon_status(multi_user.endpoint)  # root sees everyone
+    assert {"root-secret-job", "mine"} <= {j["job"] for j in st["jobs"]}
+    # the codec choice is per user and job: root's "mine" is not nobody's
+    as_user(0, 0, secret.replace("root-secret-job", "mine"), multi_user.endpoint)
+    codecs = daemon_status(multi_user.endpoint)["codecs"]
+    assert {"nobody/mine", "root/mine", "root/root-secret-job"} <= set(codecs), codecs

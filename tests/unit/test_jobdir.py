@@ -111,3 +111,19 @@ def test_jobdir_refuses_unwritable_root(tmp_path) -> None:
     f.write_text("x")
     with pytest.raises(Exception, match="cannot create job directory"):
         JobDir(f, "j").open_for_write()
+
+
+@pytest.mark.parametrize("name", ["shared-job\n", "job\n\n", "step\r", "\u0661\u0662"])
+def test_a_job_name_must_match_whole_not_up_to_a_final_newline(root, name) -> None:
+    from snapd.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="invalid job name"):
+        snapd.save(root, name, {"w": np.zeros(1)}, step=1)
+    assert not list(root.iterdir())
+
+
+def test_a_directory_named_like_a_step_but_not_quite_is_not_listed(root) -> None:
+    snapd.save(root, "j", {"w": np.zeros(1)}, step=1)
+    (root / "j" / "step-000000000002\n").mkdir()
+    (root / "j" / "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663").mkdir()
+    assert _steps(root) == [1]
