@@ -48,6 +48,9 @@ class DaemonConfig:
     allowed_groups: tuple[str, ...] | None = None  # names or gids; None = the socket group
     user_dirs: str = "auto"  # <root>/<user>/<job>: on | off | auto (on when other uids may connect)
     client_buffer_bytes: int | None = None  # host-buffer bytes one client may hold at once (whole buffers)
+    # host-buffer bytes all clients of one uid may hold at once; None: half of max_host_memory_bytes
+    # when other users may connect (one user's many connections cannot take every buffer), else none
+    user_buffer_bytes: int | None = None
     # snapshots one client may have between acquire and persisted (an emergency one may pass it by
     # one), so one client cannot take every buffer from the others while a burst still runs on
     client_max_in_flight: int | None = 4
@@ -88,6 +91,9 @@ class DaemonConfig:
         if self.client_buffer_bytes is not None and self.client_buffer_bytes < self.host_buffer_bytes:
             raise InvalidArgument(f"client_buffer_bytes ({self.client_buffer_bytes}) is less than one host buffer "
                                   f"({self.host_buffer_bytes}): no client could snapshot")
+        if self.user_buffer_bytes is not None and self.user_buffer_bytes < self.host_buffer_bytes:
+            raise InvalidArgument(f"user_buffer_bytes ({self.user_buffer_bytes}) is less than one host buffer "
+                                  f"({self.host_buffer_bytes}): no user could snapshot")
         if self.client_max_in_flight is not None and self.client_max_in_flight < 1:
             raise InvalidArgument(f"client_max_in_flight must be >= 1, got {self.client_max_in_flight}")
         if not self.busy_wait_s > 0:

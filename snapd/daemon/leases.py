@@ -43,7 +43,8 @@ class Leases:
 
     def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
                  tasks: dict[int, Any], send: Callable[[bytes, bytes], None],
-                 hand_over: Callable[[Callable[[], None]], None], post: Callable[[dict], None]) -> None:
+                 hand_over: Callable[[Callable[[], None]], None], post: Callable[[dict], None],
+                 shared: bool = False) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
         self.sessions, self.tasks, self._send, self._hand_over = sessions, tasks, send, hand_over
         self.maker = BufferMaker(config, pool, post)
@@ -52,6 +53,8 @@ class Leases:
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
         self.stopping = False
+        self.user_cap = config.user_buffer_bytes if config.user_buffer_bytes is not None or not shared \
+            else max(config.memory_cap // 2, config.host_buffer_bytes)
 
     def new_id(self) -> int:
         """A fresh id (leases and registered regions share the sequence)."""
@@ -268,6 +271,10 @@ class Leases:
             held = self.held_bytes(s)
             if held and held + c.host_buffer_bytes > c.client_buffer_bytes:
                 return f"client_buffer_bytes = {c.client_buffer_bytes}, holding {held}"
+        if self.user_cap is not None and not emergency:  # every connection of the uid together
+            held = sum(self.held_bytes(x) for x in self.sessions.values() if x.uid == s.uid)
+            if held and held + c.host_buffer_bytes > self.user_cap:
+                return f"user_buffer_bytes = {self.user_cap}: the clients of uid {s.uid} hold {held}"
         return ""
 
     def _eligible_waiter(self) -> Waiter | None:

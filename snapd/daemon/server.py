@@ -65,7 +65,7 @@ class Server:
         self.backend = "cpu"
         self.metrics = Metrics()
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over,
-                             lambda event: post_event(self.ctx, event))
+                             lambda event: post_event(self.ctx, event), shared=self.policy.user_dirs)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply

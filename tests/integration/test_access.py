@@ -286,3 +286,52 @@ def test_a_user_sees_only_their_own_jobs_in_status_and_no_other_users_buffers(mu
     as_user(0, 0, secret.replace("root-secret-job", "mine"), multi_user.endpoint)
     codecs = daemon_status(multi_user.endpoint)["codecs"]
     assert {"nobody/mine", "root/mine", "root/root-secret-job"} <= set(codecs), codecs
+
+
+HOARDER = """
+import time
+from snapd.client.connection import Connection
+conns = [Connection(sys.argv[3], 10) for _ in range(4)]  # one process, four connections, two buffers each
+for c in conns:
+    c.call("hello", job="hoard", pid=os.getpid(), on_busy="wait")
+    for _ in range(2):
+        c.send("acquire", nbytes=1 << 20, emergency=False)
+time.sleep(2)
+granted = 0
+for c in conns:
+    while c._pump(0.2):
+        pass
+    granted += sum(len(q) for q in c._replies.values())
+print("GRANTED", granted, flush=True)
+time.sleep(60)
+"""
+
+
+@as_root
+def test_one_user_with_many_connections_cannot_take_every_buffer(shared_dir, start) -> None:
+    """Per-client limits do not stop a user who opens more connections: the clients of one uid
+    together hold at most user_buffer_bytes (by default half the buffers' memory, when other users
+    may connect), and another user's snapshot goes through."""
+    import numpy as np
+
+    import snapd.client as snapd
+
+    (shared_dir / "snapd.toml").write_text(f'socket_group = "{NOGROUP}"\nallowed_users = ["{NOBODY}"]\n'
+                                           'allowed_groups = []\nbusy_wait_s = 5\n'
+                                           f'max_host_memory_bytes = {8 * 32 << 20}\n')
+    d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
+              endpoint=f"ipc://{shared_dir}/run/s.sock")
+    hoarder = subprocess.Popen([sys.executable, "-c", PREAMBLE + HOARDER, str(NOBODY), str(NOGROUP), d.endpoint],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        line = hoarder.stdout.readline()
+        assert line.strip() == "GRANTED 4", line + hoarder.stderr.read() if hoarder.poll() is not None else line
+        w = np.arange(1 << 20, dtype=np.float32)
+        with snapd.connect("victim", endpoint=d.endpoint, spawn=False) as c:  # another uid: root
+            p = c.snapshot({"w": w}, step=1)
+            assert not p.skipped, p.reason
+            p.wait(timeout=60)
+            assert np.array_equal(c.restore()["w"], w)
+    finally:
+        hoarder.kill()
+        hoarder.wait()
