@@ -26,7 +26,7 @@ import zmq
 
 from snapd import protocol
 from snapd.errors import DaemonUnavailable, PermissionDenied, SnapshotError, error_from_code
-from snapd.paths import check_endpoint, default_endpoint
+from snapd.paths import access_problem, check_endpoint, default_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,9 @@ def daemon_status(endpoint: str | None = None, timeout_s: float = 3.0) -> dict:
     try:
         msg = conn.call("status", timeout_s)
     except TimeoutError:
+        refused = access_problem(conn.endpoint)
+        if refused:
+            raise PermissionDenied(refused) from None
         raise DaemonUnavailable(f"no daemon answered at {endpoint} within {timeout_s} s") from None
     finally:
         conn.close()

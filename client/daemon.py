@@ -22,11 +22,11 @@ from snapd.client import snapshot_plan
 from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
 from snapd.client.local import list_snapshots, load
-from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, SnapdError, SnapshotError
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, PermissionDenied, SnapdError, SnapshotError
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
-from snapd.paths import check_endpoint, default_endpoint, default_root
+from snapd.paths import access_problem, check_endpoint, default_endpoint, default_root
 
 __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 
@@ -254,6 +254,9 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         raise InvalidArgument(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
     endpoint = check_endpoint(endpoint or default_endpoint())
     if probe(endpoint, min(timeout_s, 1.0)) is None:
+        refused = access_problem(endpoint)
+        if refused:
+            raise PermissionDenied(refused)
         if not spawn:
             raise DaemonUnavailable(f"no snapd answers at {endpoint} (start one with `snapd serve`, "
                                     "or connect with spawn=True)")

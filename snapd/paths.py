@@ -49,3 +49,27 @@ def check_endpoint(endpoint: object) -> str:
     if "\0" in str(path):
         raise InvalidArgument(f"endpoint {endpoint!r}: the socket path contains NUL")
     return endpoint if path.is_absolute() else f"ipc://{os.path.abspath(path)}"  # type: ignore[return-value]
+
+
+def access_problem(endpoint: str) -> str | None:
+    """Why this process cannot reach the socket of ``endpoint`` although a daemon's socket is there
+    (its directory or the socket is another group's), or None. Without it, such a user would only
+    see no daemon answer: ZeroMQ's connect queues silently."""
+    path = socket_path(endpoint)
+    for p in (path.parent, path):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None  # no socket there: nothing to say beyond "no daemon answers"
+        need = os.X_OK if p == path.parent else os.R_OK | os.W_OK
+        if not os.access(p, need):
+            try:
+                import grp
+
+                group = grp.getgrgid(st.st_gid).gr_name
+            except (KeyError, ImportError):
+                group = str(st.st_gid)
+            return (f"a snapd daemon listens at {endpoint}, but this user (uid {os.geteuid()}) may not reach "
+                    f"{p}: it is for group {group!r}. Ask the node's operator to add you to it (sudo usermod "
+                    f"-aG {group} $USER), or run a daemon of your own on another endpoint")
+    return None

@@ -335,3 +335,21 @@ def test_one_user_with_many_connections_cannot_take_every_buffer(shared_dir, sta
     finally:
         hoarder.kill()
         hoarder.wait()
+
+
+@as_root
+def test_a_user_outside_the_group_is_told_a_daemon_is_there_and_which_group_to_join(multi_user) -> None:
+    out = as_user(OTHER, OTHER, """
+        from snapd.client.connection import daemon_status
+        for call in (lambda: connect("j", endpoint=sys.argv[3], spawn=True, timeout_s=3),
+                     lambda: daemon_status(sys.argv[3], timeout_s=2)):
+            try:
+                call(); print("CONNECTED")
+            except PermissionDenied as e:
+                print("DENIED", e)
+        """, multi_user.endpoint)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("DENIED a snapd daemon listens at") for line in lines), \
+        out.stdout + out.stderr
+    assert all("usermod -aG nogroup" in line or f"usermod -aG {NOGROUP}" in line for line in lines), out.stdout
+    assert not list((multi_user.root).glob("j"))  # and no private daemon was spawned in its place
