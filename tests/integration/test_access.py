@@ -234,13 +234,18 @@ def test_another_uid_truncating_a_shared_buffer_mid_flush_cannot_kill_the_daemon
                                            'allowed_groups = []\ncodec = "shuffle-zstd"\n')
     d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
               endpoint=f"ipc://{shared_dir}/run/s.sock")
-    out = as_user(NOBODY, NOGROUP, TRUNCATE_DURING_FLUSH, d.endpoint, str(after_s), timeout=180)
-    assert d.proc.poll() is None, f"the daemon died ({d.proc.returncode})\n{d.log_text()}"
+    import numpy as np
+    import snapd.client as snapd
+    mine = {"a": np.random.default_rng(1).standard_normal(8 << 20).astype(np.float32)}
+    with snapd.connect("handed-over", endpoint=d.endpoint, spawn=False) as a:  # another user's, in flight
+        pending = a.snapshot(mine, step=3)
+        out = as_user(NOBODY, NOGROUP, TRUNCATE_DURING_FLUSH, d.endpoint, str(after_s), timeout=180)
+        assert d.proc.poll() is None, f"the daemon died ({d.proc.returncode})\n{d.log_text()}"
+        pending.wait(timeout=120)  # what was handed over before the attack still reaches disk
+        assert np.array_equal(a.restore(3)["a"], mine["a"])
     assert "FAILED" in out.stdout or "PERSISTED" in out.stdout, out.stdout + out.stderr
     if "FAILED" in out.stdout:  # (a flush that ended before the cut persisted, as it should)
         assert "truncated" in out.stdout, out.stdout
-    import numpy as np
-    import snapd.client as snapd
     w = np.arange(1000, dtype=np.float32)
     with snapd.connect("after", endpoint=d.endpoint, spawn=False) as c:  # the daemon serves on
         c.snapshot({"w": w}, step=1).wait(timeout=60)
