@@ -26,7 +26,8 @@ from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, PermissionDen
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
 from snapd.format.saving import check_metrics
-from snapd.paths import access_problem, check_endpoint, default_endpoint, default_root
+from snapd.ownership import check_socket_owner
+from snapd.paths import access_problem, check_endpoint, default_endpoint, default_root, socket_path
 
 __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 
@@ -253,6 +254,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     if on_busy not in ("wait", "skip"):
         raise InvalidArgument(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
     endpoint = check_endpoint(endpoint or default_endpoint())
+    check_socket_owner(socket_path(endpoint), endpoint)  # (snapd.ownership: not another user's socket)
     if probe(endpoint, min(timeout_s, 1.0)) is None:
         refused = access_problem(endpoint)
         if refused:

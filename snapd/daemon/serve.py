@@ -22,6 +22,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.paths import socket_path
 from snapd.errors import InvalidArgument
 from snapd.format.jobdir import clean_root
+from snapd.ownership import check_owned_dir, open_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ def take_endpoint(config: DaemonConfig, policy: AccessPolicy) -> int:
         policy.prepare_socket_dir(sock.parent)
     except OSError as e:
         raise InvalidArgument(f"cannot create the socket directory {sock.parent}: {e.strerror}") from None
-    lock = Path(f"{sock}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    check_owned_dir(sock.parent, "socket directory")  # (snapd.ownership: nobody squats on it)
+    fd = open_lock(Path(f"{sock}.lock"))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -60,6 +61,7 @@ def serve(config: DaemonConfig) -> int:
     policy = AccessPolicy(config)
     try:
         config.root.mkdir(parents=True, exist_ok=True)
+        check_owned_dir(config.root, "snapshot root", group_above=True)
         probe = config.root / f".snapd-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

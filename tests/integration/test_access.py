@@ -358,3 +358,59 @@ def test_a_user_outside_the_group_is_told_a_daemon_is_there_and_which_group_to_j
         out.stdout + out.stderr
     assert all("usermod -aG nogroup" in line or f"usermod -aG {NOGROUP}" in line for line in lines), out.stdout
     assert not list((multi_user.root).glob("j"))  # and no private daemon was spawned in its place
+
+
+def _serve(shared_dir: Path, endpoint: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint", endpoint,
+                           "--host-buffer-bytes", str(8 << 20)], capture_output=True, text=True, timeout=60, cwd="/")
+
+
+@as_root
+def test_the_daemon_refuses_paths_another_user_made_first(shared_dir) -> None:
+    """Squatting: a socket directory, snapshot root or lock file made by someone else, or a
+    directory others can write, is refused at start, naming it; nothing is written through them."""
+    squat = shared_dir / "squat"
+    squat.mkdir()
+    os.chown(squat, NOBODY, NOGROUP)  # made by another user before the daemon first started
+    out = _serve(shared_dir, f"ipc://{squat}/s.sock", shared_dir / "root")
+    assert out.returncode != 0 and "belongs to uid 65534" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not list(squat.iterdir())
+
+    open_dir = shared_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    out = _serve(shared_dir, f"ipc://{shared_dir}/run/s.sock", open_dir / "root")
+    assert out.returncode != 0 and "other users can write" in out.stderr, out.stderr
+
+    out = _serve(shared_dir, f"ipc://{shared_dir}/run2/s.sock", squat / "root")
+    assert out.returncode != 0 and "belongs to uid 65534" in out.stderr, out.stderr
+
+    run = shared_dir / "run3"
+    run.mkdir(mode=0o755)
+    victim = shared_dir / "victim"
+    victim.write_text("keep me\n")
+    (run / "s.sock.lock").symlink_to(victim)  # the lock file planted as a symlink
+    out = _serve(shared_dir, f"ipc://{run}/s.sock", shared_dir / "root")
+    assert out.returncode != 0 and "lock file" in out.stderr, out.stderr
+    assert victim.read_text() == "keep me\n"
+
+
+@as_root
+def test_a_client_refuses_a_socket_another_user_put_there(shared_dir) -> None:
+    """A fake daemon's socket, owned by another user: no tensor goes to it."""
+    import numpy as np
+
+    import snapd.client as snapd
+    from snapd.errors import PermissionDenied
+
+    run = shared_dir / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    fake = as_user(NOBODY, NOGROUP, """
+        import socket, time
+        s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[3]); s.listen(); print("BOUND", flush=True)
+        """, str(run / "s.sock"))
+    assert "BOUND" in fake.stdout, fake.stderr
+    with pytest.raises(PermissionDenied, match="belongs to uid 65534"):
+        with snapd.connect("j", endpoint=f"ipc://{run}/s.sock", spawn=True) as c:
+            c.snapshot({"w": np.ones(4)}, step=1)
