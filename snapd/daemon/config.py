@@ -51,6 +51,9 @@ class DaemonConfig:
     # host-buffer bytes all clients of one uid may hold at once; None: half of max_host_memory_bytes
     # when other users may connect (one user's many connections cannot take every buffer), else none
     user_buffer_bytes: int | None = None
+    # bytes each user's snapshots may take under the root, with those in flight (snapd.daemon.quotas);
+    # None: half the root's filesystem when other users may connect, else no quota
+    user_disk_bytes: int | None = None
     # snapshots one client may have between acquire and persisted (an emergency one may pass it by
     # one), so one client cannot take every buffer from the others while a burst still runs on
     client_max_in_flight: int | None = 4
@@ -94,6 +97,8 @@ class DaemonConfig:
         if self.user_buffer_bytes is not None and self.user_buffer_bytes < self.host_buffer_bytes:
             raise InvalidArgument(f"user_buffer_bytes ({self.user_buffer_bytes}) is less than one host buffer "
                                   f"({self.host_buffer_bytes}): no user could snapshot")
+        if self.user_disk_bytes is not None and self.user_disk_bytes < 1:
+            raise InvalidArgument(f"user_disk_bytes must be >= 1, got {self.user_disk_bytes}")
         if self.client_max_in_flight is not None and self.client_max_in_flight < 1:
             raise InvalidArgument(f"client_max_in_flight must be >= 1, got {self.client_max_in_flight}")
         if not self.busy_wait_s > 0:

@@ -79,6 +79,7 @@ def finish(server: Any, event: dict) -> None:
             server.syncs.remove(entry)
             server._send(entry[0], protocol.reply("synced", entry[1]))
     server.leases.free(None, task.lease)
+    server.quotas.refresh(task.root)  # (what retention deleted, what this snapshot added)
     if event["ok"]:
         server.counters["persisted"] += 1
         server.counters["bytes_raw"] += task.raw_bytes

@@ -26,6 +26,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
+from snapd.daemon.quotas import Quotas
 from snapd.daemon.endings import on_event, on_sync, post_event
 from snapd.daemon.status import Recent, status_line, status_of
 from snapd.daemon.layouts import accept_snapshot
@@ -66,6 +67,7 @@ class Server:
         self.metrics = Metrics()
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over,
                              lambda event: post_event(self.ctx, event), shared=self.policy.user_dirs)
+        self.quotas = Quotas(config.user_disk_bytes, self.policy.user_dirs, config.root)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
@@ -244,7 +246,7 @@ class Server:
         return self.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])
 
     def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
-        """A host buffer for a snapshot of ``nbytes``: snapd.daemon.leases.Leases.acquire."""
+        """A host buffer for a snapshot of ``nbytes`` (snapd.daemon.leases), within the user's quota."""
         if self.stopping:
             raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
         cap = self.config.buffer_cap
@@ -252,6 +254,7 @@ class Server:
             raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon makes, "
                                 f"{cap} bytes: raise max_host_buffer_bytes (and the memory the daemon may use)",
                                 "too_large")
+        self.quotas.check(s, nbytes, self.tasks)  # before a byte is copied
         try:
             return self.leases.acquire(s, req_id, nbytes, emergency, then)
         except Busy:
@@ -297,7 +300,4 @@ class Server:
 
     def status_line(self) -> str:
         return status_line(self)
-
-    def status(self) -> dict[str, Any]:
-        return status_of(self)
 

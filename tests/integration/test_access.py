@@ -414,3 +414,36 @@ def test_a_client_refuses_a_socket_another_user_put_there(shared_dir) -> None:
     with pytest.raises(PermissionDenied, match="belongs to uid 65534"):
         with snapd.connect("j", endpoint=f"ipc://{run}/s.sock", spawn=True) as c:
             c.snapshot({"w": np.ones(4)}, step=1)
+
+
+@as_root
+def test_a_user_cannot_fill_the_disk_for_the_others(shared_dir, start) -> None:
+    """Every file is the daemon's, so a filesystem quota on a user cannot apply: user_disk_bytes
+    refuses the snapshot that would pass it, before any byte is copied, and the others go on."""
+    import numpy as np
+
+    import snapd.client as snapd
+
+    (shared_dir / "snapd.toml").write_text(f'socket_group = "{NOGROUP}"\nallowed_users = ["{NOBODY}"]\n'
+                                           f'allowed_groups = []\nuser_disk_bytes = {3 << 20}\ncodec = "raw"\n')
+    d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
+              endpoint=f"ipc://{shared_dir}/run/s.sock")
+    out = as_user(NOBODY, NOGROUP, """
+        from snapd.errors import LimitExceeded
+        with connect("fill", endpoint=sys.argv[3], spawn=False, keep_last=None, timeout_s=10) as c:
+            for step in range(1, 6):
+                try:
+                    c.snapshot({"w": np.full(1 << 18, step, np.float32)}, step=step).wait(30)  # 1 MiB each
+                    print("SAVED", step, flush=True)
+                except LimitExceeded as e:
+                    print("REFUSED", step, e, flush=True)
+            print("ON DISK", [s.step for s in c.list()], float(c.restore(2)["w"][0]))
+        """, d.endpoint)
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["SAVED 1", "SAVED 2"], out.stdout + out.stderr
+    assert all(line.startswith("REFUSED") and "user_disk_bytes = 3145728" in line for line in lines[2:5]), out.stdout
+    assert lines[5] == "ON DISK [1, 2] 2.0", out.stdout  # nothing already on disk was lost
+    w = np.arange(1 << 16, dtype=np.float32)
+    with snapd.connect("other", endpoint=d.endpoint, spawn=False) as c:  # root's quota is its own
+        c.snapshot({"w": w}, step=1).wait(timeout=60)
+        assert np.array_equal(c.restore()["w"], w)
