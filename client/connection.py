@@ -120,6 +120,11 @@ class Connection:
         try:
             while True:
                 msg = self.take(req_id)
+                if msg is not None and msg["type"] == "waiting":  # the daemon says why, and for how long
+                    log.warning("a snapshot waits for a host buffer: %s (at most %s s, then it is skipped)",
+                                msg.get("why"), msg.get("at_most_s"))
+                    quiet_since = time.monotonic()
+                    continue
                 if msg is not None:
                     if msg["type"] == "error":
                         self._sent_epoch.pop(req_id, None)

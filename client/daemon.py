@@ -271,7 +271,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         log.info("mode: shared daemon at %s", endpoint)
     hello = {"job": job, "pid": os.getpid(), "keep_last": keep_last, "keep_every_steps": keep_every_steps,
              "best": list(best) if best else None, "on_busy": on_busy,
-             "root": str(root) if root is not None else None}
+             "root": str(root) if root is not None else None, "notices": True}
     if "torch" in sys.modules:  # (the devices the trainer works on: the daemon gets ready for them)
         from snapd.client.cuda_export import devices_in_use
         hello["cuda_devices"] = devices_in_use()

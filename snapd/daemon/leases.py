@@ -22,7 +22,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import grown_size
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
-from snapd.daemon.waiting import Waiter, expire
+from snapd.daemon.waiting import Waiter, expire, notify
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.index import latest_raw_bytes
 from snapd.format.jobdir import JobDir
@@ -74,7 +74,8 @@ class Leases:
                     return then(self._lease(s, room[0]), 0.0)
                 return self._grant(s, room[0], req_id)
             if room is not None:
-                w = self._queue(s, req_id, nbytes, emergency, then) if s.on_busy != "skip" or emergency else None
+                w = self._queue(s, req_id, nbytes, emergency, then, "a host buffer is being made for it") \
+                    if s.on_busy != "skip" or emergency else None
                 if room[1] != CLAIM:
                     self._replace(room[0], room[1], s.uid, w)
                 elif w is not None:
@@ -88,7 +89,8 @@ class Leases:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots, and "
                        f"max_host_memory_bytes ({self.config.memory_cap}) or the memory left has no room for another")
-        self._queue(s, req_id, nbytes, emergency, then)
+        self._queue(s, req_id, nbytes, emergency, then, f"this client is at its limit, {at_limit}" if at_limit else
+                    "every host buffer is busy persisting earlier snapshots, with no room for another")
         return None  # granted later, when a buffer frees
 
     def _room_for(self, uid: int, nbytes: int) -> tuple[HostBuffer, int | None] | None:
@@ -144,12 +146,13 @@ class Leases:
         self.maker.restore_start()
         self.gauges()
 
-    def _queue(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any) -> Waiter:
+    def _queue(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any, why: str) -> Waiter:
         w = Waiter(s.peer, req_id, nbytes, emergency, time.monotonic(), then)
         if emergency:
             self.waiters.appendleft(w)
         else:
             self.waiters.append(w)
+        notify(self, s, w, why)
         return w
 
     def _replace(self, buf: HostBuffer, size: int, uid: int, w: Waiter | None) -> None:

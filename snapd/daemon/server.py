@@ -230,7 +230,8 @@ class Server:
         except OSError as e:
             raise SnapdError(f"cannot create the directory for uid {creds.uid} under {self.config.root}: "
                              f"{e.strerror}") from None
-        self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"])
+        self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"],
+                                      notices=bool(msg.get("notices")))
         self.leases.expect(self.sessions[peer])  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])

@@ -75,6 +75,7 @@ class Session:
     jobs_root: Path  # where this client's jobs live: the root, or the root's per-user directory
     retention: Retention
     on_busy: str
+    notices: bool = False  # it asked to be told when a request waits (``waiting``)
     leases: set[int] = field(default_factory=set)  # buffers granted, snapshot not yet sent
     regions: dict[int, Region] = field(default_factory=dict)
     layout: Layout | None = None  # the last layout accepted on this connection

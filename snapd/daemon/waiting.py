@@ -33,6 +33,13 @@ class Waiter:
     reported: bool = False  # its long wait was logged
 
 
+def notify(leases: Any, s: Any, w: Waiter, why: str) -> None:
+    """Tell a client that asked for notices (``hello.notices``) that its request waits, why, and
+    for how long at most; older clients are told nothing until the grant or the refusal."""
+    if s.notices:
+        leases._send(w.peer, protocol.reply("waiting", w.req_id, why=why, at_most_s=leases.config.busy_wait_s))
+
+
 def expire(leases: Any, now: float) -> None:
     """Log long waits once; refuse those past ``busy_wait_s`` (not one whose own buffer is being
     made: that ends by itself)."""

@@ -174,7 +174,7 @@ def test_a_client_hoarding_leases_cannot_starve_another(start) -> None:
     hoarder.close()
 
 
-def test_a_wait_for_a_buffer_is_bounded_and_reported(start, tmp_path) -> None:
+def test_a_wait_for_a_buffer_is_bounded_and_reported(start, tmp_path, caplog) -> None:
     (tmp_path / "snapd.toml").write_text("busy_wait_s = 3\nclient_max_in_flight = 4\n")
     d = start("--max-host-memory-bytes", str(64 << 20), "--config", str(tmp_path / "snapd.toml"))
     hoarder = Raw(d.endpoint, "hoard")
@@ -185,6 +185,8 @@ def test_a_wait_for_a_buffer_is_bounded_and_reported(start, tmp_path) -> None:
         p = c.snapshot({"w": np.ones(1000, np.float32)}, step=1)
         assert p.skipped and "busy_wait_s" in p.reason and f"pid {os.getpid()}" in p.reason
         assert time.monotonic() - t < 30
+    told = [r.getMessage() for r in caplog.records if "waits for a host buffer" in r.getMessage()]
+    assert told and "every host buffer is busy" in told[0] and "at most 3 s" in told[0], told
     assert "waiting for a host buffer (busy_wait_s); held: pid" in d.log_text()
     hoarder.close()
 
