@@ -150,14 +150,14 @@ class AccessPolicy:
         if not self.user_dirs:
             return root
         path = root / peer.user
+        mode = os.stat(root).st_mode
+        if mode & 0o055 != 0o011:  # users traverse root to reach their directory; they may not list it
+            try:                   # (its listing names every user of the node)
+                os.chmod(root, (mode & ~0o044) | 0o011)
+            except OSError as e:
+                log.warning("%s: cannot make it traversable but not listable (%s): users can restore only as "
+                            "root, or see who else uses the node", root, e.strerror)
         if not path.is_dir():
-            mode = os.stat(root).st_mode
-            if mode & 0o011 != 0o011:  # users must traverse root (not list it) to reach their directory
-                try:
-                    os.chmod(root, mode | 0o011)
-                except OSError as e:
-                    log.warning("%s: cannot let users traverse it (%s): they can restore only as root",
-                                root, e.strerror)
             path.mkdir(mode=0o700, exist_ok=True)
             log.info("created %s for uid %d", path, peer.uid)
         if peer.uid != self.daemon_uid and peer.uid not in posix_acl.named_users(path):

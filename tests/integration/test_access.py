@@ -285,6 +285,13 @@ def test_a_user_sees_only_their_own_jobs_in_status_and_no_other_users_buffers(mu
     assert list(seen["status"]["codecs"]) in ([], ["nobody/mine"])
     assert seen["status"]["counters"]["persisted"] >= 2  # figures summed over every user stay
     assert all(seen["mapped"]), seen["welcome"]["buffers"]
+    listing = as_user(NOBODY, NOGROUP, """
+        try:
+            print("LISTED", os.listdir(sys.argv[3]))
+        except PermissionError:
+            print("DENIED")
+        """, str(multi_user.root))
+    assert listing.stdout.strip() == "DENIED", listing.stdout  # the root's listing names every user
     st = daemon_status(multi_user.endpoint)  # root sees everyone
     assert {"root-secret-job", "mine"} <= {j["job"] for j in st["jobs"]}
     # the codec choice is per user and job: root's "mine" is not nobody's
