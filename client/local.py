@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from snapd.errors import InvalidArgument
 from snapd.format import catalog
 from snapd.format.catalog import SnapshotInfo
 from snapd.format.reader import SnapshotReader
@@ -27,6 +28,10 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
     one is committed.
     """
     retention = Retention(keep_last=keep_last, keep_every_steps=keep_every_steps, best=best)
+    if best is not None and best[0] not in (metrics or {}):  # (a typo here would never mark a best)
+        raise InvalidArgument(f"best=({best[0]!r}, {best[1]!r}) but metrics has no {best[0]!r} (it has: "
+                              f"{', '.join(map(repr, metrics or {})) or 'none'}): pass it, or leave best out "
+                              "of this save")
     done = save_state(root, job, state, step=step, metrics=metrics, retention=retention, codec=codec)
     return next((s for s in catalog.list_snapshots(root, job) if s.step == step),
                 SnapshotInfo(step, done.path, done.entry.created_unix_s, done.entry.raw_bytes,

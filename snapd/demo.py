@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,8 +131,9 @@ def run_demo(args: argparse.Namespace) -> int:
     resumed = next(r["resumed_from"] for r in second if "resumed_from" in r)
     steps2 = [r for r in second if "step" in r]
     before = next(r["loss"] for r in steps if r["step"] == resumed)
-    print(f"run 2: resumed from step {resumed} (loss there {before:.4f}); first step after resume "
-          f"{steps2[0]['loss']:.4f}; finished at step {steps2[-1]['step']} with loss {steps2[-1]['loss']:.4f}")
+    print(f"run 2: resumed from step {resumed} (loss at step {resumed}: {before:.4f}); loss at step "
+          f"{steps2[0]['step']}: {steps2[0]['loss']:.4f}; finished at step {steps2[-1]['step']} with loss "
+          f"{steps2[-1]['loss']:.4f}")
     print("snapshots on disk: " + ", ".join(f"{s.step}{' (latest)' if s.latest else ''}"
                                             for s in list_snapshots(root, JOB)))
     stalls = [r["stall_s"] for r in steps + steps2 if r.get("stall_s") is not None]
@@ -143,20 +145,36 @@ def run_demo(args: argparse.Namespace) -> int:
         line += f"; torch.save + fsync of the same state: {ref * 1e3:.1f} ms ({ref / med:.0f}x longer)"
     print(line)
     if not args.endpoint:  # the private daemon would exit once idle; stop it now
-        os.kill(daemon_status(endpoint)["pid"], signal.SIGTERM)
+        _stop(daemon_status(endpoint)["pid"])
     ok = resumed > 0 and steps2[-1]["step"] == args.steps and final["step"] == args.steps
+    if args.root is None and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"removed {root} (snapd demo --keep leaves it)")
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1
 
 
+def _stop(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM the private daemon and wait until it has drained and exited."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="snapd demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", help="snapshot root (default: a new temporary directory)")
+    ap = argparse.ArgumentParser(prog="snapd demo", description=__doc__.split("\n\n")[0].replace("``", ""))
+    ap.add_argument("--root", help="snapshot root (default: a new temporary directory, removed at the end)")
     ap.add_argument("--endpoint", help="daemon endpoint (default: a private daemon at ROOT/snapd.sock)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--every", type=int, default=25)
-    ap.add_argument("--die-at", type=int, default=140)
-    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=300, help="training steps in all (default 300)")
+    ap.add_argument("--every", type=int, default=25, help="snapshot every N steps (default 25)")
+    ap.add_argument("--die-at", type=int, default=140, help="the first run kills itself at this step (default 140)")
+    ap.add_argument("--hidden", type=int, default=4096, help="the MLP's hidden width: the state's size (default 4096)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary snapshot root at the end")
     ap.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not 0 < args.every <= args.die_at < args.steps and not args.trainer:

@@ -17,7 +17,7 @@ import numpy as np
 from snapd.errors import MismatchError
 from snapd.format import dtypes
 from snapd.format.manifest import Manifest, TensorRecord
-from snapd.format.to_device import fills_on_gpu, goes_to_gpu, upload, upload_into
+from snapd.format.to_device import check_device, fills_on_gpu, goes_to_gpu, upload, upload_into
 from snapd.format.tree import build, join_key
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Destinations:
     """Allocates (or finds, with ``into``) the memory each wanted tensor is read into."""
 
     def __init__(self, manifest: Manifest, wanted: list[int], *, into: Any, device: Any, where: str) -> None:
+        check_device(device, any(manifest.tensors[i].kind == "torch" for i in wanted))
         self.manifest = manifest
         self.device = device
         self.values: dict[int, Any] = {}

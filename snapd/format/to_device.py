@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from snapd.errors import FormatError
+from snapd.errors import FormatError, InvalidArgument
 from snapd.format import dtypes
 from snapd.format.manifest import TensorRecord
 
@@ -30,6 +30,31 @@ _kernel_failed: list[str] = []  # why the kernel could not run in this process (
 
 def _is_cuda(device: Any) -> bool:
     return device is not None and str(device).split(":")[0] == "cuda"
+
+
+def check_device(device: Any, torch_tensors: bool) -> None:
+    """Refuse, in snapd's words, a CUDA ``device`` this process cannot use (torch's own
+    AssertionError said "Torch not compiled with CUDA enabled" from deep inside a restore).
+    ``torch_tensors``: the snapshot has some, so torch is imported to ask it (it would be anyway)."""
+    if not _is_cuda(device):
+        return
+    try:
+        torch = dtypes.torch_module()
+        if torch is None and torch_tensors:
+            import torch
+        if torch is not None and torch.cuda.is_available():
+            return
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return
+    except Exception:  # no CuPy, no driver or no device
+        pass
+    raise InvalidArgument(f"device {device!r}: no CUDA device is usable in this process (torch.cuda.is_available() "
+                          "is False and CuPy finds none): load with device=None (the CPU), or where a GPU is")
 
 
 def _cupy() -> Any | None:

@@ -136,3 +136,20 @@ def test_windows_hand_each_tensor_on_once_in_order(root) -> None:
     assert max(held) <= 2 * 40_000 + 8 * 12_000, held  # this window and the next (a tensor may overflow one)
     for i, name in enumerate(names):
         assert np.frombuffer(bufs[i], np.float64).tobytes() == state[name].tobytes()
+
+
+def test_best_without_its_metric_is_refused_and_a_cuda_load_without_cuda_is_said_in_snapds_words(tmp_path) -> None:
+    import numpy as np
+    import pytest
+    import torch
+
+    import snapd.client as snapd
+    from snapd.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="metrics has no 'val_loss'"):
+        snapd.save(tmp_path, "j", {"w": np.ones(2)}, step=1, metrics={"loss": 1.0}, best=("val_loss", "min"))
+    assert not (tmp_path / "j").exists() or not list((tmp_path / "j").glob("step-*"))
+    snapd.save(tmp_path, "j", {"w": torch.ones(2)}, step=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match="no CUDA device is usable"):
+            snapd.load(tmp_path, "j", device="cuda:0")
