@@ -79,9 +79,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _open(path: str) -> SnapshotReader:
+    """A snapshot directory, or a job directory's latest snapshot (named on stderr)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such snapshot directory")
+    if p.is_file():
+        raise UsageError(f"{p} is a file, not a snapshot directory")
+    if not (p / MANIFEST_NAME).exists() and _snapshot_dirs(p):
+        p = catalog.resolve(p.resolve().parent, p.resolve().name, "latest")
+        print(f"(the latest snapshot of this job: {p.name})", file=sys.stderr)
     return SnapshotReader(p)
 
 
@@ -103,19 +109,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _snapshot_dirs(path: Path) -> list[Path]:
     if (path / MANIFEST_NAME).exists() or step_of(path.name) is not None:
         return [path]
+    if path.is_file():
+        raise UsageError(f"{path} is a file, not a snapshot, job or root directory")
     if path.is_dir():
         return sorted(p for p in path.iterdir() if step_of(p.name) is not None and p.is_dir())
     raise UsageError(f"{path}: no such snapshot or job directory")
 
 
+def _jobs_under(root: Path) -> list[Path]:
+    """The job directories under a snapshot root, and under its per-user directories."""
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and JOB_NAME_RE.match(p.name)):
+        out += [d] if _snapshot_dirs(d) else _jobs_under(d) if d.parent == root else []
+    return out
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     dirs = _snapshot_dirs(path)
+    if dirs == [path]:  # one snapshot
+        jobs: list[Path] = []
+    elif dirs:  # a job
+        jobs = [path]
+    else:  # a root: every job under it
+        jobs = _jobs_under(path)
+        dirs = [d for j in jobs for d in _snapshot_dirs(j)]
     if not dirs:
         raise UsageError(f"{args.path}: no snapshots in this directory")
     bad = 0
-    if dirs != [path] and JOB_NAME_RE.match(path.resolve().name):  # a job directory: its index too
-        damage, notes = jobindex.problems(JobDir(path.resolve().parent, path.resolve().name))
+    for job in jobs:  # each job's index too
+        damage, notes = jobindex.problems(JobDir(job.resolve().parent, job.resolve().name))
         for p in damage:
             print(f"BAD {p}")
         for p in notes:
@@ -195,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snapd", description="Snapshot daemon for ML training, and tools for its snapshots.")
-    p.add_argument("--version", action="version", version=f"snapd {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"snapd {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines to stderr")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("ls", help="list the snapshots of a root or of one job")
@@ -205,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="one row per tensor of a snapshot")
     s.add_argument("snapshot")
     s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("verify", help="recompute every checksum of a snapshot or a whole job")
+    s = sub.add_parser("verify", help="recompute every checksum of a snapshot, a job or a whole root")
     s.add_argument("path")
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("export", help="write a snapshot's tensors as one .safetensors file")
@@ -227,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all host buffers together, grown or added for snapshots that come at once (default: half "
                         "the memory limit and half of shm_dir)")
     s.add_argument("--host-buffers", type=int, help="number of host buffers (>= 2)")
-    s.add_argument("--encode-threads", type=int)
+    s.add_argument("--encode-threads", type=int, help="threads that compress and checksum (default: the cores, at most 8)")
     s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")
     s.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM may take to persist what is held")
     s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
@@ -238,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--user-dirs", choices=("auto", "on", "off"), help="snapshots under <root>/<user>/<job>")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
-    s.add_argument("--endpoint")
+    s.add_argument("--endpoint", help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")
     s.add_argument("--json", action="store_true", help="machine-readable (docs/PROTOCOL.md)")
-    s.add_argument("--timeout-s", type=float, default=3.0)
+    s.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for an answer (default 3)")
     s.set_defaults(fn=cmd_status)
     sub.add_parser("demo", help="a small training run that snapshots, is killed, and resumes "
                    "(snapd demo --help)")
@@ -254,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     parser = build_parser()
+    if not argv:  # the usage and the commands, not one line about a missing argument
+        parser.print_help()
+        return 2
     try:
         args = parser.parse_args(argv)
         configure_logging(args.verbose, logging.INFO if args.command == "serve" else logging.WARNING)

@@ -59,6 +59,8 @@ def serve(config: DaemonConfig) -> int:
     from snapd.daemon.leftovers import remove_dead_regions
 
     policy = AccessPolicy(config)
+    if config.root.exists() and not config.root.is_dir():
+        raise InvalidArgument(f"snapshot root {config.root} is a file, not a directory")
     try:
         config.root.mkdir(parents=True, exist_ok=True)
         check_owned_dir(config.root, "snapshot root", group_above=True)

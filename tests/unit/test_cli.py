@@ -74,3 +74,27 @@ def test_bad_paths_and_arguments_exit_2_in_one_line(args) -> None:
 def test_export_missing_key_exits_2(job, tmp_path) -> None:
     out = run("export", str(job / "step-000000000020"), str(tmp_path / "x.safetensors"), "--keys", "nope")
     assert out.returncode == 2 and "'nope'" in out.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_cli_explains_itself(tmp_path) -> None:
+    import numpy as np
+
+    import snapd.client as snapd
+
+    out = run()
+    assert out.returncode == 2 and "verify" in out.stdout and "serve" in out.stdout  # usage and the commands
+    assert run("-V").stdout.startswith("snapd ")
+    for job in ("a", "b"):
+        for step in (1, 2):
+            snapd.save(tmp_path, job, {"w": np.full(3, step)}, step=step)
+    out = run("verify", str(tmp_path))  # a whole root: every job, each index too
+    assert out.returncode == 0 and out.stdout.count("ok ") == 4, out.stdout
+    out = run("inspect", str(tmp_path / "a"))  # a job: its latest snapshot
+    assert out.returncode == 0 and "step 2 of job a" in out.stdout and "step-000000000002" in out.stderr
+    f = tmp_path / "file"
+    f.write_text("x")
+    for args in (("verify", str(f)), ("inspect", str(f))):
+        out = run(*args)
+        assert out.returncode == 2 and "is a file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run("serve", "--root", str(f), "--endpoint", f"ipc://{tmp_path}/s.sock")
+    assert out.returncode == 2 and "is a file, not a directory" in out.stderr, out.stderr
