@@ -115,15 +115,24 @@ def _nothing() -> None:
     pass
 
 
-def write_at(path: Path, end: int, offset: int, data: bytes) -> None:
-    """Write ``data`` into a host buffer file at ``offset``, unless the client cut the file short
-    of ``end`` (then nothing is written, and the snapshot fails at its first read)."""
+def write_inline(path: Path, end: int, parts: list[tuple[int, np.ndarray, bytes]], foreign: bool) -> None:
+    """Write each ``(offset, view of the buffer there, bytes)`` of a snapshot's inline tensors,
+    unless the client cut the file short of ``end`` (then nothing is written: the snapshot fails at
+    its first read). One open for all of them; a buffer of another uid is written with ``pwrite``
+    (it cannot fault), one of the daemon's own uid through the mapping, as the flush reads it."""
+    if not parts:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     try:
         if os.fstat(fd).st_size < end:
             return
-        view = memoryview(data)
-        while view.nbytes:
-            view = view[os.pwrite(fd, view, offset + len(data) - view.nbytes):]
+        for offset, view, data in parts:
+            if not foreign:
+                view[:] = np.frombuffer(data, np.uint8)
+                continue
+            out = memoryview(data)
+            while out.nbytes:
+                n = os.pwrite(fd, out, offset)
+                out, offset = out[n:], offset + n
     finally:
         os.close(fd)

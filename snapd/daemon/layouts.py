@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from snapd import protocol
-from snapd.daemon.buffer_reads import write_at
+from snapd.daemon.buffer_reads import write_inline
 from snapd.daemon.buffers import owner_uid
 from snapd.daemon.pipeline import COPIED, Task
 from snapd.errors import ProtocolError, SnapdError
@@ -249,11 +249,12 @@ def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewVal
         # After the reply: place the leaves and fill in the new values (~1.5 us a tensor that the
         # trainer need not wait for; nothing here can fail once the layout was checked).
         task.leaves, copies, on_gpu = plan.place(buf.view)
-        pos = 0
-        for i in plan.inline:  # before any stage reads the buffer; through the file (buffer_reads)
+        parts, pos, base = [], 0, buf.view.ctypes.data
+        for i in plan.inline:  # before any stage reads the buffer (snapd.daemon.buffer_reads)
             leaf = task.leaves[i]
-            write_at(buf.path, plan.end, leaf.data.ctypes.data - buf.view.ctypes.data, blob[pos:pos + leaf.nbytes])
+            parts.append((leaf.data.ctypes.data - base, leaf.data, blob[pos:pos + leaf.nbytes]))
             pos += leaf.nbytes
+        write_inline(buf.path, plan.end, parts, task.buffer[3])
         if values is not None:
             task.tree = with_values(task.tree, iter(values.nodes(layout)))
         if on_gpu:  # GPU path: the copier reports queued, then copied
