@@ -164,7 +164,7 @@ class SnapdDaemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(self.root),
                                       "--endpoint", self.endpoint, "--host-buffer-bytes", str(buffer_bytes),
                                       *extra], stdout=self.log, stderr=self.log,
-                                     cwd=work)  # not the repo root: its snapd/ would shadow the install
+                                     cwd=work)
         while probe(self.endpoint, 0.2) is None:
             if self.proc.poll() is not None:
                 raise RuntimeError((work / "snapd.log").read_text())

@@ -59,8 +59,7 @@ def tensor_digest(arr: object) -> str:
 
 
 def run_python(code: str, *args: str, **kw: object):
-    """Run ``code`` in a fresh interpreter, outside the source tree, so the
-    installed package is what gets imported."""
+    """Run ``code`` in a fresh interpreter, from ``/`` unless told (as a job or a daemon runs)."""
     import subprocess
 
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
