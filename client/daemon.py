@@ -98,12 +98,14 @@ class Client:
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
             except SnapdError as e:
-                if e.code != "unknown_layout" or self._layouts is None:  # refused: the daemon kept its layout
+                if e.code != "unknown_layout" or self._layouts is None:  # refused (the lease went back)
                     if self._layouts is not None:
                         self._layouts.forget()
                     raise
                 if plan.tree is None:  # a replayed plan has no tree: flatten this state after all
                     plan = self._planner.flatten(state)
+                if "lease" in head:  # a refused snapshot's lease went back: write the bytes again
+                    head["lease"], waited_s = self._write(plan, emergency)
                 req = self._conn.send("snapshot", **head, **self._layouts.define(plan.tree, plan.scalars,
                                                                                   plan.signature(plain)))
                 first = self._conn.wait(req)

@@ -257,6 +257,7 @@ def decode_request(frame: bytes) -> dict[str, Any]:
             check(msg.get(name), name)
     except ProtocolError as e:
         e.req_id = msg["id"]  # the id is valid by now: the error reply must reach the waiting caller
+        e.request = msg  # (a refused snapshot's lease goes back all the same: the server reads it here)
         raise
     return msg
 

@@ -171,8 +171,8 @@ def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, C
     """Check a ``snapshot`` message and make its task: the reply, and the hand-over to the task's
     stage that the server runs once the reply is out. With a ``lease``, the buffer it names; with
     ``nbytes`` instead (every tensor is copied by the daemon: nothing to write first), a buffer
-    leased here, now or once one frees (the reply is None until then). Refused: the lease goes
-    back, except after ``unknown_layout``: the client sends the same snapshot again in full."""
+    leased here, now or once one frees (the reply is None until then). Refused, whatever the
+    reason, the lease goes back (the server's ``_refused``)."""
     layout, values = layout_of(s, msg)
     if msg.get("lease") is None:
         if msg.get("nbytes") is None:
@@ -188,15 +188,11 @@ def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, C
         return server.acquire(s, msg["id"], max(msg["nbytes"], plan.end), msg["emergency"],
                               lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, blob, lease,
                                                                 waited_s)) or (None, None)
-    buf = server.leases.take(s, msg["lease"])
-    try:
-        plan = _check(server, s, layout, buf.view.size)
-        plan.check_fits(buf.view)
-        metrics = check_metrics(msg["metrics"])
-        blob = _inline_bytes(plan, msg.get("inline"))
-    except SnapdError:
-        server.leases.free(s, msg["lease"])
-        raise
+    buf = server.leases.take(s, msg["lease"])  # (refused from here on, the server frees the lease)
+    plan = _check(server, s, layout, buf.view.size)
+    plan.check_fits(buf.view)
+    metrics = check_metrics(msg["metrics"])
+    blob = _inline_bytes(plan, msg.get("inline"))
     return _accepted(server, s, msg, layout, values, metrics, blob, msg["lease"], 0.0)
 
 

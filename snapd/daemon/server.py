@@ -176,7 +176,7 @@ class Server:
     def _serve_one(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
         peer, frame = frames[0].bytes, b"".join(f.bytes for f in frames[1:])
-        req_id = None
+        req_id, msg = None, None
         try:
             if len(frames) != 2:
                 raise ProtocolError(f"expected one frame per message, got {len(frames) - 1}", "malformed")
@@ -187,6 +187,7 @@ class Server:
             else:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
+            self._refused(peer, msg or getattr(e, "request", None))
             reply = protocol.error_reply(getattr(e, "req_id", req_id), e.code, str(e))
         except RecursionError:  # nested past what our checks walk: the client's fault, not a bug of ours
             log.warning("refused a request nested too deep")
@@ -200,6 +201,13 @@ class Server:
             self._send(peer, reply)
         if handoff is not None:
             self.hand_over(handoff)
+
+    def _refused(self, peer: bytes, msg: dict | None) -> None:
+        """A refused request frees what it holds: a snapshot's lease goes back (docs/PROTOCOL.md)."""
+        s = self.sessions.get(peer)
+        lease = msg.get("lease") if msg is not None and msg.get("type") == "snapshot" else None
+        if s is not None and lease in s.leases:
+            self.leases.free(s, lease)
 
     def hand_over(self, start: Callable[[], None]) -> None:
         """Run a snapshot's hand-over to its stage once its reply is on its way: after the loop's
