@@ -40,7 +40,7 @@ def main() -> None:
         from snapd.daemon.gpu_copy import GpuCopier
         from snapd.format.tree import TensorLeaf
 
-        copier = GpuCopier(zmq.Context.instance(), "inproc://gpu-prep", 4 << 20)
+        copier = GpuCopier(zmq.Context.instance(), 4 << 20, lambda *a, **k: {})
         print(f"{os.cpu_count()} cores; GPU-thread work before the copies start, ms (median of {args.reps})")
         for n in (int(c) for c in args.counts.split(",")):
             arena = fake_cuda.Arena(Path("/dev/shm") / f"snapd-gpu-prep-{os.getpid()}-{n}")

@@ -65,7 +65,7 @@ class Connection:
             req_id = next(self._ids)
             self._sent_epoch[req_id] = self.epoch
             try:
-                self._sock.send(protocol.request(kind, req_id, **fields))
+                self._sock.send(protocol.message(kind, req_id, **fields))
             except zmq.Again:
                 raise DaemonUnavailable(f"no daemon takes messages at {self.endpoint}") from None
             return req_id
@@ -167,15 +167,6 @@ class Connection:
             self.epoch += 1
         self.daemon_pid = pid
 
-    def check_alive(self) -> None:
-        """Ping; raise DaemonUnavailable unless a pong comes within the timeout."""
-        try:
-            msg = self.wait(self.send("ping"), self.timeout_s, liveness=False)
-        except TimeoutError:
-            raise DaemonUnavailable(f"the daemon at {self.endpoint} did not answer a ping within "
-                                    f"{self.timeout_s} s") from None
-        self._pong(msg)
-
     def call(self, kind: str, timeout_s: float | None = None, **fields: Any) -> dict:
         return self.wait(self.send(kind, **fields), timeout_s if timeout_s is not None else self.timeout_s,
                          liveness=False)
@@ -213,5 +204,4 @@ def daemon_status(endpoint: str | None = None, timeout_s: float = 3.0) -> dict:
         raise DaemonUnavailable(f"no daemon answered at {endpoint} within {timeout_s} s") from None
     finally:
         conn.close()
-    msg.pop("v", None), msg.pop("id", None), msg.pop("type", None)
-    return msg
+    return protocol.body(msg)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from snapd import protocol
 from snapd.client.connection import Connection, probe
 from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
 from snapd.client import snapshot_plan
@@ -48,12 +49,7 @@ class Client:
         self._on_gpu: list[Pending] = []  # GPU-path snapshots whose device copy is not known done
         self._welcome_cuda = welcome.get("cuda")
         self._export_: Any = None
-        features = welcome.get("features", [])  # what this daemon understands beyond protocol 1
-        self._layouts = LayoutCache() if "layouts" in features else None
-        self._lease_free = "lease_free_snapshots" in features
-        self._inline = "inline_tensors" in features
-        self._changes = "value_changes" in features
-        self._sync = "sync" in features
+        self._layouts = LayoutCache()
         # the last layout's state, recognised without flattening it (client/state_memo.py)
         self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
 
@@ -82,9 +78,8 @@ class Client:
         waited_s = 0.0
         try:
             plain = plan.plain
-            if not self._lease_free or plan.staged \
-                    or plain and not (self._inline and can_inline(plan.leaves, plain)):
-                # bytes to write first (or an older daemon): lease a buffer, then describe them
+            if plan.staged or plain and not can_inline(plan.leaves, plain):
+                # bytes to write first: lease a buffer, then describe them
                 head["lease"], waited_s = self._write(plan, emergency)
                 plain = []
             else:  # the daemon copies every byte (tiny CPU tensors come in the message): it leases the buffer
@@ -93,14 +88,13 @@ class Client:
                     head["inline"] = inline_bytes(plan.leaves, plain)
             if streams:
                 head["ready_events"] = self._export.record(streams)
-            fields = snapshot_plan.layout_fields(plan, plain, self._layouts, self._changes)
+            fields = snapshot_plan.layout_fields(plan, plain, self._layouts)
             req = self._conn.send("snapshot", **head, **fields)
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
                 first = self._conn.wait(req)
             except SnapdError as e:
-                if e.code != "unknown_layout" or self._layouts is None:  # refused (the lease went back)
-                    if self._layouts is not None:
-                        self._layouts.forget()
+                if e.code != "unknown_layout":  # refused (the lease went back)
+                    self._layouts.forget()
                     raise
                 if plan.tree is None:  # a replayed plan has no tree: flatten this state after all
                     plan = self._planner.flatten(state)
@@ -208,13 +202,13 @@ class Client:
 
     def sync(self) -> None:
         """Wait until the daemon has persisted (or failed) every snapshot of this job in flight,
-        this client's and any other's (a daemon older than the ``sync`` feature: no wait)."""
-        if self._sync and not self._conn.closed:
+        this client's and any other's."""
+        if not self._conn.closed:
             self._conn.call("sync")
 
     def status(self) -> dict:
         msg = self._conn.call("status")
-        return {k: v for k, v in msg.items() if k not in ("v", "id", "type")}
+        return protocol.body(msg)
 
     def on_preemption(self, state_fn: Any, signals: tuple = None, deadline_s: float = 25.0) -> None:
         from snapd.client.preemption import install

@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
-from snapd.client.connection import reply_error
+from snapd.client.connection import Connection, reply_error
 from snapd.errors import Busy, SnapshotError
 
-if TYPE_CHECKING:
-    from snapd.client.daemon import Client
+
+class Client(Protocol):
+    """What a ``Pending`` needs of the client that made it (snapd.client.daemon.Client)."""
+
+    _conn: Connection
+    _export: Any  # snapd.client.cuda_export.CudaExport
+
+    def _device_copy_failed(self, e: SnapshotError) -> None: ...
+
+    def _track(self, pending: Pending) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +150,7 @@ class Pending:
             while not self.copied and not self._settled():
                 self._next(timeout)
             if not self._recover():
-                break
-        if self._error is not None and not self.copied:
-            raise self._error
+                break  # (a failure counts as copied: nothing left to wait for; ``wait`` raises it)
 
     def fence(self) -> None:
         """GPU path: make the trainer's streams wait for the daemon's copy; the CPU waits only for

@@ -16,10 +16,13 @@ import signal
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from snapd.client.daemon import Client
+
+class Client(Protocol):
+    """What the handler needs of snapd.client.daemon.Client."""
+
+    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Any: ...
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from snapd.client.layout import LayoutCache, Signature, buffer_offsets, descriptors, signature
+from snapd.client.layout import LayoutCache, Signature, buffer_offsets, signature
 from snapd.client.state_memo import Hit, StateMemo
 from snapd.format.tree import TensorLeaf, flatten
 
@@ -102,7 +102,7 @@ class Planner:
     parameter rebound: the layout may stay, the addresses did not), dropped when the state moves
     every time (new tensors each step: the walk would only add to flattening)."""
 
-    def __init__(self, layouts: LayoutCache | None, registered: Callable[[TensorLeaf], tuple[int, int] | None],
+    def __init__(self, layouts: LayoutCache, registered: Callable[[TensorLeaf], tuple[int, int] | None],
                  export: Callable[[], Any]) -> None:
         self._layouts, self._registered, self._export = layouts, registered, export
         self._memo: StateMemo | None = None
@@ -111,7 +111,7 @@ class Planner:
 
     def plan(self, state: Any) -> SnapshotPlan:
         memo = self._memo
-        if memo is not None and self._layouts is not None and memo.number == self._layouts.current:
+        if memo is not None and memo.number == self._layouts.current:
             hit = memo.match(state)
             plan = replayed(memo, hit, self._export) if hit is not None else None
             if plan is not None:
@@ -125,7 +125,7 @@ class Planner:
 
     def taken(self, state: Any, plan: SnapshotPlan) -> None:
         """The daemon took ``plan`` (flattened from ``state``): keep the memo current."""
-        number = self._layouts.current if self._layouts is not None else None
+        number = self._layouts.current
         if number is None or plan.tree is None:
             return
         if number != self._number:  # a new layout
@@ -140,17 +140,12 @@ class Planner:
         self._memo, self._number, self._misses = None, None, 0
 
 
-def layout_fields(plan: SnapshotPlan, inline: list[int], layouts: LayoutCache | None, changes: bool) -> dict[str, Any]:
+def layout_fields(plan: SnapshotPlan, inline: list[int], layouts: LayoutCache) -> dict[str, Any]:
     """The ``snapshot`` request's fields that describe ``plan`` (``inline``: the leaves that travel
     in the message): a replayed plan's layout number and changed values, else its tensors."""
     if plan.memo is not None:  # replayed: the layout the memo belongs to, and any new scalar values
         fields: dict[str, Any] = {"layout": plan.memo.number}
-        if plan.hit.changed and changes:  # (a step counter, say: only it)
+        if plan.hit.changed:  # (a step counter, say: only it)
             fields["changes"] = plan.hit.changes()
-        elif plan.hit.changed:  # a daemon that takes all values or none
-            fields["values"] = plan.hit.values()
         return fields
-    sig = plan.signature(inline)
-    if layouts is None:
-        return {"tensors": descriptors(sig), "tree": plan.tree}
-    return layouts.fields(plan.tree, plan.scalars, sig)
+    return layouts.fields(plan.tree, plan.scalars, plan.signature(inline))

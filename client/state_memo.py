@@ -1,22 +1,11 @@
 """Recognising the state of the last layout without flattening it again.
 
-A training loop hands ``snapshot()`` the same tensors, in the same containers, step after step:
-``model.state_dict()`` makes new tensor objects each call, but over the same memory, with the
-same dtypes and shapes. Flattening them (key paths, a leaf object and a tree node each, the
-descriptor signature and its comparison) costs 2-5 us a tensor, 2-5 ms of the trainer's stall
-for a thousand tensors. A ``StateMemo``, made when a layout is defined, walks the next state
-beside that layout's tree instead, asking each torch tensor only what flatten's own fast path
-asks (dtype, shape, address, device, contiguity, neg and conj bits, layout) and comparing the
-answers with the layout's (a state of CuPy arrays, or anything else known by its
-``__cuda_array_interface__``: the type, dtype, shape, strides and address the interface gives);
-the tree's scalars (a step counter, a learning rate) are collected as they are. Anything else,
-or anything different, is a miss, and the snapshot is flattened as before, so a hit always
-describes exactly the bytes flatten would have described.
-
-A hit names memory, not tensor objects: a tensor at the same address with the same dtype and
-shape is the same bytes to copy, whichever object holds it. The memo holds no tensors (it must
-not keep a discarded model alive); a hit returns the tensors it saw, which the GPU path keeps
-alive until the daemon's copy is done.
+A training loop hands ``snapshot()`` the same tensors (new objects over the same memory) step after
+step. A ``StateMemo``, made when a layout is defined, walks the next state beside that layout's tree,
+comparing each tensor's dtype, shape, address and device with the layout's and collecting the
+tree's scalars; anything else is a miss, and the state is flattened as before, so a hit describes
+exactly the bytes flatten would. The memo holds no tensors (it must not keep a discarded model
+alive). Why, in figures: docs/design.md.
 """
 
 from __future__ import annotations
@@ -48,10 +37,6 @@ class Hit:
 
     def __init__(self, sources: list[Any], raw: list[Any], changed: list[int]) -> None:
         self.sources, self.raw, self.changed = sources, raw, changed
-
-    def values(self) -> list[dict]:
-        """Every scalar node of the tree (the ``values`` of a snapshot message)."""
-        return [_value_node(v) for v in self.raw]
 
     def changes(self) -> list[list]:
         """The changed ones, as [index, node] pairs (``changes``: docs/PROTOCOL.md)."""

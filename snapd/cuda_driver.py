@@ -173,12 +173,6 @@ def compute_mode(ordinal: int) -> int:
     return mode.value
 
 
-def device_count() -> int:
-    n = ctypes.c_int()
-    _call("cuDeviceGetCount", ctypes.byref(n))
-    return n.value
-
-
 def primary_context(ordinal: int) -> int:
     dev, ctx = ctypes.c_int(), ctypes.c_void_p()
     _call("cuDeviceGet", ctypes.byref(dev), ctypes.c_int(ordinal))

@@ -17,15 +17,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from snapd import __version__
 from snapd.errors import ProtocolError
 from snapd.format import dtypes
 from snapd.format.manifest import KINDS
 from snapd.format.tree import key_problem
 
-PROTOCOL_VERSION = 1
-# additions to version 1 a daemon announces in ``welcome``; a client uses one only when announced
-# (a daemon run as a service can be older than the clients that connect to it)
-FEATURES = ("layouts", "lease_free_snapshots", "inline_tensors", "value_changes", "sync")
+# Every message carries it (``v``) and the sender's snapd version (``snapd``): a daemon run as a
+# service and a job's environment can differ, and each side refuses the other's messages with
+# both versions named. 2: the first released form (0.1.0's version 1 never left the repository).
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 1_000_000
 MAX_INLINE_TENSOR_BYTES = 256  # a tensor this small may travel in the message itself (`inline`)
@@ -244,10 +245,12 @@ def decode_request(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("message is nested too deep", "malformed") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object", "malformed")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {_short(msg.get('v'))} is not supported (this daemon speaks "
-                            f"{PROTOCOL_VERSION})", "version")
     _int()(msg.get("id"), "id")
+    if msg.get("v") != PROTOCOL_VERSION:  # (the reply carries the id: a client of any version hears why)
+        e = ProtocolError(f"this client speaks {_versions(msg)}; this daemon speaks snapd protocol "
+                          f"{PROTOCOL_VERSION} (snapd {__version__}): {_UPGRADE}", "version")
+        e.req_id = msg["id"]
+        raise e
     kind = msg.get("type")
     fields = REQUESTS.get(kind) if isinstance(kind, str) else None
     try:
@@ -262,17 +265,31 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     return msg
 
 
-def request(kind: str, req_id: int, **fields: Any) -> bytes:
-    return encode({"v": PROTOCOL_VERSION, "type": kind, "id": req_id, **fields})
+_UPGRADE = ("install the daemon's snapd version in the job's environment, or restart the daemon (snapd serve, "
+            "or its service) from the job's version")
 
 
-def reply(kind: str, req_id: int | None, **fields: Any) -> bytes:
-    return encode({"v": PROTOCOL_VERSION, "type": kind, "id": req_id, **fields})
+def _versions(msg: dict) -> str:
+    their = msg.get("snapd")
+    return f"snapd protocol {_short(msg.get('v'))}" + (f" (snapd {_short(their)})" if their is not None else "")
 
 
-def error_reply(req_id: int | None, code: str, message: str, stage: str = "", **extra: Any) -> bytes:
+ENVELOPE = ("v", "snapd", "type", "id")  # the fields every message has
+
+
+def body(msg: dict[str, Any]) -> dict[str, Any]:
+    """A message's own fields, without the envelope."""
+    return {k: v for k, v in msg.items() if k not in ENVELOPE}
+
+
+def message(kind: str, req_id: int | None, **fields: Any) -> bytes:
+    """A request or a reply (they have one form)."""
+    return encode({"v": PROTOCOL_VERSION, "snapd": __version__, "type": kind, "id": req_id, **fields})
+
+
+def error_reply(req_id: int | None, code: str, text: str, stage: str = "", **extra: Any) -> bytes:
     """``extra``: fields a code carries besides (``ipc_refused``: ``refused``, ``any_open``)."""
-    return reply("error", req_id, code=code, message=message, stage=stage, **extra)
+    return message("error", req_id, code=code, message=text, stage=stage, **extra)
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:
@@ -283,4 +300,7 @@ def decode_reply(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("reply is not UTF-8 JSON", "malformed") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("reply is not a JSON object with a type", "malformed")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"the daemon speaks {_versions(msg)}; this process has snapd {__version__} (protocol "
+                            f"{PROTOCOL_VERSION}): {_UPGRADE}", "version")
     return msg

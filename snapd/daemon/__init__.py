@@ -1,15 +1,39 @@
 """The snapshot daemon: receive -> copy -> encode -> flush.
 
-- ``server``: the only thread that touches the ZeroMQ socket; it dispatches requests.
-- ``sessions``: each client's session and registered regions; ``leases``: who holds which
-  host buffer, who waits for one, per-client limits.
+Which thread owns what (the rule every module here keeps):
+- The server thread (``server``) owns the ROUTER socket, the sessions, the lease book, the task
+  table, the buffer pool's list and everything ``snapd status`` reads, except what follows. Other
+  threads never touch these: they report to it over the events socket (``channels``).
+- A task (one snapshot) belongs to the stage that holds it: the server thread until its hand-over,
+  then the copy thread or the GPU threads, then the flush thread. Only ``pipeline`` changes its
+  state; the stage that holds it is the one that does.
+- The flush thread owns the codec choices (others read a copy: ``Pipeline.codec_choices``); the
+  GPU thread owns the devices, handles and plans (others read ``GpuCopier.in_use``); the pinning
+  threads share ``HostPins``' state under its lock; the buffer pool's threads make buffers and
+  hand them to the server thread through ``buffer_making``'s queue.
+- Nothing the server thread calls may wait on another thread's work (pinning, a flush).
+
+Modules:
+- ``serve``: ``snapd serve`` (startup, signals, systemd); ``config``: the settings;
+  ``notify``: systemd's notify socket; ``metrics``: Prometheus.
+- ``server``: the server thread's loop and requests, and its error boundary; ``channels``: its
+  reply sender, the stages' events socket and ``stage_loop`` (every stage thread's loop and error
+  boundary).
 - ``access``: who may connect (SO_PEERCRED through ZAP), socket and directory permissions.
-- ``buffers``: the shared-memory host buffers (the double buffer).
-- ``pipeline``: the encode pool and the flush thread; the job state machine; ``endings``: the
-  stages' reports turned into replies.
-- ``gpu_copy``: the GPU path's copy stage (CUDA IPC handles and events, one copy stream per
-  device); ``gpu_windows``: how device tensors travel through the staging buffer.
-- ``codec_choice``: which codec keeps the disk saturated.
-- ``config``: the daemon's settings; ``serve``: ``snapd serve``; ``notify``: systemd;
-  ``metrics``: Prometheus; ``status``: what ``snapd status`` shows.
+- ``sessions``: each client's session; ``regions``: the shared-memory regions a client registers.
+- ``intake``: a buffer for each snapshot and its acceptance as a task; ``layouts``: what a
+  ``snapshot`` message describes, and where each tensor lies.
+- ``leases``: who holds which host buffer, who waits, per-client and per-user limits;
+  ``waiting``: how long a request waits and who hears of it; ``quotas``: per-user disk quotas.
+- ``buffers``: the shared-memory host buffers; ``buffer_making``: buffers made anew on threads
+  (grown, ahead of need, for another uid); ``host_memory``: how much memory they may take;
+  ``prefault``: their pages faulted in ahead; ``buffer_reads``: reads of buffers other users
+  can map; ``leftovers``: what dead processes left in the shared-memory directory.
+- ``tasks``: a snapshot in flight, its states and the task table; ``pipeline``: the state
+  machine, the copy thread, the encode pool and the flush thread; ``codec_choice``: which codec
+  keeps the disk busy; ``endings``: the stages' reports turned into replies.
+- ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device);
+  ``gpu_handles``: clients' IPC handles and events; ``gpu_windows``: how device tensors travel
+  through the staging window; ``host_pinning``: page-locking the host buffers.
+- ``status``: the tallies, ``snapd status`` and the systemd status line.
 """

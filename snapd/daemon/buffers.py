@@ -78,9 +78,9 @@ class BufferPool:
                           f"{shm_room(shm_dir)} free: lower host_buffer_bytes")
         self.shm_dir = shm_dir
         self.buffers: list[HostBuffer] = []
-        self.before_discard: Callable[[HostBuffer], None] | None = None  # the GPU copier unpins it
+        # the GPU copier unpins a buffer, then calls the second argument, which unmaps it
+        self.before_discard: Callable[[HostBuffer, Callable[[], None]], None] | None = None
         self.after_install: Callable[[HostBuffer], None] | None = None  # the GPU copier pins it
-        self._touched = threading.Event()
         self._prefaults: dict[int, Prefault] = {}  # buffer index -> its pages being faulted in, in the background
         self._next_index = count
         try:
@@ -234,11 +234,7 @@ class BufferPool:
         buffers = list(self.buffers)  # (the pool may be closed meanwhile)
         for b in buffers:
             populate(b.view)
-        self._touched.set()
         log.info("host buffers ready: %d x %d MiB in %s", len(buffers), buffers[0].size >> 20, self.shm_dir)
-
-    def wait_touched(self, timeout: float | None = None) -> bool:
-        return self._touched.wait(timeout)
 
     def free(self, nbytes: int = 0, uid: int | None = None) -> HostBuffer | None:
         """A free buffer: one that holds ``nbytes`` and already serves ``uid`` if any (nothing to
@@ -263,8 +259,9 @@ class BufferPool:
 
     def _discard(self, b: HostBuffer) -> None:
         if self.before_discard is not None and b.view.size:
-            self.before_discard(b)
-        _discard(b)
+            self.before_discard(b, lambda: _discard(b))
+        else:
+            _discard(b)
 
 
 def _discard(b: HostBuffer) -> None:

@@ -1,100 +1,98 @@
-"""What the server does with the stages' reports (over the inproc events socket).
+"""What the server thread does with the stages' reports (over the events socket, snapd.daemon.channels).
 
-- ``copied`` (the registered-region copy thread, or the GPU copier once the
-  device copies are done): the buffer now holds the bytes; tell the client.
-  From the GPU copier the snapshot is also handed to the encode/flush stages.
-- ``queued`` (GPU copier): the copies are enqueued; the client gets the
-  daemon's done events, so its stream can wait on them.
-- ``done``: persisted or failed; the buffer goes back, counters and metrics
-  move, and the client gets ``persisted`` or the error with its stage.
+- ``copied`` (the registered-region copy thread, or the GPU copier once the device copies are
+  done): the buffer now holds the bytes; tell the client. From the GPU copier the snapshot then
+  goes on to encoding (``Pipeline.copied``).
+- ``queued`` (GPU copier): the copies are enqueued; the client gets the daemon's done events,
+  so its stream can wait on them.
+- ``done``: persisted or failed; the buffer goes back, the tallies move, and the client gets
+  ``persisted`` or the error with its stage; ``sync`` requests waiting for it are answered.
 - ``forgotten`` (GPU copier): a client's handles are closed; its ``bye`` is answered.
-- ``buffer_ready`` (the host buffer pool's threads): a buffer made anew (grown,
-  or for another uid) goes into the pool and to the request waiting for it.
-Runs on the server thread, the only one that sends on the ROUTER socket.
+- ``buffer_ready`` (the host buffer pool's threads): a buffer made anew goes into the pool and to
+  the request waiting for it.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-import zmq
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from snapd import protocol
-from snapd.daemon.pipeline import COPIED, EVENTS_ENDPOINT
+from snapd.daemon.channels import Replies
+from snapd.daemon.leases import Leases
+from snapd.daemon.pipeline import Pipeline
+from snapd.daemon.quotas import Quotas
+from snapd.daemon.status import Tally
+from snapd.daemon.tasks import TaskTable
 
 
-def post_event(ctx: zmq.Context, event: dict) -> None:
-    """Send ``event`` to the server thread from a thread with no events socket of its own."""
-    try:
-        sock = ctx.socket(zmq.PUSH)
-    except zmq.ZMQError:  # the context is closed: the daemon is stopping
-        return
-    try:
-        sock.connect(EVENTS_ENDPOINT)
-        sock.send(json.dumps(event).encode())
-    finally:
-        sock.close(linger=1000)
+@dataclass
+class _Sync:
+    peer: bytes
+    req_id: int
+    waits_for: set[int] = field(default_factory=set)  # the tasks still in flight
 
 
-def on_event(server: Any, event: dict) -> None:
-    if event["event"] == "done":
-        finish(server, event)
-        return
-    if event["event"] == "buffer_ready":  # a host buffer made on the pool's thread
-        server.leases.replaced()
-        return
-    if event["event"] == "forgotten":  # the GPU copier closed a leaving client's handles
-        server._send(bytes.fromhex(event["peer"]), protocol.reply("bye", event["id"]))
-        return
-    task = server.tasks.get(event["seq"])
-    if task is None:  # already failed and answered
-        return
-    if event["event"] == "queued":
-        server._send(task.peer, protocol.reply("queued", task.req_id, step=task.step, events=event["events"]))
-        return
-    server.leases.copied(task.lease)
-    if event.get("submit"):  # from the GPU copier: the state machine moves here
-        task.advance(COPIED)
-        server.pipeline.submit(task)
-    server._send(task.peer, protocol.reply("copied", task.req_id, step=task.step))
+class Endings:
+    def __init__(self, replies: Replies, tasks: TaskTable, leases: Leases, pipeline: Pipeline, quotas: Quotas,
+                 tally: Tally) -> None:
+        self.replies, self.tasks, self.leases, self.pipeline = replies, tasks, leases, pipeline
+        self.quotas, self.tally = quotas, tally
+        self._syncs: list[_Sync] = []
 
+    def on_event(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "done":
+            self._finish(event)
+        elif kind == "buffer_ready":  # a host buffer made on the pool's thread
+            self.leases.replaced()
+        elif kind == "forgotten":  # the GPU copier closed a leaving client's handles
+            self.replies.send(bytes.fromhex(event["peer"]), protocol.message("bye", event["id"]))
+        elif (task := self.tasks.get(event["seq"])) is None:  # already failed and answered
+            return
+        elif kind == "queued":
+            self.replies.send(task.peer, protocol.message("queued", task.req_id, step=task.step,
+                                                        events=event["events"]))
+        elif kind == "copied":
+            self.leases.copied(task.lease)
+            if event.get("from_gpu"):
+                self.pipeline.copied(task)
+            self.replies.send(task.peer, protocol.message("copied", task.req_id, step=task.step))
+        else:
+            raise ValueError(f"unknown event {kind!r}")
 
-def on_sync(server: Any, peer: bytes, job: str, root: Any, req_id: int) -> bytes | None:
-    """``sync``: "synced" once every snapshot of ``job`` under ``root`` now in flight has ended,
-    whichever client sent it (a trainer killed a moment ago, whose successor is about to restore:
-    its last snapshots are still the daemon's to write). None: answered from ``finish``."""
-    seqs = {t.seq for t in server.tasks.values() if t.job == job and t.root == root}
-    if not seqs:
-        return protocol.reply("synced", req_id)
-    server.syncs.append((peer, req_id, seqs))
-    return None
+    def sync(self, peer: bytes, job: str, root: Path, req_id: int) -> bytes | None:
+        """``sync``: "synced" once every snapshot of ``job`` under ``root`` now in flight has ended,
+        whichever client sent it (a trainer killed a moment ago, whose successor is about to restore:
+        its last snapshots are still the daemon's to write). None: answered when they end."""
+        seqs = self.tasks.of_job(job, root)
+        if not seqs:
+            return protocol.message("synced", req_id)
+        self._syncs.append(_Sync(peer, req_id, seqs))
+        return None
 
+    def forget(self, peer: bytes) -> None:
+        """The client left: its ``sync`` requests need no answer."""
+        self._syncs = [x for x in self._syncs if x.peer != peer]
 
-def finish(server: Any, event: dict) -> None:
-    task = server.tasks.pop(event["seq"])
-    for entry in list(server.syncs):
-        entry[2].discard(task.seq)
-        if not entry[2]:
-            server.syncs.remove(entry)
-            server._send(entry[0], protocol.reply("synced", entry[1]))
-    server.leases.free(None, task.lease)
-    server.quotas.refresh(task.root)  # (what retention deleted, what this snapshot added)
-    if event["ok"]:
-        server.counters["persisted"] += 1
-        server.counters["bytes_raw"] += task.raw_bytes
-        server.counters["bytes_stored"] += event["stored_bytes"]
-        server.metrics.persisted(task.raw_bytes, event["stored_bytes"], event["seconds"])
-        server.recent.persisted(task.job, str(task.root / task.job), task.step, task.raw_bytes,
-                                event["stored_bytes"])
-        reply = protocol.reply("persisted", task.req_id, step=task.step, path=event["path"],
-                               codec=event["codec"], stored_bytes=event["stored_bytes"],
-                               raw_bytes=task.raw_bytes, seconds=event["seconds"])
-    else:
-        server.counters["failed"] += 1
-        server.metrics.snapshots.labels("failed").inc()
-        server.recent.failed(task.job, str(task.root / task.job))
-        server.last_error = f"{task.job} step {task.step}: {event['message']}"
-        extra = {k: event[k] for k in ("refused", "any_open") if k in event}  # (the GPU copier's ipc_refused)
-        reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"], **extra)
-    server._send(task.peer, reply)
+    def _finish(self, event: dict) -> None:
+        task = self.tasks.pop(event["seq"])
+        if task is None:  # (a hand-over that failed ended it already)
+            return
+        for sync in list(self._syncs):
+            sync.waits_for.discard(task.seq)
+            if not sync.waits_for:
+                self._syncs.remove(sync)
+                self.replies.send(sync.peer, protocol.message("synced", sync.req_id))
+        self.leases.free(None, task.lease)
+        self.quotas.refresh(task.root)  # (what retention deleted, what this snapshot added)
+        if event["ok"]:
+            self.tally.persisted(task, event["stored_bytes"], event["seconds"])
+            reply = protocol.message("persisted", task.req_id, step=task.step, path=event["path"],
+                                   codec=event["codec"], stored_bytes=event["stored_bytes"],
+                                   raw_bytes=task.raw_bytes, seconds=event["seconds"])
+        else:
+            self.tally.failed(task, event["message"])
+            extra = {k: event[k] for k in ("refused", "any_open") if k in event}  # (the GPU copier's ipc_refused)
+            reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"], **extra)
+        self.replies.send(task.peer, reply)

@@ -14,12 +14,13 @@ mutation waits on them on the GPU, never on the CPU. A second thread waits
 for the copies on the host, then reports ``copied`` and hands the snapshot
 to the encode/flush stages, which read the host buffer as on the CPU path.
 
-A device gets the daemon's context, copy stream and staging window with the
-first snapshot that copies from it, not before: a daemon no trainer uses on a
-GPU holds no memory there, and one that cannot have them (the trainer filled
-the device's memory) fails that snapshot, which the client then stages. A
-device in exclusive-process or prohibited compute mode is never used (a
-context of ours would lock the trainers out): its tensors are staged.
+A device gets the daemon's context, copy stream and staging window when a
+trainer that works on it connects (``hello``'s ``cuda_devices``: ``prepare``),
+or at the latest with the first snapshot that copies from it: a daemon no
+trainer uses on a GPU holds no memory there, and one that cannot have them (the
+trainer filled the device's memory) fails that snapshot, which the client then
+stages. A device in exclusive-process or prohibited compute mode is never used
+(a context of ours would lock the trainers out): its tensors are staged.
 
 Handles are opened lazily and cached per client and allocation
 (``gpu_handles``); those a client's latest snapshot did not use are closed
@@ -30,20 +31,22 @@ with a code that tells the client to copy those tensors itself from then on.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from snapd import cuda_driver
 from snapd.daemon import gpu_windows
+from snapd.daemon.channels import Outbox, stage_loop
 from snapd.daemon.gpu_handles import ClientHandles, failure, quietly
 from snapd.daemon.host_pinning import HostPins
-from snapd.daemon.sessions import copy_from_region
+from snapd.daemon.regions import copy_from_region
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,56 @@ class _Device:
             self.staging = cp.empty(gpu_windows.STAGING_BYTES, dtype=cp.uint8)
 
 
+@dataclass
+class _Copy:
+    """A snapshot's copies, queued for the GPU thread (``GpuCopier.copy``)."""
+
+    task: Any
+    items: list[tuple[Any, dict]]  # (leaf over the host buffer, its `cuda` descriptor)
+    ready: dict[str, str]  # device UUID -> the trainer's event handle
+    host: Any  # the host buffer's view
+    shuffle: bool
+    region_copies: list  # registered-region copies of the same snapshot
+    plans: dict | None
+
+
+@dataclass
+class _Prepare:
+    uuid: str
+
+
+@dataclass
+class _Forget:
+    peer: bytes
+    bye: int | None
+
+
+@dataclass
+class _Wait:
+    """For the waiting thread: a snapshot's copies to wait for (``marks``), or its failure."""
+
+    task: Any
+    marks: list | None
+    error: dict | None
+
+
+@dataclass
+class _Close:
+    """For the waiting thread: a handle no snapshot uses any more, closed once ``marks`` are done."""
+
+    context: Any
+    base: int
+    marks: list
+
+
 class GpuCopier:
-    def __init__(self, ctx: zmq.Context, events_endpoint: str, chunk_bytes: int) -> None:
+    def __init__(self, ctx: zmq.Context, chunk_bytes: int, failed: Callable[..., dict]) -> None:
+        """``failed(task, stage, code, message, **extra)``: the pipeline's (it fails the task and
+        makes the "done" event)."""
         import cupy
 
         self._cp = cupy
-        self._ctx, self._endpoint = ctx, events_endpoint
+        self._ctx, self._failed = ctx, failed
         self.chunk_bytes = chunk_bytes
         self._ordinals: dict[str, int] = {}  # the devices this daemon may copy from: UUID -> ordinal
         self.skipped: dict[str, str] = {}  # the others: UUID -> why
@@ -81,18 +128,26 @@ class GpuCopier:
         if not self._ordinals:
             raise RuntimeError("no device in the default compute mode (a context of the daemon's would lock "
                                "the trainers out of an exclusive one)")
-        self.devices: dict[str, _Device] = {}  # made on the GPU thread, each with its first snapshot
+        self.devices: dict[str, _Device] = {}  # made on the GPU thread (``_device``), the GPU thread's only
+        self._in_use: tuple[str, ...] = ()  # their UUIDs, for other threads (replaced whole, never changed)
         self._pins = HostPins()
         log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.describe()))
         self._clients: dict[bytes, ClientHandles] = {}
         self._work: queue.Queue = queue.Queue()
         self._waits: queue.Queue = queue.Queue()
-        self._threads = [threading.Thread(target=self._run, name="snapd-gpu", daemon=True),
-                         threading.Thread(target=self._wait_loop, name="snapd-gpu-wait", daemon=True)]
+        self._threads = [
+            threading.Thread(target=stage_loop, name="snapd-gpu", daemon=True,
+                             args=(ctx, "GPU copy", self._work.get, self._handle, self._handle_failed)),
+            threading.Thread(target=stage_loop, name="snapd-gpu-wait", daemon=True,
+                             args=(ctx, "GPU wait", self._waits.get, self._wait_one, self._wait_failed))]
 
     def describe(self) -> list[str]:
         """The UUIDs of the devices this daemon copies from (sent to clients in ``welcome``)."""
         return sorted(self._ordinals)
+
+    def in_use(self) -> list[str]:
+        """The devices where the daemon has its context and staging window (any thread)."""
+        return sorted(self._in_use)
 
     def start(self) -> None:
         for t in self._threads:
@@ -101,6 +156,7 @@ class GpuCopier:
     def stop(self) -> None:
         self._work.put(None)
         self._threads[0].join(timeout=5)
+        self._waits.put(None)  # (after the GPU thread: it may still queue waits)
 
     def copy(self, task: Any, items: list[tuple[Any, dict]], ready: dict[str, str], host: Any,
              shuffle: bool, region_copies: list, plans: dict | None = None) -> None:
@@ -108,14 +164,14 @@ class GpuCopier:
         registered-region copies of the same snapshot, if any. ``plans``: where the device plans
         made for these descriptors are kept for the next snapshot of the same layout (the layout's
         own dict, so that they go with it)."""
-        self._work.put(("copy", task, items, ready, host, shuffle, region_copies, plans))
+        self._work.put(_Copy(task, items, ready, host, shuffle, region_copies, plans))
 
     def prepare(self, uuids: list[str]) -> None:
         """A trainer that works on these devices connected: make what a copy from them needs now, on
         the GPU thread, so that its first snapshot does not wait for it (``_device``)."""
         for uuid in uuids:
             if uuid in self._ordinals and uuid not in self.devices:
-                self._work.put(("prepare", uuid))
+                self._work.put(_Prepare(uuid))
 
     def pin(self, views: list) -> None:
         """Page-lock host buffers ahead of their first copy (``host_pinning``; once a device is in use)."""
@@ -125,48 +181,47 @@ class GpuCopier:
         """The client left: close what it opened (on the GPU thread, after its copies). ``bye``:
         the id of its ``bye``, answered once that is done (the client then lets go of the memory
         it held for us)."""
-        self._work.put(("forget", peer, bye))
+        self._work.put(_Forget(peer, bye))
 
-    def unpin(self, address: int) -> None:
-        """A host buffer is about to be unmapped (called by the pool, any thread)."""
-        self._pins.drop(address)
+    def unpin(self, address: int, unmap: Callable[[], None]) -> None:
+        """A host buffer leaves the pool (any thread): unpinned, then ``unmap`` (never waits)."""
+        self._pins.drop(address, unmap)
 
     # -- the GPU thread ------------------------------------------------------------
-    def _run(self) -> None:
-        events = self._ctx.socket(zmq.PUSH)
-        events.connect(self._endpoint)
-        try:
-            while True:
-                item = self._work.get()
-                if item is None:
-                    self._waits.put(None)
-                    return
-                if item[0] == "prepare":
-                    try:
-                        self._device(item[1])
-                    except Exception as e:  # (the first snapshot from it tries again, and fails over)
-                        log.warning("GPU path: %s", e)
-                    continue
-                if item[0] == "forget":
-                    self._close(item[1])
-                    if item[2] is not None:
-                        events.send(json.dumps({"event": "forgotten", "peer": item[1].hex(), "id": item[2]}).encode())
-                    continue
-                _, task, items, ready, host, shuffle, region_copies, plans = item
-                try:
-                    for dst, src in region_copies:
-                        copy_from_region(dst, src)
-                    handles, marks = self._enqueue(task, items, ready, host, shuffle, plans)
-                except Exception as e:  # a handle that will not open, a device gone
-                    log.error("snapshot %s step %d: GPU copy failed: %s", task.job, task.step, e)
-                    for d in self.devices.values():
-                        d.stream.synchronize()  # nothing may still read the client's memory
-                    self._waits.put((task, None, failure(e)))
-                    continue
-                events.send(json.dumps({"event": "queued", "seq": task.seq, "events": handles}).encode())
-                self._waits.put((task, marks, None))
-        finally:
-            events.close(linger=1000)
+    def _handle(self, item: _Copy | _Prepare | _Forget, outbox: Outbox) -> None:
+        if isinstance(item, _Prepare):
+            try:
+                self._device(item.uuid)
+            except Exception as e:  # (the first snapshot from it tries again, and fails over)
+                log.warning("GPU path: %s", e)
+        elif isinstance(item, _Forget):
+            self._close(item.peer)
+            if item.bye is not None:
+                outbox.send({"event": "forgotten", "peer": item.peer.hex(), "id": item.bye})
+        else:
+            for dst, src in item.region_copies:
+                copy_from_region(dst, src)
+            handles, marks = self._enqueue(item.task, item.items, item.ready, item.host, item.shuffle, item.plans)
+            outbox.send({"event": "queued", "seq": item.task.seq, "events": handles})
+            self._waits.put(_Wait(item.task, marks, None))
+
+    def _handle_failed(self, item: _Copy | _Prepare | _Forget, error: Exception, outbox: Outbox) -> None:
+        """A copy that failed (a handle that will not open, a device gone) fails its snapshot; a
+        leaving client's ``bye`` is answered whatever became of its handles."""
+        if isinstance(item, _Copy):
+            self._quiesce()  # nothing may still read the client's memory
+            self._waits.put(_Wait(item.task, None, failure(error)))
+            return
+        log.error("GPU path: %s failed: %s: %s", type(item).__name__.strip("_").lower(), type(error).__name__, error)
+        if isinstance(item, _Forget) and item.bye is not None:
+            outbox.send({"event": "forgotten", "peer": item.peer.hex(), "id": item.bye})
+
+    def _quiesce(self) -> None:
+        for d in list(self.devices.values()):
+            try:
+                d.stream.synchronize()
+            except Exception as e:  # (a device in error: nothing more of ours runs there)
+                log.error("GPU path: device %s: synchronize failed: %s", d.uuid, e)
 
     def _enqueue(self, task: Any, items: list, ready: dict[str, str], host: Any, shuffle: bool,
                  plans: dict | None) -> tuple[dict[str, str], list]:
@@ -206,7 +261,7 @@ class GpuCopier:
                 marks.append(mark)
         for key in [k for k in client.mem if k not in used]:  # allocations the trainer no longer uses
             context, base = client.mem.pop(key)
-            self._waits.put(("close", context, base, marks))
+            self._waits.put(_Close(context, base, marks))
         return handles, marks
 
     def _plan(self, client: ClientHandles, items: list, host: int, shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
@@ -234,7 +289,7 @@ class GpuCopier:
         return out
 
     def _device(self, uuid: str) -> _Device:
-        """The device's context, stream and staging window, made now if this is its first snapshot
+        """The device's context, stream and staging window, made now if not yet
         (raises if they cannot be: the snapshot fails, and its client stages it)."""
         dev = self.devices.get(uuid)
         if dev is not None:
@@ -246,6 +301,7 @@ class GpuCopier:
         except Exception as e:
             raise RuntimeError(f"device {uuid}: the daemon cannot have its context and staging window "
                                f"({gpu_windows.STAGING_BYTES / 2**20:g} MiB) there ({type(e).__name__}: {e})") from None
+        self._in_use = (*self._in_use, uuid)
         log.info("GPU path: device %s in use (the daemon's context and staging window, %g MiB, there)", uuid,
                  gpu_windows.STAGING_BYTES / 2**20)
         self._pins.start(dev.context)
@@ -255,36 +311,25 @@ class GpuCopier:
         client = self._clients.pop(peer, None)
         if client is None:
             return
-        for d in self.devices.values():
-            d.stream.synchronize()
+        self._quiesce()
         client.close()
 
     # -- the waiting thread --------------------------------------------------------
-    def _wait_loop(self) -> None:
-        events = self._ctx.socket(zmq.PUSH)
-        events.connect(self._endpoint)
-        try:
-            while True:
-                item = self._waits.get()
-                if item is None:
-                    return
-                if item[0] == "close":  # a handle no snapshot uses any more, once the copies are done
-                    _, context, base, marks = item
-                    for m in marks:
-                        m.synchronize()
-                    quietly(cuda_driver.close_mem_handle, context, base)
-                    continue
-                task, marks, error = item
-                if error is None:
-                    try:
-                        for m in marks:
-                            m.synchronize()
-                    except Exception as e:
-                        error = failure(e)
-                if error is not None:
-                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "stage": "copy",
-                                            **error}).encode())
-                    continue
-                events.send(json.dumps({"event": "copied", "seq": task.seq, "submit": True}).encode())
-        finally:
-            events.close(linger=1000)
+    def _wait_one(self, item: _Wait | _Close, outbox: Outbox) -> None:
+        if isinstance(item, _Close):  # a handle no snapshot uses any more, once the copies are done
+            for m in item.marks:
+                m.synchronize()
+            quietly(cuda_driver.close_mem_handle, item.context, item.base)
+            return
+        if item.error is not None:
+            outbox.send(self._failed(item.task, "copy", **item.error))
+            return
+        for m in item.marks:
+            m.synchronize()
+        outbox.send({"event": "copied", "seq": item.task.seq, "from_gpu": True})
+
+    def _wait_failed(self, item: _Wait | _Close, error: Exception, outbox: Outbox) -> None:
+        if isinstance(item, _Close):
+            log.error("GPU path: closing a handle failed: %s: %s", type(error).__name__, error)
+            return
+        outbox.send(self._failed(item.task, "copy", **failure(error)))

@@ -5,16 +5,18 @@ fraction of the bus's speed, so every host buffer is registered with CUDA
 (``cuMemHostRegister``, portable: for every device) before its first copy:
 ahead of time on a thread of its own, or by the GPU thread for the buffer a
 snapshot was given if that one is not done yet. Registering needs a CUDA
-context, and the daemon makes none until a snapshot copies from a device
-(``gpu_copy``): until then the buffers wait here. Pinning a buffer takes
-seconds; it holds up only what needs that buffer (its copy, its unmapping),
-never the server thread's other work.
+context, and the daemon makes one on a device only once a trainer that works
+on it connects (``gpu_copy``): until then the buffers wait here. Pinning a
+buffer takes seconds; it holds up only that buffer's copy. Its unmapping
+never waits: a buffer dropped while being pinned is unpinned and unmapped by
+the pinning thread when it is done (the server thread drops buffers).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from snapd import cuda_driver
@@ -29,6 +31,7 @@ class HostPins:
         self._waiting: list = []  # host buffers to pin once there is a context
         self._pinned: dict[int, list[int]] = {}  # host buffer address -> the pieces registered
         self._pinning: set[int] = set()  # addresses being pinned now (outside the lock: seconds each)
+        self._dropped: dict[int, Callable[[], None]] = {}  # of those, dropped meanwhile: unmap when done
         self._cond = threading.Condition()  # guards the above; the pinning threads, the GPU thread, the pool
 
     def start(self, context: int) -> None:
@@ -72,16 +75,21 @@ class HostPins:
             with self._cond:
                 self._pinned[address] = pieces
                 self._pinning.discard(address)
+                unmap = self._dropped.pop(address, None)
                 self._cond.notify_all()
+            if unmap is not None:  # dropped while we pinned it: undo, then let it go
+                self.drop(address, unmap)
 
-    def drop(self, address: int) -> None:
-        """The host buffer at ``address`` is about to be unmapped (called by the pool, any thread):
-        unpin it, once a pinning of that buffer under way is done; other buffers' do not hold it up."""
+    def drop(self, address: int, unmap: Callable[[], None] = lambda: None) -> None:
+        """The host buffer at ``address`` leaves the pool (any thread; the pool's): unpin it, then
+        call ``unmap``. Never waits: if it is being pinned, the pinning thread does both when done."""
         with self._cond:
             self._waiting = [v for v in self._waiting if v.ctypes.data != address]
-            while address in self._pinning:
-                self._cond.wait()
+            if address in self._pinning:
+                self._dropped[address] = unmap
+                return
             pieces = self._pinned.pop(address, [])
             context = self._context
         for piece in pieces:
             cuda_driver.host_unregister(context, piece)
+        unmap()

@@ -1,30 +1,18 @@
-"""What a ``snapshot`` message describes, and its acceptance: the layout (descriptors and tree,
-checked once and then reused by number: client/layout.py, docs/PROTOCOL.md), the new values of
-the tree's scalar nodes, where each tensor lies (``Placement``), and the task made of it.
+"""What a ``snapshot`` message describes: its layout (descriptors and tree, checked once and then
+reused by number: client/layout.py, docs/PROTOCOL.md), the new values of the tree's scalar nodes,
+and where each tensor lies (``Placement``). Accepting it is snapd.daemon.intake's.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from snapd import protocol
-from snapd.daemon.buffer_reads import write_inline
-from snapd.daemon.buffers import owner_uid
-from snapd.daemon.pipeline import COPIED, Task
-from snapd.errors import ProtocolError, SnapdError
-from snapd.format.manifest import _check_tree
-from snapd.format.saving import check_metrics
+from snapd.daemon.regions import Region, RegionSpan
+from snapd.errors import ProtocolError
 from snapd.format.tree import TensorLeaf
-
-if TYPE_CHECKING:
-    from snapd.daemon.sessions import Region, RegionSpan, Session
 
 
 @dataclass
@@ -55,21 +43,23 @@ class NewValues:
         return out
 
 
-def layout_of(s: Session, msg: dict) -> tuple[Layout, NewValues | None]:
-    """The layout of a ``snapshot`` message, its own or the connection's last one that it names,
-    and the new values of that layout's scalar tree nodes, if the message brings any."""
+def layout_of(current: Layout | None, msg: dict) -> tuple[Layout, NewValues | None]:
+    """The layout of a ``snapshot`` message, its own or ``current`` (the connection's last one) if
+    it names it, and the new values of that layout's scalar tree nodes, if the message brings any."""
     number, tensors, tree = msg.get("layout"), msg.get("tensors"), msg.get("tree")
     values, changes = msg.get("values"), msg.get("changes")
     if tensors is not None:
         if tree is None or values is not None or changes is not None:
             raise ProtocolError("a snapshot that sends tensors must send its tree, and no values", "bad_field")
+        if number is None:
+            raise ProtocolError("a snapshot that sends tensors must number their layout (layout)", "bad_field")
         return Layout(number, tensors, tree), None
     if number is None or tree is not None:
         raise ProtocolError("a snapshot needs tensors and a tree, or the layout number of ones sent before "
                             "(and optionally new values)", "bad_field")
     if values is not None and changes is not None:
         raise ProtocolError("a snapshot sends values or changes, not both", "bad_field")
-    layout = s.layout
+    layout = current
     if layout is None or layout.number != number:
         raise ProtocolError(f"layout {number} is not known on this connection (the daemon keeps only the last "
                             "layout it accepted): send the tensors and tree", "unknown_layout")
@@ -105,11 +95,30 @@ def with_values(node: dict, values: Iterator[dict]) -> dict:
     return node if t == "tensor" else next(values)
 
 
+@dataclass(frozen=True)
+class Placed:
+    """One tensor of a placement: its leaf's fields, its span ``[start, end)`` of the host buffer,
+    and where its bytes come from (a registered region, a device, the message, or the client)."""
+
+    key: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    region: RegionSpan | None  # the registered path: the daemon copies from the client's region
+    cuda: dict | None  # the GPU path: the `cuda` descriptor (None for an empty tensor)
+    inline: bool  # tiny tensors whose bytes come in the message
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
 class Placement:
     """Where a layout's tensors lie, checked once: each one's span of the host buffer, and the
-    registered-region bytes or the device allocation it is copied from. Placing the leaves over a
-    buffer is then about 1 us a tensor; the checks cost twice that, on every snapshot before
-    layouts were reused, while the trainer waited for the reply."""
+    registered-region bytes or the device allocation it is copied from. Each later snapshot of the
+    layout only places the leaves over its buffer (docs/PROTOCOL.md, Layouts)."""
 
     def __init__(self, tensors: list[dict], buf_size: int, regions: dict[int, Region], devices: set[str]) -> None:
         rows = []
@@ -127,24 +136,24 @@ class Placement:
             if cuda is not None and cuda["dev"] not in devices:
                 raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {cuda['dev']} "
                                     f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
-            rows.append((t["key"], t["kind"], t["dtype"], tuple(t["shape"]), a, b, src,
-                         cuda if t["nbytes"] else None, "inline" in t))
-        if len({r[0] for r in rows}) != len(rows):
+            rows.append(Placed(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), a, b, src,
+                               cuda if t["nbytes"] else None, "inline" in t))
+        if len({r.key for r in rows}) != len(rows):
             raise ProtocolError("two tensors share a key path", "bad_field")
         self.rows = rows
-        self.end = max((r[5] for r in rows), default=0)
-        self.raw_bytes = sum(r[5] - r[4] for r in rows)
-        self.has_copies = any(r[6] is not None for r in rows)  # the registered path
-        self.has_gpu = any(r[7] is not None for r in rows)  # the GPU path
+        self.end = max((r.end for r in rows), default=0)
+        self.raw_bytes = sum(r.nbytes for r in rows)
+        self.has_copies = any(r.region is not None for r in rows)  # the registered path
+        self.has_gpu = any(r.cuda is not None for r in rows)  # the GPU path
         # bytes the client copies into the buffer itself (the plain path): it needs the lease first
-        self.has_plain = any(r[6] is None and "cuda" not in t and not r[8] and r[5] > r[4]
+        self.has_plain = any(r.region is None and "cuda" not in t and not r.inline and r.nbytes
                              for r, t in zip(rows, tensors))
         self.gpu_plans: dict = {}  # the GPU copier's plans for these descriptors (snapd/daemon/gpu_copy.py)
-        self.inline = [i for i, r in enumerate(rows) if r[8]]  # tiny tensors whose bytes come in the message
-        self.inline_bytes = sum(rows[i][5] - rows[i][4] for i in self.inline)
+        self.inline = [i for i, r in enumerate(rows) if r.inline]
+        self.inline_bytes = sum(rows[i].nbytes for i in self.inline)
         # how the bytes reach the buffer (``snapd status``: is a job on the GPU path, or staging?)
-        gpu = sum(r[5] - r[4] for r in rows if r[7] is not None)
-        registered = sum(r[5] - r[4] for r in rows if r[6] is not None)
+        gpu = sum(r.nbytes for r in rows if r.cuda is not None)
+        registered = sum(r.nbytes for r in rows if r.region is not None)
         self.by_path = {"cuda_ipc": gpu, "registered": registered, "inline": self.inline_bytes,
                         "client": self.raw_bytes - gpu - registered - self.inline_bytes}
 
@@ -157,107 +166,11 @@ class Placement:
         """The leaves over ``buf``, the copies the daemon must make from registered regions
         (region bytes -> buffer), and the tensors it must copy from GPUs (leaf, `cuda` descriptor)."""
         leaves, copies, on_gpu = [], [], []
-        for key, kind, dtype, shape, a, b, src, cuda, _ in self.rows:
-            leaf = TensorLeaf(key, kind, dtype, shape, buf[a:b])
-            if src is not None:
-                copies.append((leaf.data, src))
-            if cuda is not None:
-                on_gpu.append((leaf, cuda))
+        for r in self.rows:
+            leaf = TensorLeaf(r.key, r.kind, r.dtype, r.shape, buf[r.start:r.end])
+            if r.region is not None:
+                copies.append((leaf.data, r.region))
+            if r.cuda is not None:
+                on_gpu.append((leaf, r.cuda))
             leaves.append(leaf)
         return leaves, copies, on_gpu
-
-
-def accept_snapshot(server: Any, s: Session, msg: dict) -> tuple[bytes | None, Callable[[], None] | None]:
-    """Check a ``snapshot`` message and make its task: the reply, and the hand-over to the task's
-    stage that the server runs once the reply is out. With a ``lease``, the buffer it names; with
-    ``nbytes`` instead (every tensor is copied by the daemon: nothing to write first), a buffer
-    leased here, now or once one frees (the reply is None until then). Refused, whatever the
-    reason, the lease goes back (the server's ``_refused``)."""
-    layout, values = layout_of(s, msg)
-    if msg.get("lease") is None:
-        if msg.get("nbytes") is None:
-            raise ProtocolError("a snapshot needs a lease, or nbytes when the daemon copies every tensor",
-                                "bad_field")
-        plan = _check(server, s, layout, server.config.buffer_cap)
-        if plan.has_plain:
-            raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: acquire "
-                                "one first", "bad_field")
-        metrics = check_metrics(msg["metrics"])
-        blob = _inline_bytes(plan, msg.get("inline"))
-        # (a buffer that holds the tensors as placed, whatever ``nbytes`` says)
-        return server.acquire(s, msg["id"], max(msg["nbytes"], plan.end), msg["emergency"],
-                              lambda lease, waited_s: _accepted(server, s, msg, layout, values, metrics, blob, lease,
-                                                                waited_s)) or (None, None)
-    buf = server.leases.take(s, msg["lease"])  # (refused from here on, the server frees the lease)
-    plan = _check(server, s, layout, buf.view.size)
-    plan.check_fits(buf.view)
-    metrics = check_metrics(msg["metrics"])
-    blob = _inline_bytes(plan, msg.get("inline"))
-    return _accepted(server, s, msg, layout, values, metrics, blob, msg["lease"], 0.0)
-
-
-def _inline_bytes(plan: Placement, text: str | None) -> bytes:
-    """The bytes of the snapshot's inline tensors (base64 in the message, in descriptor order)."""
-    if text is None:
-        if plan.inline_bytes:
-            raise ProtocolError(f"the snapshot has {len(plan.inline)} inline tensors but no inline bytes", "bad_field")
-        return b""
-    try:
-        blob = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("inline is not base64", "bad_field") from None
-    if len(blob) != plan.inline_bytes:
-        raise ProtocolError(f"inline carries {len(blob)} bytes; the inline tensors take {plan.inline_bytes}",
-                            "bad_field")
-    return blob
-
-
-def _check(server: Any, s: Session, layout: Layout, buf_size: int) -> Placement:
-    """The layout's placement, made and its tree checked the first time it is used."""
-    if layout.plan is None:
-        devices = set(server.gpu.describe()) if server.gpu else set()
-        layout.plan = Placement(layout.tensors, buf_size, s.regions, devices)
-        try:
-            _check_tree(layout.tree, len(layout.plan.rows))
-        except SnapdError as e:
-            layout.plan = None
-            raise ProtocolError(f"tree: {e}", "bad_field") from None
-    return layout.plan
-
-
-def _accepted(server: Any, s: Session, msg: dict, layout: Layout, values: NewValues | None, metrics: dict,
-              blob: bytes, lease: int, waited_s: float) -> tuple[bytes, Callable[[], None]]:
-    plan, buf = layout.plan, server.pool.by_lease(lease)
-    if layout.number is not None:
-        s.layout = layout
-    s.last_snapshot = {"step": msg["step"], "tensors": len(plan.rows), "bytes": plan.by_path}
-    s.leases.discard(lease)  # the task owns the lease now
-    task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
-                s.retention, plan.raw_bytes, s.jobs_root, buffer=(buf.path, plan.end, buf.view.ctypes.data, owner_uid(buf.uid) != os.geteuid()))
-    server.tasks[task.seq] = task
-    shuffle = plan.has_gpu and server.pipeline.gpu_shuffle(task) is not None
-    if not plan.has_gpu and not plan.has_copies:
-        server.leases.copied(task.lease)
-        task.advance(COPIED)  # plain path: the client copied the bytes before sending this
-    ready_events = msg.get("ready_events") or {}
-
-    def start() -> None:
-        # After the reply: place the leaves and fill in the new values (~1.5 us a tensor that the
-        # trainer need not wait for; nothing here can fail once the layout was checked).
-        task.leaves, copies, on_gpu = plan.place(buf.view)
-        parts, pos, base = [], 0, buf.view.ctypes.data
-        for i in plan.inline:  # before any stage reads the buffer (snapd.daemon.buffer_reads)
-            leaf = task.leaves[i]
-            parts.append((leaf.data.ctypes.data - base, leaf.data, blob[pos:pos + leaf.nbytes]))
-            pos += leaf.nbytes
-        write_inline(buf.path, plan.end, parts, task.buffer[3])
-        if values is not None:
-            task.tree = with_values(task.tree, iter(values.nodes(layout)))
-        if on_gpu:  # GPU path: the copier reports queued, then copied
-            server.gpu.copy(task, on_gpu, ready_events, buf.view, shuffle, copies, plan.gpu_plans)
-        elif copies:  # registered path: the copy stage copies while the trainer runs on
-            server.pipeline.copy(task, copies)
-        else:
-            server.pipeline.submit(task)
-    kind = "received" if plan.has_gpu or plan.has_copies else "copied"
-    return protocol.reply(kind, msg["id"], step=msg["step"], waited_s=waited_s), start

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from snapd import protocol
@@ -22,6 +23,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import grown_size
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
+from snapd.daemon.tasks import TaskTable
 from snapd.daemon.waiting import Waiter, expire, notify
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
 from snapd.format.index import latest_raw_bytes
@@ -30,23 +32,34 @@ from snapd.format.jobdir import JobDir
 log = logging.getLogger(__name__)
 
 
-CLAIM = -1  # _room_for's size for a buffer being made ahead of need: the request waits for it
+@dataclass(frozen=True)
+class Room:
+    """Where a snapshot can go now (``Leases._room_for``): ``buf`` as it is; or ``buf`` made anew
+    first, of ``make`` bytes (grown, or fresh pages for another uid); or, with ``claim``, ``buf``
+    being made ahead of need, which the request waits for rather than for one of its own."""
+
+    buf: HostBuffer
+    make: int | None = None
+    claim: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.make is None and not self.claim
 
 
 class Leases:
     """The host buffers' leases and the queue for them.
 
-    ``sessions`` and ``tasks`` are the server's own dicts (read, never changed
-    here): a client's snapshots in flight count against its limit. ``send``
-    delivers a grant that was waiting.
+    ``sessions`` and ``tasks`` are the server's (read, never changed here): a
+    client's snapshots in flight count against its limits. ``replies`` delivers a
+    grant that was waiting; ``hand_over`` runs a snapshot's hand-over after it.
     """
 
     def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
-                 tasks: dict[int, Any], send: Callable[[bytes, bytes], None],
-                 hand_over: Callable[[Callable[[], None]], None], post: Callable[[dict], None],
+                 tasks: TaskTable, replies: Any, hand_over: Callable[[Any], None], post: Callable[[dict], None],
                  shared: bool = False) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
-        self.sessions, self.tasks, self._send, self._hand_over = sessions, tasks, send, hand_over
+        self.sessions, self.tasks, self.replies, self._hand_over = sessions, tasks, replies, hand_over
         self.maker = BufferMaker(config, pool, post)
         self._said_full = False
         self.waiters: collections.deque[Waiter] = collections.deque()
@@ -69,20 +82,20 @@ class Leases:
         at_limit = self._at_limit(s, emergency)
         if not at_limit and not (self._eligible_waiter() and not emergency):
             room = self._room_for(s.uid, nbytes)
-            if room is not None and room[1] is None:
+            if room is not None and room.ready:
                 if then is not None:
-                    return then(self._lease(s, room[0]), 0.0)
-                return self._grant(s, room[0], req_id)
+                    return then(self._lease(s, room.buf), 0.0)
+                return self._grant(s, room.buf, req_id)
             if room is not None:
                 w = self._queue(s, req_id, nbytes, emergency, then, "a host buffer is being made for it") \
                     if s.on_busy != "skip" or emergency else None
-                if room[1] != CLAIM:
-                    self._replace(room[0], room[1], s.uid, w)
+                if room.make is not None:
+                    self._replace(room.buf, room.make, s.uid, w)
                 elif w is not None:
-                    self.maker.claim(room[0], w)
+                    self.maker.claim(room.buf, w)
                 if w is None:
-                    raise Busy(f"host buffer {room[0].index} is being made ready for snapshots of this size "
-                               f"({self.maker.size_of(room[0])} bytes): this one is skipped, a later one gets it")
+                    raise Busy(f"host buffer {room.buf.index} is being made ready for snapshots of this size "
+                               f"({self.maker.size_of(room.buf)} bytes): this one is skipped, a later one gets it")
                 return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
@@ -93,24 +106,23 @@ class Leases:
                     "every host buffer is busy persisting earlier snapshots, with no room for another")
         return None  # granted later, when a buffer frees
 
-    def _room_for(self, uid: int, nbytes: int) -> tuple[HostBuffer, int | None] | None:
-        """Where a snapshot of ``nbytes`` for ``uid`` can go now: a free buffer that serves as it is
-        (size None), one being made ahead of need that will (``CLAIM``: the request waits for it
-        rather than for one of its own), one to replace first (grown, or for this uid: the size to
-        make), or a slot for one more buffer when none is free and memory allows; None: wait for
-        one to free. LimitExceeded when the free buffer cannot grow as far."""
+    def _room_for(self, uid: int, nbytes: int) -> Room | None:
+        """Where a snapshot of ``nbytes`` for ``uid`` can go now: a free buffer that serves as it is,
+        one being made ahead of need that will, one to replace first, or a slot for one more buffer
+        when none is free and memory allows; None: wait for one to free. LimitExceeded when the free
+        buffer cannot grow as far."""
         c, pool = self.config, self.pool
         buf = pool.free(nbytes, uid)
         if (buf is None or not pool.serves(buf, uid, nbytes)) and nbytes > c.host_buffer_bytes:
             ahead = self.maker.made_ahead(uid, nbytes)
             if ahead is not None:
-                return ahead, CLAIM
+                return Room(ahead, claim=True)
         if buf is not None:
             size = pool.replacement_size(buf, uid, nbytes, c.buffer_cap)
             if size is not None and pool.total() - buf.size + size > c.memory_cap:
                 raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown to {size} "
                                     f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
-            return buf, size
+            return Room(buf, size)
         # one more buffer, sized for this request (in 64 MiB steps), not a starting buffer's size: a
         # small state's snapshot then waits for 64 MiB of pages to be touched, not gigabytes
         size = grown_size(nbytes, c.buffer_cap)
@@ -123,7 +135,7 @@ class Leases:
                             "one to be persisted; raise max_host_memory_bytes (and MemoryMax) for none to wait",
                             len(pool.buffers), size >> 20, why)
             return None
-        return pool.reserve(size), size
+        return Room(pool.reserve(size), size)
 
     def expect(self, s: Session) -> None:
         """``s``'s job resumes: the starting buffers grow ahead to its last snapshot's size (as its
@@ -166,13 +178,13 @@ class Leases:
         for w, why in self.maker.collect():
             if w in self.waiters:
                 self.waiters.remove(w)
-                self._send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
+                self.replies.send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
         self.gauges()
         self._grant_waiters()
 
     def held(self, s: Session) -> int:
         """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
-        return len(s.leases) + sum(t.peer == s.peer for t in self.tasks.values())
+        return len(s.leases) + len(self.tasks.of(s.peer))
 
     def take(self, s: Session, lease: int) -> Any:
         """The buffer of ``lease``, which ``s`` must hold, for the snapshot it is about to send."""
@@ -213,16 +225,16 @@ class Leases:
                 room = self._room_for(ws.uid, w.nbytes)
             except SnapdError as e:
                 self.waiters.remove(w)
-                self._send(w.peer, protocol.error_reply(w.req_id, e.code, str(e)))
+                self.replies.send(w.peer, protocol.error_reply(w.req_id, e.code, str(e)))
                 continue
             if room is None:
                 return
-            buf, size = room
-            if size == CLAIM:
+            buf = room.buf
+            if room.claim:
                 self.maker.claim(buf, w)
                 continue
-            if size is not None:
-                self._replace(buf, size, ws.uid, w)
+            if room.make is not None:
+                self._replace(buf, room.make, ws.uid, w)
                 continue
             self.waiters.remove(w)
             handoff = None
@@ -232,9 +244,13 @@ class Leases:
                     reply, handoff = w.then(self._lease(ws, buf, waited), waited)
                 else:
                     reply = self._grant(ws, buf, w.req_id, waited)
-            except SnapdError as e:
-                reply = protocol.error_reply(w.req_id, e.code, str(e))
-            self._send(w.peer, reply)
+            except Exception as e:  # refused (or a bug of ours): the lease goes back, the loop goes on
+                if not isinstance(e, SnapdError):
+                    log.exception("internal error granting a waiting request")
+                if buf.lease in ws.leases:
+                    self.free(ws, buf.lease)
+                reply = protocol.error_reply(w.req_id, getattr(e, "code", "internal"), str(e))
+            self.replies.send(w.peer, reply)
             if handoff is not None:
                 self._hand_over(handoff)
 
@@ -252,7 +268,7 @@ class Leases:
         self.stopping = True
         while self.waiters:
             w = self.waiters.popleft()
-            self._send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
+            self.replies.send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
 
     def gauges(self) -> None:
         busy = sum(b.size for b in self.pool.buffers if b.lease is not None)
@@ -261,7 +277,7 @@ class Leases:
 
     def held_bytes(self, s: Session) -> int:
         """The sizes of the host buffers ``s`` holds (grown ones count as grown)."""
-        leases = [*s.leases, *(t.lease for t in self.tasks.values() if t.peer == s.peer)]
+        leases = [*s.leases, *(t.lease for t in self.tasks.of(s.peer))]
         return sum(b.size for b in map(self.pool.by_lease, leases) if b is not None)
 
     def _at_limit(self, s: Session, emergency: bool = False) -> str:
@@ -300,5 +316,5 @@ class Leases:
 
     def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
         buf = self.pool.by_lease(self._lease(s, buf, waited_s))
-        return protocol.reply("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
+        return protocol.message("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
                               bytes=buf.size, waited_s=waited_s)

@@ -40,10 +40,6 @@ class Notifier:
             usec = None
         return cls(env.get("NOTIFY_SOCKET"), int(usec) if usec and usec.isdigit() else None)
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def send(self, **fields: str | int) -> None:
         if self._sock is None:
             return

@@ -1,86 +1,40 @@
-"""The daemon's stages after receive: copy -> encode -> flush.
+"""The daemon's stages after receive: copy -> encode -> flush, and the snapshot state machine.
 
-Each snapshot is a ``Task`` whose state moves through the one state machine
-below; the server thread creates tasks, the flush thread advances them and
-reports each ending back to the server over an inproc socket (the server
-stays the only owner of the ROUTER socket). Encoding runs on a shared pool
-(LZ4, zstd and xxh3 release the GIL); the flush thread writes chunks in
-order with at most ``2 x threads + 2`` in flight. Emergency snapshots jump
-the queue.
+Each snapshot is a ``Task`` (snapd.daemon.tasks). Its state changes here and nowhere else:
+``received`` (server thread), the copy thread's COPIED, ``copied`` (the GPU copier's copies are
+in), the flush thread's ENCODED and PERSISTED, and ``failed`` from any stage, which also makes
+the "done" event the server answers the client with. Encoding runs on a shared pool (LZ4, zstd
+and xxh3 release the GIL); the flush thread writes chunks in order with at most
+``2 x threads + 2`` in flight. Emergency snapshots jump the queue.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
 
 from snapd.daemon.buffer_reads import BufferReads, ScratchPool
+from snapd.daemon.channels import Outbox, stage_loop
 from snapd.daemon.codec_choice import SAMPLE_BYTES, Choice, choose, measure_disk
 from snapd.daemon.config import DaemonConfig
-from snapd.daemon.sessions import copy_from_region
-from snapd.errors import FlushError, SnapdError
+from snapd.daemon.regions import copy_from_region
+from snapd.daemon.tasks import COPIED, ENCODED, FAILED, PERSISTED, RECEIVED, Task, failure_fields, next_seq
+from snapd.errors import FlushError
 from snapd.format.jobdir import JobDir
 from snapd.format.saving import encode_and_write
-from snapd.format.tree import TensorLeaf
-from snapd.format.writer import Retention, SnapshotWriter
+from snapd.format.writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
 
-EVENTS_ENDPOINT = "inproc://snapd-pipeline-events"
 SMALL_BYTES = 16 << 20  # a snapshot this small does not wait for the disk probe
 ASSUMED_DISK_BPS = 500e6  # the disk's speed until it is measured
-
-# The job state machine, in one place.
-RECEIVED, COPIED, ENCODED, PERSISTED, FAILED = "RECEIVED", "COPIED", "ENCODED", "PERSISTED", "FAILED"
-TRANSITIONS = {RECEIVED: {COPIED, FAILED}, COPIED: {ENCODED, FAILED}, ENCODED: {PERSISTED, FAILED},
-               PERSISTED: set(), FAILED: set()}
-_seq = itertools.count()
-
-
-@dataclass
-class Task:
-    peer: bytes
-    req_id: int
-    job: str
-    step: int
-    metrics: dict[str, Any]
-    emergency: bool
-    tree: dict
-    leaves: list[TensorLeaf]
-    lease: int
-    retention: Retention
-    raw_bytes: int
-    root: Path  # where this client's jobs live (the root, or the root's per-user directory)
-    codec: str | None = None  # fixed before the copy when the GPU shuffled the chunks for it
-    # the host buffer's file, the bytes the snapshot spans, its address here, and whether it serves
-    # a uid other than the daemon's (snapd.daemon.buffer_reads)
-    buffer: tuple[Path, int, int, bool] | None = None
-    state: str = RECEIVED
-    seq: int = field(default_factory=lambda: next(_seq))
-    times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
-    taken_unix_s: float = field(default_factory=time.time)  # orders ``latest`` (snapd.format.index)
-
-    @property
-    def key(self) -> str:
-        """The job's directory: two users' jobs of one name are two jobs (codec choice, status)."""
-        return str(self.root / self.job)
-
-    def advance(self, state: str) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"snapshot {self.job}@{self.step}: {self.state} -> {state} is not allowed")
-        self.state = state
-        self.times[state] = time.monotonic()
 
 
 class Pipeline:
@@ -98,10 +52,16 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="snapd-encode")
         self._disk_bps: float | None = None
         self._scratch = ScratchPool(config.chunk_bytes)  # chunks copied out of host buffers (buffer_reads)
-        self.choices: dict[str, Choice] = {}  # per job directory (a user's job, not every job of that name)
-        self._thread = threading.Thread(target=self._run, name="snapd-flush", daemon=True)
+        # per job directory (a user's job, not every job of that name); the flush thread writes it,
+        # ``snapd status`` reads a copy (codec_choices)
+        self._choices: dict[str, Choice] = {}
+        self._choices_lock = threading.Lock()
+        self._thread = threading.Thread(target=stage_loop, name="snapd-flush", daemon=True,
+                                        args=(ctx, "flush", lambda: self._queue.get()[2], self._flush,
+                                              self._flush_failed))
         self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
-        self._copier = threading.Thread(target=self._copy_loop, name="snapd-copy", daemon=True)
+        self._copier = threading.Thread(target=stage_loop, name="snapd-copy", daemon=True,
+                                        args=(ctx, "copy", self._copies.get, self._copy_one, self._copy_failed))
         self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
 
     def start(self) -> None:
@@ -124,40 +84,54 @@ class Pipeline:
             self._disk_bps = bps
         log.info("disk: %.0f MB/s durable writes under %s (first probe)", bps / 1e6, self.config.root)
 
+    # -- the state machine -------------------------------------------------------
+    def received(self, task: Task, in_buffer: bool) -> None:
+        """A snapshot accepted (server thread); ``in_buffer``: its bytes are there already (the
+        plain path: the client copied them before sending it)."""
+        if in_buffer:
+            task.advance(COPIED)
+
+    def copied(self, task: Task) -> None:
+        """The GPU copier's copies of ``task`` are done (server thread): on to encoding."""
+        task.advance(COPIED)
+        self.submit(task)
+
+    def failed(self, task: Task, stage: str, code: str, message: str, error: BaseException | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """``task`` failed in ``stage`` (any stage's thread, or the server's): logged here, once (with
+        the traceback of ``error`` when it is a bug of ours); the "done" event to send the server."""
+        if task.state not in (FAILED, PERSISTED):
+            task.advance(FAILED)
+        log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, message,
+                  exc_info=error if code == "internal" else None)
+        return {"event": "done", "seq": task.seq, "ok": False, "code": code, "message": message, "stage": stage,
+                **extra}
+
+    # -- the copy stage (registered regions) -----------------------------------------
     def copy(self, task: Task, copies: list) -> None:
         """Copy ``[(dst, src), ...]`` from registered regions, then persist the task."""
         self._copies.put((task, copies))
 
-    def _copy_loop(self) -> None:
-        events = self._ctx.socket(zmq.PUSH)
-        events.connect(EVENTS_ENDPOINT)
-        try:
-            while True:
-                item = self._copies.get()
-                if item is None:
-                    return
-                task, copies = item
-                try:
-                    for dst, src in copies:  # pread releases the GIL
-                        copy_from_region(dst, src)
-                except Exception as e:  # a region that went away or was cut short under us
-                    task.advance(FAILED)
-                    events.send(json.dumps({"event": "done", "seq": task.seq, "ok": False, "code": "copy",
-                                            "message": str(e), "stage": "copy"}).encode())
-                    continue
-                task.advance(COPIED)
-                events.send(json.dumps({"event": "copied", "seq": task.seq}).encode())
-                self.submit(task)
-        finally:
-            events.close(linger=1000)
+    def _copy_one(self, item: tuple[Task, list], outbox: Outbox) -> None:
+        task, copies = item
+        for dst, src in copies:  # pread releases the GIL
+            copy_from_region(dst, src)
+        task.advance(COPIED)
+        outbox.send({"event": "copied", "seq": task.seq})
+        self.submit(task)
+
+    def _copy_failed(self, item: tuple[Task, list], error: Exception, outbox: Outbox) -> None:
+        # (a region that went away or was cut short under us)
+        outbox.send(self.failed(item[0], "copy", *failure_fields(error, "copy"), error))
 
     def submit(self, task: Task) -> None:
         self._queue.put((0 if task.emergency else 1, task.seq, task))
 
     def stop(self) -> None:
         self._copies.put(None)
-        self._queue.put((2, next(_seq), None))
-        self._thread.join(timeout=5)
+        self._queue.put((2, next_seq(), None))
+        if self._thread.is_alive():  # (a daemon stopped before it started serving never started it)
+            self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def gpu_shuffle(self, task: Task) -> str | None:
@@ -167,7 +141,7 @@ class Pipeline:
             return None
         codec = self.config.codec
         if codec == "auto":
-            choice = self.choices.get(task.key)
+            choice = self._choices.get(task.key)
             codec = choice.codec if choice is not None else ""
         if codec.startswith("shuffle-"):
             task.codec = codec
@@ -182,7 +156,7 @@ class Pipeline:
         # a small or emergency snapshot before the probe ends does not wait for it: it is coded
         # against an assumed disk, and the choice is revised against the measured one next time
         disk_bps = self._disk_bps or ASSUMED_DISK_BPS
-        choice = self.choices.get(task.key)
+        choice = self._choices.get(task.key)
         if choice is None:
             leaves = task.leaves
             if reads is not None and leaves:  # the sample, copied out of the buffer file
@@ -195,7 +169,7 @@ class Pipeline:
             if revised.codec != choice.codec:
                 log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
             choice = revised
-        self.choices[task.key] = choice
+        self._choose(task.key, choice)
         if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
             return task.codec
         return choice.revised(disk_bps, fastest_only=True).codec if task.emergency else choice.codec
@@ -205,25 +179,30 @@ class Pipeline:
         seen = writer.disk_bytes_per_s
         if seen is not None and self._disk_bps is not None:
             self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
-        choice = self.choices.get(task.key)
+        choice = self._choices.get(task.key)
         if choice is not None and not task.emergency:
             # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
             encode_bound = writer.io_seconds < 0.7 * seconds
-            self.choices[task.key] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)
+            self._choose(task.key, choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound))
 
-    def _run(self) -> None:
-        events = self._ctx.socket(zmq.PUSH)
-        events.connect(EVENTS_ENDPOINT)
-        try:
-            while True:
-                _, _, task = self._queue.get()
-                if task is None:
-                    return
-                events.send(json.dumps(self._persist(task)).encode())
-        finally:
-            events.close(linger=1000)
+    def codec_choices(self) -> dict[str, Choice]:
+        """A copy of the codec choices, per job directory (for ``snapd status``, any thread)."""
+        with self._choices_lock:
+            return dict(self._choices)
+
+    def _choose(self, key: str, choice: Choice) -> None:
+        with self._choices_lock:
+            self._choices[key] = choice
+
+    # -- the flush thread --------------------------------------------------------------
+    def _flush(self, task: Task, outbox: Outbox) -> None:
+        outbox.send(self._persist(task))
+
+    def _flush_failed(self, task: Task, error: Exception, outbox: Outbox) -> None:
+        outbox.send(self.failed(task, "flush", *failure_fields(error, "flush"), error))
 
     def _persist(self, task: Task) -> dict[str, Any]:
+        """Encode and write ``task``; its "done" event."""
         stage = "flush"
         writer = None
         reads: BufferReads | None = None
@@ -235,8 +214,8 @@ class Pipeline:
             writer.taken_unix_s = task.taken_unix_s
             stage = "encode"
             if task.buffer is not None:  # reads a client cannot make fault (snapd.daemon.buffer_reads)
-                path, end, base, foreign = task.buffer
-                reads = BufferReads(path, base, end, self._scratch, copy=foreign)
+                b = task.buffer
+                reads = BufferReads(b.path, b.address, b.end, self._scratch, copy=b.foreign)
             codec = self._codec(task, reads)
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
@@ -249,20 +228,20 @@ class Pipeline:
             done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
                                  emergency=task.emergency)
             task.advance(PERSISTED)
-            if reads is not None:
-                reads.close()
-            self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
-            took = task.times[PERSISTED] - task.times[RECEIVED]
-            log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
-                     done.entry.stored_bytes, codec, took)
-            return {"event": "done", "seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
-                    "stored_bytes": done.entry.stored_bytes, "seconds": took}
         except Exception as e:  # every failure is reported to the client, naming the stage
             if writer is not None:
                 writer.abort()
             if reads is not None:
                 reads.close()
-            task.advance(FAILED)
-            code = e.code if isinstance(e, SnapdError) else ("flush" if isinstance(e, OSError) else "internal")
-            log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, e)
-            return {"event": "done", "seq": task.seq, "ok": False, "code": code, "message": str(e), "stage": stage}
+            return self.failed(task, stage, *failure_fields(e, stage), e)
+        if reads is not None:
+            reads.close()
+        try:
+            self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
+        except Exception:  # (the snapshot is persisted: only the next codec choice misses this one)
+            log.exception("job %s: learning from the flush of step %d failed", task.job, task.step)
+        took = task.times[PERSISTED] - task.times[RECEIVED]
+        log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
+                 done.entry.stored_bytes, codec, took)
+        return {"event": "done", "seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
+                "stored_bytes": done.entry.stored_bytes, "seconds": took}

@@ -55,14 +55,14 @@ class Quotas:
         if self.limit is not None:
             self._used[jobs_root] = disk_usage(jobs_root)
 
-    def check(self, s: Any, nbytes: int, tasks: dict[int, Any]) -> None:
-        """Raise LimitExceeded if ``s``'s user would pass the quota with a snapshot of ``nbytes``."""
+    def check(self, s: Any, nbytes: int, pending: int) -> None:
+        """Raise LimitExceeded if ``s``'s user would pass the quota with a snapshot of ``nbytes``
+        (``pending``: the bytes of that user's snapshots in flight)."""
         if self.limit is None:
             return
         if s.jobs_root not in self._used:
             self.refresh(s.jobs_root)
         used = self._used[s.jobs_root]
-        pending = sum(t.raw_bytes for t in tasks.values() if t.root == s.jobs_root)
         if used + pending + nbytes > self.limit:
             log.warning("uid %d: a snapshot of %d bytes refused: %d on disk and %d in flight, quota %d", s.uid,
                         nbytes, used, pending, self.limit)

@@ -91,7 +91,7 @@ def serve(config: DaemonConfig) -> int:
 
     notifier = Notifier.from_environment()
     server = Server(config, policy=policy)
-    server.backend = why
+    server.status.backend = why
     try:
         if backend.name == "cuda":
             try:
@@ -112,7 +112,7 @@ def serve(config: DaemonConfig) -> int:
                  sorted(policy.gids), f"group {policy.socket_gid}" if policy.socket_gid is not None
                  else "owner only", "on" if policy.user_dirs else "off")
         print(f"snapd: ready on {config.endpoint}", file=sys.stderr, flush=True)
-        notifier.ready(server.status_line())  # socket bound, root writable
+        notifier.ready(server.status.line())  # socket bound, root writable
         return server.run(lambda: stop["signal"] is not None, notifier)
     finally:
         server.close()

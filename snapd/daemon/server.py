@@ -1,9 +1,10 @@
 """The server thread: the only code that touches the ZeroMQ ROUTER socket.
 
-It validates every request (snapd.protocol), owns the sessions and (through
-snapd.daemon.leases) the buffer leases, hands snapshots to the pipeline and relays the pipeline's
-endings to the clients. Exceptions become wire error codes here and only
-here; a bad request gets an error reply and everyone else keeps being served.
+It validates every request (snapd.protocol), owns the sessions, and puts the daemon's parts
+together: the lease book (leases), the snapshots in flight (tasks), their intake, the stages
+(pipeline, gpu_copy), what it tells clients of their endings (endings), and its account of
+itself (status). It is the error boundary of its thread: a request, a hand-over or an event
+that raises becomes an error reply or a failed snapshot, and everyone else keeps being served.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -22,16 +22,19 @@ from snapd import __version__, protocol
 from snapd.cuda_driver import pid_namespace
 from snapd.daemon.access import AccessPolicy, Peer, ZapHandler
 from snapd.daemon.buffers import BufferPool
+from snapd.daemon.channels import EVENTS_ENDPOINT, Replies, post
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.endings import Endings
+from snapd.daemon.intake import Handoff, Intake
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
-from snapd.daemon.pipeline import EVENTS_ENDPOINT, Pipeline, Task
+from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
-from snapd.daemon.endings import on_event, on_sync, post_event
-from snapd.daemon.status import Recent, status_line, status_of
-from snapd.daemon.layouts import accept_snapshot
-from snapd.daemon.sessions import Session, end_session, open_region, reap_dead_clients
-from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
+from snapd.daemon.regions import open_region
+from snapd.daemon.sessions import Session, gone
+from snapd.daemon.status import Status, Tally
+from snapd.daemon.tasks import TaskTable, failure_fields
+from snapd.errors import ProtocolError, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
 from snapd.format.writer import Retention
 from snapd.paths import socket_path
@@ -48,38 +51,39 @@ class Server:
         self.ctx = ctx or zmq.Context.instance()
         self.policy = policy or AccessPolicy(config)
         self.zap: ZapHandler | None = None
-        self.started = time.time()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        self.replies = Replies(self.sock)
         self.events = self.ctx.socket(zmq.PULL)
         self.events.bind(EVENTS_ENDPOINT)
         self.pool = BufferPool(config.shm_dir, config.host_buffers, config.host_buffer_bytes)
         self.pipeline = Pipeline(config, self.ctx)
         self.sessions: dict[bytes, Session] = {}
-        self.tasks: dict[int, Task] = {}
+        self.tasks = TaskTable()
         self.stopping = False
-        self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
-        self.last_error = ""
-        self.recent = Recent()
-        self.backend = "cpu"
         self.metrics = Metrics()
-        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self._send, self.hand_over,
-                             lambda event: post_event(self.ctx, event), shared=self.policy.user_dirs)
+        self.tally = Tally(self.metrics)
+        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self.replies, self.hand_over,
+                             lambda event: post(self.ctx, event), shared=self.policy.user_dirs)
         self.quotas = Quotas(config.user_disk_bytes, self.policy.user_dirs, config.root)
+        self.intake = Intake(config, self.pool, self.leases, self.quotas, self.tasks, self.pipeline, self.tally)
+        self.endings = Endings(self.replies, self.tasks, self.leases, self.pipeline, self.quotas, self.tally)
+        self.status = Status(config, self.policy, self.pool, self.leases, self.pipeline, self.sessions, self.tasks,
+                             self.tally)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
-        self._handoff: Any = None  # the accepted snapshot's hand-over to a stage, run after the reply
-        self._handoffs: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
-        self.syncs: list[tuple[bytes, int, set[int]]] = []  # (peer, sync request, tasks it waits for)
+        self._handoff: Handoff | None = None  # the accepted snapshot's hand-over, run after the reply
+        self._handoffs: collections.deque[tuple[float, Handoff]] = collections.deque()
 
     def enable_gpu(self) -> None:
         """Take snapshots of device tensors by CUDA IPC (called when the backend is CUDA)."""
         from snapd.daemon.gpu_copy import GpuCopier
 
-        self.gpu = GpuCopier(self.ctx, EVENTS_ENDPOINT, self.config.chunk_bytes)
-        self.pool.before_discard = lambda buf: self.gpu.unpin(buf.view.ctypes.data)
+        self.gpu = self.intake.gpu = self.status.gpu = GpuCopier(self.ctx, self.config.chunk_bytes,
+                                                                  self.pipeline.failed)
+        self.pool.before_discard = lambda buf, unmap: self.gpu.unpin(buf.view.ctypes.data, unmap)
         self.pool.after_install = lambda buf: self.gpu.pin([buf.view])
 
     # -- lifecycle -------------------------------------------------------------
@@ -117,19 +121,20 @@ class Server:
                 elif self.zap is not None and s is self.zap.sock:
                     self.zap.handle()
                 else:
-                    on_event(self, json.loads(self.events.recv()))
+                    self._on_event(self.events.recv())
             if self._handoffs and (not events or time.monotonic() - self._handoffs[0][0] >= HANDOFF_DELAY_S):
                 while self._handoffs:
-                    self._handoffs.popleft()[1]()
+                    self._run_handoff(self._handoffs.popleft()[1])
             now = time.monotonic()
             notifier.tick()
             if now >= next_check:
-                reap_dead_clients(self)
+                for s in gone(self.sessions):
+                    self._end_session(s)
                 self.leases.expire_waiters(now)
                 if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
                     self.leases.restore_start()
                 next_check = now + self.config.client_check_interval_s
-                notifier.status(self.status_line())
+                notifier.status(self.status.line())
             if should_stop() and not self.stopping:
                 self._begin_drain()
                 notifier.stopping(self.config.drain_timeout_s)
@@ -156,7 +161,7 @@ class Server:
         self.pool.close()
 
     def _begin_drain(self) -> None:
-        self.stopping = True
+        self.stopping = self.intake.stopping = True
         log.info("stopping: no new snapshots; persisting %d in flight", len(self.tasks))
         self.leases.refuse_waiters()
 
@@ -166,13 +171,23 @@ class Server:
             return False
         return self.config.exit_when_idle_s is not None and now - self.idle_since > self.config.exit_when_idle_s
 
-    # -- requests ----------------------------------------------------------------
-    def _send(self, peer: bytes, frame: bytes) -> None:
+    # -- the loop's error boundary ---------------------------------------------------
+    def _on_event(self, frame: bytes) -> None:
         try:
-            self.sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # a peer that went away: nothing to tell
-            log.debug("reply to a gone peer dropped: %s", e)
+            self.endings.on_event(json.loads(frame))
+        except Exception:  # a bug of ours must not take the daemon down for everyone
+            log.exception("internal error handling a stage's report")
 
+    def _run_handoff(self, handoff: Handoff) -> None:
+        """Hand an accepted snapshot to its stage; if that fails, the snapshot fails (stage
+        ``receive``) and its client hears why."""
+        try:
+            handoff.run()
+        except Exception as e:
+            failed = self.pipeline.failed(handoff.task, "receive", *failure_fields(e, "receive"), e)
+            self._on_event(json.dumps(failed))
+
+    # -- requests ----------------------------------------------------------------
     def _serve_one(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
         peer, frame = frames[0].bytes, b"".join(f.bytes for f in frames[1:])
@@ -198,23 +213,22 @@ class Server:
         # work handed to other threads starts after the reply is out (hand_over; set by a handler that returned)
         handoff, self._handoff = self._handoff, None
         if reply is not None:
-            self._send(peer, reply)
+            self.replies.send(peer, reply)
         if handoff is not None:
             self.hand_over(handoff)
 
     def _refused(self, peer: bytes, msg: dict | None) -> None:
         """A refused request frees what it holds: a snapshot's lease goes back (docs/PROTOCOL.md)."""
         s = self.sessions.get(peer)
-        lease = msg.get("lease") if msg is not None and msg.get("type") == "snapshot" else None
-        if s is not None and lease in s.leases:
+        lease = msg.get("lease") if isinstance(msg, dict) and msg.get("type") == "snapshot" else None
+        if s is not None and type(lease) is int and lease in s.leases:  # (any JSON value may come here)
             self.leases.free(s, lease)
 
-    def hand_over(self, start: Callable[[], None]) -> None:
+    def hand_over(self, handoff: Handoff) -> None:
         """Run a snapshot's hand-over to its stage once its reply is on its way: after the loop's
-        next poll (up to HANDOFF_DELAY_S). Started at once, this work (Python, then copies on
-        another thread) kept libzmq's I/O threads off a small machine's cores: on 2 cores the
-        trainer got the reply for 1024 tensors 1-3 ms late, against 0.2 ms with the wait."""
-        self._handoffs.append((time.monotonic(), start))
+        next poll (up to HANDOFF_DELAY_S): started at once, it kept libzmq's I/O threads off a
+        small machine's cores and the reply late (docs/design.md)."""
+        self._handoffs.append((time.monotonic(), handoff))
 
     def _session(self, peer: bytes) -> Session:
         s = self.sessions.get(peer)
@@ -244,39 +258,21 @@ class Server:
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
         log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
-        return protocol.reply("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
+        return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),
                               job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
                               buffers=self.pool.describe(creds.uid), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
-                              features=list(protocol.FEATURES),
                               cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
-        return self.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])
-
-    def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
-        """A host buffer for a snapshot of ``nbytes`` (snapd.daemon.leases), within the user's quota."""
-        if self.stopping:
-            raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
-        cap = self.config.buffer_cap
-        if nbytes > cap:  # (max_host_buffer_bytes is at most max_host_memory_bytes: one names both)
-            raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon makes, "
-                                f"{cap} bytes: raise max_host_buffer_bytes (and the memory the daemon may use)",
-                                "too_large")
-        self.quotas.check(s, nbytes, self.tasks)  # before a byte is copied
-        try:
-            return self.leases.acquire(s, req_id, nbytes, emergency, then)
-        except Busy:
-            self.counters["skipped"] += 1
-            self.metrics.snapshots.labels("skipped").inc()
-            raise
+        return self.intake.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])
 
     def _on_release(self, peer: bytes, msg: dict) -> bytes:
         s = self._session(peer)
         if msg["lease"] not in s.leases:
             raise ProtocolError(f"lease {msg['lease']} is not yours", "bad_lease")
         self.leases.free(s, msg["lease"])
-        return protocol.reply("released", msg["id"])
+        return protocol.message("released", msg["id"])
 
     def _on_register(self, peer: bytes, msg: dict) -> bytes:
         """Open a client's region (read with pread); its tensors then travel as descriptors only."""
@@ -284,29 +280,36 @@ class Server:
         s.regions[rid := self.leases.new_id()] = region = open_region(msg["path"], msg["bytes"], s.pid, s.uid,
                                                                       self.config.shm_dir)
         log.info("client pid %d registered %d MiB of tensors", s.pid, region.size >> 20)
-        return protocol.reply("registered", msg["id"], region=rid)
+        return protocol.message("registered", msg["id"], region=rid)
 
     def _on_snapshot(self, peer: bytes, msg: dict) -> bytes:
-        reply, self._handoff = accept_snapshot(self, self._session(peer), msg)
+        reply, self._handoff = self.intake.accept(self._session(peer), msg)
         return reply
 
     def _on_status(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
-        return protocol.reply("status", msg["id"], **status_of(self, creds))
+        return protocol.message("status", msg["id"], **self.status.of(creds, self.stopping))
 
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
-        return protocol.reply("pong", msg["id"], daemon_pid=os.getpid())
+        return protocol.message("pong", msg["id"], daemon_pid=os.getpid())
 
     def _on_sync(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)
-        return on_sync(self, peer, s.job, s.jobs_root, msg["id"])
+        return self.endings.sync(peer, s.job, s.jobs_root, msg["id"])
 
     def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:
-            end_session(self, self.sessions[peer], bye=msg["id"])
+            self._end_session(self.sessions[peer], bye=msg["id"])
             if self.gpu is not None:
                 return None  # answered once the GPU copier has closed the client's handles (endings)
-        return protocol.reply("bye", msg["id"])
+        return protocol.message("bye", msg["id"])
 
-    def status_line(self) -> str:
-        return status_line(self)
+    def _end_session(self, s: Session, bye: int | None = None) -> None:
+        """The client left (``bye``: the id of its request, answered once the GPU copier has closed its
+        handles) or died: its leases go back, its waits end, the GPU copier closes what it opened."""
+        del self.sessions[s.peer]
+        self.endings.forget(s.peer)
+        self.leases.release_all(s)
+        if self.gpu is not None:
+            self.gpu.forget(s.peer, bye)
+        self.metrics.clients.set(len(self.sessions))
 

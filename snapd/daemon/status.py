@@ -1,4 +1,4 @@
-"""The daemon's account of itself: ``snapd status`` (docs/PROTOCOL.md, a stable
+"""The daemon's account of itself: its tallies, ``snapd status`` (docs/PROTOCOL.md, a stable
 schema) and the one line systemd shows as STATUS=."""
 
 from __future__ import annotations
@@ -7,12 +7,17 @@ import collections
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from snapd import __version__
-
-if TYPE_CHECKING:
-    from snapd.daemon.server import Server
+from snapd.daemon.access import AccessPolicy
+from snapd.daemon.buffers import BufferPool
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.leases import Leases
+from snapd.daemon.metrics import Metrics
+from snapd.daemon.pipeline import Pipeline
+from snapd.daemon.sessions import Session
+from snapd.daemon.tasks import Task, TaskTable
 
 WINDOW_S = 60.0  # "recent" throughput: snapshots persisted within the last minute
 
@@ -47,12 +52,31 @@ class Recent:
                 "stored_bytes_per_s": round(sum(w[2] for w in self._window) / WINDOW_S)}
 
 
-def status_line(server: Server) -> str:
-    """One line for systemd's STATUS= (shown by systemctl status)."""
-    c, pool = server.counters, server.pool
-    return (f"{len(server.sessions)} clients, {len(server.tasks)} snapshots in flight, "
-            f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed; "
-            f"{len(pool.buffers)} host buffers, {pool.total() >> 20} MiB")
+class Tally:
+    """What became of the snapshots: counters, the last error, each job's outcomes, and metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.counters = {"persisted": 0, "failed": 0, "skipped": 0, "bytes_raw": 0, "bytes_stored": 0}
+        self.last_error = ""
+        self.recent = Recent()
+
+    def skipped(self) -> None:
+        self.counters["skipped"] += 1
+        self.metrics.snapshots.labels("skipped").inc()
+
+    def persisted(self, task: Task, stored: int, seconds: float) -> None:
+        self.counters["persisted"] += 1
+        self.counters["bytes_raw"] += task.raw_bytes
+        self.counters["bytes_stored"] += stored
+        self.metrics.persisted(task.raw_bytes, stored, seconds)
+        self.recent.persisted(task.job, task.key, task.step, task.raw_bytes, stored)
+
+    def failed(self, task: Task, message: str) -> None:
+        self.counters["failed"] += 1
+        self.metrics.snapshots.labels("failed").inc()
+        self.recent.failed(task.job, task.key)
+        self.last_error = f"{task.job} step {task.step}: {message}"
 
 
 def _last_snapshot(last: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -60,50 +84,65 @@ def _last_snapshot(last: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if last is None else {**last, "bytes": dict(last["bytes"])}
 
 
-def _mine(viewer: Any, server: Server) -> Callable[[str], bool]:
-    """Whether a job directory is ``viewer``'s: under its per-user directory (with shared
-    directories off, no job is attributed to a user)."""
-    if not server.policy.user_dirs:
-        return lambda path: False
-    own = str(server.config.root / viewer.user) + os.sep
-    return lambda path: path.startswith(own)
+class Status:
+    """``snapd status`` and STATUS=, read from the daemon's parts (server thread)."""
 
+    def __init__(self, config: DaemonConfig, policy: AccessPolicy, pool: BufferPool, leases: Leases,
+                 pipeline: Pipeline, sessions: dict[bytes, Session], tasks: TaskTable, tally: Tally) -> None:
+        self.config, self.policy, self.pool, self.leases = config, policy, pool, leases
+        self.pipeline, self.sessions, self.tasks, self.tally = pipeline, sessions, tasks, tally
+        self.started = time.time()
+        self.backend = "cpu"
+        self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier on the GPU path
 
-def status_of(server: Server, viewer: Any = None) -> dict[str, Any]:
-    """Everything for root and the daemon's own uid (and in-process callers: ``viewer`` None); for
-    any other user, their own clients and jobs, and figures summed over everyone."""
-    full = _status(server)
-    if viewer is None or viewer.uid in (0, os.geteuid()):
+    def line(self) -> str:
+        """One line for systemd's STATUS= (shown by systemctl status)."""
+        c, pool = self.tally.counters, self.pool
+        return (f"{len(self.sessions)} clients, {len(self.tasks)} snapshots in flight, "
+                f"{c['persisted']} persisted ({c['bytes_stored'] >> 20} MiB), {c['failed']} failed; "
+                f"{len(pool.buffers)} host buffers, {pool.total() >> 20} MiB")
+
+    def _mine(self, viewer: Any) -> Callable[[str], bool]:
+        """Whether a job directory is ``viewer``'s: under its per-user directory (with shared
+        directories off, no job is attributed to a user)."""
+        if not self.policy.user_dirs:
+            return lambda path: False
+        own = str(self.config.root / viewer.user) + os.sep
+        return lambda path: path.startswith(own)
+
+    def of(self, viewer: Any = None, stopping: bool = False) -> dict[str, Any]:
+        """Everything for root and the daemon's own uid (and in-process callers: ``viewer`` None); for
+        any other user, their own clients and jobs, and figures summed over everyone."""
+        full = self._status(stopping)
+        if viewer is None or viewer.uid in (0, os.geteuid()):
+            return full
+        mine = self._mine(viewer)
+        full["clients"] = [c for c in full["clients"] if c["uid"] == viewer.uid]
+        full["jobs"] = [j for j in full["jobs"] if mine(j["dir"])]
+        full["codecs"] = {k: v for k, v in full["codecs"].items() if mine(str(self.config.root / k))}
+        full["access"] = {**full["access"], "uids": [viewer.uid], "gids": []}
+        full["last_error"] = ""  # (it names another user's job and path as readily as one's own)
         return full
-    mine = _mine(viewer, server)
-    full["clients"] = [c for c in full["clients"] if c["uid"] == viewer.uid]
-    full["jobs"] = [j for j in full["jobs"] if mine(j["dir"])]
-    full["codecs"] = {k: v for k, v in full["codecs"].items() if mine(str(server.config.root / k))}
-    full["access"] = {**full["access"], "uids": [viewer.uid], "gids": []}
-    full["last_error"] = ""  # (it names another user's job and path as readily as one's own)
-    return full
 
-
-def _status(server: Server) -> dict[str, Any]:
-    config, pool = server.config, server.pool
-    by_state = collections.Counter(t.state for t in server.tasks.values())
-    return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - server.started, 3),
-            "endpoint": config.endpoint, "root": str(config.root), "stopping": server.stopping,
-            "backend": server.backend, "metrics": server.metrics.url,
-            "cuda_devices": server.gpu.describe() if server.gpu is not None else [],
-            "cuda_devices_in_use": sorted(server.gpu.devices) if server.gpu is not None else [],
-            "cuda_devices_skipped": dict(server.gpu.skipped) if server.gpu is not None else {},
-            "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
-                         "held_buffers": server.leases.held(s),
-                         "last_snapshot": _last_snapshot(s.last_snapshot)} for s in server.sessions.values()],
-            "access": server.policy.describe(),
-            "in_flight": dict(by_state), "waiting_for_buffer": len(server.leases.waiters),
-            "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,
-                        "sizes": [b.size for b in pool.buffers], "max_bytes_each": config.buffer_cap,
-                        "max_bytes": config.memory_cap,
-                        "busy": sum(b.lease is not None for b in pool.buffers)},
-            "codecs": {os.path.relpath(key, config.root): {"codec": c.codec, "reason": c.reason}
-                       for key, c in server.pipeline.choices.items()},
-            "jobs": sorted(server.recent.jobs.values(), key=lambda j: j["dir"]),
-            "throughput": server.recent.throughput(),
-            "counters": dict(server.counters), "last_error": server.last_error}
+    def _status(self, stopping: bool) -> dict[str, Any]:
+        config, pool, gpu, tally = self.config, self.pool, self.gpu, self.tally
+        return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+                "endpoint": config.endpoint, "root": str(config.root), "stopping": stopping,
+                "backend": self.backend, "metrics": tally.metrics.url,
+                "cuda_devices": gpu.describe() if gpu is not None else [],
+                "cuda_devices_in_use": gpu.in_use() if gpu is not None else [],
+                "cuda_devices_skipped": dict(gpu.skipped) if gpu is not None else {},
+                "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
+                             "held_buffers": self.leases.held(s),
+                             "last_snapshot": _last_snapshot(s.last_snapshot)} for s in self.sessions.values()],
+                "access": self.policy.describe(),
+                "in_flight": self.tasks.by_state(), "waiting_for_buffer": len(self.leases.waiters),
+                "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,
+                            "sizes": [b.size for b in pool.buffers], "max_bytes_each": config.buffer_cap,
+                            "max_bytes": config.memory_cap,
+                            "busy": sum(b.lease is not None for b in pool.buffers)},
+                "codecs": {os.path.relpath(key, config.root): {"codec": c.codec, "reason": c.reason}
+                           for key, c in self.pipeline.codec_choices().items()},
+                "jobs": sorted(tally.recent.jobs.values(), key=lambda j: j["dir"]),
+                "throughput": tally.recent.throughput(),
+                "counters": dict(tally.counters), "last_error": tally.last_error}

@@ -37,7 +37,7 @@ def notify(leases: Any, s: Any, w: Waiter, why: str) -> None:
     """Tell a client that asked for notices (``hello.notices``) that its request waits, why, and
     for how long at most; older clients are told nothing until the grant or the refusal."""
     if s.notices:
-        leases._send(w.peer, protocol.reply("waiting", w.req_id, why=why, at_most_s=leases.config.busy_wait_s))
+        leases.replies.send(w.peer, protocol.message("waiting", w.req_id, why=why, at_most_s=leases.config.busy_wait_s))
 
 
 def expire(leases: Any, now: float) -> None:
@@ -54,7 +54,7 @@ def expire(leases: Any, now: float) -> None:
             leases.waiters.remove(w)
             log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer (busy_wait_s); "
                         "held: %s", who(leases, w.peer), waited, holders(leases))
-            leases._send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
+            leases.replies.send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
                 f"no host buffer came free for this snapshot within busy_wait_s ({leases.config.busy_wait_s:.0f} s)"
                 f"; held: {holders(leases)}")))
 

@@ -250,7 +250,3 @@ def check_retention(keep_last: object, keep_every_steps: object) -> None:
     for name, v in (("keep_last", keep_last), ("keep_every_steps", keep_every_steps)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise InvalidArgument(f"{name} must be None or an integer >= 1, got {v!r}")
-
-
-def path_of(job: JobDir, entry: Entry) -> Path:
-    return job.path / entry.name

@@ -146,34 +146,47 @@ class JobDir:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def install(self, tmp: Path, step: int) -> None:
+    def install(self, tmp: Path, step: int) -> list[Path]:
         """Move a finished temporary snapshot into place (call under ``lock``).
 
         A snapshot of the same step already there is swapped out atomically
-        (renameat2 RENAME_EXCHANGE) and deleted, so readers always see one
-        complete version or the other.
+        (renameat2 RENAME_EXCHANGE), so readers always see one complete version
+        or the other. Returns what was swapped out, renamed out of sight: the
+        caller removes it (``remove``) once it has let go of the lock.
         """
         final = self.path / snapshot_name(step)
+        out = []
         if final.exists():
             if _exchange(tmp, final):
-                self.delete(tmp.name)
+                out.append(self.trash(tmp.name))
             else:  # no renameat2: a crash between these two renames loses only this step
-                old = self.path / f".trash-{final.name}-{secrets.token_hex(4)}"
-                os.rename(final, old)
+                out.append(self.path / f".trash-{final.name}-{secrets.token_hex(4)}")
+                os.rename(final, out[-1])
                 os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
         fsync_dir(self.path)
+        return [p for p in out if p is not None]
 
-    def delete(self, name: str) -> None:
-        """Delete a snapshot directory: rename it out of sight first, then remove it."""
+    def trash(self, name: str) -> Path | None:
+        """Rename a snapshot directory out of sight (quick: under ``lock``); ``remove`` it later."""
         trash = self.path / f".trash-{name}-{secrets.token_hex(4)}"
         try:
             os.rename(self.path / name, trash)
         except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+            return None
+        return trash
+
+    @staticmethod
+    def remove(trash: list[Path]) -> None:
+        """Remove what ``trash`` renamed out of sight (seconds for a large snapshot: not under the lock;
+        a crash meanwhile leaves it to ``remove_leftovers``)."""
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        """Delete a snapshot directory: rename it out of sight first, then remove it."""
+        self.remove([p for p in [self.trash(name)] if p is not None])
 
     # -- reader side ---------------------------------------------------------
     def snapshot_dirs(self) -> dict[int, Path]:

@@ -198,10 +198,11 @@ class SnapshotWriter:
             fsync_dir(self.tmp)
             with self.job.lock():
                 index = jobindex.load(self.job)
-                self.job.install(self.tmp, self.step)
+                trash = self.job.install(self.tmp, self.step)
                 # committed from here on: what follows only tidies, and may fail without undoing it
                 entry = jobindex.Entry.of(manifest)
-                self._tidy(index, entry, retention)
+                trash += self._tidy(index, entry, retention)
+            self.job.remove(trash)  # (after the lock: the other writers of the job need not wait for it)
         except SnapdError:
             self.abort()
             raise
@@ -210,8 +211,9 @@ class SnapshotWriter:
             raise FlushError(f"committing step {self.step} of job {self.job.job}: {e}") from e
         return Committed(self.job.path / entry.name, entry)
 
-    def _tidy(self, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> None:
-        """Record the committed snapshot in the index and apply retention (under the job lock).
+    def _tidy(self, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> list[Path]:
+        """Record the committed snapshot in the index and apply retention (under the job lock): what
+        retention takes is renamed out of sight, and returned to be removed after the lock.
 
         A failure here (the disk full while rewriting the index) leaves the snapshot committed:
         it is logged, not reported as a failed commit, and readers rebuild the index from the
@@ -223,15 +225,17 @@ class SnapshotWriter:
         index.record(entry)
         if retention.best is not None:
             index.best_metric = retention.best
+        trash: list[Path] = []
         try:
             for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
                 log.info("%s: retention removes step %d", self.job.path, old.step)
-                self.job.delete(old.name)
+                trash += [p for p in [self.job.trash(old.name)] if p is not None]
                 index.history.remove(old)
             jobindex.save(self.job, index)
         except OSError as e:
             log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
                       "it from the snapshot manifests", self.job.path, entry.step, e)
+        return trash
 
     def abort(self) -> None:
         """Drop the temporary directory; nothing committed before is touched."""

@@ -207,7 +207,7 @@ HOSTILE = {
     "lease never released": "print(raw('acquire', nbytes=1 << 20, emergency=False)); os._exit(0)",
     "deep json": "sock.send(b'[' * 200000 + b']' * 200000); print(sock.poll(5000) and sock.recv())",
     "lease of another": "print(raw('release', lease=1)); print(raw('snapshot', lease=2, step=1, metrics={}, "
-                        "emergency=False, tensors=[], tree={'t': 'dict', 'k': [], 'v': []}))",
+                        "emergency=False, layout=1, tensors=[], tree={'t': 'dict', 'k': [], 'v': []}))",
     "huge nbytes": "print(raw('acquire', nbytes=1 << 62, emergency=False))",
     "device region": ("os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 5)); "  # /dev/zero's numbers
                       "print(raw('register', path=p, bytes=4096))"),
@@ -223,7 +223,7 @@ sock.setsockopt(zmq.LINGER, 0)
 sock.connect(sys.argv[1])
 ids = itertools.count(1)
 def raw(kind, **f):
-    sock.send(protocol.request(kind, next(ids), **f))
+    sock.send(protocol.message(kind, next(ids), **f))
     return protocol.decode_reply(sock.recv()) if sock.poll(10000) else "NO ANSWER"
 raw("hello", job="evil", pid=os.getpid(), keep_last=None, keep_every_steps=None, best=None, on_busy="wait",
     root=None)

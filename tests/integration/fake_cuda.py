@@ -249,6 +249,16 @@ class _Mark:
         pass
 
 
+class _FailingStream(_Stream):
+    def synchronize(self) -> None:
+        _failing("sync")()
+
+
+class _FailingMark(_Mark):
+    def synchronize(self) -> None:
+        _failing("sync")()
+
+
 def _memcpy(dst: int, src: int, n: int, kind: int, stream: int) -> None:
     ctypes.memmove(dst, src, n)
 
@@ -270,7 +280,7 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process, with
     ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``.
     ``$SNAPD_FAKE_CUDA_FAIL``: ``open``, no IPC handle opens; ``copy``, every device->host copy fails;
-    ``context``, no device gets a context. ``$SNAPD_FAKE_CUDA_MODES``: each device's compute mode
+    ``context``, no device gets a context; ``sync``, every stream and event synchronize fails. ``$SNAPD_FAKE_CUDA_MODES``: each device's compute mode
     (``0,3``: device 1 exclusive-process). Each device made (its context) is logged."""
     from snapd import cuda_driver
     from snapd.daemon import gpu_windows
@@ -290,7 +300,9 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     kernel = HostKernel(Path(kernel_lib))
     runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: 0,
                                     memcpyAsync=_failing("copy") if fail == "copy" else _memcpy)
-    cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_Stream, Event=_Mark,
+    sync_fails = fail == "sync"
+    cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_FailingStream if sync_fails else _Stream,
+                                 Event=_FailingMark if sync_fails else _Mark,
                                  get_current_stream=lambda: _Stream())
     cupy = types.ModuleType("cupy")
     cupy.__version__ = "0 (tests/integration/fake_cuda.py)"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,15 +125,17 @@ def test_sigterm_drains_what_was_copied(start, client_proc) -> None:
 
 
 def test_daemon_sigkill_mid_flush_keeps_older_snapshots(start, tmp_path) -> None:
-    d = start("--codec", "shuffle-zstd", "--encode-threads", "1", "--host-buffer-bytes", str(200 << 20))
+    """Killed at the last moment of a commit (tests/integration/scripts/faulty_daemon.py pauses the
+    flush there: data and manifest written and synced, not yet renamed into place)."""
+    paused = [sys.executable, str(Path(__file__).parent / "scripts" / "faulty_daemon.py"), "install", "2"]
+    d = start("--codec", "shuffle-zstd", "--host-buffer-bytes", str(64 << 20), command=paused)
     c = snapd.connect("crash", endpoint=d.endpoint, spawn=False, keep_last=None)
     c.snapshot({"w": np.ones(1000, np.float32)}, step=1).wait(30)
-    big = {f"w{i}": np.random.default_rng(i).standard_normal(12 << 20).astype(np.float32) for i in range(4)}
+    big = {f"w{i}": np.random.default_rng(i).standard_normal(2 << 20).astype(np.float32) for i in range(4)}
     c.snapshot(big, step=2)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(p.name.startswith(".tmp-2-") for p in (d.root / "crash").iterdir()):
-        time.sleep(0.01)
-    time.sleep(0.2)
+    d.wait_for(lambda: "paused before installing step 2" in d.log_text(), timeout=60)
+    [tmp] = [p for p in (d.root / "crash").iterdir() if p.name.startswith(".tmp-2-")]
+    assert (tmp / "manifest.json").exists()  # (the most a commit can have done and still not be there)
     d.proc.kill()
     d.proc.wait()
     assert [s.step for s in snapd.list_snapshots(d.root, "crash")] == [1]
@@ -203,14 +206,14 @@ def _ask(s: zmq.Socket, frame: bytes) -> dict:
 def test_busy_buffers_skip_or_wait(start) -> None:
     daemon = start("--max-host-memory-bytes", str(64 << 20))  # a fixed pool: two buffers, no more
     holder = _ask_hello(daemon.endpoint)
-    leases = [_ask(holder, protocol.request("acquire", i + 2, nbytes=1024, emergency=False))["lease"]
+    leases = [_ask(holder, protocol.message("acquire", i + 2, nbytes=1024, emergency=False))["lease"]
               for i in range(2)]  # both host buffers held
     with snapd.connect("skipper", endpoint=daemon.endpoint, spawn=False, on_busy="skip") as c:
         p = c.snapshot({"w": np.ones(4)}, step=1)
         assert p.skipped and "busy" in p.reason
         with pytest.raises(Busy):
             p.wait()
-    threading.Timer(0.5, lambda: holder.send(protocol.request("release", 9, lease=leases[0]))).start()
+    threading.Timer(0.5, lambda: holder.send(protocol.message("release", 9, lease=leases[0]))).start()
     with snapd.connect("waiter", endpoint=daemon.endpoint, spawn=False, on_busy="wait") as c:
         p = c.snapshot({"w": np.ones(4)}, step=1)
         assert not p.skipped and p.waited_s >= 0.3
@@ -220,32 +223,32 @@ def test_busy_buffers_skip_or_wait(start) -> None:
 
 def _ask_hello(endpoint: str) -> zmq.Socket:
     s = _raw(endpoint)
-    assert _ask(s, protocol.request("hello", 1, job="holder", pid=os.getpid(), on_busy="wait"))["type"] == "welcome"
+    assert _ask(s, protocol.message("hello", 1, job="holder", pid=os.getpid(), on_busy="wait"))["type"] == "welcome"
     return s
 
 
 def test_bad_requests_get_coded_errors(daemon) -> None:
     s = _raw(daemon.endpoint)
     cases = [(b"not json", "malformed"), (b"[1]", "malformed"), (b'{"v": 9, "id": 1, "type": "ping"}', "version"),
-             (protocol.request("launch", 1), "unknown_type"),
-             (protocol.request("acquire", 1, nbytes=10, emergency=False), "out_of_order"),
-             (protocol.request("hello", 1, job="../x", pid=1, on_busy="wait"), "invalid_argument"),
-             (protocol.request("hello", 1, job="ok", pid="me", on_busy="wait"), "bad_field")]
+             (protocol.message("launch", 1), "unknown_type"),
+             (protocol.message("acquire", 1, nbytes=10, emergency=False), "out_of_order"),
+             (protocol.message("hello", 1, job="../x", pid=1, on_busy="wait"), "invalid_argument"),
+             (protocol.message("hello", 1, job="ok", pid="me", on_busy="wait"), "bad_field")]
     for frame, code in cases:
         r = _ask(s, frame)
         assert r["type"] == "error" and r["code"] == code, (frame, r)
-    _ask(s, protocol.request("hello", 2, job="ok", pid=os.getpid(), on_busy="wait"))
-    r = _ask(s, protocol.request("acquire", 3, nbytes=1 << 40, emergency=False))
+    _ask(s, protocol.message("hello", 2, job="ok", pid=os.getpid(), on_busy="wait"))
+    r = _ask(s, protocol.message("acquire", 3, nbytes=1 << 40, emergency=False))
     assert r["code"] == "too_large" and "host_buffer_bytes" in r["message"]
-    lease = _ask(s, protocol.request("acquire", 4, nbytes=100, emergency=False))["lease"]
+    lease = _ask(s, protocol.message("acquire", 4, nbytes=100, emergency=False))["lease"]
     bad = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [10], "offset": (32 << 20) - 8, "nbytes": 40}
-    r = _ask(s, protocol.request("snapshot", 5, lease=lease, step=1, metrics={}, emergency=False,
-                                 tree={"t": "tensor", "i": 0}, tensors=[bad]))
+    r = _ask(s, protocol.message("snapshot", 5, lease=lease, step=1, metrics={}, emergency=False,
+                                 tree={"t": "tensor", "i": 0}, layout=1, tensors=[bad]))
     assert r["code"] == "bad_field" and "outside" in r["message"]
-    r = _ask(s, protocol.request("snapshot", 6, lease=lease, step=1, metrics={}, emergency=False,
-                                 tree={"t": "tensor", "i": 0}, tensors=[]))
+    r = _ask(s, protocol.message("snapshot", 6, lease=lease, step=1, metrics={}, emergency=False,
+                                 tree={"t": "tensor", "i": 0}, layout=1, tensors=[]))
     assert r["code"] == "bad_lease"  # the refused snapshot gave its buffer back
-    assert _ask(s, protocol.request("ping", 7))["type"] == "pong"
+    assert _ask(s, protocol.message("ping", 7))["type"] == "pong"
     s.close()
 
 

@@ -89,6 +89,28 @@ def test_a_device_copy_that_fails_is_staged_here_once_waited_for(fake_gpu) -> No
     assert _same(snapd.load(d.root, "copyfails", 1), want)
 
 
+def test_a_failing_synchronize_fails_that_snapshot_and_the_gpu_threads_serve_on(fake_gpu) -> None:
+    """The device in error: every synchronize fails, on the waiting thread (the copies' marks) and
+    on the GPU thread (a leaving client's handles). Each snapshot fails in the copy stage and is
+    staged by its trainer; the leaving client's bye is answered; the next client is served."""
+    d = fake_gpu.start(fail="sync")
+    state, want = _state(fake_gpu)
+    for job in ("first", "second"):  # (the second after the first's handles were closed)
+        with snapd.connect(job, endpoint=d.endpoint, spawn=False) as c:
+            p = c.snapshot(state, step=1)
+            p.wait_copied(30)
+            assert p.wait(30).step == 1
+            st = c.status()
+            assert st["in_flight"] == {} and st["buffers"]["busy"] == 0, st
+        assert _same(snapd.load(d.root, job), want)
+    with snapd.connect("third", endpoint=d.endpoint, spawn=False) as c:
+        st = c.status()
+    assert st["counters"]["failed"] == 2 and st["counters"]["persisted"] == 2, st
+    log = d.log_text()
+    assert log.count("failed in copy: GPU copy: cudaErrorIllegalAddress") == 2, log
+    assert "synchronize failed" in log and d.proc.poll() is None
+
+
 def test_an_allocation_the_driver_will_not_export_is_staged_here(fake_gpu, monkeypatch, caplog) -> None:
     d = fake_gpu.start()
     state, want = _state(fake_gpu)

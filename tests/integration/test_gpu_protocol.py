@@ -12,7 +12,7 @@ from snapd.errors import SnapdError
 
 
 def _snapshot(conn: Connection, lease: int, cuda: dict, **extra) -> None:
-    conn.call("snapshot", lease=lease, step=1, metrics={}, emergency=False, tree={"t": "tensor", "i": 0},
+    conn.call("snapshot", lease=lease, step=1, metrics={}, emergency=False, tree={"t": "tensor", "i": 0}, layout=1,
               tensors=[{"key": "w", "kind": "torch", "dtype": "float32", "shape": [4], "offset": 0,
                         "nbytes": 16, "cuda": cuda}], **extra)
 

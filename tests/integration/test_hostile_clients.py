@@ -34,7 +34,7 @@ class Raw:
         return protocol.decode_reply(self.sock.recv())
 
     def call(self, kind: str, timeout_s: float = 10.0, **fields) -> dict:
-        return self.send_frame(protocol.request(kind, next(self.ids), **fields), timeout_s)
+        return self.send_frame(protocol.message(kind, next(self.ids), **fields), timeout_s)
 
     def close(self) -> None:
         self.sock.close()
@@ -153,7 +153,7 @@ def test_deeply_nested_json_is_a_bad_request_logged_once(daemon) -> None:
         node["v"].append(child)
         node = child
     frame = json.dumps({"v": protocol.PROTOCOL_VERSION, "id": 9, "type": "snapshot", "nbytes": 0, "step": 1,
-                        "metrics": {}, "emergency": False, "tensors": [], "tree": tree}).encode()
+                        "metrics": {}, "emergency": False, "layout": 1, "tensors": [], "tree": tree}).encode()
     reply = raw.send_frame(frame)
     assert reply["type"] == "error" and reply["code"] in ("malformed", "bad_field")
     assert raw.call("ping")["type"] == "pong"
@@ -168,7 +168,7 @@ def test_a_client_hoarding_leases_cannot_starve_another(start) -> None:
     hoarder = Raw(d.endpoint, "hoard")
     grants = [hoarder.call("acquire", nbytes=32 << 20, emergency=False, timeout_s=5) for _ in range(4)]
     assert all(g["type"] == "granted" for g in grants)
-    hoarder.sock.send(protocol.request("acquire", 99, nbytes=32 << 20, emergency=False))  # over its limit: waits
+    hoarder.sock.send(protocol.message("acquire", 99, nbytes=32 << 20, emergency=False))  # over its limit: waits
     assert not hoarder.sock.poll(1000)
     _serves_others(d)  # the fifth buffer is the other client's
     hoarder.close()

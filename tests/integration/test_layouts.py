@@ -228,7 +228,7 @@ def test_lease_free_snapshots_are_refused_when_the_client_has_bytes_to_write(dae
     try:
         plain = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
         tree = {"t": "tensor", "i": 0}
-        head = {"step": 1, "metrics": {}, "emergency": False}
+        head = {"step": 1, "metrics": {}, "emergency": False, "layout": 1}
         with pytest.raises(SnapdError, match="need a lease: acquire one first"):
             conn.call("snapshot", **head, nbytes=16, tensors=plain, tree=tree)
         with pytest.raises(SnapdError, match="needs a lease, or nbytes"):
@@ -240,28 +240,6 @@ def test_lease_free_snapshots_are_refused_when_the_client_has_bytes_to_write(dae
         assert empty["type"] == "copied"  # nothing to copy: taken at once
     finally:
         conn.close()
-
-
-def test_a_daemon_that_does_not_announce_layouts_gets_full_messages(daemon, sent, monkeypatch) -> None:
-    """A daemon run as a service may be older than its clients: what its welcome does not announce
-    (layouts, lease-free snapshots) the client does not use."""
-    real_call = Connection.call
-
-    def call(self, kind, timeout_s=None, **fields):
-        reply = real_call(self, kind, timeout_s, **fields)
-        if kind == "hello":
-            assert set(reply["features"]) == {"layouts", "lease_free_snapshots", "inline_tensors", "value_changes", "sync"}
-            reply.pop("features")  # as an older daemon's welcome
-        return reply
-    monkeypatch.setattr(Connection, "call", call)
-    state = {"w": np.arange(1024, dtype=np.float32), "step": 0}
-    with snapd.connect("old", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
-        c.share(state)
-        for step in range(3):
-            state["step"] = step
-            c.snapshot(state, step=step).wait(30)
-        assert [c.restore(s)["step"] for s in range(3)] == [0, 1, 2]
-    assert all("tensors" in f and "tree" in f and "lease" in f and "layout" not in f for f in sent)
 
 
 def test_tiny_cpu_tensors_travel_inline_beside_registered_ones(daemon, sent) -> None:
@@ -290,7 +268,8 @@ def test_bad_inline_bytes_are_refused(daemon) -> None:
     conn = _session(daemon.endpoint, "badinline")
     try:
         t = [{"key": "s", "kind": "torch", "dtype": "float32", "shape": [], "offset": 0, "nbytes": 4, "inline": True}]
-        base = {"step": 1, "metrics": {}, "emergency": False, "nbytes": 4, "tensors": t, "tree": {"t": "tensor", "i": 0}}
+        base = {"step": 1, "metrics": {}, "emergency": False, "nbytes": 4, "layout": 1, "tensors": t,
+                "tree": {"t": "tensor", "i": 0}}
         for fields, words in [({}, "inline tensors but no inline bytes"), ({"inline": "AAAAAAAA"}, "carries 6 bytes"),
                               ({"inline": "***"}, "not base64"),
                               ({"tensors": [{**t[0], "inline": 1}], "inline": "AAAAAA=="}, "inline must be true"),

@@ -63,10 +63,10 @@ def test_region_of_another_process_refused(daemon) -> None:
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(daemon.endpoint)
-    s.send(protocol.request("hello", 1, job="x", pid=os.getpid(), on_busy="wait"))
+    s.send(protocol.message("hello", 1, job="x", pid=os.getpid(), on_busy="wait"))
     assert s.poll(5000) and protocol.decode_reply(s.recv())["type"] == "welcome"
     for path in ["/etc/passwd", "/dev/shm/snapd-client-1-abcd", "/dev/shm/../etc/shadow"]:
-        s.send(protocol.request("register", 2, path=path, bytes=4096))
+        s.send(protocol.message("register", 2, path=path, bytes=4096))
         assert s.poll(5000)
         r = protocol.decode_reply(s.recv())
         assert r["type"] == "error" and r["code"] == "bad_region", r

@@ -9,7 +9,6 @@ import torch
 
 import snapd.client as snapd
 from snapd.client import snapshot_plan
-from snapd.client.connection import Connection
 
 
 @pytest.fixture
@@ -153,26 +152,3 @@ def test_new_tensors_every_step_are_flattened_and_the_memo_given_up(daemon, flat
         for step, state in enumerate(keep):
             assert _same(c.restore(step), {"model": state, "step": step})
     assert len(flattens) == 6 and len(walks) == 2
-
-
-def test_a_daemon_without_value_changes_gets_every_value(daemon, sent, monkeypatch) -> None:
-    """A service daemon older than its clients announces no ``value_changes``: a replayed snapshot
-    then sends all the tree's values, as before."""
-    real_call = Connection.call
-
-    def call(self, kind, timeout_s=None, **fields):
-        reply = real_call(self, kind, timeout_s, **fields)
-        if kind == "hello":
-            reply["features"].remove("value_changes")
-        return reply
-    monkeypatch.setattr(Connection, "call", call)
-    model, opt = _training()
-    with snapd.connect("older", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
-        wants = []
-        for step in range(3):
-            _step(model, opt)
-            wants.append(_expected(_state(model, opt, step)))
-            c.snapshot(_state(model, opt, step), step=step).wait(30)
-        for step, want in enumerate(wants):
-            assert _same(c.restore(step), want)
-    assert all("changes" not in f and "values" in f and "tensors" not in f for f in sent[1:])

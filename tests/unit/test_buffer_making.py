@@ -23,6 +23,7 @@ from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.prefault import PIECE, Prefault
 from snapd.daemon.sessions import Session
+from snapd.daemon.tasks import TaskTable
 from snapd.errors import Busy
 from snapd.format import index
 from snapd.format.jobdir import JobDir
@@ -41,10 +42,10 @@ class Server:
         self.sessions: dict[bytes, Session] = {}
         self.replies: dict[bytes, list[dict]] = {}
         self._made = threading.Semaphore(0)
-        self.leases = Leases(self.config, self.pool, Metrics(), self.sessions, {}, self._send, lambda f: f(),
+        self.leases = Leases(self.config, self.pool, Metrics(), self.sessions, TaskTable(), self, lambda h: h.run(),
                              lambda event: self._made.release())
 
-    def _send(self, peer: bytes, reply: bytes) -> None:
+    def send(self, peer: bytes, reply: bytes) -> None:  # (the leases' reply sender)
         self.replies.setdefault(peer, []).append(json.loads(reply))
 
     def client(self, job: str, on_busy: str = "wait") -> Session:
