@@ -30,6 +30,20 @@ def _disk(path: Path) -> dict[str, Any]:
     return {"device": name, "model": model, "rotational": rotational, "free_bytes": st.f_bavail * st.f_frsize}
 
 
+def _commit() -> str | None:
+    """The checkout's commit (``+`` when its tracked files differ from it), or None outside one."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, timeout=10).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+" if dirty else "") if head.returncode == 0 else None
+
+
 def describe(work: Path) -> dict[str, Any]:
     import snapd
 
@@ -40,7 +54,8 @@ def describe(work: Path) -> dict[str, Any]:
         except ImportError:
             pass
     return {"host": platform.node(), "kernel": platform.release(), "cores": os.cpu_count(),
-            "memory_bytes": psutil.virtual_memory().total, "disk": _disk(work), "versions": versions}
+            "memory_bytes": psutil.virtual_memory().total, "disk": _disk(work), "versions": versions,
+            "commit": _commit()}  # (rows of several commits share one results file: this tells them apart)
 
 
 class Recorder:

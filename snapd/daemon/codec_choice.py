@@ -1,18 +1,9 @@
 """Which codec keeps the disk saturated.
 
-The disk's durable write speed is measured once (a write + fsync in the
-snapshot root); each job's first snapshot has each codec encode a sample of
-its largest tensor. A codec moves ``min(encode speed x threads, disk speed x
-ratio)`` raw bytes per second to disk; the fastest wins, and among codecs
-within 5% of it the one that stores fewest bytes (lz4 where compression
-would be the bottleneck, zstd where the disk is).
-
-The sample is optimistic: it encodes alone, while a real flush shares the
-cores with the writer, the kernel's page-cache copies and often a training
-step (on 2 cores, shuffle-zstd sampled at 430 MB/s and flushed 1 GiB at
-290 MB/s, slower than raw on a 310 MB/s disk). So every flush of a job
-reports what its codec really achieved end to end, and that replaces the
-sampled speed (first flush) or is averaged into it (later ones).
+The disk's durable write speed is measured once; each job's first snapshot has each codec encode a
+sample of its largest tensor, and the codec that moves the most raw bytes per second to disk wins
+(among near ties, the one that stores fewest). The sample is optimistic, so every flush corrects it
+with what its codec really achieved. The figures behind this: docs/design.md.
 """
 
 from __future__ import annotations
@@ -31,7 +22,7 @@ from snapd.format.tree import TensorLeaf
 
 log = logging.getLogger(__name__)
 
-PROBE_BYTES = 128 << 20  # 32 MiB read 240 MB/s on a disk that sustains 500+: fsync latency dominated
+PROBE_BYTES = 128 << 20  # (smaller probes measure fsync latency, not the disk: docs/design.md)
 SAMPLE_BYTES = 8 << 20
 MIN_LEARN_BYTES = 64 << 20
 
@@ -90,8 +81,7 @@ def measure_disk(root: Path, nbytes: int = PROBE_BYTES) -> float:
 
 def encode_cores(threads: int) -> float:
     """Cores encoding can really use: the flush thread (and on a small node the
-    trainer) needs one. Measured on 2 cores: two zstd encode threads beside the
-    writer gave 0.33 GB/s, about one core's worth, not two."""
+    trainer) needs one (docs/design.md)."""
     return max(1.0, min(threads, os.cpu_count() or 1) - 1.0)
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from snapd.kernels import chunk_step
 from snapd.kernels.segments import COPY, SHUFFLE, Launch, Segment, chunk_segments, launches
 
-STAGING_BYTES = 256 << 20  # one window per device: 256 MiB, ~5 ms of device->host traffic
-# Host buffers are pinned piece by piece: pinning holds the process's mmap lock, and a whole 4 GiB
-# buffer at once kept the daemon's server thread from answering for over a second (H100 node).
+STAGING_BYTES = 256 << 20  # one window per device
+# Host buffers are pinned piece by piece: pinning holds the process's mmap lock, which a whole
+# large buffer held for long enough to stall the server thread (docs/design.md)
 PIN_PIECE = 64 << 20
 ALIGN = 64  # the client's layout: tensors at 64-byte aligned offsets in the host buffer
 
