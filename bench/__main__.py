@@ -30,9 +30,11 @@ PLANS = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: checks the harness, not the numbers")
-    ap.add_argument("--out", type=Path, help="where results go (default bench/results, or bench/results-quick)")
+    ap.add_argument("--out", type=Path,
+                    help="where results go (default bench/results, or bench/results-quick)")
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
-    ap.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenarios (repeatable)")
+    ap.add_argument("--only", action="append", choices=SCENARIOS,
+                    help="run only these scenarios (repeatable)")
     ap.add_argument("--repeats", type=int)
     args = ap.parse_args(argv)
     plan = dict(PLANS["quick" if args.quick else "full"])
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if "emergency" in only:
             daemon = SnapdDaemon(work, plan["emergency_bytes"] + 16 * MIB)
             try:
-                emergency.run(plan["emergency_bytes"], work, daemon.endpoint, daemon.root, rec, plan["repeats"])
+                emergency.run(plan["emergency_bytes"], work, daemon.endpoint, daemon.root, rec,
+                              plan["repeats"])
             finally:
                 daemon.close()
     finally:

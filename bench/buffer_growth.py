@@ -99,7 +99,8 @@ def run(nbytes: int, snapshots: int, work: Path, gap_s: float) -> tuple[dict, di
     for i, (name, buffer_bytes) in enumerate(SNAPD_SETTINGS):
         for table, fn in ((results, lambda m: measure(m, state, snapshots)),
                           (overlap, lambda m: measure_overlap(m, state, gap_s))):
-            run_dir = work / f"d{i}{int(table is overlap)}"  # (short: the socket's path must fit sun_path's 108 bytes)
+            # (short: the socket's path must fit sun_path's 108 bytes)
+            run_dir = work / f"d{i}{int(table is overlap)}"
             run_dir.mkdir()
             daemon = SnapdDaemon(run_dir, buffer_bytes or nbytes + 16 * MIB, "--codec", "shuffle-lz4")
             try:
@@ -150,13 +151,16 @@ def run_ranks(n: int, nbytes: int, snapshots: int, work: Path) -> dict[str, list
     """Each setting's stalls over ``n`` trainers (bench.durable's trainer, each waits to durable)."""
     out = {}
     one = nbytes + 16 * MIB
-    for i, (name, extra) in enumerate(((f"{n} ranks, 2 buffers and no more", ["--max-host-memory-bytes", str(2 * one)]),
+    for i, (name,
+            extra) in enumerate(((f"{n} ranks, 2 buffers and no more",
+                                  ["--max-host-memory-bytes", str(2 * one)]),
                                        (f"{n} ranks, 2 buffers at start, more added", []))):
         run_dir = work / f"r{i}"
         run_dir.mkdir()
         daemon = SnapdDaemon(run_dir, one, *extra)
         try:
-            procs = [subprocess.Popen([sys.executable, "-m", "bench.durable", "trainer", daemon.endpoint, str(nbytes),
+            procs = [subprocess.Popen([sys.executable, "-m", "bench.durable", "trainer", daemon.endpoint,
+                                       str(nbytes),
                                        str(snapshots), f"rank{r}"], stdout=subprocess.PIPE, text=True,
                                       cwd=Path(__file__).resolve().parent.parent) for r in range(n)]
             res = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
@@ -169,7 +173,8 @@ def run_ranks(n: int, nbytes: int, snapshots: int, work: Path) -> dict[str, list
 def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: str) -> str:
     n = len(next(iter(results.values())))
     lines = [f"# A snapshot larger than the host buffers ({nbytes / MIB:.0f} MiB of float32, "
-             f"{os.cpu_count()} cores)", "", f"`{command}`; seconds, each snapshot waited to durable before the "
+             f"{os.cpu_count()} cores)", "",
+             f"`{command}`; seconds, each snapshot waited to durable before the "
              "next.", "", "| method | what | " + " | ".join(f"#{i + 1}" for i in range(n)) +
              " | #1 / median of the rest |", "|---|---|" + "---|" * (n + 1)]
     for name, rows in results.items():
@@ -182,18 +187,23 @@ def report(results: dict[str, list[tuple[float, float]]], nbytes: int, command: 
 
 
 def report_overlap(overlap: dict[str, list[tuple[float, float]]], gap_s: float) -> str:
-    lines = ["", f"A second snapshot {gap_s:g} s after the first, before the first is durable (fresh daemons; "
+    lines = ["",
+             f"A second snapshot {gap_s:g} s after the first, before the first is durable (fresh daemons; "
              "DCP allows one save in flight, so its second waits for the first):", "",
              "| method | #1 stall | #1 to durable | #2 stall | #2 to durable |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {a[0]:.3f} | {a[1]:.3f} | {b[0]:.3f} | {b[1]:.3f} |" for name, (a, b) in overlap.items()]
+    lines += [f"| {name} | {a[0]:.3f} | {a[1]:.3f} | {b[0]:.3f} | {b[1]:.3f} |" for name,
+              (a, b) in overlap.items()]
     return "\n".join(lines) + "\n"
 
 
 def report_resume(r: dict[str, float]) -> str:
-    return "\n".join(["", "A job that resumes on a daemon with 64 MiB buffers, seconds (the daemon sizes the buffers "
-                       f"for it while it restores and trains {r['steps']:g} s before its first snapshot):", "",
-                       "| first snapshot stall, new job | restore | first snapshot stall, resumed job |",
-                       "|---|---|---|", f"| {r['new']:.3f} | {r['restore']:.3f} | {r['resumed']:.3f} |"]) + "\n"
+    return "\n".join(["",
+                      "A job that resumes on a daemon with 64 MiB buffers, seconds (the daemon sizes the "
+                      "buffers "
+                       f"for it while it restores and trains {r['steps']:g} s before its first snapshot):",
+                       "", "| first snapshot stall, new job | restore | first snapshot stall, resumed job |",
+                       "|---|---|---|",
+                       f"| {r['new']:.3f} | {r['restore']:.3f} | {r['resumed']:.3f} |"]) + "\n"
 
 
 def rank_first_snapshot(endpoint: str, nbytes: int, job: str, first_steps_s: float) -> None:
@@ -228,8 +238,10 @@ def run_ranks_resume(n: int, nbytes: int, work: Path, first_steps_s: float) -> d
                     raise RuntimeError("the daemon kept the ended job's buffers")
                 time.sleep(0.1)
             procs = [subprocess.Popen([sys.executable, "-m", "bench.buffer_growth", "rank", daemon.endpoint,
-                                       str(nbytes), f"resume-rank{r}", str(first_steps_s)], stdout=subprocess.PIPE,
-                                      text=True, cwd=Path(__file__).resolve().parent.parent) for r in range(n)]
+                                       str(nbytes), f"resume-rank{r}",
+                                       str(first_steps_s)], stdout=subprocess.PIPE,
+                                      text=True,
+                                      cwd=Path(__file__).resolve().parent.parent) for r in range(n)]
             out[name] = sorted(json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1])["stall"]
                                for p in procs)
     finally:
@@ -238,9 +250,10 @@ def run_ranks_resume(n: int, nbytes: int, work: Path, first_steps_s: float) -> d
 
 
 def report_ranks(stalls: dict[str, list[float]], nbytes: int) -> str:
-    lines = ["", f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots (new job "
-             "and resumed: each rank's first snapshot, 64 MiB buffers, after its restore and --first-steps):", "",
-             "| setting | median | max |", "|---|---|---|"]
+    lines = ["",
+             f"Ranks at once, {nbytes / MIB:.0f} MiB each, stall in seconds over every rank's snapshots "
+             "(new job and resumed: each rank's first snapshot, 64 MiB buffers, after its restore and "
+             "--first-steps):", "", "| setting | median | max |", "|---|---|---|"]
     lines += [f"| {name} | {statistics.median(v):.3f} | {v[-1]:.3f} |" for name, v in stalls.items()]
     return "\n".join(lines) + "\n"
 
@@ -251,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    ap.add_argument("--gap", type=float, default=1.0, help="seconds between the overlapping snapshots (default 1)")
+    ap.add_argument("--gap", type=float, default=1.0,
+                    help="seconds between the overlapping snapshots (default 1)")
     ap.add_argument("--first-steps", type=float, default=3.0,
                     help="seconds a resumed job trains before its first snapshot (default 3)")
     ap.add_argument("--ranks", type=int, default=0, help="also N trainer processes at once (0: not)")
@@ -264,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ranks:
             ranks.update(run_ranks_resume(args.ranks, args.rank_mib * MIB, Path(tmp), args.first_steps))
     command = "python -m bench.buffer_growth " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap, args.gap) + report_resume(resume)
+    text = report(results, args.mib * MIB, command.strip()) + report_overlap(overlap,
+                                                                             args.gap) + report_resume(resume)
     if ranks:
         text += report_ranks(ranks, args.rank_mib * MIB)
     print(text, end="", flush=True)

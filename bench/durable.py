@@ -53,8 +53,8 @@ def run_sizes(sizes: list[int], work: Path, rec: Recorder, repeats: int) -> None
         raw = sum(t.numel() * 4 for t in state.values())
         daemon = SnapdDaemon(work, raw + 16 * MIB)
         try:
-            methods: list[Any] = [Snapd(daemon, f"size-{raw}"), TorchSave(work), DcpAsync(work, fastest=False),
-                                  Safetensors(work)]
+            methods: list[Any] = [Snapd(daemon, f"size-{raw}"), TorchSave(work),
+                                  DcpAsync(work, fastest=False), Safetensors(work)]
             for m in methods:
                 m.start(state, 0).wait()  # warm-up
                 stalls, durable, floors = [], [], []
@@ -71,7 +71,8 @@ def run_sizes(sizes: list[int], work: Path, rec: Recorder, repeats: int) -> None
                 rec.add("durable", m.name, "time_to_durable", durable, **extra)
                 rec.add("durable", m.name, "throughput", [raw / d for d in durable], unit="B/s", **extra)
                 if floors:
-                    rec.add("durable", "disk floor (snapd's stored bytes)", "time_to_durable", floors, **extra)
+                    rec.add("durable", "disk floor (snapd's stored bytes)", "time_to_durable", floors,
+                            **extra)
                     rec.add("durable", m.name, "durable_over_floor",
                             [d / f for d, f in zip(durable, floors)], unit="x", codec=m.codec, **extra)
                 m.close()
@@ -86,7 +87,8 @@ def run_concurrency(counts: list[int], nbytes: int, work: Path, rec: Recorder, r
         try:
             procs = [subprocess.Popen([sys.executable, "-m", "bench.durable", "trainer", daemon.endpoint,
                                        str(nbytes), str(repeats), f"conc-{n}-{i}"], stdout=subprocess.PIPE,
-                                      text=True, cwd=Path(__file__).resolve().parent.parent) for i in range(n)]
+                                      text=True,
+                                      cwd=Path(__file__).resolve().parent.parent) for i in range(n)]
             results = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
         finally:
             daemon.close()

@@ -40,7 +40,8 @@ def run(nbytes: int, work: Path, endpoint: str, root: Path, rec: Recorder, repea
             times.append(time.perf_counter() - t)
             done = len(list_snapshots(root, out.name)) == 2 if method == "snapd" else out.exists()
             if not done:
-                raise RuntimeError(f"{method}: nothing durable after SIGTERM (trainer exit {child.returncode})")
+                raise RuntimeError(f"{method}: nothing durable after SIGTERM (trainer exit "
+                                   f"{child.returncode})")
         rec.add("emergency", method, "sigterm_to_durable", times, state_bytes=nbytes)
 
 
@@ -74,7 +75,8 @@ def child(method: str, nbytes: int, out: Path, endpoint: str) -> None:
             os._exit(0)
         signal.signal(signal.SIGTERM, handler)
         if method == "DCP save":
-            import torch.distributed.checkpoint  # noqa: F401  (imported before the signal, as a trainer would)
+            # noqa: F401  (imported before the signal, as a trainer would)
+            import torch.distributed.checkpoint
     print("READY", flush=True)
     while True:
         time.sleep(0.05)

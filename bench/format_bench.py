@@ -68,26 +68,27 @@ def main() -> None:
 
         for codec in ("raw", "shuffle-lz4", "shuffle-zstd"):
             step = iter(range(10**6))
-            rows[f"snapd {codec}"] = {"save": min(timed(lambda: save_state(
+            rows[f"snapd {codec}"] = {"save": min(timed(lambda codec=codec, step=step: save_state(
                 work, f"j-{codec}", state, step=next(step), codec=codec, retention=Retention(keep_last=1)),
                 args.repeats))}
             info = list_snapshots(work, f"j-{codec}")[-1]
             rows[f"snapd {codec}"]["stored"] = info.stored_bytes
 
-            def load() -> None:
+            def load(info=info) -> None:
                 with SnapshotReader(info.path) as r:
                     r.load()
             rows[f"snapd {codec}"]["load"] = min(timed(load, args.repeats))
         rows["torch.save"] = {"save": min(timed(torch_save, args.repeats)), "stored": raw,
                               "load": min(timed(lambda: torch.load(work / "t.pt"), args.repeats))}
         rows["safetensors"] = {"save": min(timed(st_save, args.repeats)), "stored": raw,
-                               "load": min(timed(lambda: [v.sum() for v in load_file(str(work / "t.safetensors")).values()],
+                               "load": min(timed(lambda: [v.sum() for v in
+                                                          load_file(str(work / "t.safetensors")).values()],
                                                  args.repeats))}
         for name in [k for k in rows if k.startswith("snapd")]:
             stored = int(rows[name]["stored"])
             buf = np.random.default_rng(0).integers(0, 255, size=stored, dtype=np.uint8)
 
-            def floor() -> None:
+            def floor(buf=buf) -> None:
                 p = work / "floor.bin"
                 with open(p, "wb") as f:
                     f.write(buf)
@@ -97,7 +98,8 @@ def main() -> None:
             rows[name]["floor"] = statistics.median(timed(floor, args.repeats))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"state: {raw / 2**30:.2f} GiB in 16 float32 tensors; {os.cpu_count()} cores; best of {args.repeats}")
+    print(f"state: {raw / 2**30:.2f} GiB in 16 float32 tensors; {os.cpu_count()} cores; best of "
+          f"{args.repeats}")
     print("| method | save s | save vs torch.save | save vs raw write+fsync of stored bytes | load s | "
           "load vs torch.load | load vs safetensors | ratio |")
     print("|---|---|---|---|---|---|---|---|")

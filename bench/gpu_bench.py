@@ -103,7 +103,8 @@ def kernels(rec: Recorder, nbytes: int, compare: list[Path]) -> None:
     cases = [("shuffle fp32 (4 MiB chunks)", nbytes, sg.chunk_segments(a, b, nbytes, 4, 4 << 20, sg.SHUFFLE)),
              ("shuffle bf16 (4 MiB chunks)", nbytes, sg.chunk_segments(a, b, nbytes, 2, 4 << 20, sg.SHUFFLE)),
              ("shuffle fp64 (4 MiB chunks)", nbytes, sg.chunk_segments(a, b, nbytes, 8, 4 << 20, sg.SHUFFLE)),
-             ("unshuffle fp32 (4 MiB chunks)", nbytes, sg.chunk_segments(a, b, nbytes, 4, 4 << 20, sg.UNSHUFFLE)),
+             ("unshuffle fp32 (4 MiB chunks)", nbytes,
+              sg.chunk_segments(a, b, nbytes, 4, 4 << 20, sg.UNSHUFFLE)),
              ("pack (copy)", nbytes, [(a, b, nbytes, 1, sg.COPY)]),
              _mixed(a, b, 1, sg.COPY), _mixed(a, b, 2, sg.SHUFFLE)]
     want: dict[str, Any] = {}
@@ -120,7 +121,7 @@ def kernels(rec: Recorder, nbytes: int, compare: list[Path]) -> None:
                 fn((launch.blocks,), (launch.block,), (cp.asarray(launch.table), np.uint32(launch.segments)))
 
         for name, moved, segs in cases:
-            t = _time(cp, lambda: run(segs))
+            t = _time(cp, lambda segs=segs: run(segs))
             extra = {}
             if label:
                 extra["same_bytes"] = bool((dst[:moved] == want[name]).all())
@@ -216,7 +217,8 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
             p.wait()
             durable.append(time.perf_counter() - t0)
         codec = p.wait().codec
-        restore(rec, scen, "snapd load(device='cuda:0')", lambda: client.restore(device="cuda:0"), codec=codec)
+        restore(rec, scen, "snapd load(device='cuda:0')", lambda: client.restore(device="cuda:0"),
+                codec=codec)
         restore(rec, scen, "snapd load(into=the state)", lambda: client.restore(into=state), codec=codec)
         client.close()
     finally:
@@ -233,7 +235,7 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
         for step in range(2 if size_gib < 16 else 1):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            s, handle = timed(lambda: peer.start(state, step))
+            s, handle = timed(lambda peer=peer, step=step: peer.start(state, step))
             handle.wait()
             stall.append(s)
             dur.append(time.perf_counter() - t0)
@@ -247,9 +249,11 @@ def snapshots(rec: Recorder, size_gib: int, work: Path, pinned_bps: float) -> No
 
 def report(rec: Recorder, path: Path, device: str) -> None:
     med = {(r["scenario"], r["method"], r["metric"]): statistics.median(r["values"]) for r in rec.rows}
-    lines = [f"# GPU path ({device})", "", "| scenario | method | metric | median | unit |", "|---|---|---|---|---|"]
+    lines = [f"# GPU path ({device})", "", "| scenario | method | metric | median | unit |",
+             "|---|---|---|---|---|"]
     for r in rec.rows:
-        extra = "".join(f" ({k} {v})" for k, v in r.items() if k.startswith("ratio") or k in ("same_bytes", "codec"))
+        extra = "".join(f" ({k} {v})" for k,
+                        v in r.items() if k.startswith("ratio") or k in ("same_bytes", "codec"))
         lines.append(f"| {r['scenario']} | {r['method']} | {r['metric']} | "
                      f"{med[(r['scenario'], r['method'], r['metric'])]:.4g}{extra} | {r['unit']} |")
     path.write_text("\n".join(lines) + "\n")

@@ -49,7 +49,8 @@ def main() -> None:
                 handle = fake_cuda.handle(arena.path, base - arena.base, n * 16384).hex()
                 host = np.zeros(n * 16384, np.uint8)
                 items = [(TensorLeaf(f"t{i}", "cupy", "float32", (4096,), host[i * 16384:(i + 1) * 16384]),
-                          {"dev": fake_cuda.uuid(0), "handle": handle, "offset": i * 16384, "size": n * 16384})
+                          {"dev": fake_cuda.uuid(0), "handle": handle, "offset": i * 16384,
+                           "size": n * 16384})
                          for i in range(n)]
                 task = types.SimpleNamespace(peer=f"p{n}".encode(), job="prep", step=1)
                 row = []

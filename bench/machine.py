@@ -23,7 +23,8 @@ def _disk(path: Path) -> dict[str, Any]:
         if (base / "partition").exists():
             base = base.parent
         rotational = (base / "queue" / "rotational").read_text().strip() == "1"
-        model = (base / "device" / "model").read_text().strip() if (base / "device" / "model").exists() else ""
+        model = (base / "device" / "model").read_text().strip() if (base / "device"
+                                                                    / "model").exists() else ""
     except OSError:
         rotational, model = None, ""
     st = os.statvfs(path)
@@ -36,8 +37,8 @@ def _commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                              timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here, timeout=10)
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, timeout=10).returncode
     except (OSError, subprocess.TimeoutExpired):
         return None

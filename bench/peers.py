@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from snapd.client.connection import probe
 def fsync_tree(path: Path) -> int:
     """fsync every file under ``path`` (and the directories); return the bytes."""
     total = 0
-    paths = [path] if path.is_file() else [p for p in path.rglob("*")] + [path]
+    paths = [path] if path.is_file() else [*path.rglob("*"), path]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -38,7 +39,8 @@ def fsync_tree(path: Path) -> int:
 
 
 def tree_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*")
+                                                          if p.is_file())
 
 
 class Done:
@@ -63,7 +65,8 @@ class Peer:
         path = self.dir / f"step-{step}"
         handle = self._write(state, path)
         if self.last is not None and self.last != path:
-            shutil.rmtree(self.last, ignore_errors=True) if self.last.is_dir() else self.last.unlink(missing_ok=True)
+            shutil.rmtree(self.last,
+                          ignore_errors=True) if self.last.is_dir() else self.last.unlink(missing_ok=True)
         self.last = path
         return handle
 

@@ -21,7 +21,8 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         size = r.get("state_bytes") or r.get("state_bytes_each")
-        out[(r["scenario"], r["metric"], r.get("data"), size if r["scenario"] == "durable" else None)].append(r)
+        out[(r["scenario"], r["metric"], r.get("data"),
+             size if r["scenario"] == "durable" else None)].append(r)
     return out
 
 
@@ -62,7 +63,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 4))
         names = [r["method"] for r in stall]
         meds = [statistics.median(r["values"]) for r in stall]
-        err = [[m - min(r["values"]) for m, r in zip(meds, stall)], [max(r["values"]) - m for m, r in zip(meds, stall)]]
+        err = [[m - min(r["values"]) for m, r in zip(meds, stall)],
+               [max(r["values"]) - m for m, r in zip(meds, stall)]]
         ax.barh(names, meds, xerr=err, color=["#2a7" if n.startswith("snapd") else "#889" for n in names])
         ax.set_xscale("log")
         ax.set_xlabel("training stall per snapshot, s (log)")

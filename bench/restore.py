@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ def _loaders(state: dict, prefix: str, paths: dict[str, Path], job_root: Path, j
         "torch.load": {"full": lambda: torch.load(paths["torch.save + fsync"]), "partial": torch_partial},
         "safetensors": {"full": lambda: load_file(str(paths["safetensors + fsync"])), "partial": st_partial},
         "DCP load": {"full": lambda: dcp_load(list(state)), "partial": lambda: dcp_load(keys)},
-        "snapd": {"full": lambda: snapd_load(job_root, job), "partial": lambda: snapd_load(job_root, job, keys=prefix)},
+        "snapd": {"full": lambda: snapd_load(job_root, job),
+                  "partial": lambda: snapd_load(job_root, job, keys=prefix)},
     }
 
 

@@ -32,7 +32,8 @@ def run(snapshots: int, kib: int) -> dict:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         endpoint = f"ipc://{tmp}/d.sock"
         daemon = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", f"{tmp}/root",
-                                   "--endpoint", endpoint], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "--endpoint",
+                                   endpoint], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while probe(endpoint, 0.2) is None:
                 time.sleep(0.05)
@@ -53,7 +54,8 @@ def run(snapshots: int, kib: int) -> dict:
             daemon.terminate()
             daemon.wait(60)
     return {"snapshots": snapshots, "kib": kib, "stall_ms_median": statistics.median(stalls),
-            "stall_ms_max": max(stalls), "stalls_ms": [round(s, 2) for s in stalls], "daemon_rss_mib": rss >> 20}
+            "stall_ms_max": max(stalls), "stalls_ms": [round(s, 2) for s in stalls],
+            "daemon_rss_mib": rss >> 20}
 
 
 def main() -> None:
@@ -65,12 +67,13 @@ def main() -> None:
     rows = [run(args.snapshots, args.kib) for _ in range(args.runs)]
     lines = ["| run | stall median ms | stall max ms | daemon RSS MiB | stalls ms |", "|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        lines.append(f"| {i} | {r['stall_ms_median']:.2f} | {r['stall_ms_max']:.1f} | {r['daemon_rss_mib']} | "
-                     f"{', '.join(map(str, r['stalls_ms']))} |")
+        lines.append(f"| {i} | {r['stall_ms_median']:.2f} | {r['stall_ms_max']:.1f} | {r['daemon_rss_mib']} "
+                     f"| {', '.join(map(str, r['stalls_ms']))} |")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "small-burst.md").write_text(f"# {args.snapshots} snapshots of {args.kib} KiB, burst\n\n{text}\n")
+    (RESULTS
+     / "small-burst.md").write_text(f"# {args.snapshots} snapshots of {args.kib} KiB, burst\n\n{text}\n")
 
 
 if __name__ == "__main__":

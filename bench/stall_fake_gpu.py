@@ -35,7 +35,8 @@ def measure(count: int, reps: int, work: Path, fake: types.ModuleType, lib: Path
     endpoint = f"ipc://{work}/s{count}.sock"
     log = open(work / f"daemon-{count}.log", "w")
     daemon = subprocess.Popen([sys.executable, str(TESTS / "integration" / "fake_cuda_daemon.py"), str(lib),
-                               str(256 << 20), "1", "serve", "--root", str(work / "root"), "--endpoint", endpoint,
+                               str(256 << 20), "1", "serve", "--root", str(work / "root"), "--endpoint",
+                               endpoint,
                                "--backend", "cuda", "--codec", "raw", "--host-buffer-bytes", str(64 << 20)],
                               stdout=log, stderr=subprocess.STDOUT, cwd="/")
     arena = fake.Arena(Path("/dev/shm") / f"snapd-bench-fake-gpu-{os.getpid()}-{count}")
@@ -45,7 +46,8 @@ def measure(count: int, reps: int, work: Path, fake: types.ModuleType, lib: Path
                 raise RuntimeError((work / f"daemon-{count}.log").read_text())
         fake.install_client(types.SimpleNamespace(setattr=setattr), [arena])
         bid, base = arena.alloc(count * 16384)
-        arrays = {f"layers.{i}": fake.DeviceArray(arena, np.zeros(4096, np.float32), within=(bid, base + i * 16384))
+        arrays = {f"layers.{i}": fake.DeviceArray(arena, np.zeros(4096, np.float32),
+                                                  within=(bid, base + i * 16384))
                   for i in range(count)}
         stalls = []
         with snapd.connect(f"fake{count}", endpoint=endpoint, spawn=False, keep_last=1) as c:

@@ -46,7 +46,8 @@ class _Params(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(n)
         for i in range(n):
-            self.register_parameter(f"layers_{i}", torch.nn.Parameter(torch.randn(numel, generator=g).to(device)))
+            self.register_parameter(f"layers_{i}",
+                                    torch.nn.Parameter(torch.randn(numel, generator=g).to(device)))
 
 
 def _module_state(n: int, numel: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--state", choices=("dict", "module"), default="dict",
-                    help="dict: a dict of tensors; module: model.state_dict() and AdamW's state_dict(), made anew "
+                    help="dict: a dict of tensors; module: model.state_dict() and AdamW's state_dict(), "
+                         "made anew "
                     "for every snapshot")
     ap.add_argument("--device", default="cpu", help="cuda: the state on the GPU, snapd by CUDA IPC "
                     "(its daemon on the CUDA backend) against the same peers")
@@ -118,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             metric = f"stall, {n} tensors of {args.tensor_bytes >> 10} KiB" + (
                 " (model + AdamW state_dict)" if args.state == "module" else "")
             for make, name in [(lambda n: TorchSave(work), "torch.save + fsync"),
-                               (lambda n: DcpAsync(work, fastest=False), "DCP async_save (default)"), *snapds]:
+                               (lambda n: DcpAsync(work, fastest=False), "DCP async_save (default)"),
+                               *snapds]:
                 method = make(n)
                 method.name = name
                 step_state = _states(args.state, n, numel, args.device, method)
                 stalls = _measure(method, step_state, args.reps)
                 rec.add("stall_scaling", method.name, metric, [x * 1e3 for x in stalls], unit="ms", tensors=n,
                         tensor_bytes=args.tensor_bytes, state=args.state)
-                print(f"{n:5d} tensors  {method.name:28s} stall median {statistics.median(stalls) * 1e3:8.2f} ms",
-                      flush=True)
+                print(f"{n:5d} tensors  {method.name:28s} stall median "
+                      f"{statistics.median(stalls) * 1e3:8.2f} ms", flush=True)
                 method.close()
     finally:
         daemon.close()

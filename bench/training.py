@@ -40,7 +40,8 @@ class GPT(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(s.vocab, s.d)
         self.pos = nn.Embedding(s.seq, s.d)
-        layer = nn.TransformerEncoderLayer(s.d, s.heads, 4 * s.d, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(s.d, s.heads, 4 * s.d, dropout=0.0, batch_first=True,
+                                           norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, s.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(s.d)
         self.head = nn.Linear(s.d, s.vocab, bias=False)

@@ -12,14 +12,16 @@ first time the daemon path is used.
 from typing import Any
 
 from snapd.client.local import list_snapshots, load, save
-from snapd.errors import (Busy, ChecksumError, DaemonUnavailable, FormatError, InvalidArgument, KeySelectionError,
+from snapd.errors import (Busy, ChecksumError, DaemonUnavailable, FormatError, InvalidArgument,
+                          KeySelectionError,
                           MismatchError, SnapdError, SnapshotError, SnapshotNotFound, UnsupportedValueError,
                           VersionError)
 from snapd.format.catalog import SnapshotInfo
 
 _DAEMON_API = ("connect", "Client", "Pending", "Persisted", "snapshot")
 
-__all__ = ["Busy", "ChecksumError", "DaemonUnavailable", "FormatError", "InvalidArgument", "KeySelectionError",
+__all__ = ["Busy", "ChecksumError", "DaemonUnavailable", "FormatError", "InvalidArgument",
+           "KeySelectionError",
            "MismatchError", "SnapdError", "SnapshotError", "SnapshotInfo", "SnapshotNotFound",
            "UnsupportedValueError", "VersionError", "list_snapshots", "load", "save", *_DAEMON_API]
 

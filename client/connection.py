@@ -95,9 +95,9 @@ class Connection:
         event = recv_monitor_message(self._monitor)
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise PermissionDenied(
-                f"the daemon at {self.endpoint} refused this process (uid {os.geteuid()}, gid {os.getegid()}): "
-                "its config does not allow this user (allowed_users, allowed_groups, socket_group); ask the "
-                "node's operator, or run a daemon of your own on another endpoint")
+                f"the daemon at {self.endpoint} refused this process (uid {os.geteuid()}, gid "
+                f"{os.getegid()}): its config does not allow this user (allowed_users, allowed_groups, "
+                "socket_group); ask the node's operator, or run a daemon of your own on another endpoint")
 
     def take(self, req_id: int) -> dict | None:
         """The next reply to ``req_id`` if one has arrived (pumps without waiting)."""

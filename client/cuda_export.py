@@ -50,7 +50,9 @@ def devices_in_use() -> list[str]:
     ``hello``: the daemon gets ready to copy from it meanwhile); [] else."""
     torch = sys.modules.get("torch")
     try:
-        return [cuda_driver.device_uuid(torch.cuda.current_device())] if torch and torch.cuda.is_initialized() else []
+        if torch is None or not torch.cuda.is_initialized():
+            return []
+        return [cuda_driver.device_uuid(torch.cuda.current_device())]
     except Exception:  # (a hint only: without it the daemon gets ready with the first snapshot)
         return []
 
@@ -232,7 +234,8 @@ class CudaExport:
 
             torch.from_numpy(dst).copy_(src.detach().reshape(-1).view(torch.uint8))
         else:
-            cuda_driver.copy_to_host(context, dst.ctypes.data, leaf.ptr, leaf.nbytes, _stream_of(leaf.kind, src))
+            cuda_driver.copy_to_host(context, dst.ctypes.data, leaf.ptr, leaf.nbytes,
+                                     _stream_of(leaf.kind, src))
 
     def _primary(self, ordinal: int) -> int:
         ctx = self._primaries.get(ordinal)

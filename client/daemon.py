@@ -53,7 +53,8 @@ class Client:
         # the last layout's state, recognised without flattening it (client/state_memo.py)
         self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
 
-    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Pending:
+    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None,
+                 emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
         pending = self._hand_over(state, step, check_metrics(metrics), emergency)
@@ -190,7 +191,8 @@ class Client:
         """Make ``optimizer.step()`` wait (only) for unfinished copies of snapshotted tensors."""
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
-    def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None, device: Any = None) -> Any:
+    def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None,
+                device: Any = None) -> Any:
         """A snapshot of this job, once the daemon has written every one of them still in flight
         (``latest`` after a crash is then the last snapshot the killed trainer handed over)."""
         self.sync()
@@ -240,8 +242,9 @@ class Client:
         self.close()
 
 
-def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | None = None, spawn: bool = True,
-            keep_last: int | None = 5, keep_every_steps: int | None = None, best: tuple[str, str] | None = None,
+def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | None = None,
+            spawn: bool = True, keep_last: int | None = 5, keep_every_steps: int | None = None,
+            best: tuple[str, str] | None = None,
             on_busy: str = "wait", timeout_s: float = 10.0, host_buffer_bytes: int | None = None) -> Client:
     """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers."""
     check_job_name(job)
@@ -276,7 +279,8 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         welcome = conn.call("hello", **hello)
     except TimeoutError:
         conn.close()
-        raise DaemonUnavailable(f"the daemon at {endpoint} did not answer hello within {timeout_s} s") from None
+        raise DaemonUnavailable(f"the daemon at {endpoint} did not answer hello within {timeout_s} s") \
+            from None
     except BaseException:
         conn.close()
         raise

@@ -35,7 +35,8 @@ def can_inline(leaves: list[TensorLeaf], plain: list[int]) -> bool:
 
 def inline_bytes(leaves: list[TensorLeaf], plain: list[int]) -> str:
     """The ``inline`` field: those leaves' bytes, in order, base64."""
-    return base64.b64encode(b"".join(ctypes.string_at(leaves[i].ptr, leaves[i].nbytes) for i in plain)).decode()
+    return base64.b64encode(b"".join(ctypes.string_at(leaves[i].ptr,
+                                                      leaves[i].nbytes) for i in plain)).decode()
 
 
 class HostBuffers:

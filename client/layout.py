@@ -49,7 +49,8 @@ def descriptors(sig: Signature) -> list[dict]:
     """The ``tensors`` of a snapshot message (docs/PROTOCOL.md): made only for a new layout."""
     out = []
     for key, kind, dtype, shape, offset, nbytes, sh, c in sig:
-        d = {"key": key, "kind": kind, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes}
+        d = {"key": key, "kind": kind, "dtype": dtype, "shape": list(shape), "offset": offset,
+             "nbytes": nbytes}
         if sh == "inline":
             d["inline"] = True
         elif sh is not None:
@@ -74,7 +75,8 @@ class LayoutCache:
         """The layout fields of the next snapshot message. ``scalars`` are the value nodes of
         ``tree`` in pre-order (``flatten(..., scalars=)``): a step counter or a learning rate
         that changed travels as ``values``, not as a new layout."""
-        if sig == self._sig and self._same_shape(tree, scalars):  # C-level comparisons: ~40 us for 256 tensors
+        # C-level comparisons: ~40 us for 256 tensors
+        if sig == self._sig and self._same_shape(tree, scalars):
             if json.dumps(scalars) == self._values:
                 return {"layout": self._number}
             return {"layout": self._number, "values": scalars}

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 class Client(Protocol):
     """What the handler needs of snapd.client.daemon.Client."""
 
-    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None, emergency: bool = False) -> Any: ...
+    def snapshot(self, state: Any, *, step: int, metrics: dict | None = None,
+                 emergency: bool = False) -> Any: ...
 
 log = logging.getLogger(__name__)
 

@@ -82,11 +82,12 @@ def _tensors(obj: Any) -> list[Any]:
     torch = dtypes.torch_module()
     if torch is not None:
         if isinstance(obj, torch.nn.Module):
-            return [t for t in [*obj.parameters(), *obj.buffers()]]
+            return [*obj.parameters(), *obj.buffers()]
         if isinstance(obj, torch.optim.Optimizer):
             out = [t for s in obj.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
             if not out:
-                log.warning("optimizer has no state yet (it is created by the first step): share it after one step")
+                log.warning("optimizer has no state yet (it is created by the first step): share it after "
+                            "one step")
             return out
         if isinstance(obj, torch.Tensor):
             return [obj]

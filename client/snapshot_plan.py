@@ -18,11 +18,12 @@ class SnapshotPlan:
     """One snapshot's descriptors and what they were made from (read-only once made: a memo's
     template is shared by every snapshot that replays it)."""
 
-    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "staged", "leads", "anchors", "sources",
-                 "tree", "scalars", "hit", "sig", "allocations", "memo")
+    __slots__ = ("leaves", "offsets", "nbytes", "shared", "cuda", "plain", "staged", "leads", "anchors",
+                 "sources", "tree", "scalars", "hit", "sig", "allocations", "memo")
 
     def __init__(self, leaves: list[TensorLeaf], offsets: list[int], nbytes: int,
-                 shared: list[tuple[int, int] | None], cuda: dict[int, dict | None], sources: list[Any]) -> None:
+                 shared: list[tuple[int, int] | None], cuda: dict[int, dict | None],
+                 sources: list[Any]) -> None:
         self.leaves, self.offsets, self.nbytes, self.shared, self.cuda = leaves, offsets, nbytes, shared, cuda
         # CPU leaves whose bytes the client writes (into the leased buffer, or inline in the message)
         self.plain = [i for i, (leaf, sh) in enumerate(zip(leaves, shared))
@@ -86,13 +87,15 @@ def replayed(memo: StateMemo, hit: Hit, export: Callable[[], Any]) -> SnapshotPl
         leaves = list(leaves)
         for i in t.staged:
             m = leaves[i]
-            leaves[i] = TensorLeaf(m.key, m.kind, m.dtype, m.shape, None, hit.sources[i], m.nbytes, m.ptr, m.on_device)
+            leaves[i] = TensorLeaf(m.key, m.kind, m.dtype, m.shape, None, hit.sources[i], m.nbytes, m.ptr,
+                                   m.on_device)
     return t.but(leaves=leaves, sources=hit.sources, hit=hit, memo=memo)
 
 
 def remember(number: int, state: Any, plan: SnapshotPlan) -> StateMemo | None:
     """A memo of the layout ``number`` that ``plan`` (flattened from ``state``) defined."""
-    template = plan.but(leaves=[], sources=[], tree=None, scalars=None, sig=None)  # a memo keeps no tensor alive
+    # a memo keeps no tensor alive
+    template = plan.but(leaves=[], sources=[], tree=None, scalars=None, sig=None)
     return StateMemo.of(number, state, plan.tree, plan.leaves, template)
 
 

@@ -44,4 +44,5 @@ def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes:
             log.info("spawned a private snapd (pid %d) at %s; its log: %s", proc.pid, endpoint, log_path)
             return proc.pid
     proc.kill()
-    raise DaemonUnavailable(f"the private daemon did not answer at {endpoint} within the timeout; see {log_path}")
+    raise DaemonUnavailable(f"the private daemon did not answer at {endpoint} within the timeout; see "
+                            f"{log_path}")

@@ -18,7 +18,8 @@ from typing import Any
 from snapd.format import dtypes
 from snapd.format.tree import TensorLeaf
 
-_DICT_TYPES = (dict, OrderedDict, defaultdict)  # exact types: a subclass is flattened (it may be anything else too)
+# exact types: a subclass is flattened (it may be anything else too)
+_DICT_TYPES = (dict, OrderedDict, defaultdict)
 _KEY_TYPES = {str, int}  # exact: True == 1 and IntEnum members == ints, but flatten treats them otherwise
 _VALUE_TYPES = (type(None), bool, int, str)
 
@@ -52,12 +53,13 @@ class StateMemo:
 
     def __init__(self, number: int, tree: dict, leaves: list[TensorLeaf], template: Any, torch: Any) -> None:
         self.number = number  # the layout this memo belongs to
-        self.leaves = [TensorLeaf(leaf.key, leaf.kind, leaf.dtype, leaf.shape, None, None, leaf.nbytes, leaf.ptr,
-                                  leaf.on_device) for leaf in leaves]
+        self.leaves = [TensorLeaf(leaf.key, leaf.kind, leaf.dtype, leaf.shape, None, None, leaf.nbytes,
+                                  leaf.ptr, leaf.on_device) for leaf in leaves]
         if torch is not None:
             self._checks: list[tuple] = [(leaf.source.dtype, leaf.shape, leaf.ptr, not leaf.on_device,
                                           leaf.dtype[0] == "c") for leaf in leaves]
-            self._tensor, self._strided = (torch.Tensor, torch.nn.Parameter), torch.strided  # (not subclasses)
+            # (not subclasses)
+            self._tensor, self._strided = (torch.Tensor, torch.nn.Parameter), torch.strided
             self._same = self._same_tensors
         else:  # what each array's interface said (its type too: another kind of array is flattened)
             self._checks = [(type(leaf.source), *_interface(leaf.source), leaf.ptr) for leaf in leaves]
@@ -88,7 +90,8 @@ class StateMemo:
         if found is None:
             return None
         raw = found[1]
-        memo._raw = [bytes(v) if type(v) is bytearray else v for v in raw]  # a copy: bytearrays change in place
+        # a copy: bytearrays change in place
+        memo._raw = [bytes(v) if type(v) is bytearray else v for v in raw]
         memo._types = [type(v) for v in raw]
         return memo
 
@@ -127,7 +130,8 @@ class StateMemo:
                         or not v.is_contiguous() or v.is_neg() or not cpu and not v.is_cuda \
                         or complex_ and v.is_conj():
                     return False
-        except RuntimeError:  # (a tensor without storage raises on data_ptr; flatten says why it cannot be saved)
+        # (a tensor without storage raises on data_ptr; flatten says why it cannot be saved)
+        except RuntimeError:
             return False
         return True
 

@@ -9,5 +9,5 @@ GPU path (``snapd.kernels.cupy_backend``, imported only when CUDA is chosen).
 from snapd.kernels.backend import BACKENDS, Backend, select_backend
 from snapd.kernels.numpy_shuffle import chunk_step, shuffle, shuffle_chunks, unshuffle_chunks, unshuffle_into
 
-__all__ = ["BACKENDS", "Backend", "chunk_step", "select_backend", "shuffle", "shuffle_chunks", "unshuffle_chunks",
-           "unshuffle_into"]
+__all__ = ["BACKENDS", "Backend", "chunk_step", "select_backend", "shuffle", "shuffle_chunks",
+           "unshuffle_chunks", "unshuffle_into"]

@@ -51,7 +51,8 @@ def select_backend(choice: str = "auto") -> tuple[Backend, str]:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # no CuPy, no driver or no device: all mean "no CUDA here"
         if choice == "cuda":
-            raise RuntimeError(f"backend cuda was asked for, but CUDA is not usable: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"backend cuda was asked for, but CUDA is not usable: {type(e).__name__}: "
+                               f"{e}") from e
         return NumpyBackend(), f"cpu: CUDA not usable ({type(e).__name__})"
     if count == 0:
         if choice == "cuda":

@@ -1,4 +1,5 @@
-"""The CUDA backend: the segment kernel (``segments.cu``) through CuPy, writing exactly the NumPy backend's bytes.
+"""The CUDA backend: the segment kernel (``segments.cu``) through CuPy, writing exactly the NumPy
+backend's bytes.
 
 Each operation becomes a list of segments (``segments.py``) run in one launch
 on the current or a given stream.
@@ -76,7 +77,8 @@ class CupyBackend:
             if off < 0 or off + b.size > dst.size:
                 raise ValueError(f"pack: {b.size} bytes at offset {off} do not fit {dst.size}")
             if itemsizes is not None and chunk_bytes:
-                segs += chunk_segments(b.data.ptr, dst.data.ptr + off, b.size, itemsizes[n], chunk_bytes, SHUFFLE)
+                segs += chunk_segments(b.data.ptr, dst.data.ptr + off, b.size, itemsizes[n], chunk_bytes,
+                                       SHUFFLE)
             else:
                 segs.append((b.data.ptr, dst.data.ptr + off, b.size, 1, COPY))
         run_segments(segs)

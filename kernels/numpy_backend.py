@@ -22,8 +22,8 @@ class NumpyBackend:
     def unshuffle(self, planes: Any, itemsize: int, out: Any) -> None:
         unshuffle_into(list(planes), itemsize, out)
 
-    def pack(self, sources: list[Any], offsets: list[int], out: np.ndarray, itemsizes: list[int] | None = None,
-             chunk_bytes: int = 0) -> None:
+    def pack(self, sources: list[Any], offsets: list[int], out: np.ndarray,
+             itemsizes: list[int] | None = None, chunk_bytes: int = 0) -> None:
         dst = out.view(np.uint8).reshape(-1)
         for n, (src, off) in enumerate(zip(sources, offsets)):
             b = _bytes(src)

@@ -44,6 +44,13 @@ def unshuffle_into(planes: list[bytes | memoryview | np.ndarray], itemsize: int,
         elems[:, p] = np.frombuffer(planes[p], dtype=np.uint8)
 
 
+def _bytes_of(data: memoryview | bytes | bytearray | np.ndarray) -> np.ndarray:
+    """A flat uint8 view of ``data`` (no copy)."""
+    if isinstance(data, np.ndarray):
+        return data.view(np.uint8).reshape(-1)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 def chunk_step(itemsize: int, chunk_bytes: int) -> int:
     """The byte length of a tensor's chunks: whole elements, at most ``chunk_bytes`` (the writer's rule)."""
     return max(itemsize, chunk_bytes - chunk_bytes % itemsize)
@@ -56,7 +63,7 @@ def shuffle_chunks(data: memoryview | bytes | np.ndarray, itemsize: int, chunk_b
     shuffles: each chunk's bytes are then exactly what ``shuffle`` would
     give the encoder, so the stored bytes do not depend on which path wrote them.
     """
-    src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).reshape(-1)
+    src = _bytes_of(data)
     if itemsize <= 1:
         return src.copy()
     out = np.empty_like(src)
@@ -71,8 +78,8 @@ def unshuffle_chunks(data: memoryview | bytes | np.ndarray, itemsize: int, chunk
                      shuffled: list[bool] | None, out: memoryview | np.ndarray) -> None:
     """The inverse of ``shuffle_chunks`` into ``out``; chunk ``i`` is only copied when ``shuffled[i]``
     is false (a chunk the writer stored raw). ``shuffled=None``: every chunk is shuffled."""
-    src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).reshape(-1)
-    dst = np.frombuffer(out, dtype=np.uint8) if not isinstance(out, np.ndarray) else out.view(np.uint8).reshape(-1)
+    src = _bytes_of(data)
+    dst = _bytes_of(out)
     if src.size != dst.size:
         raise ValueError(f"unshuffle_chunks: {src.size} bytes in, {dst.size} out")
     step = chunk_step(itemsize, chunk_bytes)

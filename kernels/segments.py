@@ -71,7 +71,8 @@ def launches(segs: list[Segment], max_blocks: int = MAX_BLOCKS) -> list[Launch]:
 
 def chunk_segments(src: int, dst: int, nbytes: int, itemsize: int, chunk_bytes: int, mode: int,
                    shuffled: list[bool] | None = None) -> list[Segment]:
-    """The segments that (un)shuffle ``nbytes`` at ``src`` into ``dst`` chunk by chunk, as the writer cuts them."""
+    """The segments that (un)shuffle ``nbytes`` at ``src`` into ``dst`` chunk by chunk, as the writer
+    cuts them."""
     if itemsize <= 1:
         return [(src, dst, nbytes, 1, COPY)]
     step = chunk_step(itemsize, chunk_bytes)

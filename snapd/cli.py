@@ -71,7 +71,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for s in catalog.list_snapshots(root, job):
             marks = ",".join(m for m, on in (("latest", s.latest), ("best", s.best),
                                               ("emergency", s.emergency)) if on)
-            rows.append([job, str(s.step), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix_s)),
+            rows.append([job, str(s.step),
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix_s)),
                          human_bytes(s.stored_bytes), human_bytes(s.raw_bytes), f"{s.ratio:.2f}x",
                          _metrics(s.metrics), marks])
     print(table(rows, ["JOB", "STEP", "TIME", "STORED", "RAW", "RATIO", "METRICS", "MARKS"]))
@@ -151,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 total = r.manifest.stored_bytes or 1
                 done = 0
 
-                def progress(n: int) -> None:
+                def progress(n: int, d: Path = d, total: int = total) -> None:
                     nonlocal done
                     done += n
                     if show:
@@ -187,7 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from snapd.daemon.serve import serve
 
     flags = {"root": args.root, "endpoint": args.endpoint, "host_buffer_bytes": args.host_buffer_bytes,
-             "max_host_buffer_bytes": args.max_host_buffer_bytes, "max_host_memory_bytes": args.max_host_memory_bytes,
+             "max_host_buffer_bytes": args.max_host_buffer_bytes,
+             "max_host_memory_bytes": args.max_host_memory_bytes,
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
              "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
              "backend": args.backend, "metrics_addr": args.metrics_addr,
@@ -244,24 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", help="ipc://PATH to listen on (env SNAPD_ENDPOINT)")
     s.add_argument("--host-buffer-bytes", type=int, help="size of each host buffer at start")
     s.add_argument("--max-host-buffer-bytes", type=int,
-                   help="the size a buffer may grow to for a larger snapshot (default: max-host-memory-bytes / "
-                        "host-buffers)")
+                   help="the size a buffer may grow to for a larger snapshot (default: "
+                        "max-host-memory-bytes / host-buffers)")
     s.add_argument("--max-host-memory-bytes", type=int,
-                   help="all host buffers together, grown or added for snapshots that come at once (default: half "
-                        "the memory limit and half of shm_dir)")
+                   help="all host buffers together, grown or added for snapshots that come at once "
+                        "(default: half the memory limit and half of shm_dir)")
     s.add_argument("--host-buffers", type=int, help="number of host buffers (>= 2)")
-    s.add_argument("--encode-threads", type=int, help="threads that compress and checksum (default: the cores, at most 8)")
+    s.add_argument("--encode-threads", type=int,
+                   help="threads that compress and checksum (default: the cores, at most 8)")
     s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")
     s.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM may take to persist what is held")
     s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
-    s.add_argument("--metrics-addr", help="serve Prometheus metrics on IP:PORT (off by default; e.g. 127.0.0.1:9464)")
-    s.add_argument("--backend", choices=("auto", "cuda", "cpu"), help="kernels (env SNAPD_BACKEND; default auto)")
+    s.add_argument("--metrics-addr",
+                   help="serve Prometheus metrics on IP:PORT (off by default; e.g. 127.0.0.1:9464)")
+    s.add_argument("--backend", choices=("auto", "cuda", "cpu"),
+                   help="kernels (env SNAPD_BACKEND; default auto)")
     s.add_argument("--socket-group", help="group that may reach the socket (default snapd-ckpt if it exists)")
-    s.add_argument("--allowed-users", help="comma-separated users (names or uids) allowed besides the daemon's own")
+    s.add_argument("--allowed-users",
+                   help="comma-separated users (names or uids) allowed besides the daemon's own")
     s.add_argument("--user-dirs", choices=("auto", "on", "off"), help="snapshots under <root>/<user>/<job>")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
-    s.add_argument("--endpoint", help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")
+    s.add_argument("--endpoint",
+                   help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")
     s.add_argument("--json", action="store_true", help="machine-readable (docs/PROTOCOL.md)")
     s.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for an answer (default 3)")
     s.set_defaults(fn=cmd_status)

@@ -105,7 +105,8 @@ class Allocation:
         slots = [(_RANGE_START, base), (_RANGE_SIZE, size), (_BUFFER_ID, buffer_id), (_ORDINAL, ordinal),
                  (_IPC_CAPABLE, capable), (_CONTEXT, context)]
         kinds = (ctypes.c_int * len(slots))(*[k for k, _ in slots])
-        data = (ctypes.c_void_p * len(slots))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for _, v in slots])
+        data = (ctypes.c_void_p
+                * len(slots))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for _, v in slots])
         _call("cuPointerGetAttributes", ctypes.c_uint(len(slots)), kinds, data, ctypes.c_uint64(ptr))
         self.base, self.size, self.buffer_id = base.value, size.value, buffer_id.value
         self.ordinal, self.ipc_capable, self.context = ordinal.value, bool(capable.value), context.value or 0
@@ -188,7 +189,8 @@ class IpcEvent:
         ev = ctypes.c_void_p()
         h = _Handle()
         with _Current(context):
-            _call("cuEventCreate", ctypes.byref(ev), ctypes.c_uint(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS))
+            _call("cuEventCreate", ctypes.byref(ev),
+                  ctypes.c_uint(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS))
             _call("cuIpcGetEventHandle", ctypes.byref(h), ev)
         self.event = ev.value
         self.handle = h.raw()

@@ -92,8 +92,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
 def _child(root: str, endpoint: str, steps: int, every: int, die_at: int, hidden: int) -> list[dict]:
     cmd = [sys.executable, "-m", "snapd.demo", "--trainer", "--root", root, "--endpoint", endpoint,
-           "--steps", str(steps),
-           "--every", str(every), "--die-at", str(die_at), "--hidden", str(hidden)]
+           "--steps", str(steps), "--every", str(every), "--die-at", str(die_at), "--hidden", str(hidden)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=600)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode not in (0, -signal.SIGKILL):
@@ -122,11 +121,12 @@ def run_demo(args: argparse.Namespace) -> int:
     root = args.root or tempfile.mkdtemp(prefix="snapd-demo-")
     endpoint = args.endpoint or f"ipc://{root}/snapd.sock"
     mib = sum(v.nbytes for v in init_state(args.hidden)["model"].values()) * 3 / 2**20
-    print(f"snapshots go to {root}/{JOB}/ through the daemon at {endpoint} (state {mib:.1f} MiB with Adam moments)")
+    print(f"snapshots go to {root}/{JOB}/ through the daemon at {endpoint} (state {mib:.1f} MiB with Adam "
+          "moments)")
     first = _child(root, endpoint, args.steps, args.every, args.die_at, args.hidden)
     steps = [r for r in first if "step" in r]
-    print(f"run 1: trained to step {steps[-1]['step']} (loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}),"
-          f" then was killed with SIGKILL")
+    print(f"run 1: trained to step {steps[-1]['step']} (loss {steps[0]['loss']:.4f} -> "
+          f"{steps[-1]['loss']:.4f}), then was killed with SIGKILL")
     second = _child(root, endpoint, args.steps, args.every, -1, args.hidden)
     resumed = next(r["resumed_from"] for r in second if "resumed_from" in r)
     steps2 = [r for r in second if "step" in r]
@@ -172,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoint", help="daemon endpoint (default: a private daemon at ROOT/snapd.sock)")
     ap.add_argument("--steps", type=int, default=300, help="training steps in all (default 300)")
     ap.add_argument("--every", type=int, default=25, help="snapshot every N steps (default 25)")
-    ap.add_argument("--die-at", type=int, default=140, help="the first run kills itself at this step (default 140)")
-    ap.add_argument("--hidden", type=int, default=4096, help="the MLP's hidden width: the state's size (default 4096)")
+    ap.add_argument("--die-at", type=int, default=140,
+                    help="the first run kills itself at this step (default 140)")
+    ap.add_argument("--hidden", type=int, default=4096,
+                    help="the MLP's hidden width: the state's size (default 4096)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary snapshot root at the end")
     ap.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -146,8 +146,8 @@ def register(cls: type[SnapdError]) -> type[SnapdError]:
 
 for _cls in (SnapdError, FormatError, ChecksumError, VersionError, SnapshotNotFound,
              KeySelectionError, MismatchError, UnsupportedValueError, InvalidArgument,
-             FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, PermissionDenied, LimitExceeded,
-             SnapshotError):
+             FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, PermissionDenied,
+             LimitExceeded, SnapshotError):
     register(_cls)
 
 

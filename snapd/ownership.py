@@ -35,13 +35,13 @@ def check_owned_dir(path: Path, what: str, group_above: bool = False) -> None:
             raise InvalidArgument(f"{what} {path}: {p} is not a directory")
         if st.st_uid not in (os.geteuid(), 0):
             raise InvalidArgument(f"{what} {path}: {p} belongs to uid {st.st_uid}, not to this daemon (uid "
-                                  f"{os.geteuid()}) or root: another user may have made it first; remove it, or "
-                                  "choose a path only root or this daemon's user can write")
+                                  f"{os.geteuid()}) or root: another user may have made it first; remove "
+                                  "it, or choose a path only root or this daemon's user can write")
         sticky_root = st.st_uid == 0 and st.st_mode & stat.S_ISVTX and p != real
         writers = 0o002 if group_above and p != real else 0o022
         if st.st_mode & writers and not sticky_root:
-            raise InvalidArgument(f"{what} {path}: other users can write {p} (mode {stat.S_IMODE(st.st_mode):o}): "
-                                  "chmod go-w it, or choose another path")
+            raise InvalidArgument(f"{what} {path}: other users can write {p} (mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}): chmod go-w it, or choose another path")
 
 
 def open_lock(path: Path) -> int:
@@ -50,12 +50,13 @@ def open_lock(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:
-        raise InvalidArgument(f"lock file {path}: {e.strerror} (a symlink planted there is refused)") from None
+        raise InvalidArgument(f"lock file {path}: {e.strerror} (a symlink planted there is refused)") \
+            from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
-        raise InvalidArgument(f"lock file {path} is not a regular file of this daemon's uid with one link: another "
-                              "user may have made it first; remove it")
+        raise InvalidArgument(f"lock file {path} is not a regular file of this daemon's uid with one link: "
+                              "another user may have made it first; remove it")
     return fd
 
 
@@ -78,6 +79,6 @@ def check_socket_owner(sock: Path, endpoint: str) -> None:
     except OSError:
         return  # nothing there (or not reachable): the connection says so in its own words
     if st.st_uid not in trusted_uids():
-        raise PermissionDenied(f"the socket of {endpoint} belongs to uid {st.st_uid}, not to this user, root or "
-                               f"{SERVICE_USER}: another user may have put it there; snapd will not hand it "
-                               "tensors")
+        raise PermissionDenied(f"the socket of {endpoint} belongs to uid {st.st_uid}, not to this user, root "
+                               f"or {SERVICE_USER}: another user may have put it there; snapd will not hand "
+                               "it tensors")

@@ -30,7 +30,8 @@ def _acl(mode: int, users: dict[int, int]) -> bytes:
     mask = group
     for perms in users.values():
         mask |= perms
-    entries = [(USER_OBJ, owner, UNDEFINED_ID), (GROUP_OBJ, group, UNDEFINED_ID), (OTHER, other, UNDEFINED_ID)]
+    entries = [(USER_OBJ, owner, UNDEFINED_ID), (GROUP_OBJ, group, UNDEFINED_ID),
+               (OTHER, other, UNDEFINED_ID)]
     entries += [(USER, perms, uid) for uid, perms in users.items()]
     if users:
         entries.append((MASK, mask, UNDEFINED_ID))

@@ -103,7 +103,8 @@ def _tensors(v: Any, name: str) -> None:
         if t.get("kind") not in KINDS:
             raise ProtocolError(f"{name}[{i}].kind must be one of {', '.join(KINDS)}", "bad_field")
         if t.get("dtype") not in dtypes.ITEMSIZE:
-            raise ProtocolError(f"{name}[{i}].dtype {_short(t.get('dtype'))} is not a known dtype", "bad_field")
+            raise ProtocolError(f"{name}[{i}].dtype {_short(t.get('dtype'))} is not a known dtype",
+                                "bad_field")
         shape = t.get("shape")
         if not isinstance(shape, list) or len(shape) > 64:
             raise ProtocolError(f"{name}[{i}].shape must be a list of at most 64 dimensions", "bad_field")
@@ -119,11 +120,12 @@ def _tensors(v: Any, name: str) -> None:
             _cuda(t["cuda"], f"{name}[{i}].cuda", t["nbytes"])
         if "inline" in t and (t["inline"] is not True or "cuda" in t or "region" in t
                               or t["nbytes"] > MAX_INLINE_TENSOR_BYTES):
-            raise ProtocolError(f"{name}[{i}].inline must be true, on a tensor of at most {MAX_INLINE_TENSOR_BYTES} "
+            raise ProtocolError(f"{name}[{i}].inline must be true, on a tensor of at most "
+                                f"{MAX_INLINE_TENSOR_BYTES} "
                                 "bytes that is neither in a region nor on a GPU", "bad_field")
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
-            raise ProtocolError(f"{name}[{i}]: nbytes {t['nbytes']} does not match shape {shape} of {t['dtype']}",
-                                "bad_field")
+            raise ProtocolError(f"{name}[{i}]: nbytes {t['nbytes']} does not match shape {shape} of "
+                                f"{t['dtype']}", "bad_field")
 
 
 def _hex(length: int) -> Validator:
@@ -152,8 +154,8 @@ def _cuda(v: Any, name: str, nbytes: int) -> None:
     if bad is not None or not v["size"]:
         _int(1)(v.get(bad or "size"), f"{name}.{bad or 'size'}")
     if v["offset"] + nbytes > v["size"]:
-        raise ProtocolError(f"{name}: {nbytes} bytes at offset {v['offset']} lie outside the {v['size']}-byte "
-                            "allocation", "bad_field")
+        raise ProtocolError(f"{name}: {nbytes} bytes at offset {v['offset']} lie outside the "
+                            f"{v['size']}-byte allocation", "bad_field")
 
 
 def _devices(v: Any, name: str) -> None:
@@ -194,12 +196,13 @@ def _scalar_node(node: Any, name: str) -> None:
 def _changes(v: Any, name: str) -> None:
     """Some of a layout's value nodes: [index in pre-order, node] pairs, indices increasing."""
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
-        raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} [index, node] pairs", "bad_field")
+        raise ProtocolError(f"{name} must be a list of at most {MAX_TENSORS} [index, node] pairs",
+                            "bad_field")
     last = -1
     for i, pair in enumerate(v):
         if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int or pair[0] <= last:
-            raise ProtocolError(f"{name}[{i}] must be an [index, node] pair, indices increasing, got {_short(pair)}",
-                                "bad_field")
+            raise ProtocolError(f"{name}[{i}] must be an [index, node] pair, indices increasing, got "
+                                f"{_short(pair)}", "bad_field")
         last = pair[0]
         _scalar_node(pair[1], f"{name}[{i}][1]")
 
@@ -211,14 +214,13 @@ REQUESTS: dict[str, dict[str, Validator]] = {
               "cuda_devices": _opt(_devices), "notices": _opt(_bool)},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
-    # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors' bytes, base64
+    # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors'
+    # bytes, base64
     "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object,
-                 "emergency": _bool, "tree": _opt(_object), "tensors": _opt(_tensors), "layout": _opt(_int(1)),
-                 "values": _opt(_scalars), "changes": _opt(_changes), "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
-    "release": {"lease": _int()},
-    "register": {"path": _str(), "bytes": _int(1)},
-    "status": {},
-    "ping": {},
+                 "emergency": _bool, "tree": _opt(_object), "tensors": _opt(_tensors),
+                 "layout": _opt(_int(1)), "values": _opt(_scalars), "changes": _opt(_changes),
+                 "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
+    "release": {"lease": _int()}, "register": {"path": _str(), "bytes": _int(1)}, "status": {}, "ping": {},
     "bye": {},
     "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended
 }
@@ -236,7 +238,8 @@ def encode(msg: dict[str, Any]) -> bytes:
 def decode_request(frame: bytes) -> dict[str, Any]:
     """Parse and validate one request frame, or raise ProtocolError with a code."""
     if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES} limit", "too_large")
+        raise ProtocolError(f"message of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES} limit",
+                            "too_large")
     try:
         msg = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
@@ -265,13 +268,14 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     return msg
 
 
-_UPGRADE = ("install the daemon's snapd version in the job's environment, or restart the daemon (snapd serve, "
-            "or its service) from the job's version")
+_UPGRADE = ("install the daemon's snapd version in the job's environment, or restart the daemon (snapd "
+            "serve, or its service) from the job's version")
 
 
 def _versions(msg: dict) -> str:
     their = msg.get("snapd")
-    return f"snapd protocol {_short(msg.get('v'))}" + (f" (snapd {_short(their)})" if their is not None else "")
+    return f"snapd protocol {_short(msg.get('v'))}" + (f" (snapd {_short(their)})" if their is not None
+                                                       else "")
 
 
 ENVELOPE = ("v", "snapd", "type", "id")  # the fields every message has
@@ -301,6 +305,6 @@ def decode_reply(frame: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("reply is not a JSON object with a type", "malformed")
     if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"the daemon speaks {_versions(msg)}; this process has snapd {__version__} (protocol "
-                            f"{PROTOCOL_VERSION}): {_UPGRADE}", "version")
+        raise ProtocolError(f"the daemon speaks {_versions(msg)}; this process has snapd {__version__} "
+                            f"(protocol {PROTOCOL_VERSION}): {_UPGRADE}", "version")
     return msg

@@ -33,7 +33,8 @@ def status_text(st: dict) -> str:
     used, skipped = set(st.get("cuda_devices_in_use") or []), st.get("cuda_devices_skipped") or {}
     devices = [d + (" (in use)" if d in used else "") for d in st.get("cuda_devices") or []]
     devices += [f"{d} skipped: {why}" for d, why in skipped.items()]
-    sizes = sorted(set(b.get("sizes") or [b["bytes_each"]]))  # (grown ones differ; older daemons send no sizes)
+    # (grown ones differ; older daemons send no sizes)
+    sizes = sorted(set(b.get("sizes") or [b["bytes_each"]]))
     grow = f", growing to {human_bytes(b['max_bytes_each'])} each and {human_bytes(b['max_bytes'])} in all" \
         if b.get("max_bytes", 0) > sum(b.get("sizes") or []) else ""
     lines = [
@@ -42,10 +43,10 @@ def status_text(st: dict) -> str:
         f"{', '.join(devices) or 'off (device tensors are staged by the clients)'}",
         f"root {st['root']}; buffers {b['busy']}/{b['count']} busy x "
         f"{' / '.join(human_bytes(x) for x in sizes)}{grow}; waiting {st['waiting_for_buffer']}",
-        f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} stored), "
-        f"failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}",
-        f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s raw, "
-        f"{human_bytes(tp['stored_bytes_per_s'])}/s stored"]
+        f"persisted {c['persisted']} ({human_bytes(c['bytes_raw'])} raw, {human_bytes(c['bytes_stored'])} "
+        f"stored), failed {c['failed']}, skipped {c['skipped']}; in flight {st['in_flight'] or 0}",
+        f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s "
+        f"raw, {human_bytes(tp['stored_bytes_per_s'])}/s stored"]
     lines += [f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
               f"failed {j['failed']}" for j in st["jobs"]]
     rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),

@@ -104,8 +104,9 @@ class AccessPolicy:
             try:
                 gid = _gid(config.socket_group, "socket_group")
                 if not _may_chgrp(gid):
-                    raise InvalidArgument(f"socket_group: this daemon (uid {self.daemon_uid}) is not a member "
-                                          f"of group {config.socket_group!r}, so cannot give it the socket")
+                    raise InvalidArgument(f"socket_group: this daemon (uid {self.daemon_uid}) is not a "
+                                          f"member of group {config.socket_group!r}, so cannot give it the "
+                                          "socket")
                 self.socket_gid = gid
             except InvalidArgument as e:
                 if config.socket_group != DEFAULT_GROUP:
@@ -202,7 +203,8 @@ class ZapHandler:
                     "allowed_groups)", peer.uid, peer.user, peer.gid, peer.pid)
         self._reply(envelope, request_id, b"400", f"uid {peer.uid} is not allowed".encode(), b"")
 
-    def _reply(self, envelope: list[bytes], request_id: bytes, status: bytes, text: bytes, user: bytes) -> None:
+    def _reply(self, envelope: list[bytes], request_id: bytes, status: bytes, text: bytes,
+               user: bytes) -> None:
         self.sock.send_multipart(envelope + [b"1.0", request_id, status, text, user, b""])
 
     def close(self) -> None:

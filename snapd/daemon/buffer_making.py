@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from snapd.daemon.buffers import BufferPool, HostBuffer, owner_uid, serves_uid
 from snapd.daemon.config import DaemonConfig
@@ -143,23 +144,25 @@ class BufferMaker:
                 continue
             why = self.no_room(size)
             if why:
-                log.info("host buffer %d not grown ahead to %d MiB (%s): a snapshot that needs it waits while it is "
-                         "made", b.index, size >> 20, why)
+                log.info("host buffer %d not grown ahead to %d MiB (%s): a snapshot that needs it waits "
+                         "while it is made", b.index, size >> 20, why)
                 continue
             log.info("host buffer %d grows ahead to %d MiB, %s", b.index, size >> 20, cause)
-            self.start(pool.reserve(size), size, uid, None, ahead=True, succeeds=b.index, background=background)
+            self.start(pool.reserve(size), size, uid, None, ahead=True, succeeds=b.index,
+                       background=background)
 
     def add_ahead(self, size: int, uid: int, wanted: int, cause: str) -> None:
         """Buffers for ``uid`` of ``size`` (ready, or made ahead of need) up to ``wanted``, more added
         in the background as memory allows: one for each rank of a job that resumes."""
         pool = self.pool
         have = sum(1 for b in pool.buffers if (b.mm is not None and pool.serves(b, uid, size)) or
-                   ((m := self.making.get(b.index)) is not None and m.ahead and m.size >= size and serves_uid(m.uid, uid)))
+                   ((m := self.making.get(b.index)) is not None and m.ahead and m.size >= size
+                    and serves_uid(m.uid, uid)))
         for _ in range(wanted - have):
             why = self.no_room(size)
             if why:
-                log.info("no host buffer of %d MiB added ahead (%s): a snapshot that needs it waits while it is made",
-                         size >> 20, why)
+                log.info("no host buffer of %d MiB added ahead (%s): a snapshot that needs it waits while "
+                         "it is made", size >> 20, why)
                 return
             slot = pool.reserve(size)
             log.info("host buffer %d of %d MiB added ahead, %s", slot.index, size >> 20, cause)

@@ -97,8 +97,8 @@ class BufferReads:
         while done < view.nbytes:
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise ProtocolError(f"the host buffer holding this snapshot ({self.path}) was truncated by its "
-                                    "client", "bad_region")
+                raise ProtocolError(f"the host buffer holding this snapshot ({self.path}) was truncated by "
+                                    "its client", "bad_region")
             done += n
 
     def sample(self, leaf: TensorLeaf, nbytes: int) -> TensorLeaf:

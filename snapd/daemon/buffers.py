@@ -29,7 +29,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,14 +74,15 @@ class BufferPool:
     def __init__(self, shm_dir: Path, count: int, size: int) -> None:
         remove_stale(shm_dir)
         if shm_room(shm_dir) < count * size:  # else the first touch past the end is a SIGBUS
-            raise OSError(f"{count} host buffers of {size} bytes need {count * size} bytes, but {shm_dir} has "
-                          f"{shm_room(shm_dir)} free: lower host_buffer_bytes")
+            raise OSError(f"{count} host buffers of {size} bytes need {count * size} bytes, but {shm_dir} "
+                          f"has {shm_room(shm_dir)} free: lower host_buffer_bytes")
         self.shm_dir = shm_dir
         self.buffers: list[HostBuffer] = []
         # the GPU copier unpins a buffer, then calls the second argument, which unmaps it
         self.before_discard: Callable[[HostBuffer, Callable[[], None]], None] | None = None
         self.after_install: Callable[[HostBuffer], None] | None = None  # the GPU copier pins it
-        self._prefaults: dict[int, Prefault] = {}  # buffer index -> its pages being faulted in, in the background
+        # buffer index -> its pages being faulted in, in the background
+        self._prefaults: dict[int, Prefault] = {}
         self._next_index = count
         try:
             for i in range(count):
@@ -189,7 +190,8 @@ class BufferPool:
     def reserve(self, size: int) -> HostBuffer:
         """A slot for one more buffer of ``size``, to be made by ``replace`` (it counts in ``total``
         from now on: two requests cannot both take the last of the memory)."""
-        slot = HostBuffer(self._next_index, self.shm_dir / "(being made)", size, None, np.empty(0, np.uint8), PREPARING)
+        slot = HostBuffer(self._next_index, self.shm_dir / "(being made)", size, None, np.empty(0, np.uint8),
+                          PREPARING)
         self._next_index += 1
         self.buffers.append(slot)
         return slot
@@ -219,7 +221,8 @@ class BufferPool:
                         new.size >> 20)
         elif new.size > old.size:
             log.warning("host buffer %d grown from %d to %d MiB for a larger snapshot (start with "
-                        "host_buffer_bytes >= %d to skip this)", new.index, old.size >> 20, new.size >> 20, new.size)
+                        "host_buffer_bytes >= %d to skip this)", new.index, old.size >> 20, new.size >> 20,
+                        new.size)
         if new.uid != old.uid and old.mm is not None:
             log.info("host buffer %d now serves uid %d (fresh pages: the previous user keeps its mapping)",
                      new.index, new.uid)

@@ -61,8 +61,14 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
+        self._check_memory()
+        self._check_choices()
+        self._check_limits()
+
+    def _check_memory(self) -> None:
         if self.host_buffers < 2:
-            raise InvalidArgument(f"host_buffers must be at least 2 (a double buffer), got {self.host_buffers}")
+            raise InvalidArgument("host_buffers must be at least 2 (a double buffer), got "
+                                  f"{self.host_buffers}")
         if self.host_buffer_bytes < MIB:
             raise InvalidArgument(f"host_buffer_bytes must be at least 1 MiB, got {self.host_buffer_bytes}")
         if self.max_host_buffer_bytes is not None and self.max_host_buffer_bytes < self.host_buffer_bytes:
@@ -73,10 +79,13 @@ class DaemonConfig:
             raise InvalidArgument(f"max_host_memory_bytes ({self.max_host_memory_bytes}) is less than the "
                                   f"starting buffers ({self.host_buffers} x {self.host_buffer_bytes}) or one "
                                   f"buffer at max_host_buffer_bytes ({self.buffer_cap})")
+
+    def _check_choices(self) -> None:
         if not 1 <= self.encode_threads <= 64:
             raise InvalidArgument(f"encode_threads must be 1..64, got {self.encode_threads}")
         if self.chunk_bytes < 64 << 10 or self.chunk_bytes > 64 * MIB or self.chunk_bytes % 16:
-            raise InvalidArgument(f"chunk_bytes must be 64 KiB..64 MiB and a multiple of 16, got {self.chunk_bytes}")
+            raise InvalidArgument("chunk_bytes must be 64 KiB..64 MiB and a multiple of 16, got "
+                                  f"{self.chunk_bytes}")
         if self.codec != "auto" and self.codec not in CODECS:
             raise InvalidArgument(f"codec must be auto or one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.metrics_addr is not None:
@@ -91,12 +100,14 @@ class DaemonConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, tuple) or not all(isinstance(x, str) and x for x in v)):
                 raise InvalidArgument(f"{name} must be a list of names or numeric ids, got {v!r}")
+
+    def _check_limits(self) -> None:
         if self.client_buffer_bytes is not None and self.client_buffer_bytes < self.host_buffer_bytes:
-            raise InvalidArgument(f"client_buffer_bytes ({self.client_buffer_bytes}) is less than one host buffer "
-                                  f"({self.host_buffer_bytes}): no client could snapshot")
+            raise InvalidArgument(f"client_buffer_bytes ({self.client_buffer_bytes}) is less than one host "
+                                  f"buffer ({self.host_buffer_bytes}): no client could snapshot")
         if self.user_buffer_bytes is not None and self.user_buffer_bytes < self.host_buffer_bytes:
-            raise InvalidArgument(f"user_buffer_bytes ({self.user_buffer_bytes}) is less than one host buffer "
-                                  f"({self.host_buffer_bytes}): no user could snapshot")
+            raise InvalidArgument(f"user_buffer_bytes ({self.user_buffer_bytes}) is less than one host "
+                                  f"buffer ({self.host_buffer_bytes}): no user could snapshot")
         if self.user_disk_bytes is not None and self.user_disk_bytes < 1:
             raise InvalidArgument(f"user_disk_bytes must be >= 1, got {self.user_disk_bytes}")
         if self.client_max_in_flight is not None and self.client_max_in_flight < 1:
@@ -141,9 +152,11 @@ class DaemonConfig:
         values["shm_dir"] = Path(values.get("shm_dir", "/dev/shm"))
         count, start = values.get("host_buffers", 2), values["host_buffer_bytes"]
         if isinstance(count, int) and count >= 2 and isinstance(start, int):
-            values.setdefault("max_host_memory_bytes", max(count * start, default_host_memory_bytes(values["shm_dir"])))
+            values.setdefault("max_host_memory_bytes",
+                              max(count * start, default_host_memory_bytes(values["shm_dir"])))
             if isinstance(values["max_host_memory_bytes"], int):
-                values.setdefault("max_host_buffer_bytes", max(start, values["max_host_memory_bytes"] // count // MIB * MIB))
+                values.setdefault("max_host_buffer_bytes",
+                                  max(start, values["max_host_memory_bytes"] // count // MIB * MIB))
         for name in ("allowed_users", "allowed_groups"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(str(x) for x in values[name])

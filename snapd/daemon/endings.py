@@ -93,6 +93,8 @@ class Endings:
                                    raw_bytes=task.raw_bytes, seconds=event["seconds"])
         else:
             self.tally.failed(task, event["message"])
-            extra = {k: event[k] for k in ("refused", "any_open") if k in event}  # (the GPU copier's ipc_refused)
-            reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"], **extra)
+            # (the GPU copier's ipc_refused)
+            extra = {k: event[k] for k in ("refused", "any_open") if k in event}
+            reply = protocol.error_reply(task.req_id, event["code"], event["message"], event["stage"],
+                                         **extra)
         self.replies.send(task.peer, reply)

@@ -201,7 +201,8 @@ class GpuCopier:
         else:
             for dst, src in item.region_copies:
                 copy_from_region(dst, src)
-            handles, marks = self._enqueue(item.task, item.items, item.ready, item.host, item.shuffle, item.plans)
+            handles, marks = self._enqueue(item.task, item.items, item.ready, item.host, item.shuffle,
+                                           item.plans)
             outbox.send({"event": "queued", "seq": item.task.seq, "events": handles})
             self._waits.put(_Wait(item.task, marks, None))
 
@@ -212,7 +213,8 @@ class GpuCopier:
             self._quiesce()  # nothing may still read the client's memory
             self._waits.put(_Wait(item.task, None, failure(error)))
             return
-        log.error("GPU path: %s failed: %s: %s", type(item).__name__.strip("_").lower(), type(error).__name__, error)
+        log.error("GPU path: %s failed: %s: %s", type(item).__name__.strip("_").lower(),
+                  type(error).__name__, error)
         if isinstance(item, _Forget) and item.bye is not None:
             outbox.send({"event": "forgotten", "peer": item.peer.hex(), "id": item.bye})
 
@@ -230,7 +232,8 @@ class GpuCopier:
         cp = self._cp
         client = self._clients.setdefault(task.peer, ClientHandles())
         by_dev = plans.get(shuffle) if plans is not None else None
-        for uuid in by_dev if by_dev is not None else {d["dev"] for _, d in items}:  # (a kept plan names them)
+        # (a kept plan names them)
+        for uuid in by_dev if by_dev is not None else {d["dev"] for _, d in items}:
             self._device(uuid)
         self._pins.now(host)
         if by_dev is None or any(client.mem.get(key, (0, None))[1] != base
@@ -264,7 +267,8 @@ class GpuCopier:
             self._waits.put(_Close(context, base, marks))
         return handles, marks
 
-    def _plan(self, client: ClientHandles, items: list, host: int, shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
+    def _plan(self, client: ClientHandles, items: list, host: int,
+              shuffle: bool) -> dict[str, gpu_windows.DevicePlan]:
         """Each device's plan for ``items``, opening the handles not yet open (lazily: once per
         client and allocation). Host offsets are taken from the leaves over the host buffer at
         ``host``; the plans hold them relative to it."""
@@ -282,10 +286,12 @@ class GpuCopier:
             for leaf, desc in group:
                 key = (uuid, desc["handle"])
                 base = bases[key] = client.mem[key][1]
-                tensors.append((base + desc["offset"], leaf.data.ctypes.data - host, leaf.nbytes, ITEMSIZE[leaf.dtype]))
-            out[uuid] = gpu_windows.device_plan(tensors, bases, dev.staging.data.ptr, shuffle, self.chunk_bytes)
-            log.info("GPU copy plan: %d tensors from %s in %d window(s), kept for the layout's next snapshots",
-                     len(tensors), uuid, len(out[uuid].steps))
+                tensors.append((base + desc["offset"], leaf.data.ctypes.data - host, leaf.nbytes,
+                                ITEMSIZE[leaf.dtype]))
+            out[uuid] = gpu_windows.device_plan(tensors, bases, dev.staging.data.ptr, shuffle,
+                                                self.chunk_bytes)
+            log.info("GPU copy plan: %d tensors from %s in %d window(s), kept for the layout's next "
+                     "snapshots", len(tensors), uuid, len(out[uuid].steps))
         return out
 
     def _device(self, uuid: str) -> _Device:
@@ -300,7 +306,8 @@ class GpuCopier:
             dev = self.devices[uuid] = _Device(self._cp, self._ordinals[uuid], uuid)
         except Exception as e:
             raise RuntimeError(f"device {uuid}: the daemon cannot have its context and staging window "
-                               f"({gpu_windows.STAGING_BYTES / 2**20:g} MiB) there ({type(e).__name__}: {e})") from None
+                               f"({gpu_windows.STAGING_BYTES / 2**20:g} MiB) there ({type(e).__name__}: "
+                               f"{e})") from None
         self._in_use = (*self._in_use, uuid)
         log.info("GPU path: device %s in use (the daemon's context and staging window, %g MiB, there)", uuid,
                  gpu_windows.STAGING_BYTES / 2**20)

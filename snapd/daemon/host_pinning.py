@@ -50,7 +50,8 @@ class HostPins:
                 self._waiting.extend(views)
                 return
         if views:
-            threading.Thread(target=lambda: [self.now(v) for v in views], name="snapd-pin", daemon=True).start()
+            threading.Thread(target=lambda: [self.now(v) for v in views], name="snapd-pin",
+                             daemon=True).start()
 
     def now(self, host: Any) -> None:
         """Pin ``host`` (a buffer's view) unless it is already; if another thread is pinning it, wait

@@ -37,8 +37,8 @@ class Handoff:
 
 
 class Intake:
-    def __init__(self, config: DaemonConfig, pool: BufferPool, leases: Leases, quotas: Quotas, tasks: TaskTable,
-                 pipeline: Pipeline, tally: Tally) -> None:
+    def __init__(self, config: DaemonConfig, pool: BufferPool, leases: Leases, quotas: Quotas,
+                 tasks: TaskTable, pipeline: Pipeline, tally: Tally) -> None:
         self.config, self.pool, self.leases, self.quotas = config, pool, leases, quotas
         self.tasks, self.pipeline, self.tally = tasks, pipeline, tally
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier on the GPU path
@@ -50,9 +50,9 @@ class Intake:
             raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
         cap = self.config.buffer_cap
         if nbytes > cap:  # (max_host_buffer_bytes is at most max_host_memory_bytes: one names both)
-            raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon makes, "
-                                f"{cap} bytes: raise max_host_buffer_bytes (and the memory the daemon may use)",
-                                "too_large")
+            raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon "
+                                f"makes, {cap} bytes: raise max_host_buffer_bytes (and the memory the daemon "
+                                "may use)", "too_large")
         self.quotas.check(s, nbytes, self.tasks.pending_bytes(s.jobs_root))  # before a byte is copied
         try:
             return self.leases.acquire(s, req_id, nbytes, emergency, then)
@@ -72,14 +72,16 @@ class Intake:
                                     "bad_field")
             plan = self._check(s, layout, self.config.buffer_cap)
             if plan.has_plain:
-                raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: acquire "
-                                    "one first", "bad_field")
+                raise ProtocolError("tensors whose bytes the client copies into the buffer need a lease: "
+                                    "acquire one first", "bad_field")
             metrics = check_metrics(msg["metrics"])
             blob = _inline_bytes(plan, msg.get("inline"))
+
+            def then(lease: int, waited_s: float) -> tuple[bytes, Handoff]:
+                return self._accepted(s, msg, layout, values, metrics, blob, lease, waited_s)
             # (a buffer that holds the tensors as placed, whatever ``nbytes`` says)
-            return self.acquire(s, msg["id"], max(msg["nbytes"], plan.end), msg["emergency"],
-                                lambda lease, waited_s: self._accepted(s, msg, layout, values, metrics, blob, lease,
-                                                                       waited_s)) or (None, None)
+            nbytes = max(msg["nbytes"], plan.end)
+            return self.acquire(s, msg["id"], nbytes, msg["emergency"], then) or (None, None)
         buf = self.leases.take(s, msg["lease"])
         layout, values = layout_of(s.layout, msg)
         plan = self._check(s, layout, buf.view.size)
@@ -109,7 +111,8 @@ class Intake:
         s.leases.discard(lease)  # the task owns the lease now
         task = Task(s.peer, msg["id"], s.job, msg["step"], metrics, msg["emergency"], layout.tree, [], lease,
                     s.retention, plan.raw_bytes, s.jobs_root,
-                    buffer=HostSpan(buf.path, plan.end, buf.view.ctypes.data, owner_uid(buf.uid) != os.geteuid()))
+                    buffer=HostSpan(buf.path, plan.end, buf.view.ctypes.data,
+                                    owner_uid(buf.uid) != os.geteuid()))
         self.tasks.add(task)
         shuffle = plan.has_gpu and self.pipeline.gpu_shuffle(task) is not None
         in_buffer = not plan.has_gpu and not plan.has_copies  # plain path: the client copied the bytes first
@@ -144,7 +147,8 @@ def _inline_bytes(plan: Placement, text: str | None) -> bytes:
     """The bytes of the snapshot's inline tensors (base64 in the message, in descriptor order)."""
     if text is None:
         if plan.inline_bytes:
-            raise ProtocolError(f"the snapshot has {len(plan.inline)} inline tensors but no inline bytes", "bad_field")
+            raise ProtocolError(f"the snapshot has {len(plan.inline)} inline tensors but no inline bytes",
+                                "bad_field")
         return b""
     try:
         blob = base64.b64decode(text, validate=True)

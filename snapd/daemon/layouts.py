@@ -50,9 +50,11 @@ def layout_of(current: Layout | None, msg: dict) -> tuple[Layout, NewValues | No
     values, changes = msg.get("values"), msg.get("changes")
     if tensors is not None:
         if tree is None or values is not None or changes is not None:
-            raise ProtocolError("a snapshot that sends tensors must send its tree, and no values", "bad_field")
+            raise ProtocolError("a snapshot that sends tensors must send its tree, and no values",
+                                "bad_field")
         if number is None:
-            raise ProtocolError("a snapshot that sends tensors must number their layout (layout)", "bad_field")
+            raise ProtocolError("a snapshot that sends tensors must number their layout (layout)",
+                                "bad_field")
         return Layout(number, tensors, tree), None
     if number is None or tree is not None:
         raise ProtocolError("a snapshot needs tensors and a tree, or the layout number of ones sent before "
@@ -61,8 +63,8 @@ def layout_of(current: Layout | None, msg: dict) -> tuple[Layout, NewValues | No
         raise ProtocolError("a snapshot sends values or changes, not both", "bad_field")
     layout = current
     if layout is None or layout.number != number:
-        raise ProtocolError(f"layout {number} is not known on this connection (the daemon keeps only the last "
-                            "layout it accepted): send the tensors and tree", "unknown_layout")
+        raise ProtocolError(f"layout {number} is not known on this connection (the daemon keeps only the "
+                            "last layout it accepted): send the tensors and tree", "unknown_layout")
     if values is not None or changes:
         if layout.scalars < 0:
             layout.scalars = sum(1 for _ in _scalar_nodes(layout.tree))
@@ -70,8 +72,8 @@ def layout_of(current: Layout | None, msg: dict) -> tuple[Layout, NewValues | No
             raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot sent "
                                 f"{len(values)} values", "bad_field")
         if changes and changes[-1][0] >= layout.scalars:  # (indices increase: protocol.py checked)
-            raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot changes node "
-                                f"{changes[-1][0]}", "bad_field")
+            raise ProtocolError(f"layout {number} has {layout.scalars} value nodes, the snapshot changes "
+                                f"node {changes[-1][0]}", "bad_field")
     return layout, NewValues(values, changes) if values is not None or changes else None
 
 
@@ -120,17 +122,20 @@ class Placement:
     registered-region bytes or the device allocation it is copied from. Each later snapshot of the
     layout only places the leaves over its buffer (docs/PROTOCOL.md, Layouts)."""
 
-    def __init__(self, tensors: list[dict], buf_size: int, regions: dict[int, Region], devices: set[str]) -> None:
+    def __init__(self, tensors: list[dict], buf_size: int, regions: dict[int, Region],
+                 devices: set[str]) -> None:
         rows = []
         for t in tensors:
             a, b = t["offset"], t["offset"] + t["nbytes"]
             if b > buf_size:
-                raise ProtocolError(f"{t['key']}: bytes {a}..{b} lie outside the {buf_size}-byte buffer", "bad_field")
+                raise ProtocolError(f"{t['key']}: bytes {a}..{b} lie outside the {buf_size}-byte buffer",
+                                    "bad_field")
             src = None
             if "region" in t:
                 region = regions.get(t["region"])
                 if region is None or t["region_offset"] + t["nbytes"] > region.size:
-                    raise ProtocolError(f"{t['key']}: not inside a region this client registered", "bad_region")
+                    raise ProtocolError(f"{t['key']}: not inside a region this client registered",
+                                        "bad_region")
                 src = region.span(t["region_offset"], t["nbytes"])
             cuda = t.get("cuda")
             if cuda is not None and cuda["dev"] not in devices:
@@ -159,7 +164,8 @@ class Placement:
 
     def check_fits(self, buf: np.ndarray) -> None:
         if self.end > buf.size:  # (a layout placed over a larger buffer, grown for another snapshot)
-            raise ProtocolError(f"the snapshot needs {self.end} bytes, over the {buf.size}-byte buffer", "bad_field")
+            raise ProtocolError(f"the snapshot needs {self.end} bytes, over the {buf.size}-byte buffer",
+                                "bad_field")
 
     def place(self, buf: np.ndarray) -> tuple[list[TensorLeaf], list[tuple[np.ndarray, RegionSpan]],
                                                list[tuple[TensorLeaf, dict]]]:

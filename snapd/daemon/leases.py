@@ -14,7 +14,8 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from snapd import protocol
 from snapd.daemon.buffer_making import BufferMaker
@@ -55,9 +56,10 @@ class Leases:
     grant that was waiting; ``hand_over`` runs a snapshot's hand-over after it.
     """
 
-    def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics, sessions: dict[bytes, Session],
-                 tasks: TaskTable, replies: Any, hand_over: Callable[[Any], None], post: Callable[[dict], None],
-                 shared: bool = False) -> None:
+    def __init__(self, config: DaemonConfig, pool: BufferPool, metrics: Metrics,
+                 sessions: dict[bytes, Session],
+                 tasks: TaskTable, replies: Any, hand_over: Callable[[Any], None],
+                 post: Callable[[dict], None], shared: bool = False) -> None:
         self.config, self.pool, self.metrics = config, pool, metrics
         self.sessions, self.tasks, self.replies, self._hand_over = sessions, tasks, replies, hand_over
         self.maker = BufferMaker(config, pool, post)
@@ -95,14 +97,17 @@ class Leases:
                     self.maker.claim(room.buf, w)
                 if w is None:
                     raise Busy(f"host buffer {room.buf.index} is being made ready for snapshots of this size "
-                               f"({self.maker.size_of(room.buf)} bytes): this one is skipped, a later one gets it")
+                               f"({self.maker.size_of(room.buf)} bytes): this one is skipped, a later one "
+                               "gets it")
                 return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
                 raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
-            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots, and "
-                       f"max_host_memory_bytes ({self.config.memory_cap}) or the memory left has no room for another")
-        self._queue(s, req_id, nbytes, emergency, then, f"this client is at its limit, {at_limit}" if at_limit else
+            raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots, "
+                       f"and max_host_memory_bytes ({self.config.memory_cap}) or the memory left has no room "
+                       "for another")
+        self._queue(s, req_id, nbytes, emergency, then,
+                    f"this client is at its limit, {at_limit}" if at_limit else
                     "every host buffer is busy persisting earlier snapshots, with no room for another")
         return None  # granted later, when a buffer frees
 
@@ -120,8 +125,9 @@ class Leases:
         if buf is not None:
             size = pool.replacement_size(buf, uid, nbytes, c.buffer_cap)
             if size is not None and pool.total() - buf.size + size > c.memory_cap:
-                raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown to {size} "
-                                    f"bytes: with the others over max_host_memory_bytes ({c.memory_cap})")
+                raise LimitExceeded(f"a snapshot of {nbytes} bytes needs host buffer {buf.index} grown to "
+                                    f"{size} bytes: with the others over max_host_memory_bytes "
+                                    f"({c.memory_cap})")
             return Room(buf, size)
         # one more buffer, sized for this request (in 64 MiB steps), not a starting buffer's size: a
         # small state's snapshot then waits for 64 MiB of pages to be touched, not gigabytes
@@ -131,9 +137,9 @@ class Leases:
         if why:
             if not self._said_full:  # (once a daemon's life: an operator's hint, not a per-snapshot line)
                 self._said_full = True
-                log.warning("all %d host buffers busy and no room for another of %d MiB (%s): snapshots wait for "
-                            "one to be persisted; raise max_host_memory_bytes (and MemoryMax) for none to wait",
-                            len(pool.buffers), size >> 20, why)
+                log.warning("all %d host buffers busy and no room for another of %d MiB (%s): snapshots "
+                            "wait for one to be persisted; raise max_host_memory_bytes (and MemoryMax) for "
+                            "none to wait", len(pool.buffers), size >> 20, why)
             return None
         return Room(pool.reserve(size), size)
 
@@ -268,7 +274,9 @@ class Leases:
         self.stopping = True
         while self.waiters:
             w = self.waiters.popleft()
-            self.replies.send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, "the daemon is shutting down"))
+            self.replies.send(w.peer,
+                              protocol.error_reply(w.req_id, ShuttingDown.code,
+                                                   "the daemon is shutting down"))
 
     def gauges(self) -> None:
         busy = sum(b.size for b in self.pool.buffers if b.lease is not None)

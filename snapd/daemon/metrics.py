@@ -42,7 +42,8 @@ class Metrics:
         self.raw_bytes = Counter("snapd_snapshot_raw_bytes", "Tensor bytes handed to the daemon", registry=r)
         self.stored_bytes = Counter("snapd_snapshot_stored_bytes", "Bytes written to disk", registry=r)
         self.stall = Histogram("snapd_stall_seconds", "From a client's buffer request to the daemon holding "
-                               "its bytes (the trainer's wait plus its copy)", buckets=DURATION_BUCKETS, registry=r)
+                               "its bytes (the trainer's wait plus its copy)", buckets=DURATION_BUCKETS,
+                               registry=r)
         self.persist = Histogram("snapd_persist_seconds", "From receiving a snapshot to its commit on disk",
                                  buckets=DURATION_BUCKETS, registry=r)
         self.buffer_bytes = Gauge("snapd_buffer_bytes", "Host buffer bytes by state", ["state"], registry=r)

@@ -61,7 +61,8 @@ class Pipeline:
                                               self._flush_failed))
         self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
         self._copier = threading.Thread(target=stage_loop, name="snapd-copy", daemon=True,
-                                        args=(ctx, "copy", self._copies.get, self._copy_one, self._copy_failed))
+                                        args=(ctx, "copy", self._copies.get, self._copy_one,
+                                              self._copy_failed))
         self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
 
     def start(self) -> None:
@@ -104,8 +105,8 @@ class Pipeline:
             task.advance(FAILED)
         log.error("snapshot %s step %d failed in %s: %s", task.job, task.step, stage, message,
                   exc_info=error if code == "internal" else None)
-        return {"event": "done", "seq": task.seq, "ok": False, "code": code, "message": message, "stage": stage,
-                **extra}
+        return {"event": "done", "seq": task.seq, "ok": False, "code": code, "message": message,
+                "stage": stage, **extra}
 
     # -- the copy stage (registered regions) -----------------------------------------
     def copy(self, task: Task, copies: list) -> None:

@@ -34,7 +34,8 @@ def populate(view: np.ndarray) -> None:
     ctypes: it releases the GIL for the seconds a large buffer takes (mmap.madvise does not)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes), MADV_POPULATE_WRITE) == 0:
+        if libc.madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes),
+                        MADV_POPULATE_WRITE) == 0:
             return
     except (OSError, AttributeError):
         pass

@@ -64,9 +64,10 @@ class Quotas:
             self.refresh(s.jobs_root)
         used = self._used[s.jobs_root]
         if used + pending + nbytes > self.limit:
-            log.warning("uid %d: a snapshot of %d bytes refused: %d on disk and %d in flight, quota %d", s.uid,
-                        nbytes, used, pending, self.limit)
-            raise LimitExceeded(f"this snapshot of {nbytes} bytes would pass your quota on this node's snapd, "
-                                f"user_disk_bytes = {self.limit}: your snapshots take {used} bytes and {pending} "
-                                f"more are being written. Retention deletes older snapshots only after a newer "
-                                f"one commits: lower keep_last, delete snapshots, or ask the operator for more")
+            log.warning("uid %d: a snapshot of %d bytes refused: %d on disk and %d in flight, quota %d",
+                        s.uid, nbytes, used, pending, self.limit)
+            raise LimitExceeded(f"this snapshot of {nbytes} bytes would pass your quota on this node's "
+                                f"snapd, user_disk_bytes = {self.limit}: your snapshots take {used} bytes "
+                                f"and {pending} more are being written. Retention deletes older snapshots "
+                                "only after a newer one commits: lower keep_last, delete snapshots, or ask "
+                                "the operator for more")

@@ -52,7 +52,8 @@ def copy_from_region(dst: np.ndarray, src: RegionSpan) -> None:
     while done < src.nbytes:
         n = os.preadv(src.region.fd, [view[done:]], src.offset + done)
         if n <= 0:
-            raise ProtocolError(f"{src.region.path}: the region is now shorter than the {src.offset + src.nbytes} "
+            raise ProtocolError(f"{src.region.path}: the region is now shorter than the "
+                                f"{src.offset + src.nbytes} "
                                 "bytes registered (truncated by the client)", "bad_region")
         done += n
 

@@ -65,13 +65,15 @@ class Server:
         self.stopping = False
         self.metrics = Metrics()
         self.tally = Tally(self.metrics)
-        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self.replies, self.hand_over,
+        self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self.replies,
+                             self.hand_over,
                              lambda event: post(self.ctx, event), shared=self.policy.user_dirs)
         self.quotas = Quotas(config.user_disk_bytes, self.policy.user_dirs, config.root)
-        self.intake = Intake(config, self.pool, self.leases, self.quotas, self.tasks, self.pipeline, self.tally)
-        self.endings = Endings(self.replies, self.tasks, self.leases, self.pipeline, self.quotas, self.tally)
-        self.status = Status(config, self.policy, self.pool, self.leases, self.pipeline, self.sessions, self.tasks,
+        self.intake = Intake(config, self.pool, self.leases, self.quotas, self.tasks, self.pipeline,
                              self.tally)
+        self.endings = Endings(self.replies, self.tasks, self.leases, self.pipeline, self.quotas, self.tally)
+        self.status = Status(config, self.policy, self.pool, self.leases, self.pipeline, self.sessions,
+                             self.tasks, self.tally)
         self.idle_since = time.monotonic()
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Handoff | None = None  # the accepted snapshot's hand-over, run after the reply
@@ -128,13 +130,8 @@ class Server:
             now = time.monotonic()
             notifier.tick()
             if now >= next_check:
-                for s in gone(self.sessions):
-                    self._end_session(s)
-                self.leases.expire_waiters(now)
-                if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
-                    self.leases.restore_start()
+                self._periodic(now, notifier)
                 next_check = now + self.config.client_check_interval_s
-                notifier.status(self.status.line())
             if should_stop() and not self.stopping:
                 self._begin_drain()
                 notifier.stopping(self.config.drain_timeout_s)
@@ -169,7 +166,20 @@ class Server:
         if self.sessions or self.tasks:
             self.idle_since = now
             return False
-        return self.config.exit_when_idle_s is not None and now - self.idle_since > self.config.exit_when_idle_s
+        limit = self.config.exit_when_idle_s
+        return limit is not None and now - self.idle_since > limit
+
+    def _periodic(self, now: float, notifier: Any) -> None:
+        """Dead clients' sessions end, long waits end, an ended job's memory goes, systemd hears."""
+        try:
+            for s in gone(self.sessions):
+                self._end_session(s)
+            self.leases.expire_waiters(now)
+            if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
+                self.leases.restore_start()
+            notifier.status(self.status.line())
+        except Exception:  # a bug of ours must not take the daemon down for everyone
+            log.exception("internal error in the daemon's periodic checks")
 
     # -- the loop's error boundary ---------------------------------------------------
     def _on_event(self, frame: bytes) -> None:
@@ -198,7 +208,8 @@ class Server:
             msg = protocol.decode_request(frame)
             req_id = msg["id"]
             if msg["type"] in ("hello", "status"):  # (they depend on who asks: the kernel's word)
-                reply = getattr(self, f"_on_{msg['type']}")(peer, msg, Peer.from_address(frames[1].get("Peer-Address")))
+                reply = getattr(self, f"_on_{msg['type']}")(peer, msg,
+                                                            Peer.from_address(frames[1].get("Peer-Address")))
             else:
                 reply = getattr(self, f"_on_{msg['type']}")(peer, msg)
         except SnapdError as e:
@@ -210,7 +221,8 @@ class Server:
         except Exception as e:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error serving a request")
             reply = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
-        # work handed to other threads starts after the reply is out (hand_over; set by a handler that returned)
+        # work handed to other threads starts after the reply is out (hand_over; set by a handler that
+        # returned)
         handoff, self._handoff = self._handoff, None
         if reply is not None:
             self.replies.send(peer, reply)
@@ -238,8 +250,10 @@ class Server:
 
     def _on_hello(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
         job = check_job_name(msg["job"])
-        if msg.get("root") is not None and os.path.realpath(msg["root"]) != os.path.realpath(self.config.root):
-            raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}", "root_mismatch")
+        root = msg.get("root")
+        if root is not None and os.path.realpath(root) != os.path.realpath(self.config.root):
+            raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}",
+                                "root_mismatch")
         old = self.sessions.pop(peer, None)
         if old:
             self.leases.release_all(old)
@@ -260,9 +274,11 @@ class Server:
         log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                               root=str(self.config.root), jobs_root=str(jobs_root),
-                              job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid, daemon_uid=os.geteuid(),
-                              buffers=self.pool.describe(creds.uid), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
-                              cuda={"devices": self.gpu.describe() if self.gpu else [], "pid_ns": pid_namespace()})
+                              job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid,
+                              daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
+                              max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                              cuda={"devices": self.gpu.describe() if self.gpu else [],
+                                    "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         return self.intake.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])

@@ -134,7 +134,8 @@ class Status:
                 "cuda_devices_skipped": dict(gpu.skipped) if gpu is not None else {},
                 "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
                              "held_buffers": self.leases.held(s),
-                             "last_snapshot": _last_snapshot(s.last_snapshot)} for s in self.sessions.values()],
+                             "last_snapshot": _last_snapshot(s.last_snapshot)}
+                            for s in self.sessions.values()],
                 "access": self.policy.describe(),
                 "in_flight": self.tasks.by_state(), "waiting_for_buffer": len(self.leases.waiters),
                 "buffers": {"count": len(pool.buffers), "bytes_each": config.host_buffer_bytes,

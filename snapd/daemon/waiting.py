@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from snapd import protocol
 from snapd.errors import Busy
@@ -37,7 +38,9 @@ def notify(leases: Any, s: Any, w: Waiter, why: str) -> None:
     """Tell a client that asked for notices (``hello.notices``) that its request waits, why, and
     for how long at most; older clients are told nothing until the grant or the refusal."""
     if s.notices:
-        leases.replies.send(w.peer, protocol.message("waiting", w.req_id, why=why, at_most_s=leases.config.busy_wait_s))
+        leases.replies.send(w.peer,
+                            protocol.message("waiting", w.req_id, why=why,
+                                             at_most_s=leases.config.busy_wait_s))
 
 
 def expire(leases: Any, now: float) -> None:
@@ -52,11 +55,11 @@ def expire(leases: Any, now: float) -> None:
                         who(leases, w.peer), waited, holders(leases))
         if waited > leases.config.busy_wait_s and id(w) not in preparing:
             leases.waiters.remove(w)
-            log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer (busy_wait_s); "
-                        "held: %s", who(leases, w.peer), waited, holders(leases))
+            log.warning("refused a snapshot of client %s after %.0f s waiting for a host buffer "
+                        "(busy_wait_s); held: %s", who(leases, w.peer), waited, holders(leases))
             leases.replies.send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
-                f"no host buffer came free for this snapshot within busy_wait_s ({leases.config.busy_wait_s:.0f} s)"
-                f"; held: {holders(leases)}")))
+                "no host buffer came free for this snapshot within busy_wait_s "
+                f"({leases.config.busy_wait_s:.0f} s); held: {holders(leases)}")))
 
 
 def who(leases: Any, peer: bytes) -> str:

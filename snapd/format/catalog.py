@@ -50,7 +50,8 @@ def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest"
     if step is None:
         step = "latest"
     if isinstance(step, bool) or not isinstance(step, (int, str)) or \
-            (isinstance(step, str) and step not in ("latest", "best")) or (isinstance(step, int) and step < 0):
+            (isinstance(step, str) and step not in ("latest", "best")) or (isinstance(step, int) and step
+                                                                           < 0):
         raise InvalidArgument(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
     if not jd.path.is_dir():
         raise SnapshotNotFound(f"no job {job!r} under {root}")
@@ -59,7 +60,8 @@ def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest"
         entry = _newest_valid(jd, idx)
     elif step == "best":
         if idx.best_metric is None:
-            raise SnapshotNotFound(f"job {job!r} tracks no best snapshot (save with best=(metric, 'min'|'max'))")
+            raise SnapshotNotFound(f"job {job!r} tracks no best snapshot (save with best=(metric, "
+                                   "'min'|'max'))")
         entry = idx.best
     else:
         entry = idx.find(step)

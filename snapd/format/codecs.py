@@ -143,9 +143,11 @@ def decode_into(stored: memoryview | bytes, codec: str, itemsize: int, planes: l
                 if length == plane_raw:
                     decoded.append(part)
                 elif algo == "lz4":
-                    decoded.append(_sized(lz4.block.decompress(part, uncompressed_size=plane_raw), plane_raw, where))
+                    decoded.append(_sized(lz4.block.decompress(part, uncompressed_size=plane_raw), plane_raw,
+                                          where))
                 else:
-                    decoded.append(_sized(_zstd_d().decompress(part, max_output_size=plane_raw), plane_raw, where))
+                    decoded.append(_sized(_zstd_d().decompress(part, max_output_size=plane_raw), plane_raw,
+                                          where))
             if keep_planes:
                 if len(decoded) != itemsize:
                     raise ChecksumError(f"{where}: {len(decoded)} planes for {itemsize}-byte elements")

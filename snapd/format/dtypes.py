@@ -105,12 +105,13 @@ def check_torch_memory(key: str, obj: Any) -> None:
     torch = torch_module()
     if type(obj) in (torch.Tensor, torch.nn.Parameter):
         if obj.is_nested:
-            raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component tensor)")
+            raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component "
+                                        "tensor)")
         return
     name = type(obj).__name__
     if name == "DTensor":
-        raise UnsupportedValueError(f"{key}: a DTensor (FSDP2/tensor-parallel shard) is not supported yet: save "
-                                    "t.to_local() per rank, or the full state dict (get_state_dict with "
+        raise UnsupportedValueError(f"{key}: a DTensor (FSDP2/tensor-parallel shard) is not supported yet: "
+                                    "save t.to_local() per rank, or the full state dict (get_state_dict with "
                                     "StateDictOptions(full_state_dict=True))")
     try:
         storage = obj.untyped_storage()
@@ -120,5 +121,6 @@ def check_torch_memory(key: str, obj: Any) -> None:
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         ok = False
     if not ok:
-        raise UnsupportedValueError(f"{key}: a torch tensor subclass {name} whose bytes are not a plain storage "
-                                    "(a wrapper or nested tensor) is not supported: save a plain torch.Tensor")
+        raise UnsupportedValueError(f"{key}: a torch tensor subclass {name} whose bytes are not a plain "
+                                    "storage (a wrapper or nested tensor) is not supported: save a plain "
+                                    "torch.Tensor")

@@ -196,13 +196,16 @@ def problems(job: JobDir) -> tuple[list[str], list[str]]:
     try:
         index = parse_index(read_regular(job.path / INDEX_NAME))
     except FileNotFoundError:
-        return [], [f"{job.path / INDEX_NAME}: missing (rebuilt from the manifests)"] if job.snapshot_dirs() else []
+        missing = [f"{job.path / INDEX_NAME}: missing (rebuilt from the manifests)"]
+        return [], missing if job.snapshot_dirs() else []
     except (OSError, FormatError) as e:
         return [f"{job.path / INDEX_NAME}: {e} (rebuilt from the manifests when read)"], []
     on_disk = {s for s, p in job.snapshot_dirs().items() if _has_manifest(p)}
     listed = {e.step for e in index.history}
-    notes = [f"{job.path / INDEX_NAME}: lists step {s}, which has no committed directory" for s in sorted(listed - on_disk)]
-    notes += [f"{job.path / INDEX_NAME}: does not list step {s} (added when read)" for s in sorted(on_disk - listed)]
+    notes = [f"{job.path / INDEX_NAME}: lists step {s}, which has no committed directory"
+             for s in sorted(listed - on_disk)]
+    notes += [f"{job.path / INDEX_NAME}: does not list step {s} (added when read)" for s in sorted(on_disk
+                                                                                                   - listed)]
     return [], notes
 
 

@@ -165,7 +165,8 @@ def _build(body: dict) -> Manifest:
             raise FormatError(f"{key}: nbytes {nbytes} != {math.prod(shape)} elements x {size} bytes")
         chunks = []
         for c in t["chunks"]:
-            ch = Chunk(file=_int(c["file"], f"{key}: chunk file"), offset=_int(c["offset"], f"{key}: chunk offset"),
+            ch = Chunk(file=_int(c["file"], f"{key}: chunk file"),
+                       offset=_int(c["offset"], f"{key}: chunk offset"),
                        stored=_int(c["stored"], f"{key}: chunk stored length"),
                        raw=_int(c["raw"], f"{key}: chunk raw length"), codec=c["codec"],
                        checksum=c["checksum"], planes=c.get("planes"))
@@ -189,7 +190,8 @@ def _build(body: dict) -> Manifest:
     return Manifest(step=_int(body["step"], "step"), created_unix_s=float(body["created_unix_s"]),
                     job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
                     codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
-                    writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None, taken_unix_s=taken)
+                    writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None,
+                    taken_unix_s=taken)
 
 
 def _check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:

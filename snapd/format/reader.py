@@ -171,7 +171,8 @@ class SnapshotReader:
             raise FormatError(f"{self.path}: the selection declares {total} bytes, more than this "
                               f"machine's {limit} bytes of memory")
         threads = threads or min(8, os.cpu_count() or 1)
-        windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted], window_bytes or WINDOW_BYTES)
+        windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted],
+                           window_bytes or WINDOW_BYTES)
         if threads == 1 or sum(len(self.manifest.tensors[i].chunks) for i in wanted) <= 1:
             for window in windows:
                 for job in self._jobs(window, buffer_for, keep_planes):
@@ -181,7 +182,8 @@ class SnapshotReader:
         with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
             last: tuple[list[int], list] | None = None
             for window in windows:
-                futures = [pool.submit(self.read_chunk, *job) for job in self._jobs(window, buffer_for, keep_planes)]
+                futures = [pool.submit(self.read_chunk, *job) for job in self._jobs(window, buffer_for,
+                                                                                    keep_planes)]
                 if last is not None:
                     _finish(*last, done)
                 last = (window, futures)

@@ -10,7 +10,8 @@ restore holds about two reader windows of it at a time, not the whole state.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,8 @@ class Destinations:
                 problems.append(f"{rec.key}: in the snapshot, not a tensor in `into`")
                 continue
             if tuple(t.shape) != tuple(rec.shape):
-                problems.append(f"{rec.key}: shape {tuple(rec.shape)} in the snapshot, {tuple(t.shape)} in `into`")
+                problems.append(f"{rec.key}: shape {tuple(rec.shape)} in the snapshot, {tuple(t.shape)} in "
+                                "`into`")
             elif _target_dtype(t, rec.key) != rec.dtype:
                 problems.append(f"{rec.key}: dtype {rec.dtype} in the snapshot, {_target_dtype(t, rec.key)} "
                                 "in `into`")
@@ -129,7 +131,8 @@ class Destinations:
             try:
                 import torch
             except ImportError:
-                log.warning("%s was saved as a torch tensor; torch is not installed, returning NumPy", rec.key)
+                log.warning("%s was saved as a torch tensor; torch is not installed, returning NumPy",
+                            rec.key)
             else:
                 t = torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype))
                 return t, t.reshape(-1).view(torch.uint8).numpy()

@@ -51,7 +51,7 @@ def export(reader: SnapshotReader, out: str | os.PathLike, keys: list[str] | Non
             f.write(blob)
             for i, rec in zip(wanted, tensors):  # one tensor in memory at a time
                 buf = np.empty(rec.nbytes, dtype=np.uint8)
-                reader.read_tensors([i], lambda _i: memoryview(buf))
+                reader.read_tensors([i], lambda _i, buf=buf: memoryview(buf))
                 f.write(buf)
             f.flush()
             os.fsync(f.fileno())

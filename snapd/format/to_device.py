@@ -53,7 +53,8 @@ def check_device(device: Any, torch_tensors: bool) -> None:
             return
     except Exception:  # no CuPy, no driver or no device
         pass
-    raise InvalidArgument(f"device {device!r}: no CUDA device is usable in this process (torch.cuda.is_available() "
+    raise InvalidArgument(f"device {device!r}: no CUDA device is usable in this process "
+                          "(torch.cuda.is_available() "
                           "is False and CuPy finds none): load with device=None (the CPU), or where a GPU is")
 
 
@@ -81,7 +82,8 @@ def _on_gpu(cp: Any, device_index: int, segs: list, stream: Any = None) -> bool:
     except Exception as e:  # (a compile or load failure comes before anything is launched)
         if not _kernel_failed:
             _kernel_failed.append(f"{type(e).__name__}: {e}")
-            log.warning("the unshuffle kernel cannot run here (%s): restores unshuffle on the host", _kernel_failed[0])
+            log.warning("the unshuffle kernel cannot run here (%s): restores unshuffle on the host",
+                        _kernel_failed[0])
         return False
 
 
@@ -93,7 +95,8 @@ def goes_to_gpu(rec: TensorRecord, device: Any) -> bool:
         if device is not None and not _is_cuda(device):
             return False
         if _cupy() is None:
-            log.warning("%s was saved as a CuPy array; CuPy or a CUDA device is missing, returning NumPy", rec.key)
+            log.warning("%s was saved as a CuPy array; CuPy or a CUDA device is missing, returning NumPy",
+                        rec.key)
             return False
         return True
     return False  # NumPy arrays stay on the host, as map_location leaves them
@@ -138,7 +141,8 @@ def _unshuffle_on_host(rec: TensorRecord, host: np.ndarray) -> np.ndarray:
 def _torch_stream(cp: Any, torch: Any, t: Any) -> Any:
     """torch's current stream on ``t``'s device as a CuPy stream: the unshuffle runs after the upload."""
     ptr = torch.cuda.current_stream(t.device).cuda_stream
-    with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14 but still the one way by pointer
+    # ExternalStream is deprecated in CuPy 14 but still the one way by pointer
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return cp.cuda.ExternalStream(ptr)
 
@@ -149,7 +153,8 @@ def fills_on_gpu(rec: TensorRecord, target: Any) -> bool:
     Any other target is filled from the host (``copy_``), unshuffled there."""
     torch = dtypes.torch_module()
     return torch is not None and isinstance(target, torch.Tensor) and target.is_cuda and bool(rec.nbytes) \
-        and target.is_contiguous() and not target.requires_grad and any(_shuffled(rec)) and _cupy() is not None
+        and target.is_contiguous() and not target.requires_grad and any(_shuffled(rec)) \
+        and _cupy() is not None
 
 
 def upload_into(rec: TensorRecord, host: np.ndarray, target: Any) -> None:
@@ -162,9 +167,12 @@ def upload_into(rec: TensorRecord, host: np.ndarray, target: Any) -> None:
     if cp is not None:
         staged = torch.from_numpy(host).to(target.device)
         index = target.device.index if target.device.index is not None else torch.cuda.current_device()
-        if _on_gpu(cp, index, _segments(rec, staged.data_ptr(), target.data_ptr()), _torch_stream(cp, torch, target)):
-            return  # (``staged`` goes back to torch's allocator for its stream: reused only after the kernel ran)
-    plain = torch.from_numpy(_unshuffle_on_host(rec, host)).view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
+        if _on_gpu(cp, index, _segments(rec, staged.data_ptr(), target.data_ptr()),
+                   _torch_stream(cp, torch, target)):
+            # (``staged`` goes back to torch's allocator for its stream: reused only after the kernel ran)
+            return
+    plain = torch.from_numpy(_unshuffle_on_host(rec,
+                                                host)).view(dtypes.torch_dtype(rec.dtype)).reshape(rec.shape)
     with torch.no_grad():
         target.copy_(plain)
 
@@ -179,7 +187,8 @@ def upload(rec: TensorRecord, host: np.ndarray, device: Any) -> Any:
         import torch
 
         dev = torch.device(device)
-        if not rec.nbytes or needs_unshuffle:  # (a uint8 view of nothing cannot be re-viewed as another dtype)
+        # (a uint8 view of nothing cannot be re-viewed as another dtype)
+        if not rec.nbytes or needs_unshuffle:
             out = torch.empty(rec.shape, dtype=dtypes.torch_dtype(rec.dtype), device=dev)
             if rec.nbytes:
                 upload_into(rec, host, out)  # the planes up, unshuffled straight into the new tensor

@@ -37,9 +37,11 @@ class TensorLeaf:
     a tensor on the trainer's side of snapshot().
     """
 
-    __slots__ = ("key", "kind", "dtype", "shape", "source", "nbytes", "ptr", "_data", "on_device", "preshuffled")
+    __slots__ = ("key", "kind", "dtype", "shape", "source", "nbytes", "ptr", "_data", "on_device",
+                 "preshuffled")
 
-    def __init__(self, key: str, kind: str, dtype: str, shape: tuple[int, ...], data: np.ndarray | None = None,
+    def __init__(self, key: str, kind: str, dtype: str, shape: tuple[int, ...],
+                 data: np.ndarray | None = None,
                  source: Any = None, nbytes: int | None = None, ptr: int | None = None,
                  on_device: bool = False) -> None:
         self.key, self.kind, self.dtype, self.shape = key, kind, dtype, shape
@@ -160,7 +162,9 @@ def _torch_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLe
     return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
 
 
-def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = None
+# (one function with its visitors inside: snapshot()'s hot path, where every call per leaf costs the
+# trainer; its branches are the kinds of value a state holds)
+def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = None  # noqa: C901
             ) -> tuple[dict, list[TensorLeaf]]:
     """Split ``state`` into a JSON skeleton and its tensors, in visiting order.
 
@@ -173,7 +177,8 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
     seen: set[str] = set()
     torch = dtypes.torch_module()
     tensor_type, strided = (torch.Tensor, torch.strided) if torch is not None else ((), None)
-    plain = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()  # (subclasses: _torch_leaf checks)
+    # (subclasses: _torch_leaf checks)
+    plain = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
     torch_names = dtypes.TORCH_NAMES
 
     def add(leaf: TensorLeaf, key: str) -> dict:
@@ -182,7 +187,8 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
         if n == len(seen):
             raise UnsupportedValueError(f"{key}: two leaves share this key path")
         if not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:  # key_problem, inlined
-            raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: {key_problem(key)}")
+            raise UnsupportedValueError(f"{key or '<root>'}: invalid key path for a tensor: "
+                                        f"{key_problem(key)}")
         leaves.append(leaf)
         return {"t": "tensor", "i": n}
 
@@ -194,14 +200,16 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
         cpu = obj.is_cpu
         n = len(seen)
         seen.add(key)
-        if type(obj) not in plain or obj.is_nested or name is None or name[0] == "c" or obj.layout is not strided or obj.is_neg() \
+        if type(obj) not in plain or obj.is_nested or name is None or name[0] == "c" \
+                or obj.layout is not strided or obj.is_neg() \
                 or not obj.is_contiguous() \
                 or not (cpu or keep_device and obj.is_cuda) or n == len(seen) \
                 or not key or key[0] == "." or key[-1] == "." or ".." in key or "\x00" in key:
             if n != len(seen):
                 seen.discard(key)  # (add checks it again, and says what is wrong)
             return add(_torch_leaf(key, obj, keep_device, strided), key)
-        leaves.append(TensorLeaf(key, "torch", name, tuple(obj.shape), None, obj, obj.nbytes, obj.data_ptr(), not cpu))
+        leaves.append(TensorLeaf(key, "torch", name, tuple(obj.shape), None, obj, obj.nbytes, obj.data_ptr(),
+                                 not cpu))
         return {"t": "tensor", "i": n}
 
     def visit(obj: Any, key: str, depth: int) -> dict:
@@ -223,7 +231,8 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
                                                 f"{type(k).__name__} (only str and int keys)")
             pre = key + "." if key else ""  # join_key, inlined: this runs for every leaf
             return {"t": "dict", "k": keys,
-                    "v": [tensor(v, pre + k if isinstance(k, str) else pre + str(k)) if isinstance(v, tensor_type)
+                    "v": [tensor(v, pre + k if isinstance(k, str) else pre + str(k))
+                          if isinstance(v, tensor_type)
                           else visit(v, pre + k if isinstance(k, str) else pre + str(k), depth + 1)
                           for k, v in zip(keys, obj.values())]}
         if isinstance(obj, (list, tuple)):

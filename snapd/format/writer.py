@@ -142,7 +142,8 @@ class SnapshotWriter:
         self.tensors: list[TensorRecord] = []
         self.taken_unix_s = time.time()  # the daemon sets when the state was handed to it
 
-    def add_tensor(self, key: str, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> TensorRecord:
+    def add_tensor(self, key: str, kind: str, dtype: str, shape: tuple[int, ...],
+                   nbytes: int) -> TensorRecord:
         rec = TensorRecord(key, kind, dtype, list(shape), nbytes)
         self.tensors.append(rec)
         return rec
@@ -189,8 +190,8 @@ class SnapshotWriter:
                 files.append({"name": name, "bytes": f.size})
             manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
                                 tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
-                                emergency=emergency, writer=f"snapd {__version__}", best_metric=retention.best,
-                                taken_unix_s=self.taken_unix_s)
+                                emergency=emergency, writer=f"snapd {__version__}",
+                                best_metric=retention.best, taken_unix_s=self.taken_unix_s)
             with open(self.tmp / MANIFEST_NAME, "wb") as mf:
                 mf.write(manifest.to_bytes())
                 mf.flush()

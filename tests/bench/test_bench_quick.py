@@ -19,20 +19,24 @@ PEERS = {"torch.save + fsync", "safetensors + fsync", "DCP save", "DCP async_sav
 @pytest.mark.timeout(420)
 def test_quick_bench_writes_results_tables_and_plots(tmp_path) -> None:
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--dir",
+                          str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["scenario"] for r in rows} == {"stall", "durable", "concurrency", "compression", "restore",
                                              "emergency"}
-    assert all(r["values"] and r["machine"]["cores"] >= 1 and "torch" in r["machine"]["versions"] for r in rows)
+    assert all(r["values"] and r["machine"]["cores"] >= 1
+               and "torch" in r["machine"]["versions"] for r in rows)
     stall = {r["method"] for r in rows if r["scenario"] == "stall" and r["metric"] == "stall_per_snapshot"}
     assert stall == PEERS | {"snapd plain", "snapd registered"}
-    comp = {(r["data"], r["method"]) for r in rows if r["scenario"] == "compression" and r["metric"] == "ratio"}
+    comp = {(r["data"], r["method"]) for r in rows if r["scenario"] == "compression" and r["metric"]
+            == "ratio"}
     assert len(comp) == 16 and ("AdamW moments fp32", "shuffle-lz4") in comp
     restore = {(r["method"], r["metric"]) for r in rows if r["scenario"] == "restore"}
     assert ("snapd", "partial_cold") in restore and ("DCP load", "full_warm") in restore
-    assert {r["method"] for r in rows if r["scenario"] == "emergency"} == {"snapd", "torch.save + fsync", "DCP save"}
+    assert {r["method"] for r in rows if r["scenario"] == "emergency"} == {"snapd", "torch.save + fsync",
+                                                                           "DCP save"}
     md = (out / "results.md").read_text()
     assert "## stall: stall_per_snapshot" in md and "| snapd plain |" in md and "snapd ÷ peer" in md
     for png in ("stall.png", "durable.png", "compression.png"):
@@ -74,7 +78,8 @@ def test_the_stand_in_gpu_prep_bench_runs() -> None:
     run = subprocess.run([sys.executable, "-m", "bench.gpu_prep_fake", "--counts", "8", "--reps", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=100)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert any(line.split()[:2] == ["8", "tensors:"] and "kept" in line for line in run.stdout.splitlines()), \
+    assert any(line.split()[:2] == ["8", "tensors:"]
+               and "kept" in line for line in run.stdout.splitlines()), \
         run.stdout
 
 
@@ -82,7 +87,8 @@ def test_the_stand_in_gpu_prep_bench_runs() -> None:
 def test_the_buffer_growth_bench_runs(tmp_path) -> None:
     """`python -m bench.buffer_growth` end to end, small: a row per method and measure."""
     run = subprocess.run([sys.executable, "-m", "bench.buffer_growth", "--mib", "8", "--snapshots", "2",
-                          "--ranks", "3", "--rank-mib", "4", "--dir", str(tmp_path), "--out", str(tmp_path / "g.md")],
+                          "--ranks", "3", "--rank-mib", "4", "--dir", str(tmp_path), "--out",
+                          str(tmp_path / "g.md")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| snapd")

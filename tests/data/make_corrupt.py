@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -68,7 +68,8 @@ def _huge(body: dict) -> None:
 
 CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "flipped_byte": (_file_edit("data-00000-of-00002.bin", _flip), "ChecksumError", "checksum mismatch"),
-    "truncated_chunk": (_file_edit("data-00001-of-00002.bin", lambda b: b[:-100]), "FormatError", "truncated"),
+    "truncated_chunk": (_file_edit("data-00001-of-00002.bin", lambda b: b[:-100]), "FormatError",
+                        "truncated"),
     "missing_data_file": (lambda d: (d / "data-00001-of-00002.bin").unlink(), "FormatError",
                           "data file is missing"),
     "bad_json": (lambda d: (d / "manifest.json").write_text('{"magic": "snapd-snapshot", '),

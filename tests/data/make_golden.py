@@ -53,7 +53,7 @@ def main() -> None:
         with SnapshotReader(done.path) as r:
             for i, t in enumerate(r.manifest.tensors):
                 buf = np.empty(t.nbytes, np.uint8)
-                r.read_tensors([i], lambda _i: memoryview(buf))
+                r.read_tensors([i], lambda _i, buf=buf: memoryview(buf))
                 expected.setdefault(job, {})[t.key] = {"dtype": t.dtype, "shape": t.shape,
                                                        "sha256": hashlib.sha256(buf).hexdigest()}
         print(f"wrote {done.path}")

@@ -68,7 +68,8 @@ def check_invariants(d: daemons.Daemon, mib: int, dead_pids: list[int], seed: in
         for s in infos:
             got = snapd.load(d.root, "job", step=s.step)
             want = expected(s.step, mib)
-            assert np.array_equal(got["w"], want["w"]) and got["tag"] == want["tag"] and got["step"] == s.step, \
+            assert np.array_equal(got["w"],
+                                  want["w"]) and got["tag"] == want["tag"] and got["step"] == s.step, \
                 f"seed {seed}: step {s.step} is not what was saved"
         if infos:
             assert [s.step for s in infos if s.latest] == [max(steps)], f"seed {seed}"
@@ -211,9 +212,11 @@ HOSTILE = {
     "huge nbytes": "print(raw('acquire', nbytes=1 << 62, emergency=False))",
     "device region": ("os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 5)); "  # /dev/zero's numbers
                       "print(raw('register', path=p, bytes=4096))"),
-    "socket region": ("s = socket.socket(socket.AF_UNIX); s.bind(p); print(raw('register', path=p, bytes=4096))"),
-    "region replaced after registration": ("open(p, 'wb').write(b'x' * 4096); r = raw('register', path=p, bytes=4096); "
-                                           "os.unlink(p); os.symlink('/etc/shadow', p); print(r, raw('ping'))"),
+    "socket region": ("s = socket.socket(socket.AF_UNIX); s.bind(p); print(raw('register', path=p, "
+                      "bytes=4096))"),
+    "region replaced after registration": ("open(p, 'wb').write(b'x' * 4096); r = raw('register', path=p, "
+                                           "bytes=4096); os.unlink(p); os.symlink('/etc/shadow', p); "
+                                           "print(r, raw('ping'))"),
 }
 HOSTILE_CLIENT = r"""
 import itertools, os, socket, stat, sys, zmq

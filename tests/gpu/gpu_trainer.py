@@ -50,8 +50,7 @@ def torch_state(torch, big: bool = False) -> dict:
                   "empty": torch.zeros(0, device=dev)},
         "views": {"a": slab[3:100_003], "b": slab[200_001:600_000], "t": torch.randn(64, 48, generator=g,
                                                                                       device=dev).t()},
-        "cpu": {"np": np.arange(10, dtype=np.int32), "t": torch.arange(5.0)},
-        "step": 3,
+        "cpu": {"np": np.arange(10, dtype=np.int32), "t": torch.arange(5.0)}, "step": 3,
     }
 
 
@@ -123,8 +122,8 @@ def training_loop(client, torch) -> None:
     fresh, _ = make()  # resuming: the model's own device tensors filled in place
     client.restore(taken[-1][0].step, keys="model", into={"model": fresh.state_dict()})
     assert all(p.is_cuda for p in fresh.parameters())
-    check_equal({k: v for k, v in taken[-1][1].items() if k.startswith("model.")}, {"model": fresh.state_dict()},
-                "into a model on the device")
+    check_equal({k: v for k, v in taken[-1][1].items() if k.startswith("model.")},
+                {"model": fresh.state_dict()}, "into a model on the device")
     del fresh
 
     addresses = {k: v.data_ptr() for k, v in model.state_dict().items()}
@@ -191,7 +190,8 @@ def run(mode: str, endpoint: str, root: str) -> None:
         info = snapd.save(root + "-cpu", mode, state, step=1, codec=codec)
         a = json.loads((pending.wait().path / MANIFEST_NAME).read_text())
         b = json.loads((Path(info.path) / MANIFEST_NAME).read_text())
-        assert [t["chunks"] for t in a["tensors"]] == [t["chunks"] for t in b["tensors"]], "stored bytes differ"
+        chunks = [[t["chunks"] for t in m["tensors"]] for m in (a, b)]
+        assert chunks[0] == chunks[1], "stored bytes differ"
         print(f"codec {codec}: identical chunks", flush=True)
     client.close()
     print("OK")

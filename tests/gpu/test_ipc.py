@@ -22,7 +22,8 @@ BIG = str(512 << 20)
 
 def _train(mode: str, d, env: dict | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(TRAINER), mode, d.endpoint, str(d.root)], capture_output=True,
-                       text=True, cwd="/", timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                       text=True, cwd="/", timeout=300,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert r.returncode == 0 and "OK" in r.stdout, f"{r.stdout}\n{r.stderr}\n--- daemon log\n{d.log_text()}"
     return r
 
@@ -39,15 +40,11 @@ def test_gpu_snapshot_loads_where_there_is_no_gpu(start) -> None:
     d = start("--backend", "cuda", "--host-buffer-bytes", BIG)
     _train("dtypes", d)
     code = ("import hashlib, json, sys, numpy as np, snapd.client as s, torch\n"
-            "assert not torch.cuda.is_available()\n"
-            "out = s.load(sys.argv[1], 'dtypes')\n"
-            "def walk(t, p=''):\n"
-            "    if isinstance(t, dict):\n"
-            "        for k, v in t.items(): yield from walk(v, p + k + '.')\n"
-            "    elif hasattr(t, 'shape'): yield p[:-1], t\n"
-            "def raw(t):\n"
-            "    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if isinstance(t, torch.Tensor)"
-            " else np.ascontiguousarray(t).tobytes()\n"
+            "assert not torch.cuda.is_available()\nout = s.load(sys.argv[1], 'dtypes')\ndef walk(t, p=''):\n"
+            "    if isinstance(t, dict):\n        for k, v in t.items(): yield from walk(v, p + k + '.')\n"
+            "    elif hasattr(t, 'shape'): yield p[:-1], t\ndef raw(t):\n"
+            "    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if isinstance(t, "
+            "torch.Tensor) else np.ascontiguousarray(t).tobytes()\n"
             "print(json.dumps({k: hashlib.sha256(raw(v)).hexdigest() for k, v in walk(out)}))\n")
     r = subprocess.run([sys.executable, "-c", code, str(d.root)], capture_output=True, text=True, cwd="/",
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
@@ -84,7 +81,8 @@ def test_a_training_loop_replays_its_layout_and_every_step_restores(start, alloc
         assert paths["cuda_ipc"] == 0 and paths["client"] > 0, paths
     else:
         assert "staged by this process" not in r.stderr and out["flattened"] == 2, r.stdout
-        assert paths["cuda_ipc"] > 0 and paths["client"] == 0 and paths["inline"] > 0, paths  # Adam's step counters
+        # Adam's step counters
+        assert paths["cuda_ipc"] > 0 and paths["client"] == 0 and paths["inline"] > 0, paths
 
 
 def test_expandable_segments_fall_back_to_staging(start) -> None:
@@ -127,11 +125,13 @@ def test_cpu_saved_snapshot_restores_onto_the_gpu(root, codec) -> None:
     assert isinstance(out["np"], np.ndarray) and np.array_equal(out["np"], state["np"])
     # resuming in place: contiguous device tensors are unshuffled into on the GPU; a transposed one
     # and a parameter that requires grad are filled from the host
-    into = {"w": torch.empty(1000, 999, device="cuda"), "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda"),
+    into = {"w": torch.empty(1000, 999, device="cuda"),
+            "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda"),
             "i": torch.empty(7, dtype=torch.int64, device="cuda")}
     back = snapd.load(root, "j", keys=["w", "bf", "i"], into=into)
     filled = [(k, t, back[k]) for k, t in into.items()]
-    for t in (torch.empty(999, 1000, device="cuda").t(), torch.nn.Parameter(torch.empty(1000, 999, device="cuda"))):
+    for t in (torch.empty(999, 1000, device="cuda").t(),
+              torch.nn.Parameter(torch.empty(1000, 999, device="cuda"))):
         filled.append(("w", t, snapd.load(root, "j", keys="w", into={"w": t})["w"]))
     for k, t, returned in filled:
         assert returned is t and t.device.type == "cuda", k
@@ -154,12 +154,14 @@ def test_a_restore_where_the_kernel_cannot_run_unshuffles_on_the_host(root, monk
     monkeypatch.setattr(to_device, "_kernel_failed", [])
     state = {"w": torch.randn(1000, 999), "bf": torch.randn(12345).bfloat16()}
     snapd.save(root, "j", state, step=1, codec="shuffle-zstd")
-    into = {"w": torch.empty(1000, 999, device="cuda"), "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda")}
+    into = {"w": torch.empty(1000, 999, device="cuda"),
+            "bf": torch.empty(12345, dtype=torch.bfloat16, device="cuda")}
     with caplog.at_level(logging.WARNING):
         snapd.load(root, "j", into=into)
         fresh = snapd.load(root, "j", device="cuda:0")
     for k in state:
         want = state[k].reshape(-1).view(torch.uint8)
         assert torch.equal(into[k].cpu().reshape(-1).view(torch.uint8), want), k
-        assert fresh[k].device.type == "cuda" and torch.equal(fresh[k].cpu().reshape(-1).view(torch.uint8), want), k
+        assert fresh[k].device.type == "cuda" and torch.equal(fresh[k].cpu().reshape(-1).view(torch.uint8),
+                                                              want), k
     assert caplog.text.count("the unshuffle kernel cannot run here (RuntimeError: CuPy failed to load") == 1

@@ -44,13 +44,14 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, *extra: str, name: str = "d", root: Path | None = None,
-                 endpoint: str | None = None, env: dict | None = None, command: list[str] | None = None) -> Daemon:
+                 endpoint: str | None = None, env: dict | None = None,
+                 command: list[str] | None = None) -> Daemon:
     """``snapd serve`` (or ``command`` + ``serve``) as a subprocess, answering once this returns."""
     root = root or tmp / "root"
     endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
     log = tmp / f"{name}.log"
-    args = [*(command or [sys.executable, "-m", "snapd"]), "serve", "--root", str(root), "--endpoint", endpoint,
-            "--host-buffer-bytes", str(32 << 20), *extra]
+    args = [*(command or [sys.executable, "-m", "snapd"]), "serve", "--root", str(root), "--endpoint",
+            endpoint, "--host-buffer-bytes", str(32 << 20), *extra]
     with open(log, "ab") as f:
         proc = subprocess.Popen(args, stdout=f, stderr=f, cwd="/", env={**os.environ, **(env or {})})
     d = Daemon(proc, endpoint, root, log, args)
@@ -67,7 +68,8 @@ def wait_ready(d: Daemon, timeout: float = 20) -> None:
         try:
             if probe(d.endpoint, 0.2) is not None:
                 return
-        except ProtocolError as e:  # (a daemon of another protocol version answers too: tests/integration/test_versions.py)
+        # (a daemon of another protocol version answers too: tests/integration/test_versions.py)
+        except ProtocolError as e:
             if e.code == "version":
                 return
             raise
@@ -195,7 +197,8 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
     ``preempt(script, daemon)`` runs a trainer script to READY and SIGTERMs it (its stderr)."""
     fake = _load("snapd_tests_fake_cuda", HERE / "fake_cuda.py")
     n = next(_arenas)
-    arenas = [fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{n}-{i}", ordinal=i) for i in range(2)]
+    arenas = [fake.Arena(Path("/dev/shm") / f"snapd-fake-gpu-{os.getpid()}-{n}-{i}",
+                         ordinal=i) for i in range(2)]
     bad: set[int] = set()
     fake.install_client(monkeypatch, arenas, bad)
     started: list[Daemon] = []

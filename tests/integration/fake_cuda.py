@@ -142,8 +142,8 @@ def install_client(monkeypatch: Any, arenas: list[Arena], bad_handles: set[int] 
 
     def allocation(ptr: int) -> Any:
         arena, bid, base, size = where(ptr)
-        return types.SimpleNamespace(base=base, size=size, buffer_id=bid, ordinal=arena.ordinal, ipc_capable=True,
-                                     context=1 + arena.ordinal)
+        return types.SimpleNamespace(base=base, size=size, buffer_id=bid, ordinal=arena.ordinal,
+                                     ipc_capable=True, context=1 + arena.ordinal)
 
     def mem_handle(alloc: Any) -> bytes:
         if bad_handles and alloc.buffer_id in bad_handles:
@@ -280,7 +280,8 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     """Replace CuPy, the CUDA backend's launches and the driver calls in this (daemon) process, with
     ``devices`` devices; the GPU copier's staging buffers and windows become ``staging_bytes``.
     ``$SNAPD_FAKE_CUDA_FAIL``: ``open``, no IPC handle opens; ``copy``, every device->host copy fails;
-    ``context``, no device gets a context; ``sync``, every stream and event synchronize fails. ``$SNAPD_FAKE_CUDA_MODES``: each device's compute mode
+    ``context``, no device gets a context; ``sync``, every stream and event synchronize fails.
+    ``$SNAPD_FAKE_CUDA_MODES``: each device's compute mode
     (``0,3``: device 1 exclusive-process). Each device made (its context) is logged."""
     from snapd import cuda_driver
     from snapd.daemon import gpu_windows
@@ -301,7 +302,8 @@ def install_daemon(kernel_lib: str, staging_bytes: int, devices: int = 1) -> Non
     runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: 0,
                                     memcpyAsync=_failing("copy") if fail == "copy" else _memcpy)
     sync_fails = fail == "sync"
-    cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_FailingStream if sync_fails else _Stream,
+    cuda = types.SimpleNamespace(runtime=runtime, Device=_Device,
+                                 Stream=_FailingStream if sync_fails else _Stream,
                                  Event=_FailingMark if sync_fails else _Mark,
                                  get_current_stream=lambda: _Stream())
     cupy = types.ModuleType("cupy")

@@ -59,7 +59,8 @@ def _traversable(path: Path) -> bool:
 def shared_dir():
     """A directory other uids can traverse (pytest's tmp_path is 0700 under /tmp/pytest-of-root, and
     some machines make /tmp itself 0700): the first of /tmp, /var/tmp, /dev/shm that they can reach."""
-    base = next((b for b in map(Path, ("/tmp", "/var/tmp", "/dev/shm")) if b.is_dir() and _traversable(b)), None)
+    base = next((b for b in map(Path, ("/tmp", "/var/tmp", "/dev/shm")) if b.is_dir() and _traversable(b)),
+                None)
     if base is None:
         pytest.skip("no temporary directory that other uids can traverse")
     d = Path(tempfile.mkdtemp(prefix="snapd-access-", dir=base))
@@ -78,14 +79,16 @@ def multi_user(shared_dir, start):
 
 
 def test_zap_sees_peer_credentials_from_so_peercred(tmp_path) -> None:
-    """libzmq hands the ZAP handler localhost:<uid>:<gid>:<pid> for ipc peers; the same arrives with messages."""
+    """libzmq hands the ZAP handler localhost:<uid>:<gid>:<pid> for ipc peers; the same arrives with
+    messages."""
     config = DaemonConfig(root=tmp_path, endpoint=f"ipc://{tmp_path}/z.sock", host_buffer_bytes=1 << 20)
     ctx = zmq.Context()
     zap = ZapHandler(ctx, AccessPolicy(config))
     srv = ctx.socket(zmq.ROUTER)
     ZapHandler.protect(srv)
     srv.bind(config.endpoint)
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time, zmq; s = zmq.Context().socket(zmq.DEALER); "
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time, zmq; s = zmq.Context().socket(zmq.DEALER); "
                              "s.connect(sys.argv[1]); s.send(b'hi'); time.sleep(5)", config.endpoint])
     try:
         assert zap.sock.poll(10_000), "libzmq sent no ZAP request for an ipc peer"
@@ -94,7 +97,8 @@ def test_zap_sees_peer_credentials_from_so_peercred(tmp_path) -> None:
         frames = srv.recv_multipart(copy=False)
         peer = Peer.from_address(frames[1].get("Peer-Address"))
         assert (peer.uid, peer.gid, peer.pid) == (os.geteuid(), os.getegid(), proc.pid)
-        assert frames[1].get("User-Id") == str(os.geteuid())  # what our handler answered, from the same address
+        # what our handler answered, from the same address
+        assert frames[1].get("User-Id") == str(os.geteuid())
     finally:
         proc.kill()
         proc.wait()
@@ -120,7 +124,8 @@ def test_disallowed_uid_refused_clearly_and_the_daemon_keeps_serving(multi_user)
             print("REFUSED", e)
         """, multi_user.endpoint)
     assert out.returncode == 0, out.stderr
-    assert "REFUSED" in out.stdout and f"uid {OTHER}" in out.stdout and "allowed_users" in out.stdout, out.stdout
+    assert "REFUSED" in out.stdout and f"uid {OTHER}" in out.stdout \
+            and "allowed_users" in out.stdout, out.stdout
     assert f"refused uid {OTHER}" in multi_user.log_text()
     assert not (multi_user.root / "j").exists() and not (multi_user.root / str(OTHER)).exists()
     for uid in (NOBODY, 0):  # the allowed user and root are served as before
@@ -333,11 +338,13 @@ def test_one_user_with_many_connections_cannot_take_every_buffer(shared_dir, sta
                                            f'max_host_memory_bytes = {8 * 32 << 20}\n')
     d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
               endpoint=f"ipc://{shared_dir}/run/s.sock")
-    hoarder = subprocess.Popen([sys.executable, "-c", PREAMBLE + HOARDER, str(NOBODY), str(NOGROUP), d.endpoint],
+    hoarder = subprocess.Popen([sys.executable, "-c", PREAMBLE + HOARDER, str(NOBODY), str(NOGROUP),
+                                d.endpoint],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         line = hoarder.stdout.readline()
-        assert line.strip() == "GRANTED 4", line + hoarder.stderr.read() if hoarder.poll() is not None else line
+        why = line + hoarder.stderr.read() if hoarder.poll() is not None else line
+        assert line.strip() == "GRANTED 4", why
         w = np.arange(1 << 20, dtype=np.float32)
         with snapd.connect("victim", endpoint=d.endpoint, spawn=False) as c:  # another uid: root
             p = c.snapshot({"w": w}, step=1)
@@ -363,13 +370,15 @@ def test_a_user_outside_the_group_is_told_a_daemon_is_there_and_which_group_to_j
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("DENIED a snapd daemon listens at") for line in lines), \
         out.stdout + out.stderr
-    assert all("usermod -aG nogroup" in line or f"usermod -aG {NOGROUP}" in line for line in lines), out.stdout
+    assert all("usermod -aG nogroup" in line
+               or f"usermod -aG {NOGROUP}" in line for line in lines), out.stdout
     assert not list((multi_user.root).glob("j"))  # and no private daemon was spawned in its place
 
 
 def _serve(shared_dir: Path, endpoint: str, root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint", endpoint,
-                           "--host-buffer-bytes", str(8 << 20)], capture_output=True, text=True, timeout=60, cwd="/")
+    return subprocess.run([sys.executable, "-m", "snapd", "serve", "--root", str(root), "--endpoint",
+                           endpoint, "--host-buffer-bytes",
+                           str(8 << 20)], capture_output=True, text=True, timeout=60, cwd="/")
 
 
 @as_root
@@ -380,7 +389,8 @@ def test_the_daemon_refuses_paths_another_user_made_first(shared_dir) -> None:
     squat.mkdir()
     os.chown(squat, NOBODY, NOGROUP)  # made by another user before the daemon first started
     out = _serve(shared_dir, f"ipc://{squat}/s.sock", shared_dir / "root")
-    assert out.returncode != 0 and "belongs to uid 65534" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode != 0 and "belongs to uid 65534" in out.stderr \
+            and "Traceback" not in out.stderr, out.stderr
     assert not list(squat.iterdir())
 
     open_dir = shared_dir / "open"
@@ -432,7 +442,8 @@ def test_a_user_cannot_fill_the_disk_for_the_others(shared_dir, start) -> None:
     import snapd.client as snapd
 
     (shared_dir / "snapd.toml").write_text(f'socket_group = "{NOGROUP}"\nallowed_users = ["{NOBODY}"]\n'
-                                           f'allowed_groups = []\nuser_disk_bytes = {3 << 20}\ncodec = "raw"\n')
+                                           f'allowed_groups = []\nuser_disk_bytes = {3 << 20}\ncodec = '
+                                           '"raw"\n')
     d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
               endpoint=f"ipc://{shared_dir}/run/s.sock")
     out = as_user(NOBODY, NOGROUP, """
@@ -448,7 +459,8 @@ def test_a_user_cannot_fill_the_disk_for_the_others(shared_dir, start) -> None:
         """, d.endpoint)
     lines = out.stdout.splitlines()
     assert lines[:2] == ["SAVED 1", "SAVED 2"], out.stdout + out.stderr
-    assert all(line.startswith("REFUSED") and "user_disk_bytes = 3145728" in line for line in lines[2:5]), out.stdout
+    assert all(line.startswith("REFUSED")
+               and "user_disk_bytes = 3145728" in line for line in lines[2:5]), out.stdout
     assert lines[5] == "ON DISK [1, 2] 2.0", out.stdout  # nothing already on disk was lost
     w = np.arange(1 << 16, dtype=np.float32)
     with snapd.connect("other", endpoint=d.endpoint, spawn=False) as c:  # root's quota is its own

@@ -27,7 +27,8 @@ def _state(seed: int, floats: int) -> dict:
 
 def _same(got: dict, want: dict) -> bool:
     return set(got) == set(want) and all(
-        got[k].tobytes() == want[k].tobytes() and got[k].dtype == want[k].dtype if isinstance(want[k], np.ndarray)
+        got[k].tobytes() == want[k].tobytes() and got[k].dtype == want[k].dtype
+        if isinstance(want[k], np.ndarray)
         else got[k] == want[k] for k in want)
 
 
@@ -36,7 +37,8 @@ def test_a_snapshot_larger_than_the_buffers_grows_them_and_restores_exactly(star
     wants = [_state(step, 3 * MIB // 4 + step) for step in range(5)]  # 3 MiB each, over the 1 MiB buffers
     with snapd.connect("grow", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
         assert c.snapshot(wants[0], step=0).wait(30).step == 0
-        pendings = [c.snapshot(want, step=step) for step, want in enumerate(wants) if step]  # no waiting between
+        # no waiting between
+        pendings = [c.snapshot(want, step=step) for step, want in enumerate(wants) if step]
         assert [p.wait(30).step for p in pendings] == [1, 2, 3, 4]
         buffers = c.status()["buffers"]
         for step, want in enumerate(wants):
@@ -65,7 +67,8 @@ def test_the_whole_double_buffer_grows_so_a_snapshot_during_a_flush_does_not_wai
     assert d.log_text().count("grown from 1 to") == 1  # (the first; nothing was made for the second)
 
 
-def test_sigterm_during_the_first_flush_of_a_grown_state_persists_the_emergency_snapshot(start, client_proc) -> None:
+def test_sigterm_during_the_first_flush_of_a_grown_state_persists_the_emergency_snapshot(start,
+                                                                                         client_proc) -> None:
     """A state larger than the buffers, preempted right after its first snapshot: the emergency
     snapshot needs the other buffer of the double buffer, grown (ahead, or for it) while the first
     is still being written. Both land, the emergency one with the values at the signal."""
@@ -74,10 +77,8 @@ def test_sigterm_during_the_first_flush_of_a_grown_state_persists_the_emergency_
             "cl = c.connect('preempt-grown', endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
             "state = {'w': np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32), 'step': 1}\n"
             "cl.on_preemption(lambda: (state, state['step']), deadline_s=60)\n"
-            "cl.snapshot(state, step=1)  # 16 MiB: not waited for\n"
-            "state['w'] += 1; state['step'] = 2\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\n"
-            "print('not terminated')\n")
+            "cl.snapshot(state, step=1)  # 16 MiB: not waited for\nstate['w'] += 1; state['step'] = 2\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\nprint('not terminated')\n")
     out = client_proc(code, d.endpoint)
     assert out.returncode == -signal.SIGTERM, out.stdout + out.stderr
     infos = snapd.list_snapshots(d.root, "preempt-grown")
@@ -95,7 +96,8 @@ def test_a_job_that_resumes_finds_buffers_sized_for_its_last_snapshot(start) -> 
 
     def sizes_reach(test, what: str) -> list[int]:
         deadline = time.monotonic() + 20
-        while not test(sizes := daemon_status(d.endpoint)["buffers"]["sizes"]) and time.monotonic() < deadline:
+        while not test(sizes := daemon_status(d.endpoint)["buffers"]["sizes"]) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         assert test(sizes), (what, sizes)
         return sizes
@@ -171,7 +173,8 @@ def test_a_waiting_snapshot_is_granted_a_grown_buffer_when_one_frees(start) -> N
 def test_client_buffer_bytes_counts_a_grown_buffer_at_its_size(start) -> None:
     """A client limited to 2 MiB of buffers that holds one grown for a 3 MiB snapshot is at its limit
     (counted in buffers of the starting size it would hold only one of two); others go on."""
-    d = start("--host-buffer-bytes", str(MIB), "--host-buffers", "3", env={"SNAPD_CLIENT_BUFFER_BYTES": str(2 * MIB)})
+    d = start("--host-buffer-bytes", str(MIB), "--host-buffers", "3",
+              env={"SNAPD_CLIENT_BUFFER_BYTES": str(2 * MIB)})
     a, b = Connection(d.endpoint, 10), Connection(d.endpoint, 10)
     try:
         a.call("hello", job="lim", pid=os.getpid(), on_busy="skip")
@@ -205,7 +208,8 @@ def test_a_buffer_larger_than_memory_allows_is_refused_naming_why(start) -> None
         conn = Connection(d.endpoint, 10)
         try:
             conn.call("hello", job="huge", pid=os.getpid(), on_busy="wait")
-            with pytest.raises(LimitExceeded, match=r"grown from 1048576 to \d+ bytes, but .*(free|available)"):
+            with pytest.raises(LimitExceeded,
+                               match=r"grown from 1048576 to \d+ bytes, but .*(free|available)"):
                 conn.call("acquire", nbytes=1 << 49, emergency=False)
         finally:
             conn.close()

@@ -86,9 +86,9 @@ def test_two_jobs_from_two_processes(daemon, client_proc) -> None:
     code = ("import sys, numpy as np, snapd.client as c\n"
             "cl = c.connect(sys.argv[2], endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
             "ps = [cl.snapshot({'w': np.full(1 << 20, s, np.float32), 's': s}, step=s) for s in range(6)]\n"
-            "[p.wait(60) for p in ps]\n"
-            "cl.close()\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, daemon.endpoint, job], cwd="/") for job in ("a", "b")]
+            "[p.wait(60) for p in ps]\ncl.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, daemon.endpoint, job], cwd="/") for job in ("a",
+                                                                                                       "b")]
     assert [p.wait(120) for p in procs] == [0, 0], daemon.log_text()
     for job in ("a", "b"):
         assert [s.step for s in snapd.list_snapshots(daemon.root, job)] == list(range(6))
@@ -97,8 +97,7 @@ def test_two_jobs_from_two_processes(daemon, client_proc) -> None:
 
 def test_trainer_sigkilled_after_copied_is_persisted(daemon, client_proc) -> None:
     code = ("import os, signal, sys, numpy as np, snapd.client as c\n"
-            "cl = c.connect('killed', endpoint=sys.argv[1], spawn=False)\n"
-            "rng = np.random.default_rng(7)\n"
+            "cl = c.connect('killed', endpoint=sys.argv[1], spawn=False)\nrng = np.random.default_rng(7)\n"
             "cl.snapshot({'w': rng.standard_normal(6 << 20).astype(np.float32)}, step=42)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     out = client_proc(code, daemon.endpoint)
@@ -113,10 +112,9 @@ def test_trainer_sigkilled_after_copied_is_persisted(daemon, client_proc) -> Non
 def test_sigterm_drains_what_was_copied(start, client_proc) -> None:
     d = start("--codec", "shuffle-zstd")
     code = ("import sys, numpy as np, snapd.client as c\n"
-            "cl = c.connect('drain', endpoint=sys.argv[1], spawn=False, keep_last=None)\n"
-            "for s in range(2):\n"
-            "    cl.snapshot({'w': np.random.default_rng(s).standard_normal(7 << 20).astype(np.float32)}, step=s)\n"
-            "print('copied', flush=True)\n")
+            "cl = c.connect('drain', endpoint=sys.argv[1], spawn=False, keep_last=None)\nfor s in range(2):\n"
+            "    cl.snapshot({'w': np.random.default_rng(s).standard_normal(7 << 20).astype(np.float32)}, "
+            "step=s)\nprint('copied', flush=True)\n")
     out = client_proc(code, d.endpoint)
     assert out.stdout.strip() == "copied", out.stderr
     assert d.stop(signal.SIGTERM) == 0, d.log_text()
@@ -163,11 +161,9 @@ def test_emergency_dump_under_a_real_signal(daemon, client_proc) -> None:
     code = ("import os, signal, sys, time, numpy as np, snapd.client as c\n"
             "cl = c.connect('preempt', endpoint=sys.argv[1], spawn=False)\n"
             "state = {'w': np.arange(1 << 20, dtype=np.float32), 'step': 0}\n"
-            "cl.on_preemption(lambda: (state, state['step']), deadline_s=20)\n"
-            "for step in range(1, 1000):\n"
+            "cl.on_preemption(lambda: (state, state['step']), deadline_s=20)\nfor step in range(1, 1000):\n"
             "    state['w'] += 1; state['step'] = step\n"
-            "    if step == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(0.01)\n"
+            "    if step == 5: os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.01)\n"
             "print('not terminated')\n")
     out = client_proc(code, daemon.endpoint)
     assert out.returncode == -signal.SIGTERM, out.stdout + out.stderr  # chained to the default action
@@ -223,13 +219,16 @@ def test_busy_buffers_skip_or_wait(start) -> None:
 
 def _ask_hello(endpoint: str) -> zmq.Socket:
     s = _raw(endpoint)
-    assert _ask(s, protocol.message("hello", 1, job="holder", pid=os.getpid(), on_busy="wait"))["type"] == "welcome"
+    assert _ask(s,
+                protocol.message("hello", 1, job="holder", pid=os.getpid(),
+                                 on_busy="wait"))["type"] == "welcome"
     return s
 
 
 def test_bad_requests_get_coded_errors(daemon) -> None:
     s = _raw(daemon.endpoint)
-    cases = [(b"not json", "malformed"), (b"[1]", "malformed"), (b'{"v": 9, "id": 1, "type": "ping"}', "version"),
+    cases = [(b"not json", "malformed"), (b"[1]", "malformed"),
+             (b'{"v": 9, "id": 1, "type": "ping"}', "version"),
              (protocol.message("launch", 1), "unknown_type"),
              (protocol.message("acquire", 1, nbytes=10, emergency=False), "out_of_order"),
              (protocol.message("hello", 1, job="../x", pid=1, on_busy="wait"), "invalid_argument"),
@@ -241,7 +240,8 @@ def test_bad_requests_get_coded_errors(daemon) -> None:
     r = _ask(s, protocol.message("acquire", 3, nbytes=1 << 40, emergency=False))
     assert r["code"] == "too_large" and "host_buffer_bytes" in r["message"]
     lease = _ask(s, protocol.message("acquire", 4, nbytes=100, emergency=False))["lease"]
-    bad = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [10], "offset": (32 << 20) - 8, "nbytes": 40}
+    bad = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [10], "offset": (32 << 20) - 8,
+           "nbytes": 40}
     r = _ask(s, protocol.message("snapshot", 5, lease=lease, step=1, metrics={}, emergency=False,
                                  tree={"t": "tensor", "i": 0}, layout=1, tensors=[bad]))
     assert r["code"] == "bad_field" and "outside" in r["message"]
@@ -254,7 +254,8 @@ def test_bad_requests_get_coded_errors(daemon) -> None:
 
 def test_second_daemon_on_same_endpoint_refused(daemon) -> None:
     out = subprocess.run([sys.executable, "-m", "snapd", "serve", "--root", str(daemon.root), "--endpoint",
-                          daemon.endpoint, "--host-buffer-bytes", str(8 << 20)], capture_output=True, text=True,
+                          daemon.endpoint, "--host-buffer-bytes",
+                          str(8 << 20)], capture_output=True, text=True,
                          timeout=30, cwd="/")
     assert out.returncode == 2 and f"already serves {daemon.endpoint}" in out.stderr
     assert snapd.connect("still", endpoint=daemon.endpoint, spawn=False).status()["pid"] == daemon.proc.pid
@@ -264,8 +265,7 @@ def test_spawn_starts_a_private_daemon(tmp_path, client_proc) -> None:
     endpoint = f"ipc://{tmp_path}/private.sock"
     code = ("import sys, numpy as np, snapd.client as c\n"
             "cl = c.connect('spawned', endpoint=sys.argv[1], root=sys.argv[2], host_buffer_bytes=16 << 20)\n"
-            "print(cl.snapshot({'w': np.ones(10)}, step=1).wait(30).path)\n"
-            "print(cl.status()['pid'])\n")
+            "print(cl.snapshot({'w': np.ones(10)}, step=1).wait(30).path)\nprint(cl.status()['pid'])\n")
     out = client_proc(code, endpoint, str(tmp_path / "root"))
     assert out.returncode == 0, out.stderr
     path, pid = out.stdout.split()
@@ -276,8 +276,7 @@ def test_spawn_starts_a_private_daemon(tmp_path, client_proc) -> None:
 
 def test_module_level_snapshot_uses_env_job_and_endpoint(daemon) -> None:
     code = ("import numpy as np, snapd.client as c\n"
-            "p = c.snapshot({'w': np.arange(5.0)}, step=9)\n"
-            "print(p.wait(30).path)\n")
+            "p = c.snapshot({'w': np.arange(5.0)}, step=9)\nprint(p.wait(30).path)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60,
                          env={**os.environ, "SNAPD_JOB": "from-env", "SNAPD_ENDPOINT": daemon.endpoint})
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,8 @@ def test_demo_removes_its_temporary_root_and_shows_the_step_beside_each_loss() -
     import re
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-m", "snapd", "demo", "--steps", "40", "--every", "10", "--die-at", "25",
+    out = subprocess.run([sys.executable, "-m", "snapd", "demo", "--steps", "40", "--every", "10",
+                          "--die-at", "25",
                           "--hidden", "128"], capture_output=True, text=True, cwd="/", timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("demo OK"), out.stdout + out.stderr
     removed = re.search(r"^removed (\S+) ", out.stdout, re.M)

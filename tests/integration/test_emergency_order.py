@@ -29,7 +29,8 @@ time.sleep(60)
 
 def test_emergency_snapshot_jumps_the_queue_and_stays_latest(start) -> None:
     d = start("--codec", "shuffle-zstd", "--encode-threads", "1")
-    proc = subprocess.Popen([sys.executable, "-c", TRAINER, d.endpoint], stdout=subprocess.PIPE, text=True, cwd="/")
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, d.endpoint], stdout=subprocess.PIPE, text=True,
+                            cwd="/")
     try:
         assert proc.stdout.readline().strip() == "QUEUED"
         time.sleep(0.2)

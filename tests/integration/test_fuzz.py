@@ -19,15 +19,17 @@ from snapd import protocol
 from snapd.cli import main as cli
 
 # every type of message the daemon sends (test_the_fuzzers_reply_types_are_all_the_daemons keeps it so)
-REPLY_TYPES = {"error", "welcome", "granted", "received", "copied", "queued", "persisted", "status", "pong", "bye",
-               "released", "registered", "synced", "waiting"}
+REPLY_TYPES = {"error", "welcome", "granted", "received", "copied", "queued", "persisted", "status", "pong",
+               "bye", "released", "registered", "synced", "waiting"}
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                            | st.text(max_size=20),
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                               max_size=4),
                            max_leaves=12)
-fields = st.dictionaries(st.sampled_from(["job", "pid", "nbytes", "emergency", "lease", "step", "metrics", "tree",
-                                          "tensors", "layout", "values", "inline", "on_busy", "keep_last", "best",
-                                          "root"]), json_values)
+fields = st.dictionaries(st.sampled_from(["job", "pid", "nbytes", "emergency", "lease", "step", "metrics",
+                                          "tree",
+                                          "tensors", "layout", "values", "inline", "on_busy", "keep_last",
+                                          "best", "root"]), json_values)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,8 @@ def test_random_bytes(live, frame) -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(protocol.REQUESTS) + ["launch", ""]), body=fields,
-       req_id=st.integers(-5, 2**64), version=st.sampled_from([protocol.PROTOCOL_VERSION] * 3 + [0, 1, "2", None]))
+       req_id=st.integers(-5, 2**64),
+       version=st.sampled_from([protocol.PROTOCOL_VERSION] * 3 + [0, 1, "2", None]))
 def test_structured_but_wrong(live, kind, body, req_id, version) -> None:
     frame = json.dumps({"v": version, "type": kind, "id": req_id, **body}).encode()
     _exchange(live[1], [frame])
@@ -85,7 +88,8 @@ def test_multi_frame_messages(live, frames) -> None:
 
 
 _W = base64.b64encode(bytes(16)).decode()
-_TENSOR = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16, "inline": True}
+_TENSOR = {"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16,
+           "inline": True}
 # a valid request of each type, inside a session (the fuzzer mutates them)
 VALID = {
     "hello": {"job": "fuzz", "pid": os.getpid(), "on_busy": "skip", "notices": True},
@@ -95,8 +99,7 @@ VALID = {
                  "inline": _W},
     "snapshot_again": {"nbytes": 16, "step": 2, "metrics": {}, "emergency": False, "layout": 1, "inline": _W,
                        "changes": []},
-    "release": {"lease": 1},
-    "register": {"path": f"/dev/shm/snapd-client-{os.getpid()}-fuzz", "bytes": 4096},
+    "release": {"lease": 1}, "register": {"path": f"/dev/shm/snapd-client-{os.getpid()}-fuzz", "bytes": 4096},
     "status": {}, "ping": {}, "sync": {}, "bye": {},
 }
 
@@ -127,7 +130,8 @@ def test_every_type_mutated_inside_a_session(live, request) -> None:
     welcome = _answer(sock, protocol.message("hello", 1, **VALID["hello"]), 1)
     assert welcome["type"] == "welcome", welcome
     _answer(sock, protocol.message("snapshot", 2, **VALID["snapshot"]), 2)
-    frame = json.dumps({"v": protocol.PROTOCOL_VERSION, "type": kind, "id": 3, **body}).encode()  # (inf: not JSON)
+    # (inf: not JSON)
+    frame = json.dumps({"v": protocol.PROTOCOL_VERSION, "type": kind, "id": 3, **body}).encode()
     _answer(sock, frame, 3)
     assert _answer(sock, protocol.message("ping", 4), 4)["type"] == "pong"
     assert _answer(sock, protocol.message("bye", 5), 5)["type"] == "bye"

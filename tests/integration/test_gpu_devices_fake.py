@@ -38,7 +38,8 @@ def test_the_daemon_takes_a_device_with_the_first_snapshot_copied_from_it(fake_g
     d.wait_for(lambda: d.log_text().count("pinned for device copies") == count)  # every buffer, once
 
 
-def test_a_trainer_that_works_on_a_device_has_the_daemon_ready_for_it_from_hello(fake_gpu, monkeypatch) -> None:
+def test_a_trainer_that_works_on_a_device_has_the_daemon_ready_for_it_from_hello(fake_gpu,
+                                                                                 monkeypatch) -> None:
     """connect() names the device torch works on; the daemon makes what a copy from it needs (and pins
     its buffers) then, while the trainer goes on, not in its first snapshot."""
     import torch  # noqa: F401 (connect looks for the device only where torch is loaded)

@@ -22,7 +22,8 @@ def _state(gpu) -> tuple[dict, dict]:
 
 
 def _same(got: dict, want: dict) -> bool:
-    return set(got) == set(want) and all(got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes()
+    return set(got) == set(want) and all(got[k].dtype == want[k].dtype and got[k].tobytes()
+                                         == want[k].tobytes()
                                          for k in want)
 
 
@@ -32,7 +33,8 @@ def _paths(c) -> dict:
     return {k: v for k, v in mine["last_snapshot"]["bytes"].items() if v}
 
 
-def test_an_allocation_whose_handle_will_not_open_is_staged_here_and_the_rest_goes_by_ipc(fake_gpu, caplog) -> None:
+def test_an_allocation_whose_handle_will_not_open_is_staged_here_and_the_rest_goes_by_ipc(fake_gpu,
+                                                                                          caplog) -> None:
     d = fake_gpu.start()
     state, want = _state(fake_gpu)
     fake_gpu.bad.add(state["w"].allocation)

@@ -29,13 +29,10 @@ from snapd.format.saving import save_state
 def _values(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {"w": rng.standard_normal((513, 257)).astype(np.float32),  # 0.5 MiB: windows of 256 KiB cut it
-            "d": rng.standard_normal(7),
-            "h": rng.standard_normal(4097).astype(np.float16),
-            "i": rng.integers(-1 << 40, 1 << 40, 1001),
-            "m": rng.random(999) > 0.5,
+            "d": rng.standard_normal(7), "h": rng.standard_normal(4097).astype(np.float16),
+            "i": rng.integers(-1 << 40, 1 << 40, 1001), "m": rng.random(999) > 0.5,
             "c": (rng.standard_normal(33) + 1j * rng.standard_normal(33)).astype(np.complex64),
-            "u": rng.integers(0, 256, 300_001, dtype=np.uint8),
-            "e": np.zeros(0, np.float32)}
+            "u": rng.integers(0, 256, 300_001, dtype=np.uint8), "e": np.zeros(0, np.float32)}
 
 
 def _device_state(gpu, values: dict) -> dict:
@@ -69,7 +66,8 @@ def _chunks(path) -> list:
 
 
 @pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "raw"])
-def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tmp_path, codec, caplog) -> None:
+def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tmp_path, codec,
+                                                                    caplog) -> None:
     d = fake_gpu.start("--codec", codec)
     state = _device_state(fake_gpu, _values(0))
     want = _host(state)
@@ -82,7 +80,8 @@ def test_device_arrays_go_by_ipc_and_land_as_a_cpu_save_writes_them(fake_gpu, tm
         back = c.restore()
     assert "staged by this process" not in caplog.text
     assert f"GPU path: CUDA IPC from devices {fake_gpu.uuid(0)}" in d.log_text()
-    assert mine["last_snapshot"]["bytes"] == {"cuda_ipc": device_bytes, "registered": 0, "inline": 40, "client": 0}
+    assert mine["last_snapshot"]["bytes"] == {"cuda_ipc": device_bytes, "registered": 0, "inline": 40,
+                                              "client": 0}
     assert _same(back, want)  # (device arrays come back as NumPy where there is no CuPy)
     ref = save_state(tmp_path / "cpu", "g", want, step=1, codec=codec, chunk_bytes=64 << 10)
     assert _chunks(info.path) == _chunks(ref.path)  # shuffled on the "device", the same stored bytes
@@ -131,7 +130,8 @@ def test_device_arrays_are_kept_alive_while_the_daemon_maps_them_and_not_after(f
     with snapd.connect("alive", endpoint=d.endpoint, spawn=False) as c:
         bid, base = fake_gpu.alloc(1 << 20)
         arr = fake_gpu.array(np.arange(50_000, dtype=np.float32), within=(bid, base))
-        twin = fake_gpu.array(np.zeros(1000, np.float32), within=(bid, base + (512 << 10)))  # the same allocation
+        # the same allocation
+        twin = fake_gpu.array(np.zeros(1000, np.float32), within=(bid, base + (512 << 10)))
         other = fake_gpu.array(np.arange(77, dtype=np.float64))
         p = c.snapshot({"w": arr, "t": twin, "o": other}, step=1)
         refs = {k: weakref.ref(v) for k, v in (("w", arr), ("t", twin), ("o", other))}
@@ -140,7 +140,8 @@ def test_device_arrays_are_kept_alive_while_the_daemon_maps_them_and_not_after(f
         assert refs["w"]() is not None and refs["t"]() is not None  # the daemon may still be reading them
         p.wait(30)
         gc.collect()
-        assert (refs["w"]() is None) != (refs["t"]() is None)  # one of that allocation's two, held for the daemon
+        # one of that allocation's two, held for the daemon
+        assert (refs["w"]() is None) != (refs["t"]() is None)
         c.snapshot({"o": other}, step=2).wait(30)  # the daemon closes the allocation no longer used
         gc.collect()
         assert refs["w"]() is None and refs["t"]() is None
@@ -186,7 +187,8 @@ def test_a_device_state_larger_than_the_host_buffers_grows_them(fake_gpu, tmp_pa
         assert max(c.status()["buffers"]["sizes"]) > 3 << 20
         for step, want in enumerate(wants):
             assert _same(c.restore(step), want), step
-    ref = save_state(tmp_path / "cpu", "big-gpu", wants[-1], step=2, codec="shuffle-zstd", chunk_bytes=64 << 10)
+    ref = save_state(tmp_path / "cpu", "big-gpu", wants[-1], step=2, codec="shuffle-zstd",
+                     chunk_bytes=64 << 10)
     assert _chunks(info.path) == _chunks(ref.path)
     assert "grown from 1 to" in d.log_text()
 
@@ -243,13 +245,15 @@ def test_an_array_the_daemon_cannot_reach_is_staged_here_through_the_driver(fake
         assert _same(c.restore(1), {"far": far, "near": near})
 
 
-def test_staging_memory_that_names_no_context_copies_in_the_devices_primary_one(fake_gpu, monkeypatch) -> None:
+def test_staging_memory_that_names_no_context_copies_in_the_devices_primary_one(fake_gpu,
+                                                                                monkeypatch) -> None:
     """Memory mapped by the VMM API (PyTorch's expandable_segments) names no context: the staging
     copy and the pinning run in the device's primary context (a NULL one would fail the copy)."""
     from snapd import cuda_driver
 
     real_alloc, real_copy = cuda_driver.Allocation, cuda_driver.copy_to_host
-    monkeypatch.setattr(cuda_driver, "Allocation", lambda ptr: types.SimpleNamespace(**{**vars(real_alloc(ptr)),
+    monkeypatch.setattr(cuda_driver, "Allocation",
+                        lambda ptr: types.SimpleNamespace(**{**vars(real_alloc(ptr)),
                                                                                            "context": 0}))
     monkeypatch.setattr(cuda_driver, "primary_context", lambda ordinal: 500 + ordinal)
     used: list[int] = []

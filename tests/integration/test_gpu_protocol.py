@@ -12,8 +12,8 @@ from snapd.errors import SnapdError
 
 
 def _snapshot(conn: Connection, lease: int, cuda: dict, **extra) -> None:
-    conn.call("snapshot", lease=lease, step=1, metrics={}, emergency=False, tree={"t": "tensor", "i": 0}, layout=1,
-              tensors=[{"key": "w", "kind": "torch", "dtype": "float32", "shape": [4], "offset": 0,
+    conn.call("snapshot", lease=lease, step=1, metrics={}, emergency=False, tree={"t": "tensor", "i": 0},
+              layout=1, tensors=[{"key": "w", "kind": "torch", "dtype": "float32", "shape": [4], "offset": 0,
                         "nbytes": 16, "cuda": cuda}], **extra)
 
 
@@ -23,7 +23,8 @@ def test_gpu_descriptors_to_a_cpu_daemon(daemon) -> None:
         welcome = conn.call("hello", job="g", pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
                             on_busy="wait", root=None)
         assert welcome["cuda"]["devices"] == []  # the client then stages device tensors itself
-        good = {"dev": "GPU-00000000-0000-0000-0000-000000000000", "handle": "ab" * 64, "offset": 0, "size": 16}
+        good = {"dev": "GPU-00000000-0000-0000-0000-000000000000", "handle": "ab" * 64, "offset": 0,
+                "size": 16}
         for cuda, extra, words in [
             (good, {}, "cannot reach CUDA device GPU-00000000"),
             ({**good, "handle": "xy" * 64}, {}, "128 lowercase hex digits"),

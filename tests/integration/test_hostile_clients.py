@@ -55,7 +55,8 @@ def test_a_fifo_named_like_a_region_is_refused_without_blocking(daemon) -> None:
     try:
         raw = Raw(daemon.endpoint)
         reply = raw.call("register", path=fifo, bytes=4096, timeout_s=5)
-        assert reply["type"] == "error" and reply["code"] == "bad_region" and "regular file" in reply["message"]
+        assert reply["type"] == "error" and reply["code"] == "bad_region" \
+                and "regular file" in reply["message"]
         assert raw.call("ping")["type"] == "pong"
         raw.close()
     finally:
@@ -168,7 +169,8 @@ def test_a_client_hoarding_leases_cannot_starve_another(start) -> None:
     hoarder = Raw(d.endpoint, "hoard")
     grants = [hoarder.call("acquire", nbytes=32 << 20, emergency=False, timeout_s=5) for _ in range(4)]
     assert all(g["type"] == "granted" for g in grants)
-    hoarder.sock.send(protocol.message("acquire", 99, nbytes=32 << 20, emergency=False))  # over its limit: waits
+    # over its limit: waits
+    hoarder.sock.send(protocol.message("acquire", 99, nbytes=32 << 20, emergency=False))
     assert not hoarder.sock.poll(1000)
     _serves_others(d)  # the fifth buffer is the other client's
     hoarder.close()
@@ -227,20 +229,19 @@ def test_startup_removes_what_a_killed_daemon_and_dead_trainers_left(tmp_path, s
 def test_a_malformed_endpoint_is_one_clear_error(endpoint) -> None:
     with pytest.raises(InvalidArgument, match="ipc://PATH"):
         snapd.connect("j", endpoint=endpoint, spawn=False)
-    out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", endpoint], capture_output=True,
-                         text=True, timeout=60, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", endpoint],
+                         capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ipc://PATH" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "snapd", "status"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "SNAPD_ENDPOINT": endpoint}, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "snapd", "status"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SNAPD_ENDPOINT": endpoint}, cwd="/")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ipc://PATH" in out.stderr
 
 
 def test_a_relative_endpoint_with_spawn_works_from_the_callers_directory(tmp_path, client_proc) -> None:
-    code = ("import os, sys, numpy as np, snapd.client as snapd\n"
-            "os.chdir(sys.argv[1])\n"
-            "with snapd.connect('rel', endpoint='ipc://d.sock', root=sys.argv[1] + '/root', timeout_s=20) as c:\n"
-            "    c.snapshot({'w': np.ones(4)}, step=1).wait(timeout=60)\n"
-            "    print('OK', c.restore()['w'].sum())\n")
+    code = ("import os, sys, numpy as np, snapd.client as snapd\nos.chdir(sys.argv[1])\nwith "
+            "snapd.connect('rel', endpoint='ipc://d.sock', root=sys.argv[1] + '/root', timeout_s=20) as "
+            "c:\n    c.snapshot({'w': np.ones(4)}, step=1).wait(timeout=60)\n    print('OK', "
+            "c.restore()['w'].sum())\n")
     out = client_proc(code, str(tmp_path))
     assert "OK 4.0" in out.stdout, out.stdout + out.stderr
     assert not os.path.exists("/d.sock")

@@ -22,8 +22,8 @@ from snapd.errors import SnapdError
 def _session(endpoint: str, job: str) -> Connection:
     """A raw connection after hello: messages written by hand, as a client of another language would."""
     conn = Connection(endpoint, 5.0)
-    conn.call("hello", job=job, pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None, on_busy="wait",
-              root=None)
+    conn.call("hello", job=job, pid=os.getpid(), keep_last=1, keep_every_steps=None, best=None,
+              on_busy="wait", root=None)
     return conn
 
 
@@ -39,7 +39,8 @@ def _state(step, lr, w: np.ndarray, extra=None) -> dict:
 @pytest.mark.parametrize("share", [False, True], ids=["plain", "registered"])
 def test_changed_values_travel_alone_and_restore_exactly(daemon, sent, share) -> None:
     w = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32)
-    lrs = [0.1, 0.1, 1, 1.0, True, math.nan, math.inf, 0.05]  # 1, 1.0 and True must not be taken for each other
+    # 1, 1.0 and True must not be taken for each other
+    lrs = [0.1, 0.1, 1, 1.0, True, math.nan, math.inf, 0.05]
     with snapd.connect("lay", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
         if share:
             state0 = _state(0, lrs[0], w)
@@ -83,7 +84,8 @@ def test_a_new_structure_or_shape_is_a_new_layout(daemon, sent) -> None:
             got = c.restore(step)
             assert got["model"]["w"].shape == s["model"]["w"].shape and got.get("new") == s.get("new")
             lr = got["optim"]["param_groups"][0]["lr"]
-            assert type(lr) is type(s["optim"]["param_groups"][0]["lr"]) and lr == s["optim"]["param_groups"][0]["lr"]
+            assert type(lr) is type(s["optim"]["param_groups"][0]["lr"]) \
+                    and lr == s["optim"]["param_groups"][0]["lr"]
     assert [("tensors" in f, "values" in f) for f in sent] == [
         (True, False), (False, False), (True, False), (True, False), (True, False),
         (True, False), (False, True), (False, True)]
@@ -170,7 +172,8 @@ def test_bad_layout_fields_are_refused_and_the_daemon_serves_on(daemon) -> None:
             assert held_buffers() == 0
         ok = conn.call("snapshot", lease=lease(), **head, layout=1, values=[{"t": "value", "v": 7}])
         assert ok["type"] == "copied"
-        ok = conn.call("snapshot", lease=lease(), **{**head, "step": 2}, layout=1, changes=[[0, {"t": "value", "v": 8}]])
+        ok = conn.call("snapshot", lease=lease(), **{**head, "step": 2}, layout=1,
+                       changes=[[0, {"t": "value", "v": 8}]])
         assert ok["type"] == "copied"
         assert conn.wait(ok["id"], 30)["type"] == "persisted"
         got = snapd.load(daemon.root, "bad", 2)  # the layout's tree, with the one changed value put in
@@ -192,7 +195,8 @@ def test_a_state_the_daemon_copies_needs_no_acquire(start, monkeypatch) -> None:
     daemon = start("--max-host-memory-bytes", str(64 << 20))  # a fixed pool: two buffers, no more
     sends: list[tuple[Connection, str]] = []
     real = Connection.send
-    monkeypatch.setattr(Connection, "send", lambda self, kind, **f: (sends.append((self, kind)), real(self, kind, **f))[1])
+    monkeypatch.setattr(Connection, "send", lambda self, kind,
+                        **f: (sends.append((self, kind)), real(self, kind, **f))[1])
     state = {"w": np.arange(4096, dtype=np.float32), "step": 0}
     with snapd.connect("noacq", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
         c.share(state)
@@ -201,7 +205,8 @@ def test_a_state_the_daemon_copies_needs_no_acquire(start, monkeypatch) -> None:
         assert kinds.count("acquire") == 0 and kinds.count("snapshot") == 1
         other, held = _hold_all_buffers(daemon.endpoint)
         try:
-            with snapd.connect("noacq-skip", endpoint=daemon.endpoint, spawn=False, on_busy="skip") as skipper:
+            with snapd.connect("noacq-skip", endpoint=daemon.endpoint, spawn=False,
+                               on_busy="skip") as skipper:
                 skipper.share(shared := {"v": np.ones(8)})
                 assert skipper.snapshot(shared, step=1).skipped  # refused in the daemon: no buffer free
             c.fence()
@@ -251,7 +256,8 @@ def test_tiny_cpu_tensors_travel_inline_beside_registered_ones(daemon, sent) -> 
         for step in range(4):
             c.fence()
             state["w"][0] = step
-            s = {**state, "step": step, "optim": {i: {"step": torch.tensor(float(step * 10 + i))} for i in range(5)},
+            s = {**state, "step": step,
+                 "optim": {i: {"step": torch.tensor(float(step * 10 + i))} for i in range(5)},
                  "small": np.full(64, step, np.int32), "empty": torch.zeros(0)}  # 256 bytes: at the limit
             c.snapshot(s, step=step).wait(30)
         for step in range(4):
@@ -267,13 +273,17 @@ def test_tiny_cpu_tensors_travel_inline_beside_registered_ones(daemon, sent) -> 
 def test_bad_inline_bytes_are_refused(daemon) -> None:
     conn = _session(daemon.endpoint, "badinline")
     try:
-        t = [{"key": "s", "kind": "torch", "dtype": "float32", "shape": [], "offset": 0, "nbytes": 4, "inline": True}]
+        t = [{"key": "s", "kind": "torch", "dtype": "float32", "shape": [], "offset": 0, "nbytes": 4,
+              "inline": True}]
         base = {"step": 1, "metrics": {}, "emergency": False, "nbytes": 4, "layout": 1, "tensors": t,
                 "tree": {"t": "tensor", "i": 0}}
-        for fields, words in [({}, "inline tensors but no inline bytes"), ({"inline": "AAAAAAAA"}, "carries 6 bytes"),
+        for fields, words in [({}, "inline tensors but no inline bytes"),
+                              ({"inline": "AAAAAAAA"}, "carries 6 bytes"),
                               ({"inline": "***"}, "not base64"),
-                              ({"tensors": [{**t[0], "inline": 1}], "inline": "AAAAAA=="}, "inline must be true"),
-                              ({"tensors": [{**t[0], "shape": [65], "nbytes": 260}], "inline": ""}, "at most 256")]:
+                              ({"tensors": [{**t[0], "inline": 1}], "inline": "AAAAAA=="},
+                               "inline must be true"),
+                              ({"tensors": [{**t[0], "shape": [65], "nbytes": 260}], "inline": ""},
+                               "at most 256")]:
             with pytest.raises(SnapdError, match=words):
                 conn.call("snapshot", **{**base, **fields})
         req = conn.send("snapshot", **base, inline="AACAPw==")  # 1.0 as float32

@@ -25,7 +25,8 @@ def test_share_model_and_optimizer_snapshots_bit_exact(daemon) -> None:
     with snapd.connect("reg", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
         ptr = model[0].weight.data_ptr()
         c.share(model, opt)
-        assert model[0].weight.data_ptr() != ptr and model[0].weight.requires_grad  # rebound, still a parameter
+        # rebound, still a parameter
+        assert model[0].weight.data_ptr() != ptr and model[0].weight.requires_grad
         c.guard(opt)
         expected, pendings = [], []
         for step in range(3):

@@ -40,7 +40,8 @@ def _step(model, opt) -> None:
 
 
 def _state(model, opt, step: int) -> dict:
-    return {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "lr": opt.param_groups[0]["lr"]}
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+            "lr": opt.param_groups[0]["lr"]}
 
 
 def _expected(state: dict) -> dict:
@@ -59,7 +60,8 @@ def _same(got, want) -> bool:
         return type(got) is type(want) and len(got) == len(want) and all(map(_same, got, want))
     if isinstance(want, torch.Tensor):  # bit for bit, dtype and shape included
         return isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape and \
-            torch.equal(got.view(torch.uint8) if got.dim() else got, want.view(torch.uint8) if want.dim() else want)
+            torch.equal(got.view(torch.uint8) if got.dim() else got,
+                        want.view(torch.uint8) if want.dim() else want)
     return type(got) is type(want) and got == want
 
 
@@ -81,9 +83,11 @@ def test_a_training_loop_is_replayed_and_every_step_restores_exactly(daemon, fla
             pending.wait(30)
             assert _same(c.restore(pending.step), want), pending.step
     assert len(flattens) == 1  # the first snapshot only
-    assert "tensors" in sent[0] and all("tensors" not in f and f["layout"] == sent[0]["layout"] for f in sent[1:])
+    assert "tensors" in sent[0] and all("tensors" not in f and f["layout"]
+                                        == sent[0]["layout"] for f in sent[1:])
     # the step changed every time, and the learning rate once: only they travel
-    assert [[n["v"] for _, n in f["changes"]] for f in sent[1:]] == [[1], [2], [3], [5e-4, 4, 5e-4], [5e-4, 5, 5e-4]]
+    assert [[n["v"] for _, n in f["changes"]] for f in sent[1:]] == [[1], [2], [3], [5e-4, 4, 5e-4],
+                                                                     [5e-4, 5, 5e-4]]
     assert all("values" not in f for f in sent)
 
 
@@ -96,7 +100,8 @@ def test_a_tensor_moved_or_reshaped_is_described_anew(daemon, flattens, sent) ->
             model[0].weight.data = torch.randn(32, 16)  # other memory: the memo must not name the old
         want2 = _expected(_state(model, opt, 2))
         c.snapshot(_state(model, opt, 2), step=2).wait(30)
-        reshaped = {**_state(model, opt, 3), "extra": model[3].weight.view(-1)}  # same bytes as model.3.weight
+        # same bytes as model.3.weight
+        reshaped = {**_state(model, opt, 3), "extra": model[3].weight.view(-1)}
         want3 = _expected(reshaped)
         c.snapshot(reshaped, step=3).wait(30)
         flat = {**_state(model, opt, 4), "extra": model[3].weight.view(8, 16)}
@@ -111,8 +116,8 @@ def test_a_tensor_moved_or_reshaped_is_described_anew(daemon, flattens, sent) ->
     assert [("tensors" in f) for f in sent] == [True, False, False, True, True, False]
 
 
-def test_a_replayed_snapshot_the_daemon_no_longer_knows_is_flattened_and_sent_in_full(daemon, flattens,
-                                                                                      preempt_next_send) -> None:
+def test_a_replayed_snapshot_the_daemon_no_longer_knows_is_flattened_and_sent_in_full(
+        daemon, flattens, preempt_next_send) -> None:
     """A preemption handler's emergency snapshot of another state lands between the outer
     snapshot's replay and its message: the daemon now holds another layout, so the outer one is
     refused with unknown_layout, and the client flattens its state and sends it in full."""

@@ -11,8 +11,8 @@ import pytest
 
 import snapd.client as snapd
 
-STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics", "cuda_devices",
-               "cuda_devices_in_use", "cuda_devices_skipped", "clients",
+STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics",
+               "cuda_devices", "cuda_devices_in_use", "cuda_devices_skipped", "clients",
                "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access",
                "jobs", "throughput"}
 
@@ -20,7 +20,8 @@ STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "ba
 def test_status_json_schema(daemon) -> None:
     with snapd.connect("st", endpoint=daemon.endpoint, spawn=False) as c:
         c.snapshot({"w": np.ones(1000, np.float32)}, step=1).wait(30)
-        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint, "--json"],
+        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint,
+                              "--json"],
                              capture_output=True, text=True, timeout=30, cwd="/")
         assert out.returncode == 0, out.stderr
         st = json.loads(out.stdout)
@@ -63,7 +64,8 @@ def test_status_says_how_each_clients_bytes_reached_the_daemon(daemon) -> None:
         c.snapshot({"model": model.state_dict(), "step": torch.tensor(7.0)}, step=3).wait(30)
         other.snapshot({"w": np.ones(10, np.float64)}, step=1).wait(30)
         by_job = {cl["job"]: cl["last_snapshot"] for cl in c.status()["clients"]}
-    assert by_job["paths"] == {"step": 3, "tensors": 3, "bytes": {"cuda_ipc": 0, "registered": 4040, "inline": 4,
+    assert by_job["paths"] == {"step": 3, "tensors": 3,
+                               "bytes": {"cuda_ipc": 0, "registered": 4040, "inline": 4,
                                                                   "client": 0}}
     assert by_job["plain"]["bytes"] == {"cuda_ipc": 0, "registered": 0, "inline": 80, "client": 0}
 

@@ -22,7 +22,7 @@ def _collect(sock: socket.socket, seconds: float) -> list[dict]:
     while time.monotonic() < deadline:
         try:
             msg = sock.recv(4096).decode()
-        except socket.timeout:
+        except TimeoutError:
             continue
         out.append(dict(line.split("=", 1) for line in msg.splitlines()))
         out[-1]["_t"] = time.monotonic()
@@ -58,7 +58,8 @@ def test_check_config_good_and_bad(tmp_path) -> None:
     good = check('root = "/srv/ckpt"\nhost_buffer_bytes = 134217728\ncodec = "lz4"\n', "SNAPD_CODEC=raw")
     assert good.returncode == 0, good.stderr
     assert 'root = "/srv/ckpt"' in good.stdout and "host_buffer_bytes = 134217728" in good.stdout
-    assert 'codec = "raw"' in good.stdout and "encode_threads = 3" in good.stdout  # env > file, flag > default
+    # env > file, flag > default
+    assert 'codec = "raw"' in good.stdout and "encode_threads = 3" in good.stdout
     users = check('allowed_users = ["0", "root"]\nuser_dirs = "on"\n', "SNAPD_ALLOWED_GROUPS=0")
     assert users.returncode == 0, users.stderr
     assert 'allowed_users = ["0", "root"]' in users.stdout and 'allowed_groups = ["0"]' in users.stdout
@@ -71,7 +72,8 @@ def test_check_config_good_and_bad(tmp_path) -> None:
                         ('socket_group = "no-such-group-xyz"\n', "no group 'no-such-group-xyz'"),
                         ('allowed_users = ["no-such-user-xyz"]\n', "no user 'no-such-user-xyz'"),
                         ('allowed_users = "alice"\n', "allowed_users must be a list"),
-                        ('host_buffer_bytes = 67108864\nclient_buffer_bytes = 1048576\n', "less than one host buffer"),
+                        ('host_buffer_bytes = 67108864\nclient_buffer_bytes = 1048576\n',
+                         "less than one host buffer"),
                         ('user_dirs = "maybe"\n', "user_dirs must be auto, on or off")]:
         out = check(text)
         assert out.returncode == 2 and named in out.stderr, (text, out.stderr)

@@ -42,5 +42,5 @@ def test_a_daemon_of_another_version_is_refused_by_the_client_with_both_versions
     with pytest.raises(SnapdError) as e:
         snapd.connect("j", endpoint=d.endpoint, spawn=False)
     assert e.value.code == "version"
-    assert f"the daemon speaks snapd protocol 3 (snapd '{__version__}'); this process has snapd {__version__} " \
-           f"(protocol {protocol.PROTOCOL_VERSION})" in str(e.value)
+    assert f"the daemon speaks snapd protocol 3 (snapd '{__version__}'); this process has snapd " \
+           f"{__version__} (protocol {protocol.PROTOCOL_VERSION})" in str(e.value)

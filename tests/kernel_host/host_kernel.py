@@ -47,7 +47,8 @@ class HostKernel:
         self.run_launches(launches(segs, max_blocks))
 
     def run_launches(self, prepared: list[Launch]) -> None:
-        """Run launches made by ``snapd.kernels.segments.launches``, as the CUDA backend's ``run_launches``."""
+        """Run launches made by ``snapd.kernels.segments.launches``, as the CUDA backend's
+        ``run_launches``."""
         for launch in prepared:
             table = np.ascontiguousarray(launch.table)
             status = self._so.snapd_emulate(table.ctypes.data, launch.segments, launch.blocks, launch.block)

@@ -42,8 +42,8 @@ class Server:
         self.sessions: dict[bytes, Session] = {}
         self.replies: dict[bytes, list[dict]] = {}
         self._made = threading.Semaphore(0)
-        self.leases = Leases(self.config, self.pool, Metrics(), self.sessions, TaskTable(), self, lambda h: h.run(),
-                             lambda event: self._made.release())
+        self.leases = Leases(self.config, self.pool, Metrics(), self.sessions, TaskTable(), self,
+                             lambda h: h.run(), lambda event: self._made.release())
 
     def send(self, peer: bytes, reply: bytes) -> None:  # (the leases' reply sender)
         self.replies.setdefault(peer, []).append(json.loads(reply))
@@ -95,7 +95,8 @@ def test_the_partner_of_a_grown_buffer_is_grown_ahead_and_the_next_large_snapsho
     assert len(srv.pool.buffers) == 2
 
 
-def test_while_the_successor_is_made_the_small_buffer_serves_on_and_a_large_request_waits_for_it(server) -> None:
+def test_while_the_successor_is_made_the_small_buffer_serves_on_and_a_large_request_waits_for_it(
+        server) -> None:
     srv = server()
     a, small, large = srv.client("rank0"), srv.client("small", on_busy="skip"), srv.client("large")
     srv.leases.acquire(a, 1, 3 * MIB, False)
@@ -186,7 +187,8 @@ def _resident(view: np.ndarray) -> int:
     pages = -(-view.nbytes // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()
     libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes), vec) == 0, ctypes.get_errno()
+    assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes),
+                        vec) == 0, ctypes.get_errno()
     return sum(b & 1 for b in vec)
 
 

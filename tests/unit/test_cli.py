@@ -34,7 +34,8 @@ def test_ls_and_inspect(job) -> None:
     assert "latest,best" in lines[2] and "loss=0.05" in lines[2]
     out = run("inspect", str(job / "step-000000000020"))
     assert out.returncode == 0, out.stderr
-    assert "model.w" in out.stdout and "float32" in out.stdout and "40000" in out.stdout and "bfloat16" in out.stdout
+    assert "model.w" in out.stdout and "float32" in out.stdout and "40000" in out.stdout \
+            and "bfloat16" in out.stdout
 
 
 def test_verify_clean_then_damaged(job) -> None:

@@ -10,16 +10,20 @@ from snapd.format.tree import flatten
 
 
 class Cai:
-    def __init__(self, typestr: str, shape: tuple, ptr: int = 0x7F00_0000_1000, strides: tuple | None = None) -> None:
-        self.iface = {"typestr": typestr, "shape": shape, "data": (ptr, False), "version": 3, "strides": strides}
+    def __init__(self, typestr: str, shape: tuple, ptr: int = 0x7F00_0000_1000,
+                 strides: tuple | None = None) -> None:
+        self.iface = {"typestr": typestr, "shape": shape, "data": (ptr, False), "version": 3,
+                      "strides": strides}
 
     @property
     def __cuda_array_interface__(self) -> dict:
         return self.iface
 
 
-@pytest.mark.parametrize("typestr,name,size", [("<f4", "float32", 4), ("<f2", "float16", 2), ("|b1", "bool", 1),
-                                               ("<c8", "complex64", 8), ("|u1", "uint8", 1), ("<i8", "int64", 8)])
+@pytest.mark.parametrize("typestr,name,size",
+                         [("<f4", "float32", 4), ("<f2", "float16", 2), ("|b1", "bool", 1),
+                                               ("<c8", "complex64", 8), ("|u1", "uint8", 1),
+                                               ("<i8", "int64", 8)])
 def test_each_typestr_becomes_its_dtype_and_size(typestr: str, name: str, size: int) -> None:
     for _ in range(2):  # (the second time from the cache)
         _, [leaf] = flatten({"a": Cai(typestr, (3, 5), ptr=0xABC000)}, keep_device=True)

@@ -17,7 +17,8 @@ FAKE_LIBCUDA = r"""
 #include <stddef.h>
 typedef unsigned long long u64;
 int cuInit(unsigned flags) { return 0; }
-int cuGetErrorName(int rc, const char **name) { *name = rc == 1 ? "CUDA_ERROR_INVALID_VALUE" : "?"; return 0; }
+int cuGetErrorName(int rc, const char **name) { *name = rc == 1 ? "CUDA_ERROR_INVALID_VALUE" : "?"; return 0;
+}
 static int attribute(int attr, void *data, u64 ptr) {
     u64 base = ptr & ~((1ull << 21) - 1);
     if (ptr == 0) return 1;
@@ -37,7 +38,8 @@ int cuPointerGetAttributes(unsigned n, int *attrs, void **data, u64 ptr) {
     return 0;
 }
 /* devices: ordinal n is the handle 100 + n, in compute mode n (0 default, 3 exclusive-process) */
-int cuDeviceGet(int *dev, int ordinal) { if (ordinal < 0 || ordinal > 3) return 1; *dev = 100 + ordinal; return 0; }
+int cuDeviceGet(int *dev, int ordinal) { if (ordinal < 0 || ordinal > 3) return 1; *dev = 100 + ordinal;
+return 0; }
 int cuDeviceGetAttribute(int *value, int attr, int dev) {
     if (attr != 20 || dev < 100) return 1;                                /* COMPUTE_MODE only */
     *value = dev - 100; return 0;
@@ -83,7 +85,8 @@ def test_allocation_reads_every_attribute_at_its_width(libcuda) -> None:
     for ptr in ADDRESSES:
         a = cuda_driver.Allocation(ptr)
         base = ptr & ~((1 << 21) - 1)
-        assert (a.base, a.size, a.buffer_id, a.ordinal, a.context) == (base, 1 << 21, (base >> 21) | (1 << 40), 3,
+        assert (a.base, a.size, a.buffer_id, a.ordinal, a.context) == (base, 1 << 21,
+                                                                       (base >> 21) | (1 << 40), 3,
                                                                           0xC0FFEE), hex(ptr)
         assert a.ipc_capable is bool((base >> 21) & 1)
 
@@ -91,7 +94,8 @@ def test_allocation_reads_every_attribute_at_its_width(libcuda) -> None:
 def test_a_failed_query_names_the_call_and_the_error(libcuda) -> None:
     with pytest.raises(cuda_driver.CudaError, match="cuPointerGetAttribute failed: CUDA_ERROR_INVALID_VALUE"):
         cuda_driver.buffer_id(0)
-    with pytest.raises(cuda_driver.CudaError, match="cuPointerGetAttributes failed: CUDA_ERROR_INVALID_VALUE"):
+    with pytest.raises(cuda_driver.CudaError,
+                       match="cuPointerGetAttributes failed: CUDA_ERROR_INVALID_VALUE"):
         cuda_driver.Allocation(0)
 
 

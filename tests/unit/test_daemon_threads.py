@@ -26,8 +26,8 @@ def server(tmp_path):
     shm = Path("/dev/shm") / f"snapd-test-threads-{os.getpid()}"
     shm.mkdir()
     ctx = zmq.Context()
-    config = DaemonConfig(root=tmp_path / "root", endpoint=f"ipc://{tmp_path}/s.sock", host_buffer_bytes=1 << 20,
-                          shm_dir=shm)
+    config = DaemonConfig(root=tmp_path / "root", endpoint=f"ipc://{tmp_path}/s.sock",
+                          host_buffer_bytes=1 << 20, shm_dir=shm)
     config.root.mkdir()
     srv = Server(config, ctx)
     yield srv

@@ -63,7 +63,8 @@ def test_files_follow_the_spec(root) -> None:
             got = b""
             for c in t["chunks"]:
                 assert c["offset"] % 64 == 0 and c["raw"] % itemsize == 0 and c["raw"] <= 64 << 10
-                blob = (snap / body["files"][c["file"]]["name"]).read_bytes()[c["offset"]:c["offset"] + c["stored"]]
+                blob = (snap / body["files"][c["file"]]["name"]).read_bytes()[c["offset"]:c["offset"]
+                                                                              + c["stored"]]
                 assert xxhash.xxh3_64_hexdigest(blob) == c["checksum"]
                 assert c["stored"] < c["raw"] or c["codec"] == "raw"  # never store a bigger chunk
                 got += _decode_independently(blob, c, itemsize)
@@ -72,4 +73,5 @@ def test_files_follow_the_spec(root) -> None:
                 assert {c["codec"] for c in t["chunks"]} == {"raw"}  # random bytes do not compress
             if codec.startswith("shuffle") and t["key"] == "w":
                 c = t["chunks"][0]
-                assert c["planes"][0] == c["raw"] // 4 and c["planes"][3] < c["raw"] // 4  # raw mantissa, packed exponent
+                # raw mantissa, packed exponent
+                assert c["planes"][0] == c["raw"] // 4 and c["planes"][3] < c["raw"] // 4

@@ -23,7 +23,8 @@ def test_golden_snapshots_load_byte_exact(golden, digest) -> None:
     for job, tensors in expected.items():
         out = snapd.load(golden, job, step=1200)
         flat = {"model.encoder.weight": out["model"]["encoder.weight"],
-                "model.encoder.bias": out["model"]["encoder.bias"], "model.head.weight": out["model"]["head.weight"],
+                "model.encoder.bias": out["model"]["encoder.bias"],
+                "model.head.weight": out["model"]["head.weight"],
                 "model.embed": out["model"]["embed"], "optim.state.0.step": out["optim"]["state"][0]["step"],
                 "optim.state.0.exp_avg": out["optim"]["state"][0]["exp_avg"]}
         flat.update({f"counters.{k}": v for k, v in out["counters"].items()})

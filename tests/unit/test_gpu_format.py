@@ -82,7 +82,8 @@ def test_snapshot_from_preshuffled_chunks_is_byte_identical(root, codec: str) ->
     with SnapshotReader(next(p for p in (root / "gpu").iterdir() if (p / MANIFEST_NAME).exists())) as r:
         out = {}
         r.read_tensors(list(range(len(r.manifest.tensors))),
-                       lambda i: memoryview(out.setdefault(i, np.empty(r.manifest.tensors[i].nbytes, np.uint8))))
+                       lambda i: memoryview(out.setdefault(i,
+                                                           np.empty(r.manifest.tensors[i].nbytes, np.uint8))))
         for i, rec in enumerate(r.manifest.tensors):
             assert out[i].tobytes() == np.ascontiguousarray(state[rec.key]).tobytes(), rec.key
 
@@ -97,7 +98,7 @@ def _kept_planes(root, codec: str, seed: int):
     with SnapshotReader(path) as r:
         for i, rec in enumerate(r.manifest.tensors):
             host = np.empty(rec.nbytes, np.uint8)
-            r.read_tensors([i], lambda _: memoryview(host), keep_planes=lambda _: True)
+            r.read_tensors([i], lambda _, host=host: memoryview(host), keep_planes=lambda _: True)
             yield rec, host, np.ascontiguousarray(state[rec.key]).tobytes()
 
 

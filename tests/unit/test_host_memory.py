@@ -30,7 +30,8 @@ def test_v2_takes_the_lowest_limit_on_the_path_and_the_least_headroom(tmp_path) 
         "system.slice/memory.max": str(32 * GIB), "system.slice/memory.current": str(30 * GIB),
         "system.slice/snapd-ckpt.service/memory.max": str(24 * GIB),
         "system.slice/snapd-ckpt.service/memory.current": str(1 * GIB)})
-    assert host_memory.cgroup_limits(proc, root) == (24 * GIB, 2 * GIB)  # the slice has 2 GiB left, the unit 23
+    # the slice has 2 GiB left, the unit 23
+    assert host_memory.cgroup_limits(proc, root) == (24 * GIB, 2 * GIB)
 
 
 def test_v1_memory_controller_and_no_limit(tmp_path) -> None:

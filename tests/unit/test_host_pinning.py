@@ -28,7 +28,8 @@ def driver(monkeypatch):
         calls["register"].append((context, address, nbytes))
 
     monkeypatch.setattr(cuda_driver, "host_register", register)
-    monkeypatch.setattr(cuda_driver, "host_unregister", lambda context, address: calls["unregister"].append(address))
+    monkeypatch.setattr(cuda_driver, "host_unregister",
+                        lambda context, address: calls["unregister"].append(address))
     monkeypatch.setattr(gpu_windows, "PIN_PIECE", 1 << 20)
     return calls
 
@@ -50,7 +51,8 @@ def test_buffers_wait_for_a_context_then_are_pinned_once_in_pieces(driver) -> No
     _wait(lambda: len(driver["register"]) == 4)
     pins.now(a)
     pins.start(context=8)  # (a second device changes nothing)
-    assert sorted(driver["register"]) == sorted([(7, a.ctypes.data + i * (1 << 20), 1 << 20) for i in range(3)]
+    assert sorted(driver["register"]) == sorted([(7, a.ctypes.data + i * (1 << 20),
+                                                  1 << 20) for i in range(3)]
                                                 + [(7, b.ctypes.data, 1 << 20)])
     pins.drop(a.ctypes.data)
     assert driver["unregister"] == [a.ctypes.data + i * (1 << 20) for i in range(3)]

@@ -52,14 +52,16 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
                     seen.add(dep)
                     todo.append((dep, [*path, dep]))
     # a package's __init__ importing its own modules is not a cycle; anything else is
-    cycles = [c for c in cycles if not any(b.startswith(f"{a}.") for a, b in zip(c.split(" -> "), c.split(" -> ")[1:]))]
+    cycles = [c for c in cycles
+              if not any(b.startswith(f"{a}.") for a, b in zip(c.split(" -> "), c.split(" -> ")[1:]))]
     assert not cycles, "\n".join(cycles)
 
 
 def test_the_daemons_module_map_names_every_module() -> None:
     doc = (REPO / "snapd" / "daemon" / "__init__.py").read_text()
     named = set(re.findall(r"``(\w+)``", doc))
-    missing = [p.stem for p in (REPO / "snapd" / "daemon").glob("*.py") if p.stem != "__init__" and p.stem not in named]
+    missing = [p.stem for p in (REPO / "snapd" / "daemon").glob("*.py") if p.stem != "__init__"
+               and p.stem not in named]
     assert not missing, f"snapd/daemon/__init__.py does not name {missing}"
 
 

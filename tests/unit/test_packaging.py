@@ -24,11 +24,13 @@ def test_a_clones_root_imports_the_whole_package_from_the_clone() -> None:
     import subprocess
     import sys
 
-    code = ("import os, snapd.client, snapd.client.daemon, snapd.kernels, snapd.kernels.numpy_shuffle, snapd.daemon;"
-            "print(*(os.path.realpath(m.__file__) for m in (snapd.client.daemon, snapd.kernels.numpy_shuffle)))")
+    code = ("import os, snapd.client, snapd.client.daemon, snapd.kernels, snapd.kernels.numpy_shuffle, "
+            "snapd.daemon;print(*(os.path.realpath(m.__file__) for m in (snapd.client.daemon, "
+            "snapd.kernels.numpy_shuffle)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(REPO / "client" / "daemon.py"), str(REPO / "kernels" / "numpy_shuffle.py")]
+    assert out.stdout.split() == [str(REPO / "client" / "daemon.py"),
+                                  str(REPO / "kernels" / "numpy_shuffle.py")]
     out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout, out.stderr

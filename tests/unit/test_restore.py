@@ -138,7 +138,8 @@ def test_windows_hand_each_tensor_on_once_in_order(root) -> None:
         assert np.frombuffer(bufs[i], np.float64).tobytes() == state[name].tobytes()
 
 
-def test_best_without_its_metric_is_refused_and_a_cuda_load_without_cuda_is_said_in_snapds_words(tmp_path) -> None:
+def test_best_without_its_metric_is_refused_and_a_cuda_load_without_cuda_is_said_in_snapds_words(
+        tmp_path) -> None:
     import numpy as np
     import pytest
     import torch

@@ -112,7 +112,8 @@ def test_index_rebuilt_from_disk_matches_the_one_written(root) -> None:
                    best=("acc", "max"), keep_last=3)
     before = [(s.step, s.latest, s.best, s.metrics, s.emergency) for s in snapd.list_snapshots(root, "j")]
     os.unlink(root / "j" / "index.json")
-    assert [(s.step, s.latest, s.best, s.metrics, s.emergency) for s in snapd.list_snapshots(root, "j")] == before
+    assert [(s.step, s.latest, s.best, s.metrics, s.emergency) for s in snapd.list_snapshots(root,
+                                                                                             "j")] == before
 
 
 def test_disk_full_while_writing_the_index_reports_the_commit_that_happened(root, monkeypatch) -> None:
@@ -152,7 +153,8 @@ def test_a_failure_at_each_step_of_a_commit_keeps_the_previous_snapshot(root, mo
     assert not [p for p in (root / "j").iterdir() if p.name.startswith((".tmp", ".trash"))]
 
 
-def test_commit_fsyncs_data_and_manifest_before_the_rename_and_renames_the_same_directory(root, monkeypatch) -> None:
+def test_commit_fsyncs_data_and_manifest_before_the_rename_and_renames_the_same_directory(
+        root, monkeypatch) -> None:
     from snapd.format import jobdir as jobdir_mod
     from snapd.format import writer as writer_mod
 

@@ -112,10 +112,12 @@ def test_large_state_is_sharded_and_chunked(root, digest) -> None:
     ({"a": [torch.zeros(1)], "a.0": torch.zeros(1)}, "a.0: two leaves share this key path"),
     ({"a": {"b": torch.zeros(1)}, "a.b": np.zeros(1)}, "a.b: two leaves share this key path"),
     ({"a": torch.zeros(2).to_sparse()}, "a: torch tensor with layout torch.sparse_coo"),
-    ({"a": [torch.zeros(2).to(torch.float8_e4m3fnuz)]}, "a.0: torch dtype torch.float8_e4m3fnuz is not supported"),
+    ({"a": [torch.zeros(2).to(torch.float8_e4m3fnuz)]},
+     "a.0: torch dtype torch.float8_e4m3fnuz is not supported"),
 ])
 def test_unsupported_leaf_named_by_key_path(root, bad, fragment) -> None:
-    with pytest.raises(UnsupportedValueError, match=fragment.replace(".", r"\.").replace("(", r"\(").replace("<", "<")):
+    with pytest.raises(UnsupportedValueError,
+                       match=fragment.replace(".", r"\.").replace("(", r"\(").replace("<", "<")):
         snapd.save(root, "j", bad, step=1)
     assert not (root / "j").exists() or snapd.list_snapshots(root, "j") == []
 

@@ -69,9 +69,11 @@ def test_blocks_loop_over_every_tile_beside_other_segments(host_kernel, buffer, 
     datas = [buffer(n * itemsize, 0, rng) for n in counts]
     planes = [buffer(d.size, 0, rng) for d in datas]
     backs = [buffer(d.size, 0, rng) for d in datas]
-    host_kernel([(d.ctypes.data, p.ctypes.data, n, itemsize, SHUFFLE) for d, p, n in zip(datas, planes, counts)],
+    host_kernel([(d.ctypes.data, p.ctypes.data, n, itemsize, SHUFFLE) for d, p,
+                 n in zip(datas, planes, counts)],
                 max_blocks=2)
-    host_kernel([(p.ctypes.data, b.ctypes.data, n, itemsize, UNSHUFFLE) for p, b, n in zip(planes, backs, counts)],
+    host_kernel([(p.ctypes.data, b.ctypes.data, n, itemsize, UNSHUFFLE) for p, b,
+                 n in zip(planes, backs, counts)],
                 max_blocks=2)
     for d, p, b in zip(datas, planes, backs):
         assert np.array_equal(p, numpy_shuffle.shuffle(d, itemsize).reshape(-1))
@@ -118,7 +120,8 @@ def test_pack_with_chunk_shuffle_in_one_launch(host_kernel, buffer, aligned) -> 
 
     back = buffer(pos, 0, rng)
     host_kernel([seg for (k, _), h, off in zip(sizes, host, offsets)
-            for seg in chunk_segments(out.ctypes.data + off, back.ctypes.data + off, h.size, k, chunk, UNSHUFFLE)])
+            for seg in chunk_segments(out.ctypes.data + off, back.ctypes.data + off, h.size, k, chunk,
+                                      UNSHUFFLE)])
     for h, off in zip(host, offsets):
         assert np.array_equal(back[off:off + h.size], h)
 

@@ -67,7 +67,7 @@ def _agrees(memo: StateMemo, state) -> bool:
 def test_a_fresh_state_dict_of_the_same_tensors_is_recognised() -> None:
     model, opt = _trained()
     memo = _memo(_state(model, opt))
-    for step in range(3):  # state_dict() makes new tensor objects every call, over the same memory
+    for _ in range(3):  # state_dict() makes new tensor objects every call, over the same memory
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
@@ -78,7 +78,8 @@ def test_a_fresh_state_dict_of_the_same_tensors_is_recognised() -> None:
     assert changed is not None and [n for _, n in changed.changes()] == [{"t": "value", "v": 7}]
 
 
-@pytest.mark.parametrize("value", [3, 3.5, -0.0, math.nan, math.inf, -math.inf, True, False, None, "s", b"\x00\xff",
+@pytest.mark.parametrize("value",
+                         [3, 3.5, -0.0, math.nan, math.inf, -math.inf, True, False, None, "s", b"\x00\xff",
                                    bytearray(b"ab"), 10**30])
 def test_scalars_come_back_as_flatten_makes_them(value) -> None:
     model, opt = _trained()
@@ -95,7 +96,8 @@ def test_only_what_changed_is_sent_and_1_is_not_1_0() -> None:
     assert memo.match(state(1, 1, "a")).changed == []
     assert memo.match(state(1, 1.0, "a")).changed == [1]
     assert memo.match(state(True, 1, "a")).changed == [0]
-    assert memo.match(state(2, 1, "b")).changes() == [[0, {"t": "value", "v": 2}], [2, {"t": "value", "v": "b"}]]
+    assert memo.match(state(2, 1, "b")).changes() == [[0, {"t": "value", "v": 2}],
+                                                      [2, {"t": "value", "v": "b"}]]
 
 
 def test_a_bytearray_changed_in_place_is_sent() -> None:
@@ -115,15 +117,20 @@ class Color(enum.IntEnum):
 def _misses() -> list[tuple[str, object]]:
     """(what changed, how): each takes the state and gives a changed one."""
     return [
-        ("a tensor elsewhere", lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().clone()}}),
-        ("same bytes, another shape", lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.view(3, 12)}}),
-        ("same bytes, another dtype", lambda s, m: {**s, "model": {**s["model"],
-                                                                   "0.weight": m[0].weight.view(torch.int32)}}),
-        ("same address and shape, transposed", lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.t()}}),
-        ("same address, neg bit", lambda s, m: {**s, "model": {**s["model"],
-                                                               "0.weight": torch._neg_view(m[0].weight)}}),
-        ("a numpy array", lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().numpy()}}),
-        ("a sparse tensor", lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().to_sparse()}}),
+        ("a tensor elsewhere",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().clone()}}),
+        ("same bytes, another shape",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.view(3, 12)}}),
+        ("same bytes, another dtype",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.view(torch.int32)}}),
+        ("same address and shape, transposed",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.t()}}),
+        ("same address, neg bit",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": torch._neg_view(m[0].weight)}}),
+        ("a numpy array",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().numpy()}}),
+        ("a sparse tensor",
+         lambda s, m: {**s, "model": {**s["model"], "0.weight": m[0].weight.detach().to_sparse()}}),
         ("a key renamed", lambda s, m: {**{k: v for k, v in s.items() if k != "step"}, "steps": 1}),
         ("keys reordered", lambda s, m: dict(reversed(list(s.items())))),
         ("a key more", lambda s, m: {**s, "new": 1}),
@@ -184,9 +191,10 @@ def test_the_memo_keeps_no_tensor_alive() -> None:
 class Cai:
     """A device array as snapd knows CuPy's: by ``__cuda_array_interface__`` only."""
 
-    def __init__(self, ptr: int, shape: tuple = (4, 5), typestr: str = "<f4", strides: tuple | None = None) -> None:
-        self.iface = {"typestr": typestr, "shape": shape, "data": (ptr, False), "version": 3, "strides": strides,
-                      "stream": 1}
+    def __init__(self, ptr: int, shape: tuple = (4, 5), typestr: str = "<f4",
+                 strides: tuple | None = None) -> None:
+        self.iface = {"typestr": typestr, "shape": shape, "data": (ptr, False), "version": 3,
+                      "strides": strides, "stream": 1}
 
     @property
     def __cuda_array_interface__(self) -> dict:

@@ -44,7 +44,8 @@ elif stage == "handoff":
         return reply, handoff
     intake.Intake._accepted = _accepted
 else:
-    name, task_of = {"copy": ("_copy_one", lambda item: item[0]), "flush": ("_flush", lambda item: item)}[stage]
+    name, task_of = {"copy": ("_copy_one", lambda item: item[0]),
+                     "flush": ("_flush", lambda item: item)}[stage]
     real = getattr(pipeline.Pipeline, name)
 
     def planted(self, item, outbox):

@@ -1,5 +1,6 @@
-import os, sys
-import torch, torch.distributed as dist
+import sys
+import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -8,10 +9,12 @@ from snapd.errors import UnsupportedValueError
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
-for m in model: fully_shard(m, mesh=mesh)
+for m in model:
+    fully_shard(m, mesh=mesh)
 fully_shard(model, mesh=mesh)
 opt = torch.optim.AdamW(model.parameters())
-model(torch.randn(4, 16)).sum().backward(); opt.step()
+model(torch.randn(4, 16)).sum().backward()
+opt.step()
 msd, osd = get_state_dict(model, opt)
 with snapd.connect(f"fsdp-{dist.get_rank()}", endpoint=sys.argv[1], spawn=False) as c:
     try:
