@@ -23,8 +23,9 @@ Modules:
 - ``sessions``: each client's session; ``regions``: the shared-memory regions a client registers.
 - ``intake``: a buffer for each snapshot and its acceptance as a task; ``layouts``: what a
   ``snapshot`` message describes, and where each tensor lies.
-- ``leases``: who holds which host buffer, who waits, per-client and per-user limits;
-  ``waiting``: how long a request waits and who hears of it; ``quotas``: per-user disk quotas.
+- ``leases``: who holds which host buffer and who waits for one; ``limits``: how much one client
+  and one user may hold; ``waiting``: how long a request waits and who hears of it; ``quotas``:
+  per-user disk quotas.
 - ``buffers``: the shared-memory host buffers; ``buffer_making``: buffers made anew on threads
   (grown, ahead of need, for another uid); ``host_memory``: how much memory they may take;
   ``prefault``: their pages faulted in ahead; ``buffer_reads``: reads of buffers other users
@@ -32,8 +33,9 @@ Modules:
 - ``tasks``: a snapshot in flight, its states and the task table; ``pipeline``: the state
   machine, the copy thread, the encode pool and the flush thread; ``codec_choice``: which codec
   keeps the disk busy; ``endings``: the stages' reports turned into replies.
-- ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device);
-  ``gpu_handles``: clients' IPC handles and events; ``gpu_windows``: how device tensors travel
-  through the staging window; ``host_pinning``: page-locking the host buffers.
+- ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device); ``gpu_work``:
+  a device's resources and the items its threads work on; ``gpu_handles``: clients' IPC handles
+  and events; ``gpu_windows``: how device tensors travel through the staging window;
+  ``host_pinning``: page-locking the host buffers.
 - ``status``: the tallies, ``snapd status`` and the systemd status line.
 """

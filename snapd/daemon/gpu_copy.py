@@ -36,7 +36,6 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -45,65 +44,13 @@ from snapd import cuda_driver
 from snapd.daemon import gpu_windows
 from snapd.daemon.channels import Outbox, stage_loop
 from snapd.daemon.gpu_handles import ClientHandles, failure, quietly
+from snapd.daemon.gpu_work import Close, Copy, Device, Forget, Prepare, Wait
 from snapd.daemon.host_pinning import HostPins
 from snapd.daemon.regions import copy_from_region
 
 log = logging.getLogger(__name__)
 
 _D2H = 2  # cudaMemcpyDeviceToHost
-
-
-class _Device:
-    """The daemon's context, copy stream and staging window on one device."""
-
-    def __init__(self, cp: Any, ordinal: int, uuid: str) -> None:
-        self.ordinal, self.uuid = ordinal, uuid
-        self.context = cuda_driver.primary_context(ordinal)
-        with cp.cuda.Device(ordinal):
-            self.stream = cp.cuda.Stream(non_blocking=True)
-            self.staging = cp.empty(gpu_windows.STAGING_BYTES, dtype=cp.uint8)
-
-
-@dataclass
-class _Copy:
-    """A snapshot's copies, queued for the GPU thread (``GpuCopier.copy``)."""
-
-    task: Any
-    items: list[tuple[Any, dict]]  # (leaf over the host buffer, its `cuda` descriptor)
-    ready: dict[str, str]  # device UUID -> the trainer's event handle
-    host: Any  # the host buffer's view
-    shuffle: bool
-    region_copies: list  # registered-region copies of the same snapshot
-    plans: dict | None
-
-
-@dataclass
-class _Prepare:
-    uuid: str
-
-
-@dataclass
-class _Forget:
-    peer: bytes
-    bye: int | None
-
-
-@dataclass
-class _Wait:
-    """For the waiting thread: a snapshot's copies to wait for (``marks``), or its failure."""
-
-    task: Any
-    marks: list | None
-    error: dict | None
-
-
-@dataclass
-class _Close:
-    """For the waiting thread: a handle no snapshot uses any more, closed once ``marks`` are done."""
-
-    context: Any
-    base: int
-    marks: list
 
 
 class GpuCopier:
@@ -128,7 +75,7 @@ class GpuCopier:
         if not self._ordinals:
             raise RuntimeError("no device in the default compute mode (a context of the daemon's would lock "
                                "the trainers out of an exclusive one)")
-        self.devices: dict[str, _Device] = {}  # made on the GPU thread (``_device``), the GPU thread's only
+        self.devices: dict[str, Device] = {}  # made on the GPU thread (``_device``), the GPU thread's only
         self._in_use: tuple[str, ...] = ()  # their UUIDs, for other threads (replaced whole, never changed)
         self._pins = HostPins()
         log.info("GPU path: CUDA IPC from devices %s", ", ".join(self.describe()))
@@ -164,14 +111,14 @@ class GpuCopier:
         registered-region copies of the same snapshot, if any. ``plans``: where the device plans
         made for these descriptors are kept for the next snapshot of the same layout (the layout's
         own dict, so that they go with it)."""
-        self._work.put(_Copy(task, items, ready, host, shuffle, region_copies, plans))
+        self._work.put(Copy(task, items, ready, host, shuffle, region_copies, plans))
 
     def prepare(self, uuids: list[str]) -> None:
         """A trainer that works on these devices connected: make what a copy from them needs now, on
         the GPU thread, so that its first snapshot does not wait for it (``_device``)."""
         for uuid in uuids:
             if uuid in self._ordinals and uuid not in self.devices:
-                self._work.put(_Prepare(uuid))
+                self._work.put(Prepare(uuid))
 
     def pin(self, views: list) -> None:
         """Page-lock host buffers ahead of their first copy (``host_pinning``; once a device is in use)."""
@@ -181,20 +128,20 @@ class GpuCopier:
         """The client left: close what it opened (on the GPU thread, after its copies). ``bye``:
         the id of its ``bye``, answered once that is done (the client then lets go of the memory
         it held for us)."""
-        self._work.put(_Forget(peer, bye))
+        self._work.put(Forget(peer, bye))
 
     def unpin(self, address: int, unmap: Callable[[], None]) -> None:
         """A host buffer leaves the pool (any thread): unpinned, then ``unmap`` (never waits)."""
         self._pins.drop(address, unmap)
 
     # -- the GPU thread ------------------------------------------------------------
-    def _handle(self, item: _Copy | _Prepare | _Forget, outbox: Outbox) -> None:
-        if isinstance(item, _Prepare):
+    def _handle(self, item: Copy | Prepare | Forget, outbox: Outbox) -> None:
+        if isinstance(item, Prepare):
             try:
                 self._device(item.uuid)
             except Exception as e:  # (the first snapshot from it tries again, and fails over)
                 log.warning("GPU path: %s", e)
-        elif isinstance(item, _Forget):
+        elif isinstance(item, Forget):
             self._close(item.peer)
             if item.bye is not None:
                 outbox.send({"event": "forgotten", "peer": item.peer.hex(), "id": item.bye})
@@ -204,18 +151,18 @@ class GpuCopier:
             handles, marks = self._enqueue(item.task, item.items, item.ready, item.host, item.shuffle,
                                            item.plans)
             outbox.send({"event": "queued", "seq": item.task.seq, "events": handles})
-            self._waits.put(_Wait(item.task, marks, None))
+            self._waits.put(Wait(item.task, marks, None))
 
-    def _handle_failed(self, item: _Copy | _Prepare | _Forget, error: Exception, outbox: Outbox) -> None:
+    def _handle_failed(self, item: Copy | Prepare | Forget, error: Exception, outbox: Outbox) -> None:
         """A copy that failed (a handle that will not open, a device gone) fails its snapshot; a
         leaving client's ``bye`` is answered whatever became of its handles."""
-        if isinstance(item, _Copy):
+        if isinstance(item, Copy):
             self._quiesce()  # nothing may still read the client's memory
-            self._waits.put(_Wait(item.task, None, failure(error)))
+            self._waits.put(Wait(item.task, None, failure(error)))
             return
-        log.error("GPU path: %s failed: %s: %s", type(item).__name__.strip("_").lower(),
+        log.error("GPU path: %s failed: %s: %s", type(item).__name__.lower(),
                   type(error).__name__, error)
-        if isinstance(item, _Forget) and item.bye is not None:
+        if isinstance(item, Forget) and item.bye is not None:
             outbox.send({"event": "forgotten", "peer": item.peer.hex(), "id": item.bye})
 
     def _quiesce(self) -> None:
@@ -264,7 +211,7 @@ class GpuCopier:
                 marks.append(mark)
         for key in [k for k in client.mem if k not in used]:  # allocations the trainer no longer uses
             context, base = client.mem.pop(key)
-            self._waits.put(_Close(context, base, marks))
+            self._waits.put(Close(context, base, marks))
         return handles, marks
 
     def _plan(self, client: ClientHandles, items: list, host: int,
@@ -294,7 +241,7 @@ class GpuCopier:
                      "snapshots", len(tensors), uuid, len(out[uuid].steps))
         return out
 
-    def _device(self, uuid: str) -> _Device:
+    def _device(self, uuid: str) -> Device:
         """The device's context, stream and staging window, made now if not yet
         (raises if they cannot be: the snapshot fails, and its client stages it)."""
         dev = self.devices.get(uuid)
@@ -303,7 +250,7 @@ class GpuCopier:
         if uuid not in self._ordinals:
             raise RuntimeError(f"device {uuid} is not one this daemon copies from")
         try:
-            dev = self.devices[uuid] = _Device(self._cp, self._ordinals[uuid], uuid)
+            dev = self.devices[uuid] = Device(self._cp, self._ordinals[uuid], uuid)
         except Exception as e:
             raise RuntimeError(f"device {uuid}: the daemon cannot have its context and staging window "
                                f"({gpu_windows.STAGING_BYTES / 2**20:g} MiB) there ({type(e).__name__}: "
@@ -322,8 +269,8 @@ class GpuCopier:
         client.close()
 
     # -- the waiting thread --------------------------------------------------------
-    def _wait_one(self, item: _Wait | _Close, outbox: Outbox) -> None:
-        if isinstance(item, _Close):  # a handle no snapshot uses any more, once the copies are done
+    def _wait_one(self, item: Wait | Close, outbox: Outbox) -> None:
+        if isinstance(item, Close):  # a handle no snapshot uses any more, once the copies are done
             for m in item.marks:
                 m.synchronize()
             quietly(cuda_driver.close_mem_handle, item.context, item.base)
@@ -335,8 +282,8 @@ class GpuCopier:
             m.synchronize()
         outbox.send({"event": "copied", "seq": item.task.seq, "from_gpu": True})
 
-    def _wait_failed(self, item: _Wait | _Close, error: Exception, outbox: Outbox) -> None:
-        if isinstance(item, _Close):
+    def _wait_failed(self, item: Wait | Close, error: Exception, outbox: Outbox) -> None:
+        if isinstance(item, Close):
             log.error("GPU path: closing a handle failed: %s: %s", type(error).__name__, error)
             return
         outbox.send(self._failed(item.task, "copy", **failure(error)))

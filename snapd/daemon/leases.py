@@ -22,6 +22,7 @@ from snapd.daemon.buffer_making import BufferMaker
 from snapd.daemon.buffers import BufferPool, HostBuffer
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.host_memory import grown_size
+from snapd.daemon.limits import Limits
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.sessions import Session
 from snapd.daemon.tasks import TaskTable
@@ -68,8 +69,7 @@ class Leases:
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
         self.stopping = False
-        self.user_cap = config.user_buffer_bytes if config.user_buffer_bytes is not None or not shared \
-            else max(config.memory_cap // 2, config.host_buffer_bytes)
+        self.limits = Limits(config, pool, sessions, tasks, shared)
 
     def new_id(self) -> int:
         """A fresh id (leases and registered regions share the sequence)."""
@@ -81,7 +81,7 @@ class Leases:
         or, when the request waits, once a buffer is granted (None here then). A free buffer that
         must first be replaced (grown for ``nbytes``, or fresh pages for another uid) is made on a
         thread while the request waits (a skipping client's snapshot is skipped instead)."""
-        at_limit = self._at_limit(s, emergency)
+        at_limit = self.limits.reached(s, emergency)
         if not at_limit and not (self._eligible_waiter() and not emergency):
             room = self._room_for(s.uid, nbytes)
             if room is not None and room.ready:
@@ -102,7 +102,7 @@ class Leases:
                 return None
         if s.on_busy == "skip" and not emergency:
             if at_limit:
-                raise Busy(f"this client holds {self.held(s)} host buffer(s), its limit ({at_limit})")
+                raise Busy(f"this client holds {self.limits.held(s)} host buffer(s), its limit ({at_limit})")
             raise Busy(f"all {len(self.pool.buffers)} host buffers are busy persisting earlier snapshots, "
                        f"and max_host_memory_bytes ({self.config.memory_cap}) or the memory left has no room "
                        "for another")
@@ -187,10 +187,6 @@ class Leases:
                 self.replies.send(w.peer, protocol.error_reply(w.req_id, LimitExceeded.code, why))
         self.gauges()
         self._grant_waiters()
-
-    def held(self, s: Session) -> int:
-        """Host buffers ``s`` holds: granted, or carrying one of its snapshots not yet persisted."""
-        return len(s.leases) + len(self.tasks.of(s.peer))
 
     def take(self, s: Session, lease: int) -> Any:
         """The buffer of ``lease``, which ``s`` must hold, for the snapshot it is about to send."""
@@ -283,27 +279,6 @@ class Leases:
         self.metrics.buffers(busy, sum(b.size for b in self.pool.buffers) - busy)
         self.metrics.clients.set(len(self.sessions))
 
-    def held_bytes(self, s: Session) -> int:
-        """The sizes of the host buffers ``s`` holds (grown ones count as grown)."""
-        leases = [*s.leases, *(t.lease for t in self.tasks.of(s.peer))]
-        return sum(b.size for b in map(self.pool.by_lease, leases) if b is not None)
-
-    def _at_limit(self, s: Session, emergency: bool = False) -> str:
-        """The limit ``s`` has reached ('' if none): it waits until one of its snapshots ends.
-        An emergency snapshot may hold one buffer more: it must not wait for the flushes before it."""
-        c = self.config
-        if c.client_max_in_flight is not None and self.held(s) >= c.client_max_in_flight + emergency:
-            return f"client_max_in_flight = {c.client_max_in_flight} buffer(s)"
-        if c.client_buffer_bytes is not None:  # one more buffer, at least the starting size, would pass it
-            held = self.held_bytes(s)
-            if held and held + c.host_buffer_bytes > c.client_buffer_bytes:
-                return f"client_buffer_bytes = {c.client_buffer_bytes}, holding {held}"
-        if self.user_cap is not None and not emergency:  # every connection of the uid together
-            held = sum(self.held_bytes(x) for x in self.sessions.values() if x.uid == s.uid)
-            if held and held + c.host_buffer_bytes > self.user_cap:
-                return f"user_buffer_bytes = {self.user_cap}: the clients of uid {s.uid} hold {held}"
-        return ""
-
     def _eligible_waiter(self) -> Waiter | None:
         """The first queued request whose client is under its limits (it gets the next free buffer)."""
         preparing = self.maker.waited_for()
@@ -311,7 +286,7 @@ class Leases:
             ws = self.sessions.get(w.peer)
             if id(w) in preparing:  # its buffer is being made
                 continue
-            if ws is not None and not self._at_limit(ws, w.emergency):
+            if ws is not None and not self.limits.reached(ws, w.emergency):
                 return w
         return None
 

@@ -68,5 +68,5 @@ def who(leases: Any, peer: bytes) -> str:
 
 
 def holders(leases: Any) -> str:
-    held = {s.peer: leases.held(s) for s in leases.sessions.values()}
+    held = {s.peer: leases.limits.held(s) for s in leases.sessions.values()}
     return ", ".join(f"{who(leases, p)}: {n}" for p, n in held.items() if n) or "none (buffers being made)"
