@@ -52,7 +52,7 @@ class Endings:
             return
         elif kind == "queued":
             self.replies.send(task.peer, protocol.message("queued", task.req_id, step=task.step,
-                                                        events=event["events"]))
+                                                          events=event["events"]))
         elif kind == "copied":
             self.leases.copied(task.lease)
             if event.get("from_gpu"):
@@ -89,8 +89,8 @@ class Endings:
         if event["ok"]:
             self.tally.persisted(task, event["stored_bytes"], event["seconds"])
             reply = protocol.message("persisted", task.req_id, step=task.step, path=event["path"],
-                                   codec=event["codec"], stored_bytes=event["stored_bytes"],
-                                   raw_bytes=task.raw_bytes, seconds=event["seconds"])
+                                     codec=event["codec"], stored_bytes=event["stored_bytes"],
+                                     raw_bytes=task.raw_bytes, seconds=event["seconds"])
         else:
             self.tally.failed(task, event["message"])
             # (the GPU copier's ipc_refused)

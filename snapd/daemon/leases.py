@@ -300,4 +300,4 @@ class Leases:
     def _grant(self, s: Session, buf: Any, req_id: int, waited_s: float = 0.0) -> bytes:
         buf = self.pool.by_lease(self._lease(s, buf, waited_s))
         return protocol.message("granted", req_id, lease=buf.lease, buffer=buf.index, path=str(buf.path),
-                              bytes=buf.size, waited_s=waited_s)
+                                bytes=buf.size, waited_s=waited_s)

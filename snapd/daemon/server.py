@@ -273,12 +273,12 @@ class Server:
             self.gpu.prepare(msg.get("cuda_devices") or [])
         log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
-                              root=str(self.config.root), jobs_root=str(jobs_root),
-                              job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid,
-                              daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
-                              max_message_bytes=protocol.MAX_MESSAGE_BYTES,
-                              cuda={"devices": self.gpu.describe() if self.gpu else [],
-                                    "pid_ns": pid_namespace()})
+                                root=str(self.config.root), jobs_root=str(jobs_root),
+                                job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid,
+                                daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
+                                max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                                cuda={"devices": self.gpu.describe() if self.gpu else [],
+                                      "pid_ns": pid_namespace()})
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         return self.intake.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])
