@@ -1,0 +1,159 @@
+"""PyTorch Distributed Checkpoint reads snapd snapshots:
+``dcp.load(state_dict, storage_reader=snapd.dcp.SnapshotReader(path))``.
+
+DCP's own planner decides which stored pieces each rank's tensors need, whatever the sharding and
+world size at load time (a model under FSDP2 on N ranks, or one process with ``no_dist=True``); this
+reader serves those pieces from the snapshot. The keys are DCP's: a state's nested dicts and lists
+flattened with dots, as snapd's key paths already are; a tuple, or a list without tensors or dicts,
+is one value to DCP, as it is to ``torch.save``.
+
+Imports torch: import this module only where DCP is used (snapd itself never does).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
+
+from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound
+from snapd.format import catalog
+from snapd.format.dtypes import torch_dtype
+from snapd.format.manifest import MANIFEST_NAME, Manifest
+from snapd.format.reader import SnapshotReader as FormatReader
+from snapd.format.tree import build
+
+__all__ = ["SnapshotReader"]
+
+
+def snapshot_dir(path: str | os.PathLike) -> Path:
+    """A snapshot directory, or a job directory's latest snapshot."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).is_file():
+        return p
+    if p.is_dir():
+        return catalog.resolve(p.parent, p.name, "latest")
+    raise SnapshotNotFound(f"{p}: neither a snapshot directory nor a job directory")
+
+
+def dcp_leaves(node: dict, path: tuple = ()) -> list[tuple[str, dict]]:
+    """The (DCP key, tree node) of each value DCP reads or writes as one item: tensors, scalars, and
+    the containers DCP keeps whole (tuples; lists with neither tensors nor dicts)."""
+    t = node["t"]
+    if t == "dict":
+        return [leaf for k, v in zip(node["k"], node["v"]) for leaf in dcp_leaves(v, (*path, str(k)))]
+    if t == "list" and not _terminal(node):
+        return [leaf for i, v in enumerate(node["v"]) for leaf in dcp_leaves(v, (*path, i))]
+    return [(".".join(map(str, path)), node)]
+
+
+def _terminal(node: dict) -> bool:
+    """Whether DCP keeps a list whole: none of its items is a tensor, a dict or a list it walks into."""
+    return not any(v["t"] in ("tensor", "dict") or v["t"] == "list" and not _terminal(v) for v in node["v"])
+
+
+class SnapshotReader(StorageReader):
+    """A ``torch.distributed.checkpoint`` storage reader over one snapd snapshot (or a job's latest,
+    given its directory). Each rank reads only the tensors its plan names, each once."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.path = snapshot_dir(path) if path is not None else None
+        self.load_id = uuid.uuid4().hex
+        self._manifest: Manifest | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = snapshot_dir(checkpoint_id)
+        self.load_id = uuid.uuid4().hex
+        self._manifest = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            snapshot_dir(checkpoint_id)
+        except (OSError, FormatError, SnapshotNotFound, InvalidArgument):
+            return False
+        return True
+
+    def _read_manifest(self) -> Manifest:
+        if self.path is None:
+            raise InvalidArgument("SnapshotReader: no snapshot given (pass its path, or checkpoint_id=)")
+        if self._manifest is None:
+            with FormatReader(self.path) as r:
+                self._manifest = r.manifest
+        return self._manifest
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        manifest = self._read_manifest()
+        entries: dict[str, Any] = {}
+        for key, node in dcp_leaves(manifest.tree):
+            if node["t"] != "tensor":
+                entries[key] = BytesStorageMetadata()
+                continue
+            rec = manifest.tensors[node["i"]]
+            shape = torch.Size(rec.shape)
+            entries[key] = TensorStorageMetadata(TensorProperties(dtype=torch_dtype(rec.dtype)), shape,
+                                                 [ChunkStorageMetadata(torch.Size([0] * len(shape)), shape)])
+        return Metadata(state_dict_metadata=entries,
+                        storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:
+        self._read_manifest()
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        manifest = self._read_manifest()
+        nodes = dict(dcp_leaves(manifest.tree))
+        tensor_reqs: dict[int, list[ReadItem]] = {}
+        with FormatReader(self.path) as reader:
+            for req in plan.items:
+                node = nodes.get(req.storage_index.fqn)
+                if node is None:
+                    raise FormatError(f"{self.path}: no {req.storage_index.fqn!r} in this snapshot")
+                if req.type == LoadItemType.BYTE_IO:
+                    value = build(node, lambda i, key: _tensor(reader, i), req.storage_index.fqn)
+                    out = io.BytesIO()
+                    torch.save(value, out)
+                    out.seek(0)
+                    planner.load_bytes(req, out)
+                else:
+                    tensor_reqs.setdefault(node["i"], []).append(req)
+            for i, reqs in tensor_reqs.items():  # each stored tensor read once, whatever pieces are asked
+                whole = _tensor(reader, i)
+                for req in reqs:
+                    piece = whole
+                    for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+                        piece = piece.narrow(dim, start, length)
+                    target = planner.resolve_tensor(req).detach()
+                    if target.size() != piece.size():
+                        raise FormatError(f"{req.storage_index.fqn}: DCP asks for {tuple(target.size())}, "
+                                          f"the snapshot's piece is {tuple(piece.size())}")
+                    target.copy_(piece)
+                    planner.commit_tensor(req, target)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+def _tensor(reader: FormatReader, i: int) -> torch.Tensor:
+    rec = reader.manifest.tensors[i]
+    buf = np.empty(rec.nbytes, np.uint8)
+    reader.read_tensors([i], lambda _i: memoryview(buf))
+    return torch.from_numpy(buf).view(torch_dtype(rec.dtype)).reshape(rec.shape)
