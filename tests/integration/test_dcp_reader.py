@@ -117,3 +117,37 @@ def test_a_single_process_snapshot_loads_into_fsdp2_shards_on_two_ranks(tmp_path
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(re.findall(r"LOADED (\d)", out.stdout)) == ["0", "1"], out.stdout + out.stderr
+
+
+def test_a_piece_is_read_from_the_chunks_that_hold_it_only(tmp_path, monkeypatch) -> None:
+    """An FSDP2 shard is a run of rows: of a tensor stored in many chunks, only those holding the
+    rows are read (and checked); any piece, rows or not, equals the same slice of the tensor."""
+    import numpy as np
+
+    from snapd.dcp import read_piece
+    from snapd.format.saving import save_state
+
+    w = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+    b = torch.arange(5 * 6 * 7, dtype=torch.bfloat16).reshape(5, 6, 7)
+    for codec in ("raw", "shuffle-zstd"):
+        save_state(tmp_path, codec, {"w": w, "b": b}, step=1, codec=codec, chunk_bytes=1024)
+        read: list[int] = []
+        real = FormatReader.read_chunk
+
+        def counting(self, rec, n, out, keep_planes=False, read=read, real=real):
+            read.append(n)
+            return real(self, rec, n, out, keep_planes)
+        monkeypatch.setattr(FormatReader, "read_chunk", counting)
+        with FormatReader(resolve(tmp_path, codec)) as r:
+            piece = read_piece(r, 0, [16, 0], [16, 48])  # rows 16..31: bytes 3072..6144 of 12288
+            assert torch.equal(piece, w[16:32]) and sorted(read) == [3, 4, 5]
+            rng = np.random.default_rng(0)
+            for _ in range(40):
+                i, t = (0, w) if rng.random() < 0.5 else (1, b)
+                offsets = [int(rng.integers(0, d)) for d in t.shape]
+                lengths = [int(rng.integers(0, d - o + 1)) for o, d in zip(offsets, t.shape)]
+                want = t[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+                assert torch.equal(read_piece(r, i, offsets, lengths), want), (i, offsets, lengths)
+            with pytest.raises(snapd.FormatError, match="not inside"):
+                read_piece(r, 0, [60, 0], [8, 48])
+        monkeypatch.undo()
