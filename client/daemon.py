@@ -22,6 +22,7 @@ from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
 from snapd.client import snapshot_plan
 from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
+from snapd.client.ranks import Ranks, detect
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, PermissionDenied, SnapdError, SnapshotError
 from snapd.format.index import check_best, check_retention
@@ -35,8 +36,9 @@ __all__ = ["Client", "Pending", "Persisted", "connect", "snapshot"]
 log = logging.getLogger(__name__)
 
 class Client:
-    def __init__(self, job: str, conn: Connection, welcome: dict, hello: dict) -> None:
+    def __init__(self, job: str, conn: Connection, welcome: dict, hello: dict, ranks: Ranks) -> None:
         self.job = job
+        self.rank, self.world_size, self.local_rank = ranks.rank, ranks.world_size, ranks.local_rank
         self._conn = conn
         self._hello = hello
         # the daemon's root, or this user's directory in it when the daemon serves several users
@@ -244,10 +246,14 @@ class Client:
 
 def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | None = None,
             spawn: bool = True, keep_last: int | None = 5, keep_every_steps: int | None = None,
-            best: tuple[str, str] | None = None,
-            on_busy: str = "wait", timeout_s: float = 10.0, host_buffer_bytes: int | None = None) -> Client:
-    """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers."""
+            best: tuple[str, str] | None = None, on_busy: str = "wait", timeout_s: float = 10.0,
+            host_buffer_bytes: int | None = None, rank: int | None = None,
+            world_size: int | None = None) -> Client:
+    """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers.
+    The rank and world size are learned (client/ranks.py); ``rank=``/``world_size=`` where no
+    process group or launcher says them."""
     check_job_name(job)
+    ranks = detect(rank, world_size)
     check_retention(keep_last, keep_every_steps)
     best = check_best(best)
     if on_busy not in ("wait", "skip"):
@@ -270,7 +276,8 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         log.info("mode: shared daemon at %s", endpoint)
     hello = {"job": job, "pid": os.getpid(), "keep_last": keep_last, "keep_every_steps": keep_every_steps,
              "best": list(best) if best else None, "on_busy": on_busy,
-             "root": str(root) if root is not None else None, "notices": True}
+             "root": str(root) if root is not None else None, "notices": True, "rank": ranks.rank,
+             "world_size": ranks.world_size, "local_rank": ranks.local_rank}
     if "torch" in sys.modules:  # (the devices the trainer works on: the daemon gets ready for them)
         from snapd.client.cuda_export import devices_in_use
         hello["cuda_devices"] = devices_in_use()
@@ -284,7 +291,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     except BaseException:
         conn.close()
         raise
-    return Client(job, conn, welcome, hello)
+    return Client(job, conn, welcome, hello, ranks)
 
 
 _default: Client | None = None

@@ -211,7 +211,8 @@ def _changes(v: Any, name: str) -> None:
 REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str()),
-              "cuda_devices": _opt(_devices), "notices": _opt(_bool)},
+              "cuda_devices": _opt(_devices), "notices": _opt(_bool), "rank": _opt(_int()),
+              "world_size": _opt(_int(1)), "local_rank": _opt(_int())},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
     # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors'

@@ -31,7 +31,7 @@ from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
 from snapd.daemon.regions import open_region
-from snapd.daemon.sessions import Session, gone
+from snapd.daemon.sessions import Session, gone, job_in_use
 from snapd.daemon.status import Status, Tally
 from snapd.daemon.tasks import TaskTable, failure_fields
 from snapd.errors import ProtocolError, SnapdError
@@ -266,12 +266,20 @@ class Server:
         except OSError as e:
             raise SnapdError(f"cannot create the directory for uid {creds.uid} under {self.config.root}: "
                              f"{e.strerror}") from None
-        self.sessions[peer] = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"],
-                                      notices=bool(msg.get("notices")))
+        rank, world_size = msg.get("rank") or 0, msg.get("world_size") or 1
+        if rank >= world_size:
+            raise ProtocolError(f"rank {rank} is not a rank of world size {world_size}", "bad_field")
+        session = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"],
+                          notices=bool(msg.get("notices")), rank=rank, world_size=world_size)
+        taken = job_in_use(self.sessions, session)
+        if taken:
+            raise ProtocolError(taken, "job_in_use")
+        self.sessions[peer] = session
         self.leases.expect(self.sessions[peer])  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
-        log.info("client pid %d uid %d connected for job %s", creds.pid, creds.uid, job)
+        log.info("client pid %d uid %d connected for job %s (rank %d of %d)", creds.pid, creds.uid, job, rank,
+                 world_size)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                                 root=str(self.config.root), jobs_root=str(jobs_root),
                                 job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid,

@@ -29,6 +29,38 @@ class Session:
     layout: Layout | None = None  # the last layout accepted on this connection
     last_snapshot: dict | None = None  # its step, tensor count and bytes by path (``snapd status``)
     expects: int | None = None  # the buffer its job's last snapshot needs, when it resumed (Leases.expect)
+    rank: int = 0  # which rank of how many (client/ranks.py)
+    world_size: int = 1
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's: alive)
+        pass
+    return True
+
+
+def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
+    """Why ``s`` may not write its job ('' if it may): another live process writes it. Snapshots of
+    one job from two processes would interleave (each rank's part replacing the other's at a step,
+    ``latest`` from either); until snapshots span ranks, each job has one writing process."""
+    for other in sessions.values():
+        if other.job != s.job or other.jobs_root != s.jobs_root or other.pid == s.pid or not alive(other.pid):
+            continue
+        if s.world_size == 1 and other.world_size == 1:
+            return (f"job {s.job} is being written by another process, pid {other.pid}: two processes "
+                    "writing one job would interleave their snapshots; use another job name, or end that one")
+        if other.rank == s.rank:
+            return f"rank {s.rank} of job {s.job} is already connected from pid {other.pid}: two processes " \
+                   "claim the same rank"
+        return (f"job {s.job} is being written by rank {other.rank} of {other.world_size} (pid {other.pid}): "
+                "the ranks of one job cannot share it yet (snapshots that span ranks are to come); give "
+                "each rank its own job (connect(f\"{job}-rank{rank}\")), or snapshot the full state from one "
+                "rank")
+    return ""
 
 
 def gone(sessions: dict[bytes, Session]) -> list[Session]:

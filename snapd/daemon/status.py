@@ -133,6 +133,7 @@ class Status:
                 "cuda_devices_in_use": gpu.in_use() if gpu is not None else [],
                 "cuda_devices_skipped": dict(gpu.skipped) if gpu is not None else {},
                 "clients": [{"pid": s.pid, "uid": s.uid, "job": s.job, "jobs_root": str(s.jobs_root),
+                             "rank": s.rank, "world_size": s.world_size,
                              "held_buffers": self.leases.limits.held(s),
                              "last_snapshot": _last_snapshot(s.last_snapshot)}
                             for s in self.sessions.values()],

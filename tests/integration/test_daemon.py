@@ -154,7 +154,8 @@ def test_hostile_job_names_refused_and_daemon_keeps_serving(daemon, job) -> None
         snapd.connect(job, endpoint=daemon.endpoint, spawn=False)
     with snapd.connect("fine", endpoint=daemon.endpoint, spawn=False) as c:
         c.snapshot({"w": np.ones(2)}, step=1).wait(30)
-    assert sorted(os.listdir(daemon.root)) == ["fine"]
+    # (the daemon's disk probe at start may still have its file there, on a busy machine)
+    assert sorted(n for n in os.listdir(daemon.root) if not n.startswith(".snapd-disk-probe-")) == ["fine"]
 
 
 def test_emergency_dump_under_a_real_signal(daemon, client_proc) -> None:

@@ -27,7 +27,7 @@ def test_status_json_schema(daemon) -> None:
         st = json.loads(out.stdout)
         assert set(st) == STATUS_KEYS
         assert st["clients"] == [{"pid": c._hello["pid"], "uid": os.geteuid(), "job": "st",
-                                  "jobs_root": str(c.root), "held_buffers": 0,
+                                  "jobs_root": str(c.root), "rank": 0, "world_size": 1, "held_buffers": 0,
                                   "last_snapshot": {"step": 1, "tensors": 1, "bytes": {
                                       "cuda_ipc": 0, "registered": 0, "inline": 0, "client": 4000}}}]
         assert set(st["access"]) == {"uids", "gids", "socket_gid", "user_dirs"}

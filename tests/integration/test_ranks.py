@@ -1,0 +1,64 @@
+"""Ranks (issue 22, item 1): a client knows its rank, the daemon shows it, and until snapshots span
+ranks no two live processes write one job (their snapshots would interleave, a rank's part replacing
+another's at the same step): the second is refused, naming the first."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import snapd.client as snapd
+from snapd.errors import SnapdError
+
+SCRIPT = Path(__file__).parent / "scripts" / "ranks_connect.py"
+HOLD = ("import sys, snapd.client as s; c = s.connect('held', endpoint=sys.argv[1], spawn=False, rank=1, "
+        "world_size=2); print('READY', flush=True); sys.stdin.read()")
+
+
+def test_a_second_process_for_a_job_is_refused_until_the_first_is_gone(daemon) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, daemon.endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert holder.stdout.readline().strip() == "READY"
+        with snapd.connect("other", endpoint=daemon.endpoint, spawn=False) as c:
+            [row] = [x for x in c.status()["clients"] if x["job"] == "held"]
+            assert (row["rank"], row["world_size"], row["pid"]) == (1, 2, holder.pid)
+        with pytest.raises(SnapdError) as e:
+            snapd.connect("held", endpoint=daemon.endpoint, spawn=False, rank=0, world_size=2)
+        assert e.value.code == "job_in_use" and f"rank 1 of 2 (pid {holder.pid})" in str(e.value)
+        with pytest.raises(SnapdError, match="claim the same rank"):
+            snapd.connect("held", endpoint=daemon.endpoint, spawn=False, rank=1, world_size=2)
+        with pytest.raises(SnapdError, match="is not a rank of world size 2"):
+            from snapd.client.connection import Connection  # (the client checks it first: ask raw)
+
+            conn = Connection(daemon.endpoint, 5)
+            try:
+                conn.call("hello", job="odd", pid=1, on_busy="wait", rank=2, world_size=2)
+            finally:
+                conn.close()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    with snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as c:  # (its writer is gone)
+        c.snapshot({"step": 1}, step=1).wait(30)
+    with snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as a, \
+            snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as b:  # one process: fine
+        assert a.job == b.job
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_ranks_are_learned_and_two_ranks_cannot_share_a_job(daemon, tmp_path) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT), daemon.endpoint],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(re.findall(r"OWN (\d) 2 (\d)", out.stdout)) == [("0", "0"), ("1", "1")], out.stdout
+    assert out.stdout.count("SHARED-OK") == 1, out.stdout
+    refused = re.findall(r"SHARED-REFUSED job_in_use job shared is being written by rank \d of 2", out.stdout)
+    assert len(refused) == 1 and "give each rank its own job" in out.stdout, out.stdout
