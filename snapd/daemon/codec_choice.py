@@ -36,7 +36,9 @@ class Choice:
     observed: frozenset[str] = frozenset()  # codecs whose speed comes from real flushes
 
     def revised(self, disk_bps: float, fastest_only: bool = False) -> Choice:
-        """The same measurements judged against a new disk speed."""
+        """The same measurements judged against a new disk speed (none: nothing to judge)."""
+        if not self.rates:
+            return self
         return _pick(self.rates, disk_bps, self.key, fastest_only, self.observed)
 
     def learned(self, codec: str, raw_bytes: int, stored_bytes: int, seconds: float,

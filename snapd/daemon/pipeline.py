@@ -158,7 +158,7 @@ class Pipeline:
         # against an assumed disk, and the choice is revised against the measured one next time
         disk_bps = self._disk_bps or ASSUMED_DISK_BPS
         choice = self._choices.get(task.key)
-        if choice is None:
+        if choice is None or not choice.rates:  # (none yet, or made of a snapshot without tensor bytes)
             leaves = task.leaves
             if reads is not None and leaves:  # the sample, copied out of the buffer file
                 big = max(leaves, key=lambda leaf: leaf.nbytes)

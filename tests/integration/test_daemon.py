@@ -300,3 +300,14 @@ def test_failed_flush_reports_code_and_stage_and_daemon_goes_on(daemon) -> None:
         assert "blocked step 1" in c.status()["last_error"]
         (daemon.root / "blocked").unlink()
         assert c.snapshot({"w": np.ones(8)}, step=2).wait(30).step == 2
+
+
+def test_a_job_whose_first_snapshot_has_no_tensor_bytes_snapshots_on(daemon) -> None:
+    """(Its codec choice, made of no bytes, failed every later snapshot of the job in encode.)"""
+    with snapd.connect("counters-first", endpoint=daemon.endpoint, spawn=False, keep_last=None) as c:
+        c.snapshot({"step": 0, "empty": np.zeros(0, np.float32)}, step=0).wait(30)
+        w = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
+        for step in (1, 2):
+            c.snapshot({"step": step, "w": w + step}, step=step).wait(30)
+        assert np.array_equal(c.restore(2)["w"], w + 2)
+        assert c.status()["counters"]["failed"] == 0
