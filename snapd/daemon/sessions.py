@@ -34,13 +34,18 @@ class Session:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, its parent not yet told) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # (another user's: alive)
         pass
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
@@ -68,16 +73,13 @@ def gone(sessions: dict[bytes, Session]) -> list[Session]:
     flight keep their descriptors)."""
     out = []
     for s in sessions.values():
-        try:
-            os.kill(s.pid, 0)
-        except ProcessLookupError:
-            log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
-            out.append(s)
-            for region in s.regions.values():
-                try:
-                    os.unlink(region.path)
-                except OSError:
-                    pass
-        except PermissionError:
-            pass
+        if alive(s.pid):
+            continue
+        log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
+        out.append(s)
+        for region in s.regions.values():
+            try:
+                os.unlink(region.path)
+            except OSError:
+                pass
     return out

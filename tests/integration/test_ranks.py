@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,17 @@ def test_a_second_process_for_a_job_is_refused_until_the_first_is_gone(daemon) -
         holder.wait(30)
     with snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as c:  # (its writer is gone)
         c.snapshot({"step": 1}, step=1).wait(30)
+    zombie = subprocess.Popen([sys.executable, "-c", HOLD, daemon.endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    assert zombie.stdout.readline().strip() == "READY"
+    zombie.kill()  # (not waited for: a zombie until its parent, this test, reaps it)
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as c:  # a zombie writes nothing
+        c.snapshot({"step": 2}, step=2).wait(30)
+    zombie.wait()
     with snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as a, \
             snapd.connect("held", endpoint=daemon.endpoint, spawn=False) as b:  # one process: fine
         assert a.job == b.job
