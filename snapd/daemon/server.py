@@ -31,12 +31,11 @@ from snapd.daemon.metrics import Metrics
 from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
 from snapd.daemon.regions import open_region
-from snapd.daemon.sessions import Session, gone, job_in_use
+from snapd.daemon.sessions import Session, gone, new_session
 from snapd.daemon.status import Status, Tally
 from snapd.daemon.tasks import TaskTable, failure_fields
 from snapd.errors import ProtocolError, SnapdError
 from snapd.format.jobdir import JobDir, check_job_name
-from snapd.format.writer import Retention
 from snapd.paths import socket_path
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ class Server:
         return s
 
     def _on_hello(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
-        job = check_job_name(msg["job"])
+        check_job_name(msg["job"])  # (before anything changes: a bad name keeps the connection's session)
         root = msg.get("root")
         if root is not None and os.path.realpath(root) != os.path.realpath(self.config.root):
             raise ProtocolError(f"this daemon writes under {self.config.root}, not {msg['root']}",
@@ -257,8 +256,6 @@ class Server:
         old = self.sessions.pop(peer, None)
         if old:
             self.leases.release_all(old)
-        retention = Retention(keep_last=msg.get("keep_last"), keep_every_steps=msg.get("keep_every_steps"),
-                              best=tuple(msg["best"]) if msg.get("best") else None)
         if msg["pid"] != creds.pid:  # another pid namespace, or a client that lies: the kernel wins
             log.info("client says pid %d, the kernel says %d: using %d", msg["pid"], creds.pid, creds.pid)
         try:
@@ -266,23 +263,13 @@ class Server:
         except OSError as e:
             raise SnapdError(f"cannot create the directory for uid {creds.uid} under {self.config.root}: "
                              f"{e.strerror}") from None
-        rank, world_size = msg.get("rank") or 0, msg.get("world_size") or 1
-        if rank >= world_size:
-            raise ProtocolError(f"rank {rank} is not a rank of world size {world_size}", "bad_field")
-        session = Session(peer, job, creds.pid, creds.uid, jobs_root, retention, msg["on_busy"],
-                          notices=bool(msg.get("notices")), rank=rank, world_size=world_size)
-        taken = job_in_use(self.sessions, session)
-        if taken:
-            raise ProtocolError(taken, "job_in_use")
-        self.sessions[peer] = session
-        self.leases.expect(self.sessions[peer])  # (gauges the clients too)
+        s = self.sessions[peer] = new_session(self.sessions, peer, msg, creds.pid, creds.uid, jobs_root)
+        self.leases.expect(s)  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
-        log.info("client pid %d uid %d connected for job %s (rank %d of %d)", creds.pid, creds.uid, job, rank,
-                 world_size)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                                 root=str(self.config.root), jobs_root=str(jobs_root),
-                                job_dir=str(JobDir(jobs_root, job).path), uid=creds.uid,
+                                job_dir=str(JobDir(jobs_root, s.job).path), uid=creds.uid,
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
                                 max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],

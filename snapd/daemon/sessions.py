@@ -9,6 +9,8 @@ from pathlib import Path
 
 from snapd.daemon.layouts import Layout
 from snapd.daemon.regions import Region
+from snapd.errors import ProtocolError
+from snapd.format.jobdir import check_job_name
 from snapd.format.writer import Retention
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,23 @@ def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
                 "each rank its own job (connect(f\"{job}-rank{rank}\")), or snapshot the full state from one "
                 "rank")
     return ""
+
+
+def new_session(sessions: dict[bytes, Session], peer: bytes, hello: dict, pid: int, uid: int,
+                jobs_root: Path) -> Session:
+    """The session a ``hello`` opens (``pid`` and ``uid``: the kernel's word), or the refusal."""
+    rank, world_size = hello.get("rank") or 0, hello.get("world_size") or 1
+    if rank >= world_size:
+        raise ProtocolError(f"rank {rank} is not a rank of world size {world_size}", "bad_field")
+    retention = Retention(keep_last=hello.get("keep_last"), keep_every_steps=hello.get("keep_every_steps"),
+                          best=tuple(hello["best"]) if hello.get("best") else None)
+    s = Session(peer, check_job_name(hello["job"]), pid, uid, jobs_root, retention, hello["on_busy"],
+                notices=bool(hello.get("notices")), rank=rank, world_size=world_size)
+    taken = job_in_use(sessions, s)
+    if taken:
+        raise ProtocolError(taken, "job_in_use")
+    log.info("client pid %d uid %d connected for job %s (rank %d of %d)", pid, uid, s.job, rank, world_size)
+    return s
 
 
 def gone(sessions: dict[bytes, Session]) -> list[Session]:
