@@ -49,10 +49,11 @@ def status_text(st: dict) -> str:
         f"raw, {human_bytes(tp['stored_bytes_per_s'])}/s stored"]
     lines += [f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
               f"failed {j['failed']}" for j in st["jobs"]]
-    rows = [[cl["job"], str(cl["pid"]), str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
+    rows = [[cl["job"], f"{cl.get('rank', 0)}/{cl.get('world_size', 1)}", str(cl["pid"]),
+             str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
              st["codecs"].get(cl["job"], {}).get("codec", "-"), _last_snapshot(cl.get("last_snapshot"))]
             for cl in st["clients"]]
-    lines.append(table(rows, ["JOB", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows
+    lines.append(table(rows, ["JOB", "RANK", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows
                  else "no clients connected")
     if st["last_error"]:
         lines.append(f"last error: {st['last_error']}")

@@ -1,6 +1,7 @@
 """`snapd status --json` (a stable, documented schema) and the Prometheus endpoint over HTTP."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def test_status_json_schema(daemon) -> None:
         assert human.returncode == 0 and "persisted 1" in human.stdout and "job st (" in human.stdout
         assert "step 1: 3.9 KiB client" in human.stdout, human.stdout
         assert "1 snapshots" in human.stdout, human.stdout
+        assert re.search(rf"^st +0/1 +{c._hello['pid']} ", human.stdout, re.M), human.stdout  # (job, rank)
     gone = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", "ipc:///nonexistent/x.sock",
                            "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30, cwd="/")
     assert gone.returncode == 2 and "no daemon answered" in gone.stderr
