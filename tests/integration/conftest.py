@@ -238,3 +238,20 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
             d.proc.wait()
     for arena in arenas:
         arena.close()
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(script, *args, nproc=2)``: a real multi-rank job (``torchrun --standalone``, gloo on
+    CPU) run to its end from ``tmp_path``; its output, once it exited 0 (else the test fails with it)."""
+    import shutil
+
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+
+    def run(script: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+        out = subprocess.run([launcher, "--standalone", "--nproc-per-node", str(nproc), str(script), *args],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+    return run
+

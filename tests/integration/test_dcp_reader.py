@@ -5,9 +5,6 @@ giving exactly what DCP's own save and load of the same state give (compared in 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -104,18 +101,14 @@ def test_a_missing_key_and_a_wrong_shape_are_refused_clearly(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_single_process_snapshot_loads_into_fsdp2_shards_on_two_ranks(tmp_path) -> None:
+def test_a_single_process_snapshot_loads_into_fsdp2_shards_on_two_ranks(tmp_path, torchrun) -> None:
     """Restore on another world size: saved by one process, loaded by two FSDP2 ranks (gloo, CPU),
     each rank's shards equal to what DCP gives from its own checkpoint of the same state."""
     state = _state(*_trained())
     del state["extra"]
     snapd.save(tmp_path / "root", "j", state, step=7)
     dcp.save(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-                          str(resolve(tmp_path / "root", "j")), str(tmp_path / "dcp")],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = torchrun(SCRIPT, str(resolve(tmp_path / "root", "j")), str(tmp_path / "dcp"))
     assert sorted(re.findall(r"LOADED (\d)", out.stdout)) == ["0", "1"], out.stdout + out.stderr
 
 

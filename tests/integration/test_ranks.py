@@ -5,7 +5,6 @@ another's at the same step): the second is refused, naming the first."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -65,11 +64,8 @@ def test_a_second_process_for_a_job_is_refused_until_the_first_is_gone(daemon) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_torchrun_ranks_are_learned_and_two_ranks_cannot_share_a_job(daemon, tmp_path) -> None:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT), daemon.endpoint],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+def test_torchrun_ranks_are_learned_and_two_ranks_cannot_share_a_job(daemon, torchrun) -> None:
+    out = torchrun(SCRIPT, daemon.endpoint)
     assert sorted(re.findall(r"OWN (\d) 2 (\d)", out.stdout)) == [("0", "0"), ("1", "1")], out.stdout
     assert out.stdout.count("SHARED-OK") == 1, out.stdout
     refused = re.findall(r"SHARED-REFUSED job_in_use job shared is being written by rank \d of 2", out.stdout)

@@ -2,9 +2,6 @@
 (a real 2-rank torchrun job, gloo on CPU), nested tensors and other wrapper subclasses are
 refused in snapd's words before any byte is read through their pointers."""
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +16,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_snapshot.py"
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_fsdp2_dtensor_state_is_refused_and_its_local_shards_round_trip(daemon, tmp_path) -> None:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT), daemon.endpoint],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+def test_fsdp2_dtensor_state_is_refused_and_its_local_shards_round_trip(daemon, torchrun) -> None:
+    out = torchrun(SCRIPT, daemon.endpoint)
     assert out.stdout.count("REFUSED model.0.weight: a DTensor") == 2, out.stdout
     assert out.stdout.count("REFUSED-SHARE") == 2 and out.stdout.count("LOCAL-OK") == 2, out.stdout
     assert "SAVED" not in out.stdout and daemon.proc.poll() is None
