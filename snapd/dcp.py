@@ -164,8 +164,9 @@ def read_piece(reader: FormatReader, i: int, offsets: list[int], lengths: list[i
     if len(offsets) != len(rec.shape) or any(o < 0 or n < 0 or o + n > d for o, n, d in
                                              zip(offsets, lengths, rec.shape)):
         raise FormatError(f"{rec.key}: the piece at {offsets} of {lengths} is not inside its {rec.shape}")
+    whole_piece = tuple(slice(o, o + n) for o, n in zip(offsets, lengths))
     if 0 in lengths or not rec.shape:
-        return _tensor(reader, i)[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        return _tensor(reader, i)[whole_piece]
     strides = [1] * len(rec.shape)  # in elements, row-major
     for d in range(len(rec.shape) - 2, -1, -1):
         strides[d] = strides[d + 1] * rec.shape[d + 1]
@@ -173,7 +174,7 @@ def read_piece(reader: FormatReader, i: int, offsets: list[int], lengths: list[i
     last = (sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides)) + 1) * size
     starts = list(itertools.accumulate((c.raw for c in rec.chunks), initial=0))
     if any(s % size for s in starts):  # (chunks cut within an item: not snapd's writers, read it whole)
-        return _tensor(reader, i)[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        return _tensor(reader, i)[whole_piece]
     lo = bisect.bisect_right(starts, first) - 1  # the chunk holding the first byte
     hi = bisect.bisect_left(starts, last)  # one past the chunk holding the last
     buf = np.empty(starts[hi] - starts[lo], np.uint8)

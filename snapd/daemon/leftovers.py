@@ -9,6 +9,8 @@ import os
 import re
 from pathlib import Path
 
+from snapd.format.jobdir import pid_alive
+
 log = logging.getLogger(__name__)
 
 REGION_RE = re.compile(r"^snapd-client-(\d+)-[0-9a-f]+\Z", re.ASCII)  # client/registered.py
@@ -25,12 +27,8 @@ def dead_pid_files(shm_dir: Path, name_re: re.Pattern) -> list[os.DirEntry]:
         m = name_re.match(e.name)
         if not m:
             continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
+        if not pid_alive(int(m.group(1))):
             out.append(e)
-        except PermissionError:  # alive, another user's
-            pass
     return out
 
 

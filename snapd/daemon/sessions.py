@@ -10,7 +10,7 @@ from pathlib import Path
 from snapd.daemon.layouts import Layout
 from snapd.daemon.regions import Region
 from snapd.errors import ProtocolError
-from snapd.format.jobdir import check_job_name
+from snapd.format.jobdir import check_job_name, pid_alive
 from snapd.format.writer import Retention
 
 log = logging.getLogger(__name__)
@@ -35,27 +35,13 @@ class Session:
     world_size: int = 1
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (dead, its parent not yet told) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # (another user's: alive)
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
     """Why ``s`` may not write its job ('' if it may): another live process writes it. Snapshots of
     one job from two processes would interleave (each rank's part replacing the other's at a step,
     ``latest`` from either); until snapshots span ranks, each job has one writing process."""
     for other in sessions.values():
-        if other.job != s.job or other.jobs_root != s.jobs_root or other.pid == s.pid or not alive(other.pid):
+        same_job = other.job == s.job and other.jobs_root == s.jobs_root
+        if not same_job or other.pid == s.pid or not pid_alive(other.pid):
             continue
         if s.world_size == 1 and other.world_size == 1:
             return (f"job {s.job} is being written by another process, pid {other.pid}: two processes "
@@ -92,7 +78,7 @@ def gone(sessions: dict[bytes, Session]) -> list[Session]:
     flight keep their descriptors)."""
     out = []
     for s in sessions.values():
-        if alive(s.pid):
+        if pid_alive(s.pid):
             continue
         log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
         out.append(s)

@@ -85,14 +85,19 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, its parent not yet told) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # (another user's: alive)
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 class JobDir:
@@ -121,7 +126,7 @@ class JobDir:
     def remove_leftovers(self) -> None:
         for entry in os.scandir(self.path):
             m = TMP_RE.match(entry.name)
-            if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
                 log.info("removing leftover of a dead writer: %s", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
             elif entry.name.startswith(".trash-"):
