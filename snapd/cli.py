@@ -7,6 +7,7 @@ Every bad path or argument ends in one line on stderr and exit status 2;
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from snapd.format import catalog
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JOB_NAME_RE, JobDir, step_of
 from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.dtypes import itemsize
+from snapd.format.global_reader import GlobalReader, open_snapshot
 from snapd.format.reader import SnapshotReader
 from snapd.report import human_bytes, status_text, table
 
@@ -79,7 +82,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(path: str) -> SnapshotReader:
+def _open(path: str) -> SnapshotReader | GlobalReader:
     """A snapshot directory, or a job directory's latest snapshot (named on stderr)."""
     p = Path(path)
     if not p.exists():
@@ -89,11 +92,30 @@ def _open(path: str) -> SnapshotReader:
     if not (p / MANIFEST_NAME).exists() and _snapshot_dirs(p):
         p = catalog.resolve(p.resolve().parent, p.resolve().name, "latest")
         print(f"(the latest snapshot of this job: {p.name})", file=sys.stderr)
-    return SnapshotReader(p)
+    return open_snapshot(p)
+
+
+def _inspect_global(r: GlobalReader) -> None:
+    g = r.global_manifest
+    print(f"step {g.step} of job {g.job}: a global snapshot of {g.world_size} ranks, "
+          f"{human_bytes(g.raw_bytes)} raw, {human_bytes(g.stored_bytes)} stored, codec {g.codec}")
+    rows = [[t.key, t.dtype, "x".join(map(str, t.shape)) or "()", human_bytes(t.shape and
+             math.prod(t.shape) * itemsize(t.dtype) or itemsize(t.dtype)), t.scope,
+             ",".join(sorted({str(p.rank) for p in t.pieces}, key=int))] for t in g.tensors.values()]
+    print(table(rows, ["KEY", "DTYPE", "SHAPE", "BYTES", "SCOPE", "STORED BY RANKS"]))
+    parts = []
+    for p in g.parts:
+        own = r.part(p["rank"]).manifest
+        parts.append([str(p["rank"]), p["dir"], str(sum(t.scope == "rank" for t in own.tensors)),
+                      human_bytes(p["raw_bytes"]), human_bytes(p["stored_bytes"])])
+    print(table(parts, ["RANK", "PART", "OWN VALUES", "RAW", "STORED"]))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     with _open(args.snapshot) as r:
+        if isinstance(r, GlobalReader):
+            _inspect_global(r)
+            return 0
         m = r.manifest
         rows = []
         for t in m.tensors:
@@ -148,8 +170,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty()
     for d in dirs:
         try:
-            with SnapshotReader(d) as r:
-                total = r.manifest.stored_bytes or 1
+            with open_snapshot(d) as r:
+                total = (r.global_manifest if isinstance(r, GlobalReader) else r.manifest).stored_bytes or 1
                 done = 0
 
                 def progress(n: int, d: Path = d, total: int = total) -> None:
@@ -191,7 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "max_host_buffer_bytes": args.max_host_buffer_bytes,
              "max_host_memory_bytes": args.max_host_memory_bytes,
              "host_buffers": args.host_buffers, "encode_threads": args.encode_threads, "codec": args.codec,
-             "drain_timeout_s": args.drain_timeout_s, "exit_when_idle_s": args.exit_when_idle_s,
+             "drain_timeout_s": args.drain_timeout_s, "commit_timeout_s": args.commit_timeout_s,
+             "exit_when_idle_s": args.exit_when_idle_s,
              "backend": args.backend, "metrics_addr": args.metrics_addr,
              "allowed_users": tuple(args.allowed_users.split(",")) if args.allowed_users else None,
              "socket_group": args.socket_group, "user_dirs": args.user_dirs}
@@ -256,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads that compress and checksum (default: the cores, at most 8)")
     s.add_argument("--codec", help="auto (default: measured per job) or raw, lz4, shuffle-lz4, shuffle-zstd")
     s.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM may take to persist what is held")
+    s.add_argument("--commit-timeout-s", type=float,
+                   help="how long a rank's part waits for the other ranks' parts of its step (default 300)")
     s.add_argument("--exit-when-idle-s", type=float, help="exit after this long with no clients and no work")
     s.add_argument("--metrics-addr",
                    help="serve Prometheus metrics on IP:PORT (off by default; e.g. 127.0.0.1:9464)")

@@ -17,6 +17,7 @@ import io
 import itertools
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound
 from snapd.format import catalog
 from snapd.format import dtypes
 from snapd.format.dtypes import torch_dtype
-from snapd.format.manifest import MANIFEST_NAME, Manifest
+from snapd.format.global_reader import GlobalReader, open_snapshot
+from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader as FormatReader
-from snapd.format.tree import build
+from snapd.format.tree import build, key_matches
 
 __all__ = ["SnapshotReader"]
 
@@ -68,19 +70,22 @@ def _terminal(node: dict) -> bool:
 class SnapshotReader(StorageReader):
     """A ``torch.distributed.checkpoint`` storage reader over one snapd snapshot (or a job's latest,
     given its directory). Each rank reads, of each tensor its plan names, only the chunks that
-    hold the piece it asks for (a shard of an FSDP2 parameter: its rows), each checked."""
+    hold the piece it asks for (a shard of an FSDP2 parameter: its rows), each checked. A snapshot
+    saved on several ranks offers DCP every stored piece of every tensor, so DCP's planner reshards
+    it onto any mesh; the values kept per rank are ``rank``'s (this process's rank by default)."""
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, rank: int | None = None) -> None:
         super().__init__()
         self.path = snapshot_dir(path) if path is not None else None
+        self.rank = rank
         self.load_id = uuid.uuid4().hex
-        self._manifest: Manifest | None = None
+        self._view: FormatReader | GlobalReader | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = snapshot_dir(checkpoint_id)
         self.load_id = uuid.uuid4().hex
-        self._manifest = None
+        self._close()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -90,31 +95,54 @@ class SnapshotReader(StorageReader):
             return False
         return True
 
-    def _read_manifest(self) -> Manifest:
+    def _open(self) -> FormatReader | GlobalReader:
         if self.path is None:
             raise InvalidArgument("SnapshotReader: no snapshot given (pass its path, or checkpoint_id=)")
-        if self._manifest is None:
-            with FormatReader(self.path) as r:
-                self._manifest = r.manifest
-        return self._manifest
+        if self._view is None:
+            rank = self.rank
+            if rank is None:
+                dist = torch.distributed
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._view = open_snapshot(self.path, rank)
+        return self._view
+
+    def _close(self) -> None:
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+
+    def _pieces(self, i: int) -> list[tuple[int | None, list[int], list[int]]]:
+        """Where tensor ``i`` of the view is stored: (rank or None, offsets, shape) of each piece."""
+        view = self._open()
+        if isinstance(view, GlobalReader):
+            return view._sources[i]
+        shape = view.manifest.tensors[i].shape
+        return [(None, [0] * len(shape), shape)]
+
+    def _locate(self, rank: int | None, i: int) -> tuple[FormatReader, int]:
+        view = self._open()
+        if isinstance(view, GlobalReader):
+            return view.locate(rank, view.manifest.tensors[i].key)
+        return view, i
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        manifest = self._read_manifest()
+        manifest = self._open().manifest
         entries: dict[str, Any] = {}
         for key, node in dcp_leaves(manifest.tree):
             if node["t"] != "tensor":
                 entries[key] = BytesStorageMetadata()
                 continue
             rec = manifest.tensors[node["i"]]
-            shape = torch.Size(rec.shape)
-            entries[key] = TensorStorageMetadata(TensorProperties(dtype=torch_dtype(rec.dtype)), shape,
-                                                 [ChunkStorageMetadata(torch.Size([0] * len(shape)), shape)])
+            chunks = [ChunkStorageMetadata(torch.Size(offsets), torch.Size(shape))
+                      for _, offsets, shape in self._pieces(node["i"])]
+            entries[key] = TensorStorageMetadata(TensorProperties(dtype=torch_dtype(rec.dtype)),
+                                                 torch.Size(rec.shape), chunks)
         return Metadata(state_dict_metadata=entries,
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
-        self._read_manifest()
+        self._open()
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -123,33 +151,72 @@ class SnapshotReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        manifest = self._read_manifest()
-        nodes = dict(dcp_leaves(manifest.tree))
-        with FormatReader(self.path) as reader:
+        view = self._open()
+        nodes = dict(dcp_leaves(view.manifest.tree))
+        try:
             for req in plan.items:
                 node = nodes.get(req.storage_index.fqn)
                 if node is None:
                     raise FormatError(f"{self.path}: no {req.storage_index.fqn!r} in this snapshot")
                 if req.type == LoadItemType.BYTE_IO:
-                    value = build(node, lambda i, key: _tensor(reader, i), req.storage_index.fqn)
+                    value = build(node, lambda i, key: _tensor(view, i), req.storage_index.fqn)
                     out = io.BytesIO()
                     torch.save(value, out)
                     out.seek(0)
                     planner.load_bytes(req, out)
                     continue
-                piece = read_piece(reader, node["i"], list(req.storage_offsets), list(req.lengths))
-                target = planner.resolve_tensor(req).detach()
-                if target.size() != piece.size():
-                    raise FormatError(f"{req.storage_index.fqn}: DCP asks for {tuple(target.size())}, "
-                                      f"the snapshot's piece is {tuple(piece.size())}")
-                target.copy_(piece)
-                planner.commit_tensor(req, target)
+                self._read_item(req, node["i"], planner)
+        finally:
+            self._close()
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
+    def _read_item(self, req: Any, i: int, planner: LoadPlanner) -> None:
+        at = list(req.storage_index.offset) if req.storage_index.offset is not None else None
+        found = [p for p in self._pieces(i) if at is None or list(p[1]) == at]
+        if not found:
+            raise FormatError(f"{req.storage_index.fqn}: DCP asks for a piece at {at}; none is stored there")
+        reader, j = self._locate(found[0][0], i)
+        piece = read_piece(reader, j, list(req.storage_offsets), list(req.lengths))
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != piece.size():
+            raise FormatError(f"{req.storage_index.fqn}: DCP asks for {tuple(target.size())}, "
+                              f"the snapshot's piece is {tuple(piece.size())}")
+        target.copy_(piece)
+        planner.commit_tensor(req, target)
 
-def _tensor(reader: FormatReader, i: int) -> torch.Tensor:
+
+def load_into(path: str | os.PathLike, into: Any, keys: Any, rank: int) -> Any:
+    """Fill ``into`` (a state of DTensors and tensors, on this rank's mesh) from a snapshot through
+    DCP's planner, rank by rank with no collective (``no_dist``): what ``snapd.load(into=)`` does
+    for a sharded state."""
+    import torch.distributed.checkpoint as dcp
+
+    target = into if keys is None else _selected(into, [keys] if isinstance(keys, str) else list(keys))
+    if not target:
+        raise InvalidArgument(f"keys={keys!r} select nothing of the state given as into=")
+    with warnings.catch_warnings():  # (DCP warns that no_dist means one process: here it means no collective)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=SnapshotReader(path, rank=rank), no_dist=True)
+    return into
+
+
+def _selected(obj: Any, keys: list[str], path: str = "") -> Any:
+    """The dicts of ``obj`` cut down to the entries under ``keys`` (the same objects inside)."""
+    out = {}
+    for k, v in obj.items():
+        p = f"{path}.{k}" if path else str(k)
+        if any(key_matches(p, sel) for sel in keys):
+            out[k] = v
+        elif isinstance(v, dict) and any(key_matches(sel, p) for sel in keys):
+            sub = _selected(v, keys, p)
+            if sub:
+                out[k] = sub
+    return out
+
+
+def _tensor(reader: FormatReader | GlobalReader, i: int) -> torch.Tensor:
     rec = reader.manifest.tensors[i]
     buf = np.empty(rec.nbytes, np.uint8)
     reader.read_tensors([i], lambda _i: memoryview(buf))

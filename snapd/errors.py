@@ -122,6 +122,13 @@ class LimitExceeded(SnapdError):
     code = "limit"
 
 
+class CommitFailed(SnapdError):
+    """A global snapshot (a step of a job on several ranks) was not committed: a rank's part did not
+    come in time, failed, or disagreed with the others (the message names the ranks)."""
+
+    code = "commit_failed"
+
+
 class SnapshotError(SnapdError):
     """A snapshot failed in the daemon; ``code`` and ``stage`` say where."""
 
@@ -147,7 +154,7 @@ def register(cls: type[SnapdError]) -> type[SnapdError]:
 for _cls in (SnapdError, FormatError, ChecksumError, VersionError, SnapshotNotFound,
              KeySelectionError, MismatchError, UnsupportedValueError, InvalidArgument,
              FlushError, LockTimeout, ProtocolError, DaemonUnavailable, Busy, ShuttingDown, PermissionDenied,
-             LimitExceeded, SnapshotError):
+             LimitExceeded, CommitFailed, SnapshotError):
     register(_cls)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound, VersionError
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, read_regular
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.global_manifest import parse_any
+from snapd.format.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _newest_valid(jd: JobDir, idx: jobindex.JobIndex) -> jobindex.Entry | None:
     for entry in sorted(idx.history, key=lambda e: e.order, reverse=True):
         path = jd.path / entry.name / MANIFEST_NAME
         try:
-            parse(read_regular(path), str(path))
+            parse_any(read_regular(path), str(path))
             return entry
         except VersionError:
             raise  # a newer snapd wrote it: falling back would silently resume from an older step

@@ -99,20 +99,16 @@ def torch_dtype(name: str) -> Any:
 
 
 def check_torch_memory(key: str, obj: Any) -> None:
-    """Refuse a torch tensor whose bytes are not plainly its own storage's: a DTensor or any
-    other wrapper subclass (its pointer is not the data its shape describes: reading through
-    it crashed trainers), a nested tensor, or a subclass whose storage is smaller than its extent."""
+    """Refuse a torch tensor whose bytes are not plainly its own storage's: a wrapper subclass
+    (its pointer is not the data its shape describes: reading through it crashed trainers), a
+    nested tensor, or a subclass whose storage is smaller than its extent."""
     torch = torch_module()
     if type(obj) in (torch.Tensor, torch.nn.Parameter):
         if obj.is_nested:
             raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component "
                                         "tensor)")
         return
-    name = type(obj).__name__
-    if name == "DTensor":
-        raise UnsupportedValueError(f"{key}: a DTensor (FSDP2/tensor-parallel shard) is not supported yet: "
-                                    "save t.to_local() per rank, or the full state dict (get_state_dict with "
-                                    "StateDictOptions(full_state_dict=True))")
+    name = type(obj).__name__  # (a DTensor is taken apart before this: snapd.format.tree)
     try:
         storage = obj.untyped_storage()
         start = obj.storage_offset() * obj.element_size()

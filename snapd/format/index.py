@@ -30,7 +30,8 @@ import xxhash
 
 from snapd.errors import FormatError, InvalidArgument
 from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.global_manifest import GlobalManifest, parse_any
+from snapd.format.manifest import MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Entry:
     taken_unix_s: float | None = None  # when the state was handed over (None: written before it was recorded)
 
     @classmethod
-    def of(cls, m: Manifest) -> Entry:
+    def of(cls, m: Manifest | GlobalManifest) -> Entry:
         return cls(m.step, snapshot_name(m.step), m.created_unix_s, m.raw_bytes, m.stored_bytes,
                    dict(m.metrics), m.emergency, m.taken_unix_s)
 
@@ -169,12 +170,12 @@ def load(job: JobDir) -> JobIndex:
     on_disk = {step: path for step, path in job.snapshot_dirs().items() if _has_manifest(path)}
     index.history = [e for e in index.history if e.step in on_disk]
     known = {e.step for e in index.history}
-    found: list[tuple[Entry, Manifest]] = []
+    found: list[tuple[Entry, Manifest | GlobalManifest]] = []
     for step, path in on_disk.items():
         if step in known:
             continue
         try:
-            m = parse(read_regular(path / MANIFEST_NAME), str(path / MANIFEST_NAME))
+            m = parse_any(read_regular(path / MANIFEST_NAME), str(path / MANIFEST_NAME))
         except (OSError, FormatError) as e:
             log.warning("%s: not listed: %s", path, e)
             continue

@@ -21,8 +21,10 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +34,13 @@ log = logging.getLogger(__name__)
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
 SNAPSHOT_RE = re.compile(r"^step-(\d{12,})\Z", re.ASCII)
-TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-[0-9a-f]+\Z", re.ASCII)
+# .tmp-<step>-<pid>-<hex>, or .tmp-<step>-<pid>-<host>-<hex> (since rank parts: a root shared by
+# several nodes holds other hosts' writers, whose pids mean nothing here)
+TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-(?:([0-9a-f]{8})-)?[0-9a-f]+\Z", re.ASCII)
+# a global snapshot's parts so far: its step, world size and run (snapd.format.global_commit)
+PENDING_RE = re.compile(r"^\.pending-(\d{12,})-w(\d{5,})-([0-9a-f]{8})\Z", re.ASCII)
+FAILED_NAME = "failed"  # in a pending directory: why its step was given up (snapd.format.global_commit)
+FOREIGN_TMP_STALE_S = 24 * 3600  # another host's temporary directory untouched this long is removed
 LOCK_NAME = ".lock"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -55,6 +63,10 @@ def check_step(step: object) -> int:
 
 def snapshot_name(step: int) -> str:
     return f"step-{step:012d}"
+
+
+def pending_name(step: int, world_size: int, run: str) -> str:
+    return f".pending-{step:012d}-w{world_size:05d}-{zlib.crc32(run.encode()):08x}"
 
 
 def step_of(name: str) -> int | None:
@@ -83,6 +95,18 @@ def read_regular(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def host_id() -> str:
+    """This host's mark in temporary directory names (8 hex digits of its name)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _age_s(path: str | os.PathLike) -> float:
+    try:
+        return time.time() - os.stat(path, follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,17 +143,25 @@ class JobDir:
             self.remove_leftovers()
 
     def new_tmp_dir(self, step: int) -> Path:
-        tmp = self.path / f".tmp-{step}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = self.path / f".tmp-{step}-{os.getpid()}-{host_id()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         return tmp
 
     def remove_leftovers(self) -> None:
         for entry in os.scandir(self.path):
             m = TMP_RE.match(entry.name)
-            if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            if m and (m.group(3) or host_id()) != host_id():
+                if _age_s(entry.path) > FOREIGN_TMP_STALE_S:
+                    log.info("removing another host's leftover, untouched for a day: %s", entry.path)
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            elif m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
                 log.info("removing leftover of a dead writer: %s", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
             elif entry.name.startswith(".trash-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif PENDING_RE.match(entry.name) and _age_s(entry.path) > FOREIGN_TMP_STALE_S:
+                # (one given up stays until the next commit: a late part must still learn why)
+                log.info("removing the parts of a global snapshot, untouched for a day: %s", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -214,7 +246,8 @@ def clean_root(root: Path) -> None:
     size, which would otherwise stay until that job flushes again."""
     for parent in [root] + [p for p in _subdirs(root) if not _is_job(p)]:
         for path in _subdirs(parent):
-            if _is_job(path) and any(TMP_RE.match(n) or n.startswith(".trash-") for n in os.listdir(path)):
+            if _is_job(path) and any(TMP_RE.match(n) or n.startswith((".trash-", ".pending-"))
+                                  for n in os.listdir(path)):
                 try:
                     with JobDir(parent, path.name).lock(timeout_s=5.0):
                         JobDir(parent, path.name).remove_leftovers()

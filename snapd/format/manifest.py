@@ -23,7 +23,8 @@ from snapd.format import dtypes
 from snapd.format.tree import MAX_DEPTH, key_problem
 
 MAGIC = "snapd-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this snapd reads; single-process snapshots are still written as 1
+SCOPES = ("shard", "replicated", "rank")  # a rank part's tensors (docs/FORMAT.md section 7)
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
 CODECS = ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
@@ -52,6 +53,13 @@ class TensorRecord:
     shape: list[int]
     nbytes: int
     chunks: list[Chunk] = field(default_factory=list)
+    # rank parts only (format 2): what the tensor is to the global snapshot, and whether its bytes are
+    # in this part (``stored``: a replicated tensor is written by one rank, a shard replicated over
+    # mesh dimensions by the first of them); a shard also says where it lies in the global tensor
+    scope: str | None = None
+    stored: bool = True
+    global_shape: list[int] | None = None
+    offsets: list[int] | None = None
 
 
 @dataclass
@@ -68,10 +76,15 @@ class Manifest:
     writer: str = ""
     best_metric: tuple[str, str] | None = None  # the job's best rule, so a lost index can be rebuilt
     taken_unix_s: float | None = None  # when the state was handed over: what orders ``latest``
+    part: dict | None = None  # a rank's part of a global snapshot: {"rank": r, "world_size": n, "run": id}
+    checksum: str | None = None  # the manifest's own (set by parse and by to_bytes): a part's identity
+
+    def by_key(self) -> dict[str, int]:
+        return {t.key: i for i, t in enumerate(self.tensors)}
 
     @property
     def raw_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors if t.stored)  # (a replica's bytes are in another part)
 
     @property
     def stored_bytes(self) -> int:
@@ -79,7 +92,8 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         body = {
-            "magic": MAGIC, "format_version": FORMAT_VERSION, "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "magic": MAGIC, "format_version": 1 if self.part is None else 2,
+            "checksum_algorithm": CHECKSUM_ALGORITHM,
             "step": self.step, "created_unix_s": self.created_unix_s, "job": self.job,
             "metrics": self.metrics, "codec": self.codec, "emergency": self.emergency,
             "writer": self.writer, "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes,
@@ -90,12 +104,19 @@ class Manifest:
             body["best_metric"] = list(self.best_metric)
         if self.taken_unix_s is not None:
             body["taken_unix_s"] = self.taken_unix_s
-        body["checksum"] = _checksum(body)
+        if self.part is not None:
+            body["part"] = self.part
+        body["checksum"] = self.checksum = _checksum(body)
         return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
 
 
 def _tensor_json(t: TensorRecord) -> dict:
     d = asdict(t)
+    for name in ("scope", "global_shape", "offsets"):
+        if d[name] is None:
+            del d[name]
+    if d["stored"]:
+        del d["stored"]
     for c in d["chunks"]:
         if c["planes"] is None:
             del c["planes"]
@@ -109,7 +130,26 @@ def _checksum(body: dict) -> str:
 
 
 def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
-    """Parse and validate manifest bytes (file sizes are checked by the reader)."""
+    """Parse and validate manifest bytes (file sizes are checked by the reader). A global
+    snapshot's manifest is refused here: ``snapd.format.global_manifest.parse_any`` reads both."""
+    body = parse_body(raw, where)
+    if body.get("kind") == "global":
+        raise FormatError(f"{where}: the manifest of a global snapshot (its rank parts have their own)")
+    return build(body, where)
+
+
+def build(body: dict, where: str) -> Manifest:
+    """The manifest of a checked body (``parse_body``)."""
+    try:
+        return _build(body)
+    except FormatError as e:
+        raise type(e)(f"{where}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def parse_body(raw: bytes, where: str) -> dict:
+    """The JSON body of a manifest, its magic, version and checksum checked."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: {len(raw)} bytes, larger than the {MAX_MANIFEST_BYTES} allowed")
     try:
@@ -126,12 +166,7 @@ def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
                            "this snapd reads: upgrade snapd to load it")
     if body.get("checksum") != _checksum(body):
         raise FormatError(f"{where}: manifest checksum mismatch (the file was modified or torn)")
-    try:
-        return _build(body)
-    except FormatError as e:
-        raise type(e)(f"{where}: {e}") from None
-    except (KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+    return body
 
 
 def _int(v: Any, what: str, lo: int = 0) -> int:
@@ -141,6 +176,8 @@ def _int(v: Any, what: str, lo: int = 0) -> int:
 
 
 def _build(body: dict) -> Manifest:
+    version = body["format_version"]
+    part = _part(body.get("part"), version)
     files = body["files"]
     if not isinstance(files, list):
         raise FormatError("files must be a list")
@@ -163,7 +200,10 @@ def _build(body: dict) -> Manifest:
         nbytes = _int(t["nbytes"], f"{key}: nbytes")
         if math.prod(shape) * size != nbytes:
             raise FormatError(f"{key}: nbytes {nbytes} != {math.prod(shape)} elements x {size} bytes")
+        scope, stored, global_shape, offsets = _placement(t, key, shape, version)
         chunks = []
+        if not stored and t["chunks"]:
+            raise FormatError(f"{key}: stored in another rank's part, yet it lists chunks here")
         for c in t["chunks"]:
             ch = Chunk(file=_int(c["file"], f"{key}: chunk file"),
                        offset=_int(c["offset"], f"{key}: chunk offset"),
@@ -172,9 +212,10 @@ def _build(body: dict) -> Manifest:
                        checksum=c["checksum"], planes=c.get("planes"))
             _check_chunk(key, ch, size, files)
             chunks.append(ch)
-        if sum(c.raw for c in chunks) != nbytes:
+        if stored and sum(c.raw for c in chunks) != nbytes:
             raise FormatError(f"{key}: chunks decode to {sum(c.raw for c in chunks)} bytes, not {nbytes}")
-        tensors.append(TensorRecord(key, t["kind"], t["dtype"], shape, nbytes, chunks))
+        tensors.append(TensorRecord(key, t["kind"], t["dtype"], shape, nbytes, chunks, scope, stored,
+                                    global_shape, offsets))
     _check_overlaps(tensors, files)
     _check_tree(body["tree"], len(tensors))
     metrics = body["metrics"]
@@ -191,7 +232,43 @@ def _build(body: dict) -> Manifest:
                     job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
                     codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
                     writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None,
-                    taken_unix_s=taken)
+                    taken_unix_s=taken, part=part, checksum=body["checksum"])
+
+
+def _part(part: Any, version: int) -> dict | None:
+    if version < 2:
+        if part is not None:
+            raise FormatError("a format 1 manifest has no rank part")
+        return None
+    if not isinstance(part, dict):
+        raise FormatError("a format 2 manifest is a rank's part and must say which (part)")
+    world = _int(part.get("world_size"), "part.world_size", 1)
+    if _int(part.get("rank"), "part.rank") >= world:
+        raise FormatError(f"part.rank {part['rank']} is not a rank of world size {world}")
+    run = part.get("run", "")
+    if not isinstance(run, str) or len(run) > 128:
+        raise FormatError(f"part.run must be a string of at most 128 characters, got {str(run)[:40]!r}")
+    return {"rank": part["rank"], "world_size": world, "run": run}
+
+
+def _placement(t: dict, key: str, shape: list[int], version: int
+               ) -> tuple[str | None, bool, list[int] | None, list[int] | None]:
+    """A part's tensor: its scope, whether its bytes are here, and a shard's place (format 2)."""
+    if version < 2:
+        return None, True, None, None
+    scope, stored = t.get("scope"), t.get("stored", True)
+    if scope not in SCOPES or not isinstance(stored, bool) or scope == "rank" and not stored:
+        raise FormatError(f"{key}: scope {scope!r} / stored {stored!r} is not a rank part's tensor "
+                          f"(scope one of {', '.join(SCOPES)})")
+    if scope != "shard":
+        return scope, stored, None, None
+    whole = [_int(d, f"{key}: global_shape dimension") for d in t.get("global_shape") or []]
+    offsets = [_int(d, f"{key}: offset") for d in t.get("offsets") or []]
+    if len(whole) != len(shape) or len(offsets) != len(shape) or \
+            any(o + n > d for o, n, d in zip(offsets, shape, whole)):
+        raise FormatError(f"{key}: a shard of {shape} at {offsets} does not lie inside its global shape "
+                          f"{whole}")
+    return scope, stored, whole, offsets
 
 
 def _check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:

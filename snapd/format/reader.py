@@ -145,15 +145,7 @@ class SnapshotReader:
             codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where, keep_planes)
 
     def select(self, keys: list[str] | str | None) -> list[int]:
-        """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
-        if keys is None:
-            return list(range(len(self.manifest.tensors)))
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        paths = [p for p, node in iter_paths(self.manifest.tree) if p]
-        missing = [k for k in keys if not any(key_matches(p, k) for p in paths)]
-        if missing:
-            raise KeySelectionError(f"{self.path}: no such key(s): {', '.join(map(repr, missing))}")
-        return [i for i, t in enumerate(self.manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
+        return select(self.manifest, keys, self.path)
 
     def read_tensors(self, wanted: list[int], buffer_for: Callable[[int], memoryview],
                      threads: int | None = None, keep_planes: Callable[[int], bool] = lambda i: False,
@@ -207,12 +199,7 @@ class SnapshotReader:
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
              threads: int | None = None) -> Any:
         """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved."""
-        wanted = self.select(keys)
-        dest = Destinations(self.manifest, wanted, into=into, device=device, where=str(self.path))
-        self.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes, done=dest.finish)
-        selected = None if keys is None else (
-            lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
-        return build_tree(self.manifest.tree, dest, selected)
+        return load_tree(self, keys, into, device, threads)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Re-check every chunk; return one line per problem (empty when clean)."""
@@ -226,3 +213,26 @@ class SnapshotReader:
                 if progress:
                     progress(c.stored)
         return problems
+
+
+def select(manifest: Manifest, keys: list[str] | str | None, where: Path) -> list[int]:
+    """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
+    if keys is None:
+        return list(range(len(manifest.tensors)))
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    paths = [p for p, node in iter_paths(manifest.tree) if p]
+    missing = [k for k in keys if not any(key_matches(p, k) for p in paths)]
+    if missing:
+        raise KeySelectionError(f"{where}: no such key(s): {', '.join(map(repr, missing))}")
+    return [i for i, t in enumerate(manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
+
+
+def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any, threads: int | None) -> Any:
+    """``reader``'s tree (or the ``keys`` sub-trees): a snapshot's (``SnapshotReader``) or a global
+    one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``."""
+    wanted = reader.select(keys)
+    dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path))
+    reader.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes, done=dest.finish)
+    selected = None if keys is None else (
+        lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
+    return build_tree(reader.manifest.tree, dest, selected)

@@ -20,7 +20,10 @@ from typing import Any
 from snapd.errors import InvalidArgument
 from snapd.format import codecs, dtypes
 from snapd.format.jobdir import JobDir, check_step
+from snapd.format import global_commit
+from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
 from snapd.format.manifest import CODECS
+from snapd.format.rank_parts import Role, roles
 from snapd.format.tree import TensorLeaf, flatten
 from snapd.format.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, Committed, Retention, SnapshotWriter
 from snapd.kernels import chunk_step
@@ -72,36 +75,60 @@ def chunk_slices(leaf: TensorLeaf, chunk_bytes: int) -> list[tuple[int, int]]:
 def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
                retention: Retention = Retention(), codec: str = DEFAULT_CODEC,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, shard_bytes: int = DEFAULT_SHARD_BYTES,
-               threads: int | None = None, emergency: bool = False) -> Committed:
-    """Save ``state`` as snapshot ``step`` of ``job`` under ``root``; return once durable."""
+               threads: int | None = None, emergency: bool = False, rank: int = 0, world_size: int = 1,
+               per_rank: tuple[str, ...] = (), commit_timeout_s: float = DEFAULT_COMMIT_TIMEOUT_S,
+               run: str = "") -> Committed:
+    """Save ``state`` as snapshot ``step`` of ``job`` under ``root``; return once durable. On more
+    than one rank, ``state`` is this rank's part, and the call returns once every rank's part is
+    durable and the global snapshot committed (snapd.format.global_commit)."""
     check_step(step)
     codec = check_codec(codec)
     metrics = check_metrics(metrics)
     tree, leaves = flatten(state)  # refuses unsupported leaves before touching the disk
+    return save_leaves(root, job, tree, leaves, step=step, metrics=metrics, retention=retention, codec=codec,
+                       chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, threads=threads, emergency=emergency,
+                       rank=rank, world_size=world_size, per_rank=per_rank, commit_timeout_s=commit_timeout_s,
+                       run=run)
+
+
+def save_leaves(root: str | os.PathLike, job: str, tree: dict, leaves: list[TensorLeaf], *, step: int,
+                metrics: dict, retention: Retention, codec: str, chunk_bytes: int, shard_bytes: int,
+                threads: int | None, emergency: bool, rank: int, world_size: int, per_rank: tuple[str, ...],
+                commit_timeout_s: float, run: str = "") -> Committed:
+    """``save_state`` of a flattened state (checked arguments)."""
     jobdir = JobDir(root, job)
     jobdir.open_for_write()
     writer = SnapshotWriter(jobdir, step, shard_bytes=shard_bytes)
     threads = threads or min(8, os.cpu_count() or 1)
+    parts = roles(leaves, rank, world_size, per_rank) if world_size > 1 else None
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="snapd-encode") as pool:
-            encode_and_write(writer, leaves, codec, pool, threads, chunk_bytes)
+            encode_and_write(writer, leaves, codec, pool, threads, chunk_bytes, roles=parts)
+        if parts is None:
+            return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention,
+                                 emergency=emergency)
+        sealed = writer.seal(tree=tree, metrics=metrics, codec=codec, best=retention.best,
+                             emergency=emergency, part={"rank": rank, "world_size": world_size, "run": run})
+        delivery = global_commit.deliver(jobdir, writer.tmp, sealed, retention)
     except BaseException:
         writer.abort()
         raise
-    return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention, emergency=emergency)
+    return global_commit.wait(delivery, commit_timeout_s)
 
 
 Read = Callable[[TensorLeaf, int, int], tuple[Any, Callable[[], None] | None]]
 
 
 def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: str, pool: Executor,
-                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, read: Read | None = None) -> None:
+                     threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, read: Read | None = None,
+                     roles: list[Role] | None = None) -> None:
     """Encode every chunk on ``pool`` and write them in order on this thread.
 
     At most ``2 * threads + 2`` chunks are in flight, so memory stays bounded
     and the disk and the encoders work at the same time. The daemon's flush
     stage runs this same loop over its host buffer, with ``read(leaf, a, b)``
-    giving each chunk's bytes and what to call once they are written.
+    giving each chunk's bytes and what to call once they are written. ``roles``: a rank's part
+    (snapd.format.rank_parts), whose tensors stored by another rank are only described.
     """
     window: collections.deque[tuple[Any, Future, Callable[[], None] | None]] = collections.deque()
 
@@ -113,8 +140,14 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
             if release is not None:
                 release()
     try:
-        for leaf in leaves:
+        for n, leaf in enumerate(leaves):
             rec = writer.add_tensor(leaf.key, leaf.kind, leaf.dtype, leaf.shape, leaf.nbytes)
+            if roles is not None:
+                role = roles[n]
+                rec.scope, rec.stored, rec.global_shape, rec.offsets = (role.scope, role.stored,
+                                                                        role.global_shape, role.offsets)
+                if not role.stored:
+                    continue
             size = dtypes.itemsize(leaf.dtype)
             for a, b in chunk_slices(leaf, chunk_bytes):
                 raw, release = read(leaf, a, b) if read is not None else (leaf.data[a:b], None)

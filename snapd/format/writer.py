@@ -174,35 +174,43 @@ class SnapshotWriter:
             raise FlushError(f"writing {f.path}: {e.strerror or e}") from e
         rec.chunks.append(Chunk(f.number, offset, enc.stored, enc.raw, enc.codec, enc.checksum, enc.planes))
 
+    def seal(self, *, tree: dict, metrics: dict | None, codec: str, best: tuple[str, str] | None,
+             emergency: bool = False, part: dict | None = None) -> Manifest:
+        """Finish the data files and write the manifest last, all fsynced (still in the temporary
+        directory: ``commit`` installs it; a rank's part is delivered by snapd.format.global_commit)."""
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}")
+        files = []
+        total = len(self.files)
+        for f in self.files:
+            if f.fd >= 0:
+                f.finish()
+            name = f"data-{f.number:05d}-of-{total:05d}.bin"
+            os.rename(f.path, self.tmp / name)
+            files.append({"name": name, "bytes": f.size})
+        manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
+                            tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
+                            emergency=emergency, writer=f"snapd {__version__}", best_metric=best,
+                            taken_unix_s=self.taken_unix_s, part=part)
+        with open(self.tmp / MANIFEST_NAME, "wb") as mf:
+            mf.write(manifest.to_bytes())
+            mf.flush()
+            os.fsync(mf.fileno())
+        fsync_dir(self.tmp)
+        return manifest
+
     def commit(self, *, tree: dict, metrics: dict | None, codec: str, retention: Retention,
                emergency: bool = False) -> Committed:
         """Make the snapshot durable and visible, then apply retention."""
-        if codec not in CODECS:
-            raise ValueError(f"unknown codec {codec!r}")
         try:
-            files = []
-            total = len(self.files)
-            for f in self.files:
-                if f.fd >= 0:
-                    f.finish()
-                name = f"data-{f.number:05d}-of-{total:05d}.bin"
-                os.rename(f.path, self.tmp / name)
-                files.append({"name": name, "bytes": f.size})
-            manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
-                                tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
-                                emergency=emergency, writer=f"snapd {__version__}",
-                                best_metric=retention.best, taken_unix_s=self.taken_unix_s)
-            with open(self.tmp / MANIFEST_NAME, "wb") as mf:
-                mf.write(manifest.to_bytes())
-                mf.flush()
-                os.fsync(mf.fileno())
-            fsync_dir(self.tmp)
+            manifest = self.seal(tree=tree, metrics=metrics, codec=codec, best=retention.best,
+                                 emergency=emergency)
             with self.job.lock():
                 index = jobindex.load(self.job)
                 trash = self.job.install(self.tmp, self.step)
                 # committed from here on: what follows only tidies, and may fail without undoing it
                 entry = jobindex.Entry.of(manifest)
-                trash += self._tidy(index, entry, retention)
+                trash += tidy(self.job, index, entry, retention)
             self.job.remove(trash)  # (after the lock: the other writers of the job need not wait for it)
         except SnapdError:
             self.abort()
@@ -212,32 +220,6 @@ class SnapshotWriter:
             raise FlushError(f"committing step {self.step} of job {self.job.job}: {e}") from e
         return Committed(self.job.path / entry.name, entry)
 
-    def _tidy(self, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> list[Path]:
-        """Record the committed snapshot in the index and apply retention (under the job lock): what
-        retention takes is renamed out of sight, and returned to be removed after the lock.
-
-        A failure here (the disk full while rewriting the index) leaves the snapshot committed:
-        it is logged, not reported as a failed commit, and readers rebuild the index from the
-        manifests."""
-        latest = index.latest
-        if latest is not None and latest.order > entry.order:
-            log.warning("%s: step %d was taken before the latest, step %d, which stays latest",
-                        self.job.path, entry.step, latest.step)
-        index.record(entry)
-        if retention.best is not None:
-            index.best_metric = retention.best
-        trash: list[Path] = []
-        try:
-            for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
-                log.info("%s: retention removes step %d", self.job.path, old.step)
-                trash += [p for p in [self.job.trash(old.name)] if p is not None]
-                index.history.remove(old)
-            jobindex.save(self.job, index)
-        except OSError as e:
-            log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
-                      "it from the snapshot manifests", self.job.path, entry.step, e)
-        return trash
-
     def abort(self) -> None:
         """Drop the temporary directory; nothing committed before is touched."""
         for f in self.files:
@@ -245,3 +227,29 @@ class SnapshotWriter:
                 os.close(f.fd)
                 f.fd = -1
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def tidy(job: JobDir, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> list[Path]:
+    """Record a committed snapshot in the index and apply retention (under the job lock): what
+    retention takes is renamed out of sight, and returned to be removed after the lock.
+
+    A failure here (the disk full while rewriting the index) leaves the snapshot committed: it is
+    logged, not reported as a failed commit, and readers rebuild the index from the manifests."""
+    latest = index.latest
+    if latest is not None and latest.order > entry.order:
+        log.warning("%s: step %d was taken before the latest, step %d, which stays latest",
+                    job.path, entry.step, latest.step)
+    index.record(entry)
+    if retention.best is not None:
+        index.best_metric = retention.best
+    trash: list[Path] = []
+    try:
+        for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
+            log.info("%s: retention removes step %d", job.path, old.step)
+            trash += [p for p in [job.trash(old.name)] if p is not None]
+            index.history.remove(old)
+        jobindex.save(job, index)
+    except OSError as e:
+        log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
+                  "it from the snapshot manifests", job.path, entry.step, e)
+    return trash

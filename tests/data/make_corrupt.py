@@ -77,7 +77,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "not_a_manifest": (lambda d: (d / "manifest.json").write_text("[1, 2, 3]"), "FormatError", "magic"),
     "edited_manifest": (_manifest_edit(_set(["metrics", "loss"], 0.0), fix_checksum=False), "FormatError",
                         "manifest checksum mismatch"),
-    "newer_version": (_manifest_edit(_set(["format_version"], 2)), "VersionError", "newer"),
+    "newer_version": (_manifest_edit(_set(["format_version"], 3)), "VersionError", "newer"),
     "negative_offset": (_manifest_edit(lambda b: b["tensors"][0]["chunks"][0].update(offset=-5)),
                         "FormatError", "chunk offset must be an integer >= 0"),
     "overlapping_offsets": (_manifest_edit(_overlap), "FormatError", "overlap"),

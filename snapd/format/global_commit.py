@@ -1,0 +1,249 @@
+"""One commit for a step of a job on several ranks, made on the snapshot root every node mounts.
+
+Each rank's writer (a node's daemon, or ``snapd.save`` in-process) seals its part in a temporary
+directory, then ``deliver``s it: under the job's lock it renames the part into
+``.pending-<step>-w<world>/rank-NNNNN`` and counts the parts there. The writer that brings the last
+one checks them against each other (``assemble``), writes the global manifest beside them and
+renames the pending directory to ``step-<step>``: the same atomic rename, index update and retention
+as a single-process commit (snapd.format.writer). No rank talks to another and nothing waits on a
+collective; the others learn the outcome from the filesystem (``outcome``), and a writer whose part
+has waited too long gives the step up (``give_up``): it writes why into the pending directory, so
+every rank of that step, and a part arriving late, fails with the same reason. Why a shared
+filesystem and not a coordinator rank, and what the filesystem must provide: docs/FORMAT.md §7.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapd import __version__
+from snapd.errors import CommitFailed, FormatError, InvalidArgument, SnapdError
+from snapd.format import index as jobindex
+from snapd.format.global_manifest import PART_DIR_RE, GlobalManifest, assemble, parse_any, part_dir
+from snapd.format.jobdir import FAILED_NAME, PENDING_RE, JobDir, fsync_dir, pending_name, read_regular, \
+    snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.writer import Committed, Retention, tidy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Delivery:
+    """A rank's part delivered: committed with it (the last part), or waiting for ``missing``."""
+
+    job: JobDir
+    step: int
+    rank: int
+    world_size: int
+    run: str
+    checksum: str
+    committed: Committed | None = None
+    missing: list[int] = field(default_factory=list)
+
+    @property
+    def pending(self) -> Path:
+        return self.job.path / pending_name(self.step, self.world_size, self.run)
+
+
+@dataclass
+class Outcome:
+    state: str  # "committed", "failed" or "waiting"
+    detail: str = ""  # the snapshot's path, why it failed, or the ranks still missing
+    missing: list[int] = field(default_factory=list)
+
+
+def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention) -> Delivery:
+    """Move a sealed part (``tmp``, its manifest ``part``) into its step's pending directory; commit
+    the step if it was the last part. Raises ``CommitFailed`` when the step cannot be committed."""
+    rank, world, run, step = part.part["rank"], part.part["world_size"], part.part["run"], part.step
+    out = Delivery(job, step, rank, world, run, part.checksum or "")
+    trash: list[Path] = []
+    with job.lock():
+        run_mark = pending_name(step, world, run).rsplit("-", 1)[1]
+        for name in os.listdir(job.path):
+            m = PENDING_RE.match(name)
+            if m and int(m.group(1)) == step and m.group(3) == run_mark and int(m.group(2)) != world and \
+                    not (job.path / name / FAILED_NAME).exists():
+                raise CommitFailed(f"step {step} of job {job.job}: rank {rank} says world size {world}, "
+                                   f"but parts of world size {int(m.group(2))} of the same run are waiting "
+                                   "for it: the world size changed within a run")
+        pend = out.pending
+        pend.mkdir(exist_ok=True)
+        reason = _failed(pend)
+        if reason is not None:
+            raise CommitFailed(f"step {step} of job {job.job} was given up before rank {rank}'s part came: "
+                               f"{reason}")
+        dst = pend / part_dir(rank)
+        if dst.exists():
+            raise InvalidArgument(f"step {step} of job {job.job}: rank {rank}'s part is there already: two "
+                                  f"processes claim rank {rank} of {world}")
+        os.rename(tmp, dst)
+        fsync_dir(pend)
+        have = _ranks(pend)
+        out.missing = sorted(set(range(world)) - have)
+        if out.missing:
+            return out
+        try:
+            parts = [parse(read_regular(pend / part_dir(r) / MANIFEST_NAME)) for r in range(world)]
+            manifest = assemble(parts, f"snapd {__version__}", time.time())
+        except FormatError as e:
+            _mark_failed(pend, f"the ranks' parts disagree: {e}")
+            raise CommitFailed(f"step {step} of job {job.job} is not committed: the ranks' parts disagree: "
+                               f"{e}") from None
+        with open(pend / MANIFEST_NAME, "wb") as f:
+            f.write(manifest.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(pend)
+        index = jobindex.load(job)
+        trash += job.install(pend, step)
+        entry = jobindex.Entry.of(manifest)
+        trash += tidy(job, index, entry, retention)
+        trash += [p for name in given_up(job, run_mark) for p in [job.trash(name)] if p is not None]
+    job.remove(trash)
+    log.info("%s: step %d committed from the parts of %d ranks", job.path, step, world)
+    out.committed = Committed(job.path / snapshot_name(step), entry)
+    return out
+
+
+def outcome(d: Delivery) -> Outcome:
+    """What became of a delivered part's step (any thread, no lock: read from the filesystem)."""
+    committed = _committed(d)
+    if committed is not None:
+        return committed
+    reason = _failed(d.pending)
+    if reason is not None:
+        return Outcome("failed", reason)
+    try:
+        missing = sorted(set(range(d.world_size)) - _ranks(d.pending))
+    except FileNotFoundError:  # (renamed into place between the two looks, or removed)
+        return _committed(d) or Outcome("failed", "its pending parts were removed")
+    return Outcome("waiting", f"ranks {_ranges(missing)}", missing)
+
+
+def give_up(d: Delivery, waited_s: float) -> Outcome:
+    """Give a step up after its part waited ``waited_s`` (unless it was committed meanwhile): every
+    rank of it then fails with the reason written here."""
+    with d.job.lock():
+        now = outcome(d)
+        if now.state != "waiting":
+            return now
+        late = _elsewhere(d.job, d.step, d.run, now.missing)
+        reason = (f"rank{'s' if len(now.missing) > 1 else ''} {_ranges(now.missing)} of {d.world_size} did "
+                  f"not deliver {'their parts' if len(now.missing) > 1 else 'its part'} of step {d.step} "
+                  f"within {waited_s:.0f} s{late}")
+        _mark_failed(d.pending, reason)
+    log.warning("%s: step %d given up: %s", d.job.path, d.step, reason)
+    return Outcome("failed", reason)
+
+
+def wait(d: Delivery, timeout_s: float, poll_s: float = 0.02) -> Committed:
+    """Block until the step of ``d`` is committed (``snapd.save`` in-process); ``CommitFailed`` if it
+    fails or ``timeout_s`` passes first."""
+    if d.committed is not None:
+        return d.committed
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = outcome(d)
+        if now.state == "waiting" and time.monotonic() >= deadline:
+            now = give_up(d, timeout_s)
+        if now.state == "committed":
+            entry = jobindex.load(d.job).find(d.step)
+            return Committed(Path(now.detail), entry)
+        if now.state == "failed":
+            raise CommitFailed(f"step {d.step} of job {d.job.job} is not committed: {now.detail}")
+        time.sleep(poll_s)
+
+
+def fail_step(job: JobDir, step: int, world_size: int, run: str, reason: str) -> None:
+    """A rank's part of ``step`` cannot be made: give the step up now, so the other ranks fail
+    with ``reason`` instead of waiting out their timeout (best effort: logged if it cannot)."""
+    try:
+        with job.lock(timeout_s=10.0):
+            pend = job.path / pending_name(step, world_size, run)
+            pend.mkdir(exist_ok=True)
+            if _failed(pend) is None:
+                _mark_failed(pend, reason)
+    except (OSError, SnapdError) as e:
+        log.warning("%s: step %d could not be marked given up (%s): the other ranks wait for their timeout",
+                    job.path, step, e)
+
+
+def given_up(job: JobDir, run_mark: str) -> list[str]:
+    """After a commit by run ``run_mark``: the pending directories of steps given up, and those of
+    other runs (a run that committed a step has replaced the run that left them: they can only
+    ever be completed by parts of a finished run). ``remove_leftovers`` also removes them."""
+    out = []
+    for n in os.listdir(job.path):
+        m = PENDING_RE.match(n)
+        if m and (m.group(3) != run_mark or (job.path / n / FAILED_NAME).exists()):
+            out.append(n)
+    return out
+
+
+def _committed(d: Delivery) -> Outcome | None:
+    path = d.job.path / snapshot_name(d.step)
+    try:
+        m = parse_any(read_regular(path / MANIFEST_NAME))
+    except (OSError, FormatError):
+        return None
+    if isinstance(m, GlobalManifest) and m.world_size == d.world_size and \
+            m.parts[d.rank]["checksum"] == d.checksum:
+        return Outcome("committed", str(path))
+    return None
+
+
+def _ranks(pend: Path) -> set[int]:
+    return {int(m.group(1)) for n in os.listdir(pend) if (m := PART_DIR_RE.match(n))}
+
+
+def _failed(pend: Path) -> str | None:
+    try:
+        return (pend / FAILED_NAME).read_text(errors="replace")[:2000]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _mark_failed(pend: Path, reason: str) -> None:
+    tmp = pend / (FAILED_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(reason)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, pend / FAILED_NAME)
+    fsync_dir(pend)
+
+
+def _elsewhere(job: JobDir, step: int, run: str, missing: list[int]) -> str:
+    """Where the missing ranks delivered instead, said in the reason: another step's pending parts in
+    the same run, a later step's or an earlier one still waiting (an earlier step given up is old)."""
+    seen = []
+    run_mark = pending_name(step, 1, run).rsplit("-", 1)[1]
+    for name in sorted(os.listdir(job.path)):
+        m = PENDING_RE.match(name)
+        if m and int(m.group(1)) != step and m.group(3) == run_mark and \
+                (int(m.group(1)) > step or not (job.path / name / FAILED_NAME).exists()):
+            ranks = sorted(set(missing) & _ranks(job.path / name))
+            if ranks:
+                seen.append(f"rank{'s' if len(ranks) > 1 else ''} {_ranges(ranks)} delivered step "
+                            f"{int(m.group(1))}")
+    return f" ({'; '.join(seen)}: the ranks snapshot different steps)" if seen else ""
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
