@@ -23,10 +23,12 @@ from snapd.client import snapshot_plan
 from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
 from snapd.client.ranks import Ranks, detect
+from snapd.client.ranks import run_id as find_run_id
 from snapd.client.local import list_snapshots, load
 from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, PermissionDenied, SnapdError, SnapshotError
 from snapd.format.index import check_best, check_retention
 from snapd.format.jobdir import check_job_name, check_step
+from snapd.format.rank_parts import check_per_rank
 from snapd.format.saving import check_metrics
 from snapd.ownership import check_socket_owner
 from snapd.paths import access_problem, check_endpoint, default_endpoint, default_root, socket_path
@@ -198,7 +200,7 @@ class Client:
         """A snapshot of this job, once the daemon has written every one of them still in flight
         (``latest`` after a crash is then the last snapshot the killed trainer handed over)."""
         self.sync()
-        return load(self.root, self.job, step, keys=keys, into=into, device=device)
+        return load(self.root, self.job, step, keys=keys, into=into, device=device, rank=self.rank)
 
     def list(self) -> list:
         self.sync()
@@ -248,12 +250,17 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
             spawn: bool = True, keep_last: int | None = 5, keep_every_steps: int | None = None,
             best: tuple[str, str] | None = None, on_busy: str = "wait", timeout_s: float = 10.0,
             host_buffer_bytes: int | None = None, rank: int | None = None,
-            world_size: int | None = None) -> Client:
+            world_size: int | None = None, per_rank: Any = None, run_id: str | None = None) -> Client:
     """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers.
     The rank and world size are learned (client/ranks.py); ``rank=``/``world_size=`` where no
-    process group or launcher says them."""
+    process group or launcher says them. On several ranks each ``snapshot`` is this rank's part of
+    one global snapshot (DTensors as their local shards; docs/usage.md): ``per_rank`` names the key
+    paths whose values are each rank's own (RNG state, a dataloader's position); ``run_id``: see
+    client/ranks.py (learned from the launcher or the process group where not given)."""
     check_job_name(job)
     ranks = detect(rank, world_size)
+    per_rank = check_per_rank(per_rank)
+    run = find_run_id(run_id, ranks)
     check_retention(keep_last, keep_every_steps)
     best = check_best(best)
     if on_busy not in ("wait", "skip"):
@@ -277,7 +284,8 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     hello = {"job": job, "pid": os.getpid(), "keep_last": keep_last, "keep_every_steps": keep_every_steps,
              "best": list(best) if best else None, "on_busy": on_busy,
              "root": str(root) if root is not None else None, "notices": True, "rank": ranks.rank,
-             "world_size": ranks.world_size, "local_rank": ranks.local_rank}
+             "world_size": ranks.world_size, "local_rank": ranks.local_rank, "per_rank": list(per_rank),
+             "run": run}
     if "torch" in sys.modules:  # (the devices the trainer works on: the daemon gets ready for them)
         from snapd.client.cuda_export import devices_in_use
         hello["cuda_devices"] = devices_in_use()

@@ -35,20 +35,21 @@ Signature = list[tuple]  # one tuple per leaf: what its descriptor says, cheaper
 
 def signature(leaves: list[TensorLeaf], offsets: list[int], shared: list[tuple[int, int] | None],
               cuda: dict[int, dict | None], inline: list[int]) -> Signature:
-    """Each leaf's key, kind, dtype, shape, place in the leased buffer, size, and where the daemon
+    """Each leaf's key, kind, dtype, shape, place in the leased buffer, size, where the daemon
     gets it from: a registered region (id, offset), a CUDA allocation (a `cuda` descriptor), or
-    the message (``inline``: indices of tiny CPU tensors whose bytes travel with it)."""
-    sig = [(leaf.key, leaf.kind, leaf.dtype, leaf.shape, offsets[i], leaf.nbytes, shared[i], cuda.get(i))
-           for i, leaf in enumerate(leaves)]
+    the message (``inline``: indices of tiny CPU tensors whose bytes travel with it), and a DTensor
+    shard's place in its global tensor."""
+    sig = [(leaf.key, leaf.kind, leaf.dtype, leaf.shape, offsets[i], leaf.nbytes, shared[i], cuda.get(i),
+            leaf.placement) for i, leaf in enumerate(leaves)]
     for i in inline:
-        sig[i] = (*sig[i][:6], "inline", None)
+        sig[i] = (*sig[i][:6], "inline", None, sig[i][8])
     return sig
 
 
 def descriptors(sig: Signature) -> list[dict]:
     """The ``tensors`` of a snapshot message (docs/PROTOCOL.md): made only for a new layout."""
     out = []
-    for key, kind, dtype, shape, offset, nbytes, sh, c in sig:
+    for key, kind, dtype, shape, offset, nbytes, sh, c, placed in sig:
         d = {"key": key, "kind": kind, "dtype": dtype, "shape": list(shape), "offset": offset,
              "nbytes": nbytes}
         if sh == "inline":
@@ -57,6 +58,8 @@ def descriptors(sig: Signature) -> list[dict]:
             d["region"], d["region_offset"] = sh
         if c is not None:
             d["cuda"] = c
+        if placed is not None:  # a DTensor's local shard (snapd.format.tree)
+            d["global"] = {"shape": list(placed[0]), "offsets": list(placed[1]), "write": placed[2]}
         out.append(d)
     return out
 

@@ -12,15 +12,29 @@ from typing import Any
 from snapd.errors import InvalidArgument
 from snapd.format import catalog
 from snapd.format.catalog import SnapshotInfo
-from snapd.format.reader import SnapshotReader
+from snapd.client.ranks import detect
+from snapd.client.ranks import run_id as find_run_id
+from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
+from snapd.format.global_reader import GlobalReader, open_snapshot
+from snapd.format.rank_parts import check_per_rank
+from snapd.format.tree import has_dtensors
 from snapd.format.saving import DEFAULT_CODEC, save_state
 from snapd.format.writer import Retention
 
 
 def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
          keep_last: int | None = 5, keep_every_steps: int | None = None,
-         best: tuple[str, str] | None = None, codec: str = DEFAULT_CODEC) -> SnapshotInfo:
+         best: tuple[str, str] | None = None, codec: str = DEFAULT_CODEC, per_rank: Any = None,
+         rank: int | None = None, world_size: int | None = None, run_id: str | None = None,
+         commit_timeout_s: float = DEFAULT_COMMIT_TIMEOUT_S) -> SnapshotInfo:
     """Save ``state`` as snapshot ``step`` of ``job`` and return once it is durable.
+
+    On several ranks (a ``torch.distributed`` group, torchrun's environment, or ``rank=`` and
+    ``world_size=``), ``state`` is this rank's part (DTensors as their local shards) and the call
+    returns once every rank's part is durable and the step committed as one global snapshot, or
+    raises ``CommitFailed`` after ``commit_timeout_s``. ``per_rank``: key paths whose values differ
+    by rank (RNG state, a dataloader's position), kept per rank and restored to the same rank;
+    ``run_id``: client/ranks.py.
 
     ``keep_last`` most recent snapshots are kept (None keeps all), plus every
     snapshot whose step is a multiple of ``keep_every_steps``, plus the best
@@ -32,14 +46,18 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
         raise InvalidArgument(f"best=({best[0]!r}, {best[1]!r}) but metrics has no {best[0]!r} (it has: "
                               f"{', '.join(map(repr, metrics or {})) or 'none'}): pass it, or leave best out "
                               "of this save")
-    done = save_state(root, job, state, step=step, metrics=metrics, retention=retention, codec=codec)
+    ranks = detect(rank, world_size)
+    done = save_state(root, job, state, step=step, metrics=metrics, retention=retention, codec=codec,
+                      rank=ranks.rank, world_size=ranks.world_size, per_rank=check_per_rank(per_rank),
+                      commit_timeout_s=commit_timeout_s, run=find_run_id(run_id, ranks))
     return next((s for s in catalog.list_snapshots(root, job) if s.step == step),
                 SnapshotInfo(step, done.path, done.entry.created_unix_s, done.entry.raw_bytes,
                              done.entry.stored_bytes, dict(done.entry.metrics)))
 
 
 def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
-         keys: list[str] | str | None = None, into: Any = None, device: Any = None) -> Any:
+         keys: list[str] | str | None = None, into: Any = None, device: Any = None,
+         rank: int | None = None) -> Any:
     """Load snapshot ``step`` (an int, ``"latest"`` by default, or ``"best"``).
 
     ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
@@ -48,9 +66,20 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
     written). ``device`` places torch tensors, like ``map_location`` (``"cuda:0"``:
     decompressed on CPU threads, unshuffled on the GPU); CuPy arrays come back
     on the current or the given device; NumPy arrays stay on the host.
+
+    A snapshot saved on several ranks loads on any world size: ``into`` a state of DTensors (FSDP2,
+    tensor parallel) fills each local shard through DCP's planner, reading only the pieces it
+    needs; anything else gets whole tensors, and the per-rank values of ``rank`` (this process's
+    rank in its group, else 0).
     """
     path = catalog.resolve(root, job, step)
-    with SnapshotReader(path) as reader:
+    if rank is None:
+        rank = detect().rank
+    with open_snapshot(path, rank) as reader:
+        if isinstance(reader, GlobalReader) and has_dtensors(into):
+            from snapd.dcp import load_into
+
+            return load_into(path, into, keys, rank)
         return reader.load(keys, into=into, device=device)
 
 

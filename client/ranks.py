@@ -70,3 +70,33 @@ def detect(rank: int | None = None, world_size: int | None = None) -> Ranks:
         raise InvalidArgument(f"rank {found.rank} of world size {found.world_size} (local rank "
                               f"{found.local_rank}) from {found.source} is not a rank of that world")
     return found
+
+
+def run_id(explicit: str | None, ranks: Ranks) -> str:
+    """Which run of the job this process belongs to, the same on all its ranks: the parts of one
+    step commit together only within one run, so a job restarted (after a crash, on another world
+    size) never completes a step with a part its previous run left. ``connect(run_id=)``, else the
+    launcher's (torchrun's run id and restart count, Slurm's job, step and restart count), else,
+    in a process group, rank 0's random id sent to the others once (here, at connect: never on
+    the training step), else '' (one run: say run_id= when ranks restart without a launcher)."""
+    if explicit is not None:
+        if not isinstance(explicit, str) or not 0 < len(explicit) <= 128:
+            raise InvalidArgument(f"run_id must be a str of 1-128 characters, got {explicit!r}")
+        return explicit
+    if ranks.world_size == 1:
+        return ""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{env['TORCHELASTIC_RUN_ID']}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if env.get("SLURM_JOB_ID"):
+        return (f"slurm:{env['SLURM_JOB_ID']}:{env.get('SLURM_STEP_ID', '')}:"
+                f"{env.get('SLURM_RESTART_COUNT', '0')}")
+    if ranks.source == "the torch.distributed process group":
+        import uuid
+
+        import torch.distributed as dist
+
+        box = [uuid.uuid4().hex if ranks.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return f"group:{box[0]}"
+    return ""

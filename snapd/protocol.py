@@ -126,6 +126,21 @@ def _tensors(v: Any, name: str) -> None:
         if math.prod(shape) * dtypes.ITEMSIZE[t["dtype"]] != t["nbytes"]:
             raise ProtocolError(f"{name}[{i}]: nbytes {t['nbytes']} does not match shape {shape} of "
                                 f"{t['dtype']}", "bad_field")
+        if "global" in t:
+            _global(t["global"], f"{name}[{i}].global", shape)
+
+
+def _global(g: Any, name: str, shape: list[int]) -> None:
+    """A DTensor shard's place: {"shape": global shape, "offsets": its corner, "write": whether this
+    rank stores it (one rank of those it is replicated over)}; the shard must lie inside."""
+    if not isinstance(g, dict) or set(g) != {"shape", "offsets", "write"} or type(g["write"]) is not bool:
+        raise ProtocolError(f"{name} must be {{shape, offsets, write}}", "bad_field")
+    whole, offsets = g["shape"], g["offsets"]
+    if not isinstance(whole, list) or not isinstance(offsets, list) or len(whole) != len(shape) \
+            or len(offsets) != len(shape) or any(type(d) is not int or d < 0 for d in whole + offsets) \
+            or any(o + n > d for o, n, d in zip(offsets, shape, whole)):
+        raise ProtocolError(f"{name}: a shard of {shape} at {_short(offsets)} does not lie inside the global "
+                            f"shape {_short(whole)}", "bad_field")
 
 
 def _hex(length: int) -> Validator:
@@ -207,12 +222,19 @@ def _changes(v: Any, name: str) -> None:
         _scalar_node(pair[1], f"{name}[{i}][1]")
 
 
+def _key_paths(v: Any, name: str) -> None:
+    if not isinstance(v, list) or len(v) > 1024 or not all(isinstance(k, str) and 0 < len(k) <= 4096
+                                                           for k in v):
+        raise ProtocolError(f"{name} must be a list of key paths", "bad_field")
+
+
 # type -> required fields and their validators (optional fields use _opt)
 REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str()),
               "cuda_devices": _opt(_devices), "notices": _opt(_bool), "rank": _opt(_int()),
-              "world_size": _opt(_int(1)), "local_rank": _opt(_int())},
+              "world_size": _opt(_int(1)), "local_rank": _opt(_int()), "per_rank": _opt(_key_paths),
+              "run": _opt(_str(128))},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
     # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors'

@@ -55,6 +55,10 @@ def status_text(st: dict) -> str:
             for cl in st["clients"]]
     lines.append(table(rows, ["JOB", "RANK", "PID", "UID", "BUFFERS", "CODEC", "LAST SNAPSHOT"]) if rows
                  else "no clients connected")
+    for w in st.get("rank_commits", []):  # a rank's part durable, its step not yet global
+        lines.append(f"job {w['job']} step {w['step']}: rank {w['rank']} of {w['world_size']} waits "
+                     f"{w['waited_s']:.0f}/{w['timeout_s']:.0f} s for rank(s) "
+                     f"{', '.join(map(str, w['missing_ranks'])) or '-'}")
     if st["last_error"]:
         lines.append(f"last error: {st['last_error']}")
     return "\n".join(lines)

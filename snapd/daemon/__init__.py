@@ -10,7 +10,8 @@ Which thread owns what (the rule every module here keeps):
 - The flush thread owns the codec choices (others read a copy: ``Pipeline.codec_choices``); the
   GPU thread owns the devices, handles and plans (others read ``GpuCopier.in_use``); the pinning
   threads share ``HostPins``' state under its lock; the buffer pool's threads make buffers and
-  hand them to the server thread through ``buffer_making``'s queue.
+  hand them to the server thread through ``buffer_making``'s queue. The rank-commits thread holds
+  the tasks whose part is durable and waits (``PART_DURABLE``) until their step ends.
 - Nothing the server thread calls may wait on another thread's work (pinning, a flush).
 
 Modules:
@@ -32,7 +33,8 @@ Modules:
   can map; ``leftovers``: what dead processes left in the shared-memory directory.
 - ``tasks``: a snapshot in flight, its states and the task table; ``pipeline``: the state
   machine, the copy thread, the encode pool and the flush thread; ``codec_choice``: which codec
-  keeps the disk busy; ``endings``: the stages' reports turned into replies.
+  keeps the disk busy; ``endings``: the stages' reports turned into replies; ``rank_commits``:
+  the thread that watches ranks' durable parts until their global snapshot commits or is given up.
 - ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device); ``gpu_work``:
   a device's resources and the items its threads work on; ``gpu_handles``: clients' IPC handles
   and events; ``gpu_windows``: how device tensors travel through the staging window;

@@ -36,6 +36,9 @@ class DaemonConfig:
     chunk_bytes: int = 4 * MIB
     codec: str = "auto"
     drain_timeout_s: float = 120.0
+    # how long a rank's durable part waits for the other ranks' parts of its step before the step is
+    # given up (snapd.daemon.rank_commits); a rank slower than this by more fails its step
+    commit_timeout_s: float = 300.0
     exit_when_idle_s: float | None = None
     shm_dir: Path = Path("/dev/shm")
     client_check_interval_s: float = 2.0
@@ -114,6 +117,8 @@ class DaemonConfig:
             raise InvalidArgument(f"client_max_in_flight must be >= 1, got {self.client_max_in_flight}")
         if not self.busy_wait_s > 0:
             raise InvalidArgument(f"busy_wait_s must be > 0, got {self.busy_wait_s}")
+        if self.commit_timeout_s <= 0:
+            raise InvalidArgument(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")
         if self.drain_timeout_s <= 0:
             raise InvalidArgument(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:

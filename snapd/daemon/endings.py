@@ -7,6 +7,8 @@
   so its stream can wait on them.
 - ``done``: persisted or failed; the buffer goes back, the tallies move, and the client gets
   ``persisted`` or the error with its stage; ``sync`` requests waiting for it are answered.
+- ``part``: a rank's part of a global snapshot is durable, and waits for the other ranks' parts
+  (snapd.daemon.rank_commits): its buffer goes back now; its ``done`` comes with the commit.
 - ``forgotten`` (GPU copier): a client's handles are closed; its ``bye`` is answered.
 - ``buffer_ready`` (the host buffer pool's threads): a buffer made anew goes into the pool and to
   the request waiting for it.
@@ -53,6 +55,10 @@ class Endings:
         elif kind == "queued":
             self.replies.send(task.peer, protocol.message("queued", task.req_id, step=task.step,
                                                           events=event["events"]))
+        elif kind == "part":  # a rank's part is durable and waits for the others': its buffer goes back
+            self.leases.free(None, task.lease)
+            task.lease = -1
+            self._synced(task.seq)  # (what it waits for is other ranks: a sync does not wait with it)
         elif kind == "copied":
             self.leases.copied(task.lease)
             if event.get("from_gpu"):
@@ -64,8 +70,10 @@ class Endings:
     def sync(self, peer: bytes, job: str, root: Path, req_id: int) -> bytes | None:
         """``sync``: "synced" once every snapshot of ``job`` under ``root`` now in flight has ended,
         whichever client sent it (a trainer killed a moment ago, whose successor is about to restore:
-        its last snapshots are still the daemon's to write). None: answered when they end."""
-        seqs = self.tasks.of_job(job, root)
+        its last snapshots are still the daemon's to write). None: answered when they end. A rank's
+        part already durable, waiting for the other ranks' parts, is not waited for: a restarted
+        rank must not wait out the commit timeout of its previous run's step."""
+        seqs = self.tasks.of_job(job, root, writing=True)
         if not seqs:
             return protocol.message("synced", req_id)
         self._syncs.append(_Sync(peer, req_id, seqs))
@@ -75,16 +83,21 @@ class Endings:
         """The client left: its ``sync`` requests need no answer."""
         self._syncs = [x for x in self._syncs if x.peer != peer]
 
+    def _synced(self, seq: int) -> None:
+        """Task ``seq`` no longer holds up the syncs waiting for it."""
+        for sync in list(self._syncs):
+            sync.waits_for.discard(seq)
+            if not sync.waits_for:
+                self._syncs.remove(sync)
+                self.replies.send(sync.peer, protocol.message("synced", sync.req_id))
+
     def _finish(self, event: dict) -> None:
         task = self.tasks.pop(event["seq"])
         if task is None:  # (a hand-over that failed ended it already)
             return
-        for sync in list(self._syncs):
-            sync.waits_for.discard(task.seq)
-            if not sync.waits_for:
-                self._syncs.remove(sync)
-                self.replies.send(sync.peer, protocol.message("synced", sync.req_id))
-        self.leases.free(None, task.lease)
+        self._synced(task.seq)
+        if task.lease >= 0:  # (-1: a rank's part gave it back once durable)
+            self.leases.free(None, task.lease)
         self.quotas.refresh(task.root)  # (what retention deleted, what this snapshot added)
         if event["ok"]:
             self.tally.persisted(task, event["stored_bytes"], event["seconds"])

@@ -111,6 +111,7 @@ class Placed:
     region: RegionSpan | None  # the registered path: the daemon copies from the client's region
     cuda: dict | None  # the GPU path: the `cuda` descriptor (None for an empty tensor)
     inline: bool  # tiny tensors whose bytes come in the message
+    placement: tuple | None = None  # a DTensor shard's (global shape, offsets, write): TensorLeaf.placement
 
     @property
     def nbytes(self) -> int:
@@ -141,8 +142,10 @@ class Placement:
             if cuda is not None and cuda["dev"] not in devices:
                 raise ProtocolError(f"{t['key']}: this daemon cannot reach CUDA device {cuda['dev']} "
                                     f"(it sees: {', '.join(sorted(devices)) or 'none'})", "bad_field")
+            g = t.get("global")
             rows.append(Placed(t["key"], t["kind"], t["dtype"], tuple(t["shape"]), a, b, src,
-                               cuda if t["nbytes"] else None, "inline" in t))
+                               cuda if t["nbytes"] else None, "inline" in t,
+                               (tuple(g["shape"]), tuple(g["offsets"]), g["write"]) if g else None))
         if len({r.key for r in rows}) != len(rows):
             raise ProtocolError("two tensors share a key path", "bad_field")
         self.rows = rows
@@ -174,6 +177,7 @@ class Placement:
         leaves, copies, on_gpu = [], [], []
         for r in self.rows:
             leaf = TensorLeaf(r.key, r.kind, r.dtype, r.shape, buf[r.start:r.end])
+            leaf.placement = r.placement
             if r.region is not None:
                 copies.append((leaf.data, r.region))
             if r.cuda is not None:

@@ -25,9 +25,13 @@ from snapd.daemon.channels import Outbox, stage_loop
 from snapd.daemon.codec_choice import SAMPLE_BYTES, Choice, choose, measure_disk
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.regions import copy_from_region
-from snapd.daemon.tasks import COPIED, ENCODED, FAILED, PERSISTED, RECEIVED, Task, failure_fields, next_seq
+from snapd.daemon.rank_commits import RankCommits, Waiting
+from snapd.daemon.tasks import (COPIED, ENCODED, FAILED, PART_DURABLE, PERSISTED, RECEIVED, Task,
+                                failure_fields, next_seq)
 from snapd.errors import FlushError
+from snapd.format import global_commit
 from snapd.format.jobdir import JobDir
+from snapd.format.rank_parts import roles
 from snapd.format.saving import encode_and_write
 from snapd.format.writer import SnapshotWriter
 
@@ -64,10 +68,12 @@ class Pipeline:
                                         args=(ctx, "copy", self._copies.get, self._copy_one,
                                               self._copy_failed))
         self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
+        self.commits = RankCommits(ctx, config.commit_timeout_s, self._part_committed, self._commit_failed)
 
     def start(self) -> None:
         self._thread.start()
         self._copier.start()
+        self.commits.start()
         if self.config.codec == "auto":
             self._probe.start()
 
@@ -134,6 +140,7 @@ class Pipeline:
         if self._thread.is_alive():  # (a daemon stopped before it started serving never started it)
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.commits.stop()
 
     def gpu_shuffle(self, task: Task) -> str | None:
         """The shuffling codec the GPU copy should prepare chunks for, if the job's codec shuffles
@@ -218,31 +225,71 @@ class Pipeline:
                 b = task.buffer
                 reads = BufferReads(b.path, b.address, b.end, self._scratch, copy=b.foreign)
             codec = self._codec(task, reads)
+            parts = roles(task.leaves, task.rank, task.world_size, task.per_rank) if task.world_size > 1 \
+                else None
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
-                                 self.config.chunk_bytes, reads.chunk if reads is not None else None)
+                                 self.config.chunk_bytes, reads.chunk if reads is not None else None, parts)
             except (OSError, FlushError):
                 stage = "flush"
                 raise
             task.advance(ENCODED)
             stage = "flush"
-            done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec, retention=task.retention,
-                                 emergency=task.emergency)
-            task.advance(PERSISTED)
+            if parts is not None:
+                stage = "commit"
+                event = self._deliver(task, writer, codec, started)
+            else:
+                done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec,
+                                     retention=task.retention, emergency=task.emergency)
+                task.advance(PERSISTED)
         except Exception as e:  # every failure is reported to the client, naming the stage
             if writer is not None:
                 writer.abort()
             if reads is not None:
                 reads.close()
+            if task.world_size > 1 and stage != "commit":  # the other ranks need not wait for the timeout
+                global_commit.fail_step(JobDir(task.root, task.job), task.step, task.world_size, task.run,
+                                        f"rank {task.rank}'s part failed in {stage}: {e}")
             return self.failed(task, stage, *failure_fields(e, stage), e)
         if reads is not None:
             reads.close()
+        if parts is not None:
+            return event
         try:
             self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
         except Exception:  # (the snapshot is persisted: only the next codec choice misses this one)
             log.exception("job %s: learning from the flush of step %d failed", task.job, task.step)
+        return self._persisted(task, str(done.path), codec, done.entry.stored_bytes)
+
+    def _persisted(self, task: Task, path: str, codec: str, stored_bytes: int) -> dict[str, Any]:
         took = task.times[PERSISTED] - task.times[RECEIVED]
         log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
-                 done.entry.stored_bytes, codec, took)
-        return {"event": "done", "seq": task.seq, "ok": True, "path": str(done.path), "codec": codec,
-                "stored_bytes": done.entry.stored_bytes, "seconds": took}
+                 stored_bytes, codec, took)
+        return {"event": "done", "seq": task.seq, "ok": True, "path": path, "codec": codec,
+                "stored_bytes": stored_bytes, "seconds": took}
+
+    # -- a rank's part of a global snapshot (snapd.format.global_commit) -------------------
+    def _deliver(self, task: Task, writer: SnapshotWriter, codec: str, started: float) -> dict[str, Any]:
+        """Seal a rank's part and deliver it: the snapshot is done if it was the last part, else it
+        waits (snapd.daemon.rank_commits) and its host buffer goes back now ("part")."""
+        part = {"rank": task.rank, "world_size": task.world_size, "run": task.run}
+        sealed = writer.seal(tree=task.tree, metrics=task.metrics, codec=codec, best=task.retention.best,
+                             emergency=task.emergency, part=part)
+        delivery = global_commit.deliver(writer.job, writer.tmp, sealed, task.retention)
+        if delivery.committed is None:
+            task.advance(PART_DURABLE)
+            log.info("%s step %d: rank %d's part is durable; waiting for rank(s) %s", task.job, task.step,
+                     task.rank, delivery.missing)
+            self.commits.add(Waiting(task, delivery, time.monotonic(), codec, sealed.stored_bytes,
+                                     delivery.missing))
+            return {"event": "part", "seq": task.seq}
+        task.advance(PERSISTED)
+        self._learn(task, writer, codec, sealed.stored_bytes, task.times[PERSISTED] - started)
+        return self._persisted(task, str(delivery.committed.path), codec, sealed.stored_bytes)
+
+    def _part_committed(self, w: Waiting, path: str) -> dict[str, Any]:
+        w.task.advance(PERSISTED)
+        return self._persisted(w.task, path, w.codec, w.stored_bytes)
+
+    def _commit_failed(self, task: Task, message: str) -> dict[str, Any]:
+        return self.failed(task, "commit", "commit_failed", message)

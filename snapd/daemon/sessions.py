@@ -33,12 +33,14 @@ class Session:
     expects: int | None = None  # the buffer its job's last snapshot needs, when it resumed (Leases.expect)
     rank: int = 0  # which rank of how many (client/ranks.py)
     world_size: int = 1
+    per_rank: tuple[str, ...] = ()  # key paths whose values are each rank's own (snapd.format.rank_parts)
+    run: str = ""  # which run of the job (client/ranks.py): parts commit together only within one
 
 
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
-    """Why ``s`` may not write its job ('' if it may): another live process writes it. Snapshots of
-    one job from two processes would interleave (each rank's part replacing the other's at a step,
-    ``latest`` from either); until snapshots span ranks, each job has one writing process."""
+    """Why ``s`` may not write its job ('' if it may): another live process writes it as the same
+    rank (two single processes, or two claiming one rank), or the job's ranks on this node disagree
+    on the world size. Snapshots of one job from two processes of one rank would interleave."""
     for other in sessions.values():
         same_job = other.job == s.job and other.jobs_root == s.jobs_root
         if not same_job or other.pid == s.pid or not pid_alive(other.pid):
@@ -46,13 +48,13 @@ def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
         if s.world_size == 1 and other.world_size == 1:
             return (f"job {s.job} is being written by another process, pid {other.pid}: two processes "
                     "writing one job would interleave their snapshots; use another job name, or end that one")
+        if other.world_size != s.world_size:
+            return (f"job {s.job} runs with world size {other.world_size} here (rank {other.rank}, pid "
+                    f"{other.pid}); this process says {s.world_size}: the world size changes only across a "
+                    "restart of every rank")
         if other.rank == s.rank:
             return f"rank {s.rank} of job {s.job} is already connected from pid {other.pid}: two processes " \
                    "claim the same rank"
-        return (f"job {s.job} is being written by rank {other.rank} of {other.world_size} (pid {other.pid}): "
-                "the ranks of one job cannot share it yet (snapshots that span ranks are to come); give "
-                "each rank its own job (connect(f\"{job}-rank{rank}\")), or snapshot the full state from one "
-                "rank")
     return ""
 
 
@@ -65,7 +67,8 @@ def new_session(sessions: dict[bytes, Session], peer: bytes, hello: dict, pid: i
     retention = Retention(keep_last=hello.get("keep_last"), keep_every_steps=hello.get("keep_every_steps"),
                           best=tuple(hello["best"]) if hello.get("best") else None)
     s = Session(peer, check_job_name(hello["job"]), pid, uid, jobs_root, retention, hello["on_busy"],
-                notices=bool(hello.get("notices")), rank=rank, world_size=world_size)
+                notices=bool(hello.get("notices")), rank=rank, world_size=world_size,
+                per_rank=tuple(hello.get("per_rank") or ()), run=hello.get("run") or "")
     taken = job_in_use(sessions, s)
     if taken:
         raise ProtocolError(taken, "job_in_use")

@@ -119,6 +119,7 @@ class Status:
         mine = self._mine(viewer)
         full["clients"] = [c for c in full["clients"] if c["uid"] == viewer.uid]
         full["jobs"] = [j for j in full["jobs"] if mine(j["dir"])]
+        full["rank_commits"] = [w for w in full["rank_commits"] if mine(w["dir"])]
         full["codecs"] = {k: v for k, v in full["codecs"].items() if mine(str(self.config.root / k))}
         full["access"] = {**full["access"], "uids": [viewer.uid], "gids": []}
         full["last_error"] = ""  # (it names another user's job and path as readily as one's own)
@@ -147,4 +148,5 @@ class Status:
                            for key, c in self.pipeline.codec_choices().items()},
                 "jobs": sorted(tally.recent.jobs.values(), key=lambda j: j["dir"]),
                 "throughput": tally.recent.throughput(),
-                "counters": dict(tally.counters), "last_error": tally.last_error}
+                "counters": dict(tally.counters), "last_error": tally.last_error,
+                "rank_commits": self.pipeline.commits.status()}

@@ -19,7 +19,9 @@ from snapd.format.tree import TensorLeaf
 from snapd.format.writer import Retention
 
 RECEIVED, COPIED, ENCODED, PERSISTED, FAILED = "RECEIVED", "COPIED", "ENCODED", "PERSISTED", "FAILED"
-TRANSITIONS = {RECEIVED: {COPIED, FAILED}, COPIED: {ENCODED, FAILED}, ENCODED: {PERSISTED, FAILED},
+PART_DURABLE = "PART_DURABLE"  # a rank's part is durable; the other ranks' parts are not all in yet
+TRANSITIONS = {RECEIVED: {COPIED, FAILED}, COPIED: {ENCODED, FAILED},
+               ENCODED: {PERSISTED, PART_DURABLE, FAILED}, PART_DURABLE: {PERSISTED, FAILED},
                PERSISTED: set(), FAILED: set()}
 _seq = itertools.count()
 
@@ -59,6 +61,10 @@ class Task:
     seq: int = field(default_factory=next_seq)
     times: dict[str, float] = field(default_factory=lambda: {RECEIVED: time.monotonic()})
     taken_unix_s: float = field(default_factory=time.time)  # orders ``latest`` (snapd.format.index)
+    rank: int = 0  # a rank's part of a global snapshot when world_size > 1 (snapd.format.global_commit)
+    world_size: int = 1
+    per_rank: tuple[str, ...] = ()
+    run: str = ""
 
     @property
     def key(self) -> str:
@@ -107,8 +113,10 @@ class TaskTable:
         """The snapshots of one connection still in flight (they hold its buffers)."""
         return [t for t in self._tasks.values() if t.peer == peer]
 
-    def of_job(self, job: str, root: Path) -> set[int]:
-        return {t.seq for t in self._tasks.values() if t.job == job and t.root == root}
+    def of_job(self, job: str, root: Path, writing: bool = False) -> set[int]:
+        """The job's snapshots in flight; ``writing``: not those whose part is durable already."""
+        return {t.seq for t in self._tasks.values() if t.job == job and t.root == root
+                and not (writing and t.state == PART_DURABLE)}
 
     def pending_bytes(self, root: Path) -> int:
         """The bytes being written under one user's directory (the disk quota counts them)."""
