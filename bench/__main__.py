@@ -18,6 +18,7 @@ from pathlib import Path
 
 MIB = 1 << 20
 SCENARIOS = ("stall", "durable", "concurrency", "compression", "restore", "emergency")
+SEPARATE = ("distributed",)  # only when asked for (torchrun jobs: bench/distributed.py)
 PLANS = {
     "full": {"model": "full", "steps": 12, "every": 3, "sizes": [256 * MIB, 1024 * MIB, 4096 * MIB],
              "concurrency": [1, 2, 4], "conc_bytes": 256 * MIB, "emergency_bytes": 1024 * MIB,
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     help="where results go (default bench/results, or bench/results-quick)")
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
-    ap.add_argument("--only", action="append", choices=SCENARIOS,
+    ap.add_argument("--only", action="append", choices=SCENARIOS + SEPARATE,
                     help="run only these scenarios (repeatable)")
     ap.add_argument("--repeats", type=int)
     args = ap.parse_args(argv)
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     out = args.out or here / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
+    if "distributed" in (args.only or []):
+        from bench import distributed
+
+        sub = distributed.parser().parse_args(["--dir", args.dir, "--out", str(out)] + (
+            ["--mib", "24", "--reps", "1", "--simulate", "4,16"] if args.quick else []) + (
+            ["--reps", str(args.repeats)] if args.repeats else []))
+        distributed.run(sub)
+        args.only.remove("distributed")
+        if not args.only:
+            return 0
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="snapd-bench-"))
     command = "python -m bench" + (" --quick" if args.quick else "") + \
         "".join(f" --only {s}" for s in args.only or [])

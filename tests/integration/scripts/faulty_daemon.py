@@ -4,14 +4,15 @@ hit by the snapshots of step STEP: ``handoff`` (the server thread's hand-over af
 own error handling). What a bug of ours there does is what the error boundary must contain.
 ``install`` pauses the flush instead, for good, at the last moment of a commit (data and manifest
 written and synced, the directory not yet renamed into place), after logging "paused": a test
-then kills the daemon there."""
+then kills the daemon there. ``deliver`` pauses a rank's part of step STEP the same way, sealed (its
+data and manifest synced) but not yet delivered to its global snapshot."""
 
 import logging
 import sys
 import threading
 
 from snapd.daemon import intake, pipeline
-from snapd.format import jobdir
+from snapd.format import global_commit, jobdir
 
 stage, step = sys.argv[1], int(sys.argv[2])
 
@@ -20,7 +21,16 @@ class Planted(RuntimeError):
     pass
 
 
-if stage == "install":
+if stage == "deliver":
+    deliver = global_commit.deliver
+
+    def paused_part(job, tmp, part, retention):
+        if part.step == step:
+            logging.getLogger("faulty_daemon").warning("paused before delivering step %d", part.step)
+            threading.Event().wait()
+        return deliver(job, tmp, part, retention)
+    global_commit.deliver = paused_part
+elif stage == "install":
     install = jobdir.JobDir.install
 
     def paused(self, tmp, at_step):

@@ -1,6 +1,6 @@
 """``torchrun --nproc-per-node 2 ranks_connect.py ENDPOINT``: each rank connects for its own job (its
-rank learned from the process group), then both for one job: one of them is refused, naming the
-other. Prints one line per outcome."""
+rank learned from the process group), then both for one job, as its two ranks. Prints one line per
+outcome."""
 
 import sys
 

@@ -1,0 +1,43 @@
+"""``python rank_job.py ENDPOINT JOB RANK WORLD RUN STEP[,STEP...] [stall-at STEP]``: one rank of a job
+with no process group (its rank given, as a launcher without torch would), snapshotting a state whose
+``w`` is the same on every rank and whose ``own`` is this rank's (``per_rank``), and waiting for
+each global snapshot. Prints ``COMMITTED step`` or ``FAILED step code: message`` per step, and
+``STALLING step`` before stalling for good at that step (a test then kills it there)."""
+
+import sys
+import threading
+
+import numpy as np
+
+import snapd.client as snapd
+from snapd.errors import SnapdError
+
+
+def state(step: int, rank: int) -> dict:
+    return {"w": np.full(4096, step, np.float32), "own": np.full(8, 100 * step + rank, np.int64),
+            "step": step}
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+endpoint, job, rank, world, run, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
+    sys.argv[5], [int(s) for s in sys.argv[6].split(",")]
+stall = int(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[7] == "stall-at" else None
+client = snapd.connect(job, endpoint=endpoint, spawn=False, rank=rank, world_size=world, run_id=run,
+                       per_rank=["own"])
+if "restore" in sys.argv[7:]:
+    back = client.restore("latest")
+    say(f"RESTORED {back['step']} {int(back['own'][0])} {float(back['w'][0])}")
+for step in steps:
+    if step == stall:
+        say(f"STALLING {step}")
+        threading.Event().wait()
+    try:
+        client.snapshot(state(step, rank), step=step).wait(120)
+        say(f"COMMITTED {step}")
+    except SnapdError as e:
+        say(f"FAILED {step} {e.code}: {e}")
+client.close()
