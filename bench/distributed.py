@@ -6,9 +6,10 @@
    snapshot is durable (snapd: its global snapshot committed; DCP: the future done), the slowest
    rank's, median of the repeats; the disk floor for the stored bytes (a probe's durable write
    speed). Then restore: ``snapd.load(into=)`` against ``dcp.load`` on the same 2 ranks and on 1.
-2. At scale, simulated: N ranks (threads, each writing its small part through the same commit a
-   daemon makes) against one root: the time until the global snapshot is committed, the global
-   manifest's size, and ``ls``, ``load`` and DCP's ``read_metadata`` time, for each N.
+2. At scale, simulated: N ranks on up to 32 simulated nodes (a process each, its ranks' small
+   parts written by threads through the same commit a daemon makes) against one root: the time
+   until the global snapshot is committed, the global manifest's size, and ``ls``, ``load`` and
+   DCP's ``read_metadata`` time, for each N.
 Results: bench/results/distributed.{jsonl,md,png}.
 """
 
@@ -106,38 +107,30 @@ def reps_saved(work: str) -> int:
 
 
 def simulate(root: Path, ranks: int) -> dict[str, float]:
-    """``ranks`` threads each save a small part of one global snapshot through the format's commit
-    (what each node's daemon runs); the commit's and the readers' costs."""
+    """``ranks`` ranks on ``nodes`` simulated nodes (a process each, as each node has its daemon,
+    its ranks' parts written by threads in it) save small parts of one global snapshot through the
+    format's commit: the time from the start signal until every rank has seen it committed, and the
+    readers' costs after."""
     from snapd.dcp import SnapshotReader
     from snapd.format import catalog
-    from snapd.format.saving import save_leaves
-    from snapd.format.tree import flatten
-    from snapd.format.writer import Retention
 
-    rows = 16
-    errors: list[BaseException] = []
-
-    def one(rank: int) -> None:
-        state = {"w": np.full((rows, 64), rank, np.float32), "b": np.ones(256, np.float32),
-                 "own": np.full(8, rank, np.int64)}
-        tree, leaves = flatten(state)
-        leaves[0].placement = ((rows * ranks, 64), (rows * rank, 0), True)
-        try:
-            save_leaves(root, "sim", tree, leaves, step=ranks, metrics={},
-                        retention=Retention(keep_last=None), codec="raw", chunk_bytes=4 << 20,
-                        shard_bytes=1 << 30, threads=1, emergency=False,
-                        rank=rank, world_size=ranks, per_rank=("own",), commit_timeout_s=600, run="sim")
-        except BaseException as e:
-            errors.append(e)
-    threads = [threading.Thread(target=one, args=(r,)) for r in range(ranks)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    commit = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+    nodes = max(1, min(32, ranks // 8))
+    go = root / "go"
+    root.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.distributed", "node", str(root), str(ranks),
+                               str(node), str(nodes)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent) for node in range(nodes)]
+    while len(list(root.glob("ready-*"))) < nodes:
+        assert all(p.poll() is None for p in procs), "a simulated node died"
+        time.sleep(0.05)
+    start = time.time()
+    go.touch()
+    ends = []
+    for p in procs:
+        out, _ = p.communicate(timeout=1800)
+        assert p.returncode == 0, out
+        ends.append(float(out.split()[-1]))
+    commit = max(ends) - start
     path = root / "sim" / f"step-{ranks:012d}"
     t0 = time.perf_counter()
     catalog.list_snapshots(root, "sim")
@@ -145,12 +138,49 @@ def simulate(root: Path, ranks: int) -> dict[str, float]:
     t0 = time.perf_counter()
     whole = snapd_load(root, ranks)
     load = time.perf_counter() - t0
-    assert whole["w"].shape == (rows * ranks, 64) and whole["w"][-1, 0] == ranks - 1
+    assert whole["w"].shape == (SIM_ROWS * ranks, 64) and whole["w"][-1, 0] == ranks - 1
     t0 = time.perf_counter()
     SnapshotReader(path, rank=0).read_metadata()
     meta = time.perf_counter() - t0
     return {"commit_s": commit, "manifest_bytes": (path / "manifest.json").stat().st_size, "ls_s": ls,
-            "load_s": load, "dcp_metadata_s": meta}
+            "load_s": load, "dcp_metadata_s": meta, "nodes": nodes}
+
+
+SIM_ROWS = 16
+
+
+def node(root: Path, ranks: int, node: int, nodes: int) -> None:
+    """(A simulated node.) Its ranks' parts, each written on a thread once the start signal is
+    there; prints when the last of them saw the snapshot committed."""
+    from snapd.format.saving import save_leaves
+    from snapd.format.tree import flatten
+    from snapd.format.writer import Retention
+
+    errors: list[BaseException] = []
+
+    def one(rank: int) -> None:
+        state = {"w": np.full((SIM_ROWS, 64), rank, np.float32), "b": np.ones(256, np.float32),
+                 "own": np.full(8, rank, np.int64)}
+        tree, leaves = flatten(state)
+        leaves[0].placement = ((SIM_ROWS * ranks, 64), (SIM_ROWS * rank, 0), True)
+        try:
+            save_leaves(root, "sim", tree, leaves, step=ranks, metrics={},
+                        retention=Retention(keep_last=None), codec="raw", chunk_bytes=4 << 20,
+                        shard_bytes=1 << 30, threads=1, emergency=False,
+                        rank=rank, world_size=ranks, per_rank=("own",), commit_timeout_s=1200, run="sim")
+        except BaseException as e:
+            errors.append(e)
+    (root / f"ready-{node}").touch()
+    while not (root / "go").exists():
+        time.sleep(0.005)
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(node, ranks, nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    print(time.time())
 
 
 def snapd_load(root: Path, step: int) -> dict:
@@ -237,7 +267,10 @@ def _markdown(times: dict, floor: float, loads: dict, sims: dict, mib: int, mach
     for n, t in loads.items():
         a, b = statistics.median(t["snapd.load(into=)"]), statistics.median(t["dcp.load"])
         lines.append(f"| on {n} rank(s) | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
-    lines += ["", "At scale, simulated (threads writing small parts through the same commit):", "",
+    lines += ["", "At scale, simulated: N ranks on up to 32 nodes (a process each, its ranks on "
+              "threads), small parts (a 16x64 fp32 shard, a replicated tensor, a per-rank one) through the "
+              "same commit, one root on this machine's disk; commit = from the start until every rank saw "
+              "it committed:", "",
               "| ranks | commit (s) | global manifest | ls (s) | load, one process (s) | "
               "DCP read_metadata (s) |",
               "|---|---|---|---|---|---|"]
@@ -282,5 +315,7 @@ def parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "node":
+        node(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         run(parser().parse_args())

@@ -4,7 +4,8 @@ From ``torch.distributed`` when a process group is initialized (only if torch is
 a process that never imported it has no group), else from the launcher's environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, as torchrun sets them), else from ``connect(rank=, world_size=)``;
 a single process is rank 0 of 1. Explicit arguments that contradict the group or the launcher are
-refused: a rank that believes it is another would write another rank's part.
+refused (a rank that believes it is another would write another rank's part), except rank=0,
+world_size=1: one rank of a job that writes it alone (a full state gathered on that rank).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def detect(rank: int | None = None, world_size: int | None = None) -> Ranks:
         raise InvalidArgument("pass rank= and world_size= together (or neither: they are then learned from "
                               "torch.distributed or $RANK and $WORLD_SIZE)")
     found = _from_group() or _from_environment()
+    if rank == 0 and world_size == 1 and found is not None:  # one rank writes the job alone (a full state)
+        return Ranks(0, 1, found.local_rank, "connect(rank=0, world_size=1): this rank writes alone")
     if found is not None and rank is not None and (rank, world_size) != (found.rank, found.world_size):
         raise InvalidArgument(f"rank={rank}, world_size={world_size} contradict {found.source}: rank "
                               f"{found.rank} of {found.world_size}")
@@ -75,10 +78,12 @@ def detect(rank: int | None = None, world_size: int | None = None) -> Ranks:
 def run_id(explicit: str | None, ranks: Ranks) -> str:
     """Which run of the job this process belongs to, the same on all its ranks: the parts of one
     step commit together only within one run, so a job restarted (after a crash, on another world
-    size) never completes a step with a part its previous run left. ``connect(run_id=)``, else the
-    launcher's (torchrun's run id and restart count, Slurm's job, step and restart count), else,
-    in a process group, rank 0's random id sent to the others once (here, at connect: never on
-    the training step), else '' (one run: say run_id= when ranks restart without a launcher)."""
+    size) never completes a step with a part its previous run left. ``connect(run_id=)``, else
+    ``$SNAPD_RUN_ID``, else the launcher's (torchrun's run id and restart count; Slurm's job, step
+    and restart count), else '' (one run: launchers without such ids should set one). No
+    collective is made for it: a rank that connects alone must not wait for the others."""
+    if explicit is None:
+        explicit = os.environ.get("SNAPD_RUN_ID") or None
     if explicit is not None:
         if not isinstance(explicit, str) or not 0 < len(explicit) <= 128:
             raise InvalidArgument(f"run_id must be a str of 1-128 characters, got {explicit!r}")
@@ -91,12 +96,4 @@ def run_id(explicit: str | None, ranks: Ranks) -> str:
     if env.get("SLURM_JOB_ID"):
         return (f"slurm:{env['SLURM_JOB_ID']}:{env.get('SLURM_STEP_ID', '')}:"
                 f"{env.get('SLURM_RESTART_COUNT', '0')}")
-    if ranks.source == "the torch.distributed process group":
-        import uuid
-
-        import torch.distributed as dist
-
-        box = [uuid.uuid4().hex if ranks.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return f"group:{box[0]}"
     return ""

@@ -28,6 +28,7 @@ from snapd.format.global_commit import Delivery
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02
+COUNT_EVERY_S = 1.0  # how often a waiting part's missing ranks are listed (``snapd status``)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Waiting:
     codec: str
     stored_bytes: int  # this rank's part
     missing: list[int]
+    counted: float = 0.0  # when the missing ranks were last listed (each look need not list them)
 
 
 class RankCommits:
@@ -98,8 +100,10 @@ class RankCommits:
         """Look at one waiting part; send its ending if it has one. Its own error boundary: a
         failure to look fails that snapshot, not the thread."""
         try:
-            now = global_commit.outcome(w.delivery)
-            waited = time.monotonic() - w.since
+            at = time.monotonic()
+            count = at - w.counted >= COUNT_EVERY_S
+            now = global_commit.outcome(w.delivery, count)
+            waited = at - w.since
             if now.state == "waiting" and waited >= self.timeout_s:
                 now = global_commit.give_up(w.delivery, waited)
             if now.state == "committed":
@@ -109,7 +113,8 @@ class RankCommits:
                 outbox.send(self._failed(w.task, f"step {w.task.step} of job {w.task.job} was not committed: "
                                                  f"{now.detail}"))
                 return True
-            w.missing = now.missing
+            if count:
+                w.missing, w.counted = now.missing, at
             return False
         except Exception as e:  # (the shared filesystem failing under us, say)
             log.exception("job %s step %d: watching the global commit failed", w.task.job, w.task.step)

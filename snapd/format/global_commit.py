@@ -84,8 +84,7 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention) -> Del
         if dst.exists():
             raise InvalidArgument(f"step {step} of job {job.job}: rank {rank}'s part is there already: two "
                                   f"processes claim rank {rank} of {world}")
-        os.rename(tmp, dst)
-        fsync_dir(pend)
+        os.rename(tmp, dst)  # (not fsynced here: the commit fsyncs the pending directory, once)
         have = _ranks(pend)
         out.missing = sorted(set(range(world)) - have)
         if out.missing:
@@ -113,8 +112,10 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention) -> Del
     return out
 
 
-def outcome(d: Delivery) -> Outcome:
-    """What became of a delivered part's step (any thread, no lock: read from the filesystem)."""
+def outcome(d: Delivery, count: bool = True) -> Outcome:
+    """What became of a delivered part's step (any thread, no lock: read from the filesystem). With
+    ``count``, a step still waiting says which ranks are missing (a listing of the pending
+    directory: asked now and then, not on every look)."""
     committed = _committed(d)
     if committed is not None:
         return committed
@@ -122,10 +123,12 @@ def outcome(d: Delivery) -> Outcome:
     if reason is not None:
         return Outcome("failed", reason)
     try:
-        missing = sorted(set(range(d.world_size)) - _ranks(d.pending))
+        missing = sorted(set(range(d.world_size)) - _ranks(d.pending)) if count else None
+        if missing is None and not d.pending.is_dir():
+            raise FileNotFoundError(d.pending)
     except FileNotFoundError:  # (renamed into place between the two looks, or removed)
         return _committed(d) or Outcome("failed", "its pending parts were removed")
-    return Outcome("waiting", f"ranks {_ranges(missing)}", missing)
+    return Outcome("waiting", f"ranks {_ranges(missing)}" if missing else "", missing or [])
 
 
 def give_up(d: Delivery, waited_s: float) -> Outcome:
@@ -146,12 +149,12 @@ def give_up(d: Delivery, waited_s: float) -> Outcome:
 
 def wait(d: Delivery, timeout_s: float, poll_s: float = 0.02) -> Committed:
     """Block until the step of ``d`` is committed (``snapd.save`` in-process); ``CommitFailed`` if it
-    fails or ``timeout_s`` passes first."""
+    fails or ``timeout_s`` passes first. Looks every ``poll_s``, backing off to half a second."""
     if d.committed is not None:
         return d.committed
     deadline = time.monotonic() + timeout_s
     while True:
-        now = outcome(d)
+        now = outcome(d, count=False)
         if now.state == "waiting" and time.monotonic() >= deadline:
             now = give_up(d, timeout_s)
         if now.state == "committed":
@@ -160,6 +163,7 @@ def wait(d: Delivery, timeout_s: float, poll_s: float = 0.02) -> Committed:
         if now.state == "failed":
             raise CommitFailed(f"step {d.step} of job {d.job.job} is not committed: {now.detail}")
         time.sleep(poll_s)
+        poll_s = min(0.5, poll_s * 1.5)
 
 
 def fail_step(job: JobDir, step: int, world_size: int, run: str, reason: str) -> None:

@@ -49,7 +49,7 @@ def finish(p: subprocess.Popen, timeout: float = 120) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_fsdp2_job_resumes_bit_exact_and_reshards_onto_1_3_and_4_ranks(tmp_path, torchrun, start) -> None:
+def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path, torchrun, start) -> None:
     a = start(name="a")
     b = start(name="b", root=a.root)  # a second node's daemon, the same shared root
     dcp_dir = str(tmp_path / "dcp")
@@ -65,8 +65,14 @@ def test_fsdp2_job_resumes_bit_exact_and_reshards_onto_1_3_and_4_ranks(tmp_path,
     assert sorted(re.findall(r"RNG (\d \w+)", saved)) == restored
     verify = snapd_cli("verify", str(a.root / "fsdp"))
     assert verify.returncode == 0 and verify.stdout.count("ok ") == 4, verify.stdout
+    # the same job on 4 ranks, through one daemon: its snapshot loads on 2 ranks as DCP's does
+    dcp4 = str(tmp_path / "dcp4")
+    saved = torchrun(FSDP2, "save", str(a.root), "fsdp4", dcp4, a.endpoint, nproc=4).stdout
+    assert sorted(re.findall(r"SAVED (\d)", saved)) == ["0", "1", "2", "3"], saved
     a.stop()
     b.stop()
+    out = torchrun(FSDP2, "load", str(a.root), "fsdp4", dcp4, nproc=2).stdout
+    assert len(re.findall(r"LOADED \d 18", out)) == 2, out
     for n in (1, 3, 4):  # (step 3: the state DCP saved too; step 4 is the resumed run's)
         out = torchrun(FSDP2, "load", str(a.root), "fsdp", dcp_dir, nproc=n).stdout
         assert len(re.findall(r"LOADED \d 18", out)) == n, out

@@ -55,3 +55,20 @@ def test_hostile_snapshot_fails_with_named_problem(case, tmp_path, capsys) -> No
     snapd.save(tmp_path, "j", {"w": [1]}, step=1)
     shutil.copytree(case / "snapshot", job / "step-000000000002")
     assert snapd.load(tmp_path, "j", step=1) == {"w": [1]}
+
+
+def test_the_format_2_global_snapshot_loads_byte_exact_on_each_rank(digest, capsys) -> None:
+    """tests/data/global-v2: a job saved on 2 ranks (tests/data/make_golden_global.py)."""
+    golden = DATA / "global-v2"
+    expected = json.loads((golden / "expected.json").read_text())
+    for rank, tensors in expected.items():
+        out = snapd.load(golden, "golden-global", step=1200, rank=int(rank))
+        flat = {"model.rows": out["model"]["rows"], "model.cols": out["model"]["cols"],
+                "model.bias": out["model"]["bias"], "rng": out["rng"]}
+        assert set(flat) == set(tensors)
+        for key, exp in tensors.items():
+            assert digest(flat[key]) == exp["sha256"], (rank, key)
+            assert list(flat[key].shape) == exp["shape"]
+        assert out["step"] == 1200 and out["note"] == b"\x00v2" and int(out["rng"][0]) == 1000 + int(rank)
+    assert cli(["verify", str(golden / "golden-global")]) == 0
+    assert "ok " in capsys.readouterr().out

@@ -59,3 +59,28 @@ def test_the_process_group_wins_over_the_environment(env, tmp_path) -> None:
             detect(5, 6)
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_may_write_alone_and_runs_are_named_by_the_launcher(env) -> None:
+    from snapd.client.ranks import run_id
+
+    for name in ("SNAPD_RUN_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
+                 "SLURM_STEP_ID", "SLURM_RESTART_COUNT"):
+        env.delenv(name, raising=False)
+    env.setenv("RANK", "0")
+    env.setenv("WORLD_SIZE", "4")
+    solo = detect(0, 1)  # rank 0 gathers the full state and writes the job alone
+    assert (solo.rank, solo.world_size) == (0, 1)
+    with pytest.raises(InvalidArgument, match="contradict"):
+        detect(1, 1)
+    ranks = detect()
+    assert run_id(None, ranks) == ""
+    env.setenv("SLURM_JOB_ID", "77")
+    env.setenv("SLURM_RESTART_COUNT", "2")
+    assert run_id(None, ranks) == "slurm:77::2"
+    env.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert run_id(None, ranks) == "torchrun:abc:0"
+    env.setenv("SNAPD_RUN_ID", "mine")
+    assert run_id(None, ranks) == "mine" and run_id("given", ranks) == "given"
+    with pytest.raises(InvalidArgument, match="run_id"):
+        run_id("x" * 200, ranks)
