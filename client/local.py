@@ -17,7 +17,7 @@ from snapd.client.ranks import run_id as find_run_id
 from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
 from snapd.format.global_reader import GlobalReader, open_snapshot
 from snapd.format.rank_parts import check_per_rank
-from snapd.format.tree import has_dtensors
+from snapd.format.dtensors import has_dtensors
 from snapd.format.saving import DEFAULT_CODEC, save_state
 from snapd.format.writer import Retention
 

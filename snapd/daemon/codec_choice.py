@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from snapd.format import codecs, dtypes
-from snapd.format.manifest import CODECS
+from snapd.format.chunks import CODECS
 from snapd.format.tree import TensorLeaf
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_host_memory_bytes
 from snapd.errors import InvalidArgument
-from snapd.format.manifest import CODECS
+from snapd.format.chunks import CODECS
 from snapd.paths import check_endpoint, default_endpoint, default_root
 
 

@@ -20,6 +20,7 @@ import xxhash
 
 from snapd.errors import FormatError, VersionError
 from snapd.format import dtypes
+from snapd.format.chunks import Chunk, check_chunk, check_overlaps
 from snapd.format.tree import MAX_DEPTH, key_problem
 
 MAGIC = "snapd-snapshot"
@@ -27,22 +28,9 @@ FORMAT_VERSION = 2  # the newest this snapd reads; single-process snapshots are 
 SCOPES = ("shard", "replicated", "rank")  # a rank part's tensors (docs/FORMAT.md section 7)
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
-CODECS = ("raw", "lz4", "shuffle-lz4", "shuffle-zstd")
 DATA_FILE_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.bin\Z", re.ASCII)
-MAX_CHUNK_RAW_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 256 << 20
 KINDS = ("numpy", "numpy_scalar", "torch", "cupy")
-
-
-@dataclass
-class Chunk:
-    file: int  # index into Manifest.files
-    offset: int  # byte offset of the stored bytes in that file
-    stored: int  # stored length
-    raw: int  # length once decoded
-    codec: str
-    checksum: str  # xxh3_64 of the stored bytes, 16 hex digits
-    planes: list[int] | None = None  # shuffle codecs: stored length of each byte plane
 
 
 @dataclass
@@ -210,13 +198,13 @@ def _build(body: dict) -> Manifest:
                        stored=_int(c["stored"], f"{key}: chunk stored length"),
                        raw=_int(c["raw"], f"{key}: chunk raw length"), codec=c["codec"],
                        checksum=c["checksum"], planes=c.get("planes"))
-            _check_chunk(key, ch, size, files)
+            check_chunk(key, ch, size, files)
             chunks.append(ch)
         if stored and sum(c.raw for c in chunks) != nbytes:
             raise FormatError(f"{key}: chunks decode to {sum(c.raw for c in chunks)} bytes, not {nbytes}")
         tensors.append(TensorRecord(key, t["kind"], t["dtype"], shape, nbytes, chunks, scope, stored,
                                     global_shape, offsets))
-    _check_overlaps(tensors, files)
+    check_overlaps([(t.key, t.chunks) for t in tensors], files)
     _check_tree(body["tree"], len(tensors))
     metrics = body["metrics"]
     if not isinstance(metrics, dict):
@@ -269,40 +257,6 @@ def _placement(t: dict, key: str, shape: list[int], version: int
         raise FormatError(f"{key}: a shard of {shape} at {offsets} does not lie inside its global shape "
                           f"{whole}")
     return scope, stored, whole, offsets
-
-
-def _check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:
-    if c.codec not in CODECS:
-        raise FormatError(f"{key}: unknown codec {c.codec!r} (known: {', '.join(CODECS)})")
-    if c.file >= len(files):
-        raise FormatError(f"{key}: chunk names data file {c.file}, but there are {len(files)}")
-    if c.offset + c.stored > files[c.file]["bytes"]:
-        raise FormatError(f"{key}: chunk at offset {c.offset} + {c.stored} runs past the end of "
-                          f"{files[c.file]['name']} ({files[c.file]['bytes']} bytes)")
-    if c.raw > MAX_CHUNK_RAW_BYTES or c.raw % size:
-        raise FormatError(f"{key}: chunk raw length {c.raw} is over {MAX_CHUNK_RAW_BYTES} or not a whole "
-                          f"number of {size}-byte elements")
-    if c.codec == "raw" and c.stored != c.raw:
-        raise FormatError(f"{key}: raw chunk stores {c.stored} bytes for {c.raw}")
-    if not isinstance(c.checksum, str) or not re.fullmatch(r"[0-9a-f]{16}", c.checksum):
-        raise FormatError(f"{key}: chunk checksum {c.checksum!r} is not 16 hex digits")
-    if c.codec.startswith("shuffle-"):
-        if not isinstance(c.planes, list) or len(c.planes) != size:
-            raise FormatError(f"{key}: shuffled chunk must list {size} plane lengths, got {c.planes!r}")
-        for p in c.planes:
-            _int(p, f"{key}: plane length")
-            if p > c.raw // size:
-                raise FormatError(f"{key}: plane of {p} bytes is longer than its raw {c.raw // size}")
-        if sum(c.planes) != c.stored:
-            raise FormatError(f"{key}: plane lengths add to {sum(c.planes)}, not the stored {c.stored}")
-
-
-def _check_overlaps(tensors: list[TensorRecord], files: list[dict]) -> None:
-    spans = sorted((c.file, c.offset, c.offset + c.stored, t.key) for t in tensors for c in t.chunks)
-    for a, b in zip(spans, spans[1:]):
-        if a[0] == b[0] and b[1] < a[2]:
-            raise FormatError(f"chunks of {a[3]} and {b[3]} overlap in {files[a[0]]['name']} "
-                              f"(bytes {b[1]}..{a[2]})")
 
 
 def _check_tree(tree: Any, n_tensors: int) -> None:

@@ -22,7 +22,7 @@ from snapd.format import codecs, dtypes
 from snapd.format.jobdir import JobDir, check_step
 from snapd.format import global_commit
 from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
-from snapd.format.manifest import CODECS
+from snapd.format.chunks import CODECS
 from snapd.format.rank_parts import Role, roles
 from snapd.format.tree import TensorLeaf, flatten
 from snapd.format.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, Committed, Retention, SnapshotWriter

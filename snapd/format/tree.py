@@ -24,6 +24,7 @@ import numpy as np
 
 from snapd.errors import FormatError, UnsupportedValueError
 from snapd.format import dtypes
+from snapd.format.dtensors import local_shard
 
 MAX_DEPTH = 64
 
@@ -146,7 +147,10 @@ def _torch_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLe
     # tensor's dtype is refused by torch_name; conj and neg bits only exist on views), and
     # nothing is detached unless a new tensor is made (``TensorLeaf.data`` detaches when needed).
     if type(obj).__name__ == "DTensor":
-        return _dtensor_leaf(key, obj, keep_device, strided)
+        local, placement = local_shard(key, obj)
+        leaf = _torch_leaf(key, local, keep_device, strided)
+        leaf.placement = placement
+        return leaf
     dtypes.check_torch_memory(key, obj)
     if obj.layout is not strided:
         raise UnsupportedValueError(f"{key}: torch tensor with layout {obj.layout} is not supported "
@@ -164,28 +168,6 @@ def _torch_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLe
     if not t.is_contiguous():
         t = t.detach().contiguous()  # on the device: a copy on the current stream, kept alive with the leaf
     return TensorLeaf(key, "torch", name, tuple(t.shape), None, t, t.nbytes, t.data_ptr(), on_device)
-
-
-def _dtensor_leaf(key: str, obj: Any, keep_device: bool, strided: Any) -> TensorLeaf:
-    """A DTensor's local shard, placed by torch's own account of it (the chunk DCP would write)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(obj, DTensor):
-        raise UnsupportedValueError(f"{key}: a tensor subclass named DTensor that is not torch's "
-                                    f"({type(obj).__module__}) cannot be saved")
-    if any(p.is_partial() for p in obj.placements):
-        raise UnsupportedValueError(f"{key}: a DTensor with a Partial placement holds unreduced values: "
-                                    "redistribute it first (dt.redistribute(placements=[Replicate()]))")
-    local = obj.to_local().detach()
-    chunks = obj.__create_chunk_list__()
-    if len(chunks) != 1 or list(chunks[0].sizes) != list(local.shape):
-        raise UnsupportedValueError(f"{key}: this DTensor's local shard ({tuple(local.shape)}) is not one "
-                                    f"box of its global tensor {tuple(obj.shape)} (torch's chunks: {chunks})")
-    coord = obj.device_mesh.get_coordinate() or []
-    write = all(c == 0 for c, p in zip(coord, obj.placements) if p.is_replicate())
-    leaf = _torch_leaf(key, local, keep_device, strided)
-    leaf.placement = (tuple(obj.shape), tuple(int(o) for o in chunks[0].offsets), write)
-    return leaf
 
 
 # (one function with its visitors inside: snapshot()'s hot path, where every call per leaf costs the
@@ -283,17 +265,6 @@ def flatten(state: Any, keep_device: bool = False, scalars: list[dict] | None = 
                                     "int, float, str, bool, None and bytes can)")
 
     return visit(state, "", 0), leaves
-
-
-def has_dtensors(obj: Any, depth: int = 0) -> bool:
-    """Whether a state holds a DTensor (only asked of ``into=`` trees: a restore's target)."""
-    if type(obj).__name__ == "DTensor":
-        return True
-    if depth < MAX_DEPTH and isinstance(obj, dict):
-        return any(has_dtensors(v, depth + 1) for v in obj.values())
-    if depth < MAX_DEPTH and isinstance(obj, (list, tuple)):
-        return any(has_dtensors(v, depth + 1) for v in obj)
-    return False
 
 
 def iter_paths(node: dict, key: str = "") -> Iterator[tuple[str, dict]]:

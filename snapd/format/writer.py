@@ -24,7 +24,8 @@ from snapd.errors import FlushError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.codecs import Encoded
 from snapd.format.jobdir import JobDir, fsync_dir
-from snapd.format.manifest import CODECS, MANIFEST_NAME, Chunk, Manifest, TensorRecord
+from snapd.format.chunks import CODECS, Chunk
+from snapd.format.manifest import MANIFEST_NAME, Manifest, TensorRecord
 
 log = logging.getLogger(__name__)
 
