@@ -170,6 +170,7 @@ def node(root: Path, ranks: int, node: int, nodes: int) -> None:
                         rank=rank, world_size=ranks, per_rank=("own",), commit_timeout_s=1200, run="sim")
         except BaseException as e:
             errors.append(e)
+            sys.stderr.write(f"simulated rank {rank}: {e!r}\n")
     (root / f"ready-{node}").touch()
     while not (root / "go").exists():
         time.sleep(0.005)

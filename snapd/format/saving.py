@@ -109,6 +109,12 @@ def save_leaves(root: str | os.PathLike, job: str, tree: dict, leaves: list[Tens
                                  emergency=emergency)
         sealed = writer.seal(tree=tree, metrics=metrics, codec=codec, best=retention.best,
                              emergency=emergency, part={"rank": rank, "world_size": world_size, "run": run})
+    except BaseException as e:
+        writer.abort()
+        if parts is not None:  # (as the daemon does) the other ranks need not wait for their timeout
+            global_commit.fail_step(jobdir, step, world_size, run, f"rank {rank}'s part failed: {e!r}")
+        raise
+    try:
         delivery = global_commit.deliver(jobdir, writer.tmp, sealed, retention)
     except BaseException:
         writer.abort()
