@@ -45,6 +45,7 @@ class Client:
         self._hello = hello
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
+        self.remote: str | None = welcome.get("remote")  # the daemon's remote tier, where this job is
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
         self._buffers = HostBuffers(lambda address: self._export_ and self._export_.unpin(address))
         self._conn.daemon_pid = welcome["daemon_pid"]
@@ -200,7 +201,8 @@ class Client:
         """A snapshot of this job, once the daemon has written every one of them still in flight
         (``latest`` after a crash is then the last snapshot the killed trainer handed over)."""
         self.sync()
-        return load(self.root, self.job, step, keys=keys, into=into, device=device, rank=self.rank)
+        return load(self.root, self.job, step, keys=keys, into=into, device=device, rank=self.rank,
+                    remote=self.remote)
 
     def list(self) -> list:
         self.sync()

@@ -20,6 +20,7 @@ from snapd.format.rank_parts import check_per_rank
 from snapd.format.dtensors import has_dtensors
 from snapd.format.saving import DEFAULT_CODEC, save_state
 from snapd.format.writer import Retention
+from snapd.remote.tiers import fetch, locate, open_located, remote_url
 
 
 def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
@@ -57,7 +58,7 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
 
 def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
          keys: list[str] | str | None = None, into: Any = None, device: Any = None,
-         rank: int | None = None) -> Any:
+         rank: int | None = None, remote: str | None = None) -> Any:
     """Load snapshot ``step`` (an int, ``"latest"`` by default, or ``"best"``).
 
     ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
@@ -71,14 +72,33 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
     tensor parallel) fills each local shard through DCP's planner, reading only the pieces it
     needs; anything else gets whole tensors, and the per-rank values of ``rank`` (this process's
     rank in its group, else 0).
+
+    ``remote`` (``s3://bucket/prefix``, else ``$SNAPD_REMOTE``): the remote tier as well; the newest
+    snapshot of either tier is loaded, a remote one read chunk by chunk with ranged GETs (only the
+    chunks ``keys`` selects).
     """
-    path = catalog.resolve(root, job, step)
     if rank is None:
         rank = detect().rank
+    url = remote_url(remote)
+    if url is not None:
+        return _load_tiers(root, job, step, keys, into, device, rank, url)
+    path = catalog.resolve(root, job, step)
     with open_snapshot(path, rank) as reader:
         if isinstance(reader, GlobalReader) and has_dtensors(into):
             from snapd.dcp import load_into
 
+            return load_into(path, into, keys, rank)
+        return reader.load(keys, into=into, device=device)
+
+
+def _load_tiers(root: str | os.PathLike, job: str, step: int | str | None, keys: Any, into: Any, device: Any,
+                rank: int, url: str) -> Any:
+    where = locate(root, job, step, url)
+    with open_located(where, rank) as reader:
+        if isinstance(reader, GlobalReader) and has_dtensors(into):  # DCP's planner reads files
+            from snapd.dcp import load_into
+
+            path = where.path if where.path is not None else fetch(where, root, job)
             return load_into(path, into, keys, rank)
         return reader.load(keys, into=into, device=device)
 

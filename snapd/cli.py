@@ -48,6 +48,8 @@ def configure_logging(verbose: bool, default_level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else default_level)
+    for noisy in ("botocore", "boto3", "urllib3"):  # (the remote tier's SDK: its own lines at -v only)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 class UsageError(Exception):
@@ -64,6 +66,10 @@ def _metrics(m: dict) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        from snapd.remote import listing
+
+        return listing.ls(f"{args.root.rstrip('/')}/{args.job}" if args.job else args.root)
     root = Path(args.root)
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")
@@ -148,6 +154,10 @@ def _jobs_under(root: Path) -> list[Path]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.path.startswith("s3://"):
+        from snapd.remote import listing
+
+        return listing.verify(args.path)
     path = Path(args.path)
     dirs = _snapshot_dirs(path)
     if dirs == [path]:  # one snapshot
@@ -217,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "exit_when_idle_s": args.exit_when_idle_s,
              "backend": args.backend, "metrics_addr": args.metrics_addr,
              "allowed_users": tuple(args.allowed_users.split(",")) if args.allowed_users else None,
-             "socket_group": args.socket_group, "user_dirs": args.user_dirs}
+             "socket_group": args.socket_group, "user_dirs": args.user_dirs, "remote": args.remote,
+             "endpoint_url": args.endpoint_url}
     config = DaemonConfig.from_sources(flags, config_file=args.config)
     if args.check_config:
         from snapd.daemon.access import AccessPolicy
@@ -226,6 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(config.to_toml())
         print(f"# resolved: uids {sorted(access.uids)}, gids {sorted(access.gids)}, socket gid "
               f"{access.socket_gid}, per-user directories {'on' if access.user_dirs else 'off'}")
+        if config.remote is not None:  # reach the store now: a missing bucket or refused credentials
+            from snapd.remote.store import Store
+
+            Store.open(config.remote, endpoint_url=config.endpoint_url).check()
+            print(f"# remote tier: {config.remote} answers")
         return 0
     return serve(config)
 
@@ -247,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines to stderr")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("ls", help="list the snapshots of a root or of one job")
-    s.add_argument("root", help="the snapshot root (a daemon's --root)")
+    s.add_argument("root", help="the snapshot root (a daemon's --root), or s3://bucket/prefix")
     s.add_argument("job", nargs="?", help="one job under it (default: every job)")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("inspect", help="one row per tensor of a snapshot")
     s.add_argument("snapshot", help="a snapshot directory, or a job directory (its latest snapshot)")
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("verify", help="recompute every checksum of a snapshot, a job or a whole root")
-    s.add_argument("path", help="a root, a job directory or one snapshot directory")
+    s.add_argument("path", help="a root, a job directory or one snapshot directory; or s3://bucket/prefix[/job]")
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("export", help="write a snapshot's tensors as one .safetensors file")
     s.add_argument("snapshot", help="a snapshot directory (step-...)")
@@ -290,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-users",
                    help="comma-separated users (names or uids) allowed besides the daemon's own")
     s.add_argument("--user-dirs", choices=("auto", "on", "off"), help="snapshots under <root>/<user>/<job>")
+    s.add_argument("--remote", help="s3://bucket[/prefix]: upload each snapshot there too "
+                   "(env SNAPD_REMOTE)")
+    s.add_argument("--endpoint-url", help="the S3 endpoint of a store that is not AWS "
+                   "(env SNAPD_ENDPOINT_URL)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
     s.add_argument("--endpoint",

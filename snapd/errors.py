@@ -129,6 +129,13 @@ class CommitFailed(SnapdError):
     code = "commit_failed"
 
 
+class RemoteError(SnapdError, OSError):
+    """The object store of the remote tier refused or did not answer (the message names the object
+    and what the store said)."""
+
+    code = "remote"
+
+
 class SnapshotError(SnapdError):
     """A snapshot failed in the daemon; ``code`` and ``stage`` say where."""
 

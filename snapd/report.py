@@ -59,6 +59,14 @@ def status_text(st: dict) -> str:
         lines.append(f"job {w['job']} step {w['step']}: rank {w['rank']} of {w['world_size']} waits "
                      f"{w['waited_s']:.0f}/{w['timeout_s']:.0f} s for rank(s) "
                      f"{', '.join(map(str, w['missing_ranks'])) or '-'}")
+    r = st.get("remote")
+    if r:
+        lines.append(f"remote {r['remote']}: backlog {r['backlog']} ({human_bytes(r['backlog_bytes'])}, "
+                     f"oldest {r['oldest_s']:.0f} s), uploaded {r['uploaded']} "
+                     f"({human_bytes(r['uploaded_bytes'])}), failures {r['failures']}, skipped {r['skipped']}"
+                     + (f"; uploading {r['uploading']}" if r.get("uploading") else ""))
+        if r.get("last_error"):
+            lines.append(f"remote error: {r['last_error']}")
     if st["last_error"]:
         lines.append(f"last error: {st['last_error']}")
     return "\n".join(lines)

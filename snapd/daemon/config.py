@@ -61,6 +61,18 @@ class DaemonConfig:
     # one), so one client cannot take every buffer from the others while a burst still runs on
     client_max_in_flight: int | None = 4
     busy_wait_s: float = 120.0  # the longest a snapshot waits for a host buffer before it is refused as busy
+    # the remote tier (snapd.daemon.uploads): s3://bucket[/prefix], uploaded to once a snapshot is
+    # committed locally; None: none. endpoint_url: an S3-compatible store that is not AWS (else
+    # AWS_ENDPOINT_URL, else AWS's). Credentials: the standard AWS environment and files only.
+    remote: str | None = None
+    endpoint_url: str | None = None
+    remote_keep_last: int | None = None  # remote retention (None: keep every snapshot uploaded)
+    remote_keep_every_steps: int | None = None
+    # snapshots waiting for upload at most: past it the oldest (never the best, nor an emergency
+    # one) is skipped with a log line, and its local copy no longer waits for it
+    remote_backlog: int = 4
+    remote_bytes_per_s: int | None = None  # bandwidth bound of the uploads (None: none)
+    remote_threads: int = 4  # parts in flight (memory: remote_threads x 16 MiB)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
@@ -123,6 +135,24 @@ class DaemonConfig:
             raise InvalidArgument(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         if self.exit_when_idle_s is not None and self.exit_when_idle_s <= 0:
             raise InvalidArgument(f"exit_when_idle_s must be > 0, got {self.exit_when_idle_s}")
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        if self.remote is not None:
+            from snapd.remote.store import parse_url
+
+            parse_url(self.remote)
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"endpoint_url must be an http:// or https:// URL, got "
+                                  f"{self.endpoint_url!r}")
+        for name in ("remote_keep_last", "remote_keep_every_steps", "remote_bytes_per_s"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise InvalidArgument(f"{name} must be None or >= 1, got {v}")
+        if self.remote_backlog < 1:
+            raise InvalidArgument(f"remote_backlog must be >= 1, got {self.remote_backlog}")
+        if not 1 <= self.remote_threads <= 64:
+            raise InvalidArgument(f"remote_threads must be 1..64, got {self.remote_threads}")
 
     @property
     def buffer_cap(self) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from snapd import __version__
 from snapd.errors import InvalidArgument
@@ -64,6 +66,10 @@ class Metrics:
         log.info("metrics at %s", self.url)
         return self.url
 
+    def remote(self, status: Callable[[], dict]) -> None:
+        """The remote tier's figures, read from the upload thread's counters at each scrape."""
+        self.registry.register(_RemoteCollector(status))
+
     def persisted(self, raw: int, stored: int, seconds: float) -> None:
         self.snapshots.labels("persisted").inc()
         self.raw_bytes.inc(raw)
@@ -74,3 +80,26 @@ class Metrics:
     def buffers(self, busy_bytes: int, free_bytes: int) -> None:
         self.buffer_bytes.labels("busy").set(busy_bytes)
         self.buffer_bytes.labels("free").set(free_bytes)
+
+
+class _RemoteCollector:
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self.status = status
+
+    def describe(self) -> list:
+        return []  # (collected at scrape time only)
+
+    def collect(self) -> Iterator:
+        st = self.status()
+        for name, key, doc in (("snapd_remote_uploads", "uploaded", "Snapshots committed to the remote tier"),
+                               ("snapd_remote_uploaded_bytes", "uploaded_bytes", "Bytes uploaded"),
+                               ("snapd_remote_upload_seconds", "seconds", "Seconds spent uploading"),
+                               ("snapd_remote_upload_failures", "failures", "Failed upload attempts"),
+                               ("snapd_remote_skipped", "skipped", "Snapshots skipped by a full backlog")):
+            yield CounterMetricFamily(name, doc, value=st[key])
+        yield GaugeMetricFamily("snapd_remote_backlog_snapshots", "Snapshots waiting for upload",
+                                value=st["backlog"])
+        yield GaugeMetricFamily("snapd_remote_backlog_bytes", "Bytes waiting for upload",
+                                value=st["backlog_bytes"])
+        yield GaugeMetricFamily("snapd_remote_backlog_oldest_seconds", "Age of the oldest upload waiting",
+                                value=st["oldest_s"])

@@ -16,6 +16,8 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -26,6 +28,7 @@ from snapd.daemon.codec_choice import SAMPLE_BYTES, Choice, choose, measure_disk
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.regions import copy_from_region
 from snapd.daemon.rank_commits import RankCommits, Waiting
+from snapd.daemon.uploads import Uploader
 from snapd.daemon.tasks import (COPIED, ENCODED, FAILED, PART_DURABLE, PERSISTED, RECEIVED, Task,
                                 failure_fields, next_seq)
 from snapd.errors import FlushError
@@ -33,7 +36,7 @@ from snapd.format import global_commit
 from snapd.format.jobdir import JobDir
 from snapd.format.rank_parts import roles
 from snapd.format.saving import encode_and_write
-from snapd.format.writer import SnapshotWriter
+from snapd.format.writer import Retention, SnapshotWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,14 @@ class Pipeline:
                                               self._copy_failed))
         self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
         self.commits = RankCommits(ctx, config.commit_timeout_s, self._part_committed, self._commit_failed)
+        self.uploads = Uploader(config) if config.remote is not None else None  # (the remote tier)
 
     def start(self) -> None:
         self._thread.start()
         self._copier.start()
         self.commits.start()
+        if self.uploads is not None:
+            self.uploads.start()
         if self.config.codec == "auto":
             self._probe.start()
 
@@ -141,6 +147,8 @@ class Pipeline:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.commits.stop()
+        if self.uploads is not None:
+            self.uploads.stop()
 
     def gpu_shuffle(self, task: Task) -> str | None:
         """The shuffling codec the GPU copy should prepare chunks for, if the job's codec shuffles
@@ -240,7 +248,7 @@ class Pipeline:
                 event = self._deliver(task, writer, codec, started)
             else:
                 done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec,
-                                     retention=task.retention, emergency=task.emergency)
+                                     retention=self._retention(task), emergency=task.emergency)
                 task.advance(PERSISTED)
         except Exception as e:  # every failure is reported to the client, naming the stage
             if writer is not None:
@@ -261,8 +269,17 @@ class Pipeline:
             log.exception("job %s: learning from the flush of step %d failed", task.job, task.step)
         return self._persisted(task, str(done.path), codec, done.entry.stored_bytes)
 
+    def _retention(self, task: Task) -> Retention:
+        """The job's retention, leaving what still waits for its upload."""
+        if self.uploads is None:
+            return task.retention
+        return replace(task.retention, hold=self.uploads.held(task.root / task.job))
+
     def _persisted(self, task: Task, path: str, codec: str, stored_bytes: int) -> dict[str, Any]:
         took = task.times[PERSISTED] - task.times[RECEIVED]
+        if self.uploads is not None:
+            self.uploads.add(task.root, task.job, Path(path), task.step, task.emergency, stored_bytes,
+                             task.retention, task.rank if task.world_size > 1 else None)
         log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,
                  stored_bytes, codec, took)
         return {"event": "done", "seq": task.seq, "ok": True, "path": path, "codec": codec,
@@ -275,7 +292,7 @@ class Pipeline:
         part = {"rank": task.rank, "world_size": task.world_size, "run": task.run}
         sealed = writer.seal(tree=task.tree, metrics=task.metrics, codec=codec, best=task.retention.best,
                              emergency=task.emergency, part=part)
-        delivery = global_commit.deliver(writer.job, writer.tmp, sealed, task.retention)
+        delivery = global_commit.deliver(writer.job, writer.tmp, sealed, self._retention(task))
         if delivery.committed is None:
             task.advance(PART_DURABLE)
             log.info("%s step %d: rank %d's part is durable; waiting for rank(s) %s", task.job, task.step,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -64,6 +65,8 @@ class Server:
         self.stopping = False
         self.metrics = Metrics()
         self.tally = Tally(self.metrics)
+        if self.pipeline.uploads is not None:
+            self.metrics.remote(self.pipeline.uploads.status)
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self.replies,
                              self.hand_over,
                              lambda event: post(self.ctx, event), shared=self.policy.user_dirs)
@@ -136,12 +139,12 @@ class Server:
                 notifier.stopping(self.config.drain_timeout_s)
                 drain_deadline = now + self.config.drain_timeout_s
             if self.stopping:
-                if not self.tasks:
+                uploads = self.pipeline.uploads  # (the remote tier: the backlog goes up, emergency first)
+                if not self.tasks and (uploads is None or uploads.idle()):
                     log.info("drained; exiting")
                     return 0
                 if now > drain_deadline:
-                    log.error("drain deadline passed with %d snapshot(s) unpersisted", len(self.tasks))
-                    return 1
+                    return self._drain_timed_out()
             elif self._idle_too_long(now):
                 log.info("no clients for %.0f s; exiting", self.config.exit_when_idle_s)
                 return 0
@@ -155,6 +158,14 @@ class Server:
         if self.zap is not None:
             self.zap.close()
         self.pool.close()
+
+    def _drain_timed_out(self) -> int:
+        if self.tasks:
+            log.error("drain deadline passed with %d snapshot(s) unpersisted", len(self.tasks))
+        uploads = self.pipeline.uploads
+        for line in uploads.unfinished() if uploads is not None else []:
+            log.error("drain deadline passed: not in the remote tier: %s", line)
+        return 1 if self.tasks else 0
 
     def _begin_drain(self) -> None:
         self.stopping = self.intake.stopping = True
@@ -271,9 +282,17 @@ class Server:
                                 root=str(self.config.root), jobs_root=str(jobs_root),
                                 job_dir=str(JobDir(jobs_root, s.job).path), uid=creds.uid,
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
+                                remote=self._remote_of(jobs_root),
                                 max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],
                                       "pid_ns": pid_namespace()})
+
+    def _remote_of(self, jobs_root: Path) -> str | None:
+        """Where this client's jobs are in the remote tier (a user's root keeps its name there)."""
+        if self.config.remote is None:
+            return None
+        rel = jobs_root.relative_to(self.config.root).as_posix() if jobs_root != self.config.root else ""
+        return f"{self.config.remote.rstrip('/')}/{rel}" if rel not in ("", ".") else self.config.remote
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         return self.intake.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])

@@ -123,6 +123,9 @@ class Status:
         full["codecs"] = {k: v for k, v in full["codecs"].items() if mine(str(self.config.root / k))}
         full["access"] = {**full["access"], "uids": [viewer.uid], "gids": []}
         full["last_error"] = ""  # (it names another user's job and path as readily as one's own)
+        if full["remote"] is not None:
+            error = "an error (root sees which)" if full["remote"]["last_error"] else None
+            full["remote"] = {**full["remote"], "uploading": None, "last_error": error}
         return full
 
     def _status(self, stopping: bool) -> dict[str, Any]:
@@ -149,4 +152,5 @@ class Status:
                 "jobs": sorted(tally.recent.jobs.values(), key=lambda j: j["dir"]),
                 "throughput": tally.recent.throughput(),
                 "counters": dict(tally.counters), "last_error": tally.last_error,
-                "rank_commits": self.pipeline.commits.status()}
+                "rank_commits": self.pipeline.commits.status(),
+                "remote": self.pipeline.uploads.status() if self.pipeline.uploads is not None else None}

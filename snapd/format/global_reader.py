@@ -90,7 +90,7 @@ class GlobalReader:
         """Rank ``rank``'s part, checked to be the one the global manifest committed."""
         reader = self._parts.get(rank)
         if reader is None:
-            reader = SnapshotReader(self.path / part_dir(rank))
+            reader = self._open_part(rank)
             want = self.global_manifest.parts[rank]["checksum"]
             if reader.manifest.checksum != want:
                 reader.close()
@@ -99,6 +99,9 @@ class GlobalReader:
             self._parts[rank] = reader
             self._keys[rank] = reader.manifest.by_key()
         return reader
+
+    def _open_part(self, rank: int) -> SnapshotReader:
+        return SnapshotReader(self.path / part_dir(rank))
 
     def locate(self, rank: int, key: str) -> tuple[SnapshotReader, int]:
         """The part of ``rank`` and the index in it of tensor ``key`` (stored there)."""

@@ -261,6 +261,12 @@ def clean_root(root: Path) -> None:
                     log.warning("%s: leftovers not removed: %s", path, e)
 
 
+def job_dirs(root: Path) -> list[JobDir]:
+    """Every job under ``root``, and under its per-user directories."""
+    return [JobDir(parent, path.name) for parent in [root] + [p for p in _subdirs(root) if not _is_job(p)]
+            for path in _subdirs(parent) if _is_job(path)]
+
+
 def _subdirs(path: Path) -> list[Path]:
     try:
         return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)

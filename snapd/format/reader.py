@@ -130,19 +130,22 @@ class SnapshotReader:
         """Read, check and decode chunk ``n`` of ``rec`` into ``out`` (its raw length); with
         ``keep_planes`` a shuffled chunk stays as byte planes (unshuffled later, on the GPU)."""
         c: Chunk = rec.chunks[n]
-        fd = self._fd(c.file)
         where = self.where(rec, n)
-        if c.codec == "raw":
-            got = os.preadv(fd, [out], c.offset)
-            stored: memoryview | bytes = out
-        else:
-            stored = os.pread(fd, c.stored, c.offset)
-            got = len(stored)
+        stored, got = self._stored(c, out)
         if got != c.stored:
             raise FormatError(f"{where}: read {got} of {c.stored} bytes")
         codecs.verify(stored, c.checksum, where)
         if c.codec != "raw":
             codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where, keep_planes)
+
+    def _stored(self, c: Chunk, out: memoryview) -> tuple[memoryview | bytes, int]:
+        """A chunk's stored bytes (a raw one straight into ``out``) and how many were read (the
+        remote tier reads them with a ranged GET instead: snapd.remote.reader)."""
+        fd = self._fd(c.file)
+        if c.codec == "raw":
+            return out, os.preadv(fd, [out], c.offset)
+        stored = os.pread(fd, c.stored, c.offset)
+        return stored, len(stored)
 
     def select(self, keys: list[str] | str | None) -> list[int]:
         return select(self.manifest, keys, self.path)

@@ -52,6 +52,8 @@ class Retention:
     keep_last: int | None = 5
     keep_every_steps: int | None = None
     best: tuple[str, str] | None = None
+    # snapshots retention must leave for now (the daemon's uploads not yet in the remote tier)
+    hold: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         jobindex.check_retention(self.keep_last, self.keep_every_steps)
@@ -246,6 +248,9 @@ def tidy(job: JobDir, index: jobindex.JobIndex, entry: jobindex.Entry, retention
     trash: list[Path] = []
     try:
         for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
+            if old.name in retention.hold:
+                log.debug("%s: step %d waits for its upload before retention removes it", job.path, old.step)
+                continue
             log.info("%s: retention removes step %d", job.path, old.step)
             trash += [p for p in [job.trash(old.name)] if p is not None]
             index.history.remove(old)
@@ -254,3 +259,18 @@ def tidy(job: JobDir, index: jobindex.JobIndex, entry: jobindex.Entry, retention
         log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
                   "it from the snapshot manifests", job.path, entry.step, e)
     return trash
+
+
+def prune(job: JobDir, retention: Retention) -> None:
+    """Apply retention again, with no new snapshot (after a held snapshot's upload)."""
+    with job.lock():
+        index = jobindex.load(job)
+        trash: list[Path] = []
+        for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
+            if old.name not in retention.hold:
+                log.info("%s: retention removes step %d (uploaded)", job.path, old.step)
+                trash += [p for p in [job.trash(old.name)] if p is not None]
+                index.history.remove(old)
+        if trash:
+            jobindex.save(job, index)
+    job.remove(trash)

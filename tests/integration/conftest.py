@@ -255,3 +255,15 @@ def torchrun(tmp_path):
         return out
     return run
 
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3 server (SeaweedFS, tests/s3_server.py) on loopback, its credentials and endpoint in
+    this process's environment (the daemons started after inherit them)."""
+    server = _load("s3_server", Path(__file__).parent.parent / "s3_server.py").S3Server.start(tmp_path / "s3")
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SNAPD_REMOTE", raising=False)
+    yield server
+    server.stop()

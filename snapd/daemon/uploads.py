@@ -1,0 +1,256 @@
+"""The remote tier's upload thread: every snapshot committed locally is uploaded behind the
+training job's back (snapd.remote.remote_job), one snapshot at a time, its parts in parallel.
+
+Order: emergency snapshots first, then the newest: after an outage the resume point goes up
+before the backlog. The backlog is bounded (``remote_backlog``): past it the oldest snapshot that
+is neither the best nor an emergency one is skipped, with a log line. A failed upload stays in the
+backlog and is retried with a growing pause (up to ``MAX_RETRY_S``); the last error shows in
+``snapd status``. Memory: ``remote_threads`` parts of 16 MiB in flight; bandwidth: at most
+``remote_bytes_per_s``.
+
+Local retention leaves a snapshot in place while it waits here (``held``); once its upload is
+committed, the job's local retention is applied again and the remote one (``remote_keep_last``,
+``remote_keep_every_steps``, the best kept) runs on the remote tier.
+
+This thread owns the backlog and the counters; the server thread reads ``status()`` (a copy under
+the lock) and the flush and rank-commit threads call ``add``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from snapd.daemon.config import DaemonConfig
+from snapd.errors import RemoteError, SnapdError
+from snapd.format import index as jobindex
+from snapd.format.jobdir import JobDir, job_dirs
+from snapd.format.writer import Retention, prune
+from snapd.remote.bandwidth import Pacer
+from snapd.remote.remote_job import RemoteJob
+from snapd.remote.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_S = 30.0
+
+
+@dataclass
+class Upload:
+    root: Path  # the job's root (a user's, with per-user directories)
+    job: str
+    path: Path  # the committed local snapshot
+    step: int
+    emergency: bool
+    stored_bytes: int
+    retention: Retention
+    ranks: set[int] | None  # a global snapshot: the ranks this node served (their parts are ours)
+    since: float = field(default_factory=time.time)
+    attempts: int = 0
+
+
+class Uploader:
+    def __init__(self, config: DaemonConfig) -> None:
+        assert config.remote is not None
+        self.config = config
+        self.store = Store.open(config.remote, endpoint_url=config.endpoint_url,
+                                threads=config.remote_threads)
+        self._pool = ThreadPoolExecutor(config.remote_threads, thread_name_prefix="snapd-upload")
+        self._pace = Pacer(config.remote_bytes_per_s).take if config.remote_bytes_per_s else None
+        self._lock = threading.Condition()
+        self._backlog: dict[Path, Upload] = {}
+        self._busy: Upload | None = None
+        self._stop = False
+        # after a failure the store is let be for a while (growing, up to MAX_RETRY_S): every upload
+        # waits, so once it answers again the newest snapshot is the first to go up
+        self._paused_until = 0.0
+        self._failures = 0
+        self._cleaned: set[str] = set()  # job prefixes whose stale multipart uploads are aborted
+        self.counts = {"uploaded": 0, "uploaded_bytes": 0, "failures": 0, "skipped": 0, "seconds": 0.0}
+        self.last_error: tuple[float, str] | None = None
+        self._thread = threading.Thread(target=self._run, name="snapd-upload", daemon=True)
+
+    def start(self) -> None:
+        try:
+            self.store.check()
+        except SnapdError as e:  # local snapshots go on; the error shows until an upload succeeds
+            self._error(str(e))
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- called by the flush and rank-commit threads --------------------------------------------
+    def remote_job(self, root: Path, job: str) -> str:
+        """Where ``job`` of ``root`` lives under the remote prefix (a user's root keeps its name)."""
+        rel = root.relative_to(self.config.root) if root != self.config.root else Path()
+        return str(rel / job) if str(rel) != "." else job
+
+    def add(self, root: Path, job: str, path: Path, step: int, emergency: bool, stored_bytes: int,
+            retention: Retention, rank: int | None) -> None:
+        with self._lock:
+            u = self._backlog.get(path)
+            if u is not None and u.step == step:
+                if u.ranks is not None and rank is not None:
+                    u.ranks.add(rank)
+                u.emergency |= emergency
+            else:
+                self._backlog[path] = Upload(root, job, path, step, emergency, stored_bytes, retention,
+                                             None if rank is None else {rank})
+            self._bound()
+            self._lock.notify_all()
+
+    def held(self, job_path: Path) -> frozenset[str]:
+        """The snapshots of this job still waiting for their upload: local retention keeps them."""
+        with self._lock:
+            return frozenset(u.path.name for u in self._backlog.values() if u.path.parent == job_path)
+
+    def _bound(self) -> None:
+        while len(self._backlog) > self.config.remote_backlog:
+            victims = [u for u in self._backlog.values() if not u.emergency and u is not self._busy
+                       and not self._is_best(u)]
+            if not victims:
+                return
+            v = min(victims, key=lambda u: (u.since, u.step))
+            del self._backlog[v.path]
+            self.counts["skipped"] += 1
+            log.warning("remote backlog full (%d snapshots): %s step %d is not uploaded (%s)",
+                        self.config.remote_backlog, v.job, v.step, v.path)
+
+    @staticmethod
+    def _is_best(u: Upload) -> bool:
+        try:
+            best = jobindex.load(JobDir(u.root, u.job)).best
+        except (OSError, SnapdError):
+            return False
+        return best is not None and best.name == u.path.name
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            waiting = list(self._backlog.values())
+            return {"remote": self.store.url, "backlog": len(waiting),
+                    "backlog_bytes": sum(u.stored_bytes for u in waiting),
+                    "oldest_s": round(time.time() - min(u.since for u in waiting), 1) if waiting else 0.0,
+                    "uploading": f"{self._busy.job} step {self._busy.step}" if self._busy else None,
+                    "last_error": self.last_error[1] if self.last_error else None,
+                    "last_error_age_s":
+                        round(time.time() - self.last_error[0], 1) if self.last_error else None,
+                    **self.counts}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._backlog
+
+    def unfinished(self) -> list[str]:
+        with self._lock:
+            return [f"{u.job} step {u.step}{' (emergency)' if u.emergency else ''}: {u.path}"
+                    for u in sorted(self._backlog.values(), key=self._order, reverse=True)]
+
+    # -- the thread ------------------------------------------------------------------------------
+    @staticmethod
+    def _order(u: Upload) -> tuple:
+        return (u.emergency, u.since, u.step)
+
+    def _next(self) -> Upload | None:
+        with self._lock:
+            while not self._stop:
+                wait = self._paused_until - time.monotonic()
+                if self._backlog and wait <= 0:
+                    self._busy = max(self._backlog.values(), key=self._order)
+                    return self._busy
+                self._lock.wait(timeout=wait if self._backlog else None)
+            return None
+
+    def _resume(self) -> None:
+        """The latest snapshot of each job under the root goes up (again) at start: one a stopped or
+        killed daemon had not uploaded is uploaded now; one that is there already costs one GET."""
+        for jd in job_dirs(self.config.root):
+            try:
+                latest = jobindex.load(jd).latest
+            except (OSError, SnapdError) as e:
+                log.warning("%s: not looked at for uploads: %s", jd.path, e)
+                continue
+            if latest is not None:
+                self.add(jd.root, jd.job, jd.path / latest.name, latest.step, latest.emergency,
+                         latest.stored_bytes, Retention(keep_last=None), None)
+
+    def _run(self) -> None:
+        self._resume()
+        while (u := self._next()) is not None:
+            try:
+                self._upload(u)
+            except RemoteError as e:  # the store: everything waits (then the newest goes first)
+                self._failed(u, str(e), drop=False)
+            except (OSError, SnapdError) as e:  # this snapshot's own files: it cannot go up
+                self._failed(u, f"{e} (not uploaded)", drop=True)
+            except Exception as e:  # a bug of ours: logged with its traceback, the snapshot kept
+                log.exception("upload of %s step %d failed", u.job, u.step)
+                self._failed(u, f"{type(e).__name__}: {e}", drop=u.attempts >= 3)
+
+    def _failed(self, u: Upload, message: str, drop: bool) -> None:
+        with self._lock:
+            u.attempts += 1
+            self.counts["failures"] += 1
+            self._busy = None
+            self._failures += 1
+            self._paused_until = time.monotonic() + min(MAX_RETRY_S, 0.25 * 2 ** self._failures)
+            if drop and self._backlog.get(u.path) is u:
+                del self._backlog[u.path]
+        self._error(f"{u.job} step {u.step}: {message}")
+
+    def _error(self, message: str) -> None:
+        with self._lock:
+            self.last_error = (time.time(), message)
+        log.error("remote tier: %s", message)
+
+    def _upload(self, u: Upload) -> None:
+        rjob = RemoteJob(self.store, self.remote_job(u.root, u.job))
+        if rjob.key("") not in self._cleaned:  # a killed daemon's multipart uploads
+            self.store.abort_stale(rjob.key("") + "/")
+            self._cleaned.add(rjob.key(""))
+        t0 = time.monotonic()
+        if not u.path.is_dir():  # (removed locally meanwhile: retention forced by space, a user)
+            log.warning("%s step %d is gone locally before its upload: %s", u.job, u.step, u.path)
+            committed = True
+        else:
+            committed = rjob.upload(u.path, sorted(u.ranks) if u.ranks is not None else None, self._pool,
+                                    self._pace)
+        took = time.monotonic() - t0
+        with self._lock:
+            self._busy = None
+            if self._backlog.get(u.path) is u:
+                del self._backlog[u.path]
+            self.counts["uploaded"] += committed
+            self.counts["uploaded_bytes"] += u.stored_bytes
+            self.counts["seconds"] += took
+            self.last_error = None
+            self._failures = 0
+        log.info("uploaded %s step %d to %s in %.2f s%s", u.job, u.step, rjob.where(u.path.name), took,
+                 "" if committed else " (its global snapshot waits for other nodes' parts)")
+        self._retire(u, rjob)
+
+    def _retire(self, u: Upload, rjob: RemoteJob) -> None:
+        """Local retention without the hold on what is now uploaded; then remote retention."""
+        job = JobDir(u.root, u.job)
+        try:
+            prune(job, replace(u.retention, hold=self.held(job.path)))
+        except (OSError, SnapdError) as e:
+            log.warning("%s: local retention after an upload failed: %s", job.path, e)
+        keep_last, every = self.config.remote_keep_last, self.config.remote_keep_every_steps
+        if keep_last is None:
+            return
+        entries, rule = rjob.entries()
+        index = jobindex.JobIndex(history=entries, best_metric=u.retention.best or rule)
+        for old in jobindex.to_delete(index, keep_last, every):
+            log.info("remote retention removes %s step %d", u.job, old.step)
+            rjob.delete(old.step)

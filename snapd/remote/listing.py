@@ -1,0 +1,85 @@
+"""``snapd ls s3://...`` and ``snapd verify s3://...``: the remote tier seen as a root of jobs.
+
+``s3://bucket/prefix`` may name a root (jobs under it, per-user ones as ``user/job``) or one job
+(its ``step-*`` snapshots right under it): one listing tells which. Only committed snapshots (whose
+manifest object is there) are listed or checked.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+from snapd.errors import FormatError, RemoteError
+from snapd.format.index import JobIndex
+from snapd.format.jobdir import SNAPSHOT_RE
+from snapd.format.manifest import MANIFEST_NAME
+from snapd.remote.reader import open_remote
+from snapd.remote.remote_job import RemoteJob
+from snapd.remote.store import Store, parse_url
+from snapd.report import human_bytes, table
+
+
+def jobs_at(url: str) -> Iterator[RemoteJob]:
+    """The jobs at ``url`` with at least one committed snapshot, by name."""
+    bucket, prefix = parse_url(url)
+    store = Store.open(url)
+    found: set[str] = set()
+    for key in store.list(f"{prefix}/" if prefix else ""):
+        parts = key[len(prefix) + 1 if prefix else 0:].split("/")
+        if len(parts) >= 2 and parts[-1] == MANIFEST_NAME and SNAPSHOT_RE.match(parts[-2]):
+            found.add("/".join(parts[:-2]))
+    if "" in found:  # the url names a job itself
+        parent, _, job = prefix.rpartition("/")
+        yield RemoteJob(Store.open(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}",
+                                   endpoint_url=store.endpoint_url), job)
+        found.discard("")
+    for job in sorted(found):
+        yield RemoteJob(store, job)
+
+
+def _metrics(m: dict) -> str:
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def ls(url: str) -> int:
+    rows = []
+    for rjob in jobs_at(url):
+        entries, rule = rjob.entries()
+        index = JobIndex(history=entries, best_metric=rule)
+        latest, best = index.latest, index.best
+        for e in sorted(entries, key=lambda e: e.order):
+            marks = ",".join(m for m, on in (("latest", e is latest), ("best", e is best),
+                                              ("emergency", e.emergency)) if on)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_unix_s))
+            rows.append([rjob.job, str(e.step), when, human_bytes(e.stored_bytes), human_bytes(e.raw_bytes),
+                         _metrics(e.metrics), marks])
+    if not rows:
+        print(f"{url}: no committed snapshots", file=sys.stderr)
+        return 1
+    print(table(rows, ["JOB", "STEP", "TIME", "STORED", "RAW", "METRICS", "MARKS"]))
+    return 0
+
+
+def verify(url: str) -> int:
+    """Re-read every chunk of every committed snapshot at ``url``; 1 if any is damaged."""
+    bad = checked = 0
+    for rjob in jobs_at(url):
+        for name in rjob.steps().values():
+            where = rjob.where(name)
+            try:
+                with open_remote(rjob.store, rjob.job, name) as r:
+                    problems = r.verify()
+            except (FormatError, RemoteError) as e:
+                problems = [str(e)]
+            checked += 1
+            for p in problems:
+                print(f"BAD {where}: {p}")
+            bad += bool(problems)
+            if not problems:
+                print(f"ok  {where}")
+    if not checked:
+        print(f"{url}: no committed snapshots", file=sys.stderr)
+        return 1
+    return 1 if bad else 0

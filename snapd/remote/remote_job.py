@@ -1,0 +1,136 @@
+"""A job's snapshots in the remote tier: ``<prefix>/<job>/step-<N>/`` holds the same files as the
+local snapshot directory, and its ``manifest.json`` object is the commit, written after every
+object it names (docs/FORMAT.md §8). A reader lists only steps whose manifest is there, so it never
+sees a snapshot whose objects are not all uploaded; a replaced or deleted snapshot loses its
+manifest first.
+
+A global snapshot (a job on several ranks) is uploaded part by part, each node its own ranks'
+parts (``rank-NNNNN/``, each committed by its own manifest object); whichever node then finds
+every part's manifest there, each the part the global manifest names, writes the global manifest.
+Two nodes may both do so: they write the same bytes (the one global manifest of the local commit,
+snapd.format.global_commit), so no lock is needed; by S3's read-after-write order the node whose
+parts came last always sees them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from snapd.errors import FormatError
+from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
+from snapd.format.index import Entry
+from snapd.format.jobdir import SNAPSHOT_RE, read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.remote.store import Store
+
+log = logging.getLogger(__name__)
+
+Pace = Callable[[int], None]
+
+
+class RemoteJob:
+    def __init__(self, store: Store, job: str) -> None:
+        self.store, self.job = store, job
+
+    def key(self, *parts: str) -> str:
+        return self.store.key(self.job, *parts)
+
+    def where(self, name: str = "") -> str:
+        return self.store.where(self.key(name))
+
+    # -- what is there -----------------------------------------------------------------------
+    def steps(self) -> dict[int, str]:
+        """The committed snapshots: step -> name (those whose manifest object is there)."""
+        out = {}
+        base = self.key("")
+        for key in self.store.list(base + "/" if base else ""):
+            rest = key[len(base) + 1 if base else 0:].split("/")
+            if len(rest) == 2 and rest[1] == MANIFEST_NAME and (m := SNAPSHOT_RE.match(rest[0])):
+                out[int(m.group(1))] = rest[0]
+        return out
+
+    def manifest_bytes(self, name: str) -> bytes | None:
+        return self.store.get(self.key(name, MANIFEST_NAME))
+
+    def entries(self) -> tuple[list[Entry], tuple[str, str] | None]:
+        """Every committed snapshot's index entry (from its manifest), and the job's best rule."""
+        entries, rule = [], None
+        for name in self.steps().values():
+            raw = self.manifest_bytes(name)
+            try:
+                m = parse_any(raw, self.where(f"{name}/{MANIFEST_NAME}")) if raw is not None else None
+            except FormatError as e:
+                log.warning("%s: %s", self.where(name), e)
+                continue
+            if m is not None:
+                entries.append(Entry.of(m))
+                rule = m.best_metric or rule
+        return entries, rule
+
+    # -- upload ------------------------------------------------------------------------------
+    def upload(self, path: Path, ranks: list[int] | None, pool: Executor, pace: Pace | None = None) -> bool:
+        """Upload the committed local snapshot ``path`` (a global one: the parts of ``ranks``, all
+        when None). True once the remote snapshot is committed; False while a global one waits for
+        other nodes' parts."""
+        raw = read_regular(path / MANIFEST_NAME)
+        manifest = parse_any(raw, str(path / MANIFEST_NAME))
+        name = path.name
+        remote = self.manifest_bytes(name)
+        if remote == raw:
+            return True
+        if remote is not None:  # another version of this step: uncommit it before its objects change
+            self.store.delete([self.key(name, MANIFEST_NAME)])
+        if not isinstance(manifest, GlobalManifest):
+            self._upload_dir(path, name, raw, pool, pace)
+            return True
+        for r in range(manifest.world_size) if ranks is None else ranks:
+            part = path / part_dir(r)
+            self._upload_dir(part, f"{name}/{part_dir(r)}", read_regular(part / MANIFEST_NAME), pool, pace)
+        return self.commit_global(name, manifest, raw, pool)
+
+    def _upload_dir(self, path: Path, name: str, raw: bytes, pool: Executor, pace: Pace | None) -> None:
+        """One snapshot directory (or rank part): its data objects, then its manifest."""
+        mkey = self.key(name, MANIFEST_NAME)
+        remote = self.store.get(mkey)
+        if remote == raw:
+            return
+        if remote is not None:
+            self.store.delete([mkey])
+        for info in parse(raw, str(path / MANIFEST_NAME)).files:
+            self.store.upload_file(self.key(name, info["name"]), str(path / info["name"]), info["bytes"],
+                                   pool, pace)
+        if pace is not None:
+            pace(len(raw))
+        self.store.put(mkey, raw)
+
+    def commit_global(self, name: str, manifest: GlobalManifest, raw: bytes, pool: Executor) -> bool:
+        """Write the global manifest if every part the manifest names is committed remotely."""
+        keys = self.store.list(self.key(name) + "/")
+        want = [self.key(name, part_dir(r), MANIFEST_NAME) for r in range(manifest.world_size)]
+        if any(k not in keys for k in want):
+            return False
+
+        def right(r: int) -> bool:
+            got = self.store.get(want[r])
+            try:
+                return got is not None and parse(got).checksum == manifest.parts[r]["checksum"]
+            except FormatError:
+                return False
+        if not all(pool.map(right, range(manifest.world_size))):
+            return False  # (a part of another version of this step: its node uploads the right one)
+        self.store.put(self.key(name, MANIFEST_NAME), raw)
+        return True
+
+    # -- delete ------------------------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Uncommit first (the manifest), then the objects."""
+        name = snapshot_name(step)
+        self.store.delete([self.key(name, MANIFEST_NAME)])
+        rest = list(self.store.list(self.key(name) + "/"))
+        manifests = [k for k in rest if k.endswith("/" + MANIFEST_NAME)]
+        for batch in (manifests, [k for k in rest if k not in set(manifests)]):  # no torn part is listed
+            if batch:
+                self.store.delete(batch)

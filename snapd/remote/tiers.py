@@ -1,0 +1,138 @@
+"""Both tiers as one: which snapshot ``load`` and ``restore`` open when a job has a remote tier,
+and ``snapd ls`` of a remote one.
+
+The newest committed snapshot wins wherever it is (its step; at the same step the local copy, which
+is faster to read); a step asked for by number comes from whichever tier has it; ``best`` is the
+local index's, else the best of the remote snapshots by the job's rule. A fresh node with an empty
+local disk thus resumes from the remote tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapd.errors import InvalidArgument, SnapdError, SnapshotNotFound
+from snapd.format import catalog
+from snapd.format import index as jobindex
+from snapd.format.index import Entry
+from snapd.format.global_manifest import parse_any
+from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME
+from snapd.remote.remote_job import RemoteJob
+from snapd.remote.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def remote_url(remote: str | None) -> str | None:
+    """The remote tier asked for: the argument, else ``$SNAPD_REMOTE``, else none."""
+    return remote if remote is not None else (os.environ.get("SNAPD_REMOTE") or None)
+
+
+@dataclass
+class Located:
+    """A snapshot found in one of the tiers: ``path`` (local) or ``remote`` and ``name``."""
+
+    step: int
+    path: Path | None = None
+    remote: RemoteJob | None = None
+    name: str = ""
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else self.remote.where(self.name)  # type: ignore[union-attr]
+
+
+def _local(root: str | os.PathLike, job: str, step: int | str) -> Located | None:
+    try:
+        path = catalog.resolve(root, job, step)
+    except SnapshotNotFound:
+        return None
+    return Located(int(path.name.split("-")[1]), path=path)
+
+
+def _remote_best(rjob: RemoteJob) -> Entry | None:
+    entries, rule = rjob.entries()
+    return jobindex.JobIndex(history=entries, best_metric=rule).best
+
+
+def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: str) -> Located:
+    """Snapshot ``step`` (an int, "latest" or "best") of ``job`` in the local or the remote tier."""
+    step = "latest" if step is None else step
+    if isinstance(step, bool) or not isinstance(step, (int, str)) or step not in ("latest", "best") and \
+            not isinstance(step, int):
+        raise InvalidArgument(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
+    local = _local(root, job, step)
+    rjob = RemoteJob(Store.open(remote), job)
+    try:
+        steps = rjob.steps()
+    except SnapdError as e:
+        if local is None:
+            raise
+        log.warning("the remote tier is out of reach (%s): loading the local %s", e, local.describe())
+        return local
+    if isinstance(step, int):
+        if local is None and step not in steps:
+            raise SnapshotNotFound(f"job {job!r} has no snapshot {step} under {root} or at {rjob.where()}")
+        return local or Located(step, remote=rjob, name=steps[step])
+    if step == "best" and local is not None:
+        return local
+    if step == "best":
+        best = _remote_best(rjob)
+        if best is None:
+            raise SnapshotNotFound(f"job {job!r} has no best snapshot under {root} or at {rjob.where()}")
+        return Located(best.step, remote=rjob, name=best.name)
+    newest = max(steps, default=None)
+    if newest is not None and (local is None or newest > local.step):
+        return Located(newest, remote=rjob, name=steps[newest])
+    if local is None:
+        raise SnapshotNotFound(f"job {job!r} has no snapshots under {root} or at {rjob.where()}")
+    return local
+
+
+def open_located(where: Located, rank: int | None) -> Any:
+    from snapd.format.global_reader import open_snapshot
+    from snapd.remote.reader import open_remote
+
+    if where.path is not None:
+        return open_snapshot(where.path, rank)
+    assert where.remote is not None
+    return open_remote(where.remote.store, where.remote.job, where.name, rank)
+
+
+def fetch(where: Located, root: str | os.PathLike, job: str) -> Path:
+    """Download a remote snapshot into the local tier (committed there as any snapshot is): for the
+    readers that need files, such as DCP's planner filling DTensors."""
+    assert where.remote is not None
+    jd = JobDir(root, job)
+    jd.open_for_write()
+    tmp = jd.new_tmp_dir(where.step)
+    store, base = where.remote.store, where.remote.key(where.name)
+    try:
+        keys = store.list(base + "/")
+        manifests = sorted(k for k in keys if k.endswith("/" + MANIFEST_NAME))
+        for key in sorted(set(keys) - set(manifests)) + manifests:  # (manifests last, as in the upload)
+            dst = tmp / key[len(base) + 1:]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(dst, "wb") as f:
+                for offset in range(0, keys[key], 64 << 20):
+                    f.write(store.get_range(key, offset, min(64 << 20, keys[key] - offset)))
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(dst.parent)
+        with jd.lock():
+            index = jobindex.load(jd)
+            if index.find(where.step) is None:  # (another rank of this node fetched it first)
+                entry = Entry.of(parse_any(read_regular(tmp / MANIFEST_NAME), where.describe()))
+                jd.install(tmp, where.step)
+                index.record(entry)
+                jobindex.save(jd, index)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched %s into %s", where.describe(), jd.path)
+    return jd.path / snapshot_name(where.step)
