@@ -18,7 +18,7 @@ from pathlib import Path
 
 MIB = 1 << 20
 SCENARIOS = ("stall", "durable", "concurrency", "compression", "restore", "emergency")
-SEPARATE = ("distributed",)  # only when asked for (torchrun jobs: bench/distributed.py)
+SEPARATE = ("distributed", "remote")  # only when asked for (bench/distributed.py, bench/remote.py)
 PLANS = {
     "full": {"model": "full", "steps": 12, "every": 3, "sizes": [256 * MIB, 1024 * MIB, 4096 * MIB],
              "concurrency": [1, 2, 4], "conc_bytes": 256 * MIB, "emergency_bytes": 1024 * MIB,
@@ -52,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             ["--reps", str(args.repeats)] if args.repeats else []))
         distributed.run(sub)
         args.only.remove("distributed")
+        if not args.only:
+            return 0
+    if "remote" in (args.only or []):
+        from bench import remote
+
+        remote.run(remote.parser().parse_args(["--dir", args.dir, "--out", str(out)] + (
+            ["--mib", "16", "--reps", "1"] if args.quick else []) + (
+            ["--reps", str(args.repeats)] if args.repeats else [])))
+        args.only.remove("remote")
         if not args.only:
             return 0
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="snapd-bench-"))

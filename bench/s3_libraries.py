@@ -104,7 +104,7 @@ def _s3fs(endpoint: str, bucket: str):
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
-                           max_concurrency=THREADS)
+                           max_concurrency=THREADS)  # (s3fs >= 2023.x)
 
     def up(path: Path, key: str) -> None:
         fs.put_file(str(path), f"{bucket}/{key}", chunksize=PART)

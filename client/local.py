@@ -20,7 +20,7 @@ from snapd.format.rank_parts import check_per_rank
 from snapd.format.dtensors import has_dtensors
 from snapd.format.saving import DEFAULT_CODEC, save_state
 from snapd.format.writer import Retention
-from snapd.remote.tiers import fetch, locate, open_located, remote_url
+from snapd.remote.tiers import locate, open_located, remote_url
 
 
 def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: dict | None = None,
@@ -95,11 +95,10 @@ def _load_tiers(root: str | os.PathLike, job: str, step: int | str | None, keys:
                 rank: int, url: str) -> Any:
     where = locate(root, job, step, url)
     with open_located(where, rank) as reader:
-        if isinstance(reader, GlobalReader) and has_dtensors(into):  # DCP's planner reads files
+        if isinstance(reader, GlobalReader) and has_dtensors(into):  # each shard's pieces, fetched alone
             from snapd.dcp import load_into
 
-            path = where.path if where.path is not None else fetch(where, root, job)
-            return load_into(path, into, keys, rank)
+            return load_into(where.path, into, keys, rank, view=reader)
         return reader.load(keys, into=into, device=device)
 
 

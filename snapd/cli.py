@@ -71,6 +71,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
         return listing.ls(f"{args.root.rstrip('/')}/{args.job}" if args.job else args.root)
     root = Path(args.root)
+    remote = args.remote or os.environ.get("SNAPD_REMOTE")
+    if remote:
+        from snapd.remote import listing
+
+        return listing.ls_tiers(root, args.job, remote)
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")
     jobs = [args.job] if args.job else sorted(p.name for p in root.iterdir()
@@ -265,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", help="list the snapshots of a root or of one job")
     s.add_argument("root", help="the snapshot root (a daemon's --root), or s3://bucket/prefix")
     s.add_argument("job", nargs="?", help="one job under it (default: every job)")
+    s.add_argument("--remote", help="s3://bucket/prefix: both tiers, with a TIER column (env SNAPD_REMOTE)")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("inspect", help="one row per tensor of a snapshot")
     s.add_argument("snapshot", help="a snapshot directory, or a job directory (its latest snapshot)")

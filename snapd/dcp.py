@@ -74,12 +74,15 @@ class SnapshotReader(StorageReader):
     saved on several ranks offers DCP every stored piece of every tensor, so DCP's planner reshards
     it onto any mesh; the values kept per rank are ``rank``'s (this process's rank by default)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, rank: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, rank: int | None = None,
+                 view: FormatReader | GlobalReader | None = None) -> None:
         super().__init__()
-        self.path = snapshot_dir(path) if path is not None else None
+        # ``view``: a snapshot opened already (one in the remote tier: snapd.remote.reader)
+        self.path = snapshot_dir(path) if path is not None else view.path if view is not None else None
         self.rank = rank
         self.load_id = uuid.uuid4().hex
-        self._view: FormatReader | GlobalReader | None = None
+        self._given = view
+        self._view: FormatReader | GlobalReader | None = view
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -98,6 +101,8 @@ class SnapshotReader(StorageReader):
     def _open(self) -> FormatReader | GlobalReader:
         if self.path is None:
             raise InvalidArgument("SnapshotReader: no snapshot given (pass its path, or checkpoint_id=)")
+        if self._view is None and self._given is not None:
+            self._view = self._given
         if self._view is None:
             rank = self.rank
             if rank is None:
@@ -107,9 +112,9 @@ class SnapshotReader(StorageReader):
         return self._view
 
     def _close(self) -> None:
-        if self._view is not None:
+        if self._view is not None and self._view is not self._given:
             self._view.close()
-            self._view = None
+        self._view = None
 
     def _pieces(self, i: int) -> list[tuple[int | None, list[int], list[int]]]:
         """Where tensor ``i`` of the view is stored: (rank or None, offsets, shape) of each piece."""
@@ -187,7 +192,8 @@ class SnapshotReader(StorageReader):
         planner.commit_tensor(req, target)
 
 
-def load_into(path: str | os.PathLike, into: Any, keys: Any, rank: int) -> Any:
+def load_into(path: str | os.PathLike | None, into: Any, keys: Any, rank: int,
+              view: FormatReader | GlobalReader | None = None) -> Any:
     """Fill ``into`` (a state of DTensors and tensors, on this rank's mesh) from a snapshot through
     DCP's planner, rank by rank with no collective (``no_dist``): what ``snapd.load(into=)`` does
     for a sharded state."""
@@ -198,7 +204,7 @@ def load_into(path: str | os.PathLike, into: Any, keys: Any, rank: int) -> Any:
         raise InvalidArgument(f"keys={keys!r} select nothing of the state given as into=")
     with warnings.catch_warnings():  # (DCP warns that no_dist means one process: here it means no collective)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, storage_reader=SnapshotReader(path, rank=rank), no_dist=True)
+        dcp.load(target, storage_reader=SnapshotReader(path, rank=rank, view=view), no_dist=True)
     return into
 
 

@@ -19,6 +19,7 @@ the lock) and the flush and rank-commit threads call ``add``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,13 +55,18 @@ class Upload:
     attempts: int = 0
 
 
+class Yielded(Exception):
+    """An upload abandoned for an emergency snapshot's (it is tried again after)."""
+
+
 class Uploader:
     def __init__(self, config: DaemonConfig) -> None:
         assert config.remote is not None
         self.config = config
         self.store = Store.open(config.remote, endpoint_url=config.endpoint_url,
                                 threads=config.remote_threads)
-        self._pool = ThreadPoolExecutor(config.remote_threads, thread_name_prefix="snapd-upload")
+        self._pool = ThreadPoolExecutor(config.remote_threads, thread_name_prefix="snapd-upload",
+                                        initializer=_background)
         self._pace = Pacer(config.remote_bytes_per_s).take if config.remote_bytes_per_s else None
         self._lock = threading.Condition()
         self._backlog: dict[Path, Upload] = {}
@@ -171,6 +177,16 @@ class Uploader:
                 self._lock.wait(timeout=wait if self._backlog else None)
             return None
 
+    def _before_send(self, u: Upload, n: int) -> None:
+        """Before each part: an emergency snapshot that came meanwhile goes first (this upload is
+        abandoned, its multipart upload aborted, and it stays in the backlog); then the bound."""
+        if not u.emergency:
+            with self._lock:
+                if any(w.emergency for w in self._backlog.values()):
+                    raise Yielded(f"{u.job} step {u.step} yields to an emergency snapshot")
+        if self._pace is not None:
+            self._pace(n)
+
     def _resume(self) -> None:
         """The latest snapshot of each job under the root goes up (again) at start: one a stopped or
         killed daemon had not uploaded is uploaded now; one that is there already costs one GET."""
@@ -185,10 +201,15 @@ class Uploader:
                          latest.stored_bytes, Retention(keep_last=None), None)
 
     def _run(self) -> None:
+        _background()
         self._resume()
         while (u := self._next()) is not None:
             try:
                 self._upload(u)
+            except Yielded as e:
+                log.info("%s", e)
+                with self._lock:
+                    self._busy = None
             except RemoteError as e:  # the store: everything waits (then the newest goes first)
                 self._failed(u, str(e), drop=False)
             except (OSError, SnapdError) as e:  # this snapshot's own files: it cannot go up
@@ -224,7 +245,7 @@ class Uploader:
             committed = True
         else:
             committed = rjob.upload(u.path, sorted(u.ranks) if u.ranks is not None else None, self._pool,
-                                    self._pace)
+                                    lambda n: self._before_send(u, n))
         took = time.monotonic() - t0
         with self._lock:
             self._busy = None
@@ -254,3 +275,12 @@ class Uploader:
         for old in jobindex.to_delete(index, keep_last, every):
             log.info("remote retention removes %s step %d", u.job, old.step)
             rjob.delete(old.step)
+
+
+def _background() -> None:
+    """This thread yields the CPU to the flush and encode threads (the next local snapshot) and to
+    the training job: uploads are behind both (nice 10, this thread only)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except OSError:
+        pass

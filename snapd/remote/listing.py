@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from snapd.errors import FormatError, RemoteError
 from snapd.format.index import JobIndex
-from snapd.format.jobdir import SNAPSHOT_RE
+from snapd.format.jobdir import JOB_NAME_RE, SNAPSHOT_RE
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.remote.reader import open_remote
 from snapd.remote.remote_job import RemoteJob
@@ -83,3 +84,33 @@ def verify(url: str) -> int:
         print(f"{url}: no committed snapshots", file=sys.stderr)
         return 1
     return 1 if bad else 0
+
+
+def ls_tiers(root: Path, job: str | None, url: str) -> int:
+    """``snapd ls ROOT [JOB] --remote URL``: both tiers, a TIER column; ``latest`` marks what
+    ``load`` would open (the newest step of either), ``best`` the local best, else the remote one."""
+    from snapd.format import catalog
+
+    remote = {r.job: r for r in jobs_at(url)}
+    local = sorted(p.name for p in root.iterdir() if p.is_dir() and JOB_NAME_RE.match(p.name)) \
+        if root.is_dir() else []
+    rows = []
+    for name in [job] if job else sorted(set(local) | set(remote)):
+        here = {s.step: s for s in catalog.list_snapshots(root, name)} if (root / name).is_dir() else {}
+        there, rule = remote[name].entries() if name in remote else ([], None)
+        far = {e.step: e for e in there}
+        best = next((s.step for s in here.values() if s.best), None)
+        if best is None and there:
+            pick = JobIndex(history=there, best_metric=rule).best
+            best = pick.step if pick is not None else None
+        newest = max(set(here) | set(far), default=None)
+        for step in sorted(set(here) | set(far)):
+            e = here.get(step) or far[step]
+            tier = "local+remote" if step in here and step in far else "local" if step in here else "remote"
+            marks = ",".join(m for m, on in (("latest", step == newest), ("best", step == best),
+                                              ("emergency", e.emergency)) if on)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_unix_s))
+            rows.append([name, str(step), tier, when, human_bytes(e.stored_bytes), human_bytes(e.raw_bytes),
+                         _metrics(e.metrics), marks])
+    print(table(rows, ["JOB", "STEP", "TIER", "TIME", "STORED", "RAW", "METRICS", "MARKS"]))
+    return 0

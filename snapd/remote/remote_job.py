@@ -1,6 +1,6 @@
 """A job's snapshots in the remote tier: ``<prefix>/<job>/step-<N>/`` holds the same files as the
 local snapshot directory, and its ``manifest.json`` object is the commit, written after every
-object it names (docs/FORMAT.md §8). A reader lists only steps whose manifest is there, so it never
+object it names (docs/FORMAT.md section 8). A reader lists only steps whose manifest is there, so it never
 sees a snapshot whose objects are not all uploaded; a replaced or deleted snapshot loses its
 manifest first.
 

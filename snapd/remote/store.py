@@ -122,6 +122,26 @@ class Store:
         except Exception as e:
             raise RemoteError(f"cannot read {self.where(key)} @ {offset}: {_describe(e)}") from None
 
+    def get_range_into(self, key: str, offset: int, out: memoryview) -> int:
+        """Read ``len(out)`` bytes at ``offset`` straight into ``out`` (no bytes object in between);
+        returns how many came."""
+        if len(out) == 0:
+            return 0
+        body = self._call("cannot read", key, self.client.get_object, Key=key,
+                          Range=f"bytes={offset}-{offset + len(out) - 1}")["Body"]
+        got = 0
+        try:
+            while got < len(out):
+                n = body.readinto(out[got:])
+                if not n:
+                    break
+                got += n
+        except Exception as e:
+            raise RemoteError(f"cannot read {self.where(key)} @ {offset}: {_describe(e)}") from None
+        finally:
+            body.close()
+        return got
+
     def list(self, prefix: str) -> dict[str, int]:
         """Every object under ``prefix``: key -> size."""
         out: dict[str, int] = {}
@@ -158,6 +178,7 @@ class Store:
                 return
             uid = self._call("cannot start an upload of", key, self.client.create_multipart_upload,
                              Key=key)["UploadId"]
+            futures: list = []
             try:
                 futures = [pool.submit(self._part, key, uid, fd, n, part_bytes, size, pace)
                            for n in range((size + part_bytes - 1) // part_bytes)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,6 @@ from snapd.errors import InvalidArgument, SnapdError, SnapshotNotFound
 from snapd.format import catalog
 from snapd.format import index as jobindex
 from snapd.format.index import Entry
-from snapd.format.global_manifest import parse_any
-from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store
 
@@ -102,37 +98,3 @@ def open_located(where: Located, rank: int | None) -> Any:
         return open_snapshot(where.path, rank)
     assert where.remote is not None
     return open_remote(where.remote.store, where.remote.job, where.name, rank)
-
-
-def fetch(where: Located, root: str | os.PathLike, job: str) -> Path:
-    """Download a remote snapshot into the local tier (committed there as any snapshot is): for the
-    readers that need files, such as DCP's planner filling DTensors."""
-    assert where.remote is not None
-    jd = JobDir(root, job)
-    jd.open_for_write()
-    tmp = jd.new_tmp_dir(where.step)
-    store, base = where.remote.store, where.remote.key(where.name)
-    try:
-        keys = store.list(base + "/")
-        manifests = sorted(k for k in keys if k.endswith("/" + MANIFEST_NAME))
-        for key in sorted(set(keys) - set(manifests)) + manifests:  # (manifests last, as in the upload)
-            dst = tmp / key[len(base) + 1:]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with open(dst, "wb") as f:
-                for offset in range(0, keys[key], 64 << 20):
-                    f.write(store.get_range(key, offset, min(64 << 20, keys[key] - offset)))
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(dst.parent)
-        with jd.lock():
-            index = jobindex.load(jd)
-            if index.find(where.step) is None:  # (another rank of this node fetched it first)
-                entry = Entry.of(parse_any(read_regular(tmp / MANIFEST_NAME), where.describe()))
-                jd.install(tmp, where.step)
-                index.record(entry)
-                jobindex.save(jd, index)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fetched %s into %s", where.describe(), jd.path)
-    return jd.path / snapshot_name(where.step)
