@@ -251,7 +251,6 @@ def read_piece(reader: FormatReader, i: int, offsets: list[int], lengths: list[i
     lo = bisect.bisect_right(starts, first) - 1  # the chunk holding the first byte
     hi = bisect.bisect_left(starts, last)  # one past the chunk holding the last
     buf = np.empty(starts[hi] - starts[lo], np.uint8)
-    for n in range(lo, hi):
-        reader.read_chunk(rec, n, memoryview(buf)[starts[n] - starts[lo]:starts[n + 1] - starts[lo]])
+    reader.read_run(rec, lo, hi, memoryview(buf))
     flat = torch.from_numpy(buf).view(dtype)  # (chunks hold whole items: their starts are multiples of size)
     return flat.as_strided(lengths, strides, (first - starts[lo]) // size)

@@ -273,7 +273,7 @@ class Pipeline:
         """The job's retention, leaving what still waits for its upload."""
         if self.uploads is None:
             return task.retention
-        return replace(task.retention, hold=self.uploads.held(task.root / task.job))
+        return replace(task.retention, hold=self.uploads.held(task.root / task.job, task.raw_bytes))
 
     def _persisted(self, task: Task, path: str, codec: str, stored_bytes: int) -> dict[str, Any]:
         took = task.times[PERSISTED] - task.times[RECEIVED]

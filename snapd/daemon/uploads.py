@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from snapd.remote.store import Store
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 30.0
+SPACE_MARGIN = 2  # snapshots' worth of free space below which uploads no longer hold local ones
 
 
 @dataclass
@@ -115,10 +117,23 @@ class Uploader:
             self._bound()
             self._lock.notify_all()
 
-    def held(self, job_path: Path) -> frozenset[str]:
-        """The snapshots of this job still waiting for their upload: local retention keeps them."""
+    def held(self, job_path: Path, next_bytes: int = 0) -> frozenset[str]:
+        """The snapshots of this job still waiting for their upload: local retention keeps them,
+        unless the disk has less room than ``SPACE_MARGIN`` snapshots of ``next_bytes`` (then
+        retention takes them as it would without a remote tier, each named in the log)."""
         with self._lock:
-            return frozenset(u.path.name for u in self._backlog.values() if u.path.parent == job_path)
+            waiting = [u for u in self._backlog.values() if u.path.parent == job_path]
+        if waiting and next_bytes:
+            try:
+                free = shutil.disk_usage(job_path).free
+            except OSError:
+                free = None
+            if free is not None and free < SPACE_MARGIN * next_bytes:
+                for u in waiting:
+                    log.warning("local space forces retention: %s step %d may be removed before its upload "
+                                "(%d bytes free under %s)", u.job, u.step, free, job_path)
+                return frozenset()
+        return frozenset(u.path.name for u in waiting)
 
     def _bound(self) -> None:
         while len(self._backlog) > self.config.remote_backlog:
@@ -242,10 +257,13 @@ class Uploader:
         t0 = time.monotonic()
         if not u.path.is_dir():  # (removed locally meanwhile: retention forced by space, a user)
             log.warning("%s step %d is gone locally before its upload: %s", u.job, u.step, u.path)
-            committed = True
-        else:
-            committed = rjob.upload(u.path, sorted(u.ranks) if u.ranks is not None else None, self._pool,
-                                    lambda n: self._before_send(u, n))
+            with self._lock:
+                self._busy = None
+                self._backlog.pop(u.path, None)
+                self.counts["skipped"] += 1
+            return
+        committed = rjob.upload(u.path, sorted(u.ranks) if u.ranks is not None else None, self._pool,
+                                lambda n: self._before_send(u, n))
         took = time.monotonic() - t0
         with self._lock:
             self._busy = None

@@ -147,6 +147,15 @@ class SnapshotReader:
         stored = os.pread(fd, c.stored, c.offset)
         return stored, len(stored)
 
+    def read_run(self, rec: TensorRecord, lo: int, hi: int, out: memoryview) -> None:
+        """Chunks ``lo``..``hi - 1`` of ``rec`` into ``out``, their raw bytes back to back (the
+        remote tier's reader fetches such a run in a few GETs at once)."""
+        pos = 0
+        for n in range(lo, hi):
+            raw = rec.chunks[n].raw
+            self.read_chunk(rec, n, out[pos:pos + raw])
+            pos += raw
+
     def select(self, keys: list[str] | str | None) -> list[int]:
         return select(self.manifest, keys, self.path)
 

@@ -55,6 +55,9 @@ def test_the_backlog_is_bounded_newest_first_and_held_from_local_retention(tmp_p
     # step 1 is an emergency snapshot: never skipped; the oldest others went
     assert (st["backlog"], st["skipped"], st["backlog_bytes"]) == (2, 2, 20)
     assert up.held(job) == {"step-000000000001", "step-000000000004"}
+    job.mkdir()
+    assert up.held(job, next_bytes=1 << 20) == {"step-000000000001", "step-000000000004"}
+    assert up.held(job, next_bytes=1 << 60) == frozenset()  # no room for two more: space wins
     assert up._next().step == 1  # emergency first
     up._busy = None
     del up._backlog[job / "step-000000000001"]

@@ -56,4 +56,5 @@ for k in ours:
 assert ours["step"] == 7 and ours["lr"] == 0.01
 sys.stdout.write(f"LOADED {dist.get_rank()} {len(ours)}\n")  # (one write: the ranks share the pipe)
 sys.stdout.flush()
+dist.barrier()  # (every rank done before gloo's pairs close: one leaving early aborted another's exit)
 dist.destroy_process_group()

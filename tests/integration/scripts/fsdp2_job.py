@@ -127,4 +127,5 @@ elif mode == "load":
     ours = flat(model, opt) | {"step": state["step"]}
     same(ours, dcp_loaded(), "load")
     say(f"LOADED {rank} {len(ours)}")
+dist.barrier()  # (every rank done before gloo's pairs close: one leaving early aborted another's exit)
 dist.destroy_process_group()
