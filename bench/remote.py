@@ -55,7 +55,8 @@ def _daemon(work: Path, url: str, endpoint: str) -> subprocess.Popen:
     from snapd.client.connection import probe
 
     proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "root"),
-                             "--endpoint", endpoint, "--host-buffer-bytes", str(64 << 20), "--remote", url],
+                             "--endpoint", endpoint, "--host-buffer-bytes", str(64 << 20), "--remote", url,
+                             "--codec", "raw"],  # (the transfer against its floor; decoding: bench.restore)
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "ab"))
     deadline = time.monotonic() + 30
     while probe(endpoint, 1.0) is None:
@@ -172,7 +173,9 @@ def _markdown(times: dict, stored: int, machine: dict, args: argparse.Namespace)
         "# Remote tier", "",
         f"`python -m bench.remote --mib {args.mib} --reps {args.reps}` on {machine['cores']} cores, commit "
         f"{machine.get('commit')}: one SeaweedFS server (`weed mini`) on loopback, on the same cores; a "
-        f"{args.mib} MiB fp32 state ({mib:.0f} MiB stored by snapd); seconds, median of {args.reps}.", "",
+        f"{args.mib} MiB fp32 state, stored raw (the transfer against its floor; a compressed snapshot "
+        f"adds its decoding, measured by `python -m bench --only restore`); seconds, median of {args.reps}.",
+        "",
         "| | seconds | MiB/s (snapd's stored bytes) | ÷ floor |", "|---|---|---|---|",
         row("snapd: committed locally -> committed remotely", "snapd upload", "floor upload"),
         row("floor: boto3 transfer manager, the same files", "floor upload", "floor upload"),

@@ -139,12 +139,9 @@ class Server:
                 notifier.stopping(self.config.drain_timeout_s)
                 drain_deadline = now + self.config.drain_timeout_s
             if self.stopping:
-                uploads = self.pipeline.uploads  # (the remote tier: the backlog goes up, emergency first)
-                if not self.tasks and (uploads is None or uploads.idle()):
-                    log.info("drained; exiting")
-                    return 0
-                if now > drain_deadline:
-                    return self._drain_timed_out()
+                ended = self._drain_ended(now > drain_deadline)
+                if ended is not None:
+                    return ended
             elif self._idle_too_long(now):
                 log.info("no clients for %.0f s; exiting", self.config.exit_when_idle_s)
                 return 0
@@ -158,6 +155,19 @@ class Server:
         if self.zap is not None:
             self.zap.close()
         self.pool.close()
+
+    def _drain_ended(self, past_deadline: bool) -> int | None:
+        """The exit status once the drain is over: every snapshot persisted and (with a remote tier)
+        uploaded, the emergency one first, or the store not answering, or the deadline passed."""
+        uploads = self.pipeline.uploads
+        if not self.tasks and (uploads is None or uploads.idle()):
+            log.info("drained; exiting")
+            return 0
+        if not self.tasks and uploads.unreachable():  # (no use waiting out the deadline)
+            for line in uploads.unfinished():
+                log.error("the store does not answer: not in the remote tier: %s", line)
+            return 0
+        return self._drain_timed_out() if past_deadline else None
 
     def _drain_timed_out(self) -> int:
         if self.tasks:

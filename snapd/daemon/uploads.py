@@ -40,6 +40,7 @@ from snapd.remote.store import Store
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 30.0
+GIVE_UP_AFTER = 3  # failed attempts in a row after which a drain no longer waits for the store
 SPACE_MARGIN = 2  # snapshots' worth of free space below which uploads no longer hold local ones
 
 
@@ -171,6 +172,11 @@ class Uploader:
     def idle(self) -> bool:
         with self._lock:
             return not self._backlog
+
+    def unreachable(self) -> bool:
+        """The store failed the last ``GIVE_UP_AFTER`` attempts in a row (a drain stops waiting)."""
+        with self._lock:
+            return self._failures >= GIVE_UP_AFTER
 
     def unfinished(self) -> list[str]:
         with self._lock:
