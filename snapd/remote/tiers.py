@@ -63,8 +63,8 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
             not isinstance(step, int):
         raise InvalidArgument(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
     local = _local(root, job, step)
-    rjob = RemoteJob(Store.open(remote), job)
-    try:
+    try:  # (no boto3 in the trainer's environment, no credentials, the store down: local still loads)
+        rjob = RemoteJob(Store.open(remote), job)
         steps = rjob.steps()
     except SnapdError as e:
         if local is None:

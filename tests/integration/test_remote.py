@@ -291,3 +291,14 @@ def test_every_codec_restores_from_the_bucket_whole_and_in_part(tmp_path, s3, co
     assert digest(back["a"]) == digest(big["a"]) and digest(back["b"]["c"]) == digest(big["b"]["c"])
     assert back["n"] == 3
     assert list(snapd.load(tmp_path / "empty", "job", keys="b.c", remote=url)) == ["b"]
+
+
+def test_a_trainer_without_boto3_loads_its_local_snapshots_and_is_told_what_to_install(tmp_path, py) -> None:
+    code = ("import sys; sys.modules['boto3'] = None\n"  # (as if boto3 were not installed)
+            "import numpy as np, snapd.client as s\n"
+            "s.save(sys.argv[1], 'j', {'x': np.ones(3)}, step=2)\n"
+            "print('LOCAL', s.load(sys.argv[1], 'j', remote='s3://bucket/p')['x'].sum())\n"
+            "s.load(sys.argv[1], 'other', remote='s3://bucket/p')\n")
+    out = py(code, str(tmp_path))
+    assert "LOCAL 3.0" in out.stdout, out.stderr
+    assert "pip install 'snapd[s3]'" in out.stderr and out.returncode == 1, out.stderr
