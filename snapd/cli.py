@@ -94,7 +94,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _open(path: str) -> SnapshotReader | GlobalReader:
-    """A snapshot directory, or a job directory's latest snapshot (named on stderr)."""
+    """A snapshot directory, or a job directory's latest snapshot (named on stderr); or the same in
+    the remote tier (``s3://...``)."""
+    if path.startswith("s3://"):
+        from snapd.remote.listing import open_url
+
+        return open_url(path)
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such snapshot directory")

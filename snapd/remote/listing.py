@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from snapd.errors import FormatError, RemoteError
+from snapd.errors import FormatError, RemoteError, SnapshotNotFound
 from snapd.format.index import JobIndex
 from snapd.format.jobdir import JOB_NAME_RE, SNAPSHOT_RE
 from snapd.format.manifest import MANIFEST_NAME
@@ -114,3 +115,20 @@ def ls_tiers(root: Path, job: str | None, url: str) -> int:
                          _metrics(e.metrics), marks])
     print(table(rows, ["JOB", "STEP", "TIER", "TIME", "STORED", "RAW", "METRICS", "MARKS"]))
     return 0
+
+
+def open_url(url: str) -> Any:
+    """``s3://bucket/prefix/job/step-N`` (one snapshot) or ``s3://bucket/prefix/job`` (its latest,
+    named on stderr): a reader, for ``snapd inspect`` and ``snapd export``."""
+    bucket, prefix = parse_url(url)
+    head, _, last = prefix.rpartition("/")
+    if SNAPSHOT_RE.match(last):
+        parent, _, job = head.rpartition("/")
+        return open_remote(Store.open(f"s3://{bucket}/{parent}".rstrip("/")), job, last)
+    jobs = list(jobs_at(url))
+    if len(jobs) != 1 or jobs[0].job != last:
+        raise SnapshotNotFound(f"{url}: not a snapshot or a job with committed snapshots")
+    steps = jobs[0].steps()
+    name = steps[max(steps)]
+    print(f"(the latest snapshot of this job: {name})", file=sys.stderr)
+    return open_remote(jobs[0].store, jobs[0].job, name)

@@ -68,6 +68,13 @@ def test_snapshots_reach_the_bucket_and_a_fresh_node_resumes_from_it(tmp_path, s
     listed = cli("ls", url)
     assert listed.returncode == 0 and re.search(r"^job\s+3\s.*latest", listed.stdout, re.M), listed
     assert cli("verify", url).stdout.count("ok ") == 3
+    inspected = cli("inspect", f"{url}/job")
+    assert "step 3 of job job" in inspected.stdout and "model.w" in inspected.stdout, inspected
+    out = tmp_path / "one.safetensors"
+    assert cli("export", f"{url}/job/step-000000000001", str(out)).returncode == 0
+    from safetensors.numpy import load_file
+
+    assert digest(load_file(str(out))["model.w"]) == digest(state(1)["model"]["w"])
     both = cli("ls", str(d.root), "--remote", url).stdout  # the union, as load sees it
     assert re.search(r"^job\s+1\s+remote\s", both, re.M) and \
         re.search(r"^job\s+3\s+local\+remote\s.*latest", both, re.M), both
