@@ -35,7 +35,9 @@ Modules:
   machine, the copy thread, the encode pool and the flush thread; ``codec_choice``: which codec
   keeps the disk busy; ``endings``: the stages' reports turned into replies; ``rank_commits``:
   the thread that watches ranks' durable parts until their global snapshot commits or is given up;
-  ``uploads``: the remote tier's upload thread (its backlog, order, retention and status).
+  ``uploads``: the remote tier's upload thread (its backlog, order, retention and status);
+  ``remote_parts``: rank parts uploaded ahead of their global commit, which nodes sharing no
+  filesystem make in the bucket.
 - ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device); ``gpu_work``:
   a device's resources and the items its threads work on; ``gpu_handles``: clients' IPC handles
   and events; ``gpu_windows``: how device tensors travel through the staging window;

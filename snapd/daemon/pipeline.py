@@ -73,6 +73,8 @@ class Pipeline:
         self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
         self.commits = RankCommits(ctx, config.commit_timeout_s, self._part_committed, self._commit_failed)
         self.uploads = Uploader(config) if config.remote is not None else None  # (the remote tier)
+        if self.uploads is not None:  # (nodes that share no filesystem: their parts meet in the bucket)
+            self.commits.on_slow = self.uploads.add_part
 
     def start(self) -> None:
         self._thread.start()
@@ -277,7 +279,7 @@ class Pipeline:
 
     def _persisted(self, task: Task, path: str, codec: str, stored_bytes: int) -> dict[str, Any]:
         took = task.times[PERSISTED] - task.times[RECEIVED]
-        if self.uploads is not None:
+        if self.uploads is not None and not path.startswith("s3://"):  # (else: committed in the bucket)
             self.uploads.add(task.root, task.job, Path(path), task.step, task.emergency, stored_bytes,
                              task.retention, task.rank if task.world_size > 1 else None)
         log.info("persisted %s step %d: %d -> %d bytes, %s, %.2f s", task.job, task.step, task.raw_bytes,

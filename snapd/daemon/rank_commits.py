@@ -28,6 +28,7 @@ from snapd.format.global_commit import Delivery
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02
+OFFER_AFTER_S = 2.0  # a part waiting this long goes to the remote tier's uploads (if there is one)
 COUNT_EVERY_S = 1.0  # how often a waiting part's missing ranks are listed (``snapd status``)
 
 
@@ -40,6 +41,12 @@ class Waiting:
     stored_bytes: int  # this rank's part
     missing: list[int]
     counted: float = 0.0  # when the missing ranks were last listed (each look need not list them)
+    # the remote tier: offered to the uploads once it waited OFFER_AFTER_S (nodes that share no
+    # filesystem commit in the bucket); ``remote``: where it was committed there (the upload thread
+    # sets it); ``ended``: this thread is done with it
+    offered: bool = False
+    remote: str | None = None
+    ended: bool = False
 
 
 class RankCommits:
@@ -51,6 +58,7 @@ class RankCommits:
         self._ctx, self.timeout_s = ctx, timeout_s
         self._committed, self._failed = committed, failed
         self._waiting: list[Waiting] = []
+        self.on_slow: Callable[[Waiting], None] | None = None  # (snapd.daemon.uploads.Uploader.add_part)
         self._lock = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="snapd-rank-commits", daemon=True)
@@ -92,6 +100,8 @@ class RankCommits:
                 ended = [w for w in waiting if self._check(w, outbox)]
                 with self._lock:
                     self._waiting = [w for w in self._waiting if w not in ended]
+                for w in ended:
+                    w.ended = True
                 time.sleep(POLL_S)
         finally:
             outbox.close()
@@ -100,10 +110,18 @@ class RankCommits:
         """Look at one waiting part; send its ending if it has one. Its own error boundary: a
         failure to look fails that snapshot, not the thread."""
         try:
+            if w.remote is not None:  # committed in the bucket from every node's parts
+                global_commit.leave(w.delivery)
+                outbox.send(self._committed(w, w.remote))
+                return True
             at = time.monotonic()
             count = at - w.counted >= COUNT_EVERY_S
             now = global_commit.outcome(w.delivery, count)
             waited = at - w.since
+            if now.state == "waiting" and not w.offered and self.on_slow is not None and \
+                    waited >= OFFER_AFTER_S:
+                w.offered = True
+                self.on_slow(w)
             if now.state == "waiting" and waited >= self.timeout_s:
                 now = global_commit.give_up(w.delivery, waited)
             if now.state == "committed":

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.rank_commits import Waiting
+from snapd.daemon.remote_parts import PartUploads
 from snapd.errors import RemoteError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, job_dirs
@@ -82,6 +84,7 @@ class Uploader:
         self._cleaned: set[str] = set()  # job prefixes whose stale multipart uploads are aborted
         self.counts = {"uploaded": 0, "uploaded_bytes": 0, "failures": 0, "skipped": 0, "seconds": 0.0}
         self.last_error: tuple[float, str] | None = None
+        self.parts = PartUploads(self.store, self.remote_job, self._pool, self._pace_part)
         self._thread = threading.Thread(target=self._run, name="snapd-upload", daemon=True)
 
     def start(self) -> None:
@@ -117,6 +120,16 @@ class Uploader:
                                              None if rank is None else {rank})
             self._bound()
             self._lock.notify_all()
+
+    def add_part(self, w: Waiting) -> None:
+        """A rank's part that has waited for its global snapshot for a while (snapd.daemon.remote_parts)."""
+        self.parts.add(w)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _pace_part(self, n: int) -> None:
+        if self._pace is not None:
+            self._pace(n)
 
     def held(self, job_path: Path, next_bytes: int = 0) -> frozenset[str]:
         """The snapshots of this job still waiting for their upload: local retention keeps them,
@@ -189,13 +202,18 @@ class Uploader:
         return (u.emergency, u.since, u.step)
 
     def _next(self) -> Upload | None:
+        """The upload to make now; None when it is time to tend the waiting parts (or to stop)."""
         with self._lock:
             while not self._stop:
                 wait = self._paused_until - time.monotonic()
                 if self._backlog and wait <= 0:
                     self._busy = max(self._backlog.values(), key=self._order)
                     return self._busy
-                self._lock.wait(timeout=wait if self._backlog else None)
+                look = self.parts.wait_s()
+                if look is not None and look <= 0:
+                    return None
+                waits = [t for t in (wait if self._backlog else None, look) if t is not None]
+                self._lock.wait(timeout=min(waits) if waits else None)
             return None
 
     def _before_send(self, u: Upload, n: int) -> None:
@@ -224,7 +242,11 @@ class Uploader:
     def _run(self) -> None:
         _background()
         self._resume()
-        while (u := self._next()) is not None:
+        while not self._stop:
+            self.parts.tend()
+            u = self._next()
+            if u is None:
+                continue
             try:
                 self._upload(u)
             except Yielded as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,19 @@ def fail_step(job: JobDir, step: int, world_size: int, run: str, reason: str) ->
     except (OSError, SnapdError) as e:
         log.warning("%s: step %d could not be marked given up (%s): the other ranks wait for their timeout",
                     job.path, step, e)
+
+
+def leave(d: Delivery) -> None:
+    """Take a rank's part out of its pending directory once its step was committed elsewhere (in
+    the remote tier, by nodes that share no filesystem): the directory goes with its last part."""
+    try:
+        with d.job.lock(timeout_s=10.0):
+            shutil.rmtree(d.pending / part_dir(d.rank), ignore_errors=True)
+            if not any(PART_DIR_RE.match(n) for n in os.listdir(d.pending)):
+                shutil.rmtree(d.pending, ignore_errors=True)
+    except (OSError, SnapdError) as e:
+        log.warning("%s: rank %d's part of step %d stays in its pending directory (%s); it is removed "
+                    "with the leftovers later", d.job.path, d.rank, d.step, e)
 
 
 def given_up(job: JobDir, run_mark: str) -> list[str]:

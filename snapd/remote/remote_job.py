@@ -15,12 +15,14 @@ parts came last always sees them all.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from snapd.errors import FormatError
-from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
+from snapd import __version__
+from snapd.format.global_manifest import GlobalManifest, assemble, parse_any, part_dir
 from snapd.format.index import Entry
 from snapd.format.jobdir import SNAPSHOT_RE, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse
@@ -123,6 +125,54 @@ class RemoteJob:
             return False  # (a part of another version of this step: its node uploads the right one)
         self.store.put(self.key(name, MANIFEST_NAME), raw)
         return True
+
+    def upload_part(self, src: Path, name: str, rank: int, pool: Executor, pace: Pace | None = None) -> None:
+        """A rank's part still waiting for its global snapshot (``src``: its directory in the
+        pending directory), uploaded ahead of the commit: nodes that share no filesystem meet here."""
+        self._upload_dir(src, f"{name}/{part_dir(rank)}", read_regular(src / MANIFEST_NAME), pool, pace)
+
+    def commit_parts(self, name: str, step: int, world: int, run: str, pool: Executor) -> bool:
+        """Commit a global snapshot from the parts in the bucket, once every rank's is there and all
+        are of this step, world size and run: the global manifest assembled from them (as a local
+        commit would), written last. True when the snapshot is committed (by this call or before)."""
+        keys = self.store.list(self.key(name) + "/")
+        want = [self.key(name, part_dir(r), MANIFEST_NAME) for r in range(world)]
+        if any(k not in keys for k in want):
+            return False
+        raws = list(pool.map(self.store.get, want))
+        try:
+            parts = [parse(raw, self.store.where(k)) for raw, k in zip(raws, want) if raw is not None]
+        except FormatError as e:
+            log.warning("%s: a part is damaged (%s): not committed", self.where(name), e)
+            return False
+        if len(parts) != world or any(p.step != step or not p.part or p.part.get("run") != run or
+                                      p.part.get("world_size") != world for p in parts):
+            return False  # (parts of another run or world size: their nodes upload this run's)
+        sums = [p.checksum for p in parts]
+        have = self.manifest_bytes(name)
+        try:
+            old = parse_any(have) if have is not None else None
+        except FormatError:
+            old = None
+        if isinstance(old, GlobalManifest) and [p["checksum"] for p in old.parts] == sums:
+            return True
+        try:
+            manifest = assemble(parts, f"snapd {__version__}", time.time())
+        except FormatError as e:
+            log.warning("%s: the ranks' parts disagree (%s): not committed", self.where(name), e)
+            return False
+        self.store.put(self.key(name, MANIFEST_NAME), manifest.to_bytes())
+        log.info("%s: committed in the bucket from the parts of %d ranks", self.where(name), world)
+        return True
+
+    def has_part(self, name: str, rank: int, checksum: str) -> bool:
+        """Whether the committed global snapshot ``name`` holds this part of ``rank``."""
+        raw = self.manifest_bytes(name)
+        try:
+            m = parse_any(raw) if raw is not None else None
+        except FormatError:
+            return False
+        return isinstance(m, GlobalManifest) and rank < m.world_size and m.parts[rank]["checksum"] == checksum
 
     # -- delete ------------------------------------------------------------------------------
     def delete(self, step: int) -> None:

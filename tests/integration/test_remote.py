@@ -309,3 +309,25 @@ def test_a_trainer_without_boto3_loads_its_local_snapshots_and_is_told_what_to_i
     out = py(code, str(tmp_path))
     assert "LOCAL 3.0" in out.stdout, out.stderr
     assert "pip install 'snapd[s3]'" in out.stderr and out.returncode == 1, out.stderr
+
+
+def test_nodes_that_share_no_filesystem_commit_their_global_snapshot_in_the_bucket(tmp_path, s3,
+                                                                                 start) -> None:
+    url = f"{s3.url}/apart"
+    a = start("--remote", url, name="a", root=tmp_path / "node-a")  # each node its own disk
+    b = start("--remote", url, name="b", root=tmp_path / "node-b")
+    ranks = [subprocess.Popen([sys.executable, str(RANK), ep, "g", str(r), "2", "run-1", "1,2"],
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+             for r, ep in enumerate((a.endpoint, b.endpoint))]
+    for p in ranks:
+        assert p.communicate(timeout=120)[0].split() == ["COMMITTED", "1", "COMMITTED", "2"], \
+            (a.log_text()[-2000:], b.log_text()[-2000:])
+    assert remote_steps(url, "g") == [1, 2]
+    assert "committed in the bucket from the parts of 2 ranks" in a.log_text() + b.log_text()
+    whole = snapd.load(tmp_path / "empty", "g", remote=url, rank=1)
+    assert whole["step"] == 2 and whole["own"][0] == 201 and np.array_equal(whole["w"], np.full(4096, 2))
+    assert snapd.load(tmp_path / "empty", "g", remote=url, rank=0)["own"][0] == 200
+    # each node's parts left its pending directories once committed in the bucket
+    for node in ("node-a", "node-b"):
+        assert not list((tmp_path / node / "g").glob(".pending-*")), list((tmp_path / node / "g").iterdir())
+    assert cli("verify", url).stdout.count("ok ") == 2
