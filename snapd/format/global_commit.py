@@ -189,6 +189,8 @@ def leave(d: Delivery) -> None:
             shutil.rmtree(d.pending / part_dir(d.rank), ignore_errors=True)
             if not any(PART_DIR_RE.match(n) for n in os.listdir(d.pending)):
                 shutil.rmtree(d.pending, ignore_errors=True)
+    except FileNotFoundError:  # (committed here as well: the pending directory went into place)
+        pass
     except (OSError, SnapdError) as e:
         log.warning("%s: rank %d's part of step %d stays in its pending directory (%s); it is removed "
                     "with the leftovers later", d.job.path, d.rank, d.step, e)
