@@ -111,11 +111,11 @@ class Uploader:
             retention: Retention, rank: int | None) -> None:
         with self._lock:
             u = self._backlog.get(path)
-            if u is not None and u.step == step:
+            if u is not None and u.step == step and u is not self._busy:
                 if u.ranks is not None and rank is not None:
                     u.ranks.add(rank)
                 u.emergency |= emergency
-            else:
+            else:  # (one going up now may have read an older version of this step: this one goes too)
                 self._backlog[path] = Upload(root, job, path, step, emergency, stored_bytes, retention,
                                              None if rank is None else {rank})
             self._bound()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from snapd.errors import FormatError
+from snapd.errors import FormatError, RemoteError
 from snapd import __version__
 from snapd.format.global_manifest import GlobalManifest, assemble, parse_any, part_dir
 from snapd.format.index import Entry
@@ -104,6 +104,9 @@ class RemoteJob:
         for info in parse(raw, str(path / MANIFEST_NAME)).files:
             self.store.upload_file(self.key(name, info["name"]), str(path / info["name"]), info["bytes"],
                                    pool, pace)
+        if read_regular(path / MANIFEST_NAME) != raw:  # the step saved anew meanwhile: its files changed
+            raise RemoteError(f"{path} was replaced by a newer version of its step while it was uploaded; "
+                              "not committed (the newer one is uploaded instead)")
         if pace is not None:
             pace(len(raw))
         self.store.put(mkey, raw)

@@ -63,6 +63,10 @@ def test_the_backlog_is_bounded_newest_first_and_held_from_local_retention(tmp_p
     del up._backlog[job / "step-000000000001"]
     assert up._next().step == 4
     assert up.unfinished() == [f"j step 4: {job / 'step-000000000004'}"]
+    # the same step saved anew while its upload runs: the new version is queued, not merged into it
+    busy = up._next()
+    up.add(tmp_path, "j", busy.path, 4, False, 10, Retention(), None)
+    assert up._backlog[busy.path] is not busy
 
 
 def test_retention_leaves_held_snapshots_until_they_are_let_go(root) -> None:
