@@ -24,7 +24,7 @@ from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.dtypes import itemsize
 from snapd.format.global_reader import GlobalReader, open_snapshot
 from snapd.format.reader import SnapshotReader
-from snapd.report import human_bytes, status_text, table
+from snapd.report import human_bytes, metrics_text, status_text, table
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _metrics(m: dict) -> str:
-    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     if args.root.startswith("s3://"):
         from snapd.remote import listing
@@ -88,7 +84,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             rows.append([job, str(s.step),
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix_s)),
                          human_bytes(s.stored_bytes), human_bytes(s.raw_bytes), f"{s.ratio:.2f}x",
-                         _metrics(s.metrics), marks])
+                         metrics_text(s.metrics), marks])
     print(table(rows, ["JOB", "STEP", "TIME", "STORED", "RAW", "RATIO", "METRICS", "MARKS"]))
     return 0
 

@@ -19,6 +19,11 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def metrics_text(m: dict) -> str:
+    """``loss=0.25 acc=0.9``: a snapshot's metrics in one column."""
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
 def _last_snapshot(last: dict | None) -> str:
     """``step 12: 1.0 GiB cuda_ipc, 8 B inline``: how a client's last snapshot reached the daemon."""
     if not last:

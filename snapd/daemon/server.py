@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -288,21 +287,15 @@ class Server:
         self.leases.expect(s)  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
+        uploads = self.pipeline.uploads  # (the remote tier: where this client's jobs go in the bucket)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                                 root=str(self.config.root), jobs_root=str(jobs_root),
                                 job_dir=str(JobDir(jobs_root, s.job).path), uid=creds.uid,
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
-                                remote=self._remote_of(jobs_root),
+                                remote=uploads.url_of(jobs_root) if uploads is not None else None,
                                 max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],
                                       "pid_ns": pid_namespace()})
-
-    def _remote_of(self, jobs_root: Path) -> str | None:
-        """Where this client's jobs are in the remote tier (a user's root keeps its name there)."""
-        if self.config.remote is None:
-            return None
-        rel = jobs_root.relative_to(self.config.root).as_posix() if jobs_root != self.config.root else ""
-        return f"{self.config.remote.rstrip('/')}/{rel}" if rel not in ("", ".") else self.config.remote
 
     def _on_acquire(self, peer: bytes, msg: dict) -> bytes | None:
         return self.intake.acquire(self._session(peer), msg["id"], msg["nbytes"], msg["emergency"])

@@ -104,8 +104,12 @@ class Uploader:
     # -- called by the flush and rank-commit threads --------------------------------------------
     def remote_job(self, root: Path, job: str) -> str:
         """Where ``job`` of ``root`` lives under the remote prefix (a user's root keeps its name)."""
-        rel = root.relative_to(self.config.root) if root != self.config.root else Path()
-        return str(rel / job) if str(rel) != "." else job
+        return (root.relative_to(self.config.root) / job).as_posix()
+
+    def url_of(self, jobs_root: Path) -> str:
+        """The bucket's place for the jobs of ``jobs_root`` (a client's, told in ``welcome``)."""
+        rel = jobs_root.relative_to(self.config.root).as_posix()
+        return self.store.url if rel == "." else f"{self.store.url}/{rel}"
 
     def add(self, root: Path, job: str, path: Path, step: int, emergency: bool, stored_bytes: int,
             retention: Retention, rank: int | None) -> None:

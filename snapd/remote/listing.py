@@ -20,7 +20,7 @@ from snapd.format.manifest import MANIFEST_NAME
 from snapd.remote.reader import open_remote
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store, parse_url
-from snapd.report import human_bytes, table
+from snapd.report import human_bytes, metrics_text, table
 
 
 def jobs_at(url: str) -> Iterator[RemoteJob]:
@@ -41,27 +41,40 @@ def jobs_at(url: str) -> Iterator[RemoteJob]:
         yield RemoteJob(store, job)
 
 
-def _metrics(m: dict) -> str:
-    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
-
-
 def ls(url: str) -> int:
-    rows = []
-    for rjob in jobs_at(url):
-        entries, rule = rjob.entries()
-        index = JobIndex(history=entries, best_metric=rule)
-        latest, best = index.latest, index.best
-        for e in sorted(entries, key=lambda e: e.order):
-            marks = ",".join(m for m, on in (("latest", e is latest), ("best", e is best),
-                                              ("emergency", e.emergency)) if on)
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_unix_s))
-            rows.append([rjob.job, str(e.step), when, human_bytes(e.stored_bytes), human_bytes(e.raw_bytes),
-                         _metrics(e.metrics), marks])
+    """``snapd ls s3://...``: the bucket's jobs and their committed snapshots."""
+    rows = [row for rjob in jobs_at(url) for row in _rows(rjob.job, {}, rjob)]
     if not rows:
         print(f"{url}: no committed snapshots", file=sys.stderr)
         return 1
-    print(table(rows, ["JOB", "STEP", "TIME", "STORED", "RAW", "METRICS", "MARKS"]))
+    print(table(rows, HEADER))
     return 0
+
+
+HEADER = ["JOB", "STEP", "TIER", "TIME", "STORED", "RAW", "METRICS", "MARKS"]
+
+
+def _rows(name: str, here: dict[int, Any], rjob: RemoteJob | None) -> list[list[str]]:
+    """A job's snapshots in both tiers (``here``: the local ones by step, catalog's): ``latest``
+    marks what ``load`` would open (the newest step of either), ``best`` the local best, else the
+    remote one."""
+    there, rule = rjob.entries() if rjob is not None else ([], None)
+    far = {e.step: e for e in there}
+    best = next((s.step for s in here.values() if s.best), None)
+    if best is None and there:
+        pick = JobIndex(history=there, best_metric=rule).best
+        best = pick.step if pick is not None else None
+    newest = max(set(here) | set(far), default=None)
+    rows = []
+    for step in sorted(set(here) | set(far)):
+        e = here.get(step) or far[step]
+        tier = "local+remote" if step in here and step in far else "local" if step in here else "remote"
+        marks = ",".join(m for m, on in (("latest", step == newest), ("best", step == best),
+                                          ("emergency", e.emergency)) if on)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_unix_s))
+        rows.append([name, str(step), tier, when, human_bytes(e.stored_bytes), human_bytes(e.raw_bytes),
+                     metrics_text(e.metrics), marks])
+    return rows
 
 
 def verify(url: str) -> int:
@@ -88,8 +101,7 @@ def verify(url: str) -> int:
 
 
 def ls_tiers(root: Path, job: str | None, url: str) -> int:
-    """``snapd ls ROOT [JOB] --remote URL``: both tiers, a TIER column; ``latest`` marks what
-    ``load`` would open (the newest step of either), ``best`` the local best, else the remote one."""
+    """``snapd ls ROOT [JOB] --remote URL``: both tiers, a TIER column."""
     from snapd.format import catalog
 
     remote = {r.job: r for r in jobs_at(url)}
@@ -98,22 +110,8 @@ def ls_tiers(root: Path, job: str | None, url: str) -> int:
     rows = []
     for name in [job] if job else sorted(set(local) | set(remote)):
         here = {s.step: s for s in catalog.list_snapshots(root, name)} if (root / name).is_dir() else {}
-        there, rule = remote[name].entries() if name in remote else ([], None)
-        far = {e.step: e for e in there}
-        best = next((s.step for s in here.values() if s.best), None)
-        if best is None and there:
-            pick = JobIndex(history=there, best_metric=rule).best
-            best = pick.step if pick is not None else None
-        newest = max(set(here) | set(far), default=None)
-        for step in sorted(set(here) | set(far)):
-            e = here.get(step) or far[step]
-            tier = "local+remote" if step in here and step in far else "local" if step in here else "remote"
-            marks = ",".join(m for m, on in (("latest", step == newest), ("best", step == best),
-                                              ("emergency", e.emergency)) if on)
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_unix_s))
-            rows.append([name, str(step), tier, when, human_bytes(e.stored_bytes), human_bytes(e.raw_bytes),
-                         _metrics(e.metrics), marks])
-    print(table(rows, ["JOB", "STEP", "TIER", "TIME", "STORED", "RAW", "METRICS", "MARKS"]))
+        rows += _rows(name, here, remote.get(name))
+    print(table(rows, HEADER))
     return 0
 
 

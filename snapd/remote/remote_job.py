@@ -25,7 +25,7 @@ from snapd import __version__
 from snapd.format.global_manifest import GlobalManifest, assemble, parse_any, part_dir
 from snapd.format.index import Entry
 from snapd.format.jobdir import SNAPSHOT_RE, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
 from snapd.remote.store import Store
 
 log = logging.getLogger(__name__)
@@ -111,20 +111,25 @@ class RemoteJob:
             pace(len(raw))
         self.store.put(mkey, raw)
 
+    def _parts(self, name: str, world: int, pool: Executor) -> list[Manifest] | None:
+        """Every rank's part manifest of ``name`` in the bucket, parsed; None while one is missing
+        or damaged."""
+        keys = self.store.list(self.key(name) + "/")
+        want = [self.key(name, part_dir(r), MANIFEST_NAME) for r in range(world)]
+        if any(k not in keys for k in want):
+            return None
+        raws = list(pool.map(self.store.get, want))
+        try:
+            parts = [parse(raw, self.store.where(k)) for raw, k in zip(raws, want) if raw is not None]
+        except FormatError as e:
+            log.warning("%s: a part is damaged (%s): not committed", self.where(name), e)
+            return None
+        return parts if len(parts) == world else None
+
     def commit_global(self, name: str, manifest: GlobalManifest, raw: bytes, pool: Executor) -> bool:
         """Write the global manifest if every part the manifest names is committed remotely."""
-        keys = self.store.list(self.key(name) + "/")
-        want = [self.key(name, part_dir(r), MANIFEST_NAME) for r in range(manifest.world_size)]
-        if any(k not in keys for k in want):
-            return False
-
-        def right(r: int) -> bool:
-            got = self.store.get(want[r])
-            try:
-                return got is not None and parse(got).checksum == manifest.parts[r]["checksum"]
-            except FormatError:
-                return False
-        if not all(pool.map(right, range(manifest.world_size))):
+        parts = self._parts(name, manifest.world_size, pool)
+        if parts is None or [p.checksum for p in parts] != [p["checksum"] for p in manifest.parts]:
             return False  # (a part of another version of this step: its node uploads the right one)
         self.store.put(self.key(name, MANIFEST_NAME), raw)
         return True
@@ -138,18 +143,9 @@ class RemoteJob:
         """Commit a global snapshot from the parts in the bucket, once every rank's is there and all
         are of this step, world size and run: the global manifest assembled from them (as a local
         commit would), written last. True when the snapshot is committed (by this call or before)."""
-        keys = self.store.list(self.key(name) + "/")
-        want = [self.key(name, part_dir(r), MANIFEST_NAME) for r in range(world)]
-        if any(k not in keys for k in want):
-            return False
-        raws = list(pool.map(self.store.get, want))
-        try:
-            parts = [parse(raw, self.store.where(k)) for raw, k in zip(raws, want) if raw is not None]
-        except FormatError as e:
-            log.warning("%s: a part is damaged (%s): not committed", self.where(name), e)
-            return False
-        if len(parts) != world or any(p.step != step or not p.part or p.part.get("run") != run or
-                                      p.part.get("world_size") != world for p in parts):
+        parts = self._parts(name, world, pool)
+        if parts is None or any(p.step != step or not p.part or p.part.get("run") != run or
+                                p.part.get("world_size") != world for p in parts):
             return False  # (parts of another run or world size: their nodes upload this run's)
         sums = [p.checksum for p in parts]
         have = self.manifest_bytes(name)

@@ -3,7 +3,6 @@ and bound, the hold local retention keeps for uploads, and the bandwidth bound."
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +78,17 @@ def test_retention_leaves_held_snapshots_until_they_are_let_go(root) -> None:
 
 
 def test_the_pacer_holds_uploads_to_their_rate() -> None:
-    pace = Pacer(8 << 20)
-    t0 = time.monotonic()
-    for _ in range(4):
-        pace.take(1 << 20)  # 4 MiB at 8 MiB/s, after a burst of a quarter second's worth
-    assert 0.2 < time.monotonic() - t0 < 2.0
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+    pace = Pacer(8 << 20, clock=lambda: now[0], sleep=sleep)
+    for _ in range(6):
+        pace.take(1 << 20)  # 6 MiB at 8 MiB/s: the first 2 MiB are the burst, the other 4 wait
+    assert sum(slept) == pytest.approx(0.5)
+    now[0] += 10.0  # idle for long: only the burst is credited, not ten seconds' worth
+    slept.clear()
+    pace.take(3 << 20)
+    assert sum(slept) == pytest.approx(1 / 8)
