@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
@@ -26,10 +24,11 @@ import socket
 import stat
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 from snapd.errors import FormatError, InvalidArgument, LockTimeout
+from snapd.format import job_lock
+from snapd.format.job_lock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-(?:([0-9a-f]{8})-)?[0-9a-f]+\Z", re.ASC
 PENDING_RE = re.compile(r"^\.pending-(\d{12,})-w(\d{5,})-([0-9a-f]{8})\Z", re.ASCII)
 FAILED_NAME = "failed"  # in a pending directory: why its step was given up (snapd.format.global_commit)
 FOREIGN_TMP_STALE_S = 24 * 3600  # another host's temporary directory untouched this long is removed
-LOCK_NAME = ".lock"
+STALE_SWEEP_EVERY_S = 3600.0  # how often a process looks for those (a stat each)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -110,6 +109,23 @@ def _age_s(path: str | os.PathLike) -> float:
         return 0.0
 
 
+def _stale_sweep_due(path: Path) -> bool:
+    """Whether this process last looked for day-old leftovers in the job at ``path`` over
+    ``STALE_SWEEP_EVERY_S`` ago (and notes that it looks now)."""
+    now, key = time.monotonic(), str(path)
+    last = _stale_swept.get(key)
+    if last is not None and now - last < STALE_SWEEP_EVERY_S:
+        return False
+    if len(_stale_swept) >= 4096:
+        _stale_swept.clear()
+    _stale_swept[key] = now
+    return True
+
+
+# when this process last looked for day-old leftovers, per job (filled as jobs are written)
+_stale_swept: dict[str, float] = {}
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs: a zombie (dead, its parent not yet told) does not."""
     try:
@@ -140,54 +156,59 @@ class JobDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InvalidArgument(f"cannot create job directory {self.path}: {e.strerror}") from None
-        with self.lock():
-            self.remove_leftovers()
+        self.remove_leftovers()
 
     def new_tmp_dir(self, step: int) -> Path:
         tmp = self.path / f".tmp-{step}-{os.getpid()}-{host_id()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         return tmp
 
-    def remove_leftovers(self) -> None:
+    def remove_leftovers(self, stale: bool | None = None) -> None:
+        """Remove what dead writers on this host left, on every write: a look at each temporary
+        directory's name (and one liveness check per pid). What is only removed once untouched
+        for a day (other hosts' temporary directories, the parts of a global snapshot) costs a
+        stat each, a network round trip on a shared root: ``stale`` looks at those too, by default
+        once an hour per job in this process. No lock is needed (none is taken on every write: the
+        ranks of a large job would queue behind each other's scans) but to remove such parts, as a
+        late part could be arriving into them."""
+        if stale is None:
+            stale = _stale_sweep_due(self.path)
+        alive: dict[int, bool] = {}
+        old = []
         for entry in os.scandir(self.path):
             m = TMP_RE.match(entry.name)
             if m and (m.group(3) or host_id()) != host_id():
-                if _age_s(entry.path) > FOREIGN_TMP_STALE_S:
+                if stale and _age_s(entry.path) > FOREIGN_TMP_STALE_S:
                     log.info("removing another host's leftover, untouched for a day: %s", entry.path)
                     shutil.rmtree(entry.path, ignore_errors=True)
-            elif m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
-                log.info("removing leftover of a dead writer: %s", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+            elif m and int(m.group(2)) != os.getpid():
+                pid = int(m.group(2))
+                if pid not in alive:
+                    alive[pid] = pid_alive(pid)
+                if not alive[pid]:
+                    log.info("removing leftover of a dead writer: %s", entry.path)
+                    shutil.rmtree(entry.path, ignore_errors=True)
             elif entry.name.startswith(".trash-"):
                 shutil.rmtree(entry.path, ignore_errors=True)
-            elif PENDING_RE.match(entry.name) and _age_s(entry.path) > FOREIGN_TMP_STALE_S:
-                # (one given up stays until the next commit: a late part must still learn why)
-                log.info("removing the parts of a global snapshot, untouched for a day: %s", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+            elif stale and PENDING_RE.match(entry.name) and _age_s(entry.path) > FOREIGN_TMP_STALE_S:
+                old.append(entry.path)
+        if old:
+            self._remove_stale_parts(old)
 
-    @contextlib.contextmanager
-    def lock(self, timeout_s: float = 120.0) -> Iterator[None]:
-        """Exclusive flock on the job's lock file, shared by every writer on this node."""
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    def _remove_stale_parts(self, old: list[str]) -> None:
         try:
-            deadline = time.monotonic() + timeout_s
-            pause = 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LockTimeout(f"{self.path}: another writer held the job lock for "
-                                          f"more than {timeout_s:.0f} s") from None
-                    # backoff with jitter: the ranks of a large job deliver their parts at once, and
-                    # a thousand waiters polling every 10 ms starve the holder of CPU (bench: 1024
-                    # simulated ranks on 2 cores timed out here)
-                    time.sleep(pause * (0.5 + random.random()))
-                    pause = min(pause * 2, 0.05)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+            with self.lock(timeout_s=10.0):
+                for path in old:
+                    # (one given up stays until the next commit: a late part must still learn why)
+                    if _age_s(path) > FOREIGN_TMP_STALE_S:
+                        log.info("removing the parts of a global snapshot, untouched for a day: %s", path)
+                        shutil.rmtree(path, ignore_errors=True)
+        except LockTimeout as e:  # (a cleanup: it never fails the write that asked for it)
+            log.warning("%s: stale parts not removed this time: %s", self.path, e)
+
+    def lock(self, timeout_s: float = 120.0) -> contextlib.AbstractContextManager[None]:
+        """The job's lock, shared by every writer of every node (snapd.format.job_lock)."""
+        return job_lock.hold(self.path, timeout_s)
 
     def install(self, tmp: Path, step: int) -> list[Path]:
         """Move a finished temporary snapshot into place (call under ``lock``).
@@ -255,8 +276,7 @@ def clean_root(root: Path) -> None:
             if _is_job(path) and any(TMP_RE.match(n) or n.startswith((".trash-", ".pending-"))
                                   for n in os.listdir(path)):
                 try:
-                    with JobDir(parent, path.name).lock(timeout_s=5.0):
-                        JobDir(parent, path.name).remove_leftovers()
+                    JobDir(parent, path.name).remove_leftovers(stale=True)
                 except (OSError, LockTimeout) as e:
                     log.warning("%s: leftovers not removed: %s", path, e)
 
