@@ -68,6 +68,10 @@ def worker(mode: str, layers: int, reps: int, endpoint: str, work: str) -> None:
     out: dict[str, list[float]] = {}
     if mode == "save":
         client = snapd.connect("dist", endpoint=endpoint, spawn=False)
+        # the shards move into shared memory once (the registered path): the daemon copies them
+        # while training goes on, and the optimizer's step waits for that copy (``guard``)
+        client.share(model, opt)
+        client.guard(opt)
         for rep in range(reps):
             dist.barrier()
             t0 = time.perf_counter()
@@ -230,7 +234,8 @@ def run(args: argparse.Namespace) -> None:
             rec.add("distributed_scale", "snapd", f"{n} simulated ranks", [sims[n]["commit_s"]], ranks=n,
                     **{k: v for k, v in sims[n].items() if k != "commit_s"})
         (args.out / "distributed.md").write_text(_markdown(times, floor, loads, sims, mib, rec.machine, args))
-        _plot(sims, args.out / "distributed.png")
+        if sims:
+            _plot(sims, args.out / "distributed.png")
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -307,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=768, help="the model and AdamW state's size")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--simulate", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256, 1024])
+    ap.add_argument("--simulate", type=lambda s: [int(x) for x in s.split(",") if x], default=[64, 256, 1024])
     ap.add_argument("--dir", default="/var/tmp", help="where the checkpoints are written (a real disk)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap

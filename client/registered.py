@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from snapd.client import shared_dtensors
 from snapd.format import dtypes
 from snapd.format.dtypes import check_torch_memory
 
@@ -107,15 +108,24 @@ def _nbytes(t: Any) -> int:
 def share(objects: tuple[Any, ...]) -> SharedRegion:
     """Move every tensor of ``objects`` into one new region; return the region."""
     seen: dict[int, Any] = {}
+    dtensors: dict[int, shared_dtensors.Move | None] = {}
+    fsdp = shared_dtensors.fsdp_params(objects)
     for obj in objects:
         for t in _tensors(obj):
+            if shared_dtensors.is_dtensor(t):
+                if id(t) not in dtensors:
+                    dtensors[id(t)] = shared_dtensors.move_of(f"a DTensor of shape {tuple(t.shape)}", t, fsdp)
+                continue
             if not isinstance(t, np.ndarray):
                 check_torch_memory(f"share(): {type(t).__name__}", t)  # before reading through its pointer
                 if t.device.type != "cpu":
                     continue  # device tensors take the GPU path
             seen.setdefault(id(t), t)
     tensors = list(seen.values())
-    region = SharedRegion(sum(_nbytes(t) + ALIGN for t in tensors))
+    moves = [m for m in dtensors.values() if m is not None]
+    region = SharedRegion(sum(_nbytes(t) + ALIGN for t in tensors) + sum(m.nbytes + ALIGN for m in moves))
+    for m in moves:
+        m.into(region.slot(m.nbytes)[1])
     moved: dict[int, np.ndarray] = {}
     for t in tensors:
         off, dst = region.slot(_nbytes(t))
@@ -132,7 +142,8 @@ def share(objects: tuple[Any, ...]) -> SharedRegion:
                 t.set_(new.untyped_storage(), new.storage_offset(), t.shape, new.stride())
     for obj in objects:  # NumPy arrays cannot be rebound: replace them in their containers
         _replace(obj, moved)
-    log.info("registered %d tensors (%d MiB) in %s", len(tensors), region.used >> 20, region.path)
+    log.info("registered %d tensors (%d MiB) in %s", len(tensors) + len(moves), region.used >> 20,
+             region.path)
     return region
 
 

@@ -79,6 +79,15 @@ def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_fsdp2_model_shared_with_the_daemon_trains_as_before_and_snapshots_each_step(torchrun,
+                                                                                      start) -> None:
+    a = start(name="a")
+    out = torchrun(FSDP2, "shared", str(a.root), "fsdp-shared", "-", a.endpoint).stdout
+    assert sorted(re.findall(r"SHARED (\d)", out)) == ["0", "1"], out
+
+
+@pytest.mark.slow
 def test_one_process_loads_a_two_rank_snapshot_as_full_tensors(tmp_path, start) -> None:
     d = start()
     ranks = [rank(d.endpoint, "full", r, 2, "run-1", "1,2") for r in range(2)]

@@ -7,6 +7,11 @@
 - ``resume``: a fresh model restores the latest snapshot through the daemon (``client.restore``,
   ``into=``) and must equal, shard by shard, the same model loaded by DCP from DCP_DIR; then it
   snapshots step 4. Prints ``RESUMED r`` and ``RNG-RESTORED r <digest>``.
+- ``shared``: the model and AdamW moved into shared memory (``client.share``; the daemon copies
+  from there while training goes on), snapshotted each step without waiting; a twin that is not
+  shared trains on the same data and must stay equal to it bit for bit (FSDP2's all-gather reads
+  what the optimizer updates), and each snapshot restores to the state it was taken of. Prints
+  ``SHARED r``.
 - ``load``: on any world size, with no daemon: ``snapd.load(ROOT, JOB, 3, into=)`` must equal DCP's
   load of DCP_DIR (the state of step 3), shard by shard. Prints ``LOADED r <tensors>``.
 Each line goes out in one write: the ranks share the pipe.
@@ -35,7 +40,8 @@ def say(line: str) -> None:
 
 def model_and_optimizer(seed: int) -> tuple:
     torch.manual_seed(seed)  # the same weights on every rank, as a real job starts
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+    # (the last layer's 5 rows shard unevenly: FSDP2 pads them)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
     for m in model:
         if isinstance(m, torch.nn.Linear):
             fully_shard(m, mesh=mesh)
@@ -119,6 +125,35 @@ elif mode == "resume":
     client.snapshot(state_of(model, opt, 4), step=4).wait()
     client.close()
     say(f"RESUMED {rank}")
+elif mode == "shared":
+    model, opt = model_and_optimizer(0)
+    twin, twin_opt = model_and_optimizer(0)
+    client = snapd.connect(job, endpoint=endpoints[rank % len(endpoints)], spawn=False)
+    client.share(model, opt)
+    client.guard(opt)  # the optimizer's step waits for the daemon's copy, nothing else does
+    region = client._regions[0]
+    for p in model.parameters():  # each shard lives in the region now, FSDP2's padded one as well
+        local = p._local_tensor
+        assert local.numel() == 0 or region.offset_of(local.data_ptr(), local.nbytes) is not None
+    taken, pendings = [], []
+    for step in (1, 2, 3):
+        seed = 100 * step + rank
+        torch.manual_seed(seed)
+        train(model, opt)
+        torch.manual_seed(seed)
+        train(twin, twin_opt)
+        same(flat(model, opt), flat(twin, twin_opt), f"shared, step {step}")
+        taken.append(flat(model, opt))
+        pendings.append(client.snapshot(state_of(model, opt, step), step=step))
+    for step, pending in zip((1, 2, 3), pendings):
+        pending.wait()
+        fresh, fresh_opt = model_and_optimizer(7)
+        state = state_of(fresh, fresh_opt, -1)
+        client.restore(step, into=state)
+        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        same(flat(fresh, fresh_opt), taken[step - 1], f"restored step {step}")
+    client.close()
+    say(f"SHARED {rank}")
 elif mode == "load":
     model, opt = model_and_optimizer(7)
     state = state_of(model, opt, -1)
