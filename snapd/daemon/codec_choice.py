@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from snapd.format import codecs, dtypes
 from snapd.format.chunks import CODECS
 from snapd.format.tree import TensorLeaf
+
+if TYPE_CHECKING:
+    from snapd.daemon.buffer_reads import BufferReads
+    from snapd.daemon.config import DaemonConfig
+    from snapd.daemon.tasks import Task
+    from snapd.format.writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +127,89 @@ def _pick(rates: dict[str, tuple[float, float]], disk_bps: float, key: str, fast
     reason = (f"{to_disk[codec] / 1e6:.0f} MB/s to disk at ratio {rates[codec][0]:.3f} "
               f"(disk {disk_bps / 1e6:.0f} MB/s, {how})")
     return Choice(codec, reason, rates, key, observed)
+
+
+SMALL_BYTES = 16 << 20  # a snapshot this small does not wait for the disk probe
+ASSUMED_DISK_BPS = 500e6  # the disk's speed until it is measured
+
+
+class CodecBook:
+    """Each job directory's codec choice and the disk's speed: the flush thread asks (``codec``),
+    the seal thread folds each flush in (``learn``), ``snapd status`` reads a copy; under a lock."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self._disk_bps: float | None = None
+        self._choices: dict[str, Choice] = {}  # per job directory (a user's job, not every job of that name)
+        self._lock = threading.Lock()
+        self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
+
+    def start(self) -> None:
+        if self.config.codec == "auto":
+            self._probe.start()
+
+    def _probe_disk(self) -> None:
+        """The disk's durable write speed, measured once at start (at the lowest CPU priority):
+        a first flush that measured it itself kept a burst of small snapshots waiting for it."""
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # (this thread only)
+        try:
+            bps = measure_disk(self.config.root)
+        except OSError as e:
+            log.warning("disk probe under %s failed (%s): assuming %.0f MB/s", self.config.root, e,
+                        ASSUMED_DISK_BPS / 1e6)
+            bps = ASSUMED_DISK_BPS
+        with self._lock:
+            if self._disk_bps is None:
+                self._disk_bps = bps
+        log.info("disk: %.0f MB/s durable writes under %s (first probe)", bps / 1e6, self.config.root)
+
+    def copy(self) -> dict[str, Choice]:
+        with self._lock:
+            return dict(self._choices)
+
+    def get(self, key: str) -> Choice | None:
+        with self._lock:
+            return self._choices.get(key)
+
+    def put(self, key: str, choice: Choice) -> None:
+        with self._lock:
+            self._choices[key] = choice
+
+    def codec(self, task: Task, reads: BufferReads | None) -> str:
+        """The codec to flush ``task`` with (the flush thread)."""
+        if self.config.codec != "auto":
+            return self.config.codec
+        if self._disk_bps is None and task.raw_bytes >= SMALL_BYTES and not task.emergency:
+            self._probe.join()
+        # a small or emergency snapshot before the probe ends does not wait for it: it is coded
+        # against an assumed disk, and the choice is revised against the measured one next time
+        disk_bps = self._disk_bps or ASSUMED_DISK_BPS
+        choice = self.get(task.key)
+        if choice is None or not choice.rates:  # (none yet, or made of a snapshot without tensor bytes)
+            leaves = task.leaves
+            if reads is not None and leaves:  # the sample, copied out of the buffer file
+                big = max(leaves, key=lambda leaf: leaf.nbytes)
+                leaves = [reads.sample(big, min(big.nbytes, SAMPLE_BYTES))]
+            choice = choose(leaves, disk_bps, self.config.encode_threads)
+            log.info("job %s: codec %s (%s)", task.job, choice.codec, choice.reason)
+        else:
+            revised = choice.revised(disk_bps)
+            if revised.codec != choice.codec:
+                log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
+            choice = revised
+        self.put(task.key, choice)
+        if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
+            return task.codec
+        return choice.revised(disk_bps, fastest_only=True).codec if task.emergency else choice.codec
+
+    def learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:
+        """Fold what a flush saw of the disk and of its codec into the next choice (the seal thread)."""
+        seen = writer.disk_bytes_per_s
+        with self._lock:
+            if seen is not None and self._disk_bps is not None:
+                self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
+            choice = self._choices.get(task.key)
+            if choice is not None and not task.emergency:
+                # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
+                encode_bound = writer.io_seconds < 0.7 * seconds
+                self._choices[task.key] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)

@@ -1,22 +1,23 @@
-"""The daemon's stages after receive: copy -> encode -> flush, and the snapshot state machine.
+"""The daemon's stages after receive: copy -> encode and write -> seal, and the snapshot state machine.
 
 Each snapshot is a ``Task`` (snapd.daemon.tasks). Its state changes here and nowhere else:
 ``received`` (server thread), the copy thread's COPIED, ``copied`` (the GPU copier's copies are
-in), the flush thread's ENCODED and PERSISTED, and ``failed`` from any stage, which also makes
-the "done" event the server answers the client with. Encoding runs on a shared pool (LZ4, zstd
-and xxh3 release the GIL); the flush thread writes chunks in order with at most
-``2 x threads + 2`` in flight. Emergency snapshots jump the queue.
+in), the flush thread's ENCODED, the seal thread's PERSISTED (or PART_DURABLE: a rank's part,
+which snapd.daemon.rank_commits then holds), and ``failed`` from any stage, which also makes the
+"done" event the server answers the client with. Encoding runs on a shared pool (LZ4, zstd and
+xxh3 release the GIL); the flush thread writes chunks in order with at most ``2 x threads + 2``
+in flight, then hands the snapshot to the seal thread (fsync, manifest, commit) and writes the
+next one while the disk finishes the last. Emergency snapshots jump both queues.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import zmq
 
 from snapd.daemon.buffer_reads import BufferReads, ScratchPool
 from snapd.daemon.channels import Outbox, stage_loop
-from snapd.daemon.codec_choice import SAMPLE_BYTES, Choice, choose, measure_disk
+from snapd.daemon.codec_choice import Choice, CodecBook
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.regions import copy_from_region
 from snapd.daemon.rank_commits import RankCommits, Waiting
@@ -40,8 +41,14 @@ from snapd.format.writer import Retention, SnapshotWriter
 
 log = logging.getLogger(__name__)
 
-SMALL_BYTES = 16 << 20  # a snapshot this small does not wait for the disk probe
-ASSUMED_DISK_BPS = 500e6  # the disk's speed until it is measured
+@dataclass
+class Sealing:
+    """A snapshot written (ENCODED), on its way from the flush thread to the seal thread."""
+
+    task: Task
+    writer: SnapshotWriter
+    codec: str
+    started: float  # monotonic, when its flush began
 
 
 class Pipeline:
@@ -57,20 +64,22 @@ class Pipeline:
         self._ctx = ctx
         self._queue: queue.PriorityQueue[tuple[int, int, Task | None]] = queue.PriorityQueue()
         self._pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="snapd-encode")
-        self._disk_bps: float | None = None
         self._scratch = ScratchPool(config.chunk_bytes)  # chunks copied out of host buffers (buffer_reads)
-        # per job directory (a user's job, not every job of that name); the flush thread writes it,
-        # ``snapd status`` reads a copy (codec_choices)
-        self._choices: dict[str, Choice] = {}
-        self._choices_lock = threading.Lock()
+        self.codecs = CodecBook(config)
         self._thread = threading.Thread(target=stage_loop, name="snapd-flush", daemon=True,
                                         args=(ctx, "flush", lambda: self._queue.get()[2], self._flush,
                                               self._flush_failed))
+        # a snapshot written goes to the seal thread (fsync, commit): the flush thread writes the
+        # next one meanwhile (bench: two ranks' parts flushed one after the other waited for each fsync)
+        # (emergency snapshots first here too: one written while others wait for their fsync)
+        self._seals: queue.PriorityQueue[tuple[int, int, Sealing | None]] = queue.PriorityQueue()
+        self._sealer = threading.Thread(target=stage_loop, name="snapd-seal", daemon=True,
+                                        args=(ctx, "seal", lambda: self._seals.get()[2], self._seal,
+                                              self._seal_failed))
         self._copies: queue.Queue[tuple[Task, list] | None] = queue.Queue()
         self._copier = threading.Thread(target=stage_loop, name="snapd-copy", daemon=True,
                                         args=(ctx, "copy", self._copies.get, self._copy_one,
                                               self._copy_failed))
-        self._probe = threading.Thread(target=self._probe_disk, name="snapd-disk-probe", daemon=True)
         self.commits = RankCommits(ctx, config.commit_timeout_s, self._part_committed, self._commit_failed)
         self.uploads = Uploader(config) if config.remote is not None else None  # (the remote tier)
         if self.uploads is not None:  # (nodes that share no filesystem: their parts meet in the bucket)
@@ -78,26 +87,12 @@ class Pipeline:
 
     def start(self) -> None:
         self._thread.start()
+        self._sealer.start()
         self._copier.start()
         self.commits.start()
         if self.uploads is not None:
             self.uploads.start()
-        if self.config.codec == "auto":
-            self._probe.start()
-
-    def _probe_disk(self) -> None:
-        """The disk's durable write speed, measured once at start (at the lowest CPU priority):
-        a first flush that measured it itself kept a burst of small snapshots waiting for it."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # (this thread only)
-        try:
-            bps = measure_disk(self.config.root)
-        except OSError as e:
-            log.warning("disk probe under %s failed (%s): assuming %.0f MB/s", self.config.root, e,
-                        ASSUMED_DISK_BPS / 1e6)
-            bps = ASSUMED_DISK_BPS
-        if self._disk_bps is None:
-            self._disk_bps = bps
-        log.info("disk: %.0f MB/s durable writes under %s (first probe)", bps / 1e6, self.config.root)
+        self.codecs.start()
 
     # -- the state machine -------------------------------------------------------
     def received(self, task: Task, in_buffer: bool) -> None:
@@ -147,6 +142,9 @@ class Pipeline:
         self._queue.put((2, next_seq(), None))
         if self._thread.is_alive():  # (a daemon stopped before it started serving never started it)
             self._thread.join(timeout=5)
+        self._seals.put((2, next_seq(), None))
+        if self._sealer.is_alive():
+            self._sealer.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.commits.stop()
         if self.uploads is not None:
@@ -159,68 +157,20 @@ class Pipeline:
             return None
         codec = self.config.codec
         if codec == "auto":
-            choice = self._choices.get(task.key)
+            choice = self.codecs.get(task.key)
             codec = choice.codec if choice is not None else ""
         if codec.startswith("shuffle-"):
             task.codec = codec
             return codec
         return None
 
-    def _codec(self, task: Task, reads: BufferReads | None) -> str:
-        if self.config.codec != "auto":
-            return self.config.codec
-        if self._disk_bps is None and task.raw_bytes >= SMALL_BYTES and not task.emergency:
-            self._probe.join()
-        # a small or emergency snapshot before the probe ends does not wait for it: it is coded
-        # against an assumed disk, and the choice is revised against the measured one next time
-        disk_bps = self._disk_bps or ASSUMED_DISK_BPS
-        choice = self._choices.get(task.key)
-        if choice is None or not choice.rates:  # (none yet, or made of a snapshot without tensor bytes)
-            leaves = task.leaves
-            if reads is not None and leaves:  # the sample, copied out of the buffer file
-                big = max(leaves, key=lambda leaf: leaf.nbytes)
-                leaves = [reads.sample(big, min(big.nbytes, SAMPLE_BYTES))]
-            choice = choose(leaves, disk_bps, self.config.encode_threads)
-            log.info("job %s: codec %s (%s)", task.job, choice.codec, choice.reason)
-        else:
-            revised = choice.revised(disk_bps)
-            if revised.codec != choice.codec:
-                log.info("job %s: codec %s -> %s (%s)", task.job, choice.codec, revised.codec, revised.reason)
-            choice = revised
-        self._choose(task.key, choice)
-        if task.codec is not None:  # the GPU already shuffled for it; the revised choice applies next time
-            return task.codec
-        return choice.revised(disk_bps, fastest_only=True).codec if task.emergency else choice.codec
-
-    def _learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:
-        """Fold what this flush saw of the disk and of its codec into the next choice."""
-        seen = writer.disk_bytes_per_s
-        if seen is not None and self._disk_bps is not None:
-            self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
-        choice = self._choices.get(task.key)
-        if choice is not None and not task.emergency:
-            # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
-            encode_bound = writer.io_seconds < 0.7 * seconds
-            self._choose(task.key, choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound))
-
     def codec_choices(self) -> dict[str, Choice]:
         """A copy of the codec choices, per job directory (for ``snapd status``, any thread)."""
-        with self._choices_lock:
-            return dict(self._choices)
-
-    def _choose(self, key: str, choice: Choice) -> None:
-        with self._choices_lock:
-            self._choices[key] = choice
+        return self.codecs.copy()
 
     # -- the flush thread --------------------------------------------------------------
     def _flush(self, task: Task, outbox: Outbox) -> None:
-        outbox.send(self._persist(task))
-
-    def _flush_failed(self, task: Task, error: Exception, outbox: Outbox) -> None:
-        outbox.send(self.failed(task, "flush", *failure_fields(error, "flush"), error))
-
-    def _persist(self, task: Task) -> dict[str, Any]:
-        """Encode and write ``task``; its "done" event."""
+        """Encode and write ``task``, then hand it to the seal thread (or report its failure)."""
         stage = "flush"
         writer = None
         reads: BufferReads | None = None
@@ -234,42 +184,67 @@ class Pipeline:
             if task.buffer is not None:  # reads a client cannot make fault (snapd.daemon.buffer_reads)
                 b = task.buffer
                 reads = BufferReads(b.path, b.address, b.end, self._scratch, copy=b.foreign)
-            codec = self._codec(task, reads)
-            parts = roles(task.leaves, task.rank, task.world_size, task.per_rank) if task.world_size > 1 \
-                else None
+            codec = self.codecs.codec(task, reads)
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
-                                 self.config.chunk_bytes, reads.chunk if reads is not None else None, parts)
+                                 self.config.chunk_bytes, reads.chunk if reads is not None else None,
+                                 self._roles(task))
             except (OSError, FlushError):
                 stage = "flush"
                 raise
             task.advance(ENCODED)
-            stage = "flush"
-            if parts is not None:
-                stage = "commit"
-                event = self._deliver(task, writer, codec, started)
-            else:
-                done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec,
-                                     retention=self._retention(task), emergency=task.emergency)
-                task.advance(PERSISTED)
         except Exception as e:  # every failure is reported to the client, naming the stage
-            if writer is not None:
-                writer.abort()
+            outbox.send(self._abandon(task, writer, stage, e))
+            return
+        finally:
             if reads is not None:
                 reads.close()
-            if task.world_size > 1 and stage != "commit":  # the other ranks need not wait for the timeout
-                global_commit.fail_step(JobDir(task.root, task.job), task.step, task.world_size, task.run,
-                                        f"rank {task.rank}'s part failed in {stage}: {e}")
-            return self.failed(task, stage, *failure_fields(e, stage), e)
-        if reads is not None:
-            reads.close()
-        if parts is not None:
-            return event
+        self._seals.put((0 if task.emergency else 1, task.seq, Sealing(task, writer, codec, started)))
+
+    def _flush_failed(self, task: Task, error: Exception, outbox: Outbox) -> None:
+        outbox.send(self.failed(task, "flush", *failure_fields(error, "flush"), error))
+
+    @staticmethod
+    def _roles(task: Task) -> list | None:
+        return roles(task.leaves, task.rank, task.world_size, task.per_rank) if task.world_size > 1 else None
+
+    def _abandon(self, task: Task, writer: SnapshotWriter | None, stage: str, e: Exception) -> dict[str, Any]:
+        """A snapshot that failed in ``stage``: its temporary files go, and the other ranks of its
+        step are told at once rather than at their timeout; its "done" event."""
+        if writer is not None:
+            writer.abort()
+        if task.world_size > 1 and stage != "commit":
+            global_commit.fail_step(JobDir(task.root, task.job), task.step, task.world_size, task.run,
+                                    f"rank {task.rank}'s part failed in {stage}: {e}")
+        return self.failed(task, stage, *failure_fields(e, stage), e)
+
+    # -- the seal thread ---------------------------------------------------------------
+    def _seal(self, item: Sealing, outbox: Outbox) -> None:
+        """Make a written snapshot durable and commit it (a rank's part: deliver it)."""
+        task, writer, codec = item.task, item.writer, item.codec
+        stage = "flush"
         try:
-            self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - started)
+            if task.world_size > 1:
+                stage = "commit"
+                outbox.send(self._deliver(task, writer, codec, item.started))
+                return
+            done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec,
+                                 retention=self._retention(task), emergency=task.emergency)
+            task.advance(PERSISTED)
+        except Exception as e:
+            outbox.send(self._abandon(task, writer, stage, e))
+            return
+        self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - item.started)
+        outbox.send(self._persisted(task, str(done.path), codec, done.entry.stored_bytes))
+
+    def _seal_failed(self, item: Sealing, error: Exception, outbox: Outbox) -> None:
+        outbox.send(self.failed(item.task, "flush", *failure_fields(error, "flush"), error))
+
+    def _learn(self, task: Task, writer: SnapshotWriter, codec: str, stored: int, seconds: float) -> None:
+        try:
+            self.codecs.learn(task, writer, codec, stored, seconds)
         except Exception:  # (the snapshot is persisted: only the next codec choice misses this one)
             log.exception("job %s: learning from the flush of step %d failed", task.job, task.step)
-        return self._persisted(task, str(done.path), codec, done.entry.stored_bytes)
 
     def _retention(self, task: Task) -> Retention:
         """The job's retention, leaving what still waits for its upload."""

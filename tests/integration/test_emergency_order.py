@@ -5,14 +5,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import snapd.client as snapd
 
 TRAINER = r"""
 import signal, sys, time, numpy as np, snapd.client as snapd
 rng = np.random.default_rng(0)
-w = rng.standard_normal(8 << 20).astype(np.float32)  # 32 MiB: each flush takes a while at shuffle-zstd
+w = rng.standard_normal(16 << 20).astype(np.float32)  # 64 MiB: each flush takes a while at shuffle-zstd
 state = {"w": w, "step": 0}
 c = snapd.connect("pre", endpoint=sys.argv[1], spawn=False, keep_last=None)
 c.on_preemption(lambda: (state, state["step"]), signals=(signal.SIGUSR1,), deadline_s=60)
@@ -20,9 +19,9 @@ for step in (1, 2, 3, 4):
     state["step"] = step
     w[:4] = step
     c.snapshot(state, step=step)
-print("QUEUED", flush=True)
-state["step"] = 5
+state["step"] = 5  # (snapshots 1-4 are the daemon's: the trainer goes on)
 w[:4] = 5
+print("QUEUED", flush=True)
 time.sleep(60)
 """
 
@@ -33,8 +32,9 @@ def test_emergency_snapshot_jumps_the_queue_and_stays_latest(start) -> None:
                             cwd="/")
     try:
         assert proc.stdout.readline().strip() == "QUEUED"
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)  # preempted with snapshots 2-4 still queued in the daemon
+        # preempted at once, with snapshots 2-4 still queued in the daemon (its flush thread writes
+        # one in well under 0.1 s: a pause here let it finish them all)
+        proc.send_signal(signal.SIGUSR1)
         proc.wait(120)
     finally:
         proc.kill()

@@ -37,14 +37,14 @@ def server(tmp_path):
 
 
 def test_status_lists_the_codec_choices_while_the_flush_thread_adds_them(server) -> None:
-    """(Iterating the flush thread's own dict here failed with "dictionary changed size during
+    """(Iterating the flush thread's own dict here once failed with "dictionary changed size during
     iteration" once enough jobs had choices.)"""
     stop = threading.Event()
 
     def flush_thread() -> None:
         i = 0
         while not stop.is_set():
-            server.pipeline._choose(str(server.config.root / f"job{i}"), Choice("raw", "test", {}))
+            server.pipeline.codecs.put(str(server.config.root / f"job{i}"), Choice("raw", "test", {}))
             i += 1
     t = threading.Thread(target=flush_thread)
     t.start()
