@@ -10,6 +10,7 @@ in under two minutes on 2 cores (CI runs it; it checks outputs, never timings).
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,10 @@ from pathlib import Path
 
 MIB = 1 << 20
 SCENARIOS = ("stall", "durable", "concurrency", "compression", "restore", "emergency")
-SEPARATE = ("distributed", "remote")  # only when asked for (bench/distributed.py, bench/remote.py)
+# only when asked for (bench/distributed.py, bench/remote.py, bench/integrations.py)
+SEPARATE = ("distributed", "remote", "integrations")
+SEPARATE_QUICK = {"distributed": ["--mib", "24", "--reps", "1", "--simulate", "4,16"],
+                  "remote": ["--mib", "16", "--reps", "1"], "integrations": ["--mib", "24", "--reps", "1"]}
 PLANS = {
     "full": {"model": "full", "steps": 12, "every": 3, "sizes": [256 * MIB, 1024 * MIB, 4096 * MIB],
              "concurrency": [1, 2, 4], "conc_bytes": 256 * MIB, "emergency_bytes": 1024 * MIB,
@@ -44,25 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     out = args.out or here / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
-    if "distributed" in (args.only or []):
-        from bench import distributed
-
-        sub = distributed.parser().parse_args(["--dir", args.dir, "--out", str(out)] + (
-            ["--mib", "24", "--reps", "1", "--simulate", "4,16"] if args.quick else []) + (
-            ["--reps", str(args.repeats)] if args.repeats else []))
-        distributed.run(sub)
-        args.only.remove("distributed")
-        if not args.only:
-            return 0
-    if "remote" in (args.only or []):
-        from bench import remote
-
-        remote.run(remote.parser().parse_args(["--dir", args.dir, "--out", str(out)] + (
-            ["--mib", "16", "--reps", "1"] if args.quick else []) + (
-            ["--reps", str(args.repeats)] if args.repeats else [])))
-        args.only.remove("remote")
-        if not args.only:
-            return 0
+    for name in SEPARATE:  # each its own module, run alone
+        if name in (args.only or []):
+            mod = importlib.import_module(f"bench.{name}")
+            mod.run(mod.parser().parse_args(["--dir", args.dir, "--out", str(out)] + (
+                SEPARATE_QUICK[name] if args.quick else []) + (
+                ["--reps", str(args.repeats)] if args.repeats else [])))
+            args.only.remove(name)
+            if not args.only:
+                return 0
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="snapd-bench-"))
     command = "python -m bench" + (" --quick" if args.quick else "") + \
         "".join(f" --only {s}" for s in args.only or [])

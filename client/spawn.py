@@ -23,7 +23,8 @@ IDLE_EXIT_S = 60.0
 
 
 def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes: int | None = None) -> int:
-    """Start a private daemon and wait until it answers; return its pid."""
+    """Start a private daemon and wait until it answers; return its pid (0: another process's
+    daemon, started at the same moment, answers there instead)."""
     sock = socket_path(endpoint)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = sock.parent / "snapd-private.log"
@@ -35,14 +36,21 @@ def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/",
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + max(timeout_s, 30.0)
+    lost = False  # the ranks of a job on one node spawn at once: one daemon wins, the others use it
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if not lost and proc.poll() is not None:
             tail = log_path.read_text(errors="replace").splitlines()[-5:]
-            raise DaemonUnavailable(f"the private daemon exited with status {proc.returncode}: "
-                                    + " | ".join(tail))
+            lost = any(f"already serves {endpoint}" in line for line in tail)
+            if not lost:
+                raise DaemonUnavailable(f"the private daemon exited with status {proc.returncode}: "
+                                        + " | ".join(tail))
         if probe(endpoint, 0.2) is not None:
+            if lost:
+                log.info("another process's private snapd answers at %s: using it", endpoint)
+                return 0
             log.info("spawned a private snapd (pid %d) at %s; its log: %s", proc.pid, endpoint, log_path)
             return proc.pid
-    proc.kill()
+    if proc.poll() is None:
+        proc.kill()
     raise DaemonUnavailable(f"the private daemon did not answer at {endpoint} within the timeout; see "
                             f"{log_path}")

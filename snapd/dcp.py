@@ -1,5 +1,6 @@
 """PyTorch Distributed Checkpoint reads snapd snapshots:
-``dcp.load(state_dict, storage_reader=snapd.dcp.SnapshotReader(path))``.
+``dcp.load(state_dict, storage_reader=snapd.dcp.SnapshotReader(path))`` (and writes them through
+``snapd.dcp.SnapshotWriter``: snapd.integrations.dcp_writer).
 
 DCP's own planner decides which stored pieces each rank's tensors need, whatever the sharding and
 world size at load time (a model under FSDP2 on N ranks, or one process with ``no_dist=True``); this
@@ -16,6 +17,7 @@ import bisect
 import io
 import itertools
 import os
+import re
 import uuid
 import warnings
 from pathlib import Path
@@ -38,16 +40,20 @@ from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader as FormatReader
 from snapd.format.tree import build, key_matches
 
-__all__ = ["SnapshotReader"]
+__all__ = ["SnapshotReader", "SnapshotWriter"]
 
 
 def snapshot_dir(path: str | os.PathLike) -> Path:
-    """A snapshot directory, or a job directory's latest snapshot."""
+    """A snapshot directory, or a job directory's latest snapshot; ``<job>/step-<N>`` names step N
+    however many digits it is written with (a checkpoint id as snapd's DCP writer takes it)."""
     p = Path(path)
     if (p / MANIFEST_NAME).is_file():
         return p
     if p.is_dir():
         return catalog.resolve(p.parent, p.name, "latest")
+    m = re.match(r"^step-(\d+)\Z", p.name)
+    if m is not None and p.parent.is_dir():
+        return catalog.resolve(p.parent.parent, p.parent.name, int(m.group(1)))
     raise SnapshotNotFound(f"{p}: neither a snapshot directory nor a job directory")
 
 
@@ -254,3 +260,6 @@ def read_piece(reader: FormatReader, i: int, offsets: list[int], lengths: list[i
     reader.read_run(rec, lo, hi, memoryview(buf))
     flat = torch.from_numpy(buf).view(dtype)  # (chunks hold whole items: their starts are multiples of size)
     return flat.as_strided(lengths, strides, (first - starts[lo]) // size)
+
+
+from snapd.integrations.dcp_writer import SnapshotWriter  # noqa: E402 (the writer, re-exported here)

@@ -23,7 +23,7 @@ from snapd import __version__
 from snapd.errors import FlushError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.codecs import Encoded
-from snapd.format.jobdir import JobDir, fsync_dir
+from snapd.format.jobdir import JobDir, fsync_dir, snapshot_name
 from snapd.format.chunks import CODECS, Chunk
 from snapd.format.manifest import MANIFEST_NAME, Manifest, TensorRecord
 
@@ -274,3 +274,17 @@ def prune(job: JobDir, retention: Retention) -> None:
         if trash:
             jobindex.save(job, index)
     job.remove(trash)
+
+
+def remove_step(job: JobDir, step: int) -> bool:
+    """Remove snapshot ``step`` of ``job`` at its user's request (a framework's own retention, as
+    Lightning's ``remove_checkpoint``); False if it was not there."""
+    with job.lock():
+        index = jobindex.load(job)
+        entry = index.find(step)
+        trash = [p for p in [job.trash(snapshot_name(step))] if p is not None]
+        if entry is not None:
+            index.history.remove(entry)
+            jobindex.save(job, index)
+    job.remove(trash)
+    return bool(trash)

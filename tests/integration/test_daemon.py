@@ -275,6 +275,30 @@ def test_spawn_starts_a_private_daemon(tmp_path, client_proc) -> None:
     assert (tmp_path / "root" / "spawned" / "step-000000000001" / "manifest.json").exists()
 
 
+def test_ranks_that_spawn_at_once_share_the_one_daemon_that_wins(tmp_path) -> None:
+    """The ranks of a job on one node connect at the same moment, each spawning a private daemon:
+    one wins the endpoint, and the others use it (they once failed with "another snapd serves")."""
+    endpoint = f"ipc://{tmp_path}/private.sock"
+    code = ("import os, sys, time, numpy as np, snapd.client as c\n"
+            "while not os.path.exists(sys.argv[4]): time.sleep(0.001)\n"  # (all at once)
+            "cl = c.connect(f'raced-{sys.argv[3]}', endpoint=sys.argv[1], root=sys.argv[2],\n"
+            "               host_buffer_bytes=8 << 20)\n"
+            "cl.snapshot({'w': np.ones(10)}, step=1).wait(30)\nprint(cl.status()['pid'])\n")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, endpoint, str(tmp_path / "root"), str(r), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+             for r in range(4)]
+    time.sleep(3)  # (every process imported snapd and waits for the start)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    pids = {o[0].strip() for o in outs}
+    assert len(pids) == 1, pids  # one daemon served them all
+    os.kill(int(pids.pop()), signal.SIGTERM)
+    assert all((tmp_path / "root" / f"raced-{r}" / "step-000000000001" / "manifest.json").is_file()
+               for r in range(4))
+
+
 def test_module_level_snapshot_uses_env_job_and_endpoint(daemon) -> None:
     code = ("import numpy as np, snapd.client as c\n"
             "p = c.snapshot({'w': np.arange(5.0)}, step=9)\nprint(p.wait(30).path)\n")
