@@ -152,6 +152,11 @@ class SnapshotWriter(StorageWriter, AsyncStager):
             self._client.close()
             self._client = None
 
+    def __getstate__(self) -> dict:
+        raise InvalidArgument("snapd's DCP writer holds a connection to the daemon and does not travel to "
+                              "another process: use async_save's thread executor (the default), not "
+                              "AsyncCheckpointerType.PROCESS")
+
     def __enter__(self) -> SnapshotWriter:
         return self
 

@@ -123,23 +123,37 @@ def checkpoint_dir(job: str, into: str | os.PathLike, *, step: int | str = "late
     (``checkpoint-<step>``) and return its path, for ``trainer.train(resume_from_checkpoint=...)``;
     None when the job has no snapshot yet (a first run starts fresh). ``root``: the snapshot root
     (else the daemon's, asked at ``endpoint``; with ``spawn``, one is started if none runs, as the
-    callback would)."""
+    callback would). On several ranks (the Trainer's process group), call it on every rank: each
+    writes its own RNG states, rank 0 the rest."""
     import snapd.client as snapd
     from snapd.errors import SnapshotNotFound
 
+    rank, world = _rank_and_world()
     if root is None:
         with snapd.connect(job, endpoint=endpoint, spawn=spawn) as c:
             root = c.root
     try:
-        state = snapd.load(root, job, step, device="cpu")
+        state = snapd.load(root, job, step, device="cpu", rank=rank)  # (this rank's RNG states)
     except SnapshotNotFound:
         return None
     out = Path(into) / f"checkpoint-{state['trainer_state']['global_step']}"
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(state["model"], out / "pytorch_model.bin")
-    torch.save(state["optimizer"], out / "optimizer.pt")
-    torch.save(state["scheduler"], out / "scheduler.pt")
-    torch.save(rng_states_back(state["rng"]), out / "rng_state.pth")
-    (out / "trainer_state.json").write_text(json.dumps(state["trainer_state"], indent=2))
+    if rank == 0:  # (the rest is the same on every rank of a data-parallel job)
+        torch.save(state["model"], out / "pytorch_model.bin")
+        torch.save(state["optimizer"], out / "optimizer.pt")
+        torch.save(state["scheduler"], out / "scheduler.pt")
+        (out / "trainer_state.json").write_text(json.dumps(state["trainer_state"], indent=2))
+    rng_file = "rng_state.pth" if world == 1 else f"rng_state_{rank}.pth"  # (the Trainer's names)
+    torch.save(rng_states_back(state["rng"]), out / rng_file)
+    if world > 1:
+        torch.distributed.barrier()  # (every rank reads what rank 0 wrote)
     log.info("snapshot %s of job %s laid out for the Trainer at %s", step, job, out)
     return str(out)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

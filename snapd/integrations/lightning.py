@@ -63,8 +63,10 @@ class SnapdCheckpointIO(CheckpointIO):
         if self._client is None:
             import snapd.client as snapd
 
-            # Lightning's ModelCheckpoint decides what to keep: the daemon keeps every step
-            self._client = snapd.connect(self.job, keep_last=None, **self._args)
+            # Lightning's ModelCheckpoint decides what to keep: the daemon keeps every step. Lightning
+            # saves a whole checkpoint from global rank 0 alone (its sharded strategies save through
+            # DCP, not through a CheckpointIO): one process's snapshot, whatever the group says
+            self._client = snapd.connect(self.job, keep_last=None, rank=0, world_size=1, **self._args)
         return self._client
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:

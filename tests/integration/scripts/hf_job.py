@@ -9,7 +9,8 @@ by the Hugging Face Trainer for 9 steps, saving every 3.
 - ``resume``: a new process lays the latest snapshot out for the Trainer (``checkpoint_dir``),
   checks it against ``own-6.pt`` bit for bit, resumes to step 9; prints ``EQUAL``, ``RESUMED <step>``
   and ``FINAL <digest>``.
-(Run from a directory other than snapd's clone: its ``kernels/`` folder would hide the package of
+Under ``torchrun`` (gloo), the same on each rank: each rank prints its lines. (Run from a
+directory other than snapd's clone: its ``kernels/`` folder would hide the package of
 that name transformers looks for.)
 """
 
@@ -48,21 +49,34 @@ def digest(m) -> str:
 class KillAfter6(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
         if state.global_step == 6:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{out}/own-6.pt")
+            if args.process_index == 0:
+                own = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                torch.save(own, f"{out}/own-6.pt")
+            if args.world_size > 1:  # (every rank's part handed over before any dies)
+                torch.distributed.barrier()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PerRankSeed(TrainerCallback):
+    """Each rank its own random stream (else the ranks' RNG states are all alike, and a resume that
+    gave each rank another's would not show)."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        torch.manual_seed(1000 + args.process_index)  # (on resume, the restored states replace it)
 
 
 class Started(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
-        print(f"RESUMED {state.global_step}", flush=True)
+        print(f"RESUMED {args.process_index} {state.global_step}", flush=True)
 
 
 args = TrainingArguments(output_dir=out, max_steps=9, save_steps=3, save_strategy="steps",
                          per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to=[],
-                         use_cpu=True, seed=0, dataloader_num_workers=0)
+                         use_cpu=True, seed=0, dataloader_num_workers=0,
+                         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
 snapd_callback = SnapdCallback("hf", endpoint=endpoint, spawn=False, share=share)
-callbacks = {"full": [], "killed": [snapd_callback, KillAfter6()],
-             "resume": [snapd_callback, Started()]}[mode]
+callbacks = [PerRankSeed()] + {"full": [], "killed": [snapd_callback, KillAfter6()],
+                               "resume": [snapd_callback, Started()]}[mode]
 m = model()
 trainer = Trainer(model=m, args=args, train_dataset=data(), callbacks=callbacks)
 if mode == "resume":
@@ -76,8 +90,8 @@ if mode == "resume":
         for k, v in s.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(laid["optimizer"]["state"][p][k])), (p, k)
     assert own["optimizer"]["param_groups"] == laid["optimizer"]["param_groups"]
-    print("EQUAL", flush=True)
+    print(f"EQUAL {trainer.args.process_index}", flush=True)
     trainer.train(resume_from_checkpoint=ckpt)
 else:
     trainer.train()
-print(f"FINAL {digest(m)}", flush=True)
+print(f"FINAL {trainer.args.process_index} {digest(m)}", flush=True)
