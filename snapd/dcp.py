@@ -40,7 +40,7 @@ from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader as FormatReader
 from snapd.format.tree import build, key_matches
 
-__all__ = ["SnapshotReader", "SnapshotWriter"]
+__all__ = ["SnapshotReader", "SnapshotWriter"]  # noqa: F822 (the writer: module __getattr__)
 
 
 def snapshot_dir(path: str | os.PathLike) -> Path:
@@ -262,4 +262,11 @@ def read_piece(reader: FormatReader, i: int, offsets: list[int], lengths: list[i
     return flat.as_strided(lengths, strides, (first - starts[lo]) // size)
 
 
-from snapd.integrations.dcp_writer import SnapshotWriter  # noqa: E402 (the writer, re-exported here)
+def __getattr__(name: str) -> Any:
+    """``snapd.dcp.SnapshotWriter``: the writer (snapd.integrations.dcp_writer), imported on first
+    use, so the reader stays usable on a torch whose DCP has no async stager."""
+    if name == "SnapshotWriter":
+        from snapd.integrations.dcp_writer import SnapshotWriter
+
+        return SnapshotWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

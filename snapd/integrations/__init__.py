@@ -5,5 +5,7 @@ frameworks stay optional (``pip install snapd[integrations]``).
   and async stager (``dcp.save`` / ``dcp.async_save`` through the daemon).
 - ``lightning``: ``SnapdCheckpointIO``, PyTorch Lightning's checkpoint plugin.
 - ``hf``: ``SnapdCallback``, the Hugging Face Trainer's callback, and ``checkpoint_dir`` to resume.
+- ``accelerate``: ``snapshot_state``/``restore_state`` for Accelerate's own loops; ``rng``: the RNG
+  states both save.
 docs/integrations.md says what each keeps of its framework's semantics.
 """

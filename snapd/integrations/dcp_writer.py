@@ -24,12 +24,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint import StorageWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
-from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+try:
+    from torch.distributed.checkpoint.staging import AsyncStager
+except ImportError:  # (DCP's async stager came with torch 2.4)
+    raise ImportError(f"snapd.dcp.SnapshotWriter needs DCP's AsyncStager (torch >= 2.4); this is torch "
+                      f"{torch.__version__}") from None
 
 from snapd.errors import DaemonUnavailable, InvalidArgument
 from snapd.format.jobdir import check_job_name

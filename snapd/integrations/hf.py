@@ -19,38 +19,16 @@ import dataclasses
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
 from snapd.errors import InvalidArgument
+from snapd.integrations.rng import rng_states, rng_states_back
 
 log = logging.getLogger(__name__)
-
-
-def rng_states() -> dict[str, Any]:
-    """This process's RNG states, as the Trainer saves them (CUDA's when there is one)."""
-    out = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.random.get_rng_state_all()
-    return out
-
-
-def rng_states_back(saved: dict[str, Any]) -> dict[str, Any]:
-    """RNG states as snapd gives them back (tuples as lists, arrays as NumPy) in the types
-    ``random.setstate``, ``np.random.set_state`` and torch take."""
-    version, internal, gauss = saved["python"]
-    out = {"python": (int(version), tuple(int(x) for x in internal), gauss),
-           "numpy": (str(saved["numpy"][0]), np.asarray(saved["numpy"][1], dtype=np.uint32),
-                     *(v if isinstance(v, float) else int(v) for v in saved["numpy"][2:])),
-           "cpu": torch.as_tensor(saved["cpu"], dtype=torch.uint8)}
-    if "cuda" in saved:
-        out["cuda"] = [torch.as_tensor(t, dtype=torch.uint8) for t in saved["cuda"]]
-    return out
 
 
 class SnapdCallback(TrainerCallback):

@@ -95,3 +95,6 @@ if mode == "resume":
 else:
     trainer.train()
 print(f"FINAL {trainer.args.process_index} {digest(m)}", flush=True)
+if torch.distributed.is_initialized():  # (every rank done before gloo's pairs close: one leaving early
+    torch.distributed.barrier()         # aborted another's exit with "terminate called")
+    torch.distributed.destroy_process_group()
