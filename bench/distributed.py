@@ -2,7 +2,8 @@
 
 1. Two ranks of FSDP2 on the CPU (torchrun, gloo), a model of ``--mib`` MiB with AdamW, snapshot in
    turn through snapd's daemon (``client.snapshot``) and with DCP's ``async_save`` (its default
-   stager) on the same state and group: the stall (until the call returns) and the time until the
+   stager) on the same state and group: the stall (until the call returns; the state dict is made
+   before the clock starts, for each) and the time until the
    snapshot is durable (snapd: its global snapshot committed; DCP: the future done), the slowest
    rank's, median of the repeats; the disk floor for the stored bytes (a probe's durable write
    speed). Then restore: ``snapd.load(into=)`` against ``dcp.load`` on the same 2 ranks and on 1.
@@ -44,6 +45,7 @@ def worker(mode: str, layers: int, reps: int, endpoint: str, work: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import snapd.client as snapd
+    from snapd.dcp import SnapshotWriter
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -72,23 +74,37 @@ def worker(mode: str, layers: int, reps: int, endpoint: str, work: str) -> None:
         # while training goes on, and the optimizer's step waits for that copy (``guard``)
         client.share(model, opt)
         client.guard(opt)
+        writer = SnapshotWriter(client=client)
         for rep in range(reps):
+            sd = state()  # (each method's own state dict, made before its clock starts, as DCP's is)
             dist.barrier()
             t0 = time.perf_counter()
-            pending = client.snapshot(state(), step=rep + 1)
+            pending = client.snapshot(sd, step=rep + 1)
             stall = time.perf_counter() - t0
             pending.wait()
             durable = time.perf_counter() - t0
             out.setdefault("snapd stall", []).append(slowest(stall))
             out.setdefault("snapd durable", []).append(slowest(durable))
+            sd = state()
             dist.barrier()
             t0 = time.perf_counter()
-            future = dcp.async_save(state(), checkpoint_id=f"{work}/dcp-{rep}")
+            future = dcp.async_save(sd, checkpoint_id=f"{work}/dcp-{rep}")
             stall = time.perf_counter() - t0
             future.result()
             durable = time.perf_counter() - t0
             out.setdefault("DCP async_save stall", []).append(slowest(stall))
             out.setdefault("DCP async_save durable", []).append(slowest(durable))
+            path = f"{client.root}/dist/step-{100 + rep}"  # DCP's async_save again, through snapd's writer
+            writer.reset(path)
+            sd = state()
+            dist.barrier()
+            t0 = time.perf_counter()
+            future = dcp.async_save(sd, checkpoint_id=path, storage_writer=writer, async_stager=writer)
+            stall = time.perf_counter() - t0
+            future.result()
+            durable = time.perf_counter() - t0
+            out.setdefault("SnapshotWriter stall", []).append(slowest(stall))
+            out.setdefault("SnapshotWriter durable", []).append(slowest(durable))
         client.close()
     else:
         for _ in range(reps):
@@ -265,7 +281,13 @@ def _markdown(times: dict, floor: float, loads: dict, sims: dict, mib: int, mach
              f"| stall | {med['snapd stall']:.3f} | {med['DCP async_save stall']:.3f} | "
              f"{med['snapd stall'] / med['DCP async_save stall']:.2f}x |",
              f"| until durable | {med['snapd durable']:.3f} | {med['DCP async_save durable']:.3f} | "
-             f"{med['snapd durable'] / med['DCP async_save durable']:.2f}x |", "",
+             f"{med['snapd durable'] / med['DCP async_save durable']:.2f}x |",
+             f"| stall, `async_save` through `snapd.dcp.SnapshotWriter` | {med['SnapshotWriter stall']:.3f} "
+             f"| {med['DCP async_save stall']:.3f} | "
+             f"{med['SnapshotWriter stall'] / med['DCP async_save stall']:.2f}x |",
+             f"| until durable, through the writer | {med['SnapshotWriter durable']:.3f} | "
+             f"{med['DCP async_save durable']:.3f} | "
+             f"{med['SnapshotWriter durable'] / med['DCP async_save durable']:.2f}x |", "",
              f"Disk floor for the snapshot's stored bytes: {floor:.3f} s (snapd durable = "
              f"{med['snapd durable'] / floor:.2f}x the floor).", "",
              "| restore (saved on 2 ranks) | snapd.load(into=) | dcp.load | snapd ÷ DCP |",
