@@ -154,6 +154,8 @@ class JobDir:
         """Create the job directory if needed and clear dead writers' leftovers."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / LOCK_NAME).exists():  # (marks a job: a daemon's start clears its leftovers
+                os.close(os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644))  # before a commit)
         except OSError as e:
             raise InvalidArgument(f"cannot create job directory {self.path}: {e.strerror}") from None
         self.remove_leftovers()

@@ -180,3 +180,16 @@ def test_a_step_saved_again_commits_each_version_and_many_ranks_of_one_process(t
     back = snapd.load(tmp_path, "j", rank=3)
     assert np.array_equal(back["w"], FULL) and back["b"].tolist() == [1.0] * 5
     assert hidden(tmp_path) == [".lock"]
+
+
+def test_a_daemons_start_clears_the_leftovers_of_a_job_that_never_committed(tmp_path) -> None:
+    # (a daemon killed during a job's first snapshots leaves temporary directories and no index)
+    from snapd.format.jobdir import clean_root
+
+    job = JobDir(tmp_path, "j")
+    job.open_for_write()
+    dead = job.path / f".tmp-1-999999999-{host_id()}-abcd"
+    dead.mkdir()
+    assert not (job.path / "index.json").exists()
+    clean_root(tmp_path)
+    assert not dead.exists()
