@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> None:
     endpoint = f"ipc://{work}/d.sock"
     daemon = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "root"),
                                "--endpoint", endpoint, "--host-buffer-bytes", str(64 << 20),
-                               "--codec", "raw"],
+                               "--codec", "raw", "--incremental", "off"],  # (the same state each time)
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         from snapd.client.connection import probe

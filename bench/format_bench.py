@@ -69,7 +69,8 @@ def main() -> None:
         for codec in ("raw", "shuffle-lz4", "shuffle-zstd"):
             step = iter(range(10**6))
             rows[f"snapd {codec}"] = {"save": min(timed(lambda codec=codec, step=step: save_state(
-                work, f"j-{codec}", state, step=next(step), codec=codec, retention=Retention(keep_last=1)),
+                work, f"j-{codec}", state, step=next(step), codec=codec, retention=Retention(keep_last=1),
+                incremental=False),
                 args.repeats))}
             info = list_snapshots(work, f"j-{codec}")[-1]
             rows[f"snapd {codec}"]["stored"] = info.stored_bytes

@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> None:
     rec = Recorder(args.out / "integrations.jsonl", describe(work))
     endpoint = f"ipc://{work}/d.sock"
     daemon = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "root"),
-                               "--endpoint", endpoint], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--endpoint", endpoint, "--incremental", "off"],  # (the same state each time)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[str, dict[str, list[float]]] = {}
     try:
         deadline = time.monotonic() + 30

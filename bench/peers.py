@@ -158,9 +158,14 @@ class _Future:
 
 
 class SnapdDaemon:
-    """``snapd serve`` as a subprocess for one benchmark run."""
+    """``snapd serve`` as a subprocess for one benchmark run. The benchmarks save the same state
+    again and again: unless ``incremental``, the daemon writes every byte each time (as it does for
+    a state that changed entirely), so that it is timed against the peers' full writes (sharing
+    unchanged chunks is measured by bench/incremental.py)."""
 
-    def __init__(self, work: Path, buffer_bytes: int, *extra: str) -> None:
+    def __init__(self, work: Path, buffer_bytes: int, *extra: str, incremental: bool = False) -> None:
+        if not incremental and "--incremental" not in extra:
+            extra = (*extra, "--incremental", "off")
         self.root = work / "snapd-root"
         self.endpoint = f"ipc://{work}/snapd.sock"
         self.log = open(work / "snapd.log", "ab")

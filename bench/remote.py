@@ -56,7 +56,8 @@ def _daemon(work: Path, url: str, endpoint: str) -> subprocess.Popen:
 
     proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "root"),
                              "--endpoint", endpoint, "--host-buffer-bytes", str(64 << 20), "--remote", url,
-                             "--codec", "raw"],  # (the transfer against its floor; decoding: bench.restore)
+                             "--codec", "raw", "--incremental", "off"],  # (the transfer against its floor;
+                            # decoding: bench.restore; the same state each time, written whole)
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "ab"))
     deadline = time.monotonic() + 30
     while probe(endpoint, 1.0) is None:

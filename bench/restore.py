@@ -7,7 +7,10 @@ the cheapest way each method offers (torch.load with mmap, safetensors'
 safe_open, DCP load of a state dict holding only those keys, snapd keys=).
 Every timed load ends by reading one byte of every page of what it returned:
 safetensors (and torch.load with mmap) hand back tensors over a lazy mmap, and
-a load that has not read the bytes has not restored them.
+a load that has not read the bytes has not restored them. snapd is measured as
+the daemon stored the state (its codec choice), and stored raw (returned over
+the mapped file, and read into memory) and shuffle-zstd; every snapd load checks
+every chunk's checksum, which the others do not.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from bench.machine import Recorder
 from bench.peers import DcpSave, Safetensors, Snapd, SnapdDaemon, TorchSave
 from snapd.client.local import load as snapd_load
+from snapd.format.saving import save_state
 
 
 def drop_cache(path: Path) -> None:
@@ -69,12 +73,19 @@ def _loaders(state: dict, prefix: str, paths: dict[str, Path], job_root: Path, j
         whole = torch.load(paths["torch.save + fsync"], mmap=True)
         return {k: whole[k].clone() for k in keys}
 
+    def snapd_job(name: str, **kw: Any) -> dict[str, Callable[[], Any]]:
+        return {"full": lambda: snapd_load(job_root, name, **kw),
+                "partial": lambda: snapd_load(job_root, name, keys=prefix, **kw)}
+
     return {
         "torch.load": {"full": lambda: torch.load(paths["torch.save + fsync"]), "partial": torch_partial},
         "safetensors": {"full": lambda: load_file(str(paths["safetensors + fsync"])), "partial": st_partial},
         "DCP load": {"full": lambda: dcp_load(list(state)), "partial": lambda: dcp_load(keys)},
-        "snapd": {"full": lambda: snapd_load(job_root, job),
-                  "partial": lambda: snapd_load(job_root, job, keys=prefix)},
+        "snapd": snapd_job(job),  # (the codec the daemon chose for this job)
+        "snapd raw (mapped)": snapd_job("restore-raw"),
+        "snapd raw (mapped, verify=False)": snapd_job("restore-raw", verify=False),
+        "snapd raw (read, mmap=False)": snapd_job("restore-raw", mmap=False),
+        "snapd shuffle-zstd": snapd_job("restore-zstd"),
     }
 
 
@@ -90,8 +101,14 @@ def run(state: dict, prefix: str, work: Path, rec: Recorder, repeats: int) -> No
             peer.start(state, 1).wait()
             paths[peer.name] = peer.last
         job_root = daemon.root
+        for name, codec in (("restore-raw", "raw"), ("restore-zstd", "shuffle-zstd")):  # codecs fixed
+            save_state(job_root, name, state, step=1, codec=codec)
         files = {"torch.load": paths["torch.save + fsync"], "safetensors": paths["safetensors + fsync"],
-                 "DCP load": paths["DCP save"], "snapd": job_root / "restore"}
+                 "DCP load": paths["DCP save"], "snapd": job_root / "restore",
+                 "snapd raw (mapped)": job_root / "restore-raw",
+                 "snapd raw (mapped, verify=False)": job_root / "restore-raw",
+                 "snapd raw (read, mmap=False)": job_root / "restore-raw",
+                 "snapd shuffle-zstd": job_root / "restore-zstd"}
         part = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith(prefix))
         for method, fns in _loaders(state, prefix, paths, job_root, "restore").items():
             for kind, fn in fns.items():

@@ -197,12 +197,13 @@ class Client:
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.fence())
 
     def restore(self, step: int | str = "latest", *, keys: Any = None, into: Any = None,
-                device: Any = None) -> Any:
+                device: Any = None, mmap: bool = True, verify: bool = True) -> Any:
         """A snapshot of this job, once the daemon has written every one of them still in flight
-        (``latest`` after a crash is then the last snapshot the killed trainer handed over)."""
+        (``latest`` after a crash is then the last snapshot the killed trainer handed over);
+        ``mmap`` and ``verify`` as for ``snapd.load``."""
         self.sync()
         return load(self.root, self.job, step, keys=keys, into=into, device=device, rank=self.rank,
-                    remote=self.remote)
+                    remote=self.remote, mmap=mmap, verify=verify)
 
     def list(self) -> list:
         self.sync()

@@ -27,7 +27,7 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
          keep_last: int | None = 5, keep_every_steps: int | None = None,
          best: tuple[str, str] | None = None, codec: str = DEFAULT_CODEC, per_rank: Any = None,
          rank: int | None = None, world_size: int | None = None, run_id: str | None = None,
-         commit_timeout_s: float = DEFAULT_COMMIT_TIMEOUT_S) -> SnapshotInfo:
+         commit_timeout_s: float = DEFAULT_COMMIT_TIMEOUT_S, incremental: bool = True) -> SnapshotInfo:
     """Save ``state`` as snapshot ``step`` of ``job`` and return once it is durable.
 
     On several ranks (a ``torch.distributed`` group, torchrun's environment, or ``rank=`` and
@@ -41,6 +41,9 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
     snapshot whose step is a multiple of ``keep_every_steps``, plus the best
     by ``best=("val_loss", "min")``. Older ones are deleted only after this
     one is committed.
+
+    ``incremental`` (default): chunks unchanged since the job's latest snapshot are not written
+    again; that snapshot's data file is hard-linked instead (docs/FORMAT.md section 9).
     """
     retention = Retention(keep_last=keep_last, keep_every_steps=keep_every_steps, best=best)
     if best is not None and best[0] not in (metrics or {}):  # (a typo here would never mark a best)
@@ -50,7 +53,8 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
     ranks = detect(rank, world_size)
     done = save_state(root, job, state, step=step, metrics=metrics, retention=retention, codec=codec,
                       rank=ranks.rank, world_size=ranks.world_size, per_rank=check_per_rank(per_rank),
-                      commit_timeout_s=commit_timeout_s, run=find_run_id(run_id, ranks))
+                      commit_timeout_s=commit_timeout_s, run=find_run_id(run_id, ranks),
+                      incremental=incremental)
     return next((s for s in catalog.list_snapshots(root, job) if s.step == step),
                 SnapshotInfo(step, done.path, done.entry.created_unix_s, done.entry.raw_bytes,
                              done.entry.stored_bytes, dict(done.entry.metrics)))
@@ -58,7 +62,8 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
 
 def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
          keys: list[str] | str | None = None, into: Any = None, device: Any = None,
-         rank: int | None = None, remote: str | None = None) -> Any:
+         rank: int | None = None, remote: str | None = None, mmap: bool = True,
+         verify: bool = True) -> Any:
     """Load snapshot ``step`` (an int, ``"latest"`` by default, or ``"best"``).
 
     ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
@@ -73,6 +78,15 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
     needs; anything else gets whole tensors, and the per-rank values of ``rank`` (this process's
     rank in its group, else 0).
 
+    ``mmap`` (default): a new CPU tensor stored raw is the snapshot's data file mapped
+    copy-on-write, as safetensors returns tensors: nothing is copied, writing to it changes only
+    this process's memory, and the file's pages (and its disk space, should retention delete the
+    snapshot) stay held until the tensor is freed. ``mmap=False`` reads into memory of its own.
+
+    ``verify`` (default): every chunk read is checked against its checksum (a mapped tensor's
+    pages are then read once while loading); ``verify=False`` trusts the files as torch.load and
+    safetensors do (the manifest and the files' sizes are still checked).
+
     ``remote`` (``s3://bucket/prefix``, else ``$SNAPD_REMOTE``): the remote tier as well; the newest
     snapshot of either tier is loaded, a remote one read chunk by chunk with ranged GETs (only the
     chunks ``keys`` selects).
@@ -81,25 +95,25 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
         rank = detect().rank
     url = remote_url(remote)
     if url is not None:
-        return _load_tiers(root, job, step, keys, into, device, rank, url)
+        return _load_tiers(root, job, step, keys, into, device, rank, url, mmap, verify)
     path = catalog.resolve(root, job, step)
     with open_snapshot(path, rank) as reader:
         if isinstance(reader, GlobalReader) and has_dtensors(into):
             from snapd.dcp import load_into
 
             return load_into(path, into, keys, rank)
-        return reader.load(keys, into=into, device=device)
+        return reader.load(keys, into=into, device=device, mmap=mmap, verify=verify)
 
 
 def _load_tiers(root: str | os.PathLike, job: str, step: int | str | None, keys: Any, into: Any, device: Any,
-                rank: int, url: str) -> Any:
+                rank: int, url: str, mmap: bool, verify: bool) -> Any:
     where = locate(root, job, step, url)
     with open_located(where, rank) as reader:
         if isinstance(reader, GlobalReader) and has_dtensors(into):  # each shard's pieces, fetched alone
             from snapd.dcp import load_into
 
             return load_into(where.path, into, keys, rank, view=reader)
-        return reader.load(keys, into=into, device=device)
+        return reader.load(keys, into=into, device=device, mmap=mmap, verify=verify)
 
 
 def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:

@@ -12,6 +12,8 @@ is why both directions loop over planes.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 
@@ -38,6 +40,16 @@ def unshuffle_into(planes: list[bytes | memoryview | np.ndarray], itemsize: int,
     dst = np.frombuffer(out, dtype=np.uint8) if not isinstance(out, np.ndarray) else out.view(np.uint8)
     if itemsize <= 1:
         dst[:] = np.frombuffer(planes[0], dtype=np.uint8)
+        return
+    if itemsize == 2 and sys.byteorder == "little":
+        # as integer arithmetic, ``hi << 8 | lo`` straight into ``dst`` (byte p of each element lands
+        # at offset p on a little-endian machine): 7 GB/s on one core here against 2.6 for the
+        # strided copy. Wider elements gain little this way (4 bytes: 3.7 against 3.1, and a
+        # chunk's worth of intermediates) and keep the copy.
+        lo, hi = (np.frombuffer(p, dtype=np.uint8) for p in planes)
+        wide = dst.view(np.uint16)
+        np.left_shift(hi, 8, out=wide, dtype=np.uint16, casting="unsafe")
+        wide |= lo
         return
     elems = dst.reshape(-1, itemsize)
     for p in range(itemsize):

@@ -209,7 +209,9 @@ class CodecBook:
             if seen is not None and self._disk_bps is not None:
                 self._disk_bps = 0.5 * self._disk_bps + 0.5 * seen
             choice = self._choices.get(task.key)
-            if choice is not None and not task.emergency:
+            # (a flush that shared chunks with the previous snapshot wrote less than its raw bytes:
+            # its time says nothing of the codec's speed)
+            if choice is not None and not task.emergency and not writer.shared_bytes:
                 # waiting on I/O for under 70% of the flush: the encoder, not the disk, set the pace
                 encode_bound = writer.io_seconds < 0.7 * seconds
                 self._choices[task.key] = choice.learned(codec, task.raw_bytes, stored, seconds, encode_bound)

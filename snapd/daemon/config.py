@@ -35,6 +35,9 @@ class DaemonConfig:
     encode_threads: int = max(1, min(8, (os.cpu_count() or 2)))
     chunk_bytes: int = 4 * MIB
     codec: str = "auto"
+    # on: a chunk unchanged since the job's previous snapshot is not written again, the earlier
+    # snapshot's data file is hard-linked instead (snapd.format.incremental); off: every byte written
+    incremental: str = "on"
     drain_timeout_s: float = 120.0
     # how long a rank's durable part waits for the other ranks' parts of its step before the step is
     # given up (snapd.daemon.rank_commits); a rank slower than this by more fails its step
@@ -109,6 +112,8 @@ class DaemonConfig:
             parse_addr(self.metrics_addr)
         if self.backend not in ("auto", "cuda", "cpu"):
             raise InvalidArgument(f"backend must be auto, cuda or cpu, got {self.backend!r}")
+        if self.incremental not in ("on", "off"):
+            raise InvalidArgument(f"incremental must be on or off, got {self.incremental!r}")
         if self.user_dirs not in ("auto", "on", "off"):
             raise InvalidArgument(f"user_dirs must be auto, on or off, got {self.user_dirs!r}")
         for name in ("allowed_users", "allowed_groups"):

@@ -34,6 +34,7 @@ from snapd.daemon.tasks import (COPIED, ENCODED, FAILED, PART_DURABLE, PERSISTED
                                 failure_fields, next_seq)
 from snapd.errors import FlushError
 from snapd.format import global_commit
+from snapd.format.incremental import previous
 from snapd.format.jobdir import JobDir
 from snapd.format.rank_parts import roles
 from snapd.format.saving import encode_and_write
@@ -81,6 +82,9 @@ class Pipeline:
                                         args=(ctx, "copy", self._copies.get, self._copy_one,
                                               self._copy_failed))
         self.commits = RankCommits(ctx, config.commit_timeout_s, self._part_committed, self._commit_failed)
+        # what retention took, removed after "persisted" is sent, off the seal thread (an emergency
+        # snapshot must not wait behind the seconds a large snapshot's removal takes)
+        self._trash = ThreadPoolExecutor(1, thread_name_prefix="snapd-trash")
         self.uploads = Uploader(config) if config.remote is not None else None  # (the remote tier)
         if self.uploads is not None:  # (nodes that share no filesystem: their parts meet in the bucket)
             self.commits.on_slow = self.uploads.add_part
@@ -146,6 +150,7 @@ class Pipeline:
         if self._sealer.is_alive():
             self._sealer.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._trash.shutdown(wait=True)  # (else left to the next start's sweep of leftovers)
         self.commits.stop()
         if self.uploads is not None:
             self.uploads.stop()
@@ -174,6 +179,7 @@ class Pipeline:
         stage = "flush"
         writer = None
         reads: BufferReads | None = None
+        prev = None
         started = time.monotonic()
         try:
             jobdir = JobDir(task.root, task.job)
@@ -185,10 +191,12 @@ class Pipeline:
                 b = task.buffer
                 reads = BufferReads(b.path, b.address, b.end, self._scratch, copy=b.foreign)
             codec = self.codecs.codec(task, reads)
+            if self.config.incremental == "on":
+                prev = previous(jobdir, task.rank, task.world_size)
             try:
                 encode_and_write(writer, task.leaves, codec, self._pool, self.config.encode_threads,
                                  self.config.chunk_bytes, reads.chunk if reads is not None else None,
-                                 self._roles(task))
+                                 self._roles(task), prev)
             except (OSError, FlushError):
                 stage = "flush"
                 raise
@@ -199,6 +207,8 @@ class Pipeline:
         finally:
             if reads is not None:
                 reads.close()
+            if prev is not None:
+                prev.close()
         self._seals.put((0 if task.emergency else 1, task.seq, Sealing(task, writer, codec, started)))
 
     def _flush_failed(self, task: Task, error: Exception, outbox: Outbox) -> None:
@@ -229,13 +239,22 @@ class Pipeline:
                 outbox.send(self._deliver(task, writer, codec, item.started))
                 return
             done = writer.commit(tree=task.tree, metrics=task.metrics, codec=codec,
-                                 retention=self._retention(task), emergency=task.emergency)
+                                 retention=self._retention(task), emergency=task.emergency,
+                                 defer_removal=True)
             task.advance(PERSISTED)
         except Exception as e:
             outbox.send(self._abandon(task, writer, stage, e))
             return
         self._learn(task, writer, codec, done.entry.stored_bytes, task.times[PERSISTED] - item.started)
+        if writer.shared_bytes:
+            log.info("%s step %d: %d bytes shared with the previous snapshot, %d written", task.job,
+                     task.step, writer.shared_bytes, writer.written_bytes)
         outbox.send(self._persisted(task, str(done.path), codec, done.entry.stored_bytes))
+        self._remove(done.trash)
+
+    def _remove(self, trash: list[Path]) -> None:
+        if trash:
+            self._trash.submit(JobDir.remove, trash)
 
     def _seal_failed(self, item: Sealing, error: Exception, outbox: Outbox) -> None:
         outbox.send(self.failed(item.task, "flush", *failure_fields(error, "flush"), error))
@@ -269,7 +288,8 @@ class Pipeline:
         part = {"rank": task.rank, "world_size": task.world_size, "run": task.run}
         sealed = writer.seal(tree=task.tree, metrics=task.metrics, codec=codec, best=task.retention.best,
                              emergency=task.emergency, part=part)
-        delivery = global_commit.deliver(writer.job, writer.tmp, sealed, self._retention(task))
+        delivery = global_commit.deliver(writer.job, writer.tmp, sealed, self._retention(task),
+                                         defer_removal=True)
         if delivery.committed is None:
             task.advance(PART_DURABLE)
             log.info("%s step %d: rank %d's part is durable; waiting for rank(s) %s", task.job, task.step,
@@ -279,7 +299,9 @@ class Pipeline:
             return {"event": "part", "seq": task.seq}
         task.advance(PERSISTED)
         self._learn(task, writer, codec, sealed.stored_bytes, task.times[PERSISTED] - started)
-        return self._persisted(task, str(delivery.committed.path), codec, sealed.stored_bytes)
+        done = self._persisted(task, str(delivery.committed.path), codec, sealed.stored_bytes)
+        self._remove(delivery.committed.trash)  # (submitted first, run after: it waits for a thread)
+        return done
 
     def _part_committed(self, w: Waiting, path: str) -> dict[str, Any]:
         w.task.advance(PERSISTED)

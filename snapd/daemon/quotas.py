@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def disk_usage(path: Path) -> int:
-    """Bytes the files under ``path`` take on disk (not following links)."""
+    """Bytes the files under ``path`` take on disk (not following links; a file hard-linked into
+    several snapshots, as incremental snapshots share them, counted once)."""
     total = 0
+    linked: set[tuple[int, int]] = set()
     stack = [path]
     while stack:
         try:
@@ -35,7 +37,12 @@ def disk_usage(path: Path) -> int:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(Path(e.path))
                 else:
-                    total += e.stat(follow_symlinks=False).st_blocks * 512
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_nlink > 1:
+                        if (st.st_dev, st.st_ino) in linked:
+                            continue
+                        linked.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
             except OSError:
                 pass
     return total

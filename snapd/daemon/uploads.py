@@ -34,7 +34,7 @@ from snapd.daemon.remote_parts import PartUploads
 from snapd.errors import RemoteError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, job_dirs
-from snapd.format.writer import Retention, prune
+from snapd.format.retention import Retention, prune
 from snapd.remote.bandwidth import Pacer
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store

@@ -21,6 +21,7 @@ class Chunk:
     codec: str
     checksum: str  # xxh3_64 of the stored bytes, 16 hex digits
     planes: list[int] | None = None  # shuffle codecs: stored length of each byte plane
+    digest: str | None = None  # BLAKE3-128 of the raw bytes ("r") or of their planes ("p"), if hashed
 
 
 
@@ -46,6 +47,9 @@ def check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:
         raise FormatError(f"{key}: raw chunk stores {c.stored} bytes for {c.raw}")
     if not isinstance(c.checksum, str) or not re.fullmatch(r"[0-9a-f]{16}", c.checksum):
         raise FormatError(f"{key}: chunk checksum {c.checksum!r} is not 16 hex digits")
+    if c.digest is not None and not (isinstance(c.digest, str)
+                                     and re.fullmatch(r"[rp][0-9a-f]{32}", c.digest)):
+        raise FormatError(f"{key}: chunk digest {c.digest!r} is not 'r' or 'p' and 32 hex digits")
     if c.codec.startswith("shuffle-"):
         if not isinstance(c.planes, list) or len(c.planes) != size:
             raise FormatError(f"{key}: shuffled chunk must list {size} plane lengths, got {c.planes!r}")
@@ -58,9 +62,12 @@ def check_chunk(key: str, c: Chunk, size: int, files: list[dict]) -> None:
 
 
 def check_overlaps(tensors: list[tuple[str, list[Chunk]]], files: list[dict]) -> None:
-    """No two chunks of a snapshot share a byte of a data file (``tensors``: key, chunks)."""
-    spans = sorted((c.file, c.offset, c.offset + c.stored, key) for key, chunks in tensors for c in chunks)
+    """No two chunks of a snapshot share a byte of a data file (``tensors``: key, chunks), unless
+    they are one stored chunk, referred to twice (the same span and checksum: tensors of the same
+    bytes, stored once by an incremental snapshot)."""
+    spans = sorted((c.file, c.offset, c.offset + c.stored, c.checksum, key)
+                   for key, chunks in tensors for c in chunks)
     for a, b in zip(spans, spans[1:]):
-        if a[0] == b[0] and b[1] < a[2]:
-            raise FormatError(f"chunks of {a[3]} and {b[3]} overlap in {files[a[0]]['name']} "
+        if a[0] == b[0] and b[1] < a[2] and a[1:4] != b[1:4]:
+            raise FormatError(f"chunks of {a[4]} and {b[4]} overlap in {files[a[0]]['name']} "
                               f"(bytes {b[1]}..{a[2]})")

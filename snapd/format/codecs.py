@@ -41,6 +41,7 @@ class Encoded:
     codec: str
     checksum: str
     planes: list[int] | None = None
+    digest: str | None = None  # of the raw bytes, when hashed for sharing (snapd.format.incremental)
 
 
 def checksum(parts: list[bytes | memoryview]) -> str:

@@ -30,7 +30,8 @@ from snapd.format.global_manifest import PART_DIR_RE, GlobalManifest, assemble, 
 from snapd.format.jobdir import FAILED_NAME, PENDING_RE, JobDir, fsync_dir, pending_name, read_regular, \
     snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
-from snapd.format.writer import Committed, Retention, tidy
+from snapd.format.retention import Retention, tidy
+from snapd.format.writer import Committed
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,11 @@ class Outcome:
     missing: list[int] = field(default_factory=list)
 
 
-def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention) -> Delivery:
+def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
+            defer_removal: bool = False) -> Delivery:
     """Move a sealed part (``tmp``, its manifest ``part``) into its step's pending directory; commit
-    the step if it was the last part. Raises ``CommitFailed`` when the step cannot be committed."""
+    the step if it was the last part. Raises ``CommitFailed`` when the step cannot be committed.
+    ``defer_removal``: what retention takes is left in ``committed.trash`` (as ``SnapshotWriter.commit``)."""
     rank, world, run, step = part.part["rank"], part.part["world_size"], part.part["run"], part.step
     out = Delivery(job, step, rank, world, run, part.checksum or "")
     trash: list[Path] = []
@@ -104,9 +107,11 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention) -> Del
         entry = jobindex.Entry.of(manifest)
         trash += tidy(job, index, entry, retention)
         trash += [p for name in given_up(job, run_mark) for p in [job.trash(name)] if p is not None]
-    job.remove(trash)
+    if not defer_removal:
+        job.remove(trash)
+        trash = []
     log.info("%s: step %d committed from the parts of %d ranks", job.path, step, world)
-    out.committed = Committed(job.path / snapshot_name(step), entry)
+    out.committed = Committed(job.path / snapshot_name(step), entry, trash)
     return out
 
 

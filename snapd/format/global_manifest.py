@@ -17,7 +17,7 @@ from typing import Any
 
 from snapd.errors import FormatError
 from snapd.format.manifest import (CHECKSUM_ALGORITHM, MAGIC, MANIFEST_NAME, Manifest, _checksum, _int,
-                                   build, parse_body)
+                                   build, parse_body, remember, remembered)
 
 PART_DIR_RE = re.compile(r"^rank-(\d{5})\Z", re.ASCII)
 
@@ -91,9 +91,12 @@ class GlobalManifest:
 
 def parse_any(raw: bytes, where: str = MANIFEST_NAME) -> Manifest | GlobalManifest:
     """A snapshot's manifest: a single process's (format 1), a rank part's or a global one (2)."""
+    known = remembered(raw)
+    if known is not None:
+        return known
     body = parse_body(raw, where)
     if body.get("kind") != "global":
-        return build(body, where)
+        return remember(raw, build(body, where))
     try:
         return _global(body)
     except FormatError as e:

@@ -56,6 +56,7 @@ class GlobalReader:
         self.rank = (rank or 0) % world
         self._parts: dict[int, SnapshotReader] = {}
         self._keys: dict[int, dict[str, int]] = {}
+        self.checked = True  # (``load(verify=False)``: the parts' chunks are read unchecked)
         try:
             base = self.part(self.rank).manifest
             self._sources, tensors = self._view(base)
@@ -98,6 +99,7 @@ class GlobalReader:
                                   "global snapshot committed (its manifest's checksum differs)")
             self._parts[rank] = reader
             self._keys[rank] = reader.manifest.by_key()
+        reader.checked = self.checked
         return reader
 
     def _open_part(self, rank: int) -> SnapshotReader:
@@ -150,8 +152,12 @@ class GlobalReader:
         whole[box] = tmp.reshape(*shape[:-1], shape[-1] * size)
 
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
-             threads: int | None = None) -> Any:
-        return load_tree(self, keys, into, device, threads)
+             threads: int | None = None, mmap: bool = True, verify: bool = True) -> Any:
+        self.checked = verify  # (tensors are assembled from pieces: read, never mapped)
+        try:
+            return load_tree(self, keys, into, device, threads)
+        finally:
+            self.checked = True
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Re-check every chunk of every part; each problem names its rank."""

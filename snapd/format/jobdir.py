@@ -82,10 +82,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path | str, dir_fd: int | None = None) -> bytes:
     """A file's bytes, refusing anything but a regular file (a FIFO planted as a manifest or an
-    index must not hang a reader, or the daemon's commit under the job lock)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    index must not hang a reader, or the daemon's commit under the job lock); ``dir_fd``: ``path``
+    is a name in that directory, and a symbolic link there is refused."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if dir_fd is not None else 0)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FormatError(f"{path}: not a regular file")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from snapd.format.chunks import Chunk, check_chunk, check_overlaps
 from snapd.format.tree import MAX_DEPTH, key_problem
 
 MAGIC = "snapd-snapshot"
-FORMAT_VERSION = 2  # the newest this snapd reads; single-process snapshots are still written as 1
+FORMAT_VERSION = 3  # the newest this snapd reads; a snapshot is written in the oldest that holds it
 SCOPES = ("shard", "replicated", "rank")  # a rank part's tensors (docs/FORMAT.md section 7)
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -66,6 +68,8 @@ class Manifest:
     taken_unix_s: float | None = None  # when the state was handed over: what orders ``latest``
     part: dict | None = None  # a rank's part of a global snapshot: {"rank": r, "world_size": n, "run": id}
     checksum: str | None = None  # the manifest's own (set by parse and by to_bytes): a part's identity
+    # the earlier snapshot whose chunks this one could share (section 9), relative to the job directory
+    compared_with: str | None = None
 
     def by_key(self) -> dict[str, int]:
         return {t.key: i for i, t in enumerate(self.tensors)}
@@ -78,9 +82,17 @@ class Manifest:
     def stored_bytes(self) -> int:
         return sum(c.stored for t in self.tensors for c in t.chunks)
 
+    @property
+    def version(self) -> int:
+        """3 if it shares data files with another snapshot (section 9), else 2 for a rank's part and
+        1 for a single process's snapshot, so that an older snapd reads what it can."""
+        if any("shard" in f for f in self.files):
+            return 3
+        return 1 if self.part is None else 2
+
     def to_bytes(self) -> bytes:
         body = {
-            "magic": MAGIC, "format_version": 1 if self.part is None else 2,
+            "magic": MAGIC, "format_version": self.version,
             "checksum_algorithm": CHECKSUM_ALGORITHM,
             "step": self.step, "created_unix_s": self.created_unix_s, "job": self.job,
             "metrics": self.metrics, "codec": self.codec, "emergency": self.emergency,
@@ -94,6 +106,8 @@ class Manifest:
             body["taken_unix_s"] = self.taken_unix_s
         if self.part is not None:
             body["part"] = self.part
+        if self.compared_with is not None:
+            body["compared_with"] = self.compared_with
         body["checksum"] = self.checksum = _checksum(body)
         return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
 
@@ -106,8 +120,9 @@ def _tensor_json(t: TensorRecord) -> dict:
     if d["stored"]:
         del d["stored"]
     for c in d["chunks"]:
-        if c["planes"] is None:
-            del c["planes"]
+        for name in ("planes", "digest"):
+            if c[name] is None:
+                del c[name]
     return d
 
 
@@ -119,11 +134,43 @@ def _checksum(body: dict) -> str:
 
 def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate manifest bytes (file sizes are checked by the reader). A global
-    snapshot's manifest is refused here: ``snapd.format.global_manifest.parse_any`` reads both."""
+    snapshot's manifest is refused here: ``snapd.format.global_manifest.parse_any`` reads both.
+    The same bytes parsed lately give the same (shared: read-only) Manifest."""
+    known = remembered(raw)
+    if known is not None:
+        return known
     body = parse_body(raw, where)
     if body.get("kind") == "global":
         raise FormatError(f"{where}: the manifest of a global snapshot (its rank parts have their own)")
-    return build(body, where)
+    return remember(raw, build(body, where))
+
+
+# Manifests lately parsed, by a hash of their bytes: a load resolves, opens and reads the same
+# manifest (a 600-tensor one takes 20 ms to parse and check), and every rank of a node reads its
+# step's. Filled as snapshots are read, never at import; bytes that differ in any way miss.
+_PARSED: OrderedDict[bytes, Manifest] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+_PARSED_MAX, _PARSED_MAX_BYTES = 16, 16 << 20
+
+
+def remembered(raw: bytes) -> Manifest | None:
+    if len(raw) > _PARSED_MAX_BYTES:
+        return None
+    key = xxhash.xxh3_128_digest(raw)
+    with _PARSED_LOCK:
+        m = _PARSED.get(key)
+        if m is not None:
+            _PARSED.move_to_end(key)
+        return m
+
+
+def remember(raw: bytes, m: Manifest) -> Manifest:
+    if len(raw) <= _PARSED_MAX_BYTES:
+        with _PARSED_LOCK:
+            _PARSED[xxhash.xxh3_128_digest(raw)] = m
+            while len(_PARSED) > _PARSED_MAX:
+                _PARSED.popitem(last=False)
+    return m
 
 
 def build(body: dict, where: str) -> Manifest:
@@ -163,10 +210,7 @@ def _int(v: Any, what: str, lo: int = 0) -> int:
     return v
 
 
-def _build(body: dict) -> Manifest:
-    version = body["format_version"]
-    part = _part(body.get("part"), version)
-    files = body["files"]
+def _check_files(files: Any, version: int) -> None:
     if not isinstance(files, list):
         raise FormatError("files must be a list")
     for i, f in enumerate(files):
@@ -175,6 +219,19 @@ def _build(body: dict) -> Manifest:
             raise FormatError(f"data file {i} has an invalid name {f.get('name')!r} "
                               f"(expected data-{i:05d}-of-{len(files):05d}.bin)")
         _int(f.get("bytes"), f"files[{i}].bytes")
+        if "shard" in f or "shared_from" in f:  # a data file shared with another snapshot (format 3)
+            if version < 3:
+                raise FormatError(f"files[{i}] is shared (shard, shared_from): format 3, not {version}")
+            _int(f.get("shard"), f"files[{i}].shard")
+            if not isinstance(f.get("shared_from"), str) or len(f["shared_from"]) > 256:
+                raise FormatError(f"files[{i}].shared_from must be a string of at most 256 characters")
+
+
+def _build(body: dict) -> Manifest:
+    version = body["format_version"]
+    part = _part(body.get("part"), version)
+    files = body["files"]
+    _check_files(files, version)
     tensors = []
     for ti, t in enumerate(body["tensors"]):
         key = t["key"]
@@ -188,7 +245,7 @@ def _build(body: dict) -> Manifest:
         nbytes = _int(t["nbytes"], f"{key}: nbytes")
         if math.prod(shape) * size != nbytes:
             raise FormatError(f"{key}: nbytes {nbytes} != {math.prod(shape)} elements x {size} bytes")
-        scope, stored, global_shape, offsets = _placement(t, key, shape, version)
+        scope, stored, global_shape, offsets = _placement(t, key, shape, part is not None)
         chunks = []
         if not stored and t["chunks"]:
             raise FormatError(f"{key}: stored in another rank's part, yet it lists chunks here")
@@ -197,7 +254,7 @@ def _build(body: dict) -> Manifest:
                        offset=_int(c["offset"], f"{key}: chunk offset"),
                        stored=_int(c["stored"], f"{key}: chunk stored length"),
                        raw=_int(c["raw"], f"{key}: chunk raw length"), codec=c["codec"],
-                       checksum=c["checksum"], planes=c.get("planes"))
+                       checksum=c["checksum"], planes=c.get("planes"), digest=c.get("digest"))
             check_chunk(key, ch, size, files)
             chunks.append(ch)
         if stored and sum(c.raw for c in chunks) != nbytes:
@@ -213,6 +270,9 @@ def _build(body: dict) -> Manifest:
     if best is not None and (not isinstance(best, list) or len(best) != 2 or not isinstance(best[0], str)
                              or best[1] not in ("min", "max")):
         raise FormatError(f"best_metric must be [name, 'min'|'max'], got {best!r}")
+    compared = body.get("compared_with")
+    if compared is not None and (not isinstance(compared, str) or len(compared) > 256):
+        raise FormatError("compared_with must be a string of at most 256 characters")
     taken = body.get("taken_unix_s")
     if taken is not None and (isinstance(taken, bool) or not isinstance(taken, (int, float))):
         raise FormatError(f"taken_unix_s must be a number, got {taken!r}")
@@ -220,11 +280,11 @@ def _build(body: dict) -> Manifest:
                     job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
                     codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
                     writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None,
-                    taken_unix_s=taken, part=part, checksum=body["checksum"])
+                    taken_unix_s=taken, part=part, checksum=body["checksum"], compared_with=compared)
 
 
 def _part(part: Any, version: int) -> dict | None:
-    if version < 2:
+    if version < 2 or version == 3 and part is None:
         if part is not None:
             raise FormatError("a format 1 manifest has no rank part")
         return None
@@ -239,10 +299,10 @@ def _part(part: Any, version: int) -> dict | None:
     return {"rank": part["rank"], "world_size": world, "run": run}
 
 
-def _placement(t: dict, key: str, shape: list[int], version: int
+def _placement(t: dict, key: str, shape: list[int], is_part: bool
                ) -> tuple[str | None, bool, list[int] | None, list[int] | None]:
     """A part's tensor: its scope, whether its bytes are here, and a shard's place (format 2)."""
-    if version < 2:
+    if not is_part:
         return None, True, None, None
     scope, stored = t.get("scope"), t.get("stored", True)
     if scope not in SCOPES or not isinstance(stored, bool) or scope == "rank" and not stored:

@@ -2,9 +2,12 @@
 
 Chunks are read with pread on a thread pool, checksummed and decoded
 straight into the destination tensor's memory: a raw chunk lands in place
-with no intermediate copy. Nothing is trusted before it is checked: the
-manifest (snapd.format.manifest), each data file's header and size, each
-chunk's checksum and decoded length.
+with no intermediate copy. A tensor stored raw in one run of one data file
+is not read at all when it comes back as a new CPU tensor: it is the mapped
+file (copy-on-write, as safetensors returns it), its chunks checksummed in
+place (``mapping``). Nothing is trusted before it is checked: the manifest
+(snapd.format.manifest), each data file's header and size, each chunk's
+checksum and decoded length.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import Any
 from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
 from snapd.format import codecs, dtypes
 from snapd.format.jobdir import read_regular
+from snapd.format.mapping import map_private
 from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
 from snapd.format.restore import Destinations, build_tree
 from snapd.format.tree import iter_paths, key_matches
-from snapd.format.writer import DATA_HEADER, DATA_MAGIC
+from snapd.format.writer import ALIGN, DATA_HEADER, DATA_MAGIC
 
 log = logging.getLogger(__name__)
 
 
 WINDOW_BYTES = 256 << 20  # tensors read before they are handed on (``read_tensors``'s ``done``)
+MIN_MAPPED_BYTES = 4096  # smaller tensors are copied: a page of their own costs nothing to read
 
 
 def _physical_memory() -> int:
@@ -74,6 +79,8 @@ class SnapshotReader:
         self.manifest: Manifest = parse(raw, str(mpath))
         self._fds: dict[int, int] = {}
         self._fds_lock = threading.Lock()  # reader threads open data files on demand
+        self._maps: dict[int, memoryview | None] = {}
+        self.checked = True  # chunks' checksums verified as they are read (``load(verify=False)``: not)
 
     def __enter__(self) -> SnapshotReader:
         return self
@@ -86,6 +93,7 @@ class SnapshotReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._maps.clear()  # (a mapping lives on, unmapped once the last tensor over it is freed)
 
     def _fd(self, i: int) -> int:
         fd = self._fds.get(i)
@@ -114,13 +122,63 @@ class SnapshotReader:
             problem = f"is {size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
         elif len(header) < DATA_HEADER.size or DATA_HEADER.unpack(header)[0] != DATA_MAGIC:
             problem = "does not start with the snapd data magic"
-        elif DATA_HEADER.unpack(header)[2] != i:
-            problem = f"is shard {DATA_HEADER.unpack(header)[2]}, expected shard {i}"
+        elif DATA_HEADER.unpack(header)[2] != info.get("shard", i):  # (a shared file keeps its number)
+            problem = f"is shard {DATA_HEADER.unpack(header)[2]}, expected shard {info.get('shard', i)}"
         if problem:
             os.close(fd)
             raise FormatError(f"{path}: {problem}")
         self._fds[i] = fd
         return fd
+
+    def mapping(self, i: int) -> memoryview | None:
+        """Tensor ``i``'s bytes in its mapped data file (private: writing to them copies the page,
+        never touches the file), when it is stored raw in one run of one file; None otherwise.
+        Nothing is checked here: ``verify_mapped`` checksums the chunks in place."""
+        rec = self.manifest.tensors[i]
+        chunks = rec.chunks
+        if rec.nbytes < MIN_MAPPED_BYTES or not chunks or chunks[0].offset % ALIGN:
+            return None
+        end = chunks[0].offset
+        for c in chunks:
+            if c.codec != "raw" or c.file != chunks[0].file or c.offset != end:
+                return None
+            end += c.stored
+        mapped = self._map(chunks[0].file)
+        # (no madvise: WILLNEED or POPULATE_READ made both warm and cold restores slower here; the
+        # checking threads' faults read ahead on their own: docs/benchmarks.md)
+        return None if mapped is None else mapped[chunks[0].offset:end]
+
+    def _map(self, i: int) -> memoryview | None:
+        if i in self._maps:
+            return self._maps[i]
+        fd = self._fd(i)  # (checks the file first)
+        with self._fds_lock:
+            if i not in self._maps:
+                try:
+                    self._maps[i] = map_private(fd, self.manifest.files[i]["bytes"])
+                except (OSError, ValueError) as e:  # a file system that cannot map: read it instead
+                    log.debug("%s: cannot map data file %d (%s); reading it", self.path, i, e)
+                    self._maps[i] = None
+            return self._maps[i]
+
+    def verify_mapped(self, wanted: list[int], threads: int | None = None) -> None:
+        """Checksum the chunks of mapped tensors (``mapping``) where they lie."""
+        recs = [self.manifest.tensors[i] for i in wanted]
+        jobs = [(rec, n) for rec in recs for n in range(len(rec.chunks))]
+        threads = min(threads or min(8, os.cpu_count() or 1), len(jobs))
+        if threads <= 1:
+            for job in jobs:
+                self._verify_in_place(*job)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-check") as pool:
+            for fut in [pool.submit(self._verify_in_place, *job) for job in jobs]:
+                fut.result()
+
+    def _verify_in_place(self, rec: TensorRecord, n: int) -> None:
+        c = rec.chunks[n]
+        mapped = self._maps.get(c.file)
+        assert mapped is not None, "verify_mapped of a tensor that was not mapped"
+        codecs.verify(mapped[c.offset:c.offset + c.stored], c.checksum, self.where(rec, n))
 
     def where(self, rec: TensorRecord, n: int) -> str:
         c = rec.chunks[n]
@@ -134,7 +192,8 @@ class SnapshotReader:
         stored, got = self._stored(c, out)
         if got != c.stored:
             raise FormatError(f"{where}: read {got} of {c.stored} bytes")
-        codecs.verify(stored, c.checksum, where)
+        if self.checked:
+            codecs.verify(stored, c.checksum, where)
         if c.codec != "raw":
             codecs.decode_into(stored, c.codec, dtypes.itemsize(rec.dtype), c.planes, out, where, keep_planes)
 
@@ -209,22 +268,44 @@ class SnapshotReader:
         return jobs
 
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
-             threads: int | None = None) -> Any:
-        """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved."""
-        return load_tree(self, keys, into, device, threads)
+             threads: int | None = None, mmap: bool = True, verify: bool = True) -> Any:
+        """The saved tree (or the ``keys`` sub-trees); tensors of the kind saved. ``mmap``: new CPU
+        tensors stored raw are the mapped data file (copy-on-write); False reads them into memory.
+        ``verify=False`` skips the chunks' checksums (as torch.load and safetensors do: a mapped
+        tensor's pages are then read only when used); lengths and the manifest are still checked."""
+        self.checked = verify
+        try:
+            return load_tree(self, keys, into, device, threads, mmap)
+        finally:
+            self.checked = True
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Re-check every chunk; return one line per problem (empty when clean)."""
         problems: list[str] = []
+        self.checked = True
         for rec in self.manifest.tensors:
             for n, c in enumerate(rec.chunks):
                 try:
-                    self.read_chunk(rec, n, memoryview(bytearray(c.raw)))
+                    raw = memoryview(bytearray(c.raw))
+                    self.read_chunk(rec, n, raw)
+                    size = dtypes.itemsize(rec.dtype)
+                    if c.digest is not None and _digest_of(raw, size, c.digest) != c.digest:
+                        problems.append(f"{self.where(rec, n)}: decodes to bytes whose digest is not the "
+                                        f"recorded {c.digest}")
                 except FormatError as e:
                     problems.append(str(e))
                 if progress:
                     progress(c.stored)
         return problems
+
+
+def _digest_of(raw: memoryview, itemsize: int, recorded: str) -> str:
+    """The digest of a chunk's raw bytes in the form ``recorded`` has (snapd.format.incremental)."""
+    from snapd.format.incremental import digest
+    from snapd.kernels import shuffle
+
+    planes = recorded.startswith("p") and itemsize > 1
+    return digest(shuffle(raw, itemsize) if planes else raw, planes)
 
 
 def select(manifest: Manifest, keys: list[str] | str | None, where: Path) -> list[int]:
@@ -239,12 +320,18 @@ def select(manifest: Manifest, keys: list[str] | str | None, where: Path) -> lis
     return [i for i, t in enumerate(manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
 
 
-def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any, threads: int | None) -> Any:
+def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any, threads: int | None,
+              mapped: bool = True) -> Any:
     """``reader``'s tree (or the ``keys`` sub-trees): a snapshot's (``SnapshotReader``) or a global
-    one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``."""
+    one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``; with
+    ``mapped``, tensors the reader can map (its ``mapping``) are checked in place, not read."""
     wanted = reader.select(keys)
-    dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path))
-    reader.read_tensors(wanted, dest.buffer, threads, dest.keeps_planes, done=dest.finish)
+    dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path),
+                        mapping=getattr(reader, "mapping", None) if mapped else None)
+    reader.read_tensors([i for i in wanted if not dest.is_mapped(i)], dest.buffer, threads, dest.keeps_planes,
+                        done=dest.finish)
+    if reader.checked and any(dest.is_mapped(i) for i in wanted):
+        reader.verify_mapped([i for i in wanted if dest.is_mapped(i)], threads)
     selected = None if keys is None else (
         lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
     return build_tree(reader.manifest.tree, dest, selected)

@@ -66,7 +66,8 @@ def _bytes_of(obj: Any) -> np.ndarray | None:
 class Destinations:
     """Allocates (or finds, with ``into``) the memory each wanted tensor is read into."""
 
-    def __init__(self, manifest: Manifest, wanted: list[int], *, into: Any, device: Any, where: str) -> None:
+    def __init__(self, manifest: Manifest, wanted: list[int], *, into: Any, device: Any, where: str,
+                 mapping: Callable[[int], memoryview | None] | None = None) -> None:
         check_device(device, any(manifest.tensors[i].kind == "torch" for i in wanted))
         self.manifest = manifest
         self.device = device
@@ -76,6 +77,7 @@ class Destinations:
         self._into: set[int] = set()  # tensors that are the caller's own (never moved or replaced)
         self._gpu: set[int] = set()  # read to the host (shuffled chunks as planes), then finished on a GPU
         self._placed: set[int] = set()  # (of those) uploaded: on their device already
+        self._mapped: set[int] = set()  # new CPU tensors over the mapped data file (nothing to read)
         if into is not None:
             self._match(into, wanted, where)
         for i in wanted:
@@ -85,6 +87,9 @@ class Destinations:
             if goes_to_gpu(rec, device):
                 self._gpu.add(i)  # (its host memory is made when the reader comes to it)
                 self.values[i] = None
+            elif (view := self._map(rec, i, mapping)) is not None:
+                self.values[i] = view
+                self._mapped.add(i)
             else:
                 self.values[i], self._buffers[i] = self._allocate(rec)
 
@@ -125,6 +130,27 @@ class Destinations:
                 self._gpu.add(i)
             else:
                 self._pending[i] = (t, None)  # read into a temporary (made when the reader comes to it)
+
+    def _map(self, rec: TensorRecord, i: int, mapping: Callable[[int], memoryview | None] | None) -> Any:
+        """A new tensor over the reader's mapping of its bytes, if it has one (CPU tensors only)."""
+        if mapping is None or rec.kind not in ("numpy", "torch") or (
+                rec.kind == "torch" and self.device is not None and str(self.device) != "cpu"):
+            return None
+        view = mapping(i)
+        if view is None:
+            return None
+        if rec.kind == "torch":
+            try:
+                import torch
+            except ImportError:  # (as ``_allocate``: NumPy, with its warning)
+                pass
+            else:
+                return torch.frombuffer(view, dtype=torch.uint8).view(dtypes.torch_dtype(rec.dtype)
+                                                                      ).reshape(rec.shape)
+        return np.frombuffer(view, dtype=np.uint8).view(dtypes.numpy_dtype(rec.dtype)).reshape(rec.shape)
+
+    def is_mapped(self, i: int) -> bool:
+        return i in self._mapped
 
     def _allocate(self, rec: TensorRecord) -> tuple[Any, np.ndarray]:
         if rec.kind == "torch":

@@ -18,10 +18,11 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 from snapd.errors import InvalidArgument
-from snapd.format import codecs, dtypes
+from snapd.format import dtypes
 from snapd.format.jobdir import JobDir, check_step
 from snapd.format import global_commit
 from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
+from snapd.format.incremental import Previous, encode_or_share, previous
 from snapd.format.chunks import CODECS
 from snapd.format.rank_parts import Role, roles
 from snapd.format.tree import TensorLeaf, flatten
@@ -77,10 +78,11 @@ def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metr
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, shard_bytes: int = DEFAULT_SHARD_BYTES,
                threads: int | None = None, emergency: bool = False, rank: int = 0, world_size: int = 1,
                per_rank: tuple[str, ...] = (), commit_timeout_s: float = DEFAULT_COMMIT_TIMEOUT_S,
-               run: str = "") -> Committed:
+               run: str = "", incremental: bool = True) -> Committed:
     """Save ``state`` as snapshot ``step`` of ``job`` under ``root``; return once durable. On more
     than one rank, ``state`` is this rank's part, and the call returns once every rank's part is
-    durable and the global snapshot committed (snapd.format.global_commit)."""
+    durable and the global snapshot committed (snapd.format.global_commit). ``incremental``: chunks
+    unchanged since the job's latest snapshot are shared with it, not written again."""
     check_step(step)
     codec = check_codec(codec)
     metrics = check_metrics(metrics)
@@ -88,22 +90,28 @@ def save_state(root: str | os.PathLike, job: str, state: Any, *, step: int, metr
     return save_leaves(root, job, tree, leaves, step=step, metrics=metrics, retention=retention, codec=codec,
                        chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, threads=threads, emergency=emergency,
                        rank=rank, world_size=world_size, per_rank=per_rank, commit_timeout_s=commit_timeout_s,
-                       run=run)
+                       run=run, incremental=incremental)
 
 
 def save_leaves(root: str | os.PathLike, job: str, tree: dict, leaves: list[TensorLeaf], *, step: int,
                 metrics: dict, retention: Retention, codec: str, chunk_bytes: int, shard_bytes: int,
                 threads: int | None, emergency: bool, rank: int, world_size: int, per_rank: tuple[str, ...],
-                commit_timeout_s: float, run: str = "") -> Committed:
+                commit_timeout_s: float, run: str = "", incremental: bool = True) -> Committed:
     """``save_state`` of a flattened state (checked arguments)."""
     jobdir = JobDir(root, job)
     jobdir.open_for_write()
     writer = SnapshotWriter(jobdir, step, shard_bytes=shard_bytes)
     threads = threads or min(8, os.cpu_count() or 1)
     parts = roles(leaves, rank, world_size, per_rank) if world_size > 1 else None
+    prev = previous(jobdir, rank, world_size) if incremental else None
     try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-encode") as pool:
-            encode_and_write(writer, leaves, codec, pool, threads, chunk_bytes, roles=parts)
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="snapd-encode") as pool:
+                encode_and_write(writer, leaves, codec, pool, threads, chunk_bytes, roles=parts,
+                                 previous=prev)
+        finally:
+            if prev is not None:
+                prev.close()
         if parts is None:
             return writer.commit(tree=tree, metrics=metrics, codec=codec, retention=retention,
                                  emergency=emergency)
@@ -127,7 +135,7 @@ Read = Callable[[TensorLeaf, int, int], tuple[Any, Callable[[], None] | None]]
 
 def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: str, pool: Executor,
                      threads: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, read: Read | None = None,
-                     roles: list[Role] | None = None) -> None:
+                     roles: list[Role] | None = None, previous: Previous | None = None) -> None:
     """Encode every chunk on ``pool`` and write them in order on this thread.
 
     At most ``2 * threads + 2`` chunks are in flight, so memory stays bounded
@@ -135,8 +143,12 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
     stage runs this same loop over its host buffer, with ``read(leaf, a, b)``
     giving each chunk's bytes and what to call once they are written. ``roles``: a rank's part
     (snapd.format.rank_parts), whose tensors stored by another rank are only described.
+    ``previous``: the job's previous snapshot, whose stored chunks unchanged ones refer to
+    (snapd.format.incremental); None writes every chunk (and records no digests).
     """
     window: collections.deque[tuple[Any, Future, Callable[[], None] | None]] = collections.deque()
+    if previous is not None and previous.path is not None:
+        writer.compared_with = os.path.relpath(previous.path, writer.job.path)
 
     def write_first() -> None:
         r, fut, release = window.popleft()
@@ -155,9 +167,12 @@ def encode_and_write(writer: SnapshotWriter, leaves: list[TensorLeaf], codec: st
                 if not role.stored:
                     continue
             size = dtypes.itemsize(leaf.dtype)
-            for a, b in chunk_slices(leaf, chunk_bytes):
+            slices = chunk_slices(leaf, chunk_bytes)
+            hashed = 0 if previous is None else previous.hash_chunks(leaf.key, len(slices))
+            for n_chunk, (a, b) in enumerate(slices):
                 raw, release = read(leaf, a, b) if read is not None else (leaf.data[a:b], None)
-                window.append((rec, pool.submit(codecs.encode, raw, size, codec, leaf.preshuffled), release))
+                window.append((rec, pool.submit(encode_or_share, previous, raw, size, leaf.dtype, codec,
+                                                leaf.preshuffled, n_chunk < hashed), release))
                 while len(window) > 2 * threads + 2:
                     write_first()
         while window:

@@ -1,4 +1,4 @@
-"""Writing one snapshot: data shards, manifest, atomic commit, retention.
+"""Writing one snapshot: data shards, manifest, atomic commit (then retention: snapd.format.retention).
 
 ``SnapshotWriter`` is the flush stage: it takes already-encoded chunks in
 order, appends them to sequential data files in a temporary directory,
@@ -16,16 +16,19 @@ import shutil
 import struct
 import time
 from time import perf_counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapd import __version__
 from snapd.errors import FlushError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.codecs import Encoded
-from snapd.format.jobdir import JobDir, fsync_dir, snapshot_name
+from snapd.format.incremental import Shared
+from snapd.format.shared_files import SharedFiles
+from snapd.format.jobdir import JobDir, fsync_dir
 from snapd.format.chunks import CODECS, Chunk
 from snapd.format.manifest import MANIFEST_NAME, Manifest, TensorRecord
+from snapd.format.retention import Retention, tidy
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +50,15 @@ def _sync_file_range() -> ctypes._CFuncPtr | None:
     return fn
 
 
-@dataclass(frozen=True, kw_only=True)
-class Retention:
-    keep_last: int | None = 5
-    keep_every_steps: int | None = None
-    best: tuple[str, str] | None = None
-    # snapshots retention must leave for now (the daemon's uploads not yet in the remote tier)
-    hold: frozenset[str] = frozenset()
-
-    def __post_init__(self) -> None:
-        jobindex.check_retention(self.keep_last, self.keep_every_steps)
-        jobindex.check_best(self.best)
-
-
 @dataclass
 class Committed:
     """What a commit produced: the snapshot's directory and its index entry."""
 
     path: Path
     entry: jobindex.Entry
+    # what retention renamed out of sight, still to remove when the commit deferred it (the daemon
+    # says "persisted" first: removing a large snapshot takes seconds that are no one's wait)
+    trash: list[Path] = field(default_factory=list)
 
 
 class _DataFile:
@@ -133,6 +126,15 @@ class _DataFile:
         self.fd = -1
 
 
+def _renumber(path: Path, number: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, struct.pack("<I", number), 12)  # (DATA_HEADER's shard number)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SnapshotWriter:
     """Writes one snapshot of ``job`` at ``step`` into a temporary directory."""
 
@@ -142,6 +144,8 @@ class SnapshotWriter:
         self.shard_bytes = shard_bytes
         self.tmp = job.new_tmp_dir(step)
         self.files: list[_DataFile] = []
+        self.links = SharedFiles(self.tmp, job.path)  # earlier snapshots' files it shares
+        self.compared_with: str | None = None  # the snapshot whose chunks it looked for (incremental)
         self.tensors: list[TensorRecord] = []
         self.taken_unix_s = time.time()  # the daemon sets when the state was handed to it
 
@@ -163,19 +167,77 @@ class SnapshotWriter:
         size = sum(f.size for f in self.files)
         return size / secs if secs > 0 and size >= 64 << 20 else None
 
-    def write_chunk(self, rec: TensorRecord, enc: Encoded) -> None:
-        """Append an encoded chunk of ``rec`` (chunks of a tensor come in order)."""
+    @property
+    def shared_bytes(self) -> int:
+        """Stored bytes of the chunks left where an earlier snapshot wrote them."""
+        return self.links.shared_bytes
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes this snapshot wrote (its shared files not counted)."""
+        return sum(f.size for f in self.files)
+
+    def _next_number(self) -> int:
+        return len(self.files) + len(self.links.linked)
+
+    def write_chunk(self, rec: TensorRecord, enc: Encoded | Shared) -> None:
+        """Append an encoded chunk of ``rec`` (chunks of a tensor come in order), or refer to the
+        stored chunk of an earlier snapshot it is the same as."""
+        if isinstance(enc, Shared):
+            if self.links.refer(rec, enc, self._next_number()):
+                return
+            enc = enc.encode()  # (that file could not be linked: the chunk is written after all)
+        number, offset = self._append(enc)
+        rec.chunks.append(Chunk(number, offset, enc.stored, enc.raw, enc.codec, enc.checksum, enc.planes,
+                                enc.digest))
+
+    def _append(self, enc: Encoded) -> tuple[int, int]:
         if not self.files or self.files[-1].size >= self.shard_bytes:
             if self.files:
                 self.files[-1].finish()
-            n = len(self.files)
+            n = self._next_number()
             self.files.append(_DataFile(self.tmp / f"data-{n:05d}.bin", n))
         f = self.files[-1]
         try:
-            offset = f.append(enc)
+            return f.number, f.append(enc)
         except OSError as e:
             raise FlushError(f"writing {f.path}: {e.strerror or e}") from e
-        rec.chunks.append(Chunk(f.number, offset, enc.stored, enc.raw, enc.codec, enc.checksum, enc.planes))
+
+    def _copy_sparse(self) -> None:
+        """Copy the chunks of the linked files this snapshot uses too little of into its own files."""
+        for f, chunks in self.links.sparse(self.tensors):
+            fd = os.open(f.path, os.O_RDONLY)
+            try:
+                for c in chunks:
+                    data = os.pread(fd, c.stored, c.offset)
+                    if len(data) != c.stored:
+                        raise FlushError(f"{f.source.path}: shorter than its manifest says")
+                    c.file, c.offset = self._append(Encoded([data], c.stored, c.raw, c.codec, c.checksum,
+                                                            c.planes, c.digest))
+            finally:
+                os.close(fd)
+            self.links.drop(f, chunks)
+
+    def _number_files(self) -> list[dict]:
+        """Finish the data files and name them in order (``data-i-of-n``); the manifest's ``files``."""
+        order = sorted([*self.files, *self.links.linked], key=lambda f: f.number)
+        index = {f.number: i for i, f in enumerate(order)}
+        for t in self.tensors:
+            for c in t.chunks:
+                c.file = index[c.file]
+        files = []
+        for i, f in enumerate(order):
+            if isinstance(f, _DataFile):
+                if f.fd >= 0:
+                    f.finish()
+                if f.number != i:  # (a linked file before it was dropped: its header says its place)
+                    _renumber(f.path, i)
+            name = f"data-{i:05d}-of-{len(order):05d}.bin"
+            os.rename(f.path, self.tmp / name)
+            files.append({"name": name, "bytes": f.size})
+            if not isinstance(f, _DataFile):  # where it was linked from (for people; readers need not)
+                files[-1].update(self.links.describe(f))
+        return files
 
     def seal(self, *, tree: dict, metrics: dict | None, codec: str, best: tuple[str, str] | None,
              emergency: bool = False, part: dict | None = None) -> Manifest:
@@ -183,18 +245,12 @@ class SnapshotWriter:
         directory: ``commit`` installs it; a rank's part is delivered by snapd.format.global_commit)."""
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}")
-        files = []
-        total = len(self.files)
-        for f in self.files:
-            if f.fd >= 0:
-                f.finish()
-            name = f"data-{f.number:05d}-of-{total:05d}.bin"
-            os.rename(f.path, self.tmp / name)
-            files.append({"name": name, "bytes": f.size})
+        self._copy_sparse()
+        files = self._number_files()
         manifest = Manifest(step=self.step, created_unix_s=time.time(), job=self.job.job, tree=tree,
                             tensors=self.tensors, files=files, metrics=dict(metrics or {}), codec=codec,
                             emergency=emergency, writer=f"snapd {__version__}", best_metric=best,
-                            taken_unix_s=self.taken_unix_s, part=part)
+                            taken_unix_s=self.taken_unix_s, part=part, compared_with=self.compared_with)
         with open(self.tmp / MANIFEST_NAME, "wb") as mf:
             mf.write(manifest.to_bytes())
             mf.flush()
@@ -203,8 +259,9 @@ class SnapshotWriter:
         return manifest
 
     def commit(self, *, tree: dict, metrics: dict | None, codec: str, retention: Retention,
-               emergency: bool = False) -> Committed:
-        """Make the snapshot durable and visible, then apply retention."""
+               emergency: bool = False, defer_removal: bool = False) -> Committed:
+        """Make the snapshot durable and visible, then apply retention (``defer_removal``: what it
+        takes is left in ``Committed.trash`` for the caller to remove, with ``JobDir.remove``)."""
         try:
             manifest = self.seal(tree=tree, metrics=metrics, codec=codec, best=retention.best,
                                  emergency=emergency)
@@ -214,14 +271,16 @@ class SnapshotWriter:
                 # committed from here on: what follows only tidies, and may fail without undoing it
                 entry = jobindex.Entry.of(manifest)
                 trash += tidy(self.job, index, entry, retention)
-            self.job.remove(trash)  # (after the lock: the other writers of the job need not wait for it)
+            if not defer_removal:  # (after the lock: the other writers of the job need not wait for it)
+                self.job.remove(trash)
+                trash = []
         except SnapdError:
             self.abort()
             raise
         except (OSError, ValueError) as e:
             self.abort()
             raise FlushError(f"committing step {self.step} of job {self.job.job}: {e}") from e
-        return Committed(self.job.path / entry.name, entry)
+        return Committed(self.job.path / entry.name, entry, trash)
 
     def abort(self) -> None:
         """Drop the temporary directory; nothing committed before is touched."""
@@ -230,61 +289,3 @@ class SnapshotWriter:
                 os.close(f.fd)
                 f.fd = -1
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def tidy(job: JobDir, index: jobindex.JobIndex, entry: jobindex.Entry, retention: Retention) -> list[Path]:
-    """Record a committed snapshot in the index and apply retention (under the job lock): what
-    retention takes is renamed out of sight, and returned to be removed after the lock.
-
-    A failure here (the disk full while rewriting the index) leaves the snapshot committed: it is
-    logged, not reported as a failed commit, and readers rebuild the index from the manifests."""
-    latest = index.latest
-    if latest is not None and latest.order > entry.order:
-        log.warning("%s: step %d was taken before the latest, step %d, which stays latest",
-                    job.path, entry.step, latest.step)
-    index.record(entry)
-    if retention.best is not None:
-        index.best_metric = retention.best
-    trash: list[Path] = []
-    try:
-        for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
-            if old.name in retention.hold:
-                log.debug("%s: step %d waits for its upload before retention removes it", job.path, old.step)
-                continue
-            log.info("%s: retention removes step %d", job.path, old.step)
-            trash += [p for p in [job.trash(old.name)] if p is not None]
-            index.history.remove(old)
-        jobindex.save(job, index)
-    except OSError as e:
-        log.error("%s: step %d is committed, but the index was not updated (%s); readers rebuild "
-                  "it from the snapshot manifests", job.path, entry.step, e)
-    return trash
-
-
-def prune(job: JobDir, retention: Retention) -> None:
-    """Apply retention again, with no new snapshot (after a held snapshot's upload)."""
-    with job.lock():
-        index = jobindex.load(job)
-        trash: list[Path] = []
-        for old in jobindex.to_delete(index, retention.keep_last, retention.keep_every_steps):
-            if old.name not in retention.hold:
-                log.info("%s: retention removes step %d (uploaded)", job.path, old.step)
-                trash += [p for p in [job.trash(old.name)] if p is not None]
-                index.history.remove(old)
-        if trash:
-            jobindex.save(job, index)
-    job.remove(trash)
-
-
-def remove_step(job: JobDir, step: int) -> bool:
-    """Remove snapshot ``step`` of ``job`` at its user's request (a framework's own retention, as
-    Lightning's ``remove_checkpoint``); False if it was not there."""
-    with job.lock():
-        index = jobindex.load(job)
-        entry = index.find(step)
-        trash = [p for p in [job.trash(snapshot_name(step))] if p is not None]
-        if entry is not None:
-            index.history.remove(entry)
-            jobindex.save(job, index)
-    job.remove(trash)
-    return bool(trash)

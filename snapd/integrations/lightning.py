@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from snapd.errors import InvalidArgument, SnapshotNotFound, UnsupportedValueError
 from snapd.format import catalog
 from snapd.format.jobdir import JobDir, fsync_dir, snapshot_name
-from snapd.format.writer import remove_step
+from snapd.format.retention import remove_step
 
 log = logging.getLogger(__name__)
 

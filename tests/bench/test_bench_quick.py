@@ -97,3 +97,19 @@ def test_the_buffer_growth_bench_runs(tmp_path) -> None:
     assert "A second snapshot 1 s after the first" in (tmp_path / "g.md").read_text()
     ranks = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| 3 ranks")]
     assert len(ranks) == 4, ranks  # (two pools, then a new and a resumed job's first snapshots)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_incremental_bench_runs_and_snapd_writes_only_what_changed(tmp_path) -> None:
+    run = subprocess.run([sys.executable, "-m", "bench", "--only", "incremental", "--quick", "--out",
+                          str(tmp_path), "--dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=230)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    row = json.loads((tmp_path / "incremental.jsonl").read_text().splitlines()[-1])
+    m = row["methods"]
+    assert set(m) == {"snapd", "snapd, incremental off", "torch.save + fsync", "DCP async_save",
+                      "snapd, every byte changed", "snapd, incremental off, every byte changed"}
+    assert m["snapd"]["written"] <= 1.1 * row["changed_bytes"] + 8192  # (bytes, not time)
+    assert m["snapd, incremental off"]["written"] >= row["state_bytes"]
+    assert "| snapd |" in (tmp_path / "incremental.md").read_text()

@@ -20,7 +20,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def job(root):
     for step in (10, 20):
-        snapd.save(root, "train", {"model": {"w": np.arange(40000, dtype=np.float32), "b": np.ones(3)},
+        # (model.w differs by step: the snapshots share no data file, so damage to one leaves the other)
+        snapd.save(root, "train", {"model": {"w": np.arange(40000, dtype=np.float32) + step - 20,
+                                             "b": np.ones(3)},
                                    "bf": torch.arange(8, dtype=torch.bfloat16), "step": step},
                    step=step, metrics={"loss": 1.0 / step}, best=("loss", "min"))
     return root / "train"

@@ -13,7 +13,7 @@ from snapd.daemon.uploads import Uploader
 from snapd.errors import InvalidArgument
 from snapd.format.jobdir import JobDir
 from snapd.format.saving import save_state
-from snapd.format.writer import Retention, prune
+from snapd.format.retention import Retention, prune
 from snapd.remote.bandwidth import Pacer
 from snapd.remote.store import parse_url
 

@@ -24,11 +24,11 @@ class Planted(RuntimeError):
 if stage == "deliver":
     deliver = global_commit.deliver
 
-    def paused_part(job, tmp, part, retention):
+    def paused_part(job, tmp, part, retention, **kw):
         if part.step == step:
             logging.getLogger("faulty_daemon").warning("paused before delivering step %d", part.step)
             threading.Event().wait()
-        return deliver(job, tmp, part, retention)
+        return deliver(job, tmp, part, retention, **kw)
     global_commit.deliver = paused_part
 elif stage == "install":
     install = jobdir.JobDir.install

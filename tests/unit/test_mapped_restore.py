@@ -1,0 +1,116 @@
+"""Restore without a copy: raw tensors come back over the mapped data file (copy-on-write), still
+checked chunk by chunk, and stay valid once retention (or a user's rm -r) deletes the snapshot."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import snapd.client as snapd
+from snapd.errors import ChecksumError
+from snapd.format.saving import save_state
+from snapd.format.writer import Retention
+
+
+def _mapped_files(address: int) -> list[str]:
+    """The files mapped at ``address`` in this process (/proc/self/maps)."""
+    hits = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi and len(fields) == 6:
+            hits.append(fields[5])
+    return hits
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(512, 256, generator=g), "bf": torch.randn(300, 70, generator=g).bfloat16(),
+            "ids": np.arange(20_000, dtype=np.int64), "small": torch.ones(3), "n": 7}
+
+
+def test_raw_tensors_are_the_mapped_file_and_equal_what_was_saved(root) -> None:
+    state = _state()
+    info = snapd.save(root, "j", state, step=1, codec="raw")
+    out = snapd.load(root, "j")
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["bf"], state["bf"])
+    assert np.array_equal(out["ids"], state["ids"]) and torch.equal(out["small"], state["small"])
+    assert out["n"] == 7 and out["bf"].dtype == torch.bfloat16 and isinstance(out["ids"], np.ndarray)
+    for t in (out["w"].data_ptr(), out["bf"].data_ptr(), out["ids"].ctypes.data):
+        assert any(f.startswith(str(info.path)) for f in _mapped_files(t)), "not backed by the data file"
+    copied = snapd.load(root, "j", mmap=False)
+    assert torch.equal(copied["w"], state["w"])
+    assert not any(f.startswith(str(info.path)) for f in _mapped_files(copied["w"].data_ptr()))
+
+
+def test_writing_to_a_mapped_tensor_changes_neither_the_file_nor_another_load(root) -> None:
+    state = _state()
+    snapd.save(root, "j", state, step=1, codec="raw")
+    a = snapd.load(root, "j")
+    a["w"].add_(1.0)
+    a["ids"][:] = -1
+    b = snapd.load(root, "j")
+    assert torch.equal(b["w"], state["w"]) and np.array_equal(b["ids"], state["ids"])
+    assert torch.equal(a["w"], state["w"] + 1.0)
+
+
+def test_mapped_tensors_outlive_the_snapshot_being_deleted(root) -> None:
+    state = _state()
+    info = snapd.save(root, "j", state, step=1, codec="raw", keep_last=1)
+    out = snapd.load(root, "j")
+    snapd.save(root, "j", {"w": torch.zeros(4)}, step=2, codec="raw", keep_last=1)  # retention removes 1
+    assert not Path(info.path).exists()
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["bf"], state["bf"])
+    shutil.rmtree(Path(root) / "j")  # and a user's rm -r of the whole job
+    assert np.array_equal(out["ids"], state["ids"])
+
+
+def test_a_corrupted_mapped_chunk_is_refused_by_name(root) -> None:
+    state = _state()
+    info = snapd.save(root, "j", state, step=1, codec="raw")
+    data = sorted(Path(info.path).glob("data-*.bin"))[0]
+    with open(data, "r+b") as f:  # flip a byte in the middle of "w"'s bytes
+        f.seek(64 + 512 * 256 * 4 // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match=r"w chunk \d+ .*checksum mismatch"):
+        snapd.load(root, "j")
+    assert torch.equal(snapd.load(root, "j", keys="bf")["bf"], state["bf"])  # the rest still loads
+    for mmap in (True, False):  # asked not to verify, it trusts the file (as torch.load does)
+        got = snapd.load(root, "j", verify=False, mmap=mmap)["w"]
+        assert not torch.equal(got, state["w"])
+        assert torch.equal(got.reshape(-1)[:100], state["w"].reshape(-1)[:100])
+    with pytest.raises(ChecksumError):  # and the next load verifies again
+        snapd.load(root, "j", mmap=False)
+
+
+def test_compressed_and_split_tensors_are_read_not_mapped(root) -> None:
+    g = torch.Generator().manual_seed(1)
+    state = {"z": torch.zeros(256, 256), "r": torch.randn(64, 1024, generator=g)}
+    info = save_state(root, "j", state, step=1, codec="shuffle-zstd", retention=Retention())
+    out = snapd.load(root, "j")
+    assert torch.equal(out["z"], state["z"]) and not any(
+        f.startswith(str(info.path)) for f in _mapped_files(out["z"].data_ptr()))
+    # a tensor whose chunks lie in two data files is read too
+    info = save_state(root, "k", state, step=1, codec="raw", retention=Retention(), chunk_bytes=64 << 10,
+                      shard_bytes=128 << 10)
+    out = snapd.load(root, "k")
+    assert torch.equal(out["r"], state["r"]) and torch.equal(out["z"], state["z"])
+
+
+def test_mapped_tensors_hold_no_descriptor_and_are_unmapped_once_freed(root) -> None:
+    import gc
+    import os
+
+    info = snapd.save(root, "j", _state(), step=1, codec="raw")
+    fds = len(os.listdir("/proc/self/fd"))
+    out = snapd.load(root, "j")
+    address = out["w"].data_ptr()
+    assert len(os.listdir("/proc/self/fd")) == fds  # (Python's mmap would keep one per data file)
+    assert any(f.startswith(str(info.path)) for f in _mapped_files(address))
+    del out
+    gc.collect()
+    assert not any(f.startswith(str(info.path)) for f in _mapped_files(address))
