@@ -7,6 +7,8 @@ the disk's own write time and bytes. Methods: the floor as ``bench.durable`` mea
 buffered write of a ready buffer, then fsync), the same bytes streamed as snapd's writer streams
 them (32 MiB writes with sync_file_range), torch.save + fsync, snapd's writer in process
 (``save_state``, raw), and snapd through a daemon (raw). Results: bench/results/durable-gap.md.
+``--variants``: instead, snapd's writer in process with other writeback windows and chunk sizes,
+interleaved with the streamed floor.
 """
 
 from __future__ import annotations
@@ -99,6 +101,49 @@ def measure(name: str, fn: Callable[[], Any], disk: str | None, rows: list[dict]
           f"allocstalls {row['allocstall_normal'] + row['allocstall_movable']}", flush=True)
 
 
+def _window(step: int, lag: int) -> Callable:
+    """snapd's writer's writeback (``_DataFile._writeback``) with ``step`` bytes a range, waiting
+    for the range ``lag`` back."""
+    from time import perf_counter
+
+    def writeback(self: Any) -> None:
+        if self._sfr is None:
+            return
+        t = perf_counter()
+        while self.size - self._flushed >= step:
+            self._sfr(self.fd, self._flushed, step, 2)
+            if self._flushed - lag * step >= 0:
+                self._sfr(self.fd, self._flushed - lag * step, step, 7)
+            self._flushed += step
+        self.io_seconds += perf_counter() - t
+    return writeback
+
+
+def variants(state: dict, buf: np.ndarray, work: Path, disk: str | None, reps: int) -> list[dict]:
+    from snapd.format import writer
+    from snapd.format.saving import save_state
+
+    original = writer._DataFile._writeback
+    cases = {"window 32 MiB x 2, 4 MiB chunks (snapd)": (original, 4),
+             "window 64 MiB x 4": (_window(64 << 20, 4), 4), "window 128 MiB x 4": (_window(128 << 20, 4), 4),
+             "16 MiB chunks": (original, 16), "32 MiB chunks": (original, 32)}
+    rows: list[dict] = []
+    try:
+        for _ in range(reps):
+            measure("floor: streamed as snapd writes", lambda: floor_streamed(buf, work / "floor.bin"), disk,
+                    rows)
+            (work / "floor.bin").unlink()
+            for name, (writeback, mib) in cases.items():
+                writer._DataFile._writeback = writeback
+                measure(name, lambda mib=mib: save_state(work / "local", "gap", state, step=1, codec="raw",
+                                                         incremental=False, chunk_bytes=mib << 20),
+                        disk, rows)
+                shutil.rmtree(work / "local", ignore_errors=True)
+    finally:
+        writer._DataFile._writeback = original
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -112,6 +157,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     state = {f"layer{i}.weight": torch.randn(nbytes // 4 // 16, generator=gen) * 0.02 for i in range(16)}
     buf = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    if args.variants:
+        rows = variants(state, buf, work, disk, args.reps)
+        shutil.rmtree(work, ignore_errors=True)
+        write(rows, args, "durable-gap-variants.md")
+        return rows
     daemon = SnapdDaemon(work, nbytes + (16 << 20), "--codec", "raw", "--incremental", "off")
     client = snapd.connect("gap", endpoint=daemon.endpoint, spawn=False, keep_last=1)
     print(f"{args.gib} GiB; memory {meminfo('MemTotal') / 2**30:.1f} GiB, dirty limit "
@@ -141,13 +191,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         client.close()
         daemon.close()
         shutil.rmtree(work, ignore_errors=True)
-    write(rows, args)
+    write(rows, args, "durable-gap.md")
     return rows
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
+def write(rows: list[dict], args: argparse.Namespace, name: str) -> None:
     lines = [f"# Time to durable at {args.gib} GiB: where it goes", "",
-             f"`python -m bench.durable_gap --gib {args.gib} --reps {args.reps}`; median of {args.reps}.",
+             f"`python -m bench.durable_gap --gib {args.gib} --reps {args.reps}"
+             f"{' --variants' if args.variants else ''}`; median of {args.reps}.",
              "",
              "| method | seconds | disk GiB written | disk busy s | reclaimed by kswapd MiB "
              "| direct reclaim MiB | allocation stalls |", "|---|---|---|---|---|---|---|"]
@@ -161,7 +212,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
                      f"| {med('allocstall_normal') + med('allocstall_movable'):.0f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "durable-gap.md").write_text("\n".join(lines) + "\n")
+    (out / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -171,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--gib", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", action="store_true",
+                    help="snapd's writer with other windows and chunk sizes")
     return ap
 
 
