@@ -80,6 +80,7 @@ class SnapshotReader:
         self._fds: dict[int, int] = {}
         self._fds_lock = threading.Lock()  # reader threads open data files on demand
         self._maps: dict[int, memoryview | None] = {}
+        self._mapped_at: set[tuple[int, int]] = set()  # (file, offset) of the tensors mapped this load
         self.checked = True  # chunks' checksums verified as they are read (``load(verify=False)``: not)
 
     def __enter__(self) -> SnapshotReader:
@@ -130,23 +131,35 @@ class SnapshotReader:
         self._fds[i] = fd
         return fd
 
+    def new_mappings(self) -> None:
+        """Start a load: its tensors get mappings of their own (private to this load: two loads'
+        tensors never share memory, as a write to one would show in the other)."""
+        self._maps.clear()
+        self._mapped_at.clear()
+
     def mapping(self, i: int) -> memoryview | None:
         """Tensor ``i``'s bytes in its mapped data file (private: writing to them copies the page,
-        never touches the file), when it is stored raw in one run of one file; None otherwise.
-        Nothing is checked here: ``verify_mapped`` checksums the chunks in place."""
+        never touches the file), when it is stored raw in one run of one file and no tensor of
+        this load is mapped there already (an incremental snapshot stores equal tensors once: each
+        must still be its own memory); None otherwise. Nothing is checked here: ``verify_mapped``
+        checksums the chunks in place."""
         rec = self.manifest.tensors[i]
         chunks = rec.chunks
         if rec.nbytes < MIN_MAPPED_BYTES or not chunks or chunks[0].offset % ALIGN:
             return None
         end = chunks[0].offset
         for c in chunks:
-            if c.codec != "raw" or c.file != chunks[0].file or c.offset != end:
+            if c.codec != "raw" or c.file != chunks[0].file or c.offset != end or \
+                    (c.file, c.offset) in self._mapped_at:
                 return None
             end += c.stored
         mapped = self._map(chunks[0].file)
         # (no madvise: WILLNEED or POPULATE_READ made both warm and cold restores slower here; the
         # checking threads' faults read ahead on their own: docs/benchmarks.md)
-        return None if mapped is None else mapped[chunks[0].offset:end]
+        if mapped is None:
+            return None
+        self._mapped_at.update((c.file, c.offset) for c in chunks)
+        return mapped[chunks[0].offset:end]
 
     def _map(self, i: int) -> memoryview | None:
         if i in self._maps:
@@ -326,6 +339,8 @@ def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any,
     one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``; with
     ``mapped``, tensors the reader can map (its ``mapping``) are checked in place, not read."""
     wanted = reader.select(keys)
+    if mapped and hasattr(reader, "new_mappings"):
+        reader.new_mappings()
     dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path),
                         mapping=getattr(reader, "mapping", None) if mapped else None)
     reader.read_tensors([i for i in wanted if not dest.is_mapped(i)], dest.buffer, threads, dest.keeps_planes,

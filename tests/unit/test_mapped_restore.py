@@ -1,6 +1,7 @@
 """Restore without a copy: raw tensors come back over the mapped data file (copy-on-write), still
 checked chunk by chunk, and stay valid once retention (or a user's rm -r) deletes the snapshot."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,22 @@ def test_mapped_tensors_hold_no_descriptor_and_are_unmapped_once_freed(root) -> 
     del out
     gc.collect()
     assert not any(f.startswith(str(info.path)) for f in _mapped_files(address))
+
+
+def test_restored_tensors_never_share_memory_even_where_the_snapshot_stores_bytes_once(root) -> None:
+    from snapd.format import SnapshotReader
+
+    ones = torch.ones(64, 1024)
+    snapd.save(root, "j", {"a": ones.clone(), "b": ones.clone() * 2}, step=1, codec="raw")
+    # step 2: "a" and "b" both equal step 1's "a": stored once, where step 1 wrote it
+    info = snapd.save(root, "j", {"a": ones.clone(), "b": ones.clone()}, step=2, codec="raw")
+    spans = {(c["file"], c["offset"]) for t in json.loads((Path(info.path) / "manifest.json").read_text())[
+        "tensors"] for c in t["chunks"]}
+    assert len(spans) == 1  # (the case under test: one stored chunk, two tensors)
+    out = snapd.load(root, "j")
+    out["a"].add_(5)
+    assert torch.equal(out["b"], ones) and torch.equal(out["a"], ones + 5)
+    with SnapshotReader(info.path) as r:  # two loads through one reader: separate memory too
+        x, y = r.load(), r.load()
+        x["a"].zero_()
+        assert torch.equal(y["a"], ones)
