@@ -49,6 +49,8 @@ class RemoteSnapshotReader(SnapshotReader):
         self.manifest = parse(raw, f"{self.path}/{MANIFEST_NAME}")
         self._fds = {}
         self._fds_lock = threading.Lock()
+        self._maps = {}  # (never filled: objects in a bucket are fetched, not mapped)
+        self._mapped_at = set()
         self.checked = True
 
     def _stored(self, c: Chunk, out: memoryview) -> tuple[memoryview | bytes, int]:
