@@ -40,22 +40,28 @@ def state() -> dict:
     }
 
 
+def digests(path: Path) -> dict:
+    """Each tensor of the snapshot at ``path``: its dtype, shape and the SHA-256 of its bytes."""
+    from snapd.format.reader import SnapshotReader
+
+    out = {}
+    with SnapshotReader(path) as r:
+        for i, t in enumerate(r.manifest.tensors):
+            buf = np.empty(t.nbytes, np.uint8)
+            r.read_tensors([i], lambda _i, buf=buf: memoryview(buf))
+            out[t.key] = {"dtype": t.dtype, "shape": t.shape, "sha256": hashlib.sha256(buf).hexdigest()}
+    return out
+
+
 def main() -> None:
     if OUT.exists():
         shutil.rmtree(OUT)
-    from snapd.format.reader import SnapshotReader
-
     expected: dict = {}
     for codec in ("shuffle-lz4", "shuffle-zstd", "lz4", "raw"):
         job = f"golden-{codec}"
         done = save_state(OUT, job, state(), step=1200, metrics={"loss": 0.25}, retention=Retention(),
                           codec=codec, chunk_bytes=256 << 10, shard_bytes=600_000)
-        with SnapshotReader(done.path) as r:
-            for i, t in enumerate(r.manifest.tensors):
-                buf = np.empty(t.nbytes, np.uint8)
-                r.read_tensors([i], lambda _i, buf=buf: memoryview(buf))
-                expected.setdefault(job, {})[t.key] = {"dtype": t.dtype, "shape": t.shape,
-                                                       "sha256": hashlib.sha256(buf).hexdigest()}
+        expected[job] = digests(done.path)
         print(f"wrote {done.path}")
     (OUT / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
