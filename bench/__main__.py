@@ -19,11 +19,11 @@ from pathlib import Path
 
 MIB = 1 << 20
 SCENARIOS = ("stall", "durable", "concurrency", "compression", "restore", "emergency")
-# only when asked for (bench/distributed.py, bench/remote.py, bench/integrations.py, bench/incremental.py)
-SEPARATE = ("distributed", "remote", "integrations", "incremental")
+# only when asked for (bench/distributed.py, remote.py, integrations.py, incremental.py, recovery.py)
+SEPARATE = ("distributed", "remote", "integrations", "incremental", "recovery")
 SEPARATE_QUICK = {"distributed": ["--mib", "24", "--reps", "1", "--simulate", "4,16"],
                   "remote": ["--mib", "16", "--reps", "1"], "integrations": ["--mib", "24", "--reps", "1"],
-                  "incremental": ["--mib", "16", "--reps", "1"]}
+                  "incremental": ["--mib", "16", "--reps", "1"], "recovery": ["--mib", "16", "--reps", "1"]}
 PLANS = {
     "full": {"model": "full", "steps": 12, "every": 3, "sizes": [256 * MIB, 1024 * MIB, 4096 * MIB],
              "concurrency": [1, 2, 4], "conc_bytes": 256 * MIB, "emergency_bytes": 1024 * MIB,

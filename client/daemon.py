@@ -45,6 +45,7 @@ class Client:
         self._hello = hello
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
+        self._peers = bool(welcome.get("peers"))  # the daemon has peers on other nodes (docs/peers.md)
         self.remote: str | None = welcome.get("remote")  # the daemon's remote tier, where this job is
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
         self._buffers = HostBuffers(lambda address: self._export_ and self._export_.unpin(address))
@@ -202,11 +203,22 @@ class Client:
         (``latest`` after a crash is then the last snapshot the killed trainer handed over);
         ``mmap`` and ``verify`` as for ``snapd.load``."""
         self.sync()
+        fetch = None
+        if self._peers:  # (nodes that share no filesystem: parts on other nodes; docs/peers.md)
+            if step != "best":
+                found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
+                                        step=step if isinstance(step, int) else None)
+                step = found["step"] if found.get("step") is not None else step
+
+            def fetch(at: int, rank: int) -> None:
+                self._conn.call("fetch_part", timeout_s=3600.0, step=at, rank=rank)
         return load(self.root, self.job, step, keys=keys, into=into, device=device, rank=self.rank,
-                    remote=self.remote, mmap=mmap, verify=verify)
+                    remote=self.remote, mmap=mmap, verify=verify, fetch_part=fetch)
 
     def list(self) -> list:
         self.sync()
+        if self._peers:  # (a replacement node: the newest step complete on the peers is committed here)
+            self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
 
     def sync(self) -> None:

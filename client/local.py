@@ -63,7 +63,7 @@ def save(root: str | os.PathLike, job: str, state: Any, *, step: int, metrics: d
 def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
          keys: list[str] | str | None = None, into: Any = None, device: Any = None,
          rank: int | None = None, remote: str | None = None, mmap: bool = True,
-         verify: bool = True) -> Any:
+         verify: bool = True, fetch_part: Any = None) -> Any:
     """Load snapshot ``step`` (an int, ``"latest"`` by default, or ``"best"``).
 
     ``keys`` picks sub-trees by key path or dotted prefix (``"model."``) and
@@ -90,25 +90,28 @@ def load(root: str | os.PathLike, job: str, step: int | str | None = None, *,
     ``remote`` (``s3://bucket/prefix``, else ``$SNAPD_REMOTE``): the remote tier as well; the newest
     snapshot of either tier is loaded, a remote one read chunk by chunk with ranged GETs (only the
     chunks ``keys`` selects).
+
+    ``fetch_part(step, rank)`` brings a rank's part that lies on another node (``client.restore``
+    passes the daemon's, on nodes that share no filesystem: docs/peers.md).
     """
     if rank is None:
         rank = detect().rank
     url = remote_url(remote)
     if url is not None:
-        return _load_tiers(root, job, step, keys, into, device, rank, url, mmap, verify)
+        return _load_tiers(root, job, step, keys, into, device, rank, url, mmap, verify, fetch_part)
     path = catalog.resolve(root, job, step)
-    with open_snapshot(path, rank) as reader:
+    with open_snapshot(path, rank, fetch_part) as reader:
         if isinstance(reader, GlobalReader) and has_dtensors(into):
             from snapd.dcp import load_into
 
-            return load_into(path, into, keys, rank)
+            return load_into(path, into, keys, rank, view=reader)
         return reader.load(keys, into=into, device=device, mmap=mmap, verify=verify)
 
 
 def _load_tiers(root: str | os.PathLike, job: str, step: int | str | None, keys: Any, into: Any, device: Any,
-                rank: int, url: str, mmap: bool, verify: bool) -> Any:
+                rank: int, url: str, mmap: bool, verify: bool, fetch_part: Any = None) -> Any:
     where = locate(root, job, step, url)
-    with open_located(where, rank) as reader:
+    with open_located(where, rank, fetch_part) as reader:
         if isinstance(reader, GlobalReader) and has_dtensors(into):  # each shard's pieces, fetched alone
             from snapd.dcp import load_into
 

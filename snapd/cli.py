@@ -63,7 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "backend": args.backend, "metrics_addr": args.metrics_addr,
              "allowed_users": tuple(args.allowed_users.split(",")) if args.allowed_users else None,
              "socket_group": args.socket_group, "user_dirs": args.user_dirs, "remote": args.remote,
-             "endpoint_url": args.endpoint_url}
+             "endpoint_url": args.endpoint_url, "peer_endpoint": args.peer_endpoint,
+             "peers": tuple(args.peers.split(",")) if args.peers else None,
+             "peer_directory": args.peer_directory, "peer_keys": args.peer_keys, "node_name": args.node_name,
+             "replicas": args.replicas, "replica_memory_bytes": args.replica_memory_bytes,
+             "replica_dir": args.replica_dir, "peer_timeout_s": args.peer_timeout_s,
+             "peer_bytes_per_s": args.peer_bytes_per_s}
     config = DaemonConfig.from_sources(flags, config_file=args.config)
     if args.check_config:
         from snapd.daemon.access import AccessPolicy
@@ -77,6 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             Store.open(config.remote, endpoint_url=config.endpoint_url).check()
             print(f"# remote tier: {config.remote} answers")
+        if config.peer_keys is not None:
+            from snapd.peers.keys import PeerKeys
+
+            keys = PeerKeys.load(config.peer_keys)
+            print(f"# peer keys: {keys.where} ({len(keys.allowed)} accepted)")
         return 0
     return serve(config)
 
@@ -89,6 +99,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0
     print(status_text(st))
+    return 0
+
+
+def cmd_peer_keys(args: argparse.Namespace) -> int:
+    from snapd.peers.keys import create
+
+    secret, public = create(args.directory, args.name)
+    print(f"made {secret} (mode 600) and {public}: copy the directory to every node's daemon "
+          f"(peer_keys = \"{args.directory}\"), readable only by the daemon's user")
     return 0
 
 
@@ -149,7 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(env SNAPD_REMOTE)")
     s.add_argument("--endpoint-url", help="the S3 endpoint of a store that is not AWS "
                    "(env SNAPD_ENDPOINT_URL)")
+    s.add_argument("--peer-endpoint", help="tcp://HOST:PORT this daemon serves its peers on (docs/peers.md)")
+    s.add_argument("--peers", help="the other nodes' daemons: tcp://HOST:PORT,... (env SNAPD_PEERS)")
+    s.add_argument("--peer-directory",
+                   help="a directory every node mounts, where each daemon writes its endpoint")
+    s.add_argument("--peer-keys", help="the CurveZMQ key directory (snapd peer-keys DIR)")
+    s.add_argument("--node-name", help="this node's name for its peers (default: the host name)")
+    s.add_argument("--replicas", type=int, help="how many other nodes hold each rank part (default 1)")
+    s.add_argument("--replica-memory-bytes", type=int, help="memory for the peers' parts (default: RAM / 4)")
+    s.add_argument("--replica-dir", help="where the peers' parts go when memory is full (default: refused)")
+    s.add_argument("--peer-bytes-per-s", type=int, help="bandwidth bound of replication (default: none)")
+    s.add_argument("--peer-timeout-s", type=float,
+                   help="a peer silent this long is down for now (default 10)")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("peer-keys", help="make the CurveZMQ key pair a cluster's daemons share")
+    s.add_argument("directory", help="the key directory to make (mode 700)")
+    s.add_argument("--name", default="cluster", help="the pair's file name (default cluster)")
+    s.set_defaults(fn=cmd_peer_keys)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
     s.add_argument("--endpoint",
                    help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")

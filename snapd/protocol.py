@@ -246,6 +246,9 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     "release": {"lease": _int()}, "register": {"path": _str(), "bytes": _int(1)}, "status": {}, "ping": {},
     "bye": {},
     "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended
+    # nodes that share no filesystem (docs/peers.md): the newest step whose parts are all on some node
+    # (committed here if need be), and one part brought to this node
+    "locate": {"step": _opt(_int())}, "fetch_part": {"step": _int(), "rank": _int()},
 }
 
 

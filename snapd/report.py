@@ -72,6 +72,33 @@ def status_text(st: dict) -> str:
                      + (f"; uploading {r['uploading']}" if r.get("uploading") else ""))
         if r.get("last_error"):
             lines.append(f"remote error: {r['last_error']}")
+    lines += _peers(st.get("peers"))
     if st["last_error"]:
         lines.append(f"last error: {st['last_error']}")
     return "\n".join(lines)
+
+
+def _peers(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    held = p["held"]
+    lines = [f"peers: {p['endpoint']} (node {p['node']}), {p['replicas']} replica(s) of each part to "
+             f"{', '.join(p['targets']) or 'no peer yet'}; holding {human_bytes(held['memory_bytes'])} of "
+             f"{human_bytes(held['memory_budget_bytes'])} for peers, refused {p['refused']}"]
+    for s in p["peers"]:
+        lines.append(f"peer {s['endpoint']} ({s['node']}): {s['state']}, lag {s['backlog_parts']} part(s) "
+                     f"({human_bytes(s['backlog_bytes'])}, oldest {s['oldest_s']:.0f} s), replicated "
+                     f"{human_bytes(s['replicated_bytes'])}, failures {s['failures']}"
+                     + (f"; {s['last_error']}" if s.get("last_error") else ""))
+    for job, steps in sorted(p["jobs"].items()):
+        for step, w in sorted(steps.items(), key=lambda kv: -int(kv[0])):
+            disks = "; ".join(f"{n}: {_ranks(r)}" for n, r in sorted(w["disks"].items()))
+            reps = "; ".join(f"{n}: {_ranks(r)}" for n, r in sorted(w["replicas"].items())) or "none"
+            state = ("complete on disks" if w["complete_on_disks"] else "complete" if w["complete"]
+                     else "incomplete")
+            lines.append(f"job {job} step {step} ({state}): disks {disks}; replicas {reps}")
+    return lines
+
+
+def _ranks(ranks: list[int]) -> str:
+    return "ranks " + ",".join(map(str, ranks))

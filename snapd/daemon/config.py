@@ -76,6 +76,22 @@ class DaemonConfig:
     remote_backlog: int = 4
     remote_bytes_per_s: int | None = None  # bandwidth bound of the uploads (None: none)
     remote_threads: int = 4  # parts in flight (memory: remote_threads x 16 MiB)
+    # peer replicas (snapd.daemon.peers, docs/peers.md): this daemon's address for the other nodes'
+    # daemons (tcp://HOST:PORT, bound as given; None: no peers), theirs (a list, and/or a directory
+    # every node mounts where each daemon writes its own), the CurveZMQ key directory (`snapd
+    # peer-keys`), this node's name (default: the host name), how many other nodes hold a copy of each
+    # rank part, the memory those copies may take here (None: a quarter of the node's) and a
+    # directory for what does not fit (None: refused)
+    peer_endpoint: str | None = None
+    peers: tuple[str, ...] = ()
+    peer_directory: Path | None = None
+    peer_keys: Path | None = None
+    node_name: str = ""
+    replicas: int = 1
+    replica_memory_bytes: int | None = None
+    replica_dir: Path | None = None
+    peer_bytes_per_s: int | None = None  # bandwidth bound of replication (None: none)
+    peer_timeout_s: float = 10.0  # a peer that does not answer within this is down for now
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
@@ -158,6 +174,33 @@ class DaemonConfig:
             raise InvalidArgument(f"remote_backlog must be >= 1, got {self.remote_backlog}")
         if not 1 <= self.remote_threads <= 64:
             raise InvalidArgument(f"remote_threads must be 1..64, got {self.remote_threads}")
+        self._check_peers()
+
+    def _check_peers(self) -> None:
+        for name in ("peer_directory", "peer_keys", "replica_dir"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.peer_endpoint is None:
+            if self.peers or self.peer_directory is not None:
+                raise InvalidArgument("peers or peer_directory is set but peer_endpoint is not: set this "
+                                      "daemon's own address for its peers (tcp://HOST:PORT)")
+            return
+        from snapd.peers.wire import check_endpoint
+
+        check_endpoint(self.peer_endpoint)
+        for p in self.peers:
+            check_endpoint(p)
+        if self.peer_keys is None:
+            raise InvalidArgument("peer_endpoint is set but peer_keys is not: daemons on other nodes must "
+                                  "authenticate (make a key directory with `snapd peer-keys DIR`)")
+        if not 0 <= self.replicas <= 8:
+            raise InvalidArgument(f"replicas must be 0..8, got {self.replicas}")
+        for name in ("replica_memory_bytes", "peer_bytes_per_s"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise InvalidArgument(f"{name} must be None or >= 0, got {v}")
+        if not self.peer_timeout_s > 0:
+            raise InvalidArgument(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
 
     @property
     def buffer_cap(self) -> int:
@@ -197,7 +240,7 @@ class DaemonConfig:
             if isinstance(values["max_host_memory_bytes"], int):
                 values.setdefault("max_host_buffer_bytes",
                                   max(start, values["max_host_memory_bytes"] // count // MIB * MIB))
-        for name in ("allowed_users", "allowed_groups"):
+        for name in ("allowed_users", "allowed_groups", "peers"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(str(x) for x in values[name])
         return cls(**values)

@@ -50,6 +50,8 @@ class Endings:
             self.leases.replaced()
         elif kind == "forgotten":  # the GPU copier closed a leaving client's handles
             self.replies.send(bytes.fromhex(event["peer"]), protocol.message("bye", event["id"]))
+        elif kind == "reply":  # a request answered off the server thread (snapd.daemon.peers)
+            self.replies.send(bytes.fromhex(event["peer"]), event["frame"].encode())
         elif (task := self.tasks.get(event["seq"])) is None:  # already failed and answered
             return
         elif kind == "queued":

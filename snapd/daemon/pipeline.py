@@ -32,7 +32,7 @@ from snapd.daemon.rank_commits import RankCommits, Waiting
 from snapd.daemon.uploads import Uploader
 from snapd.daemon.tasks import (COPIED, ENCODED, FAILED, PART_DURABLE, PERSISTED, RECEIVED, Task,
                                 failure_fields, next_seq)
-from snapd.errors import FlushError
+from snapd.errors import FlushError, SnapdError
 from snapd.format import global_commit
 from snapd.format.incremental import previous
 from snapd.format.jobdir import JobDir
@@ -88,6 +88,12 @@ class Pipeline:
         self.uploads = Uploader(config) if config.remote is not None else None  # (the remote tier)
         if self.uploads is not None:  # (nodes that share no filesystem: their parts meet in the bucket)
             self.commits.on_slow = self.uploads.add_part
+        self.peers: Any = None  # snapd.daemon.peers.Peers with a peer_endpoint: the other nodes' daemons
+        if config.peer_endpoint is not None:
+            from snapd.daemon.peers import Peers
+
+            self.peers = Peers(config, self._retention, ctx)
+            self.commits.spread = self.peers.book.try_commit
 
     def start(self) -> None:
         self._thread.start()
@@ -96,6 +102,8 @@ class Pipeline:
         self.commits.start()
         if self.uploads is not None:
             self.uploads.start()
+        if self.peers is not None:
+            self.peers.start()
         self.codecs.start()
 
     # -- the state machine -------------------------------------------------------
@@ -154,6 +162,8 @@ class Pipeline:
         self.commits.stop()
         if self.uploads is not None:
             self.uploads.stop()
+        if self.peers is not None:
+            self.peers.stop()
 
     def gpu_shuffle(self, task: Task) -> str | None:
         """The shuffling codec the GPU copy should prepare chunks for, if the job's codec shuffles
@@ -290,6 +300,12 @@ class Pipeline:
                              emergency=task.emergency, part=part)
         delivery = global_commit.deliver(writer.job, writer.tmp, sealed, self._retention(task),
                                          defer_removal=True)
+        if self.peers is not None:  # (announced and replicated, whether its step waits or is committed)
+            try:
+                self.peers.delivered(task, delivery)
+            except (OSError, SnapdError) as e:  # (replication lags; the snapshot does not fail for it)
+                log.warning("%s step %d: rank %d's part not offered to the peers: %s", task.job, task.step,
+                            task.rank, e)
         if delivery.committed is None:
             task.advance(PART_DURABLE)
             log.info("%s step %d: rank %d's part is durable; waiting for rank(s) %s", task.job, task.step,

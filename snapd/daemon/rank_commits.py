@@ -59,6 +59,8 @@ class RankCommits:
         self._committed, self._failed = committed, failed
         self._waiting: list[Waiting] = []
         self.on_slow: Callable[[Waiting], None] | None = None  # (snapd.daemon.uploads.Uploader.add_part)
+        # commits a step from the parts other nodes announced (snapd.daemon.peer_commits.PartBook.try_commit)
+        self.spread: Callable[[Waiting], None] | None = None
         self._lock = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="snapd-rank-commits", daemon=True)
@@ -114,6 +116,8 @@ class RankCommits:
                 global_commit.leave(w.delivery)
                 outbox.send(self._committed(w, w.remote))
                 return True
+            if self.spread is not None:  # (nodes that share no filesystem: their parts meet in the part book)
+                self.spread(w)
             at = time.monotonic()
             count = at - w.counted >= COUNT_EVERY_S
             now = global_commit.outcome(w.delivery, count)

@@ -293,6 +293,7 @@ class Server:
                                 job_dir=str(JobDir(jobs_root, s.job).path), uid=creds.uid,
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
                                 remote=uploads.url_of(jobs_root) if uploads is not None else None,
+                                peers=self.pipeline.peers is not None,
                                 max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],
                                       "pid_ns": pid_namespace()})
@@ -328,6 +329,21 @@ class Server:
     def _on_sync(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)
         return self.endings.sync(peer, s.job, s.jobs_root, msg["id"])
+
+    def _on_locate(self, peer: bytes, msg: dict) -> bytes | None:
+        s = self._session(peer)
+        if self.pipeline.peers is None:  # (its root is all there is)
+            return protocol.message("located", msg["id"], step=None)
+        self.pipeline.peers.locate(JobDir(s.jobs_root, s.job), msg.get("step"), s.retention, peer, msg["id"])
+        return None  # (answered from the peers' pool: it waits on other nodes)
+
+    def _on_fetch_part(self, peer: bytes, msg: dict) -> bytes | None:
+        s = self._session(peer)
+        if self.pipeline.peers is None:
+            raise ProtocolError("this daemon has no peers: its snapshots' parts are all on its root",
+                                "no_peers")
+        self.pipeline.peers.fetch_part(JobDir(s.jobs_root, s.job), msg["step"], msg["rank"], peer, msg["id"])
+        return None
 
     def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:

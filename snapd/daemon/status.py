@@ -126,6 +126,11 @@ class Status:
         if full["remote"] is not None:
             error = "an error (root sees which)" if full["remote"]["last_error"] else None
             full["remote"] = {**full["remote"], "uploading": None, "last_error": error}
+        if full["peers"] is not None:  # (other users' jobs and the peers' errors are not theirs to see)
+            full["peers"] = {**full["peers"], "jobs": {k: v for k, v in full["peers"]["jobs"].items()
+                                                       if mine(str(self.config.root / k))},
+                             "peers": [{**p, "last_error": None, "replicated_steps": {}}
+                                       for p in full["peers"]["peers"]]}
         return full
 
     def _status(self, stopping: bool) -> dict[str, Any]:
@@ -153,4 +158,5 @@ class Status:
                 "throughput": tally.recent.throughput(),
                 "counters": dict(tally.counters), "last_error": tally.last_error,
                 "rank_commits": self.pipeline.commits.status(),
-                "remote": self.pipeline.uploads.status() if self.pipeline.uploads is not None else None}
+                "remote": self.pipeline.uploads.status() if self.pipeline.uploads is not None else None,
+                "peers": self.pipeline.peers.status() if self.pipeline.peers is not None else None}

@@ -70,7 +70,6 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
     ``defer_removal``: what retention takes is left in ``committed.trash`` (as ``SnapshotWriter.commit``)."""
     rank, world, run, step = part.part["rank"], part.part["world_size"], part.part["run"], part.step
     out = Delivery(job, step, rank, world, run, part.checksum or "")
-    trash: list[Path] = []
     with job.lock():
         run_mark = pending_name(step, world, run).rsplit("-", 1)[1]
         pend = out.pending
@@ -92,27 +91,45 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
             return out
         try:
             parts = [parse(read_regular(pend / part_dir(r) / MANIFEST_NAME)) for r in range(world)]
-            manifest = assemble(parts, f"snapd {__version__}", time.time())
         except FormatError as e:
             _mark_failed(pend, f"the ranks' parts disagree: {e}")
-            raise CommitFailed(f"step {step} of job {job.job} is not committed: the ranks' parts disagree: "
+            raise CommitFailed(f"step {step} of job {job.job} is not committed: a part is damaged: "
                                f"{e}") from None
-        with open(pend / MANIFEST_NAME, "wb") as f:
-            f.write(manifest.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(pend)
-        index = jobindex.load(job)
-        trash += job.install(pend, step)
-        entry = jobindex.Entry.of(manifest)
-        trash += tidy(job, index, entry, retention)
-        trash += [p for name in given_up(job, run_mark) for p in [job.trash(name)] if p is not None]
+        entry, trash = commit_pending(job, pend, parts, retention)
     if not defer_removal:
         job.remove(trash)
         trash = []
     log.info("%s: step %d committed from the parts of %d ranks", job.path, step, world)
     out.committed = Committed(job.path / snapshot_name(step), entry, trash)
     return out
+
+
+def commit_pending(job: JobDir, pend: Path, parts: list[Manifest],
+                   retention: Retention) -> tuple[jobindex.Entry, list[Path]]:
+    """Under the job's lock: commit the pending directory ``pend`` from every rank's part manifest
+    (``parts[r]``; their files lie in ``pend`` or, on nodes that share no filesystem, on other nodes):
+    the global manifest, the rename into place, the index and retention. Returns the index entry
+    and what to remove after the lock. ``CommitFailed`` (and the step marked given up) if the parts
+    disagree."""
+    step = parts[0].step
+    try:
+        manifest = assemble(parts, f"snapd {__version__}", time.time())
+    except FormatError as e:
+        _mark_failed(pend, f"the ranks' parts disagree: {e}")
+        raise CommitFailed(f"step {step} of job {job.job} is not committed: the ranks' parts disagree: "
+                           f"{e}") from None
+    with open(pend / MANIFEST_NAME, "wb") as f:
+        f.write(manifest.to_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(pend)
+    index = jobindex.load(job)
+    trash = job.install(pend, step)
+    entry = jobindex.Entry.of(manifest)
+    trash += tidy(job, index, entry, retention)
+    run_mark = pend.name.rsplit("-", 1)[1]
+    trash += [p for name in given_up(job, run_mark) for p in [job.trash(name)] if p is not None]
+    return entry, trash
 
 
 def _same_world(job: JobDir, step: int, world: int, run_mark: str, rank: int) -> None:

@@ -29,11 +29,14 @@ from snapd.format.reader import SnapshotReader, load_tree, select
 log = logging.getLogger(__name__)
 
 Source = tuple[int, list[int], list[int]]  # (rank whose part stores it, offsets, shape)
+FetchPart = Callable[[int, int], Any]
 
 
-def open_snapshot(path: str | os.PathLike, rank: int | None = None) -> SnapshotReader | GlobalReader:
+def open_snapshot(path: str | os.PathLike, rank: int | None = None,
+                  fetch_part: FetchPart | None = None) -> SnapshotReader | GlobalReader:
     """A reader over any committed snapshot directory: a single process's, or a global one seen
-    from ``rank`` (0 when None)."""
+    from ``rank`` (0 when None). ``fetch_part(step, rank)`` brings a part that is on another node
+    (the daemon's, on nodes that share no filesystem: snapd.daemon.part_fetch)."""
     path = Path(path)
     try:
         m = parse_any(read_regular(path / MANIFEST_NAME), str(path / MANIFEST_NAME))
@@ -44,16 +47,23 @@ def open_snapshot(path: str | os.PathLike, rank: int | None = None) -> SnapshotR
     except IsADirectoryError:
         raise FormatError(f"{path / MANIFEST_NAME}: is a directory") from None
     if isinstance(m, GlobalManifest):
-        return GlobalReader(path, m, rank)
+        return GlobalReader(path, m, rank, fetch_part)
     return SnapshotReader(path)
 
 
 class GlobalReader:
-    def __init__(self, path: Path, manifest: GlobalManifest, rank: int | None = None) -> None:
+    def __init__(self, path: Path, manifest: GlobalManifest, rank: int | None = None,
+                 fetch_part: FetchPart | None = None) -> None:
         self.path = path
+        self.fetch_part = fetch_part
         self.global_manifest = manifest
         world = manifest.world_size
         self.rank = (rank or 0) % world
+        if rank is None and fetch_part is None and isinstance(path, Path):
+            # no rank asked: any part gives the tree, so on a node that holds only some parts (nodes
+            # that share no filesystem, FORMAT.md §10) the first one it holds
+            here = [r for r in range(world) if (path / part_dir(r) / MANIFEST_NAME).exists()]
+            self.rank = here[0] if here else self.rank
         self._parts: dict[int, SnapshotReader] = {}
         self._keys: dict[int, dict[str, int]] = {}
         self.checked = True  # (``load(verify=False)``: the parts' chunks are read unchecked)
@@ -103,7 +113,14 @@ class GlobalReader:
         return reader
 
     def _open_part(self, rank: int) -> SnapshotReader:
-        return SnapshotReader(self.path / part_dir(rank))
+        where = self.path / part_dir(rank)
+        if not (where / MANIFEST_NAME).exists() and self.path.is_dir():  # (on another node: FORMAT.md §10)
+            if self.fetch_part is None:
+                raise SnapshotNotFound(f"{where}: rank {rank}'s part is on another node (the job's nodes "
+                                       "share no filesystem): restore through the daemon (client.restore), "
+                                       "which brings it from its peers")
+            self.fetch_part(self.global_manifest.step, rank)
+        return SnapshotReader(where)
 
     def locate(self, rank: int, key: str) -> tuple[SnapshotReader, int]:
         """The part of ``rank`` and the index in it of tensor ``key`` (stored there)."""

@@ -90,11 +90,11 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
     return local
 
 
-def open_located(where: Located, rank: int | None) -> Any:
+def open_located(where: Located, rank: int | None, fetch_part: Any = None) -> Any:
     from snapd.format.global_reader import open_snapshot
     from snapd.remote.reader import open_remote
 
     if where.path is not None:
-        return open_snapshot(where.path, rank)
+        return open_snapshot(where.path, rank, fetch_part)
     assert where.remote is not None
     return open_remote(where.remote.store, where.remote.job, where.name, rank)

@@ -20,7 +20,7 @@ from snapd.cli import main as cli
 
 # every type of message the daemon sends (test_the_fuzzers_reply_types_are_all_the_daemons keeps it so)
 REPLY_TYPES = {"error", "welcome", "granted", "received", "copied", "queued", "persisted", "status", "pong",
-               "bye", "released", "registered", "synced", "waiting"}
+               "bye", "released", "registered", "synced", "waiting", "located", "fetched"}
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                            | st.text(max_size=20),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
@@ -140,6 +140,7 @@ def test_every_type_mutated_inside_a_session(live, request) -> None:
 def test_the_fuzzers_reply_types_are_all_the_daemons() -> None:
     source = "".join(p.read_text() for p in (Path(snapd.__file__).parents[1] / "daemon").glob("*.py"))
     sent = set(re.findall(r'protocol\.message\(\s*"(\w+)"', source)) | {"error", "received", "copied"}
+    sent |= set(re.findall(r'_off_thread\(peer, req_id, "(\w+)"', source))  # (answered off the server thread)
     assert sent == REPLY_TYPES
 
 

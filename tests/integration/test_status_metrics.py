@@ -15,7 +15,7 @@ import snapd.client as snapd
 STATUS_KEYS = {"version", "pid", "uptime_s", "endpoint", "root", "stopping", "backend", "metrics",
                "cuda_devices", "cuda_devices_in_use", "cuda_devices_skipped", "clients",
                "in_flight", "waiting_for_buffer", "buffers", "codecs", "counters", "last_error", "access",
-               "jobs", "throughput", "rank_commits", "remote"}
+               "jobs", "throughput", "rank_commits", "remote", "peers"}
 
 
 def test_status_json_schema(daemon) -> None:

@@ -1,0 +1,256 @@
+"""A lost node's resume: ``python -m bench --only recovery`` (or ``python -m bench.recovery``).
+
+Three daemons on loopback TCP, each with its own root (three nodes that share no filesystem), peer
+replicas on (one copy of each rank part on the next node) and the remote tier (one SeaweedFS server,
+tests/s3_server.py). A 3-rank job (no process group: ranks given) snapshots ``--mib`` MiB per rank,
+each rank's own tensors (``per_rank``), stored raw. Then rank 2's state is restored, in one run:
+
+1. from local disk: through node 2's daemon, before the node is lost (its page cache warm);
+2. from peers: node 2 killed and its disk removed, a replacement daemon with an empty root; its
+   client's ``restore()`` finds the step and brings rank 2's part from the replica in node 0's memory;
+3. from the remote tier: ``snapd.load(fresh root, remote=)`` (ranged GETs, 8 in flight);
+and the two floors under 2 and 3: the same bytes pulled over a peer link (CurveZMQ, 8 pieces in
+flight) into memory, and by ranged GETs from the bucket into memory.
+Results: bench/results/recovery.{jsonl,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+JOB, WORLD, LOST = "job", 3, 2
+
+
+def _state(mib: int, rank: int) -> dict:
+    rng = np.random.default_rng(rank)
+    n = mib * (1 << 20) // 4 // 4
+    return {"own": {f"t{i}": rng.standard_normal(n, np.float32) * 0.02 for i in range(4)}}
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    out = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return out
+
+
+class Cluster:
+    def __init__(self, work: Path, url: str, mib: int) -> None:
+        from snapd.peers.keys import create
+
+        self.work, self.url, self.mib = work, url, mib
+        create(work / "keys")
+        self.peers = sorted(f"tcp://127.0.0.1:{p}" for p in _ports(WORLD))
+        self.procs: list[subprocess.Popen | None] = [None] * WORLD
+        self.endpoints = [""] * WORLD
+        for i in range(WORLD):
+            self.start(i)
+
+    def start(self, i: int, remote: bool = True) -> str:
+        from snapd.client.connection import probe
+
+        endpoint = f"ipc://{self.work}/node{i}-{time.monotonic_ns()}.sock"
+        args = [sys.executable, "-m", "snapd", "serve", "--root", str(self.work / f"node{i}"), "--endpoint",
+                endpoint, "--host-buffer-bytes", str((self.mib + 16) << 20), "--codec", "raw",
+                "--incremental", "off", "--peer-endpoint", self.peers[i], "--peers", ",".join(self.peers),
+                "--peer-keys", str(self.work / "keys"), "--node-name", f"node{i}"]
+        args += ["--remote", self.url] if remote else []
+        self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                         stderr=open(self.work / f"node{i}.log", "ab"))
+        deadline = time.monotonic() + 60
+        while probe(endpoint, 1.0) is None:
+            assert time.monotonic() < deadline and self.procs[i].poll() is None, \
+                (self.work / f"node{i}.log").read_text()[-3000:]
+        self.endpoints[i] = endpoint
+        return endpoint
+
+    def lose(self, i: int) -> None:
+        p = self.procs[i]
+        assert p is not None
+        p.kill()
+        p.wait()
+        shutil.rmtree(self.work / f"node{i}", ignore_errors=True)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(120)
+
+
+def _snapshot(cluster: Cluster, step: int) -> None:
+    """Each rank from its own process (the job's ranks), waiting for the global commit."""
+    code = ("import sys, snapd.client as s; from bench.recovery import _state\n"
+            "ep, r, step, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
+            "with s.connect('job', endpoint=ep, spawn=False, rank=r, world_size=3, run_id='bench',"
+            " per_rank=['own'], keep_last=2) as c:\n"
+            "    c.snapshot(_state(mib, r), step=step).wait(600)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, cluster.endpoints[r], str(r), str(step),
+                               str(cluster.mib)], cwd=REPO) for r in range(WORLD)]
+    assert all(p.wait(900) == 0 for p in procs)
+
+
+def _settled(cluster: Cluster, step: int) -> None:
+    """Until every part is replicated and the step is in the bucket."""
+    from snapd.client.connection import daemon_status
+
+    deadline = time.monotonic() + 900
+    while True:
+        sts = [daemon_status(ep, 10.0) for ep in cluster.endpoints]
+        replicated = all(p["backlog_parts"] == 0 for st in sts for p in st["peers"]["peers"])
+        uploaded = all(st["remote"]["backlog"] == 0 and st["remote"]["uploading"] is None for st in sts)
+        if replicated and uploaded:
+            return
+        assert time.monotonic() < deadline, sts
+        time.sleep(0.2)
+
+
+def _restore(endpoint: str) -> tuple[float, dict]:
+    import snapd.client as snapd
+
+    with snapd.connect(JOB, endpoint=endpoint, spawn=False, rank=LOST, world_size=WORLD, run_id="resume",
+                       per_rank=["own"]) as c:
+        t0 = time.perf_counter()
+        back = c.restore("latest")
+        return time.perf_counter() - t0, back
+
+
+def _peer_floor(cluster: Cluster, step: int) -> float:
+    """Rank 2's part pulled from node 0's replica over one peer link into memory (no disk, no check)."""
+    import zmq
+
+    from snapd.format.manifest import parse
+    from snapd.peers import wire
+    from snapd.peers.keys import PeerKeys
+
+    ctx = zmq.Context()
+    link = wire.Link(ctx, PeerKeys.load(cluster.work / "keys"), cluster.peers[0], 60.0)
+    base = {"t": "get", "job": JOB, "step": step, "rank": LOST}
+    try:
+        t0 = time.perf_counter()
+        _, raw = link.request({**base, "file": "manifest.json", "offset": 0, "length": wire.PIECE_BYTES})
+        m = parse(bytes(raw or b""))
+        total = 0
+        for f in m.files:
+            size = int(f["bytes"])
+            out = memoryview(np.empty(size, np.uint8))
+            asks = (({**base, "file": f["name"], "offset": o, "length": min(wire.PIECE_BYTES, size - o)},
+                     None) for o in range(0, size, wire.PIECE_BYTES))
+            at = 0
+            for _, data in link.pipeline(asks, 8):
+                out[at:at + len(data)] = data  # type: ignore[arg-type]
+                at += len(data)  # type: ignore[arg-type]
+            total += at
+        took = time.perf_counter() - t0
+        assert total >= cluster.mib << 20
+        return took
+    finally:
+        link.close()
+        ctx.term()
+
+
+def run(args: argparse.Namespace) -> None:
+    import snapd.client as snapd
+    from bench.machine import Recorder, describe
+    from bench.remote import _download_floor, _server
+    from snapd.remote.store import Store
+
+    work = Path(tempfile.mkdtemp(prefix="snapd-recovery-", dir=args.dir))
+    rec = Recorder(args.out / "recovery.jsonl", describe(work))
+    server = _server(work)
+    url = f"{server.url}/bench"
+    cluster = Cluster(work, url, args.mib)
+    times: dict[str, list[float]] = {}
+    try:
+        store = Store.open(url)
+        for rep in range(args.reps):
+            step = rep + 1
+            if rep:  # (the replacement node of the last repetition is a node of the job like the others)
+                cluster.procs[LOST].terminate()
+                cluster.procs[LOST].wait(120)
+                cluster.start(LOST)
+            _snapshot(cluster, step)
+            _settled(cluster, step)
+            want = _state(args.mib, LOST)["own"]
+            took, back = _restore(cluster.endpoints[LOST])  # (node 2's own disk)
+            times.setdefault("local disk", []).append(took)
+            del back
+            times.setdefault("floor: peer link into memory", []).append(_peer_floor(cluster, step))
+            _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
+            times.setdefault("floor: ranged GETs into memory", []).append(
+                _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}"))
+            cluster.lose(LOST)
+            cluster.start(LOST, remote=False)  # (the replacement: an empty disk; restore from peers only)
+            took, back = _restore(cluster.endpoints[LOST])
+            times.setdefault("peers (replacement node)", []).append(took)
+            assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
+            del back
+            shutil.rmtree(work / "fresh", ignore_errors=True)
+            t0 = time.perf_counter()
+            back = snapd.load(work / "fresh", JOB, step, rank=LOST, remote=url)
+            times.setdefault("remote tier (fresh root)", []).append(time.perf_counter() - t0)
+            assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
+            del back
+        for method, values in times.items():
+            rec.add("recovery", method, f"rank {LOST} of {WORLD}, {args.mib} MiB raw", values, mib=args.mib)
+        (args.out / "recovery.md").write_text(_markdown(times, rec.machine, args))
+        print((args.out / "recovery.md").read_text())
+    finally:
+        cluster.stop()
+        server.stop()
+        rec.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _markdown(times: dict, machine: dict, args: argparse.Namespace) -> str:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    local = med["local disk"]
+
+    def row(name: str) -> str:
+        return f"| {name} | {med[name]:.3f} | {args.mib / med[name]:.0f} | {med[name] / local:.2f}x |"
+
+    link_ratio = med["floor: ranged GETs into memory"] / med["floor: peer link into memory"]
+    return "\n".join([
+        "# Recovery of a lost node's rank", "",
+        f"`python -m bench.recovery --mib {args.mib} --reps {args.reps}` on {machine['cores']} cores, commit "
+        f"{machine.get('commit')}: three daemons on loopback TCP with separate roots, one SeaweedFS server; "
+        f"rank {LOST}'s {args.mib} MiB (raw) restored; seconds, median of {args.reps}.", "",
+        "| restore of the lost node's rank | seconds | MiB/s | ÷ local disk |", "|---|---|---|---|",
+        row("local disk"), row("peers (replacement node)"), row("remote tier (fresh root)"),
+        row("floor: peer link into memory"), row("floor: ranged GETs into memory"), "",
+        f"Peers against the remote tier: "
+        f"{med['remote tier (fresh root)'] / med['peers (replacement node)']:.2f}x faster; the links' own "
+        f"speeds differ by {link_ratio:.2f}x (the two floors). On loopback the "
+        "peer link and the S3 server share the same cores; across nodes the remote tier's bandwidth is "
+        "the bucket's, the peers' the cluster network's.", ""])
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.recovery", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=512, help="each rank's state")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return ap
+
+
+if __name__ == "__main__":
+    a = parser().parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONPATH", str(REPO))
+    run(a)

@@ -1,0 +1,302 @@
+"""Restore from wherever the parts are: where a job's newest complete step is, and its parts
+brought to this node's disk when a reader needs them (client.restore on nodes that share no
+filesystem, or on a replacement node whose disk is empty).
+
+``locate`` asks every peer what it holds of the job (``have``), and finds the newest step whose
+global manifest some node has and whose every part is on some node: on its disk, or as a replica
+in memory or on disk. If this node has not committed that step, its global manifest is adopted
+(snapd.format.spread_commit). ``fetch`` brings one part: from the fastest source first (a replica
+in memory, then a disk), into a temporary directory, each chunk then checked against the
+manifest's checksum and the manifest against the one the global snapshot names; a damaged copy is
+dropped with a log line and the next source is tried. Only a checked part is renamed into place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mmap
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from snapd.errors import FormatError, SnapdError, SnapshotNotFound
+from snapd.format import codecs
+from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
+from snapd.format.jobdir import JobDir, read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.retention import Retention
+from snapd.format.spread_commit import adopt
+from snapd.peers import wire
+from snapd.peers.directory import PeerDirectory
+from snapd.peers.keys import PeerKeys
+from snapd.peers.replicas import ReplicaStore
+
+log = logging.getLogger(__name__)
+
+SPEED = {"local": 0, "memory": 1, "disk": 2}  # the order sources are tried in
+SURVEY_FRESH_S = 10.0
+HELD_HERE = "held here"  # a source: this daemon's own replica store
+
+
+@dataclass
+class Step:
+    step: int
+    manifest: GlobalManifest | None = None
+    raw: bytes | None = None
+    where: str = ""  # the node whose manifest it is
+    sources: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # rank -> [(speed, endpoint)]
+
+
+class PartFetch:
+    def __init__(self, keys: PeerKeys, directory: PeerDirectory, root: Path, store: ReplicaStore,
+                 timeout_s: float) -> None:
+        self.keys, self.directory, self.root, self.store = keys, directory, root, store
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context()
+        self._local = threading.local()  # each thread its own links
+        self._inflight: dict[tuple[str, int, int], threading.Event] = {}
+        self._lock = threading.Lock()
+        self.fetched_bytes = 0
+        self.damaged = 0
+        self._surveyed: dict[str, tuple[float, dict[int, Step]]] = {}  # job -> (when, survey)
+
+    def _link(self, endpoint: str) -> wire.Link:
+        links = self._local.__dict__.setdefault("links", {})
+        if endpoint not in links:
+            links[endpoint] = wire.Link(self.ctx, self.keys, endpoint, self.timeout_s)
+        return links[endpoint]
+
+    # -- where ---------------------------------------------------------------------------
+    def survey(self, job: str) -> dict[int, Step]:
+        """Every step of ``job`` this node or a peer knows, with each part's sources."""
+        steps = self._here(job)
+        for r in self.store.held(job):
+            steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
+                (SPEED["memory"] if r.where == "memory" else SPEED["disk"], HELD_HERE))
+        peers = self.directory.all()
+        with ThreadPoolExecutor(max(1, min(16, len(peers))), thread_name_prefix="snapd-survey") as pool:
+            answers = list(pool.map(lambda p: self._have(p.endpoint, job), peers))
+        for peer, have in zip(peers, answers):
+            for entry in have:
+                s = steps.setdefault(entry["step"], Step(entry["step"]))
+                if s.manifest is None and entry.get("global"):
+                    try:
+                        m = parse_any(entry["global"].encode(), f"{peer.endpoint}: {job} step {s.step}")
+                    except FormatError as e:
+                        log.warning("%s", e)
+                        continue
+                    if isinstance(m, GlobalManifest) and m.step == s.step:
+                        s.manifest, s.raw, s.where = m, entry["global"].encode(), peer.endpoint
+                for r, where in entry.get("parts", {}).items():
+                    if isinstance(r, str) and r.isdigit():
+                        s.sources.setdefault(int(r), []).append((SPEED.get(where, 3), peer.endpoint))
+        for s in steps.values():
+            for srcs in s.sources.values():
+                srcs.sort()
+        with self._lock:
+            self._surveyed[job] = (time.monotonic(), steps)
+        return steps
+
+    def _here(self, job: str) -> dict[int, Step]:
+        """The steps of ``job`` committed on this node's disk, with the parts there."""
+        steps: dict[int, Step] = {}
+        local = self.root / job
+        for name in (os.listdir(local) if local.is_dir() else []):
+            if not name.startswith("step-"):
+                continue
+            try:
+                raw = read_regular(local / name / MANIFEST_NAME)
+                m = parse_any(raw, str(local / name))
+            except (OSError, FormatError):
+                continue
+            if isinstance(m, GlobalManifest):
+                s = steps.setdefault(m.step, Step(m.step, m, raw, "this node"))
+                for r in range(m.world_size):
+                    if (local / name / part_dir(r) / MANIFEST_NAME).exists():
+                        s.sources.setdefault(r, []).append((SPEED["local"], ""))
+        return steps
+
+    def _recent_survey(self, job: str) -> dict[int, Step]:
+        """A survey of the last few seconds (each local rank's fetches need not ask every peer)."""
+        with self._lock:
+            at, steps = self._surveyed.get(job, (0.0, {}))
+        if time.monotonic() - at > SURVEY_FRESH_S:
+            steps = self.survey(job)
+        return steps
+
+    def _have(self, endpoint: str, job: str) -> list[dict]:
+        try:
+            header, _ = self._link(endpoint).request({"t": "have", "job": job},
+                                                     timeout_s=min(5.0, self.timeout_s))
+            return [e for e in header.get("steps", []) if isinstance(e, dict) and type(e.get("step")) is int]
+        except (SnapdError, zmq.ZMQError) as e:
+            log.warning("peer %s: cannot ask what it holds of %s: %s", endpoint, job, e)
+            return []
+
+    def locate(self, job_dir: JobDir, job: str, step: int | None, retention: Retention) -> dict[str, Any]:
+        """The newest step of the job (or ``step``) whose parts are all somewhere, committed here
+        (adopted if need be); ``{"step": None}`` when there is none."""
+        steps = self.survey(job)
+        for s in sorted(steps.values(), key=lambda s: -s.step):
+            if step is not None and s.step != step:
+                continue
+            if s.manifest is None or any(not s.sources.get(r) for r in range(s.manifest.world_size)):
+                continue
+            if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():
+                adopt(job_dir, s.raw or b"", retention, s.where)
+            where = {r: [e or "this node" for _, e in s.sources[r]] for r in range(s.manifest.world_size)}
+            log.info("%s: resuming from step %d (parts: %s)", job_dir.path, s.step, where)
+            return {"step": s.step, "parts": {str(r): w for r, w in where.items()}}
+        return {"step": None}
+
+    # -- bring a part here ------------------------------------------------------------------
+    def fetch(self, job_dir: JobDir, job: str, step: int, rank: int) -> dict[str, Any]:
+        """Make rank ``rank``'s part of committed step ``step`` present on this node."""
+        final = job_dir.path / snapshot_name(step)
+        key = (job, step, rank)
+        while True:
+            with self._lock:
+                busy = self._inflight.get(key)
+                if busy is None:
+                    self._inflight[key] = threading.Event()
+                    break
+            busy.wait()  # (another local rank fetches it: wait for it, then look again)
+        try:
+            if (final / part_dir(rank) / MANIFEST_NAME).exists():
+                return {"from": "this node"}
+            g = parse_any(read_regular(final / MANIFEST_NAME), str(final))
+            if not isinstance(g, GlobalManifest) or rank >= g.world_size:
+                raise SnapshotNotFound(f"{final}: no rank {rank} in this snapshot")
+            want = g.parts[rank]["checksum"]
+            s = self._recent_survey(job).get(step)
+            errors = []
+            for _, endpoint in (s.sources.get(rank, []) if s else []):
+                if not endpoint:
+                    continue
+                try:
+                    t0 = time.monotonic()
+                    n = self._bring(job_dir, job, step, rank, endpoint, want, final)
+                    log.info("%s step %d: rank %d's part (%d MiB) came from %s in %.2f s", job, step, rank,
+                             n >> 20, endpoint, time.monotonic() - t0)
+                    return {"from": endpoint, "bytes": n}
+                except (SnapdError, OSError, zmq.ZMQError) as e:
+                    errors.append(f"{endpoint}: {e}")
+                    log.warning("%s step %d: rank %d's part from %s unusable (%s); trying the next source",
+                                job, step, rank, endpoint, e)
+            raise SnapshotNotFound(f"{job} step {step}: rank {rank}'s part is on no node that answers"
+                                   + (f" ({'; '.join(errors)})" if errors else ""))
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _bring(self, job_dir: JobDir, job: str, step: int, rank: int, endpoint: str, want: str,
+               final: Path) -> int:
+        if endpoint == HELD_HERE:
+            replica = self.store.get(job, step, rank)
+            if replica is None:
+                raise SnapshotNotFound("this node's replica is gone")
+            read = functools.partial(self.store.read, replica)
+
+            def pieces(name: str, size: int) -> Iterator[bytes]:
+                for off in range(0, size, wire.PIECE_BYTES):
+                    yield read(name, off, min(wire.PIECE_BYTES, size - off))
+        else:
+            link = self._link(endpoint)
+            base = {"t": "get", "job": job, "step": step, "rank": rank}
+            read = functools.partial(self._get, link, base)
+
+            def pieces(name: str, size: int) -> Iterator[bytes]:
+                asks = ({**base, "file": name, "offset": off, "length": min(wire.PIECE_BYTES, size - off)}
+                        for off in range(0, size, wire.PIECE_BYTES))
+                for _, data in link.pipeline(((a, None) for a in asks), 8):
+                    yield data  # type: ignore[misc]
+        raw = _whole(read)
+        m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
+        if m.checksum != want:
+            raise FormatError(f"its manifest is not the one the global snapshot names ({m.checksum} != "
+                              f"{want})")
+        tmp = job_dir.new_tmp_dir(step)
+        try:
+            (tmp / MANIFEST_NAME).write_bytes(raw)
+            total = 0
+            for f in m.files:
+                total += _write(tmp / f["name"], int(f["bytes"]), pieces(f["name"], int(f["bytes"])))
+            self._check(m, tmp)
+            try:
+                os.rename(tmp, final / part_dir(rank))
+            except OSError:  # (there already: another process brought it)
+                if not (final / part_dir(rank) / MANIFEST_NAME).exists():
+                    raise
+            self.fetched_bytes += total
+            return total
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _get(link: wire.Link, base: dict, name: str, offset: int, length: int) -> bytes:
+        _, data = link.request({**base, "file": name, "offset": offset, "length": length})
+        return bytes(data or b"")
+
+    def _check(self, m: Manifest, tmp: Path) -> None:
+        """Every chunk of the part against its checksum, before the part is used."""
+        maps: dict[str, mmap.mmap] = {}
+        views: dict[str, memoryview] = {}
+        try:
+            for f in m.files:
+                if f["bytes"]:
+                    with open(tmp / f["name"], "rb") as fh:
+                        maps[f["name"]] = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+                    views[f["name"]] = memoryview(maps[f["name"]])
+            for rec in m.tensors:
+                for n, c in enumerate(rec.chunks):
+                    chunk = views[m.files[c.file]["name"]][c.offset:c.offset + c.stored]
+                    try:
+                        codecs.verify(chunk, c.checksum, f"{rec.key} chunk {n}")
+                    except FormatError:
+                        self.damaged += 1
+                        raise
+                    finally:
+                        chunk.release()  # (the error's traceback holds it: the map must close)
+        finally:
+            for v in views.values():
+                v.release()
+            for mm in maps.values():
+                mm.close()
+
+
+def _whole(read: Callable[[str, int, int], bytes]) -> bytes:
+    """A part's manifest, piece by piece."""
+    out = b""
+    while True:
+        piece = read(MANIFEST_NAME, len(out), wire.PIECE_BYTES)
+        out += piece
+        if len(piece) < wire.PIECE_BYTES:
+            return out
+        if len(out) > wire.MAX_MANIFEST_BYTES:
+            raise FormatError(f"{MANIFEST_NAME} is over {wire.MAX_MANIFEST_BYTES} bytes")
+
+
+def _write(path: Path, size: int, pieces: Iterator[bytes]) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        off = 0
+        for data in pieces:
+            n = len(data)
+            if n != min(wire.PIECE_BYTES, size - off):
+                raise FormatError(f"{path.name}: got {n} bytes at {off} of {size}")
+            os.pwrite(fd, data, off)
+            off += n
+        if off != size:
+            raise FormatError(f"{path.name}: got {off} of {size} bytes")
+    finally:
+        os.close(fd)
+    return size

@@ -1,0 +1,146 @@
+"""The daemon's peers, as one part of it: the peer server, the part book, replication and
+restore from peers (docs/peers.md), built when ``peer_endpoint`` is set.
+
+The stages call ``delivered`` when a rank part is durable (replication announces it and copies it
+to the replica holders); the rank-commits thread asks the part book to commit; the server thread
+hands ``locate`` and ``fetch`` requests to ``pool`` (they wait on peers: never on its thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from snapd import protocol
+from snapd.daemon.channels import post
+from snapd.daemon.config import DaemonConfig
+from snapd.daemon.part_fetch import PartFetch
+from snapd.daemon.peer_commits import PartBook
+from snapd.daemon.peer_server import PeerServer
+from snapd.daemon.replication import Outgoing, Replication
+from snapd.daemon.tasks import Task
+from snapd.format.global_commit import Delivery
+from snapd.format.global_manifest import part_dir
+from snapd.errors import SnapdError
+from snapd.format.jobdir import JobDir, read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.retention import Retention
+from snapd.peers.directory import PeerDirectory
+from snapd.peers.keys import PeerKeys
+from snapd.peers.replicas import ReplicaStore
+from snapd.remote.bandwidth import Pacer
+
+log = logging.getLogger(__name__)
+
+
+def default_replica_memory_bytes() -> int:
+    """A quarter of the node's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+class Peers:
+    def __init__(self, config: DaemonConfig, retention: Callable[[Task], Retention],
+                 ctx: zmq.Context) -> None:
+        assert config.peer_endpoint is not None and config.peer_keys is not None
+        self.ctx = ctx  # (the server thread's: answers go to its events socket)
+        keys = PeerKeys.load(config.peer_keys)
+        self.node = config.node_name or socket.gethostname()
+        self.directory = PeerDirectory(config.peer_endpoint, self.node, config.peers, config.peer_directory)
+        memory = config.replica_memory_bytes
+        self.book = PartBook(config.root, retention)
+        self.store = ReplicaStore(default_replica_memory_bytes() if memory is None else memory,
+                                  config.replica_dir, self.book.committed)
+        self.book.on_committed = self.store.prune
+        self.store.load_disk()  # (replicas a previous run of this daemon kept on disk)
+        self.server = PeerServer(config.peer_endpoint, self.node, keys, config.root, self.store,
+                                 self.book.announce)
+        pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
+        self.replication = Replication(keys, self.directory, config.replicas, pace, config.peer_timeout_s)
+        self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
+        self.replicas = config.replicas
+
+    def start(self) -> None:
+        self.directory.publish()
+        self.server.start()
+        log.info("peers: %s (node %s) serves its peers; replicas %d, to %s; peers now %s",
+                 self.directory.own, self.node, self.replicas,
+                 [p.endpoint for p in self.directory.replica_targets(self.replicas)] or "none yet",
+                 [p.endpoint for p in self.directory.all()] or "none")
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.replication.stop()
+        self.server.stop()
+
+    # -- requests of this node's clients, answered off the server thread ------------------
+    def locate(self, job_dir: JobDir, step: int | None, retention: Retention, peer: bytes,
+               req_id: int) -> None:
+        self._off_thread(peer, req_id, "located", lambda: self.fetch.locate(
+            job_dir, self.book.job_path(job_dir.path), step, retention))
+
+    def fetch_part(self, job_dir: JobDir, step: int, rank: int, peer: bytes, req_id: int) -> None:
+        self._off_thread(peer, req_id, "fetched", lambda: self.fetch.fetch(
+            job_dir, self.book.job_path(job_dir.path), step, rank))
+
+    def _off_thread(self, peer: bytes, req_id: int, kind: str, work: Callable[[], dict]) -> None:
+        """Run ``work`` on the pool (it waits on other nodes); its answer, or its error, reaches the
+        client through the server thread's events socket."""
+
+        def run() -> None:
+            try:
+                frame = protocol.message(kind, req_id, **work())
+            except SnapdError as e:
+                frame = protocol.error_reply(req_id, e.code, str(e))
+            except Exception as e:  # a bug of ours: the client hears it, the daemon goes on
+                log.exception("internal error answering %s", kind)
+                frame = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
+            post(self.ctx, {"event": "reply", "peer": peer.hex(), "frame": frame.decode()})
+
+        self.pool.submit(run)
+
+    def delivered(self, task: Task, d: Delivery) -> None:
+        """A rank part of this node is durable (waiting for its step, or committed with it)."""
+        job = self.book.job_path(d.job.path)
+        where = d.job.path / snapshot_name(d.step) if d.committed is not None else d.pending
+        raw = read_regular(where / part_dir(d.rank) / MANIFEST_NAME)
+        m = parse(raw)
+        size = sum(int(f["bytes"]) for f in m.files) + len(raw)
+        self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
+        self.replication.add(Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw,
+                                      size))
+
+    def where(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per job, for its newest steps known here: which ranks' parts lie on which node's disk and
+        which are held as replicas where, and whether each of those alone holds the whole step."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for (job, step, world), disks in self.book.steps(self.node).items():
+            replicas: dict[str, list[int]] = {}
+            for s in self.replication.status():
+                ranks = [r for r in range(world) if s["replicated_steps"].get(f"{job}:{r}") == step]
+                if ranks:
+                    replicas[f"memory of {s['node']}"] = ranks
+            held = self.store.status()["jobs"].get(job, {}).get(str(step))
+            if held:
+                replicas[f"memory of {self.node}"] = sorted(held)
+            on_disks = {r for ranks in disks.values() for r in ranks}
+            anywhere = on_disks | {r for ranks in replicas.values() for r in ranks}
+            out.setdefault(job, {})[str(step)] = {
+                "world_size": world, "disks": {n: sorted(r) for n, r in disks.items()}, "replicas": replicas,
+                "complete_on_disks": len(on_disks) == world, "complete": len(anywhere) == world}
+        return out
+
+    def status(self) -> dict[str, Any]:
+        senders = self.replication.status()
+        lag = max((s["oldest_s"] for s in senders), default=0.0)
+        return {"endpoint": self.directory.own, "node": self.node, "replicas": self.replicas,
+                "targets": [p.endpoint for p in self.directory.replica_targets(self.replicas)],
+                "peers": senders, "lag_s": lag, "held": self.store.status(),
+                "refused": self.server.refused, "fetched_bytes": self.fetch.fetched_bytes,
+                "damaged_copies": self.fetch.damaged, "jobs": self.where()}

@@ -1,0 +1,227 @@
+"""Replication: each rank part this daemon makes is announced to every peer and copied to the
+next ``replicas`` daemons round the ring (snapd.peers.directory), in the background.
+
+One thread per peer, each with its own link (snapd.peers.wire), so a peer that is down or slow
+holds up only its own queue, never a snapshot or another peer. A queue sends announcements first
+(they commit steps on nodes that share no filesystem), then the newest part: once a part is
+replicated, the older parts of the same rank still queued for that peer are dropped (the newest
+step first, as the issue of catching up asks). A failed send waits 0.5 s, doubling up to 30 s,
+then tries again. All threads draw from one bandwidth bound (``peer_bytes_per_s``), so
+replication cannot starve the job's collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from snapd.errors import SnapdError
+from snapd.format.global_manifest import part_dir
+from snapd.format.jobdir import snapshot_name
+from snapd.format.manifest import parse
+from snapd.peers import wire
+from snapd.peers.directory import PeerDirectory, PeerInfo
+from snapd.peers.keys import PeerKeys
+
+log = logging.getLogger(__name__)
+
+WINDOW = 8  # pieces in flight to one peer
+
+
+@dataclass
+class Outgoing:
+    """A rank part to announce or replicate. Its files are in ``job_dir/step-N/rank-r`` once its
+    step is committed here, else in its pending directory."""
+
+    job: str  # the job's directory relative to the root
+    step: int
+    rank: int
+    world_size: int
+    run: str
+    job_dir: Path
+    pending: Path
+    manifest: bytes
+    nbytes: int
+    queued: float = field(default_factory=time.monotonic)
+
+    def header(self, t: str, **more: Any) -> dict[str, Any]:
+        return {"t": t, "job": self.job, "step": self.step, "rank": self.rank, "world_size": self.world_size,
+                "run": self.run, **more}
+
+    def open_files(self) -> dict[str, int] | None:
+        """Descriptors of the part's data files (they stay valid if the directory moves), or None
+        when the part is gone (given up, removed by retention)."""
+        names = [f["name"] for f in parse(self.manifest).files]
+        committed = self.job_dir / snapshot_name(self.step)
+        for where in (committed, self.pending, committed):  # (it may move from one to the other meanwhile)
+            fds: dict[str, int] = {}
+            try:
+                for n in names:
+                    fds[n] = os.open(where / part_dir(self.rank) / n, os.O_RDONLY | os.O_NOFOLLOW)
+                return fds
+            except FileNotFoundError:
+                for fd in fds.values():
+                    os.close(fd)
+        return None
+
+
+class Sender:
+    """The queue and thread of one peer."""
+
+    def __init__(self, peer: PeerInfo, link: wire.Link, node: str, pace: Callable[[int], None]) -> None:
+        self.peer, self.link, self.node, self.pace = peer, link, node, pace
+        self.announce: list[Outgoing] = []
+        self.replicate: list[Outgoing] = []
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.up: bool | None = None
+        self.last_error = ""
+        self.failures = 0
+        self.sent_bytes = 0
+        self.replicated: dict[tuple[str, int], int] = {}  # (job, rank) -> the newest step replicated there
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self.name = peer.node  # (the peer's own name once it answers)
+        self.thread = threading.Thread(target=self._loop, name=f"snapd-replicate-{peer.node}", daemon=True)
+
+    def backlog(self) -> dict[str, Any]:
+        with self.cond:
+            items = list(self.replicate)
+        now = time.monotonic()
+        return {"endpoint": self.peer.endpoint, "node": self.name,
+                "state": {None: "unknown", True: "up", False: "down"}[self.up],
+                "backlog_parts": len(items), "backlog_bytes": sum(o.nbytes for o in items),
+                "oldest_s": round(max((now - o.queued for o in items), default=0.0), 1),
+                "announcements": len(self.announce), "replicated_bytes": self.sent_bytes,
+                "failures": self.failures, "last_error": self.last_error or None,
+                "replicated_steps": {f"{j}:{r}": s for (j, r), s in sorted(self.replicated.items())}}
+
+    def _next(self) -> tuple[str, Outgoing] | None:
+        with self.cond:
+            while not self.stopped:
+                wait = self._retry_at - time.monotonic()
+                if wait <= 0 and (self.announce or self.replicate):
+                    if self.announce:
+                        return "announce", self.announce.pop(0)
+                    o = max(self.replicate, key=lambda o: (o.step, o.queued))
+                    self.replicate.remove(o)
+                    return "replicate", o
+                self.cond.wait(wait if wait > 0 else None)
+        return None
+
+    def _loop(self) -> None:
+        while (item := self._next()) is not None:
+            kind, o = item
+            try:
+                if kind == "announce":
+                    header, _ = self.link.request(o.header("announce", node=self.node), o.manifest)
+                    self.name = str(header.get("node") or self.name)[:128]
+                else:
+                    self._send_part(o)
+                self.up, self._retry_at, self.last_error = True, 0.0, ""
+                self._backoff = 0.5
+            except (SnapdError, OSError, zmq.ZMQError) as e:
+                self.failures += 1
+                self.up = not isinstance(e, wire.PeerUnavailable)
+                self.last_error = f"{type(e).__name__}: {e}"
+                backoff = self._backoff
+                self._retry_at = time.monotonic() + backoff
+                self._backoff = min(30.0, backoff * 2)
+                log.warning("replication to %s lags: %s %s step %d rank %d: %s (again in %.1f s)",
+                            self.peer.endpoint, kind, o.job, o.step, o.rank, e, backoff)
+                with self.cond:
+                    if kind == "announce":
+                        self.announce.insert(0, o)
+                    elif not isinstance(e, wire.PeerRefused):  # (refused: it will not take it later either)
+                        self.replicate.append(o)
+
+    def _send_part(self, o: Outgoing) -> None:
+        fds = o.open_files()
+        if fds is None:
+            log.info("%s step %d rank %d is gone before it reached %s: not replicated", o.job, o.step, o.rank,
+                     self.peer.endpoint)
+            return
+        try:
+            t0 = time.monotonic()
+            self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
+            for _ in self.link.pipeline(self._pieces(o, fds), WINDOW):
+                pass
+            self.link.request(o.header("replica", phase="end"))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.sent_bytes += o.nbytes
+        with self.cond:
+            self.replicated[(o.job, o.rank)] = max(o.step, self.replicated.get((o.job, o.rank), -1))
+            self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
+                                                                 and q.step < o.step)]
+        log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s)", o.job, o.step, o.rank,
+                 self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0)
+
+    def _pieces(self, o: Outgoing, fds: dict[str, int]) -> Iterator[tuple[dict, bytes]]:
+        for name, fd in fds.items():
+            size = os.fstat(fd).st_size
+            for offset in range(0, size, wire.PIECE_BYTES):
+                data = os.pread(fd, min(wire.PIECE_BYTES, size - offset), offset)
+                self.pace(len(data))
+                yield o.header("replica", phase="data", file=name, offset=offset), data
+
+
+class Replication:
+    def __init__(self, keys: PeerKeys, directory: PeerDirectory, replicas: int, pace: Callable[[int], None],
+                 timeout_s: float) -> None:
+        self.keys, self.directory, self.replicas, self.pace = keys, directory, replicas, pace
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context()
+        self._senders: dict[str, Sender] = {}
+        self._lock = threading.Lock()
+
+    def _sender(self, peer: PeerInfo) -> Sender:
+        with self._lock:
+            s = self._senders.get(peer.endpoint)
+            if s is None:
+                link = wire.Link(self.ctx, self.keys, peer.endpoint, self.timeout_s)
+                s = self._senders[peer.endpoint] = Sender(peer, link, self.directory.node, self.pace)
+                s.thread.start()
+            return s
+
+    def add(self, o: Outgoing) -> None:
+        """Announce a part to every peer, and queue it for its replica holders (any thread)."""
+        targets = {p.endpoint for p in self.directory.replica_targets(self.replicas)}
+        for peer in self.directory.all():
+            s = self._sender(peer)
+            with s.cond:
+                s.announce.append(o)
+                if peer.endpoint in targets:
+                    s.replicate.append(o)
+                s.cond.notify()
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            senders = list(self._senders.values())
+        return [s.backlog() for s in senders]
+
+    def stop(self) -> None:
+        with self._lock:
+            senders = list(self._senders.values())
+        for s in senders:
+            with s.cond:
+                s.stopped = True
+                s.cond.notify()
+        stuck = 0
+        for s in senders:
+            s.thread.join(timeout=self.timeout_s + 1)
+            if s.thread.is_alive():  # (its socket is still in use: left to the process's exit)
+                stuck += 1
+            else:
+                s.link.close()
+        if not stuck:
+            self.ctx.term()

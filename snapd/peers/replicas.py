@@ -1,0 +1,255 @@
+"""The parts this daemon holds for its peers: in memory within a byte budget, else on disk under
+``replica_dir`` if it has one, never anywhere else.
+
+A replica is begun with its part's manifest (parsed and checked here: the files it may hold and
+their sizes come from it, so a peer can never make this daemon hold more, or write elsewhere),
+filled piece by piece, and ended; only ended replicas are served. Per job, the newest step that is
+committed (every rank's part durable on some node, as the part book knows) and whose replicas here
+are complete is kept, with anything newer; older steps go. A newer step some rank never finished
+thus never takes its older step's replicas with it: that older step is the resume point. Whoever
+uses a replica checks it chunk by chunk against its manifest first (snapd.daemon.part_fetch): a
+byte flipped here is caught there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapd.errors import InvalidArgument, SnapdError
+from snapd.format.global_manifest import part_dir
+from snapd.format.jobdir import snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, parse
+
+log = logging.getLogger(__name__)
+
+
+STALE_S = 120.0  # an unfinished copy untouched this long may make room for another
+
+
+class NoRoom(SnapdError):
+    code = "no_room"
+
+
+@dataclass
+class Replica:
+    job: str
+    step: int
+    rank: int
+    world_size: int
+    run: str
+    node: str  # the daemon that sent it
+    manifest: bytes
+    checksum: str
+    sizes: dict[str, int]  # data file -> its bytes (from the manifest)
+    files: dict[str, bytearray] = field(default_factory=dict)  # (in memory)
+    directory: Path | None = None  # (on disk instead)
+    received: int = 0
+    complete: bool = False
+    at: float = field(default_factory=time.time)
+    touched: float = field(default_factory=time.monotonic)  # the last piece written
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values()) + len(self.manifest)
+
+    @property
+    def where(self) -> str:
+        return "disk" if self.directory is not None else "memory"
+
+
+class ReplicaStore:
+    """Owned by the peer server's thread; ``held`` and ``status`` may be called from any thread."""
+
+    def __init__(self, memory_bytes: int, directory: Path | None = None,
+                 committed: Callable[[str, int], bool] = lambda job, step: True) -> None:
+        self.memory_bytes, self.directory = memory_bytes, directory
+        self.committed = committed  # whether every rank's part of a job's step is durable on some node
+        self._parts: dict[tuple[str, int, int], Replica] = {}
+        self._lock = threading.Lock()
+
+    def memory_used(self) -> int:
+        return sum(r.nbytes for r in self._parts.values() if r.directory is None)
+
+    # -- receiving ------------------------------------------------------------------------
+    def begin(self, job: str, step: int, rank: int, world_size: int, run: str, node: str, raw: bytes) -> None:
+        m = parse(raw, f"{node}'s part of {job} step {step} rank {rank}")
+        if m.part is None or m.step != step or m.part.get("rank") != rank or \
+                m.part.get("world_size") != world_size or m.part.get("run") != run:
+            raise InvalidArgument(f"{job} step {step} rank {rank}: the manifest sent is of another part "
+                                  f"({m.part}, step {m.step})")
+        r = Replica(job, step, rank, world_size, run, node, bytes(raw), m.checksum or "",
+                    {f["name"]: int(f["bytes"]) for f in m.files})
+        with self._lock:
+            self._drop(self._parts.pop((job, step, rank), None))
+            self._make_room(r)
+            if r.directory is None:
+                r.files = {name: bytearray(size) for name, size in r.sizes.items()}
+            self._parts[(job, step, rank)] = r
+        log.info("holding %s step %d rank %d from %s in %s (%d MiB)", job, step, rank, node, r.where,
+                 r.nbytes >> 20)
+
+    def write(self, job: str, step: int, rank: int, name: str, offset: int, data: memoryview) -> None:
+        r = self._parts.get((job, step, rank))
+        if r is None or r.complete:
+            raise InvalidArgument(f"{job} step {step} rank {rank}: no replica begun")
+        size = r.sizes.get(name)
+        if size is None or offset < 0 or offset + len(data) > size:
+            raise InvalidArgument(f"{job} step {step} rank {rank}: {name} [{offset}, +{len(data)}) is not a "
+                                  "range of a file of its manifest")
+        if r.directory is None:
+            r.files[name][offset:offset + len(data)] = data
+        else:
+            fd = os.open(r.directory / name, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+        r.received += len(data)
+        r.touched = time.monotonic()
+
+    def end(self, job: str, step: int, rank: int) -> None:
+        r = self._parts.get((job, step, rank))
+        if r is None:
+            raise InvalidArgument(f"{job} step {step} rank {rank}: no replica begun")
+        if r.received < sum(r.sizes.values()):
+            raise InvalidArgument(f"{job} step {step} rank {rank}: ended with {r.received} of "
+                                  f"{sum(r.sizes.values())} bytes")
+        if r.directory is not None:
+            (r.directory / MANIFEST_NAME).write_bytes(r.manifest)
+        r.complete = True
+        with self._lock:
+            self._keep_newest(job)
+
+    def load_disk(self) -> None:
+        """Take up the replicas a previous run of this daemon ended on disk; drop the unfinished."""
+        if self.directory is None or not self.directory.is_dir():
+            return
+        found = [*self.directory.glob("*/step-*/rank-*"), *self.directory.glob("*/*/step-*/rank-*")]
+        for part in found:
+            job = str(part.parent.parent.relative_to(self.directory))
+            try:
+                raw = (part / MANIFEST_NAME).read_bytes()
+                m = parse(raw, str(part))
+                assert m.part is not None
+                sizes = {f["name"]: int(f["bytes"]) for f in m.files}
+                if any((part / n).stat().st_size != size for n, size in sizes.items()):
+                    raise ValueError("a file of another size")
+            except (OSError, ValueError, AssertionError, SnapdError) as e:
+                log.info("dropping the unfinished replica %s (%s)", part, e)
+                shutil.rmtree(part, ignore_errors=True)
+                continue
+            r = Replica(job, m.step, m.part["rank"], m.part["world_size"], m.part["run"], "disk", raw,
+                        m.checksum or "", sizes, directory=part, received=sum(sizes.values()), complete=True)
+            self._parts[(job, r.step, r.rank)] = r
+        for job in {k[0] for k in self._parts}:
+            self._keep_newest(job)
+        if self._parts:
+            log.info("holding %d replica(s) kept on disk by an earlier run", len(self._parts))
+
+    # -- serving --------------------------------------------------------------------------
+    def get(self, job: str, step: int, rank: int) -> Replica | None:
+        r = self._parts.get((job, step, rank))
+        return r if r is not None and r.complete else None
+
+    def read(self, r: Replica, name: str, offset: int, length: int) -> bytes:
+        if name == MANIFEST_NAME:
+            return r.manifest[offset:offset + length]
+        if name not in r.sizes:
+            raise InvalidArgument(f"{r.job} step {r.step} rank {r.rank}: no file {name}")
+        if r.directory is None:
+            data = r.files.get(name)
+            if data is None:  # (dropped meanwhile: a newer step of its job is complete here)
+                raise InvalidArgument(f"{r.job} step {r.step} rank {r.rank}: no longer held here")
+            return bytes(data[offset:offset + length])
+        fd = os.open(r.directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def held(self, job: str) -> list[Replica]:
+        with self._lock:
+            return [r for r in self._parts.values() if r.job == job and r.complete]
+
+    def status(self) -> dict:
+        with self._lock:
+            parts = list(self._parts.values())
+        jobs: dict[str, dict[str, list[int]]] = {}
+        for r in parts:
+            if r.complete:
+                jobs.setdefault(r.job, {}).setdefault(str(r.step), []).append(r.rank)
+        return {"memory_bytes": sum(r.nbytes for r in parts if r.directory is None),
+                "memory_budget_bytes": self.memory_bytes,
+                "disk_bytes": sum(r.nbytes for r in parts if r.directory is not None),
+                "parts": len(parts), "jobs": jobs}
+
+    # -- keeping --------------------------------------------------------------------------
+    def _make_room(self, r: Replica) -> None:
+        """In memory if it fits (older steps of any job dropped first), else on disk, else NoRoom."""
+        if r.nbytes <= self.memory_bytes:
+            now = time.monotonic()
+            for old in sorted(self._parts.values(), key=lambda o: (o.complete, o.step)):
+                if self.memory_used() + r.nbytes <= self.memory_bytes:
+                    break
+                # (a copy its sender stopped sending, or one a newer committed step supersedes)
+                stale = not old.complete and now - old.touched > STALE_S
+                if old.directory is None and (stale or self._superseded(old)):
+                    self._drop(self._parts.pop((old.job, old.step, old.rank)))
+            if self.memory_used() + r.nbytes <= self.memory_bytes:
+                return
+        if self.directory is None:
+            raise NoRoom(f"no room for {r.job} step {r.step} rank {r.rank} ({r.nbytes >> 20} MiB): "
+                         f"{self.memory_used() >> 20} of {self.memory_bytes >> 20} MiB of replica memory "
+                         "held, and no replica_dir")
+        r.directory = self.directory / r.job / snapshot_name(r.step) / part_dir(r.rank)
+        shutil.rmtree(r.directory, ignore_errors=True)
+        r.directory.mkdir(parents=True, mode=0o700)
+        for name, size in r.sizes.items():
+            fd = os.open(r.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
+    def _superseded(self, r: Replica) -> bool:
+        """Whether a newer step of its job is committed and held complete here."""
+        return any(s > r.step for s in self._complete_steps(r.job))
+
+    def _complete_steps(self, job: str) -> set[int]:
+        """The steps of ``job`` committed (every rank's part durable somewhere) whose replicas here
+        are all complete: a step some rank never finished is never one (its older step stays)."""
+        by_step: dict[int, list[Replica]] = {}
+        for o in self._parts.values():
+            if o.job == job:
+                by_step.setdefault(o.step, []).append(o)
+        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and self.committed(job, s)}
+
+    def prune(self, job: str) -> None:
+        """A step of ``job`` was committed: what it supersedes goes (the peer server's thread)."""
+        with self._lock:
+            self._keep_newest(job)
+
+    def _keep_newest(self, job: str) -> None:
+        complete = self._complete_steps(job)
+        if not complete:
+            return
+        newest = max(complete)
+        for key, o in list(self._parts.items()):
+            if o.job == job and o.step < newest:
+                self._drop(self._parts.pop(key))
+
+    def _drop(self, r: Replica | None) -> None:
+        if r is None:
+            return
+        r.files = {}
+        if r.directory is not None:
+            shutil.rmtree(r.directory, ignore_errors=True)
+        log.debug("dropped the replica of %s step %d rank %d", r.job, r.step, r.rank)
+

@@ -1,0 +1,150 @@
+"""What daemons say to each other, and a link to one peer.
+
+A message is a JSON header frame, then at most one frame of bytes (a manifest, a piece of a data
+file). Requests go from a DEALER to the peer's ROUTER and are answered in order; a link keeps up
+to ``window`` requests in flight, so a transfer is not one round trip per piece. Every link and
+the peer server speak CurveZMQ (snapd.peers.keys): a peer without the cluster's key never gets a
+message through. A peer that does not answer within the timeout is given up: the link's socket is
+closed and made anew on the next request (a late reply can never be taken for another's).
+
+Requests (``t``): ``announce`` a rank's part (its manifest) of a step; ``replica`` (``phase`` begin
+with the manifest, data, end) pushes a part to a replica holder; ``have`` asks what a peer holds of
+a job; ``get`` reads bytes of a part the peer holds. Replies: ``ok``, ``have``, ``data``, ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import zmq
+
+from snapd.errors import InvalidArgument, SnapdError
+from snapd.format.jobdir import check_job_name
+from snapd.peers.keys import PeerKeys
+
+log = logging.getLogger(__name__)
+
+PIECE_BYTES = 4 << 20  # the bytes one ``replica`` or ``get`` message carries at most
+MAX_FRAME_BYTES = PIECE_BYTES + (1 << 20)
+MAX_MANIFEST_BYTES = 64 << 20
+ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}")
+FILE_RE = re.compile(r"(manifest\.json|data-[0-9]{5}-of-[0-9]{5}\.bin)")
+
+
+class PeerUnavailable(SnapdError, TimeoutError):
+    code = "peer_unavailable"
+
+
+class PeerRefused(SnapdError):
+    """The peer answered with an error (``message`` says why)."""
+    code = "peer_refused"
+
+
+def check_endpoint(endpoint: object) -> str:
+    if not isinstance(endpoint, str) or not ENDPOINT_RE.fullmatch(endpoint):
+        raise InvalidArgument(f"peer endpoint {endpoint!r}: expected tcp://HOST:PORT")
+    return endpoint
+
+
+def check_job_path(job: object) -> str:
+    """A job's directory relative to the root (``job`` or ``user/job``): never a way out of it."""
+    if not isinstance(job, str) or not 0 < len(job) <= 300:
+        raise InvalidArgument(f"job path {job!r}: expected JOB or USER/JOB")
+    parts = job.split("/")
+    if len(parts) > 2:
+        raise InvalidArgument(f"job path {job!r}: expected JOB or USER/JOB")
+    for p in parts:
+        check_job_name(p)
+    return job
+
+
+def encode(header: dict[str, Any], data: bytes | memoryview | None = None) -> list:
+    frames: list = [json.dumps(header, separators=(",", ":")).encode()]
+    if data is not None:
+        frames.append(data)
+    return frames
+
+
+def decode(frames: list) -> tuple[dict[str, Any], memoryview | None]:
+    """The header and the bytes of a message; raises InvalidArgument on anything malformed."""
+    if not 1 <= len(frames) <= 2:
+        raise InvalidArgument(f"a peer message has 1 or 2 frames, got {len(frames)}")
+    try:
+        header = json.loads(bytes(frames[0]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidArgument("a peer message's header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise InvalidArgument("a peer message's header has no type")
+    data = memoryview(frames[1]) if len(frames) == 2 else None
+    return header, data
+
+
+def client_socket(ctx: zmq.Context, keys: PeerKeys, endpoint: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.public
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_MANIFEST_BYTES + 4096)
+    s.connect(endpoint)
+    return s
+
+
+class Link:
+    """Requests to one peer from one thread (ZeroMQ sockets are not shared between threads)."""
+
+    def __init__(self, ctx: zmq.Context, keys: PeerKeys, endpoint: str, timeout_s: float = 10.0) -> None:
+        self.ctx, self.keys, self.endpoint, self.timeout_s = ctx, keys, endpoint, timeout_s
+        self._sock: zmq.Socket | None = None
+
+    def request(self, header: dict[str, Any], data: bytes | memoryview | None = None,
+                timeout_s: float | None = None) -> tuple[dict[str, Any], memoryview | None]:
+        return next(self.pipeline([(header, data)], 1, timeout_s))
+
+    def pipeline(self, requests: Iterable[tuple[dict[str, Any], bytes | memoryview | None]], window: int = 8,
+                 timeout_s: float | None = None) -> Iterator[tuple[dict[str, Any], memoryview | None]]:
+        """The replies to ``requests``, in order, with up to ``window`` in flight. An ``error`` reply
+        raises PeerRefused; no reply within the timeout raises PeerUnavailable."""
+        sock = self._socket()
+        timeout_ms = int(1000 * (timeout_s or self.timeout_s))
+        todo = iter(requests)
+        in_flight = 0
+        done = False
+        try:
+            while True:
+                while not done and in_flight < window:
+                    req = next(todo, None)
+                    if req is None:
+                        done = True
+                        break
+                    if not sock.poll(timeout_ms, zmq.POLLOUT):
+                        raise PeerUnavailable(f"peer {self.endpoint} takes no messages (down, or too slow)")
+                    sock.send_multipart(encode(*req), copy=False)
+                    in_flight += 1
+                if in_flight == 0:
+                    return
+                if not sock.poll(timeout_ms, zmq.POLLIN):
+                    raise PeerUnavailable(f"peer {self.endpoint} did not answer within "
+                                          f"{timeout_ms / 1000:.0f} s (down, slow, or refusing our key)")
+                header, data = decode(sock.recv_multipart(copy=False))
+                in_flight -= 1
+                if header["t"] == "error":
+                    raise PeerRefused(f"peer {self.endpoint}: {header.get('message', '?')}")
+                yield header, data
+        except BaseException:
+            self.reset()  # (replies still in flight must never answer a later request)
+            raise
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = client_socket(self.ctx, self.keys, self.endpoint)
+        return self._sock
+
+    def reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    close = reset

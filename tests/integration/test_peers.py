@@ -1,0 +1,246 @@
+"""Peer replicas (issue 26): daemons with separate roots on loopback TCP stand for nodes that share
+no filesystem. A job's global snapshot commits across them, every part has a copy on another node,
+and a node lost with its disk comes back from its peers, with no remote tier."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+import snapd.client as snapd
+from snapd.errors import SnapshotNotFound
+from snapd.format.manifest import parse
+from snapd.peers.keys import PeerKeys, create
+
+RANK = Path(__file__).parent / "scripts" / "rank_job.py"
+FSDP2 = Path(__file__).parent / "scripts" / "fsdp2_job.py"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Nodes:
+    """``n`` daemons, each with its own root, that know each other as peers (one cluster key)."""
+
+    def __init__(self, tmp: Path, start, n: int, *extra: str, replica_dirs: bool = False) -> None:
+        self.tmp, self._start, self.extra, self.replica_dirs = tmp, start, extra, replica_dirs
+        self.keys = tmp / "keys"
+        create(self.keys)
+        # sorted: node i is the i-th round the ring, so node i's replicas go to node i + 1
+        self.endpoints = sorted(f"tcp://127.0.0.1:{p}" for p in free_ports(n))
+        self.daemons = [self.start(i) for i in range(n)]
+
+    def start(self, i: int):
+        own = ("--replica-dir", str(self.tmp / f"replicas{i}")) if self.replica_dirs else ()
+        return self._start("--peer-endpoint", self.endpoints[i], "--peers", ",".join(self.endpoints),
+                           "--peer-keys", str(self.keys), "--node-name", f"node{i}", "--peer-timeout-s", "2",
+                           *self.extra, *own, name=f"node{i}-{time.monotonic_ns()}",
+                           root=self.tmp / f"node{i}")
+
+    def lose(self, i: int) -> None:
+        """Node ``i`` is gone: its daemon killed, its disk with it."""
+        d = self.daemons[i]
+        d.proc.kill()
+        d.proc.wait()
+        shutil.rmtree(d.root)
+        shutil.rmtree(self.tmp / f"replicas{i}", ignore_errors=True)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.log}\n{d.log_text()[-3000:]}" for d in self.daemons)
+
+    def status(self, i: int) -> dict:
+        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--json", "--endpoint",
+                              self.daemons[i].endpoint], capture_output=True, text=True, cwd="/")
+        return json.loads(out.stdout)
+
+
+def ranks(nodes: Nodes, job: str, run: str, steps: str, *more: str, world: int = 3) -> list[str]:
+    procs = [subprocess.Popen([sys.executable, str(RANK), nodes.daemons[r].endpoint, job, str(r), str(world),
+                               run, steps, *more], stdout=subprocess.PIPE, text=True, cwd="/")
+             for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(nodes.logs())
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lost_node_of_an_fsdp2_job_resumes_bit_exact_from_its_peers_replicas(tmp_path, start, torchrun):
+    nodes = Nodes(tmp_path, start, 3)
+    eps = ",".join(d.endpoint for d in nodes.daemons)
+    dcp_dir = str(tmp_path / "dcp")
+    saved = torchrun(FSDP2, "save", str(tmp_path / "unused"), "fsdp", dcp_dir, eps, nproc=3).stdout
+    assert sorted(re.findall(r"SAVED (\d)", saved)) == ["0", "1", "2"], saved
+    for i, d in enumerate(nodes.daemons):  # each node committed step 3 in its own root, with its rank's part
+        step = d.root / "fsdp" / "step-000000000003"
+        assert (step / "manifest.json").exists() and (step / f"rank-0000{i}").is_dir(), nodes.logs()
+        assert not (step / f"rank-0000{(i + 1) % 3}").exists()
+    for i in range(3):  # every part has its copy in another node's memory before the node is lost
+        nodes.daemons[i].wait_for(lambda i=i: nodes.status(i)["peers"]["peers"] and all(
+            p["backlog_parts"] == 0 for p in nodes.status(i)["peers"]["peers"]), timeout=30)
+    held = {r for i in range(3)
+            for r in nodes.status(i)["peers"]["held"]["jobs"].get("fsdp", {}).get("3", [])}
+    assert held == {0, 1, 2}, nodes.logs()
+    nodes.lose(2)
+    nodes.daemons[2] = nodes.start(2)  # the replacement node: an empty disk, the same peers
+    eps = ",".join(d.endpoint for d in nodes.daemons)
+    resumed = torchrun(FSDP2, "resume", str(tmp_path / "unused"), "fsdp", dcp_dir, eps, nproc=3).stdout
+    # every rank's shards equal DCP's own load of the same state, bit for bit; RNG back to its rank
+    assert sorted(re.findall(r"RESUMED (\d)", resumed)) == ["0", "1", "2"], resumed
+    assert sorted(re.findall(r"RNG (\d \w+)", saved)) == sorted(re.findall(r"RNG-RESTORED (\d \w+)", resumed))
+    log = nodes.daemons[2].log_text()
+    assert "step 3 adopted from" in log and "rank 2's part" in log, log
+    # and the resumed run's step 4 committed across the three nodes again
+    for d in nodes.daemons:
+        assert (d.root / "fsdp" / "step-000000000004" / "manifest.json").exists(), nodes.logs()
+
+
+def test_parts_commit_across_nodes_and_a_lost_node_restores_from_replicas(tmp_path, start) -> None:
+    nodes = Nodes(tmp_path, start, 3)
+    outs = ranks(nodes, "g", "run-1", "1,2")
+    assert all(o.split() == ["COMMITTED", "1", "COMMITTED", "2"] for o in outs), (outs, nodes.logs())
+    st = nodes.status(0)["peers"]
+    assert st["jobs"]["g"]["2"]["complete_on_disks"], st
+    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["peers"][0]["replicated_bytes"] > 0)
+    nodes.lose(1)
+    nodes.daemons[1] = nodes.start(1)
+    # the replacement node's client sees the step to resume from, as the README's loop asks it
+    with snapd.connect("g", endpoint=nodes.daemons[1].endpoint, spawn=False, rank=1, world_size=3,
+                       run_id="run-2", per_rank=["own"]) as c:
+        assert [s.step for s in c.list()] == [2], nodes.logs()
+    outs = ranks(nodes, "g", "run-2", "3", "restore")
+    for r, o in enumerate(outs):
+        assert o.split()[:4] == ["RESTORED", "2", str(200 + r), "2.0"], (o, nodes.logs())
+        assert "COMMITTED 3" in o
+    # a process with no daemon is told where the part it lacks is (step 3's rank 0 is on node 0 only)
+    with pytest.raises(SnapshotNotFound, match="on another node"):
+        snapd.load(nodes.daemons[2].root, "g", 3, rank=0)
+    # and `snapd verify` there checks the parts it has and names those it cannot
+    out = subprocess.run([sys.executable, "-m", "snapd", "verify", str(nodes.daemons[2].root / "g" /
+                                                                      "step-000000000003")],
+                         capture_output=True, text=True, cwd="/")
+    assert out.returncode == 1 and "rank 0: " in out.stdout and "is on another node" in out.stdout, out
+
+
+def test_a_damaged_replica_is_caught_and_another_copy_used(tmp_path, start) -> None:
+    # two replicas of each part, kept on disk (no memory for them), so this test can damage one
+    nodes = Nodes(tmp_path, start, 3, "--replicas", "2", "--replica-memory-bytes", "0", replica_dirs=True)
+    outs = ranks(nodes, "g", "run-1", "1")
+    assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
+    for i in (0, 1):
+        part = tmp_path / f"replicas{i}" / "g" / "step-000000000001" / "rank-00002"
+        nodes.daemons[i].wait_for(lambda part=part: (part / "manifest.json").exists(), timeout=30)
+    # node 0's copy of rank 2's part gets a flipped byte inside a chunk; node 2 is then lost
+    first = tmp_path / "replicas0" / "g" / "step-000000000001" / "rank-00002"
+    m = parse((first / "manifest.json").read_bytes())
+    c = next(t for t in m.tensors if t.chunks).chunks[0]
+    data = first / m.files[c.file]["name"]
+    raw = bytearray(data.read_bytes())
+    raw[c.offset] ^= 0xFF
+    data.write_bytes(raw)
+    nodes.lose(2)
+    nodes.daemons[2] = nodes.start(2)
+    outs = ranks(nodes, "g", "run-2", "2", "restore")
+    assert [o.split()[:4] for o in outs] == [["RESTORED", "1", str(100 + r), "1.0"] for r in range(3)], \
+        (outs, nodes.logs())
+    log = nodes.daemons[2].log_text()
+    assert re.search(r"rank 2's part from tcp://127.0.0.1:\d+ unusable \(.*checksum", log), log
+    assert "rank 2's part (0 MiB) came from " + nodes.endpoints[1] in log, log
+
+
+def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start) -> None:
+    nodes = Nodes(tmp_path, start, 3)
+    # the ring sends node 1's parts to node 2: node 2 stops answering (a hung or unreachable node)
+    nodes.daemons[2].proc.send_signal(signal.SIGSTOP)
+    try:  # the three steps commit while node 2 does not answer: they never wait for it
+        outs = ranks(nodes, "g", "run-1", "1,2,3", world=2)
+        assert all(o.split() == ["COMMITTED", "1", "COMMITTED", "2", "COMMITTED", "3"] for o in outs), \
+            (outs, nodes.logs())
+        def lag() -> dict:
+            return next(p for p in nodes.status(1)["peers"]["peers"] if p["endpoint"] == nodes.endpoints[2])
+
+        nodes.daemons[1].wait_for(lambda: lag()["state"] == "down")  # (once its 2 s timeout passed)
+        assert lag()["backlog_parts"] >= 1 and "did not answer" in lag()["last_error"], lag()
+        assert "lag" in subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint",
+                                        nodes.daemons[1].endpoint], capture_output=True, text=True).stdout
+    finally:
+        nodes.daemons[2].proc.send_signal(signal.SIGCONT)
+    # once it answers, the newest step goes first, and the older ones are not sent at all
+    nodes.daemons[1].wait_for(lambda: next(p for p in nodes.status(1)["peers"]["peers"]
+                                           if p["endpoint"] == nodes.endpoints[2])["backlog_parts"] == 0,
+                              timeout=90)
+    held = nodes.status(2)["peers"]["held"]["jobs"]["g"]
+    assert held == {"3": [1]}, held
+    assert "holding g step 1 rank 1" not in nodes.daemons[2].log_text()
+
+
+def test_a_peer_without_the_cluster_key_is_refused_and_logged(tmp_path, start) -> None:
+    nodes = Nodes(tmp_path, start, 1)
+    d, endpoint = nodes.daemons[0], nodes.endpoints[0]
+    server_key = PeerKeys.load(nodes.keys).public
+    ctx = zmq.Context()
+    try:
+        # a stranger: its own key pair, and the server's public key (which is no secret)
+        s = ctx.socket(zmq.DEALER)
+        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.curve_serverkey = server_key
+        s.connect(endpoint)
+        s.send_multipart([json.dumps({"t": "have", "job": "g"}).encode()])
+        assert not s.poll(2000), "a peer without the key got an answer"
+        d.wait_for(lambda: "refused peer" in d.log_text() and "is not in" in d.log_text())
+        # no encryption at all: refused in the handshake
+        plain = ctx.socket(zmq.DEALER)
+        plain.connect(endpoint)
+        plain.send_multipart([json.dumps({"t": "have", "job": "g"}).encode()])
+        assert not plain.poll(2000)
+        d.wait_for(lambda: "handshake failed" in d.log_text())
+        # a holder of the key is still served, and a bad request of it gets an error naming it
+        good = ctx.socket(zmq.DEALER)
+        keys = PeerKeys.load(nodes.keys)
+        good.curve_publickey, good.curve_secretkey = keys.public, keys.secret
+        good.curve_serverkey = keys.public
+        good.connect(endpoint)
+        good.send_multipart([json.dumps({"t": "get", "job": "../etc", "step": 1, "rank": 0}).encode()])
+        assert good.poll(5000)
+        reply = json.loads(good.recv_multipart()[0])
+        assert reply["t"] == "error" and "invalid job name" in reply["message"], reply
+        for sock in (s, plain, good):
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+    assert nodes.status(0)["peers"]["refused"] >= 2
+
+
+def test_keys_other_users_can_read_are_refused_at_start(tmp_path) -> None:
+    create(tmp_path / "keys")
+    (tmp_path / "keys" / "cluster.key_secret").chmod(0o644)
+    serve = [sys.executable, "-m", "snapd", "serve", "--check-config", "--root", str(tmp_path / "r"),
+             "--peer-endpoint", "tcp://127.0.0.1:1"]
+    out = subprocess.run([*serve, "--peer-keys", str(tmp_path / "keys")], capture_output=True, text=True,
+                         cwd="/")
+    assert out.returncode == 2 and "mode 644" in out.stderr and "chmod 600" in out.stderr, out.stderr
+    out = subprocess.run(serve, capture_output=True, text=True, cwd="/")
+    assert out.returncode == 2 and "peer_keys is not" in out.stderr, out.stderr
+
