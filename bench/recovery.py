@@ -9,8 +9,8 @@ each rank's own tensors (``per_rank``), stored raw. Then rank 2's state is resto
 2. from peers: node 2 killed and its disk removed, a replacement daemon with an empty root; its
    client's ``restore()`` finds the step and brings rank 2's part from the replica in node 0's memory;
 3. from the remote tier: ``snapd.load(fresh root, remote=)`` (ranged GETs, 8 in flight);
-and the two floors under 2 and 3: the same bytes pulled over a peer link (CurveZMQ, 8 pieces in
-flight) into memory, and by ranged GETs from the bucket into memory.
+and the two floors under 2 and 3: the same bytes pulled over the peer links a restore uses (CurveZMQ,
+4 links at once) into memory, and by ranged GETs from the bucket into memory.
 Results: bench/results/recovery.{jsonl,md}.
 """
 
@@ -131,36 +131,47 @@ def _restore(endpoint: str) -> tuple[float, dict]:
 
 
 def _peer_floor(cluster: Cluster, step: int) -> float:
-    """Rank 2's part pulled from node 0's replica over one peer link into memory (no disk, no check)."""
+    """Rank 2's part pulled from node 0's replica into memory (no disk, no check), over the links a
+    restore uses (snapd.peers.wire.fetch: ``STREAMS`` at once)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import zmq
 
     from snapd.format.manifest import parse
     from snapd.peers import wire
     from snapd.peers.keys import PeerKeys
 
-    ctx = zmq.Context()
-    link = wire.Link(ctx, PeerKeys.load(cluster.work / "keys"), cluster.peers[0], 60.0)
+    ctx, keys = zmq.Context(io_threads=wire.STREAMS), PeerKeys.load(cluster.work / "keys")
+    links: list[wire.Link] = []
+    mine = threading.local()
+
+    def link() -> wire.Link:
+        if not hasattr(mine, "link"):
+            mine.link = wire.Link(ctx, keys, cluster.peers[0], 60.0)
+            links.append(mine.link)
+        return mine.link
+
     base = {"t": "get", "job": JOB, "step": step, "rank": LOST}
+    pool = ThreadPoolExecutor(wire.STREAMS)
     try:
         t0 = time.perf_counter()
-        _, raw = link.request({**base, "file": "manifest.json", "offset": 0, "length": wire.PIECE_BYTES})
-        m = parse(bytes(raw or b""))
+        _, raw = link().request({**base, "file": "manifest.json", "offset": 0, "length": wire.PIECE_BYTES})
         total = 0
-        for f in m.files:
-            size = int(f["bytes"])
-            out = memoryview(np.empty(size, np.uint8))
-            asks = (({**base, "file": f["name"], "offset": o, "length": min(wire.PIECE_BYTES, size - o)},
-                     None) for o in range(0, size, wire.PIECE_BYTES))
-            at = 0
-            for _, data in link.pipeline(asks, 8):
-                out[at:at + len(data)] = data  # type: ignore[arg-type]
-                at += len(data)  # type: ignore[arg-type]
-            total += at
+        for f in parse(bytes(raw or b"")).files:
+            out = np.empty(int(f["bytes"]), np.uint8)
+
+            def put(data: memoryview, at: int, out: np.ndarray = out) -> None:
+                out[at:at + len(data)] = np.frombuffer(data, np.uint8)
+            wire.fetch(link, pool, {**base, "file": f["name"]}, len(out), put)
+            total += len(out)
         took = time.perf_counter() - t0
         assert total >= cluster.mib << 20
         return took
     finally:
-        link.close()
+        pool.shutdown()
+        for x in links:
+            x.close()
         ctx.term()
 
 

@@ -70,6 +70,10 @@ class Metrics:
         """The remote tier's figures, read from the upload thread's counters at each scrape."""
         self.registry.register(_RemoteCollector(status))
 
+    def peers(self, status: Callable[[], dict]) -> None:
+        """Replication's figures (snapd.daemon.peers), read at each scrape."""
+        self.registry.register(_PeerCollector(status))
+
     def persisted(self, raw: int, stored: int, seconds: float) -> None:
         self.snapshots.labels("persisted").inc()
         self.raw_bytes.inc(raw)
@@ -103,3 +107,32 @@ class _RemoteCollector:
                                 value=st["backlog_bytes"])
         yield GaugeMetricFamily("snapd_remote_backlog_oldest_seconds", "Age of the oldest upload waiting",
                                 value=st["oldest_s"])
+
+
+class _PeerCollector:
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self.status = status
+
+    def describe(self) -> list:
+        return []  # (collected at scrape time only)
+
+    def collect(self) -> Iterator:
+        st = self.status()
+        by_peer = [("snapd_peer_replicated_bytes", "replicated_bytes", "Bytes of parts sent to a peer", True),
+                   ("snapd_peer_replication_failures", "failures", "Failed sends to a peer", True),
+                   ("snapd_peer_backlog_parts", "backlog_parts", "Parts waiting to be sent to a peer", False),
+                   ("snapd_peer_backlog_bytes", "backlog_bytes", "Bytes waiting to be sent to a peer", False),
+                   ("snapd_peer_lag_seconds", "oldest_s", "Age of the oldest part waiting for a peer", False)]
+        for name, key, doc, counter in by_peer:
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["peer"])
+            for p in st["peers"]:
+                family.add_metric([p["endpoint"]], p[key])
+            yield family
+        yield GaugeMetricFamily("snapd_peer_held_bytes", "Bytes of the peers' parts held in memory",
+                                value=st["held"]["memory_bytes"])
+        yield CounterMetricFamily("snapd_peer_refused", "Peers refused (key or handshake)",
+                                  value=st["refused"])
+        yield CounterMetricFamily("snapd_peer_fetched_bytes", "Bytes of parts brought from peers",
+                                  value=st["fetched_bytes"])
+        yield CounterMetricFamily("snapd_peer_damaged_copies", "Peers' copies that failed their checksums",
+                                  value=st["damaged_copies"])

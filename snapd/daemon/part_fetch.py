@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +61,8 @@ class PartFetch:
                  timeout_s: float) -> None:
         self.keys, self.directory, self.root, self.store = keys, directory, root, store
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context(io_threads=wire.STREAMS)
+        self._streams = ThreadPoolExecutor(wire.STREAMS, thread_name_prefix="snapd-pull")  # (each its links)
         self._local = threading.local()  # each thread its own links
         self._inflight: dict[tuple[str, int, int], threading.Event] = {}
         self._lock = threading.Lock()
@@ -206,19 +207,16 @@ class PartFetch:
                 raise SnapshotNotFound("this node's replica is gone")
             read = functools.partial(self.store.read, replica)
 
-            def pieces(name: str, size: int) -> Iterator[bytes]:
+            def fill(fd: int, name: str, size: int) -> None:
                 for off in range(0, size, wire.PIECE_BYTES):
-                    yield read(name, off, min(wire.PIECE_BYTES, size - off))
+                    _put(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off, size)
         else:
-            link = self._link(endpoint)
             base = {"t": "get", "job": job, "step": step, "rank": rank}
-            read = functools.partial(self._get, link, base)
+            read = functools.partial(self._get, self._link(endpoint), base)
 
-            def pieces(name: str, size: int) -> Iterator[bytes]:
-                asks = ({**base, "file": name, "offset": off, "length": min(wire.PIECE_BYTES, size - off)}
-                        for off in range(0, size, wire.PIECE_BYTES))
-                for _, data in link.pipeline(((a, None) for a in asks), 8):
-                    yield data  # type: ignore[misc]
+            def fill(fd: int, name: str, size: int) -> None:
+                wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, size,
+                           lambda data, off: _put(fd, data, off, size))
         raw = _whole(read)
         m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
         if m.checksum != want:
@@ -229,7 +227,14 @@ class PartFetch:
             (tmp / MANIFEST_NAME).write_bytes(raw)
             total = 0
             for f in m.files:
-                total += _write(tmp / f["name"], int(f["bytes"]), pieces(f["name"], int(f["bytes"])))
+                fd = os.open(tmp / f["name"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                try:
+                    fill(fd, f["name"], int(f["bytes"]))
+                    if os.fstat(fd).st_size != int(f["bytes"]):
+                        raise FormatError(f"{f['name']}: got {os.fstat(fd).st_size} of {f['bytes']} bytes")
+                finally:
+                    os.close(fd)
+                total += int(f["bytes"])
             self._check(m, tmp)
             try:
                 os.rename(tmp, final / part_dir(rank))
@@ -285,18 +290,7 @@ def _whole(read: Callable[[str, int, int], bytes]) -> bytes:
             raise FormatError(f"{MANIFEST_NAME} is over {wire.MAX_MANIFEST_BYTES} bytes")
 
 
-def _write(path: Path, size: int, pieces: Iterator[bytes]) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        off = 0
-        for data in pieces:
-            n = len(data)
-            if n != min(wire.PIECE_BYTES, size - off):
-                raise FormatError(f"{path.name}: got {n} bytes at {off} of {size}")
-            os.pwrite(fd, data, off)
-            off += n
-        if off != size:
-            raise FormatError(f"{path.name}: got {off} of {size} bytes")
-    finally:
-        os.close(fd)
-    return size
+def _put(fd: int, data: bytes | memoryview, off: int, size: int) -> None:
+    if len(data) != min(wire.PIECE_BYTES, size - off):
+        raise FormatError(f"got {len(data)} bytes at {off} of {size}")
+    os.pwrite(fd, data, off)

@@ -55,7 +55,7 @@ class PeerServer:
                  announce: Callable[[str, int, int, str, int, str, bytes], None]) -> None:
         self.endpoint, self.node, self.keys, self.root, self.store = endpoint, node, keys, root, store
         self._announce = announce
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context(io_threads=wire.STREAMS)  # (a peer pulls over several links at once)
         self.refused = 0
         self.requests = 0
         self._stop = threading.Event()

@@ -90,6 +90,7 @@ class Sender:
         self._retry_at = 0.0
         self._backoff = 0.5
         self.name = peer.node  # (the peer's own name once it answers)
+        self.busy = False  # (an item taken off the queues is being sent)
         self.thread = threading.Thread(target=self._loop, name=f"snapd-replicate-{peer.node}", daemon=True)
 
     def backlog(self) -> dict[str, Any]:
@@ -109,6 +110,7 @@ class Sender:
             while not self.stopped:
                 wait = self._retry_at - time.monotonic()
                 if wait <= 0 and (self.announce or self.replicate):
+                    self.busy = True
                     if self.announce:
                         return "announce", self.announce.pop(0)
                     o = max(self.replicate, key=lambda o: (o.step, o.queued))
@@ -116,6 +118,15 @@ class Sender:
                     return "replicate", o
                 self.cond.wait(wait if wait > 0 else None)
         return None
+
+    def settled(self) -> bool:
+        """Nothing left to send, or the peer is down (a drain does not wait for it)."""
+        with self.cond:
+            return self.up is False or not (self.busy or self.announce or self.replicate)
+
+    def unfinished(self) -> list[str]:
+        with self.cond:
+            return [f"{o.job} step {o.step} rank {o.rank}" for o in self.replicate]
 
     def _loop(self) -> None:
         while (item := self._next()) is not None:
@@ -142,6 +153,9 @@ class Sender:
                         self.announce.insert(0, o)
                     elif not isinstance(e, wire.PeerRefused):  # (refused: it will not take it later either)
                         self.replicate.append(o)
+            finally:
+                with self.cond:
+                    self.busy = False
 
     def _send_part(self, o: Outgoing) -> None:
         fds = o.open_files()
@@ -208,6 +222,17 @@ class Replication:
         with self._lock:
             senders = list(self._senders.values())
         return [s.backlog() for s in senders]
+
+    def settled(self) -> bool:
+        """Whether every part made here has reached its replica holders that answer (a drain's wait)."""
+        with self._lock:
+            senders = list(self._senders.values())
+        return all(s.settled() for s in senders)
+
+    def unfinished(self) -> list[str]:
+        with self._lock:
+            senders = list(self._senders.values())
+        return [f"{line} (to {s.peer.endpoint})" for s in senders for line in s.unfinished()]
 
     def stop(self) -> None:
         with self._lock:

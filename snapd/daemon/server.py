@@ -66,6 +66,8 @@ class Server:
         self.tally = Tally(self.metrics)
         if self.pipeline.uploads is not None:
             self.metrics.remote(self.pipeline.uploads.status)
+        if self.pipeline.peers is not None:
+            self.metrics.peers(self.pipeline.peers.status)
         self.leases = Leases(config, self.pool, self.metrics, self.sessions, self.tasks, self.replies,
                              self.hand_over,
                              lambda event: post(self.ctx, event), shared=self.policy.user_dirs)
@@ -158,11 +160,12 @@ class Server:
     def _drain_ended(self, past_deadline: bool) -> int | None:
         """The exit status once the drain is over: every snapshot persisted and (with a remote tier)
         uploaded, the emergency one first, or the store not answering, or the deadline passed."""
-        uploads = self.pipeline.uploads
-        if not self.tasks and (uploads is None or uploads.idle()):
+        uploads, peers = self.pipeline.uploads, self.pipeline.peers
+        if not self.tasks and (uploads is None or uploads.idle()) and \
+                (peers is None or peers.replication.settled()):  # (copies on other nodes: docs/peers.md)
             log.info("drained; exiting")
             return 0
-        if not self.tasks and uploads.unreachable():  # (no use waiting out the deadline)
+        if not self.tasks and uploads is not None and uploads.unreachable():  # (no use waiting it out)
             for line in uploads.unfinished():
                 log.error("the store does not answer: not in the remote tier: %s", line)
             return 0
@@ -174,6 +177,8 @@ class Server:
         uploads = self.pipeline.uploads
         for line in uploads.unfinished() if uploads is not None else []:
             log.error("drain deadline passed: not in the remote tier: %s", line)
+        for line in self.pipeline.peers.replication.unfinished() if self.pipeline.peers is not None else []:
+            log.error("drain deadline passed: not replicated: %s", line)
         return 1 if self.tasks else 0
 
     def _begin_drain(self) -> None:

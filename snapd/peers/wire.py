@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 import zmq
@@ -29,6 +30,9 @@ from snapd.peers.keys import PeerKeys
 log = logging.getLogger(__name__)
 
 PIECE_BYTES = 4 << 20  # the bytes one ``replica`` or ``get`` message carries at most
+# links pulling one file at once: CurveZMQ encrypts and decrypts on one core per link and side
+# (about 490 MiB/s here; 4 links 750 MiB/s on 2 cores, more with more cores)
+STREAMS = 4
 MAX_FRAME_BYTES = PIECE_BYTES + (1 << 20)
 MAX_MANIFEST_BYTES = 64 << 20
 ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}")
@@ -148,3 +152,28 @@ class Link:
             self._sock = None
 
     close = reset
+
+
+def fetch(link: Callable[[], Link], pool: Executor, base: dict[str, Any], size: int,
+          put: Callable[[memoryview, int], None]) -> None:
+    """Bytes [0, ``size``) of a file a peer holds (``base``: the ``get`` request, less its offset and
+    length), in ``STREAMS`` contiguous ranges at once on ``pool``'s threads, each over the link
+    ``link()`` gives its thread; ``put(data, offset)`` for each piece, on those threads."""
+    if size == 0:
+        return
+    pieces = -(-size // PIECE_BYTES)
+    per = -(-pieces // STREAMS)
+
+    def one(first: int) -> None:
+        lo, hi = first * PIECE_BYTES, min(size, (first + per) * PIECE_BYTES)
+        asks = (({**base, "offset": o, "length": min(PIECE_BYTES, hi - o)}, None)
+                for o in range(lo, hi, PIECE_BYTES))
+        at = lo
+        for _, data in link().pipeline(asks, 4):
+            put(data if data is not None else memoryview(b""), at)
+            at += len(data) if data is not None else 0
+        if at != hi:
+            raise PeerRefused(f"got {at - lo} of {hi - lo} bytes")
+
+    for f in [pool.submit(one, k) for k in range(0, pieces, per)]:
+        f.result()

@@ -196,6 +196,16 @@ def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start) -
     assert "holding g step 1 rank 1" not in nodes.daemons[2].log_text()
 
 
+def test_sigterm_waits_for_the_parts_to_reach_their_replica_holders(tmp_path, start) -> None:
+    # replication bound to 4 KiB/s: rank 1's part (16 KiB) takes about 4 s to reach node 0
+    nodes = Nodes(tmp_path, start, 2, "--peer-bytes-per-s", "4096")
+    outs = ranks(nodes, "g", "run-1", "1", world=2)
+    assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
+    assert nodes.daemons[1].stop(signal.SIGTERM) == 0  # (the node is being drained: it is going away)
+    assert "g step 1 rank 1 replicated to" in nodes.daemons[1].log_text(), nodes.logs()
+    assert nodes.status(0)["peers"]["held"]["jobs"]["g"] == {"1": [1]}
+
+
 def test_a_peer_without_the_cluster_key_is_refused_and_logged(tmp_path, start) -> None:
     nodes = Nodes(tmp_path, start, 1)
     d, endpoint = nodes.daemons[0], nodes.endpoints[0]
