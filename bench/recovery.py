@@ -54,6 +54,7 @@ class Cluster:
         from snapd.peers.keys import create
 
         self.work, self.url, self.mib = work, url, mib
+        self.sockets = Path(tempfile.mkdtemp(prefix="snapd-"))  # (short: an ipc path has 107 bytes at most)
         create(work / "keys")
         self.peers = sorted(f"tcp://127.0.0.1:{p}" for p in _ports(WORLD))
         self.procs: list[subprocess.Popen | None] = [None] * WORLD
@@ -64,7 +65,7 @@ class Cluster:
     def start(self, i: int, remote: bool = True) -> str:
         from snapd.client.connection import probe
 
-        endpoint = f"ipc://{self.work}/node{i}-{time.monotonic_ns()}.sock"
+        endpoint = f"ipc://{self.sockets}/node{i}-{time.monotonic_ns()}.sock"
         args = [sys.executable, "-m", "snapd", "serve", "--root", str(self.work / f"node{i}"), "--endpoint",
                 endpoint, "--host-buffer-bytes", str((self.mib + 16) << 20), "--codec", "raw",
                 "--incremental", "off", "--peer-endpoint", self.peers[i], "--peers", ",".join(self.peers),
@@ -91,6 +92,7 @@ class Cluster:
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(120)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def _snapshot(cluster: Cluster, step: int) -> None:

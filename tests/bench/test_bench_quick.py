@@ -113,3 +113,16 @@ def test_the_incremental_bench_runs_and_snapd_writes_only_what_changed(tmp_path)
     assert m["snapd"]["written"] <= 1.1 * row["changed_bytes"] + 8192  # (bytes, not time)
     assert m["snapd, incremental off"]["written"] >= row["state_bytes"]
     assert "| snapd |" in (tmp_path / "incremental.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_recovery_bench_restores_the_lost_rank_from_each_source(tmp_path) -> None:
+    run = subprocess.run([sys.executable, "-m", "bench", "--only", "recovery", "--quick", "--out",
+                          str(tmp_path), "--dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=230)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]  # (each restore checked bit-exact)
+    methods = {json.loads(line)["method"] for line in (tmp_path / "recovery.jsonl").read_text().splitlines()}
+    assert methods == {"local disk", "peers (replacement node)", "remote tier (fresh root)",
+                       "floor: peer link into memory", "floor: ranged GETs into memory"}
+    assert "| peers (replacement node) |" in (tmp_path / "recovery.md").read_text()
