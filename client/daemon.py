@@ -204,8 +204,8 @@ class Client:
         ``mmap`` and ``verify`` as for ``snapd.load``."""
         self.sync()
         fetch = None
-        if self._peers:  # (nodes that share no filesystem: parts on other nodes; docs/peers.md)
-            if step != "best":
+        if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
+            if step != "best" and self.world_size > 1:  # (one process's own snapshots are all on its node)
                 found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
                                         step=step if isinstance(step, int) else None)
                 step = found["step"] if found.get("step") is not None else step
@@ -217,7 +217,8 @@ class Client:
 
     def list(self) -> list:
         self.sync()
-        if self._peers:  # (a replacement node: the newest step complete on the peers is committed here)
+        if self._peers and self.world_size > 1:  # (a replacement node: the newest step whose parts
+            # are all on some node is committed here first)
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
 
@@ -265,18 +266,23 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
             spawn: bool = True, keep_last: int | None = 5, keep_every_steps: int | None = None,
             best: tuple[str, str] | None = None, on_busy: str = "wait", timeout_s: float = 10.0,
             host_buffer_bytes: int | None = None, rank: int | None = None,
-            world_size: int | None = None, per_rank: Any = None, run_id: str | None = None) -> Client:
+            world_size: int | None = None, per_rank: Any = None, run_id: str | None = None,
+            replicas: int | None = None) -> Client:
     """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers.
     The rank and world size are learned (client/ranks.py); ``rank=``/``world_size=`` where no
     process group or launcher says them. On several ranks each ``snapshot`` is this rank's part of
     one global snapshot (DTensors as their local shards; docs/usage.md): ``per_rank`` names the key
     paths whose values are each rank's own (RNG state, a dataloader's position); ``run_id``: see
-    client/ranks.py (learned from the launcher or the process group where not given)."""
+    client/ranks.py (learned from the launcher or the process group where not given). ``replicas``:
+    how many other nodes hold a copy of each rank's part, where the daemon has peers (docs/peers.md;
+    default: the daemon's ``replicas``)."""
     check_job_name(job)
     ranks = detect(rank, world_size)
     per_rank = check_per_rank(per_rank)
     run = find_run_id(run_id, ranks)
     check_retention(keep_last, keep_every_steps)
+    if replicas is not None and (type(replicas) is not int or not 0 <= replicas <= 8):
+        raise InvalidArgument(f"replicas must be an int in 0..8, got {replicas!r}")
     best = check_best(best)
     if on_busy not in ("wait", "skip"):
         raise InvalidArgument(f"on_busy must be 'wait' or 'skip', got {on_busy!r}")
@@ -300,7 +306,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
              "best": list(best) if best else None, "on_busy": on_busy,
              "root": str(root) if root is not None else None, "notices": True, "rank": ranks.rank,
              "world_size": ranks.world_size, "local_rank": ranks.local_rank, "per_rank": list(per_rank),
-             "run": run}
+             "run": run, "replicas": replicas}
     if "torch" in sys.modules:  # (the devices the trainer works on: the daemon gets ready for them)
         from snapd.client.cuda_export import devices_in_use
         hello["cuda_devices"] = devices_in_use()

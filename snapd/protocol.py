@@ -234,7 +234,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
               "best": _best, "on_busy": _one_of("wait", "skip"), "root": _opt(_str()),
               "cuda_devices": _opt(_devices), "notices": _opt(_bool), "rank": _opt(_int()),
               "world_size": _opt(_int(1)), "local_rank": _opt(_int()), "per_rank": _opt(_key_paths),
-              "run": _opt(_str(128))},
+              "run": _opt(_str(128)), "replicas": _opt(_int(0, 8))},
     "acquire": {"nbytes": _int(), "emergency": _bool},
     # a lease, or nbytes (the daemon leases); tensors and tree, or the number of a layout sent
     # before and new values, all of them or the changed ones (snapd.daemon.layouts); inline: tiny tensors'

@@ -174,7 +174,10 @@ class PartFetch:
         try:
             if (final / part_dir(rank) / MANIFEST_NAME).exists():
                 return {"from": "this node"}
-            g = parse_any(read_regular(final / MANIFEST_NAME), str(final))
+            try:
+                g = parse_any(read_regular(final / MANIFEST_NAME), str(final))
+            except FileNotFoundError:
+                raise SnapshotNotFound(f"{final}: no such committed snapshot on this node") from None
             if not isinstance(g, GlobalManifest) or rank >= g.world_size:
                 raise SnapshotNotFound(f"{final}: no rank {rank} in this snapshot")
             want = g.parts[rank]["checksum"]

@@ -51,7 +51,13 @@ class Peers:
         self.ctx = ctx  # (the server thread's: answers go to its events socket)
         keys = PeerKeys.load(config.peer_keys)
         self.node = config.node_name or socket.gethostname()
-        self.directory = PeerDirectory(config.peer_endpoint, self.node, config.peers, config.peer_directory)
+        store = None
+        if config.remote is not None:  # (the bucket is where nodes that share nothing else meet)
+            from snapd.remote.store import Store
+
+            store = Store.open(config.remote, endpoint_url=config.endpoint_url)
+        self.directory = PeerDirectory(config.peer_endpoint, self.node, config.peers, config.peer_directory,
+                                       store)
         memory = config.replica_memory_bytes
         self.book = PartBook(config.root, retention)
         self.store = ReplicaStore(default_replica_memory_bytes() if memory is None else memory,
@@ -59,9 +65,9 @@ class Peers:
         self.book.on_committed = self.store.prune
         self.store.load_disk()  # (replicas a previous run of this daemon kept on disk)
         self.server = PeerServer(config.peer_endpoint, self.node, keys, config.root, self.store,
-                                 self.book.announce)
+                                 self.book.announce, self.directory.tick)
         pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
-        self.replication = Replication(keys, self.directory, config.replicas, pace, config.peer_timeout_s)
+        self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
         self.replicas = config.replicas
@@ -114,7 +120,7 @@ class Peers:
         size = sum(int(f["bytes"]) for f in m.files) + len(raw)
         self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
         self.replication.add(Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw,
-                                      size))
+                                      size), self.replicas if task.replicas is None else task.replicas)
 
     def where(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Per job, for its newest steps known here: which ranks' parts lie on which node's disk and

@@ -148,11 +148,16 @@ class Sender:
                 self._backoff = min(30.0, backoff * 2)
                 log.warning("replication to %s lags: %s %s step %d rank %d: %s (again in %.1f s)",
                             self.peer.endpoint, kind, o.job, o.step, o.rank, e, backoff)
-                with self.cond:
-                    if kind == "announce":
+                with self.cond:  # (refused: it will not take it later either)
+                    if isinstance(e, wire.PeerRefused):
+                        pass
+                    elif kind == "announce":
                         self.announce.insert(0, o)
-                    elif not isinstance(e, wire.PeerRefused):  # (refused: it will not take it later either)
+                    else:
                         self.replicate.append(o)
+            except Exception:  # a bug of ours: this item is dropped, the peer's queue goes on
+                log.exception("replication to %s: %s of %s step %d rank %d failed", self.peer.endpoint, kind,
+                              o.job, o.step, o.rank)
             finally:
                 with self.cond:
                     self.busy = False
@@ -190,9 +195,9 @@ class Sender:
 
 
 class Replication:
-    def __init__(self, keys: PeerKeys, directory: PeerDirectory, replicas: int, pace: Callable[[int], None],
+    def __init__(self, keys: PeerKeys, directory: PeerDirectory, pace: Callable[[int], None],
                  timeout_s: float) -> None:
-        self.keys, self.directory, self.replicas, self.pace = keys, directory, replicas, pace
+        self.keys, self.directory, self.pace = keys, directory, pace
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._senders: dict[str, Sender] = {}
@@ -207,9 +212,9 @@ class Replication:
                 s.thread.start()
             return s
 
-    def add(self, o: Outgoing) -> None:
-        """Announce a part to every peer, and queue it for its replica holders (any thread)."""
-        targets = {p.endpoint for p in self.directory.replica_targets(self.replicas)}
+    def add(self, o: Outgoing, replicas: int) -> None:
+        """Announce a part to every peer, and queue it for its ``replicas`` holders (any thread)."""
+        targets = {p.endpoint for p in self.directory.replica_targets(replicas)}
         for peer in self.directory.all():
             s = self._sender(peer)
             with s.cond:

@@ -35,6 +35,7 @@ class Session:
     world_size: int = 1
     per_rank: tuple[str, ...] = ()  # key paths whose values are each rank's own (snapd.format.rank_parts)
     run: str = ""  # which run of the job (client/ranks.py): parts commit together only within one
+    replicas: int | None = None  # copies of each part on other nodes (None: the daemon's; docs/peers.md)
 
 
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
@@ -68,7 +69,8 @@ def new_session(sessions: dict[bytes, Session], peer: bytes, hello: dict, pid: i
                           best=tuple(hello["best"]) if hello.get("best") else None)
     s = Session(peer, check_job_name(hello["job"]), pid, uid, jobs_root, retention, hello["on_busy"],
                 notices=bool(hello.get("notices")), rank=rank, world_size=world_size,
-                per_rank=tuple(hello.get("per_rank") or ()), run=hello.get("run") or "")
+                per_rank=tuple(hello.get("per_rank") or ()), run=hello.get("run") or "",
+                replicas=hello.get("replicas"))
     taken = job_in_use(sessions, s)
     if taken:
         raise ProtocolError(taken, "job_in_use")

@@ -65,6 +65,7 @@ class Task:
     world_size: int = 1
     per_rank: tuple[str, ...] = ()
     run: str = ""
+    replicas: int | None = None  # the job's replication factor, if it set one (snapd.daemon.peers)
 
     @property
     def key(self) -> str:

@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
@@ -194,6 +196,41 @@ def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start) -
     held = nodes.status(2)["peers"]["held"]["jobs"]["g"]
     assert held == {"3": [1]}, held
     assert "holding g step 1 rank 1" not in nodes.daemons[2].log_text()
+
+
+def test_a_job_sets_its_own_replication_factor(tmp_path, start) -> None:
+    nodes = Nodes(tmp_path, start, 3)  # (the daemons' own factor: 1)
+
+    def rank(r: int) -> None:
+        with snapd.connect("two", endpoint=nodes.daemons[r].endpoint, spawn=False, rank=r, world_size=3,
+                           run_id="x", per_rank=["w"], replicas=2) as c:
+            c.snapshot({"w": np.full(1000, r, np.float32)}, step=1).wait(60)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(rank, range(3)))
+    for i in range(3):  # every node holds the other two ranks' parts
+        nodes.daemons[i].wait_for(lambda i=i: nodes.status(i)["peers"]["held"]["jobs"].get("two", {}).get("1")
+                                  == sorted({0, 1, 2} - {i}), timeout=30)
+    with pytest.raises(snapd.InvalidArgument, match="replicas must be"):
+        snapd.connect("two", endpoint=nodes.daemons[0].endpoint, spawn=False, replicas=9)
+
+
+def test_daemons_find_each_other_through_the_remote_tier_or_a_shared_directory(tmp_path, start, s3) -> None:
+    create(tmp_path / "keys")
+    eps = sorted(f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    # no --peers: node 0 and node 1 meet in the bucket they both upload to; node 1 also via a directory
+    a = start("--peer-endpoint", eps[0], "--peer-keys", str(tmp_path / "keys"), "--node-name", "a",
+              "--remote", f"{s3.url}/found", name="a", root=tmp_path / "a")
+    b = start("--peer-endpoint", eps[1], "--peer-keys", str(tmp_path / "keys"), "--node-name", "b",
+              "--remote", f"{s3.url}/found", "--peer-directory", str(tmp_path / "shared"), name="b",
+              root=tmp_path / "b")
+    assert json.loads((tmp_path / "shared" / "b.peer").read_text())["endpoint"] == eps[1]
+    procs = [subprocess.Popen([sys.executable, str(RANK), d.endpoint, "g", str(r), "2", "run-1", "1"],
+                              stdout=subprocess.PIPE, text=True, cwd="/") for r, d in enumerate((a, b))]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert outs == ["COMMITTED 1\n"] * 2, (outs, a.log_text()[-2000:], b.log_text()[-2000:])
+    # the step committed across the two disks from the parts they announced to each other (well
+    # before commit_timeout_s: not in the bucket's own commit, which waits 2 s for a part to offer)
+    assert "step 1 committed from the parts of 2 ranks (1 of them on this node)" in a.log_text()
 
 
 def test_sigterm_waits_for_the_parts_to_reach_their_replica_holders(tmp_path, start) -> None:

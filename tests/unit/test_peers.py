@@ -4,8 +4,10 @@ parts (issue 26)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -82,6 +84,8 @@ def test_peers_found_in_a_directory(tmp_path) -> None:
     a.publish()
     b.publish()
     (tmp_path / "junk.peer").write_text("{not json")
+    (tmp_path / "gone.peer").write_text(json.dumps({"endpoint": "tcp://10.0.0.9:7010", "node": "gone",
+                                                    "at": time.time() - 3600}))  # (not rewritten for an hour)
     assert a.all() == [PeerInfo("tcp://10.0.0.2:7010", "b")]
     assert b.replica_targets(1) == [PeerInfo("tcp://10.0.0.1:7010", "a")]
 

@@ -39,6 +39,11 @@ def data() -> list[dict]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
+def say(line: str) -> None:
+    """One line in one write: the two ranks share the pipe (a print's newline can come apart from it)."""
+    os.write(1, (line + "\n").encode())
+
+
 def digest(m) -> str:
     h = hashlib.sha256()
     for k, v in sorted(m.state_dict().items()):
@@ -67,7 +72,7 @@ class PerRankSeed(TrainerCallback):
 
 class Started(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
-        print(f"RESUMED {args.process_index} {state.global_step}", flush=True)
+        say(f"RESUMED {args.process_index} {state.global_step}")
 
 
 args = TrainingArguments(output_dir=out, max_steps=9, save_steps=3, save_strategy="steps",
@@ -90,11 +95,11 @@ if mode == "resume":
         for k, v in s.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(laid["optimizer"]["state"][p][k])), (p, k)
     assert own["optimizer"]["param_groups"] == laid["optimizer"]["param_groups"]
-    print(f"EQUAL {trainer.args.process_index}", flush=True)
+    say(f"EQUAL {trainer.args.process_index}")
     trainer.train(resume_from_checkpoint=ckpt)
 else:
     trainer.train()
-print(f"FINAL {trainer.args.process_index} {digest(m)}", flush=True)
+say(f"FINAL {trainer.args.process_index} {digest(m)}")
 if torch.distributed.is_initialized():  # (every rank done before gloo's pairs close: one leaving early
     torch.distributed.barrier()         # aborted another's exit with "terminate called")
     torch.distributed.destroy_process_group()
