@@ -185,6 +185,9 @@ class ReplicaStore:
         for r in parts:
             if r.complete:
                 jobs.setdefault(r.job, {}).setdefault(str(r.step), []).append(r.rank)
+        for steps in jobs.values():
+            for ranks in steps.values():
+                ranks.sort()
         return {"memory_bytes": sum(r.nbytes for r in parts if r.directory is None),
                 "memory_budget_bytes": self.memory_bytes,
                 "disk_bytes": sum(r.nbytes for r in parts if r.directory is not None),
