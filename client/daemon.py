@@ -232,10 +232,14 @@ class Client:
         msg = self._conn.call("status")
         return protocol.body(msg)
 
-    def on_preemption(self, state_fn: Any, signals: tuple = None, deadline_s: float = 25.0) -> None:
+    def on_preemption(self, state_fn: Any, signals: tuple = None, deadline_s: float = 25.0,
+                      requeue: bool | None = None) -> None:
+        """On ``signals`` (SIGTERM, SIGUSR1): an emergency snapshot of ``state_fn()``'s ``(state,
+        step)``, then the signal handed on; under Slurm, SIGUSR1 also requeues the job
+        (client/preemption.py)."""
         from snapd.client.preemption import install
 
-        install(self, state_fn, signals, deadline_s)
+        install(self, state_fn, signals, deadline_s, requeue)
 
     def close(self) -> None:
         if self._conn.closed:

@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 
 
 def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tuple | None = None,
-            deadline_s: float = 25.0) -> None:
-    """Install the handler; ``state_fn()`` returns ``(state, step)`` at signal time."""
+            deadline_s: float = 25.0, requeue: bool | None = None) -> None:
+    """Install the handler; ``state_fn()`` returns ``(state, step)`` at signal time. ``requeue``
+    (default: under Slurm): after SIGUSR1's snapshot, ``scontrol requeue`` the job, as Lightning
+    does at the time limit's warning (``--signal=USR1@N``): the job comes back and resumes."""
     signals = tuple(signals or (signal.SIGTERM, signal.SIGUSR1))
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    if requeue is None:
+        requeue = slurm_job is not None
+    if slurm_job is not None:
+        log.info("Slurm job %s, restart %s", slurm_job, os.environ.get("SLURM_RESTART_COUNT", "0"))
     previous: dict[int, Any] = {}
-    busy = {"dumping": False}
+    busy: dict[str, Any] = {"dumping": False, "step": None}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if busy["dumping"]:  # a second signal during the dump: the dump goes on
@@ -43,14 +50,20 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
         name = signal.Signals(signum).name
         try:
             state, step = state_fn()
-            pending = client.snapshot(state, step=step, emergency=True)
-            done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
-            log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step,
-                        time.monotonic() - t0, done.path)
+            if step == busy["step"]:  # (SIGTERM after SIGUSR1's dump of the same step: it is on disk)
+                log.warning("%s: step %d's emergency snapshot is already persisted", name, step)
+            else:
+                pending = client.snapshot(state, step=step, emergency=True)
+                done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
+                busy["step"] = step
+                log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step,
+                            time.monotonic() - t0, done.path)
         except Exception as e:  # the signal must still be handed on, whatever happened
             log.error("%s: emergency snapshot failed after %.2f s: %s", name, time.monotonic() - t0, e)
         finally:
             busy["dumping"] = False
+        if requeue and signum == signal.SIGUSR1 and slurm_job is not None:
+            _requeue(slurm_job)
         prev = previous.get(signum)
         if callable(prev):
             prev(signum, frame)
@@ -60,3 +73,19 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
 
     for s in signals:
         previous[s] = signal.signal(s, handler)
+
+
+def _requeue(job_id: str) -> None:
+    """Put the Slurm job back in the queue (it must have been submitted with ``--requeue``)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("scontrol requeue %s failed: %s", job_id, e)
+        return
+    if out.returncode:
+        log.error("scontrol requeue %s: %s (was the job submitted with --requeue?)", job_id,
+                  out.stderr.strip() or out.returncode)
+    else:
+        log.warning("Slurm job %s requeued: it resumes from the emergency snapshot", job_id)

@@ -53,7 +53,7 @@ def status_text(st: dict) -> str:
         f"last {tp['window_s']:.0f} s: {tp['snapshots']} snapshots, {human_bytes(tp['raw_bytes_per_s'])}/s "
         f"raw, {human_bytes(tp['stored_bytes_per_s'])}/s stored"]
     lines += [f"job {j['job']} ({j['dir']}): last step {j['last_step']}, persisted {j['persisted']}, "
-              f"failed {j['failed']}" for j in st["jobs"]]
+              f"failed {j['failed']}" + _persist_times(j) for j in st["jobs"]]
     rows = [[cl["job"], f"{cl.get('rank', 0)}/{cl.get('world_size', 1)}", str(cl["pid"]),
              str(cl.get("uid", "-")), str(cl.get("held_buffers", "-")),
              st["codecs"].get(cl["job"], {}).get("codec", "-"), _last_snapshot(cl.get("last_snapshot"))]
@@ -102,3 +102,10 @@ def _peers(p: dict | None) -> list[str]:
 
 def _ranks(ranks: list[int]) -> str:
     return "ranks " + ",".join(map(str, ranks))
+
+
+def _persist_times(j: dict) -> str:
+    out = f", last took {j['last_persist_s']:.2f} s" if j.get("last_persist_s") is not None else ""
+    if j.get("last_emergency_s") is not None:
+        out += f", last emergency snapshot {j['last_emergency_s']:.2f} s"
+    return out

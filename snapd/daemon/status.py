@@ -31,14 +31,20 @@ class Recent:
 
     def _job(self, job: str, job_dir: str) -> dict[str, Any]:
         return self.jobs.setdefault(job_dir, {"job": job, "dir": job_dir, "persisted": 0, "failed": 0,
-                                              "last_step": None, "last_persisted_at": None})
+                                              "last_step": None, "last_persisted_at": None,
+                                              "last_persist_s": None, "last_emergency_s": None})
 
-    def persisted(self, job: str, job_dir: str, step: int, raw: int, stored: int) -> None:
+    def persisted(self, job: str, job_dir: str, step: int, raw: int, stored: int, seconds: float,
+                  emergency: bool) -> None:
+        """``seconds``: from its hand-over to persisted (an emergency one's is what a preemption's
+        grace must cover: docs/clusters.md)."""
         now = time.time()
         self._window.append((now, raw, stored))
         j = self._job(job, job_dir)
         j["persisted"] += 1
-        j["last_step"], j["last_persisted_at"] = step, round(now, 3)
+        j["last_step"], j["last_persisted_at"], j["last_persist_s"] = step, round(now, 3), round(seconds, 3)
+        if emergency:
+            j["last_emergency_s"] = round(seconds, 3)
 
     def failed(self, job: str, job_dir: str) -> None:
         self._job(job, job_dir)["failed"] += 1
@@ -70,7 +76,7 @@ class Tally:
         self.counters["bytes_raw"] += task.raw_bytes
         self.counters["bytes_stored"] += stored
         self.metrics.persisted(task.raw_bytes, stored, seconds)
-        self.recent.persisted(task.job, task.key, task.step, task.raw_bytes, stored)
+        self.recent.persisted(task.job, task.key, task.step, task.raw_bytes, stored, seconds, task.emergency)
 
     def failed(self, task: Task, message: str) -> None:
         self.counters["failed"] += 1
