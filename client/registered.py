@@ -12,6 +12,7 @@ next mutation waits for that copy (``Pending.wait_copied()``, ``guard``).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -40,8 +41,14 @@ class SharedRegion:
         try:
             os.ftruncate(fd, self.size)
             self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+            # held while this process lives: a daemon in another pid namespace cannot tell by the pid
+            # in the name that it is alive, and must not take the file for a dead trainer's
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        self._fd = fd
         self.view = np.frombuffer(self.mm, dtype=np.uint8)
         self.base = self.view.ctypes.data
         self.used = 0
@@ -76,6 +83,9 @@ class SharedRegion:
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)  # the mapping stays valid for tensors still using it
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _tensors(obj: Any) -> list[Any]:

@@ -21,6 +21,7 @@ POSIX ACL), made the same way.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -66,6 +67,7 @@ class HostBuffer:
     view: np.ndarray  # uint8 over the whole mapping
     lease: int | None = None  # the lease holding it, None when free
     uid: int = -1  # the only client uid that may map it (-1: the daemon's own)
+    fd: int = -1  # held open with a shared flock while the buffer lives (snapd.daemon.leftovers)
 
 
 class BufferPool:
@@ -100,13 +102,13 @@ class BufferPool:
                 posix_acl.grant(fd, {uid: posix_acl.R | posix_acl.W})
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # (alive, whatever pid namespace another daemon looks from)
         except BaseException:
             path.unlink(missing_ok=True)
-            raise
-        finally:
             os.close(fd)
+            raise
         return HostBuffer(index, path, size, mm, np.frombuffer(mm, dtype=np.uint8),
-                          uid=-1 if uid is None else uid)
+                          uid=-1 if uid is None else uid, fd=fd)
 
     @staticmethod
     def make_whole(buf: HostBuffer) -> None:
@@ -271,6 +273,9 @@ def _discard(b: HostBuffer) -> None:
     if b.mm is None:  # a slot: nothing was made
         return
     b.path.unlink(missing_ok=True)
+    if b.fd >= 0:
+        os.close(b.fd)
+        b.fd = -1
     b.view = np.empty(0, np.uint8)
     try:
         b.mm.close()

@@ -1,9 +1,14 @@
 """What dead processes leave under /dev/shm: a killed daemon's host buffers, and the regions of
-trainers that died while no daemon watched them. Nothing else would ever remove them; the pid in
-each name tells whether its owner is gone."""
+trainers that died while no daemon watched them. Nothing else would ever remove them. The pid in
+each name says whose it is, but only in its owner's pid namespace: a daemon in a container sees
+another namespace's live owners as gone. So an owner also holds a shared flock on its file for as
+long as it lives, and a file is taken for a leftover only when its pid is gone from here and no
+one holds that lock (the lock alone would take an older version's files, which hold none, for
+leftovers while their owners live)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -27,9 +32,26 @@ def dead_pid_files(shm_dir: Path, name_re: re.Pattern) -> list[os.DirEntry]:
         m = name_re.match(e.name)
         if not m:
             continue
-        if not pid_alive(int(m.group(1))):
+        if not pid_alive(int(m.group(1))) and not _held(e.path):
             out.append(e)
     return out
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds the file's flock (its owner, in any pid namespace)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_dead_regions(shm_dir: Path) -> None:

@@ -23,6 +23,7 @@ from snapd.daemon.config import DaemonConfig
 from snapd.daemon.part_fetch import PartFetch
 from snapd.daemon.peer_commits import PartBook
 from snapd.daemon.peer_server import PeerServer
+from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.replication import Outgoing, Replication
 from snapd.daemon.tasks import Task
 from snapd.format.global_commit import Delivery
@@ -70,6 +71,7 @@ class Peers:
         self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
+        self._waiting: dict[tuple[str, int, int], Outgoing] = {}  # parts made here, their step not committed
         self.replicas = config.replicas
 
     def start(self) -> None:
@@ -119,8 +121,21 @@ class Peers:
         m = parse(raw)
         size = sum(int(f["bytes"]) for f in m.files) + len(raw)
         self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
-        self.replication.add(Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw,
-                                      size), self.replicas if task.replicas is None else task.replicas)
+        o = Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw, size)
+        self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
+        for k in [k for k in self._waiting if k[0] == job and k[2] == d.rank]:  # (one part a rank: its
+            del self._waiting[k]                                                # older step has ended)
+        if d.committed is None:
+            self._waiting[(job, d.step, d.rank)] = o
+
+    def waiting(self, w: Waiting) -> None:
+        """On the rank-commits thread, for each part of this node waiting for its step: announce it to
+        peers found since, and commit the step if every rank's part is now known."""
+        key = (self.book.job_path(w.delivery.job.path), w.task.step, w.task.rank)
+        o = self._waiting.get(key)
+        if o is not None:
+            self.replication.announce_new(o)
+        self.book.try_commit(w)
 
     def where(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Per job, for its newest steps known here: which ranks' parts lie on which node's disk and

@@ -93,7 +93,7 @@ class Pipeline:
             from snapd.daemon.peers import Peers
 
             self.peers = Peers(config, self._retention, ctx)
-            self.commits.spread = self.peers.book.try_commit
+            self.commits.spread = self.peers.waiting
 
     def start(self) -> None:
         self._thread.start()

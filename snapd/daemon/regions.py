@@ -58,11 +58,15 @@ def copy_from_region(dst: np.ndarray, src: RegionSpan) -> None:
         done += n
 
 
-def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path) -> Region:
+def open_region(path: str, nbytes: int, pid: int, uid: int, shm_dir: Path,
+                own_pid: int | None = None) -> Region:
     """Open a client's region read-only, after checking it is that client's: a regular file
-    named for its pid, directly under ``shm_dir``, owned by its uid, of the announced size."""
+    named for its pid, directly under ``shm_dir``, owned by its uid, of the announced size.
+    ``own_pid``: the pid the client knows itself by, where it runs in another pid namespace (a
+    container) and the kernel tells the daemon another one (``pid``): the name may carry either;
+    the owner's uid is the kernel's word either way."""
     m = REGION_RE.match(os.path.basename(path))
-    if os.path.dirname(path) != str(shm_dir) or not m or int(m.group(1)) != pid:
+    if os.path.dirname(path) != str(shm_dir) or not m or int(m.group(1)) not in (pid, own_pid):
         raise ProtocolError(f"{path}: not a region of client pid {pid} under {shm_dir}", "bad_region")
     try:  # O_NONBLOCK: a FIFO named like a region must not block the server thread
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -51,6 +51,7 @@ class Outgoing:
     manifest: bytes
     nbytes: int
     queued: float = field(default_factory=time.monotonic)
+    announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
 
     def header(self, t: str, **more: Any) -> dict[str, Any]:
         return {"t": t, "job": self.job, "step": self.step, "rank": self.rank, "world_size": self.world_size,
@@ -219,9 +220,21 @@ class Replication:
             s = self._sender(peer)
             with s.cond:
                 s.announce.append(o)
+                o.announced.add(peer.endpoint)
                 if peer.endpoint in targets:
                     s.replicate.append(o)
                 s.cond.notify()
+
+    def announce_new(self, o: Outgoing) -> None:
+        """Announce a part still waiting for its step to the peers found since it was made (a
+        daemon that started later: it may hold the step's other ranks)."""
+        for peer in self.directory.all():
+            if peer.endpoint not in o.announced:
+                s = self._sender(peer)
+                with s.cond:
+                    s.announce.append(o)
+                    o.announced.add(peer.endpoint)
+                    s.cond.notify()
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:

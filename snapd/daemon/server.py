@@ -281,7 +281,11 @@ class Server:
         old = self.sessions.pop(peer, None)
         if old:
             self.leases.release_all(old)
-        if msg["pid"] != creds.pid:  # another pid namespace, or a client that lies: the kernel wins
+        if creds.pid == 0:  # (a pid namespace this daemon cannot see into: docs/clusters.md)
+            log.warning("client pid %d (its own view) runs in a pid namespace this daemon cannot see: its "
+                        "death goes unnoticed, and the buffers it holds stay until it says bye; run the "
+                        "daemon in the host's pid namespace (Kubernetes: hostPID)", msg["pid"])
+        elif msg["pid"] != creds.pid:  # another pid namespace, or a client that lies: the kernel wins
             log.info("client says pid %d, the kernel says %d: using %d", msg["pid"], creds.pid, creds.pid)
         try:
             jobs_root = self.policy.jobs_root(self.config.root, creds)
@@ -317,7 +321,7 @@ class Server:
         """Open a client's region (read with pread); its tensors then travel as descriptors only."""
         s = self._session(peer)
         s.regions[rid := self.leases.new_id()] = region = open_region(msg["path"], msg["bytes"], s.pid, s.uid,
-                                                                      self.config.shm_dir)
+                                                                      self.config.shm_dir, s.own_pid)
         log.info("client pid %d registered %d MiB of tensors", s.pid, region.size >> 20)
         return protocol.message("registered", msg["id"], region=rid)
 

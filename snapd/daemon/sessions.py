@@ -36,6 +36,7 @@ class Session:
     per_rank: tuple[str, ...] = ()  # key paths whose values are each rank's own (snapd.format.rank_parts)
     run: str = ""  # which run of the job (client/ranks.py): parts commit together only within one
     replicas: int | None = None  # copies of each part on other nodes (None: the daemon's; docs/peers.md)
+    own_pid: int | None = None  # the pid it knows itself by, when the kernel says another (a container)
 
 
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
@@ -44,7 +45,7 @@ def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:
     on the world size. Snapshots of one job from two processes of one rank would interleave."""
     for other in sessions.values():
         same_job = other.job == s.job and other.jobs_root == s.jobs_root
-        if not same_job or other.pid == s.pid or not pid_alive(other.pid):
+        if not same_job or (other.pid == s.pid and s.pid > 0) or not pid_alive(other.pid):
             continue
         if s.world_size == 1 and other.world_size == 1:
             return (f"job {s.job} is being written by another process, pid {other.pid}: two processes "
@@ -70,7 +71,7 @@ def new_session(sessions: dict[bytes, Session], peer: bytes, hello: dict, pid: i
     s = Session(peer, check_job_name(hello["job"]), pid, uid, jobs_root, retention, hello["on_busy"],
                 notices=bool(hello.get("notices")), rank=rank, world_size=world_size,
                 per_rank=tuple(hello.get("per_rank") or ()), run=hello.get("run") or "",
-                replicas=hello.get("replicas"))
+                replicas=hello.get("replicas"), own_pid=hello["pid"] if hello["pid"] != pid else None)
     taken = job_in_use(sessions, s)
     if taken:
         raise ProtocolError(taken, "job_in_use")
@@ -83,7 +84,7 @@ def gone(sessions: dict[bytes, Session]) -> list[Session]:
     flight keep their descriptors)."""
     out = []
     for s in sessions.values():
-        if pid_alive(s.pid):
+        if s.pid <= 0 or pid_alive(s.pid):  # (0: a pid namespace the daemon cannot see; it says bye)
             continue
         log.info("client pid %d (job %s) is gone; releasing its buffers", s.pid, s.job)
         out.append(s)

@@ -1,0 +1,119 @@
+"""The daemon and its trainers in different pid (and mount) namespaces, as containers put them
+(issue 28; made with ``unshare``): a trainer whose pid the daemon sees as another number, or not
+at all (0), still snapshots, shares its tensors, restores, and a uid the daemon does not allow is
+still refused by the kernel's word. Needs root (unshare, other uids)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+NOBODY, OTHER, NOGROUP = 65534, 65533, 65534
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                reason="namespaces and other uids need root and unshare")
+# a new pid namespace (and mount namespace); the process in it dies with unshare (a test's teardown)
+UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+TRAINER = """
+import os, sys
+import numpy, torch, zmq, zmq.utils.monitor, lz4.frame, zstandard, xxhash  # (before the uid drops:
+import snapd.client.local, snapd.format.restore, snapd.client.registered     # the interpreter's files
+import snapd.posix_acl                                                        # are root's)
+from snapd.client import connect
+from snapd.errors import PermissionDenied
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+if uid != os.geteuid():
+    os.setgroups([]); os.setgid(gid); os.setuid(uid)
+print("PID", os.getpid(), flush=True)
+try:
+    c = connect("box", endpoint=sys.argv[3], spawn=False, timeout_s=10)
+except PermissionDenied as e:
+    print("REFUSED", e)
+    sys.exit(0)
+w = torch.arange(1000, dtype=torch.float32)
+print("PLAIN", c.snapshot({"w": w}, step=1).wait(30).step)
+c.share({"w": w})  # the registered path: a region in /dev/shm named for the pid it knows itself by
+w += 1
+print("SHARED", c.snapshot({"w": w}, step=2).wait(30).step)
+print("RESTORED", float(c.restore()["w"].sum()))
+c.close()
+"""
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other uids can traverse (pytest's own is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="snapd-ns-", dir="/tmp"))
+    d.chmod(0o755)
+    (d / "snapd.toml").write_text(f'socket_group = "{NOGROUP}"\nallowed_users = ["{NOBODY}"]\n'
+                                  'allowed_groups = []\n')
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def trainer(uid: int, endpoint: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*UNSHARE, sys.executable, "-c", textwrap.dedent(TRAINER), str(uid), str(NOGROUP),
+                           endpoint], capture_output=True, text=True, cwd="/", timeout=120)
+
+
+def test_a_trainer_in_its_own_pid_namespace_snapshots_shares_and_restores(shared_dir, start) -> None:
+    d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
+              endpoint=f"ipc://{shared_dir}/run/s.sock")
+    out = trainer(NOBODY, d.endpoint)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = ["PID 1", "PLAIN 1", "SHARED 2", f"RESTORED {sum(range(1, 1001))}.0"]
+    assert out.stdout.split("\n")[:4] == want, (out.stdout, out.stderr[-2000:])
+    # the daemon went by the kernel's pid for it (its liveness, its buffers), not the pid 1 it claimed
+    assert "client says pid 1, the kernel says" in d.log_text()
+    # and a uid it does not allow is refused the same across the namespace
+    refused = trainer(OTHER, d.endpoint)
+    assert "REFUSED" in refused.stdout and f"uid {OTHER}" in refused.stdout, (refused.stdout, refused.stderr)
+    assert f"refused uid {OTHER}" in d.log_text()
+
+
+def test_a_daemon_that_cannot_see_the_trainers_pid_serves_it_and_says_why(shared_dir, start) -> None:
+    # the daemon in a pid namespace of its own, the trainer in another: the kernel reports pid 0
+    d = start("--config", str(shared_dir / "snapd.toml"), root=shared_dir / "root",
+              endpoint=f"ipc://{shared_dir}/run/s.sock", command=[*UNSHARE, sys.executable, "-m", "snapd"])
+    out = trainer(NOBODY, d.endpoint)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHARED 2" in out.stdout and f"RESTORED {sum(range(1, 1001))}.0" in out.stdout, out.stdout
+    assert "runs in a pid namespace this daemon cannot see" in d.log_text() and "hostPID" in d.log_text()
+
+
+def test_a_daemon_in_another_pid_namespace_leaves_live_buffers_and_regions_alone(shared_dir, start) -> None:
+    # a daemon and a trainer that shares its tensors, live, in the host's pid namespace ...
+    a = start(root=shared_dir / "a", endpoint=f"ipc://{shared_dir}/a.sock")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time, torch, snapd.client as snapd
+        c = snapd.connect("held", endpoint=sys.argv[1], spawn=False)
+        w = torch.ones(1000)
+        c.share({"w": w})
+        print("READY", c._regions[0].path, flush=True)
+        sys.stdin.read()
+        print("SNAPSHOT", c.snapshot({"w": w}, step=1).wait(30).step, flush=True)
+        """), a.endpoint], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        line = holder.stdout.readline().split()
+        assert line[:1] == ["READY"], line
+        region = Path(line[1])
+        buffers = sorted(Path("/dev/shm").glob(f"snapd-{a.proc.pid}-*"))
+        assert buffers and region.exists()
+        # ... and a second daemon started in a pid namespace of its own, which sees neither pid: its
+        # sweep of dead processes' files must take them for alive (they hold their locks)
+        b = start(root=shared_dir / "b", endpoint=f"ipc://{shared_dir}/b.sock", name="b",
+                  command=[*UNSHARE, sys.executable, "-m", "snapd"])
+        assert "removed" not in b.log_text(), b.log_text()
+        assert region.exists() and all(p.exists() for p in buffers)
+        holder.stdin.close()
+        assert holder.stdout.readline().split() == ["SNAPSHOT", "1"]
+    finally:
+        holder.kill()
+        holder.wait()
