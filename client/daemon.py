@@ -45,6 +45,7 @@ class Client:
         self._hello = hello
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
+        self._grace_s: float | None = None  # an emergency snapshot's time before the kill, when known
         self._peers = bool(welcome.get("peers"))  # the daemon has peers on other nodes (docs/peers.md)
         self.remote: str | None = welcome.get("remote")  # the daemon's remote tier, where this job is
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
@@ -82,6 +83,8 @@ class Client:
         self._wait_registered()  # a region being copied must not be described again until that copy is done
         streams = self._export.streams(plan.leads, plan.leaves, plan.sources) if plan.leads else {}
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
+        if emergency and self._grace_s is not None:  # (the scheduler's time left: client/preemption.py)
+            head["grace_s"], self._grace_s = self._grace_s, None
         waited_s = 0.0
         try:
             plain = plan.plain

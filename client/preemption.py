@@ -49,6 +49,11 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
         t0 = time.monotonic()
         name = signal.Signals(signum).name
         try:
+            if signum == signal.SIGUSR1 and slurm_job is not None:  # (--signal=USR1@N: the time limit's
+                left = _time_left(slurm_job)                        # warning; the daemon hears it too)
+                if left is not None:
+                    busy["left"] = left
+                    client._grace_s = left  # type: ignore[attr-defined]
             state, step = state_fn()
             if step == busy["step"]:  # (SIGTERM after SIGUSR1's dump of the same step: it is on disk)
                 log.warning("%s: step %d's emergency snapshot is already persisted", name, step)
@@ -56,12 +61,19 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
                 pending = client.snapshot(state, step=step, emergency=True)
                 done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
                 busy["step"] = step
-                log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step,
-                            time.monotonic() - t0, done.path)
+                took = time.monotonic() - t0
+                log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step, took,
+                            done.path)
+                left = busy.pop("left", None)
+                if left is not None and took > left:
+                    log.error("%s: the emergency snapshot took %.2f s, but the job's time limit was %.1f s "
+                              "away: --signal is too short for this state (give it at least %.0f s: "
+                              "docs/clusters.md)", name, took, left, max(60.0, 3 * took))
         except Exception as e:  # the signal must still be handed on, whatever happened
             log.error("%s: emergency snapshot failed after %.2f s: %s", name, time.monotonic() - t0, e)
         finally:
             busy["dumping"] = False
+            client._grace_s = None  # type: ignore[attr-defined]  # (used by this dump's snapshot, or by none)
         if requeue and signum == signal.SIGUSR1 and slurm_job is not None:
             _requeue(slurm_job)
         prev = previous.get(signum)
@@ -89,3 +101,16 @@ def _requeue(job_id: str) -> None:
                   out.stderr.strip() or out.returncode)
     else:
         log.warning("Slurm job %s requeued: it resumes from the emergency snapshot", job_id)
+
+
+def _time_left(job_id: str) -> float | None:
+    """Seconds until the Slurm job's time limit (its end time, as squeue says it), if known."""
+    import subprocess
+    from datetime import datetime
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        return max(0.0, datetime.fromisoformat(out).timestamp() - time.time())
+    except (OSError, ValueError, subprocess.TimeoutExpired):  # no squeue, no limit ("Unknown")
+        return None

@@ -67,6 +67,11 @@ def _one_of(*options: str) -> Validator:
     return check
 
 
+def _seconds(v: Any, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9:
+        raise ProtocolError(f"{name} must be a number of seconds >= 0, got {_short(v)}", "bad_field")
+
+
 def _object(v: Any, name: str) -> None:
     if not isinstance(v, dict):
         raise ProtocolError(f"{name} must be an object", "bad_field")
@@ -242,7 +247,8 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     "snapshot": {"lease": _opt(_int()), "nbytes": _opt(_int()), "step": _int(), "metrics": _object,
                  "emergency": _bool, "tree": _opt(_object), "tensors": _opt(_tensors),
                  "layout": _opt(_int(1)), "values": _opt(_scalars), "changes": _opt(_changes),
-                 "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events)},
+                 "inline": _opt(_str(MAX_MESSAGE_BYTES)), "ready_events": _opt(_events),
+                 "grace_s": _opt(_seconds)},
     "release": {"lease": _int()}, "register": {"path": _str(), "bytes": _int(1)}, "status": {}, "ping": {},
     "bye": {},
     "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended

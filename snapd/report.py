@@ -108,4 +108,8 @@ def _persist_times(j: dict) -> str:
     out = f", last took {j['last_persist_s']:.2f} s" if j.get("last_persist_s") is not None else ""
     if j.get("last_emergency_s") is not None:
         out += f", last emergency snapshot {j['last_emergency_s']:.2f} s"
+        grace = j.get("last_emergency_grace_s")
+        if grace is not None:
+            out += f" of the {grace:.1f} s the scheduler gave" + (
+                " (TOO SHORT: give the signal more time)" if j["last_emergency_s"] > grace else "")
     return out

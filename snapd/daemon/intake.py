@@ -114,7 +114,7 @@ class Intake:
                     buffer=HostSpan(buf.path, plan.end, buf.view.ctypes.data,
                                     owner_uid(buf.uid) != os.geteuid()),
                     rank=s.rank, world_size=s.world_size, per_rank=s.per_rank, run=s.run,
-                    replicas=s.replicas)
+                    replicas=s.replicas, grace_s=msg.get("grace_s"))
         self.tasks.add(task)
         shuffle = plan.has_gpu and self.pipeline.gpu_shuffle(task) is not None
         in_buffer = not plan.has_gpu and not plan.has_copies  # plain path: the client copied the bytes first

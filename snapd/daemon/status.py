@@ -4,6 +4,7 @@ schema) and the one line systemd shows as STATUS=."""
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.sessions import Session
 from snapd.daemon.tasks import Task, TaskTable
 
+log = logging.getLogger(__name__)
+
 WINDOW_S = 60.0  # "recent" throughput: snapshots persisted within the last minute
 
 
@@ -32,10 +35,11 @@ class Recent:
     def _job(self, job: str, job_dir: str) -> dict[str, Any]:
         return self.jobs.setdefault(job_dir, {"job": job, "dir": job_dir, "persisted": 0, "failed": 0,
                                               "last_step": None, "last_persisted_at": None,
-                                              "last_persist_s": None, "last_emergency_s": None})
+                                              "last_persist_s": None, "last_emergency_s": None,
+                                              "last_emergency_grace_s": None})
 
     def persisted(self, job: str, job_dir: str, step: int, raw: int, stored: int, seconds: float,
-                  emergency: bool) -> None:
+                  emergency: bool, grace_s: float | None = None) -> None:
         """``seconds``: from its hand-over to persisted (an emergency one's is what a preemption's
         grace must cover: docs/clusters.md)."""
         now = time.time()
@@ -44,7 +48,11 @@ class Recent:
         j["persisted"] += 1
         j["last_step"], j["last_persisted_at"], j["last_persist_s"] = step, round(now, 3), round(seconds, 3)
         if emergency:
-            j["last_emergency_s"] = round(seconds, 3)
+            j["last_emergency_s"], j["last_emergency_grace_s"] = round(seconds, 3), grace_s
+            if grace_s is not None and seconds > grace_s:
+                log.error("%s step %d: the emergency snapshot took %.2f s, but the scheduler gave %.1f s "
+                          "before its kill: the signal's time is too short for this state (give it at least "
+                          "%.0f s: docs/clusters.md)", job, step, seconds, grace_s, max(60.0, 3 * seconds))
 
     def failed(self, job: str, job_dir: str) -> None:
         self._job(job, job_dir)["failed"] += 1
@@ -76,7 +84,8 @@ class Tally:
         self.counters["bytes_raw"] += task.raw_bytes
         self.counters["bytes_stored"] += stored
         self.metrics.persisted(task.raw_bytes, stored, seconds)
-        self.recent.persisted(task.job, task.key, task.step, task.raw_bytes, stored, seconds, task.emergency)
+        self.recent.persisted(task.job, task.key, task.step, task.raw_bytes, stored, seconds, task.emergency,
+                              task.grace_s)
 
     def failed(self, task: Task, message: str) -> None:
         self.counters["failed"] += 1

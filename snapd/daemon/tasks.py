@@ -66,6 +66,7 @@ class Task:
     per_rank: tuple[str, ...] = ()
     run: str = ""
     replicas: int | None = None  # the job's replication factor, if it set one (snapd.daemon.peers)
+    grace_s: float | None = None  # an emergency snapshot's time before the scheduler's kill, if known
 
     @property
     def key(self) -> str:
