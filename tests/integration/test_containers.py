@@ -1,5 +1,6 @@
-"""The daemon and its trainers in different pid (and mount) namespaces, as containers put them
-(issue 28; made with ``unshare``): a trainer whose pid the daemon sees as another number, or not
+"""The daemon and its trainers in different pid and mount namespaces, as containers put them
+(issue 28; made with ``unshare``, the trainer seeing only the socket directory, the snapshot root
+and /dev/shm of the daemon's files): a trainer whose pid the daemon sees as another number, or not
 at all (0), still snapshots, shares its tensors, restores, and a uid the daemon does not allow is
 still refused by the kernel's word. Needs root (unshare, other uids)."""
 
@@ -58,9 +59,31 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+# In the trainer's mount namespace /tmp is a fresh tmpfs, so it sees of the daemon's files only what
+# a container would be given: the socket directory and the snapshot root, bind-mounted back at their
+# paths (held meanwhile under /var/tmp), and /dev/shm.
+CONTAINER = """
+set -e
+hold=$1; shared=$2; shift 2
+mount --bind "$shared" "$hold"
+mount -t tmpfs tmpfs /tmp
+mkdir -p "$shared/run" "$shared/root"
+mount --bind "$hold/run" "$shared/run"
+mount --bind "$hold/root" "$shared/root"
+test ! -e "$shared/snapd.toml"  # (the rest of the daemon's directory is not there)
+exec "$@"
+"""
+
+
 def trainer(uid: int, endpoint: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*UNSHARE, sys.executable, "-c", textwrap.dedent(TRAINER), str(uid), str(NOGROUP),
-                           endpoint], capture_output=True, text=True, cwd="/", timeout=120)
+    shared = Path(endpoint[len("ipc://"):]).parent.parent
+    hold = Path(tempfile.mkdtemp(prefix="snapd-hold-", dir="/var/tmp"))
+    try:
+        inside = [sys.executable, "-c", textwrap.dedent(TRAINER), str(uid), str(NOGROUP), endpoint]
+        return subprocess.run([*UNSHARE, "bash", "-c", CONTAINER, "container", str(hold), str(shared),
+                               *inside], capture_output=True, text=True, cwd="/", timeout=120)
+    finally:
+        hold.rmdir()
 
 
 def test_a_trainer_in_its_own_pid_namespace_snapshots_shares_and_restores(shared_dir, start) -> None:
