@@ -1,6 +1,6 @@
 """The daemon and its trainers in different pid and mount namespaces, as containers put them
-(issue 28; made with ``unshare``, the trainer seeing only the socket directory, the snapshot root
-and /dev/shm of the daemon's files): a trainer whose pid the daemon sees as another number, or not
+(issue 28; made with ``unshare``, the trainer seeing of the daemon's files only the socket
+directory, the snapshot root and /dev/shm): a trainer whose pid the daemon sees as another number, or not
 at all (0), still snapshots, shares its tensors, restores, and a uid the daemon does not allow is
 still refused by the kernel's word. Needs root (unshare, other uids)."""
 
@@ -59,14 +59,14 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-# In the trainer's mount namespace /tmp is a fresh tmpfs, so it sees of the daemon's files only what
-# a container would be given: the socket directory and the snapshot root, bind-mounted back at their
-# paths (held meanwhile under /var/tmp), and /dev/shm.
+# In the trainer's mount namespace the daemon's directory is a fresh tmpfs, so it sees of the
+# daemon's files only what a container would be given: the socket directory and the snapshot root,
+# bind-mounted back at their paths (held meanwhile under /var/tmp), and /dev/shm.
 CONTAINER = """
 set -e
 hold=$1; shared=$2; shift 2
 mount --bind "$shared" "$hold"
-mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs "$shared"
 mkdir -p "$shared/run" "$shared/root"
 mount --bind "$hold/run" "$shared/run"
 mount --bind "$hold/root" "$shared/root"
