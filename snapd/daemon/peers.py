@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,7 +29,7 @@ from snapd.daemon.replication import Outgoing, Replication
 from snapd.daemon.tasks import Task
 from snapd.format.global_commit import Delivery
 from snapd.format.global_manifest import part_dir
-from snapd.errors import SnapdError
+from snapd.errors import Busy, SnapdError
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
@@ -38,6 +39,8 @@ from snapd.peers.replicas import ReplicaStore
 from snapd.remote.bandwidth import Pacer
 
 log = logging.getLogger(__name__)
+
+PER_CLIENT = 16  # a client's locate/fetch_part requests waiting at once (a rank's reader threads: 8)
 
 
 def default_replica_memory_bytes() -> int:
@@ -71,6 +74,8 @@ class Peers:
         self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
+        self._queued: dict[bytes, int] = {}  # each client's requests on the pool (``_off_thread``)
+        self._lock = threading.Lock()
         self._waiting: dict[tuple[str, int, int], Outgoing] = {}  # parts made here, their step not committed
         self.replicas = config.replicas
 
@@ -99,7 +104,12 @@ class Peers:
 
     def _off_thread(self, peer: bytes, req_id: int, kind: str, work: Callable[[], dict]) -> None:
         """Run ``work`` on the pool (it waits on other nodes); its answer, or its error, reaches the
-        client through the server thread's events socket."""
+        client through the server thread's events socket. A client with ``PER_CLIENT`` requests
+        waiting already is told it is busy (one client cannot queue the others' restores away)."""
+        with self._lock:
+            if self._queued.get(peer, 0) >= PER_CLIENT:
+                raise Busy(f"{self._queued[peer]} of this client's requests to the peers wait already")
+            self._queued[peer] = self._queued.get(peer, 0) + 1
 
         def run() -> None:
             try:
@@ -109,6 +119,11 @@ class Peers:
             except Exception as e:  # a bug of ours: the client hears it, the daemon goes on
                 log.exception("internal error answering %s", kind)
                 frame = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
+            finally:
+                with self._lock:
+                    self._queued[peer] -= 1
+                    if not self._queued[peer]:
+                        del self._queued[peer]
             post(self.ctx, {"event": "reply", "peer": peer.hex(), "frame": frame.decode()})
 
         self.pool.submit(run)

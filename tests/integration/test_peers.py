@@ -233,6 +233,23 @@ def test_daemons_find_each_other_through_the_remote_tier_or_a_shared_directory(t
     assert "step 1 committed from the parts of 2 ranks (1 of them on this node)" in a.log_text()
 
 
+def test_one_client_cannot_queue_the_peers_work_away_from_the_others(tmp_path, start) -> None:
+    create(tmp_path / "keys")
+    ep, gone = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))  # (nobody answers at ``gone``)
+    d = start("--peer-endpoint", ep, "--peers", f"{ep},{gone}", "--peer-keys", str(tmp_path / "keys"),
+              "--peer-timeout-s", "2", name="d", root=tmp_path / "root")
+    with snapd.connect("flood", endpoint=d.endpoint, spawn=False, rank=0, world_size=2, run_id="x") as c:
+        ids = [c._conn.send("locate", step=None) for _ in range(24)]  # each waits 2 s on the silent peer
+        codes = []
+        for i in ids:
+            try:
+                codes.append(c._conn.wait(i, 60)["type"])
+            except snapd.Busy as e:
+                codes.append(e.code)
+        assert codes.count("busy") == 24 - 16 and codes.count("located") == 16, codes
+        assert c._conn.call("ping")["type"] == "pong"
+
+
 def test_sigterm_waits_for_the_parts_to_reach_their_replica_holders(tmp_path, start) -> None:
     # replication bound to 4 KiB/s: rank 1's part (16 KiB) takes about 4 s to reach node 0
     nodes = Nodes(tmp_path, start, 2, "--peer-bytes-per-s", "4096")
