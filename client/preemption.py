@@ -110,7 +110,7 @@ def _time_left(job_id: str) -> float | None:
 
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+                             timeout=3).stdout.strip()  # (out of the dump's time: a slow answer is none)
         return max(0.0, datetime.fromisoformat(out).timestamp() - time.time())
     except (OSError, ValueError, subprocess.TimeoutExpired):  # no squeue, no limit ("Unknown")
         return None
