@@ -73,21 +73,12 @@ class PartBook:
         with self._lock:
             return {r: m for r, (m, _) in self._parts.get((job, step, world_size, run), {}).items()}
 
-    def where(self, job: str, step: int) -> dict[int, str]:
-        """The node of each rank announced for ``step`` (for ``snapd status``)."""
-        with self._lock:
-            out: dict[int, str] = {}
-            for k, ranks in self._parts.items():
-                if k[0] == job and k[1] == step:
-                    out.update({r: node for r, (_, node) in ranks.items()})
-            return out
-
     def mine(self, job: str, step: int, world_size: int, run: str, rank: int, node: str, m: Manifest) -> None:
         """Record a part made on this node (for ``steps``)."""
         with self._lock:
             self._parts.setdefault((job, step, world_size, run), {})[rank] = (m, node)
 
-    def steps(self, own_node: str, newest: int = 3) -> dict[tuple[str, int, int], dict[str, set[int]]]:
+    def steps(self, newest: int = 3) -> dict[tuple[str, int, int], dict[str, set[int]]]:
         """The newest steps of each job: which node has which ranks' parts on its disk."""
         with self._lock:
             items = list(self._parts.items())

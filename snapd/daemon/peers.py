@@ -138,8 +138,8 @@ class Peers:
         self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
         o = Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw, size)
         self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
-        for k in [k for k in self._waiting if k[0] == job and k[2] == d.rank]:  # (one part a rank: its
-            del self._waiting[k]                                                # older step has ended)
+        for k in [k for k in self._waiting if k[0] == job and k[2] == d.rank]:
+            del self._waiting[k]  # (a rank's newer part: its older step has ended)
         if d.committed is None:
             self._waiting[(job, d.step, d.rank)] = o
 
@@ -152,19 +152,20 @@ class Peers:
             self.replication.announce_new(o)
         self.book.try_commit(w)
 
-    def where(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def where(self, senders: list[dict], held: dict) -> dict[str, dict[str, dict[str, Any]]]:
         """Per job, for its newest steps known here: which ranks' parts lie on which node's disk and
-        which are held as replicas where, and whether each of those alone holds the whole step."""
+        which node holds copies of which (``senders``, ``held``: replication's and the replica
+        store's status), and whether the disks alone, or all together, hold the whole step."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        for (job, step, world), disks in self.book.steps(self.node).items():
+        for (job, step, world), disks in self.book.steps().items():
             replicas: dict[str, list[int]] = {}
-            for s in self.replication.status():
+            for s in senders:
                 ranks = [r for r in range(world) if s["replicated_steps"].get(f"{job}:{r}") == step]
                 if ranks:
-                    replicas[f"memory of {s['node']}"] = ranks
-            held = self.store.status()["jobs"].get(job, {}).get(str(step))
-            if held:
-                replicas[f"memory of {self.node}"] = sorted(held)
+                    replicas[s["node"]] = ranks
+            mine = held["jobs"].get(job, {}).get(str(step))
+            if mine:
+                replicas[self.node] = sorted(mine)
             on_disks = {r for ranks in disks.values() for r in ranks}
             anywhere = on_disks | {r for ranks in replicas.values() for r in ranks}
             out.setdefault(job, {})[str(step)] = {
@@ -173,10 +174,10 @@ class Peers:
         return out
 
     def status(self) -> dict[str, Any]:
-        senders = self.replication.status()
+        senders, held = self.replication.status(), self.store.status()
         lag = max((s["oldest_s"] for s in senders), default=0.0)
         return {"endpoint": self.directory.own, "node": self.node, "replicas": self.replicas,
                 "targets": [p.endpoint for p in self.directory.replica_targets(self.replicas)],
-                "peers": senders, "lag_s": lag, "held": self.store.status(),
+                "peers": senders, "lag_s": lag, "held": held,
                 "refused": self.server.refused, "fetched_bytes": self.fetch.fetched_bytes,
-                "damaged_copies": self.fetch.damaged, "jobs": self.where()}
+                "damaged_copies": self.fetch.damaged, "jobs": self.where(senders, held)}

@@ -88,7 +88,3 @@ def adopt(job: JobDir, raw: bytes, retention: Retention, where: str) -> Path:
              m.world_size)
     return final
 
-
-def part_missing(path: Path, rank: int) -> bool:
-    """Whether rank ``rank``'s part of the committed global snapshot ``path`` is not on this node."""
-    return not (path / part_dir(rank) / MANIFEST_NAME).exists()

@@ -52,7 +52,6 @@ class Replica:
     directory: Path | None = None  # (on disk instead)
     received: int = 0
     complete: bool = False
-    at: float = field(default_factory=time.time)
     touched: float = field(default_factory=time.monotonic)  # the last piece written
 
     @property
