@@ -206,6 +206,11 @@ class SnapdCheckpointIO(CheckpointIO):
         if pending is not None:
             pending.wait()
             return
+        if not job_dir.parent.is_dir():  # (a DDP rank on a node that does not share the root)
+            raise SnapshotNotFound(
+                f"{path} points at step {step} under {job_dir}, whose root is not on this node: every "
+                "rank loads what rank 0 saved, so snapd's root must be on a filesystem the ranks share "
+                "(or each node's daemon given the same remote tier: snapd.load(..., remote=...))")
         deadline = time.monotonic() + self.wait_s
         while not (job_dir / snapshot_name(step) / "manifest.json").is_file():
             if time.monotonic() >= deadline:
