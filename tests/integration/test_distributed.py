@@ -7,6 +7,8 @@ global snapshot, through real daemons sharing one root, and load it back on any 
 - a rank killed before its part is handed over, or a daemon killed while its part is being made:
   the step is given up within the commit timeout (every rank told why, none hanging), the
   previous global snapshot stays latest, verifies and loads, and the job resumes from it;
+- a 2-D job (tensor parallel x FSDP2, torch's strided sharding) resumes bit-exact and loads on
+  FSDP2-only layouts of 1, 2 and 3 ranks equal to DCP's own load;
 - ranks that disagree (a step, a replicated tensor's shape) commit nothing.
 """
 
@@ -27,6 +29,7 @@ from snapd.format.global_reader import open_snapshot
 
 SCRIPTS = Path(__file__).parent / "scripts"
 FSDP2 = SCRIPTS / "fsdp2_job.py"
+TP_FSDP2 = SCRIPTS / "tp_fsdp2_job.py"
 RANK = SCRIPTS / "rank_job.py"
 FAULTY = SCRIPTS / "faulty_daemon.py"
 
@@ -76,6 +79,26 @@ def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path
     for n in (1, 3, 4):  # (step 3: the state DCP saved too; step 4 is the resumed run's)
         out = torchrun(FSDP2, "load", str(a.root), "fsdp", dcp_dir, nproc=n).stdout
         assert len(re.findall(r"LOADED \d 18", out)) == n, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_tensor_parallel_fsdp2_job_resumes_and_reshards_onto_fsdp2_alone(tmp_path, torchrun, start) -> None:
+    """torchtitan's layout on a 2 x 2 mesh: column- and row-wise TP, FSDP2 over the other dimension;
+    the column-wise weight is strided-sharded (the job asserts torch really made it so)."""
+    d = start()
+    dcp_dir = str(tmp_path / "dcp")
+    saved = torchrun(TP_FSDP2, "save", str(d.root), "tp", dcp_dir, d.endpoint, nproc=4).stdout
+    placed = re.findall(r"SAVED (\d) _StridedShard/Shard Shard/Replicate", saved)
+    assert sorted(placed) == ["0", "1", "2", "3"], saved
+    resumed = torchrun(TP_FSDP2, "resume", str(d.root), "tp", dcp_dir, d.endpoint, nproc=4).stdout
+    assert sorted(re.findall(r"RESUMED (\d)", resumed)) == ["0", "1", "2", "3"], resumed
+    verify = snapd_cli("verify", str(d.root / "tp"))
+    assert verify.returncode == 0 and verify.stdout.count("ok ") == 4, verify.stdout
+    d.stop()
+    for n in (1, 2, 3):  # the state of step 3 (DCP saved it too), on FSDP2 alone
+        out = torchrun(TP_FSDP2, "load", str(d.root), "tp", dcp_dir, nproc=n).stdout
+        assert len(re.findall(r"LOADED \d 17", out)) == n, out
 
 
 @pytest.mark.slow
