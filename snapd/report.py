@@ -96,7 +96,8 @@ def _peers(p: dict | None) -> list[str]:
             reps = "; ".join(f"{n}: {_ranks(r)}" for n, r in sorted(w["replicas"].items())) or "none"
             state = ("complete on disks" if w["complete_on_disks"] else "complete" if w["complete"]
                      else "incomplete")
-            lines.append(f"job {job} step {step} ({state}): disks {disks}; replicas {reps}")
+            remote = {True: "; remote: committed", False: "; remote: absent", None: ""}[w.get("remote")]
+            lines.append(f"job {job} step {step} ({state}): disks {disks}; replicas {reps}{remote}")
     return lines
 
 

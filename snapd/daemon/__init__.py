@@ -40,7 +40,7 @@ Modules:
   snapshot commits or is given up;
   ``uploads``: the remote tier's upload thread (its backlog, order, retention and status);
   ``remote_parts``: rank parts uploaded ahead of their global commit, which nodes sharing no
-  filesystem make in the bucket.
+  filesystem make in the bucket; ``remote_view``: which steps the bucket holds, for the status.
 - ``peers``: the other nodes' daemons, as one part of this one (docs/peers.md): ``peer_server``
   (the thread that owns the socket they reach), ``peer_commits`` (the part book: the other
   nodes' parts, and the commits they make possible), ``replication`` (one thread per peer sending

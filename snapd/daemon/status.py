@@ -174,4 +174,18 @@ class Status:
                 "counters": dict(tally.counters), "last_error": tally.last_error,
                 "rank_commits": self.pipeline.commits.status(),
                 "remote": self.pipeline.uploads.status() if self.pipeline.uploads is not None else None,
-                "peers": self.pipeline.peers.status() if self.pipeline.peers is not None else None}
+                "peers": self._peers()}
+
+    def _peers(self) -> dict | None:
+        """The peers' section, each step's remote column from the uploads' last listing (True: the
+        bucket holds it committed; None: not listed yet, or no remote tier)."""
+        if self.pipeline.peers is None:
+            return None
+        out = self.pipeline.peers.status()
+        uploads = self.pipeline.uploads
+        for job, steps in out["jobs"].items():
+            listed = uploads.view.steps(job) if uploads is not None else None
+            for step, w in steps.items():
+                w["remote"] = None if listed is None else int(step) in listed
+                w["complete"] = w["complete"] or bool(w["remote"])
+        return out

@@ -31,6 +31,7 @@ from typing import Any
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.remote_parts import PartUploads
+from snapd.daemon.remote_view import RemoteView
 from snapd.errors import RemoteError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, job_dirs
@@ -85,6 +86,7 @@ class Uploader:
         self.counts = {"uploaded": 0, "uploaded_bytes": 0, "failures": 0, "skipped": 0, "seconds": 0.0}
         self.last_error: tuple[float, str] | None = None
         self.parts = PartUploads(self.store, self.remote_job, self._pool, self._pace_part)
+        self.view = RemoteView(self.store, self._lock)  # what status shows as the remote column
         self._thread = threading.Thread(target=self._run, name="snapd-upload", daemon=True)
 
     def start(self) -> None:
@@ -214,7 +216,7 @@ class Uploader:
                     self._busy = max(self._backlog.values(), key=self._order)
                     return self._busy
                 look = self.parts.wait_s()
-                if look is not None and look <= 0:
+                if look is not None and look <= 0 or self.view.wanted():
                     return None
                 waits = [t for t in (wait if self._backlog else None, look) if t is not None]
                 self._lock.wait(timeout=min(waits) if waits else None)
@@ -248,6 +250,7 @@ class Uploader:
         self._resume()
         while not self._stop:
             self.parts.tend()
+            self.view.refresh()
             u = self._next()
             if u is None:
                 continue
@@ -306,6 +309,8 @@ class Uploader:
             self.counts["seconds"] += took
             self.last_error = None
             self._failures = 0
+        if committed:
+            self.view.committed(rjob.job, u.step)
         log.info("uploaded %s step %d to %s in %.2f s%s", u.job, u.step, rjob.where(u.path.name), took,
                  "" if committed else " (its global snapshot waits for other nodes' parts)")
         self._retire(u, rjob)
@@ -325,6 +330,7 @@ class Uploader:
         for old in jobindex.to_delete(index, keep_last, every):
             log.info("remote retention removes %s step %d", u.job, old.step)
             rjob.delete(old.step)
+            self.view.forget(rjob.job, old.step)
 
 
 def _background() -> None:

@@ -231,6 +231,17 @@ def test_daemons_find_each_other_through_the_remote_tier_or_a_shared_directory(t
     # the step committed across the two disks from the parts they announced to each other (well
     # before commit_timeout_s: not in the bucket's own commit, which waits 2 s for a part to offer)
     assert "step 1 committed from the parts of 2 ranks (1 of them on this node)" in a.log_text()
+    # status shows where the step is complete: each disk its rank, and the bucket once both parts are up
+    def step_1() -> dict:
+        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--json", "--endpoint", a.endpoint],
+                             capture_output=True, text=True, cwd="/")
+        return json.loads(out.stdout)["peers"]["jobs"]["g"]["1"]
+    a.wait_for(lambda: step_1()["remote"] is True, timeout=60)
+    assert step_1()["disks"] == {"a": [0], "b": [1]}, step_1()
+    text = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", a.endpoint],
+                          capture_output=True, text=True, cwd="/").stdout
+    assert re.search(r"job g step 1 \(complete on disks\): disks a: ranks 0; b: ranks 1; .*remote: committed",
+                     text), text
 
 
 def test_one_client_cannot_queue_the_peers_work_away_from_the_others(tmp_path, start) -> None:
