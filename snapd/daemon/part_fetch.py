@@ -4,9 +4,11 @@ filesystem, or on a replacement node whose disk is empty).
 
 ``locate`` asks every peer what it holds of the job (``have``), and finds the newest step whose
 global manifest some node has and whose every part is on some node: on its disk, or as a replica
-in memory or on disk. If this node has not committed that step, its global manifest is adopted
-(snapd.format.spread_commit). ``fetch`` brings one part: from the fastest source first (a replica
-in memory, then a disk), into a temporary directory, each chunk then checked against the
+in memory or on disk; or that the remote tier holds whole, if it is newer (its parts are then
+brought from the bucket unless a node has them: snapd.daemon.bucket_parts). If this node has not
+committed that step, its global manifest is adopted (snapd.format.spread_commit). ``fetch``
+brings one part: from the fastest source first (a replica in memory, then a disk, the bucket
+last), into a temporary directory, each chunk then checked against the
 manifest's checksum and the manifest against the one the global snapshot names; a damaged copy is
 dropped with a log line and the next source is tried. Only a checked part is renamed into place.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.errors import FormatError, SnapdError, SnapshotNotFound
 from snapd.format import codecs
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
@@ -42,7 +45,7 @@ from snapd.peers.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
 
-SPEED = {"local": 0, "memory": 1, "disk": 2}  # the order sources are tried in
+SPEED = {"local": 0, "memory": 1, "disk": 2, "remote": 4}  # the order sources are tried in
 SURVEY_FRESH_S = 10.0
 HELD_HERE = "held here"  # a source: this daemon's own replica store
 
@@ -58,8 +61,9 @@ class Step:
 
 class PartFetch:
     def __init__(self, keys: PeerKeys, directory: PeerDirectory, root: Path, store: ReplicaStore,
-                 timeout_s: float) -> None:
+                 timeout_s: float, bucket: BucketParts | None = None) -> None:
         self.keys, self.directory, self.root, self.store = keys, directory, root, store
+        self.bucket = bucket
         self.timeout_s = timeout_s
         self.ctx = zmq.Context(io_threads=wire.STREAMS)
         self._streams = ThreadPoolExecutor(wire.STREAMS, thread_name_prefix="snapd-pull")  # (each its links)
@@ -77,8 +81,9 @@ class PartFetch:
         return links[endpoint]
 
     # -- where ---------------------------------------------------------------------------
-    def survey(self, job: str) -> dict[int, Step]:
-        """Every step of ``job`` this node or a peer knows, with each part's sources."""
+    def survey(self, job: str, want: int | None = None) -> dict[int, Step]:
+        """Every step of ``job`` this node or a peer knows, with each part's sources; and the
+        bucket's newest global snapshot (or step ``want``) where no node holds a newer one whole."""
         steps = self._here(job)
         for r in self.store.held(job):
             steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
@@ -100,12 +105,30 @@ class PartFetch:
                 for r, where in entry.get("parts", {}).items():
                     if isinstance(r, str) and r.isdigit():
                         s.sources.setdefault(int(r), []).append((SPEED.get(where, 3), peer.endpoint))
+        if self.bucket is not None:
+            self._add_bucket(job, steps, want)
         for s in steps.values():
             for srcs in s.sources.values():
                 srcs.sort()
         with self._lock:
             self._surveyed[job] = (time.monotonic(), steps)
         return steps
+
+    def _add_bucket(self, job: str, steps: dict[int, Step], want: int | None) -> None:
+        whole = [s.step for s in steps.values()
+                 if s.manifest is not None and all(s.sources.get(r) for r in range(s.manifest.world_size))]
+        if want in whole:
+            return
+        assert self.bucket is not None
+        found = self.bucket.newest(job, max(whole, default=-1), want)
+        if found is None:
+            return
+        m, raw = found
+        s = steps.setdefault(m.step, Step(m.step))
+        if s.manifest is None:
+            s.manifest, s.raw, s.where = m, raw, REMOTE
+        for r in range(m.world_size):
+            s.sources.setdefault(r, []).append((SPEED["remote"], REMOTE))
 
     def _here(self, job: str) -> dict[int, Step]:
         """The steps of ``job`` committed on this node's disk, with the parts there."""
@@ -146,7 +169,7 @@ class PartFetch:
     def locate(self, job_dir: JobDir, job: str, step: int | None, retention: Retention) -> dict[str, Any]:
         """The newest step of the job (or ``step``) whose parts are all somewhere, committed here
         (adopted if need be); ``{"step": None}`` when there is none."""
-        steps = self.survey(job)
+        steps = self.survey(job, step)
         for s in sorted(steps.values(), key=lambda s: -s.step):
             if step is not None and s.step != step:
                 continue
@@ -204,7 +227,14 @@ class PartFetch:
 
     def _bring(self, job_dir: JobDir, job: str, step: int, rank: int, endpoint: str, want: str,
                final: Path) -> int:
-        if endpoint == HELD_HERE:
+        if endpoint == REMOTE:
+            assert self.bucket is not None
+            bucket = self.bucket
+
+            def fill(fd: int, name: str, size: int) -> None:
+                bucket.fill(fd, job, step, rank, name, size)
+            raw = bucket.manifest(job, step, rank)
+        elif endpoint == HELD_HERE:
             replica = self.store.get(job, step, rank)
             if replica is None:
                 raise SnapshotNotFound("this node's replica is gone")
@@ -213,14 +243,15 @@ class PartFetch:
             def fill(fd: int, name: str, size: int) -> None:
                 for off in range(0, size, wire.PIECE_BYTES):
                     _put(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off, size)
-        else:
+        else:  # a peer
             base = {"t": "get", "job": job, "step": step, "rank": rank}
             read = functools.partial(self._get, self._link(endpoint), base)
 
             def fill(fd: int, name: str, size: int) -> None:
                 wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, size,
                            lambda data, off: _put(fd, data, off, size))
-        raw = _whole(read)
+        if endpoint != REMOTE:
+            raw = _whole(read)
         m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
         if m.checksum != want:
             raise FormatError(f"its manifest is not the one the global snapshot names ({m.checksum} != "

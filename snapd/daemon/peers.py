@@ -21,6 +21,7 @@ import zmq
 from snapd import protocol
 from snapd.daemon.channels import post
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon.bucket_parts import BucketParts
 from snapd.daemon.part_fetch import PartFetch
 from snapd.daemon.peer_commits import PartBook
 from snapd.daemon.peer_server import PeerServer
@@ -72,7 +73,8 @@ class Peers:
                                  self.book.announce, self.directory.tick)
         pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
         self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
-        self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s)
+        self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s,
+                               None if store is None else BucketParts(store))
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
         self._queued: dict[bytes, int] = {}  # each client's requests on the pool (``_off_thread``)
         self._lock = threading.Lock()

@@ -172,6 +172,32 @@ def test_a_damaged_replica_is_caught_and_another_copy_used(tmp_path, start) -> N
     assert "rank 2's part (0 MiB) came from " + nodes.endpoints[1] in log, log
 
 
+def test_a_newer_step_the_bucket_holds_wins_its_missing_part_from_there(tmp_path, start, s3) -> None:
+    """Step 1 is replicated; step 2 is not (``replicas=0``) but reaches the bucket. Node 1 is lost:
+    the nodes still hold step 1 whole, the bucket step 2; the resume takes step 2, rank 0's part
+    from node 0's disk and rank 1's from the bucket."""
+    nodes = Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/newer")
+    outs = ranks(nodes, "g", "run-1", "1", world=2)
+    assert [o.split() for o in outs] == [["COMMITTED", "1"]] * 2, nodes.logs()
+    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["held"]["jobs"].get("g", {}).get("1") == [1],
+                              timeout=30)
+    outs = ranks(nodes, "g", "run-1", "2", "replicas=0", world=2)
+    assert [o.split() for o in outs] == [["COMMITTED", "2"]] * 2, nodes.logs()
+    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["jobs"]["g"]["2"]["remote"] is True,
+                              timeout=60)
+    assert nodes.status(0)["peers"]["held"]["jobs"]["g"] == {"1": [1]}  # (no replica of step 2)
+    nodes.lose(1)
+    nodes.daemons[1] = nodes.start(1)
+    outs = ranks(nodes, "g", "run-2", "3", "restore", world=2)
+    for r, o in enumerate(outs):
+        assert o.split()[:4] == ["RESTORED", "2", str(200 + r), "2.0"], (o, nodes.logs())
+    log = nodes.daemons[1].log_text()
+    # each part from its fastest source: rank 0's from node 0's disk first, rank 1's from the bucket
+    assert f"resuming from step 2 (parts: {{0: ['{nodes.endpoints[0]}', 'the remote tier'], 1: ['the " \
+           "remote tier']})" in log, log
+    assert "rank 1's part (0 MiB) came from the remote tier" in log, log
+
+
 def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start) -> None:
     nodes = Nodes(tmp_path, start, 3)
     # the ring sends node 1's parts to node 2: node 2 stops answering (a hung or unreachable node)

@@ -1,8 +1,10 @@
-"""``python rank_job.py ENDPOINT JOB RANK WORLD RUN STEP[,STEP...] [stall-at STEP]``: one rank of a job
-with no process group (its rank given, as a launcher without torch would), snapshotting a state whose
-``w`` is the same on every rank and whose ``own`` is this rank's (``per_rank``), and waiting for
-each global snapshot. Prints ``COMMITTED step`` or ``FAILED step code: message`` per step, and
-``STALLING step`` before stalling for good at that step (a test then kills it there)."""
+"""``python rank_job.py ENDPOINT JOB RANK WORLD RUN STEP[,STEP...] [stall-at STEP] [restore]
+[replicas=N]``: one rank of a job with no process group (its rank given, as a launcher without
+torch would), snapshotting a state whose ``w`` is the same on every rank and whose ``own`` is this
+rank's (``per_rank``), and waiting for each global snapshot (``restore``: first restores the
+latest; ``replicas=N``: the job's peer replication factor). Prints ``COMMITTED step`` or
+``FAILED step code: message`` per step, and ``STALLING step`` before stalling for good at that
+step (a test then kills it there)."""
 
 import sys
 import threading
@@ -26,8 +28,9 @@ def say(line: str) -> None:
 endpoint, job, rank, world, run, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
     sys.argv[5], [int(s) for s in sys.argv[6].split(",")]
 stall = int(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[7] == "stall-at" else None
+replicas = next((int(a.split("=")[1]) for a in sys.argv[7:] if a.startswith("replicas=")), None)
 client = snapd.connect(job, endpoint=endpoint, spawn=False, rank=rank, world_size=world, run_id=run,
-                       per_rank=["own"])
+                       per_rank=["own"], replicas=replicas)
 if "restore" in sys.argv[7:]:
     back = client.restore("latest")
     say(f"RESTORED {back['step']} {int(back['own'][0])} {float(back['w'][0])}")
