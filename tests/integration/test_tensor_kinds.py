@@ -30,6 +30,13 @@ def test_dtensors_save_as_their_shards_and_partial_ones_are_refused(tmp_path) ->
         partial = DTensor.from_local(w, mesh, [Partial()])  # (as a tensor-parallel matmul leaves it)
         with pytest.raises(UnsupportedValueError, match="opt.p: a DTensor with a Partial placement"):
             snapd.save(tmp_path, "j", {"opt": {"p": partial}}, step=2)
+        # where a shard lies is remembered per layout (the stall: snapd/format/dtensors.py), but a
+        # local tensor that is not the box torch places it in is still refused, however it was made
+        spec_like = DTensor.from_local(w, mesh, [Shard(0)], shape=(3, 4), stride=(4, 1))
+        snapd.save(tmp_path, "j", {"w": spec_like}, step=3)
+        lying = DTensor.from_local(w[:2], mesh, [Shard(0)], shape=(3, 4), stride=(4, 1))
+        with pytest.raises(UnsupportedValueError, match=r"w: this DTensor's local shard \(2, 4\)"):
+            snapd.save(tmp_path, "j", {"w": lying}, step=4)
     finally:
         dist.destroy_process_group()
 

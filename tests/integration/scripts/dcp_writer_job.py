@@ -9,6 +9,7 @@ snapd checkpoint loads back through ``dcp.load`` with ``snapd.dcp.SnapshotReader
 ``DCP-WRITER r``.
 """
 
+import os
 import sys
 
 import torch
@@ -108,5 +109,9 @@ same(loaded(SnapshotReader(path3)), loaded(checkpoint_id=f"{fs_dir}/3"), "use_co
 client.close()
 sys.stdout.write(f"DCP-WRITER {rank}\n")
 sys.stdout.flush()
-dist.barrier()
-dist.destroy_process_group()
+dist.barrier()  # every rank is done and has said so
+# gloo's teardown of a device mesh's groups aborts now and then under load ("terminate called without
+# an active exception", exit -6) after every rank's work is done: torch's, not what this job tests.
+# The job ends here instead, its output written.
+sys.stdout.flush()
+os._exit(0)

@@ -2,6 +2,7 @@
 size load a snapd snapshot a single process took, through ``dcp.load`` and snapd's storage reader, and
 the same state through DCP's own save of it; each rank's shards must be equal. Prints LOADED rank."""
 
+import os
 import sys
 
 import torch
@@ -56,5 +57,9 @@ for k in ours:
 assert ours["step"] == 7 and ours["lr"] == 0.01
 sys.stdout.write(f"LOADED {dist.get_rank()} {len(ours)}\n")  # (one write: the ranks share the pipe)
 sys.stdout.flush()
-dist.barrier()  # (every rank done before gloo's pairs close: one leaving early aborted another's exit)
-dist.destroy_process_group()
+dist.barrier()  # every rank is done and has said so
+# gloo's teardown of a device mesh's groups aborts now and then under load ("terminate called without
+# an active exception", exit -6) after every rank's work is done: torch's, not what this job tests.
+# The job ends here instead, its output written.
+sys.stdout.flush()
+os._exit(0)

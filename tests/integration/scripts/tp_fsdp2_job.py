@@ -127,5 +127,9 @@ elif mode == "load":
     ours = flat(model, opt) | {"step": state["step"]}
     same(ours, dcp_loaded(False), "load")
     say(f"LOADED {rank} {len(ours)}")
-dist.barrier()  # (every rank done before gloo's pairs close)
-dist.destroy_process_group()
+dist.barrier()  # every rank is done and has said so
+# gloo's teardown of a device mesh's groups aborts now and then under load ("terminate called without
+# an active exception", exit -6) after every rank's work is done: torch's, not what this job tests.
+# The job ends here instead, its output written.
+sys.stdout.flush()
+os._exit(0)
