@@ -91,6 +91,8 @@ class Peers:
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.fetch.bucket is not None:
+            self.fetch.bucket.close()
         self.replication.stop()
         self.server.stop()
 
