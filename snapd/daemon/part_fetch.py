@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import mmap
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +29,11 @@ from typing import Any
 import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
+from snapd.daemon.part_files import check_part, put_piece, whole_manifest
 from snapd.errors import FormatError, SnapdError, SnapshotNotFound
-from snapd.format import codecs
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import adopt
 from snapd.peers import wire
@@ -242,16 +240,16 @@ class PartFetch:
 
             def fill(fd: int, name: str, size: int) -> None:
                 for off in range(0, size, wire.PIECE_BYTES):
-                    _put(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off, size)
+                    put_piece(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off, size)
         else:  # a peer
             base = {"t": "get", "job": job, "step": step, "rank": rank}
             read = functools.partial(self._get, self._link(endpoint), base)
 
             def fill(fd: int, name: str, size: int) -> None:
                 wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, size,
-                           lambda data, off: _put(fd, data, off, size))
+                           lambda data, off: put_piece(fd, data, off, size))
         if endpoint != REMOTE:
-            raw = _whole(read)
+            raw = whole_manifest(read)
         m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
         if m.checksum != want:
             raise FormatError(f"its manifest is not the one the global snapshot names ({m.checksum} != "
@@ -269,7 +267,11 @@ class PartFetch:
                 finally:
                     os.close(fd)
                 total += int(f["bytes"])
-            self._check(m, tmp)
+            try:
+                check_part(m, tmp)
+            except FormatError:
+                self.damaged += 1
+                raise
             try:
                 os.rename(tmp, final / part_dir(rank))
             except OSError:  # (there already: another process brought it)
@@ -284,47 +286,3 @@ class PartFetch:
     def _get(link: wire.Link, base: dict, name: str, offset: int, length: int) -> bytes:
         _, data = link.request({**base, "file": name, "offset": offset, "length": length})
         return bytes(data or b"")
-
-    def _check(self, m: Manifest, tmp: Path) -> None:
-        """Every chunk of the part against its checksum, before the part is used."""
-        maps: dict[str, mmap.mmap] = {}
-        views: dict[str, memoryview] = {}
-        try:
-            for f in m.files:
-                if f["bytes"]:
-                    with open(tmp / f["name"], "rb") as fh:
-                        maps[f["name"]] = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-                    views[f["name"]] = memoryview(maps[f["name"]])
-            for rec in m.tensors:
-                for n, c in enumerate(rec.chunks):
-                    chunk = views[m.files[c.file]["name"]][c.offset:c.offset + c.stored]
-                    try:
-                        codecs.verify(chunk, c.checksum, f"{rec.key} chunk {n}")
-                    except FormatError:
-                        self.damaged += 1
-                        raise
-                    finally:
-                        chunk.release()  # (the error's traceback holds it: the map must close)
-        finally:
-            for v in views.values():
-                v.release()
-            for mm in maps.values():
-                mm.close()
-
-
-def _whole(read: Callable[[str, int, int], bytes]) -> bytes:
-    """A part's manifest, piece by piece."""
-    out = b""
-    while True:
-        piece = read(MANIFEST_NAME, len(out), wire.PIECE_BYTES)
-        out += piece
-        if len(piece) < wire.PIECE_BYTES:
-            return out
-        if len(out) > wire.MAX_MANIFEST_BYTES:
-            raise FormatError(f"{MANIFEST_NAME} is over {wire.MAX_MANIFEST_BYTES} bytes")
-
-
-def _put(fd: int, data: bytes | memoryview, off: int, size: int) -> None:
-    if len(data) != min(wire.PIECE_BYTES, size - off):
-        raise FormatError(f"got {len(data)} bytes at {off} of {size}")
-    os.pwrite(fd, data, off)
