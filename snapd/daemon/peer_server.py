@@ -176,6 +176,8 @@ class PeerServer:
                              bytes(data))
         elif phase == "data" and data is not None and len(data) <= wire.PIECE_BYTES:
             self.store.write(job, step, rank, _str(h, "file"), _int(h, "offset"), data)
+        elif phase == "link" and data is None:  # (a file of an incremental part: held here already)
+            self.store.link(job, step, rank, _str(h, "file"), _int(h, "from_step"), _str(h, "from_file"))
         elif phase == "end":
             self.store.end(job, step, rank)
         else:

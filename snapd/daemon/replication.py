@@ -7,7 +7,9 @@ holds up only its own queue, never a snapshot or another peer. A queue sends ann
 replicated, the older parts of the same rank still queued for that peer are dropped (the newest
 step first, as the issue of catching up asks). A failed send waits 0.5 s, doubling up to 30 s,
 then tries again. All threads draw from one bandwidth bound (``peer_bytes_per_s``), so
-replication cannot starve the job's collectives.
+replication cannot starve the job's collectives. A data file an incremental part shares with the
+previous step (FORMAT.md section 9), which this thread replicated to the same peer, is not sent
+again: the peer takes it from its replica of that step (``link``); if it cannot, it is sent.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import zmq
 
 from snapd.errors import SnapdError
 from snapd.format.global_manifest import part_dir
-from snapd.format.jobdir import snapshot_name
-from snapd.format.manifest import parse
+from snapd.format.jobdir import SNAPSHOT_RE, snapshot_name
+from snapd.format.manifest import Manifest, parse
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys
@@ -172,19 +174,43 @@ class Sender:
         try:
             t0 = time.monotonic()
             self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
-            for _ in self.link.pipeline(self._pieces(o, fds), WINDOW):
+            from_step, linked = self._link_shared(o, parse(o.manifest))
+            for _ in self.link.pipeline(self._pieces(o, {n: fd for n, fd in fds.items() if n not in linked}),
+                                        WINDOW):
                 pass
             self.link.request(o.header("replica", phase="end"))
         finally:
             for fd in fds.values():
                 os.close(fd)
-        self.sent_bytes += o.nbytes
+        self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
             self.replicated[(o.job, o.rank)] = max(o.step, self.replicated.get((o.job, o.rank), -1))
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
                                                                  and q.step < o.step)]
-        log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s)", o.job, o.step, o.rank,
-                 self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0)
+        log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,
+                 self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0,
+                 f"; {sum(linked.values()) >> 20} MiB of it shared with step {from_step}, not sent"
+                 if linked else "")
+
+    def _link_shared(self, o: Outgoing, m: Manifest) -> tuple[int | None, dict[str, int]]:
+        """Ask the peer to take each file ``o`` shares with the step this thread last replicated
+        of its rank from its replica of that step: that step, and the files it took (their sizes)."""
+        with self.cond:
+            last = self.replicated.get((o.job, o.rank))
+        out: dict[str, int] = {}
+        for f in m.files:
+            where = str(f.get("shared_from", "")).split("/")
+            step = SNAPSHOT_RE.match(where[0]) if len(where) == 3 else None
+            if step is None or int(step.group(1)) != last or where[1] != part_dir(o.rank):
+                continue
+            try:
+                self.link.request(o.header("replica", phase="link", file=f["name"], from_step=last,
+                                           from_file=where[2]))
+                out[f["name"]] = int(f["bytes"])
+            except wire.PeerRefused as e:  # (the peer no longer holds it: sent whole)
+                log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, f["name"],
+                         self.peer.endpoint, e)
+        return last, out
 
     def _pieces(self, o: Outgoing, fds: dict[str, int]) -> Iterator[tuple[dict, bytes]]:
         for name, fd in fds.items():

@@ -6,7 +6,10 @@ their sizes come from it, so a peer can never make this daemon hold more, or wri
 filled piece by piece, and ended; only ended replicas are served. Per job, the newest step that is
 committed (every rank's part durable on some node, as the part book knows) and whose replicas here
 are complete is kept, with anything newer; older steps go. A newer step some rank never finished
-thus never takes its older step's replicas with it: that older step is the resume point. Whoever
+thus never takes its older step's replicas with it: that older step is the resume point. A data file
+an incremental part shares with its previous step (FORMAT.md section 9) is not sent again: the
+sender asks for it to be taken from the replica of that step held here (``link``: the same bytes
+in memory, a hard link on disk), and such a file is never written to after. Whoever
 uses a replica checks it chunk by chunk against its manifest first (snapd.daemon.part_fetch): a
 byte flipped here is caught there.
 """
@@ -48,7 +51,9 @@ class Replica:
     manifest: bytes
     checksum: str
     sizes: dict[str, int]  # data file -> its bytes (from the manifest)
-    files: dict[str, bytearray] = field(default_factory=dict)  # (in memory)
+    files: dict[str, bytearray] = field(default_factory=dict)  # (in memory; each made at its first piece)
+    linked: set[str] = field(default_factory=set)  # files taken from an older step's replica
+    written: set[str] = field(default_factory=set)  # files that got pieces
     directory: Path | None = None  # (on disk instead)
     received: int = 0
     complete: bool = False
@@ -88,8 +93,6 @@ class ReplicaStore:
         with self._lock:
             self._drop(self._parts.pop((job, step, rank), None))
             self._make_room(r)
-            if r.directory is None:
-                r.files = {name: bytearray(size) for name, size in r.sizes.items()}
             self._parts[(job, step, rank)] = r
         log.info("holding %s step %d rank %d from %s in %s (%d MiB)", job, step, rank, node, r.where,
                  r.nbytes >> 20)
@@ -99,18 +102,48 @@ class ReplicaStore:
         if r is None or r.complete:
             raise InvalidArgument(f"{job} step {step} rank {rank}: no replica begun")
         size = r.sizes.get(name)
-        if size is None or offset < 0 or offset + len(data) > size:
+        if size is None or offset < 0 or offset + len(data) > size or name in r.linked:
             raise InvalidArgument(f"{job} step {step} rank {rank}: {name} [{offset}, +{len(data)}) is not a "
-                                  "range of a file of its manifest")
+                                  "range of a file of its manifest it may write")
         if r.directory is None:
-            r.files[name][offset:offset + len(data)] = data
+            buf = r.files.get(name)
+            if buf is None:
+                buf = r.files[name] = bytearray(size)
+            buf[offset:offset + len(data)] = data
         else:
             fd = os.open(r.directory / name, os.O_WRONLY | os.O_NOFOLLOW)
             try:
                 os.pwrite(fd, data, offset)
             finally:
                 os.close(fd)
+        r.written.add(name)
         r.received += len(data)
+        r.touched = time.monotonic()
+
+    def link(self, job: str, step: int, rank: int, name: str, from_step: int, from_name: str) -> None:
+        """File ``name`` of the replica being received is file ``from_name`` of the complete replica
+        of step ``from_step`` of the same job and rank held here, of the same size: taken from it,
+        not sent. An InvalidArgument (nothing held to take it from) makes the sender send it."""
+        r = self._parts.get((job, step, rank))
+        src = self._parts.get((job, from_step, rank))
+        size = r.sizes.get(name) if r is not None and not r.complete else None
+        if size is None or name in r.linked or name in r.written:
+            raise InvalidArgument(f"{job} step {step} rank {rank}: no file {name} to take from step "
+                                  f"{from_step}")
+        if src is None or not src.complete or src.sizes.get(from_name) != size or \
+                (src.directory is None) != (r.directory is None):
+            raise InvalidArgument(f"{job} step {step} rank {rank}: no replica of step {from_step} with a "
+                                  f"{size}-byte {from_name} held here in the same place")
+        if r.directory is None:
+            data = src.files.get(from_name)
+            if data is None:
+                raise InvalidArgument(f"{job} step {from_step} rank {rank}: no longer held here")
+            r.files[name] = data  # (the same bytes: neither is written to again)
+        else:
+            os.unlink(r.directory / name)
+            os.link(src.directory / from_name, r.directory / name, follow_symlinks=False)
+        r.linked.add(name)
+        r.received += size
         r.touched = time.monotonic()
 
     def end(self, job: str, step: int, rank: int) -> None:
@@ -122,6 +155,9 @@ class ReplicaStore:
                                   f"{sum(r.sizes.values())} bytes")
         if r.directory is not None:
             (r.directory / MANIFEST_NAME).write_bytes(r.manifest)
+        else:
+            for name, size in r.sizes.items():
+                r.files.setdefault(name, bytearray(size))  # (empty files get no piece)
         r.complete = True
         with self._lock:
             self._keep_newest(job)

@@ -198,6 +198,37 @@ def test_a_newer_step_the_bucket_holds_wins_its_missing_part_from_there(tmp_path
     assert "rank 1's part (0 MiB) came from the remote tier" in log, log
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_an_incremental_part_sends_only_what_changed(tmp_path, start, where) -> None:
+    """Each rank's 8 MiB frozen base is shared by step 2 with step 1 on its own disk (hard links);
+    its replica holder takes it from its copy of step 1 instead of receiving it again, and a lost
+    node's rank restores step 2 from that replica, base and all."""
+    extra = ("--replica-memory-bytes", "0") if where == "disk" else ()
+    nodes = Nodes(tmp_path, start, 2, *extra, replica_dirs=where == "disk")
+
+    def held(step: int) -> bool:
+        return all(nodes.status(i)["peers"]["held"]["jobs"].get("g", {}).get(str(step)) == [1 - i]
+                   for i in (0, 1))
+
+    def sent() -> list[int]:
+        return [nodes.status(i)["peers"]["peers"][0]["replicated_bytes"] for i in (0, 1)]
+
+    for step in (1, 2):
+        outs = ranks(nodes, "g", "run-1", str(step), "frozen", world=2)
+        assert [o.split() for o in outs] == [["COMMITTED", str(step)]] * 2, nodes.logs()
+        nodes.daemons[0].wait_for(lambda step=step: held(step), timeout=60)
+        if step == 1:
+            first = sent()
+    second = [b - a for a, b in zip(first, sent())]
+    assert all(b > 4 << 20 for b in first) and all(b < 1 << 20 for b in second), (first, second)  # (coded)
+    assert "MiB of it shared with step 1, not sent" in nodes.daemons[0].log_text(), nodes.logs()
+    nodes.lose(1)
+    nodes.daemons[1] = nodes.start(1)
+    outs = ranks(nodes, "g", "run-2", "3", "restore", "frozen", world=2)
+    for r, o in enumerate(outs):
+        assert o.split()[:6] == ["RESTORED", "2", str(200 + r), "2.0", "BASE", "ok"], (o, nodes.logs())
+
+
 def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start) -> None:
     nodes = Nodes(tmp_path, start, 3)
     # the ring sends node 1's parts to node 2: node 2 stops answering (a hung or unreachable node)

@@ -170,3 +170,34 @@ def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path) -> 
     _, s4, d4 = part(a, "j", 4, 0, 2)
     other = part(tmp_path / "x", "j", 4, 0, 2, value=9.0)[1]
     assert not commit_known(d4, {0: parse(other.to_bytes()), 1: parse(sb.to_bytes())}, Retention())
+
+
+def test_a_file_taken_from_an_older_replica_is_never_written_again(tmp_path) -> None:
+    """``link``: an incremental part's file shared with the step before is taken from that step's
+    replica here, only whole, only of the same size, only once, and no piece may then change it."""
+    root = tmp_path / "root"
+    store = ReplicaStore(memory_bytes=1 << 30)
+    _, one, _ = part(root, "j", 1, 1, 2)
+    pend = next((root / "j").glob(".pending-000000000001-*")) / part_dir(1)
+    name = one.files[0]["name"]
+    body = (pend / name).read_bytes()
+    store.begin("j", 1, 1, 2, "r1", "n1", one.to_bytes())
+    store.write("j", 1, 1, name, 0, memoryview(body))
+    store.begin("j", 2, 1, 2, "r1", "n1", part(root, "j", 2, 1, 2)[1].to_bytes())
+    with pytest.raises(InvalidArgument, match="no replica of step 1"):  # (not ended: not to be used)
+        store.link("j", 2, 1, name, 1, name)
+    store.end("j", 1, 1)
+    _, three, _ = part(root, "j", 3, 1, 2, n=999)  # (its file is of another size)
+    store.begin("j", 3, 1, 2, "r1", "n1", three.to_bytes())
+    with pytest.raises(InvalidArgument, match="no replica of step 1 with a"):
+        store.link("j", 3, 1, three.files[0]["name"], 1, name)
+    store.link("j", 2, 1, name, 1, name)
+    with pytest.raises(InvalidArgument, match="no file"):
+        store.link("j", 2, 1, name, 1, name)  # (once)
+    with pytest.raises(InvalidArgument, match="it may write"):
+        store.write("j", 2, 1, name, 0, memoryview(b"x"))
+    with pytest.raises(InvalidArgument, match="no replica of step 7"):
+        store.link("j", 3, 1, three.files[0]["name"], 7, name)
+    store.end("j", 2, 1)
+    r = store.get("j", 2, 1)
+    assert r is not None and store.read(r, name, 0, len(body)) == body
