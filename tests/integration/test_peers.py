@@ -198,6 +198,21 @@ def test_a_newer_step_the_bucket_holds_wins_its_missing_part_from_there(tmp_path
     assert "rank 1's part (0 MiB) came from the remote tier" in log, log
 
 
+def test_a_bucket_that_does_not_answer_leaves_the_peers_restore_alone(tmp_path, start, s3) -> None:
+    nodes = Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/down")
+    outs = ranks(nodes, "g", "run-1", "1", world=2)
+    assert [o.split() for o in outs] == [["COMMITTED", "1"]] * 2, nodes.logs()
+    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["held"]["jobs"].get("g", {}).get("1") == [1],
+                              timeout=30)
+    s3.stop()
+    nodes.lose(1)
+    nodes.daemons[1] = nodes.start(1)
+    outs = ranks(nodes, "g", "run-2", "2", "restore", world=2)
+    for r, o in enumerate(outs):
+        assert o.split()[:4] == ["RESTORED", "1", str(100 + r), "1.0"], (o, nodes.logs())
+    assert "the remote tier does not answer for g" in nodes.daemons[1].log_text(), nodes.logs()
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_an_incremental_part_sends_only_what_changed(tmp_path, start, where) -> None:
     """Each rank's 8 MiB frozen base is shared by step 2 with step 1 on its own disk (hard links);
