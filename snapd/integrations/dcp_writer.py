@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from snapd.format.jobdir import check_job_name
 log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step-(\d+)\Z")
+GATE_S = 1.0  # the longest async_save's save thread waits for async_save to return
 
 
 def parse_checkpoint_id(checkpoint_id: str | os.PathLike) -> tuple[Path, str, int]:
@@ -64,7 +66,9 @@ class SnapshotWriter(StorageWriter, AsyncStager):
     ``snapd.connect`` takes them) and closes its client in ``close()``. With ``no_dist=True`` on
     one rank of a group, give ``rank=0, world_size=1``: that rank then writes alone."""
 
-    _synchronize_after_execute = False  # staging is over when ``stage`` returns
+    # staging is over when ``stage`` returns; DCP's ``synchronize_staging`` call, the last thing
+    # ``async_save`` does on the training thread, opens the gate below
+    _synchronize_after_execute = True
 
     def __init__(self, path: str | os.PathLike | None = None, *, client: Any = None,
                  endpoint: str | None = None, spawn: bool = True, rank: int | None = None,
@@ -78,11 +82,20 @@ class SnapshotWriter(StorageWriter, AsyncStager):
                          "per_rank": per_rank, "keep_last": keep_last}
         self.metrics = metrics
         self._pending: Any = None
+        self._started = threading.Event()  # cleared from ``stage`` until ``async_save`` returns
+        self._started.set()
+        self._stager_thread: threading.Thread | None = None
         if path is not None:
             self.reset(path)
 
     # -- DCP's StorageWriter -----------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if threading.current_thread() is not self._stager_thread:
+            # ``async_save``'s save thread, which DCP starts for each call: it would otherwise plan
+            # with the GIL held while the training thread waits to return from ``async_save`` (up to
+            # the interpreter's 5 ms switch interval, most of the call's stall). It waits here until
+            # ``async_save`` is over (bounded: a caller that never synchronizes only delays it).
+            self._started.wait(GATE_S)
         if checkpoint_id is None:
             return
         where = parse_checkpoint_id(checkpoint_id)
@@ -148,10 +161,14 @@ class SnapshotWriter(StorageWriter, AsyncStager):
                                   "wait for async_save's future before the writer's next checkpoint, or give "
                                   "each checkpoint in flight a writer of its own")
         self._hand_over(state_dict)
+        self._stager_thread = threading.current_thread()
+        self._started.clear()
         return state_dict
 
     def synchronize_staging(self) -> None:
-        """(Nothing to wait for: staging ended in ``stage``.)"""
+        """(Nothing to wait for: staging ended in ``stage``.) ``async_save`` is over: its save
+        thread may go on."""
+        self._started.set()
 
     def close(self) -> None:
         if self._owned and self._client is not None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,4 +120,23 @@ def test_dcp_save_in_one_process_and_what_is_refused(tmp_path, daemon) -> None:
     with pytest.raises((UnsupportedValueError, CheckpointException), match="nested.obj"):
         dcp.save({"w": state["w"], "nested": {"obj": object()}}, checkpoint_id=daemon.root / "one" / "step-5",
                  storage_writer=SnapshotWriter(endpoint=daemon.endpoint, spawn=False), no_dist=True)
-    assert [s.step for s in catalog.list_snapshots(daemon.root, "one")] == [4]
+    # async_save in a loop, each call its writer: the future ends committed, with the state staged
+    # when the call returned (the training thread changes it at once)
+    w_ = torch.arange(12.0).reshape(3, 4)
+    for step in (6, 7):
+        path = daemon.root / "one" / f"step-{step}"
+        w = SnapshotWriter(path, endpoint=daemon.endpoint, spawn=False)
+        fut = dcp.async_save({"w": w_}, checkpoint_id=path, storage_writer=w, async_stager=w, no_dist=True)
+        w_.add_(100.0)
+        fut.result(timeout=60)
+        w.close()
+        assert np.array_equal(snapd.load(daemon.root, "one", step)["w"], w_.numpy() - 100.0)
+    # a caller that stages and saves on another thread without DCP's synchronize_staging (the gate
+    # that holds async_save's save thread back is bounded): still saved
+    path = daemon.root / "one" / "step-8"
+    with SnapshotWriter(path, endpoint=daemon.endpoint, spawn=False) as w:
+        staged = w.stage({"w": w_})
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(dcp.save, staged, checkpoint_id=path, storage_writer=w, no_dist=True).result(60)
+    assert np.array_equal(snapd.load(daemon.root, "one", 8)["w"], w_.numpy())
+    assert [s.step for s in catalog.list_snapshots(daemon.root, "one")] == [4, 6, 7, 8]
