@@ -201,13 +201,18 @@ def fail_step(job: JobDir, step: int, world_size: int, run: str, reason: str) ->
     with ``reason`` instead of waiting out their timeout (best effort: logged if it cannot)."""
     try:
         with job.lock(timeout_s=10.0):
-            pend = job.path / pending_name(step, world_size, run)
-            pend.mkdir(exist_ok=True)
-            if _failed(pend) is None:
-                _mark_failed(pend, reason)
+            fail_step_locked(job, step, world_size, run, reason)
     except (OSError, SnapdError) as e:
         log.warning("%s: step %d could not be marked given up (%s): the other ranks wait for their timeout",
                     job.path, step, e)
+
+
+def fail_step_locked(job: JobDir, step: int, world_size: int, run: str, reason: str) -> None:
+    """``fail_step`` for a caller that holds the job lock (it is not re-entrant)."""
+    pend = job.path / pending_name(step, world_size, run)
+    pend.mkdir(exist_ok=True)
+    if _failed(pend) is None:
+        _mark_failed(pend, reason)
 
 
 def leave(d: Delivery) -> None:

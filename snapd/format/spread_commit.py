@@ -46,8 +46,9 @@ def commit_known(d: Delivery, known: dict[int, Manifest], retention: Retention) 
             if r in local:
                 m = parse(read_regular(pend / part_dir(r) / MANIFEST_NAME))
                 if r in known and known[r].checksum != m.checksum:
-                    global_commit.fail_step(job, d.step, world, d.run, f"rank {r}'s part of step {d.step} "
-                                            "came from two nodes: two processes claim one rank")
+                    why = (f"rank {r}'s part of step {d.step} came from two nodes: two processes "
+                           "claim one rank")
+                    global_commit.fail_step_locked(job, d.step, world, d.run, why)
                     return False
                 parts.append(m)
             else:

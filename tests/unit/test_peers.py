@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from snapd.errors import InvalidArgument
+from snapd.format import global_commit
 from snapd.format.global_commit import deliver
 from snapd.format.global_manifest import parse_any, part_dir
 from snapd.format.jobdir import JobDir
@@ -170,6 +171,8 @@ def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path) -> 
     _, s4, d4 = part(a, "j", 4, 0, 2)
     other = part(tmp_path / "x", "j", 4, 0, 2, value=9.0)[1]
     assert not commit_known(d4, {0: parse(other.to_bytes()), 1: parse(sb.to_bytes())}, Retention())
+    given_up = global_commit.outcome(d4, count=False)  # (at once: the rank's own part waits no timeout)
+    assert given_up.state == "failed" and "two processes claim one rank" in given_up.detail, given_up
 
 
 def test_a_file_taken_from_an_older_replica_is_never_written_again(tmp_path) -> None:
