@@ -17,7 +17,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
 from snapd.format import codecs, dtypes
 from snapd.format.jobdir import read_regular
 from snapd.format.mapping import map_private
+from snapd.format.pools import started_pool
 from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
 from snapd.format.restore import Destinations, build_tree
 from snapd.format.tree import iter_paths, key_matches
@@ -183,7 +183,7 @@ class SnapshotReader:
             for job in jobs:
                 self._verify_in_place(*job)
             return
-        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-check") as pool:
+        with started_pool(threads, "snapd-check") as pool:
             for fut in [pool.submit(self._verify_in_place, *job) for job in jobs]:
                 fut.result()
 
@@ -255,7 +255,7 @@ class SnapshotReader:
                     self.read_chunk(*job)
                 _finish(window, [], done)
             return
-        with ThreadPoolExecutor(threads, thread_name_prefix="snapd-read") as pool:
+        with started_pool(threads, "snapd-read") as pool:
             last: tuple[list[int], list] | None = None
             for window in windows:
                 futures = [pool.submit(self.read_chunk, *job) for job in self._jobs(window, buffer_for,

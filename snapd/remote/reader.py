@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from snapd.format.chunks import Chunk
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.global_reader import GlobalReader
 from snapd.format.manifest import MANIFEST_NAME, TensorRecord, parse
+from snapd.format.pools import started_pool
 from snapd.format.reader import SnapshotReader
 from snapd.remote.store import Store
 
@@ -87,7 +87,7 @@ class RemoteSnapshotReader(SnapshotReader):
         if len(jobs) == 1:
             self.read_chunk(*jobs[0])
             return
-        with ThreadPoolExecutor(min(GET_THREADS, len(jobs)), thread_name_prefix="snapd-get") as pool:
+        with started_pool(min(GET_THREADS, len(jobs)), "snapd-get") as pool:
             for f in [pool.submit(self.read_chunk, *job) for job in jobs]:
                 f.result()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,32 @@ def parse_url(url: object) -> tuple[str, str]:
         raise InvalidArgument(f"invalid remote {url!r}: use s3://bucket or s3://bucket/prefix (a bucket "
                               "name of 3-63 lowercase letters, digits, '.' or '-')")
     return m.group(1), prefix
+
+
+class _Sessions:
+    """New boto3 sessions that share one botocore model loader. A session of its own per store
+    resolves credentials afresh (environment, files, roles as they are now); loading the S3
+    service's models again is what makes a new session cost ~0.1 s, a tenth of a 1 GiB restore's
+    transfer at 4 Gbit/s, where the shared loader's cost ~0.02 s."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loader: Any = None
+
+    def new(self) -> Any:
+        import boto3
+        import botocore.session
+
+        core = botocore.session.get_session()
+        with self._lock:
+            if self._loader is None:
+                self._loader = core.get_component("data_loader")
+            else:
+                core.register_component("data_loader", self._loader)
+        return boto3.session.Session(botocore_session=core)
+
+
+_sessions = _Sessions()
 
 
 def _describe(e: BaseException) -> str:
@@ -55,7 +82,7 @@ class Store:
              credentials: tuple[str, str] | None = None) -> Store:
         bucket, prefix = parse_url(url)
         try:
-            import boto3
+            import boto3  # noqa: F401 (what is missing, said here)
             from botocore.config import Config
         except ImportError:
             raise InvalidArgument("the remote tier needs boto3: pip install 'snapd[s3]'") from None
@@ -72,8 +99,7 @@ class Store:
             kw["aws_access_key_id"], kw["aws_secret_access_key"] = credentials
         if not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
             kw["region_name"] = "us-east-1"
-        session = boto3.session.Session()
-        return cls(bucket, prefix, session.client("s3", **kw), endpoint_url)
+        return cls(bucket, prefix, _sessions.new().client("s3", **kw), endpoint_url)
 
     @property
     def url(self) -> str:
