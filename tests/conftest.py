@@ -18,6 +18,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="cases each test of tests/faults draws (CI: 3)")
     parser.addoption("--fault-seed", type=int, default=int(os.environ.get("SNAPD_FAULT_SEED", "20261204")),
                      help="the seed tests/faults draws its cases from")
+    parser.addoption("--world-sizes", choices=("sample", "all"),
+                     default=os.environ.get("SNAPD_WORLD_SIZES", "sample"),
+                     help="the world sizes multi-rank tests reshard onto: all of them, or (CI) one each, "
+                          "drawn with --fault-seed")
+
+
+@pytest.fixture
+def world_sizes(request: pytest.FixtureRequest):
+    """``pick(sizes)``: the world sizes a reshard test loads onto. Each is a torchrun of its own (a
+    few seconds on 2 cores), so CI runs one of them, drawn from --fault-seed and the test's name
+    (the same one every run of a seed); ``--world-sizes all`` runs every one."""
+    import random
+    import zlib
+
+    def pick(sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if request.config.getoption("--world-sizes") == "all":
+            return sizes
+        seed = request.config.getoption("--fault-seed") ^ zlib.crc32(request.node.nodeid.encode())
+        return (random.Random(seed).choice(sizes),)
+    return pick
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

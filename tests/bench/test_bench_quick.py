@@ -87,14 +87,14 @@ def test_the_stand_in_gpu_prep_bench_runs() -> None:
 def test_the_buffer_growth_bench_runs(tmp_path) -> None:
     """`python -m bench.buffer_growth` end to end, small: a row per method and measure."""
     run = subprocess.run([sys.executable, "-m", "bench.buffer_growth", "--mib", "8", "--snapshots", "2",
-                          "--ranks", "3", "--rank-mib", "4", "--dir", str(tmp_path), "--out",
-                          str(tmp_path / "g.md")],
+                          "--ranks", "3", "--rank-mib", "4", "--gap", "0.2", "--first-steps", "0.2",
+                          "--dir", str(tmp_path), "--out", str(tmp_path / "g.md")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| snapd")
             or line.startswith("| DCP")]
     assert len(rows) == 6 + 3 and all(len(r.split("|")) == 7 for r in rows), rows  # (3: the overlap table)
-    assert "A second snapshot 1 s after the first" in (tmp_path / "g.md").read_text()
+    assert "A second snapshot 0.2 s after the first" in (tmp_path / "g.md").read_text()
     ranks = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| 3 ranks")]
     assert len(ranks) == 4, ranks  # (two pools, then a new and a resumed job's first snapshots)
 

@@ -52,7 +52,8 @@ def finish(p: subprocess.Popen, timeout: float = 120) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path, torchrun, start) -> None:
+def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path, torchrun, start,
+                                                                       world_sizes) -> None:
     a = start(name="a")
     b = start(name="b", root=a.root)  # a second node's daemon, the same shared root
     dcp_dir = str(tmp_path / "dcp")
@@ -76,14 +77,15 @@ def test_fsdp2_jobs_resume_bit_exact_and_reshard_onto_other_world_sizes(tmp_path
     b.stop()
     out = torchrun(FSDP2, "load", str(a.root), "fsdp4", dcp4, nproc=2).stdout
     assert len(re.findall(r"LOADED \d 18", out)) == 2, out
-    for n in (1, 3, 4):  # (step 3: the state DCP saved too; step 4 is the resumed run's)
+    for n in world_sizes((1, 3, 4)):  # (step 3: the state DCP saved too; step 4 is the resumed run's)
         out = torchrun(FSDP2, "load", str(a.root), "fsdp", dcp_dir, nproc=n).stdout
         assert len(re.findall(r"LOADED \d 18", out)) == n, out
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_tensor_parallel_fsdp2_job_resumes_and_reshards_onto_fsdp2_alone(tmp_path, torchrun, start) -> None:
+def test_a_tensor_parallel_fsdp2_job_resumes_and_reshards_onto_fsdp2_alone(tmp_path, torchrun, start,
+                                                                           world_sizes) -> None:
     """torchtitan's layout on a 2 x 2 mesh: column- and row-wise TP, FSDP2 over the other dimension;
     the column-wise weight is strided-sharded (the job asserts torch really made it so)."""
     d = start()
@@ -96,7 +98,7 @@ def test_a_tensor_parallel_fsdp2_job_resumes_and_reshards_onto_fsdp2_alone(tmp_p
     verify = snapd_cli("verify", str(d.root / "tp"))
     assert verify.returncode == 0 and verify.stdout.count("ok ") == 4, verify.stdout
     d.stop()
-    for n in (1, 2, 3):  # the state of step 3 (DCP saved it too), on FSDP2 alone
+    for n in world_sizes((1, 2, 3)):  # the state of step 3 (DCP saved it too), on FSDP2 alone
         out = torchrun(TP_FSDP2, "load", str(d.root), "tp", dcp_dir, nproc=n).stdout
         assert len(re.findall(r"LOADED \d 17", out)) == n, out
 

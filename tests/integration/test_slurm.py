@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -129,26 +130,33 @@ def test_the_time_limit_warning_snapshots_and_requeues_the_job_itself(slurm, dae
         slurm.run("scancel", job_id, check=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def late_job(slurm, module_daemon, tmp_path_factory):
+    """The job of the too-short test below, submitted as the module starts: Slurm's smallest time
+    limit is one minute, so the job must have run a minute before a limit can lie in the past. The
+    module's other tests run meanwhile (the partition runs jobs side by side: OverSubscribe)."""
+    job_id, out = submit(slurm, tmp_path_factory.mktemp("late"), module_daemon.endpoint, "late", 100000, 10)
+    yield job_id, out, module_daemon
+    slurm.run("scancel", job_id, check=False)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_signal_that_leaves_too_little_time_for_the_state_is_said_so(slurm, daemon, tmp_path):
-    job_id, out = submit(slurm, tmp_path, daemon.endpoint, "late", 100000, 10)
-    try:
-        wait_for(lambda: steps_done(out) >= 1, "training", slurm, out)
-        started = time.monotonic()
-        # after a minute, the time limit moved to 1 minute (Slurm's smallest): it has passed, and the
-        # warning that follows (what --signal=USR1@N sends) leaves no time at all for the dump
-        time.sleep(max(0.0, 62 - (time.monotonic() - started)))
-        slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
-        slurm.run("scancel", "--batch", "--signal=USR1", job_id)
-        wait_for(lambda: "too short" in out.read_text(), "the trainer's word", slurm, out)
-        assert re.search(r"SIGUSR1: the emergency snapshot took [\d.]+ s, but the job's time limit was "
-                         r"0\.0 s away: --signal is too short", out.read_text()), out.read_text()
-        assert "the signal's time is too short for this state" in daemon.log_text()
-        [job] = [j for j in daemon_status(daemon.endpoint)["jobs"] if j["job"] == "late"]
-        assert job["last_emergency_grace_s"] == 0.0 and job["last_emergency_s"] > 0, job
-        text = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
-                              capture_output=True, text=True).stdout
-        assert "TOO SHORT" in text, text
-    finally:
-        slurm.run("scancel", job_id, check=False)
+def test_a_signal_that_leaves_too_little_time_for_the_state_is_said_so(slurm, late_job):
+    job_id, out, daemon = late_job
+    wait_for(lambda: steps_done(out) >= 1, "training", slurm, out)
+    # a minute after the job started, its time limit moved to 1 minute (Slurm's smallest): it has
+    # passed, and the warning that follows (what --signal=USR1@N sends) leaves no time at all
+    started = datetime.fromisoformat(slurm.job(job_id)["StartTime"]).timestamp()
+    time.sleep(max(0.0, started + 62 - time.time()))
+    slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    wait_for(lambda: "too short" in out.read_text(), "the trainer's word", slurm, out)
+    assert re.search(r"SIGUSR1: the emergency snapshot took [\d.]+ s, but the job's time limit was "
+                     r"0\.0 s away: --signal is too short", out.read_text()), out.read_text()
+    assert "the signal's time is too short for this state" in daemon.log_text()
+    [job] = [j for j in daemon_status(daemon.endpoint)["jobs"] if j["job"] == "late"]
+    assert job["last_emergency_grace_s"] == 0.0 and job["last_emergency_s"] > 0, job
+    text = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
+                          capture_output=True, text=True).stdout
+    assert "TOO SHORT" in text, text
