@@ -18,6 +18,7 @@ DCP through fsspec needs s3fs, whose aiobotocore pins an older botocore than the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -30,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from bench.link_shaping import shaped
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = 4  # the daemon's remote_threads default
@@ -51,13 +54,13 @@ def _state(mib: int) -> dict[str, np.ndarray]:
     return {f"layer{i}": (rng.standard_normal(n, np.float32) * 0.02) for i in range(8)}
 
 
-def _daemon(work: Path, url: str, endpoint: str) -> subprocess.Popen:
+def _daemon(work: Path, url: str, endpoint: str, codec: str) -> subprocess.Popen:
     from snapd.client.connection import probe
 
     proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(work / "root"),
                              "--endpoint", endpoint, "--host-buffer-bytes", str(64 << 20), "--remote", url,
-                             "--codec", "raw", "--incremental", "off"],  # (the transfer against its floor;
-                            # decoding: bench.restore; the same state each time, written whole)
+                             "--codec", codec, "--incremental", "off"],  # (the same state each time,
+                            # written whole)
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "ab"))
     deadline = time.monotonic() + 30
     while probe(endpoint, 1.0) is None:
@@ -115,17 +118,20 @@ def run(args: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     work = Path(tempfile.mkdtemp(prefix="snapd-remote-", dir=args.dir))
-    rec = Recorder(args.out / "remote.jsonl", describe(work))
+    rec = Recorder(args.out / f"{_name(args)}.jsonl", describe(work))
     server = _server(work)
     url, endpoint = f"{server.url}/bench", f"ipc://{work}/d.sock"
-    daemon = _daemon(work, url, endpoint)
+    daemon = _daemon(work, url, endpoint, args.codec)
     state = _state(args.mib)
     has_s3fs = importlib.util.find_spec("s3fs") is not None
     if not has_s3fs:
         print("no s3fs here: DCP through fsspec is not measured (see this module's docstring)", flush=True)
     times: dict[str, list[float]] = {}
+    link = contextlib.ExitStack()  # the shaped link, while measuring
     try:
         store = Store.open(url)
+        if args.link_gbit:
+            link.enter_context(shaped(server.ports["s3.port"], args.link_gbit))
         with snapd.connect("job", endpoint=endpoint, spawn=False, keep_last=2) as c:
             for rep in range(args.reps):
                 step = rep + 1
@@ -151,15 +157,31 @@ def run(args: argparse.Namespace) -> None:
                 if has_s3fs:
                     times.setdefault("DCP fsspec load", []).append(_dcp(state, f"{url}/dcp-{step}", True))
                 stored = sum(f.stat().st_size for f in files)
+        link.close()
         for method, values in times.items():
-            rec.add("remote", method, f"{args.mib} MiB fp32, {stored} stored bytes", values, mib=args.mib)
-        (args.out / "remote.md").write_text(_markdown(times, stored, rec.machine, args))
+            rec.add("remote", method, f"{args.mib} MiB fp32, {stored} stored bytes, {_setup(args)}", values,
+                    mib=args.mib, codec=args.codec, link_gbit=args.link_gbit)
+        (args.out / f"{_name(args)}.md").write_text(_markdown(times, stored, rec.machine, args))
     finally:
+        link.close()
         daemon.terminate()
         daemon.wait(120)
         server.stop()
         rec.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _name(args: argparse.Namespace) -> str:
+    """The results' file name: ``remote`` for the defaults (raw, loopback), else what differs."""
+    name = "remote" if args.codec == "raw" else f"remote-{args.codec}"
+    return name + (f"-{args.link_gbit:g}gbit" if args.link_gbit else "")
+
+
+def _setup(args: argparse.Namespace) -> str:
+    stored = "stored raw" if args.codec == "raw" else f"stored {args.codec} (decoded on restore)"
+    link = (f"the server's port capped at {args.link_gbit:g} Gbit/s (bench/link_shaping.py)" if args.link_gbit
+            else "loopback, the server on the same cores")
+    return f"{stored}, {link}"
 
 
 def _markdown(times: dict, stored: int, machine: dict, args: argparse.Namespace) -> str:
@@ -170,12 +192,13 @@ def _markdown(times: dict, stored: int, machine: dict, args: argparse.Namespace)
             return f"| {name} | - | - | - |"
         return f"| {name} | {med[key]:.2f} | {mib / med[key]:.0f} | {med[key] / med[floor]:.2f}x |"
 
+    flags = (f" --codec {args.codec}" if args.codec != "raw" else "") + (
+        f" --link-gbit {args.link_gbit:g}" if args.link_gbit else "")
     return "\n".join([
         "# Remote tier", "",
-        f"`python -m bench.remote --mib {args.mib} --reps {args.reps}` on {machine['cores']} cores, commit "
-        f"{machine.get('commit')}: one SeaweedFS server (`weed mini`) on loopback, on the same cores; a "
-        f"{args.mib} MiB fp32 state, stored raw (the transfer against its floor; a compressed snapshot "
-        f"adds its decoding, measured by `python -m bench --only restore`); seconds, median of {args.reps}.",
+        f"`python -m bench.remote --mib {args.mib} --reps {args.reps}{flags}` on {machine['cores']} cores, "
+        f"commit {machine.get('commit')}: one SeaweedFS server (`weed mini`) here; a {args.mib} MiB "
+        f"fp32 state, {_setup(args)}; {stored / (1 << 20):.0f} MiB stored; seconds, median of {args.reps}.",
         "",
         "| | seconds | MiB/s (snapd's stored bytes) | ÷ floor |", "|---|---|---|---|",
         row("snapd: committed locally -> committed remotely", "snapd upload", "floor upload"),
@@ -184,8 +207,9 @@ def _markdown(times: dict, stored: int, machine: dict, args: argparse.Namespace)
         row("snapd.load from the bucket, fresh root", "snapd restore", "floor download"),
         row("floor: ranged GETs of the same objects, into fresh memory", "floor download", "floor download"),
         row("dcp.load through fsspec/s3fs", "DCP fsspec load", "floor download"), "",
-        "The server shares the machine's cores with the client: on loopback the floor is the "
-        "server's own speed, not a network's.", ""])
+        "On loopback the floor is the server's own speed, not a network's, and the server shares the "
+        "machine's cores with the client (a restore that decodes races it for them); `--link-gbit` puts a "
+        "link of that bandwidth between them.", ""])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,6 +217,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--codec", default="raw", help="the daemon's codec (raw: the transfer alone; auto: its "
+                    "own choice)")
+    ap.add_argument("--link-gbit", type=float, default=0.0, help="cap the server's port at this many Gbit/s "
+                    "(tc on lo; root)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     return ap
 
