@@ -154,3 +154,15 @@ def test_best_without_its_metric_is_refused_and_a_cuda_load_without_cuda_is_said
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device is usable"):
             snapd.load(tmp_path, "j", device="cuda:0")
+
+
+def test_a_reading_pool_has_all_its_threads_running_before_its_first_task() -> None:
+    import threading
+
+    from snapd.format.pools import started_pool
+
+    with started_pool(5, "snapd-test-pool") as pool:
+        running = [t for t in threading.enumerate() if t.name.startswith("snapd-test-pool")]
+        assert len(running) == 5 and all(t.is_alive() for t in running)
+        assert sorted(pool.map(lambda x: x * 2, range(20))) == [x * 2 for x in range(20)]
+    assert not [t for t in threading.enumerate() if t.name.startswith("snapd-test-pool")]
