@@ -246,10 +246,11 @@ class SnapshotReader:
         if total > limit:
             raise FormatError(f"{self.path}: the selection declares {total} bytes, more than this "
                               f"machine's {limit} bytes of memory")
-        threads = threads or min(8, os.cpu_count() or 1)
+        chunks = sum(len(self.manifest.tensors[i].chunks) for i in wanted)
+        threads = min(threads or min(8, os.cpu_count() or 1), chunks)  # (all started: no more than jobs)
         windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted],
                            window_bytes or WINDOW_BYTES)
-        if threads == 1 or sum(len(self.manifest.tensors[i].chunks) for i in wanted) <= 1:
+        if threads <= 1:
             for window in windows:
                 for job in self._jobs(window, buffer_for, keep_planes):
                     self.read_chunk(*job)
