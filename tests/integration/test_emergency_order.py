@@ -27,7 +27,8 @@ time.sleep(60)
 
 
 def test_emergency_snapshot_jumps_the_queue_and_stays_latest(start) -> None:
-    d = start("--codec", "shuffle-zstd", "--encode-threads", "1")
+    # (incremental off: snapshots 2-4 differ from 1 in one chunk, and would be flushed in a few ms)
+    d = start("--codec", "shuffle-zstd", "--encode-threads", "1", "--incremental", "off")
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, d.endpoint], stdout=subprocess.PIPE, text=True,
                             cwd="/")
     try:
