@@ -27,8 +27,8 @@ def why_not() -> str | None:
     if shutil.which("tc") is None:
         return "no tc (iproute2) here"
     out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
-    if out.returncode != 0 or "htb" in out.stdout:
-        return f"lo's qdisc is not ours to replace: {out.stdout.strip() or out.stderr.strip()}"
+    if out.returncode != 0 or not out.stdout.startswith("qdisc noqueue"):  # (lo's default: nothing set)
+        return f"lo already has a qdisc, not ours to replace: {out.stdout.strip() or out.stderr.strip()}"
     return None
 
 

@@ -82,8 +82,8 @@ class SnapshotWriter(StorageWriter, AsyncStager):
                          "per_rank": per_rank, "keep_last": keep_last}
         self.metrics = metrics
         self._pending: Any = None
-        self._started = threading.Event()  # cleared from ``stage`` until ``async_save`` returns
-        self._started.set()
+        self._returned = threading.Event()  # cleared from ``stage`` until ``async_save`` returns
+        self._returned.set()
         self._stager_thread: threading.Thread | None = None
         if path is not None:
             self.reset(path)
@@ -95,7 +95,7 @@ class SnapshotWriter(StorageWriter, AsyncStager):
             # with the GIL held while the training thread waits to return from ``async_save`` (up to
             # the interpreter's 5 ms switch interval, most of the call's stall). It waits here until
             # ``async_save`` is over (bounded: a caller that never synchronizes only delays it).
-            self._started.wait(GATE_S)
+            self._returned.wait(GATE_S)
         if checkpoint_id is None:
             return
         where = parse_checkpoint_id(checkpoint_id)
@@ -162,13 +162,13 @@ class SnapshotWriter(StorageWriter, AsyncStager):
                                   "each checkpoint in flight a writer of its own")
         self._hand_over(state_dict)
         self._stager_thread = threading.current_thread()
-        self._started.clear()
+        self._returned.clear()
         return state_dict
 
     def synchronize_staging(self) -> None:
         """(Nothing to wait for: staging ended in ``stage``.) ``async_save`` is over: its save
         thread may go on."""
-        self._started.set()
+        self._returned.set()
 
     def close(self) -> None:
         if self._owned and self._client is not None:
