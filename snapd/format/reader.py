@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 WINDOW_BYTES = 256 << 20  # tensors read before they are handed on (``read_tensors``'s ``done``)
 MIN_MAPPED_BYTES = 4096  # smaller tensors are copied: a page of their own costs nothing to read
+# a selection smaller than this is read on the calling thread: a pool job costs ~10 us of handing
+# over, more than reading a few KiB (a GPT's hundreds of biases and norms: 15 ms a restore in a pool)
+SERIAL_BYTES = 4 << 20
 
 
 def _physical_memory() -> int:
@@ -248,6 +251,8 @@ class SnapshotReader:
                               f"machine's {limit} bytes of memory")
         chunks = sum(len(self.manifest.tensors[i].chunks) for i in wanted)
         threads = min(threads or min(8, os.cpu_count() or 1), chunks)  # (all started: no more than jobs)
+        if total < SERIAL_BYTES:
+            threads = 1
         windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted],
                            window_bytes or WINDOW_BYTES)
         if threads <= 1:
