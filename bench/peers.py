@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -167,7 +168,10 @@ class SnapdDaemon:
         if not incremental and "--incremental" not in extra:
             extra = (*extra, "--incremental", "off")
         self.root = work / "snapd-root"
-        self.endpoint = f"ipc://{work}/snapd.sock"
+        # (the socket in a short directory of its own: a Unix socket's path has at most 107 bytes,
+        # and --dir, or pytest's temporary directories, can be deep)
+        self.sockets = tempfile.mkdtemp(prefix="snapd-bench-")
+        self.endpoint = f"ipc://{self.sockets}/snapd.sock"
         self.log = open(work / "snapd.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "snapd", "serve", "--root", str(self.root),
                                       "--endpoint", self.endpoint, "--host-buffer-bytes", str(buffer_bytes),
@@ -181,6 +185,7 @@ class SnapdDaemon:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
         self.log.close()
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 class Snapd:

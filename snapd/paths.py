@@ -11,6 +11,8 @@ from pathlib import Path
 
 from snapd.errors import InvalidArgument
 
+MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path (108 on Linux) less its NUL
+
 
 def default_endpoint() -> str:
     """``$SNAPD_ENDPOINT``, else a per-user runtime socket, else root's under /run/snapd-ckpt."""
@@ -48,7 +50,13 @@ def check_endpoint(endpoint: object) -> str:
     path = socket_path(endpoint)  # type: ignore[arg-type]
     if "\0" in str(path):
         raise InvalidArgument(f"endpoint {endpoint!r}: the socket path contains NUL")
-    return endpoint if path.is_absolute() else f"ipc://{os.path.abspath(path)}"  # type: ignore[return-value]
+    full = path if path.is_absolute() else Path(os.path.abspath(path))
+    size = len(os.fsencode(full))
+    if size > MAX_SOCKET_PATH:  # (else ZeroMQ's bind or connect fails with "File name too long")
+        raise InvalidArgument(f"endpoint {endpoint!r}: its socket path is {size} bytes, and a Unix "
+                              f"socket's path has at most {MAX_SOCKET_PATH}: choose a shorter one "
+                              "(under /tmp or $XDG_RUNTIME_DIR)")
+    return endpoint if path.is_absolute() else f"ipc://{full}"  # type: ignore[return-value]
 
 
 def access_problem(endpoint: str) -> str | None:

@@ -237,6 +237,20 @@ def test_a_malformed_endpoint_is_one_clear_error(endpoint) -> None:
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ipc://PATH" in out.stderr
 
 
+def test_a_socket_path_too_long_for_unix_sockets_is_one_clear_error(tmp_path) -> None:
+    """ZeroMQ would only say "File name too long" (or a spawned daemon would die with it)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    endpoint = f"ipc://{deep}/snapd.sock"
+    with pytest.raises(InvalidArgument, match="at most 107"):
+        snapd.connect("j", endpoint=endpoint, root=str(tmp_path / "root"))
+    for cmd in (["status", "--endpoint", endpoint],
+                ["serve", "--endpoint", endpoint, "--root", str(tmp_path / "root")]):
+        out = subprocess.run([sys.executable, "-m", "snapd", *cmd], capture_output=True, text=True,
+                             timeout=60, cwd="/")
+        assert out.returncode != 0 and "Traceback" not in out.stderr and "at most 107" in out.stderr, cmd
+    assert not deep.exists() and not (tmp_path / "root").exists()  # (nothing made for it)
+
+
 def test_a_relative_endpoint_with_spawn_works_from_the_callers_directory(tmp_path, client_proc) -> None:
     code = ("import os, sys, numpy as np, snapd.client as snapd\nos.chdir(sys.argv[1])\nwith "
             "snapd.connect('rel', endpoint='ipc://d.sock', root=sys.argv[1] + '/root', timeout_s=20) as "
