@@ -102,7 +102,7 @@ def measure(name: str, fn: Callable[[], Any], disk: str | None, rows: list[dict]
 
 
 def _window(step: int, lag: int) -> Callable:
-    """snapd's writer's writeback (``_DataFile._writeback``) with ``step`` bytes a range, waiting
+    """snapd's writer's writeback (``DataFile._writeback``) with ``step`` bytes a range, waiting
     for the range ``lag`` back."""
     from time import perf_counter
 
@@ -110,7 +110,7 @@ def _window(step: int, lag: int) -> Callable:
         if self._sfr is None:
             return
         t = perf_counter()
-        while self.size - self._flushed >= step:
+        while self._written - self._flushed >= step:
             self._sfr(self.fd, self._flushed, step, 2)
             if self._flushed - lag * step >= 0:
                 self._sfr(self.fd, self._flushed - lag * step, step, 7)
@@ -120,10 +120,10 @@ def _window(step: int, lag: int) -> Callable:
 
 
 def variants(state: dict, buf: np.ndarray, work: Path, disk: str | None, reps: int) -> list[dict]:
-    from snapd.format import writer
+    from snapd.format import data_file
     from snapd.format.saving import save_state
 
-    original = writer._DataFile._writeback
+    original = data_file.DataFile._writeback
     cases = {"window 32 MiB x 2, 4 MiB chunks (snapd)": (original, 4),
              "window 64 MiB x 4": (_window(64 << 20, 4), 4), "window 128 MiB x 4": (_window(128 << 20, 4), 4),
              "16 MiB chunks": (original, 16), "32 MiB chunks": (original, 32)}
@@ -134,13 +134,13 @@ def variants(state: dict, buf: np.ndarray, work: Path, disk: str | None, reps: i
                     rows)
             (work / "floor.bin").unlink()
             for name, (writeback, mib) in cases.items():
-                writer._DataFile._writeback = writeback
+                data_file.DataFile._writeback = writeback
                 measure(name, lambda mib=mib: save_state(work / "local", "gap", state, step=1, codec="raw",
                                                          incremental=False, chunk_bytes=mib << 20),
                         disk, rows)
                 shutil.rmtree(work / "local", ignore_errors=True)
     finally:
-        writer._DataFile._writeback = original
+        data_file.DataFile._writeback = original
     return rows
 
 

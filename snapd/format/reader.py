@@ -29,7 +29,7 @@ from snapd.format.pools import started_pool
 from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
 from snapd.format.restore import Destinations, build_tree
 from snapd.format.tree import iter_paths, key_matches
-from snapd.format.writer import ALIGN, DATA_HEADER, DATA_MAGIC
+from snapd.format.data_file import ALIGN, DATA_HEADER, DATA_MAGIC
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,10 @@ Older snapshots are deleted only after the new one is committed.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
-import struct
 import time
-from time import perf_counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from snapd import __version__
 from snapd.errors import FlushError, SnapdError
 from snapd.format import index as jobindex
 from snapd.format.codecs import Encoded
+from snapd.format.data_file import DataFile, renumber
 from snapd.format.incremental import Shared
 from snapd.format.shared_files import SharedFiles
 from snapd.format.jobdir import JobDir, fsync_dir
@@ -32,28 +30,8 @@ from snapd.format.retention import Retention, tidy
 
 log = logging.getLogger(__name__)
 
-DATA_MAGIC = b"SNAPDDAT"
-DATA_HEADER = struct.Struct("<8sII")  # magic, format version, shard number
-ALIGN = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_SHARD_BYTES = 1 << 30
-_ZEROS = bytes(ALIGN)
-WRITEBACK_BYTES = 32 << 20
-# Data reaches the file in writes that end on a multiple of this (the bytes after the last multiple
-# wait, copied, for the next chunk): the page cache then holds the file in 2 MiB folios, which a
-# restore's mapping maps whole (one fault, not 32). Writes that end elsewhere leave small folios at
-# every seam: reading the 1.5 GiB bench state through its mapping took 25 ms, against 10 ms
-# (docs/benchmarks.md). 2 MiB: the PMD size of x86-64 and arm64 with 4 KiB pages.
-WRITE_ALIGN = 2 << 20
-# sync_file_range(2) flags
-_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
-
-
-def _sync_file_range() -> ctypes._CFuncPtr | None:
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
 
 
 @dataclass
@@ -67,105 +45,6 @@ class Committed:
     trash: list[Path] = field(default_factory=list)
 
 
-class _DataFile:
-    def __init__(self, path: Path, number: int) -> None:
-        self.path = path
-        self.number = number
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.size = 0  # bytes appended (the file's size once finished)
-        self.io_seconds = 0.0  # time blocked in write/writeback/fsync: what the disk costs us
-        self._written = 0  # bytes in the file so far
-        self._held = bytearray()  # bytes [_written, size): past the last WRITE_ALIGN, not written yet
-        self._flushed = 0  # bytes whose writeback has been started
-        self._sfr = _sync_file_range()
-        self._write([DATA_HEADER.pack(DATA_MAGIC, 1, number)])
-
-    def _writeback(self) -> None:
-        """Keep the disk busy while we encode, instead of all at the final fsync.
-
-        Every WRITEBACK_BYTES: start writeback of the new range, and wait for
-        the range two steps back, so dirty pages stay bounded and the final
-        fsync has little left to do (the usual streaming-write pattern).
-        """
-        if self._sfr is None:
-            return
-        t = perf_counter()
-        while self._written - self._flushed >= WRITEBACK_BYTES:
-            self._sfr(self.fd, self._flushed, WRITEBACK_BYTES, _WRITE)
-            back = self._flushed - 2 * WRITEBACK_BYTES
-            if back >= 0:
-                self._sfr(self.fd, back, WRITEBACK_BYTES, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-            self._flushed += WRITEBACK_BYTES
-        self.io_seconds += perf_counter() - t
-
-    def _write(self, parts: list) -> None:
-        t = perf_counter()
-        self._write_all(parts)
-        self.io_seconds += perf_counter() - t
-
-    def _write_all(self, parts: list) -> None:
-        """Append ``parts``: written up to the last WRITE_ALIGN multiple, the rest held."""
-        views = [memoryview(p).cast("B") for p in parts]
-        self.size += sum(v.nbytes for v in views)
-        now = self.size - self.size % WRITE_ALIGN - self._written
-        if now <= 0:
-            for v in views:
-                self._held += v
-            return
-        if self._held:
-            views.insert(0, memoryview(self._held))
-        out: list[memoryview] = []
-        while views and now >= views[0].nbytes:
-            now -= views[0].nbytes
-            out.append(views.pop(0))
-        if now:
-            out.append(views[0][:now])
-            views[0] = views[0][now:]
-        self._writev(out)
-        self._held = bytearray().join(views)  # (a copy: the caller reuses its buffers after this)
-
-    def _writev(self, views: list[memoryview]) -> None:
-        total = sum(v.nbytes for v in views)
-        done = 0
-        while done < total:  # writev may write less than asked
-            n = os.writev(self.fd, views[:512])
-            done += n
-            while views and n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
-        self._written += total
-
-    def append(self, enc: Encoded) -> int:
-        pad = -self.size % ALIGN
-        if pad:
-            self._write([_ZEROS[:pad]])
-        offset = self.size
-        self._write(enc.parts)
-        self._writeback()
-        return offset
-
-    def finish(self) -> None:
-        t = perf_counter()
-        if self._held:
-            self._writev([memoryview(self._held)])
-            self._held = bytearray()
-        os.fsync(self.fd)
-        self.io_seconds += perf_counter() - t
-        os.close(self.fd)
-        self.fd = -1
-
-
-def _renumber(path: Path, number: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, struct.pack("<I", number), 12)  # (DATA_HEADER's shard number)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SnapshotWriter:
     """Writes one snapshot of ``job`` at ``step`` into a temporary directory."""
 
@@ -174,7 +53,7 @@ class SnapshotWriter:
         self.step = step
         self.shard_bytes = shard_bytes
         self.tmp = job.new_tmp_dir(step)
-        self.files: list[_DataFile] = []
+        self.files: list[DataFile] = []
         self.links = SharedFiles(self.tmp, job.path)  # earlier snapshots' files it shares
         self.compared_with: str | None = None  # the snapshot whose chunks it looked for (incremental)
         self.tensors: list[TensorRecord] = []
@@ -230,7 +109,7 @@ class SnapshotWriter:
                     self.files[-1].finish()  # (writes what it held back: may fail as any write)
                 n = self._next_number()
                 path = self.tmp / f"data-{n:05d}.bin"
-                self.files.append(_DataFile(path, n))
+                self.files.append(DataFile(path, n))
             f = self.files[-1]
             return f.number, f.append(enc)
         except OSError as e:
@@ -260,15 +139,15 @@ class SnapshotWriter:
                 c.file = index[c.file]
         files = []
         for i, f in enumerate(order):
-            if isinstance(f, _DataFile):
+            if isinstance(f, DataFile):
                 if f.fd >= 0:
                     f.finish()
                 if f.number != i:  # (a linked file before it was dropped: its header says its place)
-                    _renumber(f.path, i)
+                    renumber(f.path, i)
             name = f"data-{i:05d}-of-{len(order):05d}.bin"
             os.rename(f.path, self.tmp / name)
             files.append({"name": name, "bytes": f.size})
-            if not isinstance(f, _DataFile):  # where it was linked from (for people; readers need not)
+            if not isinstance(f, DataFile):  # where it was linked from (for people; readers need not)
                 files[-1].update(self.links.describe(f))
         return files
 

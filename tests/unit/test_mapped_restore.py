@@ -143,7 +143,7 @@ def test_data_files_are_written_in_whole_2mib_runs_and_read_back_equal(root, mon
     back between writes all arrive, in order, across shards."""
     import os
 
-    from snapd.format import writer
+    from snapd.format import data_file
 
     ends: dict[int, list[int]] = {}  # a data file's inode: where each of its writes ended
     real_writev = os.writev
@@ -153,7 +153,7 @@ def test_data_files_are_written_in_whole_2mib_runs_and_read_back_equal(root, mon
         ends.setdefault(os.fstat(fd).st_ino, []).append(os.lseek(fd, 0, os.SEEK_CUR))
         return n
 
-    monkeypatch.setattr(writer.os, "writev", writev)
+    monkeypatch.setattr(data_file.os, "writev", writev)
     rng = np.random.default_rng(3)
     state = {f"t{i}": rng.standard_normal(n).astype(np.float32)
              for i, n in enumerate([(3 << 18) + 3, 5, 1000, (2 << 18) - 1, 17, 1 << 19, 123_457, 64])}
@@ -163,7 +163,7 @@ def test_data_files_are_written_in_whole_2mib_runs_and_read_back_equal(root, mon
     assert len(manifest["files"]) >= 2, "the state should span more than one data file"
     for f in manifest["files"]:
         assert (info.path / f["name"]).stat().st_size == f["bytes"]
-    assert ends and all(e % writer.WRITE_ALIGN == 0 for per_file in ends.values() for e in per_file[:-1])
+    assert ends and all(e % data_file.WRITE_ALIGN == 0 for per_file in ends.values() for e in per_file[:-1])
     out = snapd.load(root, "j")
     for k, v in state.items():
         if k == "small":

@@ -131,6 +131,7 @@ def test_disk_full_while_writing_the_index_reports_the_commit_that_happened(root
 @pytest.mark.parametrize("stage", ["data", "manifest", "install"])
 def test_a_failure_at_each_step_of_a_commit_keeps_the_previous_snapshot(root, monkeypatch, stage) -> None:
     from snapd.errors import FlushError
+    from snapd.format import data_file as data_file_mod
     from snapd.format import writer as writer_mod
 
     snapd.save(root, "j", {"w": np.full(1000, 1.0)}, step=1, keep_last=1)
@@ -139,7 +140,7 @@ def test_a_failure_at_each_step_of_a_commit_keeps_the_previous_snapshot(root, mo
     def broken(*a, **kw):
         raise OSError(errno.EIO, "Input/output error")
     if stage == "data":
-        monkeypatch.setattr(writer_mod._DataFile, "finish", lambda self: broken())
+        monkeypatch.setattr(data_file_mod.DataFile, "finish", lambda self: broken())
     elif stage == "manifest":
         monkeypatch.setattr(writer_mod, "fsync_dir", broken)
     else:
@@ -155,6 +156,7 @@ def test_a_failure_at_each_step_of_a_commit_keeps_the_previous_snapshot(root, mo
 
 def test_commit_fsyncs_data_and_manifest_before_the_rename_and_renames_the_same_directory(
         root, monkeypatch) -> None:
+    from snapd.format import data_file as data_file_mod
     from snapd.format import jobdir as jobdir_mod
     from snapd.format import writer as writer_mod
 
@@ -175,6 +177,7 @@ def test_commit_fsyncs_data_and_manifest_before_the_rename_and_renames_the_same_
             events.append(("rename", f"{a} -> {b}"))
             return real_rename(a, b, **kw)
     monkeypatch.setattr(writer_mod, "os", Spy())
+    monkeypatch.setattr(data_file_mod, "os", Spy())
     monkeypatch.setattr(jobdir_mod, "os", Spy())
     jd = JobDir(root, "j")
     jd.open_for_write()
