@@ -24,7 +24,8 @@ from snapd.format import dtypes
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import read_regular
 from snapd.format.manifest import MANIFEST_NAME, Manifest, TensorRecord
-from snapd.format.reader import SnapshotReader, load_tree, select
+from snapd.format.reader import SnapshotReader
+from snapd.format.restore import load_tree, select
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 
-from snapd.errors import FormatError, KeySelectionError, SnapshotNotFound
+from snapd.errors import FormatError, SnapshotNotFound
 from snapd.format import codecs, dtypes
 from snapd.format.jobdir import read_regular
 from snapd.format.mapping import map_private
 from snapd.format.pools import started_pool
 from snapd.format.manifest import MANIFEST_NAME, Chunk, Manifest, TensorRecord, parse
-from snapd.format.restore import Destinations, build_tree
-from snapd.format.tree import iter_paths, key_matches
+from snapd.format.restore import load_tree, select
 from snapd.format.data_file import ALIGN, DATA_HEADER, DATA_MAGIC
 
 log = logging.getLogger(__name__)
@@ -325,34 +324,3 @@ def _digest_of(raw: memoryview, itemsize: int, recorded: str) -> str:
 
     planes = recorded.startswith("p") and itemsize > 1
     return digest(shuffle(raw, itemsize) if planes else raw, planes)
-
-
-def select(manifest: Manifest, keys: list[str] | str | None, where: Path) -> list[int]:
-    """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
-    if keys is None:
-        return list(range(len(manifest.tensors)))
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    paths = [p for p, node in iter_paths(manifest.tree) if p]
-    missing = [k for k in keys if not any(key_matches(p, k) for p in paths)]
-    if missing:
-        raise KeySelectionError(f"{where}: no such key(s): {', '.join(map(repr, missing))}")
-    return [i for i, t in enumerate(manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
-
-
-def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any, threads: int | None,
-              mapped: bool = True) -> Any:
-    """``reader``'s tree (or the ``keys`` sub-trees): a snapshot's (``SnapshotReader``) or a global
-    one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``; with
-    ``mapped``, tensors the reader can map (its ``mapping``) are checked in place, not read."""
-    wanted = reader.select(keys)
-    if mapped and hasattr(reader, "new_mappings"):
-        reader.new_mappings()
-    dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path),
-                        mapping=getattr(reader, "mapping", None) if mapped else None)
-    reader.read_tensors([i for i in wanted if not dest.is_mapped(i)], dest.buffer, threads, dest.keeps_planes,
-                        done=dest.finish)
-    if reader.checked and any(dest.is_mapped(i) for i in wanted):
-        reader.verify_mapped([i for i in wanted if dest.is_mapped(i)], threads)
-    selected = None if keys is None else (
-        lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
-    return build_tree(reader.manifest.tree, dest, selected)

@@ -5,21 +5,25 @@ A tensor read into host memory only on its way elsewhere (onto a GPU, or
 into a target it cannot be read into directly) gets that memory when the
 reader comes to it and is finished (``finish``) as soon as it is read, so a
 restore holds about two reader windows of it at a time, not the whole state.
+
+``load_tree`` is a restore from any reader (a snapshot's, or a rank's view of a global one):
+which tensors the keys select (``select``), where each goes, the tree built around them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from snapd.errors import MismatchError
+from snapd.errors import KeySelectionError, MismatchError
 from snapd.format import dtypes
 from snapd.format.manifest import Manifest, TensorRecord
 from snapd.format.to_device import check_device, fills_on_gpu, goes_to_gpu, upload, upload_into
-from snapd.format.tree import build, join_key
+from snapd.format.tree import build, iter_paths, join_key, key_matches
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +219,34 @@ class Destinations:
 
 def build_tree(skeleton: dict, dest: Destinations, selected: Callable[[str], bool] | None) -> Any:
     return build(skeleton, lambda i, key: dest.value(i), selected=selected)
+
+
+def select(manifest: Manifest, keys: list[str] | str | None, where: Path) -> list[int]:
+    """Indices of the tensors under ``keys``; a key that selects nothing is an error."""
+    if keys is None:
+        return list(range(len(manifest.tensors)))
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    paths = [p for p, node in iter_paths(manifest.tree) if p]
+    missing = [k for k in keys if not any(key_matches(p, k) for p in paths)]
+    if missing:
+        raise KeySelectionError(f"{where}: no such key(s): {', '.join(map(repr, missing))}")
+    return [i for i, t in enumerate(manifest.tensors) if any(key_matches(t.key, k) for k in keys)]
+
+
+def load_tree(reader: Any, keys: list[str] | str | None, into: Any, device: Any, threads: int | None,
+              mapped: bool = True) -> Any:
+    """``reader``'s tree (or the ``keys`` sub-trees): a snapshot's (``SnapshotReader``) or a global
+    one's as a rank sees it (snapd.format.global_reader), through their ``read_tensors``; with
+    ``mapped``, tensors the reader can map (its ``mapping``) are checked in place, not read."""
+    wanted = reader.select(keys)
+    if mapped and hasattr(reader, "new_mappings"):
+        reader.new_mappings()
+    dest = Destinations(reader.manifest, wanted, into=into, device=device, where=str(reader.path),
+                        mapping=getattr(reader, "mapping", None) if mapped else None)
+    reader.read_tensors([i for i in wanted if not dest.is_mapped(i)], dest.buffer, threads, dest.keeps_planes,
+                        done=dest.finish)
+    if reader.checked and any(dest.is_mapped(i) for i in wanted):
+        reader.verify_mapped([i for i in wanted if dest.is_mapped(i)], threads)
+    selected = None if keys is None else (
+        lambda p: any(key_matches(p, k) for k in ([keys] if isinstance(keys, str) else keys)))
+    return build_tree(reader.manifest.tree, dest, selected)
