@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 WINDOW_BYTES = 256 << 20  # tensors read before they are handed on (``read_tensors``'s ``done``)
 MIN_MAPPED_BYTES = 4096  # smaller tensors are copied: a page of their own costs nothing to read
 # a selection smaller than this is read on the calling thread: a pool job costs ~10 us of handing
-# over, more than reading a few KiB (a GPT's hundreds of biases and norms: 15 ms a restore in a pool)
+# over, more than reading a few KiB (a GPT's ~370 biases and norms: 5-15 ms a restore in a pool)
 SERIAL_BYTES = 4 << 20
 
 
