@@ -165,7 +165,7 @@ def _peer_floor(cluster: Cluster, step: int) -> float:
 
             def put(data: memoryview, at: int, out: np.ndarray = out) -> None:
                 out[at:at + len(data)] = np.frombuffer(data, np.uint8)
-            wire.fetch(link, pool, {**base, "file": f["name"]}, len(out), put)
+            wire.fetch(link, pool, {**base, "file": f["name"]}, wire.split(len(out)), put)
             total += len(out)
         took = time.perf_counter() - t0
         assert total >= cluster.mib << 20

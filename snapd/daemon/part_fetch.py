@@ -8,9 +8,10 @@ in memory or on disk; or that the remote tier holds whole, if it is newer (its p
 brought from the bucket unless a node has them: snapd.daemon.bucket_parts). If this node has not
 committed that step, its global manifest is adopted (snapd.format.spread_commit). ``fetch``
 brings one part: from the fastest source first (a replica in memory, then a disk, the bucket
-last), into a temporary directory, each chunk then checked against the
-manifest's checksum and the manifest against the one the global snapshot names; a damaged copy is
-dropped with a log line and the next source is tried. Only a checked part is renamed into place.
+last), into a temporary directory, each chunk checked against the manifest's checksum (as its
+bytes come: snapd.daemon.part_files) and the manifest against the one the global snapshot names;
+a damaged copy is dropped with a log line and the next source is tried. Only a checked part is
+renamed into place.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Any
 import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
-from snapd.daemon.part_files import check_part, put_piece, whole_manifest
-from snapd.errors import FormatError, SnapdError, SnapshotNotFound
+from snapd.daemon.part_files import FileCheck, whole_manifest
+from snapd.errors import ChecksumError, FormatError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse
@@ -229,8 +230,8 @@ class PartFetch:
             assert self.bucket is not None
             bucket = self.bucket
 
-            def fill(fd: int, name: str, size: int) -> None:
-                bucket.fill(fd, job, step, rank, name, size)
+            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
+                bucket.fill(fd, job, step, rank, name, size)  # (in any order: checked at finish)
             raw = bucket.manifest(job, step, rank)
         elif endpoint == HELD_HERE:
             replica = self.store.get(job, step, rank)
@@ -238,16 +239,18 @@ class PartFetch:
                 raise SnapshotNotFound("this node's replica is gone")
             read = functools.partial(self.store.read, replica)
 
-            def fill(fd: int, name: str, size: int) -> None:
+            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
+                check.expect([(0, size)] if size else [])
                 for off in range(0, size, wire.PIECE_BYTES):
-                    put_piece(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off, size)
+                    check.put(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off)
         else:  # a peer
             base = {"t": "get", "job": job, "step": step, "rank": rank}
             read = functools.partial(self._get, self._link(endpoint), base)
 
-            def fill(fd: int, name: str, size: int) -> None:
-                wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, size,
-                           lambda data, off: put_piece(fd, data, off, size))
+            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
+                ranges = check.expect(wire.split(size, check.cuts))
+                wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, ranges,
+                           lambda data, off: check.put(fd, data, off))
         if endpoint != REMOTE:
             raw = whole_manifest(read)
         m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
@@ -259,19 +262,19 @@ class PartFetch:
             (tmp / MANIFEST_NAME).write_bytes(raw)
             total = 0
             for f in m.files:
-                fd = os.open(tmp / f["name"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                fd = os.open(tmp / f["name"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 try:
-                    fill(fd, f["name"], int(f["bytes"]))
+                    check = FileCheck(m, f["name"])
+                    fill(fd, f["name"], int(f["bytes"]), check)
                     if os.fstat(fd).st_size != int(f["bytes"]):
                         raise FormatError(f"{f['name']}: got {os.fstat(fd).st_size} of {f['bytes']} bytes")
+                    check.finish(fd)
+                except ChecksumError:
+                    self.damaged += 1
+                    raise
                 finally:
                     os.close(fd)
                 total += int(f["bytes"])
-            try:
-                check_part(m, tmp)
-            except FormatError:
-                self.damaged += 1
-                raise
             try:
                 os.rename(tmp, final / part_dir(rank))
             except OSError:  # (there already: another process brought it)

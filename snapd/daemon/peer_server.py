@@ -174,7 +174,7 @@ class PeerServer:
         if phase == "begin" and data is not None:
             self.store.begin(job, step, rank, _int(h, "world_size", 1), _str(h, "run"), _str(h, "node"),
                              bytes(data))
-        elif phase == "data" and data is not None and len(data) <= wire.PIECE_BYTES:
+        elif phase == "data" and data is not None and len(data) <= wire.MAX_PIECE_BYTES:
             self.store.write(job, step, rank, _str(h, "file"), _int(h, "offset"), data)
         elif phase == "link" and data is None:  # (a file of an incremental part: held here already)
             self.store.link(job, step, rank, _str(h, "file"), _int(h, "from_step"), _str(h, "from_file"))
@@ -210,12 +210,12 @@ class PeerServer:
             entry["parts"].setdefault(str(r.rank), r.where)
         return [out[s] for s in sorted(out, reverse=True)]
 
-    def _get(self, job: str, h: dict) -> bytes:
+    def _get(self, job: str, h: dict) -> bytes | memoryview:
         step, rank, name = _int(h, "step"), _int(h, "rank"), _str(h, "file")
         offset, length = _int(h, "offset"), _int(h, "length")
-        if not wire.FILE_RE.fullmatch(name) or length > wire.PIECE_BYTES:
+        if not wire.FILE_RE.fullmatch(name) or length > wire.MAX_PIECE_BYTES:
             raise InvalidArgument(f"get {name!r} of {length} bytes: not a part's file, or over "
-                                       f"{wire.PIECE_BYTES} bytes")
+                                  f"{wire.MAX_PIECE_BYTES} bytes")
         r = self.store.get(job, step, rank)
         if r is not None:
             return self.store.read(r, name, offset, length)

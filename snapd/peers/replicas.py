@@ -193,7 +193,9 @@ class ReplicaStore:
         r = self._parts.get((job, step, rank))
         return r if r is not None and r.complete else None
 
-    def read(self, r: Replica, name: str, offset: int, length: int) -> bytes:
+    def read(self, r: Replica, name: str, offset: int, length: int) -> bytes | memoryview:
+        """Bytes of a complete replica's file: of one in memory, a view of its own bytes (never
+        written again: sent as they are, not copied)."""
         if name == MANIFEST_NAME:
             return r.manifest[offset:offset + length]
         if name not in r.sizes:
@@ -202,7 +204,7 @@ class ReplicaStore:
             data = r.files.get(name)
             if data is None:  # (dropped meanwhile: a newer step of its job is complete here)
                 raise InvalidArgument(f"{r.job} step {r.step} rank {r.rank}: no longer held here")
-            return bytes(data[offset:offset + length])
+            return memoryview(data)[offset:offset + length]
         fd = os.open(r.directory / name, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             return os.pread(fd, length, offset)

@@ -14,10 +14,11 @@ a job; ``get`` reads bytes of a part the peer holds. Replies: ``ok``, ``have``, 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -29,11 +30,14 @@ from snapd.peers.keys import PeerKeys
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 4 << 20  # the bytes one ``replica`` or ``get`` message carries at most
+# the bytes one ``replica`` or ``get`` message this daemon sends carries: 2 MiB pulled a peer's
+# replica 10-15% faster than 4 MiB here (CurveZMQ copies each message twice a side, and 2 MiB
+# stays in cache), and writes whole 2 MiB folios (snapd.format.data_file)
+PIECE_BYTES = 2 << 20
+MAX_PIECE_BYTES = 4 << 20  # what a peer may send or ask for in one message (earlier daemons: 4 MiB)
 # links pulling one file at once: CurveZMQ encrypts and decrypts on one core per link and side
 # (about 490 MiB/s here; 4 links 750 MiB/s on 2 cores, more with more cores)
 STREAMS = 4
-MAX_FRAME_BYTES = PIECE_BYTES + (1 << 20)
 MAX_MANIFEST_BYTES = 64 << 20
 ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}")
 FILE_RE = re.compile(r"(manifest\.json|data-[0-9]{5}-of-[0-9]{5}\.bin)")
@@ -154,26 +158,40 @@ class Link:
     close = reset
 
 
-def fetch(link: Callable[[], Link], pool: Executor, base: dict[str, Any], size: int,
+def split(size: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """[0, ``size``) as up to ``STREAMS`` contiguous ranges of about equal length, each starting at
+    one of ``cuts`` (a file's chunk offsets: a chunk is then pulled whole by one link, in order, and
+    checked as it comes) or, without cuts, at a multiple of ``PIECE_BYTES``."""
+    if size <= 0:
+        return []
+    if not cuts:
+        pieces = -(-size // PIECE_BYTES)
+        per = -(-pieces // STREAMS)
+        cuts = range(0, size, per * PIECE_BYTES)
+    points = sorted({c for c in cuts if 0 < c < size})
+    starts = [0]
+    for k in range(1, STREAMS):
+        i = bisect.bisect_left(points, k * size // STREAMS)
+        if i < len(points) and points[i] > starts[-1]:
+            starts.append(points[i])
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def fetch(link: Callable[[], Link], pool: Executor, base: dict[str, Any], ranges: list[tuple[int, int]],
           put: Callable[[memoryview, int], None]) -> None:
-    """Bytes [0, ``size``) of a file a peer holds (``base``: the ``get`` request, less its offset and
-    length), in ``STREAMS`` contiguous ranges at once on ``pool``'s threads, each over the link
-    ``link()`` gives its thread; ``put(data, offset)`` for each piece, on those threads."""
-    if size == 0:
-        return
-    pieces = -(-size // PIECE_BYTES)
-    per = -(-pieces // STREAMS)
+    """The byte ``ranges`` (snapd.peers.wire.split) of a file a peer holds (``base``: the ``get``
+    request, less its offset and length), each on one of ``pool``'s threads over the link ``link()``
+    gives its thread, in pieces ending on multiples of ``PIECE_BYTES``; ``put(data, offset)`` for
+    each piece, in order within a range, on its thread."""
 
-    def one(first: int) -> None:
-        lo, hi = first * PIECE_BYTES, min(size, (first + per) * PIECE_BYTES)
-        asks = (({**base, "offset": o, "length": min(PIECE_BYTES, hi - o)}, None)
-                for o in range(lo, hi, PIECE_BYTES))
-        at = lo
-        for _, data in link().pipeline(asks, 4):
-            put(data if data is not None else memoryview(b""), at)
-            at += len(data) if data is not None else 0
-        if at != hi:
-            raise PeerRefused(f"got {at - lo} of {hi - lo} bytes")
+    def one(lo: int, hi: int) -> None:
+        ends = [*range((lo // PIECE_BYTES + 1) * PIECE_BYTES, hi, PIECE_BYTES), hi]
+        asks = [({**base, "offset": o, "length": e - o}, None) for o, e in zip([lo, *ends[:-1]], ends)]
+        for (ask, _), (_, data) in zip(asks, link().pipeline(asks, 4)):
+            got = len(data) if data is not None else 0
+            if got != ask["length"]:
+                raise PeerRefused(f"got {got} of {ask['length']} bytes at {ask['offset']}")
+            put(data if data is not None else memoryview(b""), ask["offset"])
 
-    for f in [pool.submit(one, k) for k in range(0, pieces, per)]:
+    for f in [pool.submit(one, lo, hi) for lo, hi in ranges]:
         f.result()
