@@ -67,6 +67,7 @@ class GlobalReader:
             self.rank = here[0] if here else self.rank
         self._parts: dict[int, SnapshotReader] = {}
         self._keys: dict[int, dict[str, int]] = {}
+        self._mapped: dict[int, tuple[int, int]] = {}  # view tensor -> (rank, its index there), this load
         self.checked = True  # (``load(verify=False)``: the parts' chunks are read unchecked)
         try:
             base = self.part(self.rank).manifest
@@ -132,6 +133,40 @@ class GlobalReader:
                               "says it does")
         return reader, i
 
+    def new_mappings(self) -> None:
+        """Start a load: as SnapshotReader.new_mappings, for every part (parts opened later start
+        with none)."""
+        self._mapped.clear()
+        for reader in self._parts.values():
+            reader.new_mappings()
+
+    def mapping(self, i: int) -> memoryview | None:
+        """Tensor ``i``'s bytes mapped in the one part that stores it whole (a rank's own value, a
+        replicated tensor, a shard that is the whole tensor), as SnapshotReader.mapping does; None
+        for a tensor put together from pieces, or one its part cannot map."""
+        rec = self.manifest.tensors[i]
+        if len(self._sources[i]) != 1:
+            return None
+        rank, offsets, shape = self._sources[i][0]
+        if any(offsets) or list(shape) != list(rec.shape):
+            return None
+        reader, j = self.locate(rank, rec.key)
+        if reader.manifest.tensors[j].nbytes != rec.nbytes:
+            return None
+        view = reader.mapping(j)
+        if view is not None:
+            self._mapped[i] = (rank, j)
+        return view
+
+    def verify_mapped(self, wanted: list[int], threads: int | None = None) -> None:
+        """Checksum the chunks of the mapped tensors ``wanted`` where they lie, part by part."""
+        by_rank: dict[int, list[int]] = {}
+        for i in wanted:
+            rank, j = self._mapped[i]
+            by_rank.setdefault(rank, []).append(j)
+        for rank, js in sorted(by_rank.items()):
+            self.part(rank).verify_mapped(js, threads)
+
     def select(self, keys: list[str] | str | None) -> list[int]:
         return select(self.manifest, keys, self.path)
 
@@ -171,9 +206,9 @@ class GlobalReader:
 
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
              threads: int | None = None, mmap: bool = True, verify: bool = True) -> Any:
-        self.checked = verify  # (tensors are assembled from pieces: read, never mapped)
+        self.checked = verify
         try:
-            return load_tree(self, keys, into, device, threads)
+            return load_tree(self, keys, into, device, threads, mmap)
         finally:
             self.checked = True
 

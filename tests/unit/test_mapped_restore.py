@@ -170,3 +170,62 @@ def test_data_files_are_written_in_whole_2mib_runs_and_read_back_equal(root, mon
             assert all(np.array_equal(a, b) for a, b in zip(out[k], v))
         else:
             assert np.array_equal(out[k], v), k
+
+
+def _two_ranks(root: Path) -> tuple[np.ndarray, dict[int, np.ndarray], Path]:
+    """Step 1 of job "g" saved on 2 ranks (each part delivered as its daemon does; the last one in
+    commits): a replicated tensor one part stores for both, and each rank's own values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from snapd.format.global_commit import deliver
+    from snapd.format.jobdir import JobDir
+    from snapd.format.rank_parts import roles
+    from snapd.format.saving import encode_and_write
+    from snapd.format.tree import flatten
+    from snapd.format.writer import SnapshotWriter
+
+    jd = JobDir(root, "g")
+    jd.open_for_write()
+    rng = np.random.default_rng(3)
+    shared = rng.standard_normal((256, 128), np.float32)
+    own = {r: rng.standard_normal(40_000, np.float32) for r in (0, 1)}
+    for rank in (0, 1):
+        tree, leaves = flatten({"w": shared, "own": own[rank]})
+        w = SnapshotWriter(jd, 1)
+        with ThreadPoolExecutor(2) as pool:
+            encode_and_write(w, leaves, "raw", pool, 2, 1 << 20, roles=roles(leaves, rank, 2, ("own",)))
+        sealed = w.seal(tree=tree, metrics={}, codec="raw", best=None, emergency=False,
+                        part={"rank": rank, "world_size": 2, "run": "r1"})
+        deliver(jd, w.tmp, sealed, Retention())
+    return shared, own, root / "g" / "step-000000000001"
+
+
+def test_a_step_saved_on_several_ranks_is_mapped_where_one_part_stores_a_tensor_whole(root) -> None:
+    shared, own, path = _two_ranks(root)
+    for rank in (0, 1):
+        out = snapd.load(root, "g", rank=rank)
+        assert np.array_equal(out["w"], shared) and np.array_equal(out["own"], own[rank])
+        for a in (out["w"], out["own"]):
+            assert any(f.startswith(str(path)) for f in _mapped_files(a.ctypes.data)), "not mapped"
+        out["w"][:] = 0  # (copy-on-write: the file and the next load keep the saved bytes)
+    assert np.array_equal(snapd.load(root, "g", rank=1)["w"], shared)
+    copied = snapd.load(root, "g", rank=1, mmap=False)
+    assert np.array_equal(copied["own"], own[1])
+    assert not any(f.startswith(str(path)) for f in _mapped_files(copied["own"].ctypes.data))
+
+
+def test_a_corrupted_chunk_of_a_mapped_part_is_refused_by_name(root) -> None:
+    shared, own, path = _two_ranks(root)
+    holder = next(p for p in sorted(path.glob("rank-*"))
+                  if any(t["key"] == "w" and t.get("chunks") for t in json.loads(
+                      (p / "manifest.json").read_text())["tensors"]))
+    data = sorted(holder.glob("data-*.bin"))[0]
+    with open(data, "r+b") as f:
+        f.seek(64 + shared.nbytes // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    for rank in (0, 1):
+        with pytest.raises(ChecksumError, match=r"w chunk \d+ .*checksum mismatch"):
+            snapd.load(root, "g", rank=rank)
+        assert np.array_equal(snapd.load(root, "g", rank=rank, keys="own")["own"], own[rank])
