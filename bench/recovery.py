@@ -10,7 +10,9 @@ each rank's own tensors (``per_rank``), stored raw. Then rank 2's state is resto
    client's ``restore()`` finds the step and brings rank 2's part from the replica in node 0's memory;
 3. from the remote tier: ``snapd.load(fresh root, remote=)`` (ranged GETs, 8 in flight);
 and the two floors under 2 and 3: the same bytes pulled over the peer links a restore uses (CurveZMQ,
-4 links at once) into memory, and by ranged GETs from the bucket into memory.
+4 links at once) into memory, and by ranged GETs from the bucket into memory. Each is timed after
+``os.sync()``: the three "nodes" share one disk, whose writeback of the others' snapshots would
+otherwise land on whichever restore runs next.
 Results: bench/results/recovery.{jsonl,md}.
 """
 
@@ -127,6 +129,7 @@ def _restore(endpoint: str) -> tuple[float, dict]:
 
     with snapd.connect(JOB, endpoint=endpoint, spawn=False, rank=LOST, world_size=WORLD, run_id="resume",
                        per_rank=["own"]) as c:
+        os.sync()
         t0 = time.perf_counter()
         back = c.restore("latest")
         return time.perf_counter() - t0, back
@@ -157,6 +160,7 @@ def _peer_floor(cluster: Cluster, step: int) -> float:
     base = {"t": "get", "job": JOB, "step": step, "rank": LOST}
     pool = ThreadPoolExecutor(wire.STREAMS)
     try:
+        os.sync()
         t0 = time.perf_counter()
         _, raw = link().request({**base, "file": "manifest.json", "offset": 0, "length": wire.PIECE_BYTES})
         total = 0
@@ -205,6 +209,7 @@ def run(args: argparse.Namespace) -> None:
             del back
             times.setdefault("floor: peer link into memory", []).append(_peer_floor(cluster, step))
             _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
+            os.sync()
             times.setdefault("floor: ranged GETs into memory", []).append(
                 _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}"))
             cluster.lose(LOST)
@@ -214,6 +219,7 @@ def run(args: argparse.Namespace) -> None:
             assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
             del back
             shutil.rmtree(work / "fresh", ignore_errors=True)
+            os.sync()
             t0 = time.perf_counter()
             back = snapd.load(work / "fresh", JOB, step, rank=LOST, remote=url)
             times.setdefault("remote tier (fresh root)", []).append(time.perf_counter() - t0)
