@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 SPEED = {"local": 0, "memory": 1, "disk": 2, "remote": 4}  # the order sources are tried in
 SURVEY_FRESH_S = 10.0
-SURVEY_THREADS = 16  # peers asked at once what they hold
 HELD_HERE = "held here"  # a source: this daemon's own replica store
 
 
@@ -67,9 +66,6 @@ class PartFetch:
         self.timeout_s = timeout_s
         self.ctx = zmq.Context(io_threads=wire.STREAMS)
         self._streams = ThreadPoolExecutor(wire.STREAMS, thread_name_prefix="snapd-pull")  # (each its links)
-        # (long-lived, as the pullers: a thread keeps its links, so a survey does not make new
-        # sockets and CurveZMQ handshakes with every peer; a new daemon's first one took 0.35 s)
-        self._askers = ThreadPoolExecutor(SURVEY_THREADS, thread_name_prefix="snapd-survey")
         self._local = threading.local()  # each thread its own links
         self._inflight: dict[tuple[str, int, int], threading.Event] = {}
         self._lock = threading.Lock()
@@ -92,8 +88,10 @@ class PartFetch:
             steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
                 (SPEED["memory"] if r.where == "memory" else SPEED["disk"], HELD_HERE))
         peers = self.directory.all()
-        answers = list(self._askers.map(lambda p: self._have(p.endpoint, job), peers))
-        for peer, have in zip(peers, answers):
+        replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
+                               min(5.0, self.timeout_s))
+        for peer in peers:
+            have = self._have(peer.endpoint, job, replies[peer.endpoint])
             for entry in have:
                 s = steps.setdefault(entry["step"], Step(entry["step"]))
                 if s.manifest is None and entry.get("global"):
@@ -159,14 +157,14 @@ class PartFetch:
             steps = self.survey(job)
         return steps
 
-    def _have(self, endpoint: str, job: str) -> list[dict]:
-        try:
-            header, _ = self._link(endpoint).request({"t": "have", "job": job},
-                                                     timeout_s=min(5.0, self.timeout_s))
-            return [e for e in header.get("steps", []) if isinstance(e, dict) and type(e.get("step")) is int]
-        except (SnapdError, zmq.ZMQError) as e:
-            log.warning("peer %s: cannot ask what it holds of %s: %s", endpoint, job, e)
+    @staticmethod
+    def _have(endpoint: str, job: str, reply: dict | SnapdError) -> list[dict]:
+        if isinstance(reply, SnapdError):
+            log.warning("peer %s: cannot ask what it holds of %s: %s", endpoint, job, reply)
             return []
+        steps = reply.get("steps")
+        return [e for e in steps if isinstance(e, dict) and type(e.get("step")) is int] \
+            if isinstance(steps, list) else []
 
     def locate(self, job_dir: JobDir, job: str, step: int | None, retention: Retention) -> dict[str, Any]:
         """The newest step of the job (or ``step``) whose parts are all somewhere, committed here

@@ -18,6 +18,7 @@ import bisect
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -156,6 +157,47 @@ class Link:
             self._sock = None
 
     close = reset
+
+
+def ask_all(ctx: zmq.Context, keys: PeerKeys, endpoints: list[str], header: dict[str, Any],
+            timeout_s: float) -> dict[str, dict[str, Any] | SnapdError]:
+    """``header`` asked of every one of ``endpoints`` at once, from this thread, over sockets made for
+    it and closed after (a survey of the cluster holds no socket, nor thread, per peer between two):
+    each one's reply header, or the error (PeerUnavailable: no reply in time; PeerRefused)."""
+    out: dict[str, dict[str, Any] | SnapdError] = {}
+    socks: dict[zmq.Socket, str] = {}
+    poller = zmq.Poller()
+    try:
+        for ep in endpoints:
+            try:
+                s = client_socket(ctx, keys, ep)
+            except zmq.ZMQError as e:
+                out[ep] = PeerUnavailable(f"peer {ep}: {e}")
+                continue
+            socks[s] = ep
+            try:
+                s.send_multipart(encode(header), zmq.NOBLOCK)
+                poller.register(s, zmq.POLLIN)
+            except zmq.Again:
+                out[ep] = PeerUnavailable(f"peer {ep} takes no messages")
+        deadline = time.monotonic() + timeout_s
+        while len(out) < len(set(endpoints)) and (left := deadline - time.monotonic()) > 0:
+            for s, _ in poller.poll(int(left * 1000) + 1):
+                ep = socks[s]
+                poller.unregister(s)
+                try:
+                    reply, _ = decode(s.recv_multipart())
+                    out[ep] = reply if reply["t"] != "error" else \
+                        PeerRefused(f"peer {ep}: {reply.get('message', '?')}")
+                except SnapdError as e:
+                    out[ep] = e
+        for ep in endpoints:
+            out.setdefault(ep, PeerUnavailable(f"peer {ep} did not answer within {timeout_s:.0f} s (down, "
+                                               "slow, or refusing our key)"))
+        return out
+    finally:
+        for s in socks:
+            s.close(linger=0)
 
 
 def split(size: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
