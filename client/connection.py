@@ -10,7 +10,10 @@ ZeroMQ's connect never fails and messages to a missing peer just queue, so
 liveness is checked the only way that works: a ping that must be answered
 within the timeout. A daemon that refuses this uid does so in the handshake
 (snapd.daemon.access), which only a socket monitor sees: it becomes a
-PermissionDenied instead of a silent timeout.
+PermissionDenied instead of a silent timeout. The monitor also sees the
+connection close (the daemon killed, exited or restarted): every request sent
+before that and not yet answered fails at once, never to be answered, instead of
+after the timeout; one sent after it waits for a daemon to answer as before.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ class Connection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
         self._ids = iter(range(1, 2**62))
         self._replies: dict[int, collections.deque[dict]] = collections.defaultdict(collections.deque)
         self.daemon_pid: int | None = None
-        self.epoch = 0  # bumped when the daemon is found restarted
+        self.epoch = 0  # bumped when the daemon is found restarted, or the connection closed
+        self._lost_why = "restarted before answering"  # (why the requests of an older epoch were lost)
+        self.session = False  # whether a hello was welcomed (snapd.client.daemon.connect)
         self._sent_epoch: dict[int, int] = {}
         self._unwanted: set[int] = set()
         self.closed = False
@@ -74,7 +80,7 @@ class Connection:
         """Receive what has arrived (waiting up to ``timeout_s``); True if anything did."""
         with self._lock:
             if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-                self._check_refused()
+                self._check_events()
                 return False
             while True:
                 try:
@@ -87,12 +93,23 @@ class Connection:
                 elif msg.get("id") is not None:
                     self._replies[msg["id"]].append(msg)
 
-    def _check_refused(self) -> None:
-        if self._monitor is None or not self._monitor.poll(0):
-            return
+    def _check_events(self) -> None:
+        """The socket monitor's news: a refusal raises; a closed connection ends the older epoch
+        (called only when no message waits: a reply that came before the close is filed first)."""
         from zmq.utils.monitor import recv_monitor_message
 
-        event = recv_monitor_message(self._monitor)
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("the connection to the daemon at %s closed: requests it had not answered "
+                            "are lost", self.endpoint)
+                self.epoch += 1
+                self._lost_why = ("closed the connection before answering (it exited or restarted, or "
+                                  "dropped a message over its size limit)")
+                continue
+            self._refused(event)
+
+    def _refused(self, event: dict) -> None:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise PermissionDenied(
                 f"the daemon at {self.endpoint} refused this process (uid {os.geteuid()}, gid "
@@ -128,7 +145,7 @@ class Connection:
                 if msg is not None:
                     if msg["type"] == "error":
                         self._sent_epoch.pop(req_id, None)
-                        raise reply_error(msg)
+                        raise self._error(msg)
                     if msg["type"] in ("persisted", "pong", "welcome", "status", "bye", "released", "synced"):
                         self._sent_epoch.pop(req_id, None)
                     return msg
@@ -136,8 +153,8 @@ class Connection:
                     self._pong(pong)
                     ping, quiet_since = None, time.monotonic()
                 if self._sent_epoch.get(req_id, self.epoch) < self.epoch:
-                    raise DaemonUnavailable(f"the daemon at {self.endpoint} restarted before answering; "
-                                            "this request was lost")
+                    raise DaemonUnavailable(f"the daemon at {self.endpoint} {self._lost_why}; this "
+                                            "request was lost")
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise TimeoutError(f"no answer from the daemon within {timeout_s} s")
@@ -158,6 +175,14 @@ class Connection:
                     if self._replies.pop(ping, None) is None:
                         self._unwanted.add(ping)
 
+    def _error(self, msg: dict) -> Exception:
+        if msg.get("code") == "out_of_order" and self.session:  # (hello was welcomed: by another daemon)
+            return DaemonUnavailable(
+                f"the daemon at {self.endpoint} no longer knows this client: it restarted since this "
+                f"client's hello (pid {self.daemon_pid}), and the session went with it; connect again "
+                "(snapd.connect) to snapshot on")
+        return reply_error(msg)
+
     def _pong(self, msg: dict) -> None:
         pid = msg.get("daemon_pid")
         self._sent_epoch.pop(msg.get("id"), None)
@@ -165,6 +190,7 @@ class Connection:
             log.warning("the daemon restarted (pid %s -> %s): snapshots it had not persisted were lost",
                         self.daemon_pid, pid)
             self.epoch += 1
+            self._lost_why = "restarted before answering"
         self.daemon_pid = pid
 
     def call(self, kind: str, timeout_s: float | None = None, **fields: Any) -> dict:

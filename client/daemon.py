@@ -320,6 +320,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     conn = Connection(endpoint, timeout_s)
     try:
         welcome = conn.call("hello", **hello)
+        conn.session = True
     except TimeoutError:
         conn.close()
         raise DaemonUnavailable(f"the daemon at {endpoint} did not answer hello within {timeout_s} s") \

@@ -187,6 +187,42 @@ def test_daemon_gone_raises_within_timeout(start) -> None:
         snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=0.5)
 
 
+def test_requests_the_daemon_took_fail_at_once_when_it_dies(start) -> None:
+    """A daemon killed holding a request (stopped first, so the request waits in its socket): the
+    waiting caller hears DaemonUnavailable when the connection closes, not after its 60 s timeout;
+    the daemon started on the same endpoint tells the old client by name to connect again."""
+    d = start()
+    c = snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=60.0)
+    c.snapshot({"w": np.ones(3)}, step=1).wait(30)
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            c.sync()
+            outcome.append(None)
+        except BaseException as e:  # (the test reads it)
+            outcome.append(e)
+
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    waiter = threading.Thread(target=ask)
+    waiter.start()
+    time.sleep(0.5)  # (the request is in the stopped daemon's socket)
+    d.proc.kill()
+    d.proc.wait()
+    waiter.join(20)  # (well inside the 60 s a silent daemon is given)
+    assert not waiter.is_alive(), "the caller still waits on a daemon that is gone"
+    assert isinstance(outcome[0], DaemonUnavailable) and "closed the connection before answering" in \
+        str(outcome[0]), outcome
+    d2 = start(endpoint=d.endpoint, root=d.root, name="d2")
+    with pytest.raises(DaemonUnavailable, match="no longer knows this client.*connect again"):
+        c.snapshot({"w": np.full(3, 2.0)}, step=2)  # (the new daemon never heard this client's hello)
+    c.close()
+    with snapd.connect("gone", endpoint=d2.endpoint, spawn=False) as again:
+        again.snapshot({"w": np.full(3, 2.0)}, step=2).wait(30)
+        assert np.array_equal(again.restore(2)["w"], np.full(3, 2.0))
+    assert [s.step for s in snapd.list_snapshots(d.root, "gone")] == [1, 2]
+
+
 def _raw(endpoint: str) -> zmq.Socket:
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
