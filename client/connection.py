@@ -13,7 +13,9 @@ within the timeout. A daemon that refuses this uid does so in the handshake
 PermissionDenied instead of a silent timeout. The monitor also sees the
 connection close (the daemon killed, exited or restarted): every request sent
 before that and not yet answered fails at once, never to be answered, instead of
-after the timeout; one sent after it waits for a daemon to answer as before.
+after the timeout; one sent after it waits for a daemon to answer as before. A
+daemon that never welcomed this client's hello says so (SessionLost: the client
+joins it, snapd.client.daemon).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def reply_error(msg: dict) -> Exception:
         return SnapshotError(msg.get("message", ""), msg.get("code", ""), msg["stage"],
                              {k: msg[k] for k in ("refused", "any_open") if k in msg})
     return error_from_code(msg.get("code", "error"), msg.get("message", ""))
+
+
+class SessionLost(DaemonUnavailable):
+    """The daemon answering is not the one that welcomed this client's hello (it restarted)."""
 
 
 class Connection:
@@ -177,10 +183,10 @@ class Connection:
 
     def _error(self, msg: dict) -> Exception:
         if msg.get("code") == "out_of_order" and self.session:  # (hello was welcomed: by another daemon)
-            return DaemonUnavailable(
+            return SessionLost(
                 f"the daemon at {self.endpoint} no longer knows this client: it restarted since this "
                 f"client's hello (pid {self.daemon_pid}), and the session went with it; connect again "
-                "(snapd.connect) to snapshot on")
+                "(snapd.connect) to snapshot on")  # (Client joins it by itself: this is for bare connections)
         return reply_error(msg)
 
     def _pong(self, msg: dict) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snapd import protocol
-from snapd.client.connection import Connection, probe
+from snapd.client.connection import Connection, SessionLost, probe
 from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
 from snapd.client import snapshot_plan
 from snapd.client.layout import LayoutCache
@@ -43,6 +43,13 @@ class Client:
         self.rank, self.world_size, self.local_rank = ranks.rank, ranks.world_size, ranks.local_rank
         self._conn = conn
         self._hello = hello
+        self._regions: list = []  # registered shared regions (client.share)
+        self._export_: Any = None
+        self._begin(welcome)
+
+    def _begin(self, welcome: dict) -> None:
+        """What this client holds of the daemon that welcomed it: made at connect, and anew when
+        that daemon is gone and another answers on the endpoint (``_rejoin``)."""
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
         self._grace_s: float | None = None  # an emergency snapshot's time before the kill, when known
@@ -51,20 +58,49 @@ class Client:
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
         self._buffers = HostBuffers(lambda address: self._export_ and self._export_.unpin(address))
         self._conn.daemon_pid = welcome["daemon_pid"]
-        self._regions: list = []  # registered shared regions (client.share)
         self._uncopied: list[Pending] = []  # registered-path snapshots the daemon is still copying
         self._on_gpu: list[Pending] = []  # GPU-path snapshots whose device copy is not known done
         self._welcome_cuda = welcome.get("cuda")
-        self._export_: Any = None
         self._layouts = LayoutCache()
         # the last layout's state, recognised without flattening it (client/state_memo.py)
         self._planner = snapshot_plan.Planner(self._layouts, self._registered, lambda: self._export)
+
+    def _rejoin(self) -> None:
+        """The daemon that welcomed this client is gone and another answers (systemd restarted
+        it): hello again, and make anew what the old one held for this client (its host buffers,
+        the layouts it knew, the shared regions registered with it, the device memory it opened).
+        Snapshots the old one had not persisted are lost (their ``wait`` says so); committed ones
+        are on disk."""
+        welcome = self._conn.call("hello", **self._hello)
+        log.warning("the daemon at %s restarted (now pid %s): this client joined it again; snapshots the "
+                    "old one had not persisted are lost", self._conn.endpoint, welcome.get("daemon_pid"))
+        self._buffers.close()
+        if self._export_ is not None:
+            self._export_.close()
+            self._export_ = None
+        self._begin(welcome)
+        for region in list(self._regions):
+            try:
+                region.allow(self._daemon_uid)
+                region.id = self._conn.call("register", path=str(region.path), bytes=region.size)["region"]
+            except SnapdError as e:  # (its tensors are then copied as any others)
+                log.warning("a shared region could not be registered with the new daemon: %s", e)
+                self._regions.remove(region)
+
+    def _again(self, call: Any) -> Any:
+        """``call()``; once more after joining a restarted daemon if it no longer knows this client."""
+        try:
+            return call()
+        except SessionLost:
+            self._rejoin()
+            return call()
 
     def snapshot(self, state: Any, *, step: int, metrics: dict | None = None,
                  emergency: bool = False) -> Pending:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
-        pending = self._hand_over(state, step, check_metrics(metrics), emergency)
+        metrics = check_metrics(metrics)
+        pending = self._again(lambda: self._hand_over(state, step, metrics, emergency))
         self._track(pending)
         return pending
 
@@ -229,10 +265,10 @@ class Client:
         """Wait until the daemon has persisted (or failed) every snapshot of this job in flight,
         this client's and any other's."""
         if not self._conn.closed:
-            self._conn.call("sync")
+            self._again(lambda: self._conn.call("sync"))
 
     def status(self) -> dict:
-        msg = self._conn.call("status")
+        msg = self._again(lambda: self._conn.call("status"))
         return protocol.body(msg)
 
     def on_preemption(self, state_fn: Any, signals: tuple = None, deadline_s: float = 25.0,

@@ -187,13 +187,16 @@ def test_daemon_gone_raises_within_timeout(start) -> None:
         snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=0.5)
 
 
-def test_requests_the_daemon_took_fail_at_once_when_it_dies(start) -> None:
+def test_a_daemon_dying_fails_what_it_took_at_once_and_the_client_joins_the_next(start, caplog) -> None:
     """A daemon killed holding a request (stopped first, so the request waits in its socket): the
-    waiting caller hears DaemonUnavailable when the connection closes, not after its 60 s timeout;
-    the daemon started on the same endpoint tells the old client by name to connect again."""
+    waiting caller hears DaemonUnavailable when the connection closes, not after its 60 s timeout.
+    The same client then snapshots through the daemon started on the endpoint (as systemd's
+    Restart= does): it says hello again, and its shared (registered) tensors are registered anew."""
     d = start()
     c = snapd.connect("gone", endpoint=d.endpoint, spawn=False, timeout_s=60.0)
-    c.snapshot({"w": np.ones(3)}, step=1).wait(30)
+    shared = {"p": torch.arange(50_000, dtype=torch.float32)}
+    c.share(shared)
+    c.snapshot({"w": np.ones(3), "m": shared}, step=1).wait(30)
     outcome: list[BaseException | None] = []
 
     def ask() -> None:
@@ -214,12 +217,14 @@ def test_requests_the_daemon_took_fail_at_once_when_it_dies(start) -> None:
     assert isinstance(outcome[0], DaemonUnavailable) and "closed the connection before answering" in \
         str(outcome[0]), outcome
     d2 = start(endpoint=d.endpoint, root=d.root, name="d2")
-    with pytest.raises(DaemonUnavailable, match="no longer knows this client.*connect again"):
-        c.snapshot({"w": np.full(3, 2.0)}, step=2)  # (the new daemon never heard this client's hello)
+    shared["p"].mul_(3.0)
+    c.snapshot({"w": np.full(3, 2.0), "m": shared}, step=2).wait(30)
+    back = c.restore(2)
+    assert np.array_equal(back["w"], np.full(3, 2.0)) and torch.equal(back["m"]["p"], shared["p"])
+    assert np.array_equal(c.restore(1)["w"], np.ones(3))  # (the resume point before the crash)
+    assert "this client joined it again" in caplog.text
+    assert f"client pid {os.getpid()} registered" in d2.log_text()  # (the shared tensors, anew)
     c.close()
-    with snapd.connect("gone", endpoint=d2.endpoint, spawn=False) as again:
-        again.snapshot({"w": np.full(3, 2.0)}, step=2).wait(30)
-        assert np.array_equal(again.restore(2)["w"], np.full(3, 2.0))
     assert [s.step for s in snapd.list_snapshots(d.root, "gone")] == [1, 2]
 
 
