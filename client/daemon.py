@@ -71,6 +71,8 @@ class Client:
         the layouts it knew, the shared regions registered with it, the device memory it opened).
         Snapshots the old one had not persisted are lost (their ``wait`` says so); committed ones
         are on disk."""
+        # (whoever now owns the socket gets this client's tensors: the same check as at connect)
+        check_socket_owner(socket_path(self._conn.endpoint), self._conn.endpoint)
         welcome = self._conn.call("hello", **self._hello)
         log.warning("the daemon at %s restarted (now pid %s): this client joined it again; snapshots the "
                     "old one had not persisted are lost", self._conn.endpoint, welcome.get("daemon_pid"))

@@ -16,7 +16,7 @@ import zmq
 import snapd.client as snapd
 from snapd import protocol
 from snapd.cli import main as cli
-from snapd.errors import Busy, DaemonUnavailable, InvalidArgument
+from snapd.errors import Busy, DaemonUnavailable, InvalidArgument, PermissionDenied
 
 
 def _state(seed: int, mib: int = 8) -> dict:
@@ -226,6 +226,26 @@ def test_a_daemon_dying_fails_what_it_took_at_once_and_the_client_joins_the_next
     assert f"client pid {os.getpid()} registered" in d2.log_text()  # (the shared tensors, anew)
     c.close()
     assert [s.step for s in snapd.list_snapshots(d.root, "gone")] == [1, 2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_client_joins_no_daemon_whose_socket_another_user_owns(start) -> None:
+    """Whoever owns the endpoint's socket after a restart gets the client's tensors: a socket of
+    another user there is refused as at connect, and no hello goes to it."""
+    d = start()
+    c = snapd.connect("gone", endpoint=d.endpoint, spawn=False)
+    c.snapshot({"w": np.ones(3)}, step=1).wait(30)
+    d.proc.kill()
+    d.proc.wait()
+    d2 = start(endpoint=d.endpoint, root=d.root, name="d2")
+    os.chown(d.endpoint.removeprefix("ipc://"), 65534, 65534)  # (as if another user had put it there)
+    with pytest.raises(PermissionDenied, match="belongs to uid 65534"):
+        c.snapshot({"w": np.full(3, 2.0)}, step=2)
+    os.chown(d.endpoint.removeprefix("ipc://"), 0, 0)  # (to ask the daemon who it serves)
+    from snapd.client.connection import daemon_status
+    assert not [x for x in daemon_status(d2.endpoint)["clients"] if x["pid"] == os.getpid()]
+    c.close()
+    assert [s.step for s in snapd.list_snapshots(d.root, "gone")] == [1]
 
 
 def _raw(endpoint: str) -> zmq.Socket:
