@@ -28,7 +28,7 @@ __all__ = ["Busy", "ChecksumError", "DaemonUnavailable", "FormatError", "Invalid
 
 def __getattr__(name: str) -> Any:
     if name in _DAEMON_API:  # loads ZeroMQ only when the daemon path is used
-        from snapd.client import daemon
+        from snapd.client import daemon, hello
 
-        return getattr(daemon, name)
+        return getattr(hello if name in ("connect", "snapshot") else daemon, name)
     raise AttributeError(f"module 'snapd.client' has no attribute {name!r}")

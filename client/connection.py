@@ -65,7 +65,7 @@ class Connection:
         self.daemon_pid: int | None = None
         self.epoch = 0  # bumped when the daemon is found restarted, or the connection closed
         self._lost_why = "restarted before answering"  # (why the requests of an older epoch were lost)
-        self.session = False  # whether a hello was welcomed (snapd.client.daemon.connect)
+        self.session = False  # whether a hello was welcomed (snapd.client.hello.connect)
         self._sent_epoch: dict[int, int] = {}
         self._unwanted: set[int] = set()
         self.closed = False
@@ -74,6 +74,7 @@ class Connection:
         with self._lock:
             if self.closed:
                 raise DaemonUnavailable("this client is closed")
+            self._check_events()  # (a close already seen ends the epoch before this request is in it)
             req_id = next(self._ids)
             self._sent_epoch[req_id] = self.epoch
             try:

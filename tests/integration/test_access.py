@@ -36,7 +36,7 @@ import numpy as np
 import zmq, zmq.utils.monitor
 import lz4.frame, zstandard, xxhash
 import snapd.posix_acl, snapd.format.restore, snapd.format.codecs, snapd.client.local
-from snapd.client.daemon import connect
+from snapd.client.hello import connect
 from snapd.errors import PermissionDenied
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 if uid != os.geteuid():

@@ -228,6 +228,24 @@ def test_a_daemon_dying_fails_what_it_took_at_once_and_the_client_joins_the_next
     assert [s.step for s in snapd.list_snapshots(d.root, "gone")] == [1, 2]
 
 
+def test_sync_across_a_restart_says_what_was_lost_once_and_restore_goes_on(start) -> None:
+    """sync promises the snapshots in flight are persisted: across a daemon restart it cannot, and
+    says so once (the client joins the new daemon meanwhile); restore loads what was committed."""
+    from snapd.client.connection import SessionLost
+
+    d = start()
+    c = snapd.connect("gone", endpoint=d.endpoint, spawn=False)
+    c.snapshot({"w": np.ones(3)}, step=1).wait(30)
+    d.proc.kill()
+    d.proc.wait()
+    start(endpoint=d.endpoint, root=d.root, name="d2")
+    with pytest.raises(SessionLost, match="not persisted are lost"):
+        c.sync()
+    c.sync()  # (joined: the new daemon knows this client)
+    assert np.array_equal(c.restore("latest")["w"], np.ones(3))
+    c.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_a_client_joins_no_daemon_whose_socket_another_user_owns(start) -> None:
     """Whoever owns the endpoint's socket after a restart gets the client's tensors: a socket of
