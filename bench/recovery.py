@@ -5,7 +5,8 @@ replicas on (one copy of each rank part on the next node) and the remote tier (o
 tests/s3_server.py). A 3-rank job (no process group: ranks given) snapshots ``--mib`` MiB per rank,
 each rank's own tensors (``per_rank``), stored raw. Then rank 2's state is restored, in one run:
 
-1. from local disk: through node 2's daemon, before the node is lost (its page cache warm);
+1. from local disk: through node 2's daemon, before the node is lost (its page cache warm), and
+   again with the step's pages dropped (posix_fadvise DONTNEED: a node rebooted, a cold disk);
 2. from peers: node 2 killed and its disk removed, a replacement daemon with an empty root; its
    client's ``restore()`` finds the step and brings rank 2's part from the replica in node 0's memory;
 3. from the remote tier: ``snapd.load(fresh root, remote=)`` (ranged GETs, 8 in flight);
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> None:
     import snapd.client as snapd
     from bench.machine import Recorder, describe
     from bench.remote import _download_floor, _server
+    from bench.restore import drop_cache
     from snapd.remote.store import Store
 
     work = Path(tempfile.mkdtemp(prefix="snapd-recovery-", dir=args.dir))
@@ -206,6 +208,10 @@ def run(args: argparse.Namespace) -> None:
             want = _state(args.mib, LOST)["own"]
             took, back = _restore(cluster.endpoints[LOST])  # (node 2's own disk)
             times.setdefault("local disk", []).append(took)
+            del back
+            drop_cache(work / f"node{LOST}" / JOB / f"step-{step:012d}")  # (a node rebooted: a cold disk)
+            took, back = _restore(cluster.endpoints[LOST])
+            times.setdefault("local disk, cold", []).append(took)
             del back
             times.setdefault("floor: peer link into memory", []).append(_peer_floor(cluster, step))
             _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
@@ -250,8 +256,11 @@ def _markdown(times: dict, machine: dict, args: argparse.Namespace) -> str:
         f"{machine.get('commit')}: three daemons on loopback TCP with separate roots, one SeaweedFS server; "
         f"rank {LOST}'s {args.mib} MiB (raw) restored; seconds, median of {args.reps}.", "",
         "| restore of the lost node's rank | seconds | MiB/s | ÷ local disk |", "|---|---|---|---|",
-        row("local disk"), row("peers (replacement node)"), row("remote tier (fresh root)"),
+        row("local disk"), row("local disk, cold"), row("peers (replacement node)"),
+        row("remote tier (fresh root)"),
         row("floor: peer link into memory"), row("floor: ranged GETs into memory"), "",
+        f"Peers against local disk with its pages dropped (a node rebooted): "
+        f"{med['peers (replacement node)'] / med['local disk, cold']:.2f}x. "
         f"Peers against the remote tier: "
         f"{med['remote tier (fresh root)'] / med['peers (replacement node)']:.2f}x faster; the links' own "
         f"speeds differ by {link_ratio:.2f}x (the two floors). On loopback the "
