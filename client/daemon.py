@@ -239,10 +239,7 @@ class Client:
         """A snapshot of this job, once the daemon has written every one of them still in flight
         (``latest`` after a crash is then the last snapshot the killed trainer handed over);
         ``mmap`` and ``verify`` as for ``snapd.load``."""
-        try:
-            self.sync()
-        except SessionLost as e:  # (what is committed is what there is to restore)
-            log.warning("%s", e)
+        self._settle()
         fetch = None
         if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
             if step != "best" and self.world_size > 1:  # (one process's own snapshots are all on its node)
@@ -256,11 +253,19 @@ class Client:
                     remote=self.remote, mmap=mmap, verify=verify, fetch_part=fetch)
 
     def list(self) -> list:
-        self.sync()
+        self._settle()
         if self._peers and self.world_size > 1:  # (a replacement node: the newest step whose parts
             # are all on some node is committed here first)
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
+
+    def _settle(self) -> None:
+        """``sync`` before reading what is committed; across a daemon restart, what the old one
+        held is lost (logged) and what is committed is what there is to read."""
+        try:
+            self.sync()
+        except SessionLost as e:
+            log.warning("%s", e)
 
     def sync(self) -> None:
         """Wait until the daemon has persisted (or failed) every snapshot of this job in flight,

@@ -230,7 +230,8 @@ def test_a_daemon_dying_fails_what_it_took_at_once_and_the_client_joins_the_next
 
 def test_sync_across_a_restart_says_what_was_lost_once_and_restore_goes_on(start) -> None:
     """sync promises the snapshots in flight are persisted: across a daemon restart it cannot, and
-    says so once (the client joins the new daemon meanwhile); restore loads what was committed."""
+    says so once (the client joins the new daemon meanwhile); restore and list read what was
+    committed, whether or not a sync came first."""
     from snapd.client.connection import SessionLost
 
     d = start()
@@ -238,11 +239,18 @@ def test_sync_across_a_restart_says_what_was_lost_once_and_restore_goes_on(start
     c.snapshot({"w": np.ones(3)}, step=1).wait(30)
     d.proc.kill()
     d.proc.wait()
-    start(endpoint=d.endpoint, root=d.root, name="d2")
+    d2 = start(endpoint=d.endpoint, root=d.root, name="d2")
     with pytest.raises(SessionLost, match="not persisted are lost"):
         c.sync()
     c.sync()  # (joined: the new daemon knows this client)
     assert np.array_equal(c.restore("latest")["w"], np.ones(3))
+    d2.proc.kill()
+    d2.proc.wait()
+    start(endpoint=d.endpoint, root=d.root, name="d3")
+    assert [s.step for s in c.list()] == [1]  # (its sync said what was lost, in the log)
+    assert np.array_equal(c.restore("latest")["w"], np.ones(3))
+    c.snapshot({"w": np.full(3, 4.0)}, step=2).wait(30)
+    assert [s.step for s in c.list()] == [1, 2]
     c.close()
 
 
