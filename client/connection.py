@@ -58,7 +58,11 @@ class Connection:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self._monitor = self._sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        # (only a connection past its handshake can have taken a request: one that closes before
+        # that, such as a private daemon that lost the race for the endpoint, took nothing, and
+        # what was queued goes to the daemon the socket reconnects to)
+        self._handshaken = False
         self._sock.connect(endpoint)
         self._ids = iter(range(1, 2**62))
         self._replies: dict[int, collections.deque[dict]] = collections.defaultdict(collections.deque)
@@ -101,13 +105,20 @@ class Connection:
                     self._replies[msg["id"]].append(msg)
 
     def _check_events(self) -> None:
-        """The socket monitor's news: a refusal raises; a closed connection ends the older epoch
-        (called only when no message waits: a reply that came before the close is filed first)."""
+        """The socket monitor's news: a refusal raises; a connection that closes after its handshake
+        ends the epoch (a reply that came before the close is still taken: ``wait`` looks for
+        replies before it looks at the epoch)."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+                continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
+                if not self._handshaken:
+                    continue
+                self._handshaken = False
                 log.warning("the connection to the daemon at %s closed: requests it had not answered "
                             "are lost", self.endpoint)
                 self.epoch += 1
