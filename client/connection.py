@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from snapd import protocol
 from snapd.errors import DaemonUnavailable, PermissionDenied, SnapshotError, error_from_code
@@ -108,8 +109,6 @@ class Connection:
         """The socket monitor's news: a refusal raises; a connection that closes after its handshake
         ends the epoch (a reply that came before the close is still taken: ``wait`` looks for
         replies before it looks at the epoch)."""
-        from zmq.utils.monitor import recv_monitor_message
-
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
