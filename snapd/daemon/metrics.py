@@ -136,3 +136,5 @@ class _PeerCollector:
                                   value=st["fetched_bytes"])
         yield CounterMetricFamily("snapd_peer_damaged_copies", "Peers' copies that failed their checksums",
                                   value=st["damaged_copies"])
+        yield CounterMetricFamily("snapd_peer_prefetched_parts", "Parts brought here at their rank's hello",
+                                  value=st["prefetched_parts"])

@@ -83,7 +83,7 @@ class PartFetch:
     def survey(self, job: str, want: int | None = None) -> dict[int, Step]:
         """Every step of ``job`` this node or a peer knows, with each part's sources; and the
         bucket's newest global snapshot (or step ``want``) where no node holds a newer one whole."""
-        steps = self._here(job)
+        steps = self.here(job)
         for r in self.store.held(job):
             steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
                 (SPEED["memory"] if r.where == "memory" else SPEED["disk"], HELD_HERE))
@@ -130,7 +130,7 @@ class PartFetch:
         for r in range(m.world_size):
             s.sources.setdefault(r, []).append((SPEED["remote"], REMOTE))
 
-    def _here(self, job: str) -> dict[int, Step]:
+    def here(self, job: str) -> dict[int, Step]:
         """The steps of ``job`` committed on this node's disk, with the parts there."""
         steps: dict[int, Step] = {}
         local = self.root / job

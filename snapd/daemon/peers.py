@@ -25,6 +25,7 @@ from snapd.daemon.bucket_parts import BucketParts
 from snapd.daemon.part_fetch import PartFetch
 from snapd.daemon.peer_commits import PartBook
 from snapd.daemon.peer_server import PeerServer
+from snapd.daemon.prefetch import Prefetch
 from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.replication import Outgoing, Replication
 from snapd.daemon.tasks import Task
@@ -75,6 +76,7 @@ class Peers:
         self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s,
                                None if store is None else BucketParts(store))
+        self.prefetch = Prefetch(self.fetch)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
         self._queued: dict[bytes, int] = {}  # each client's requests on the pool (``_off_thread``)
         self._lock = threading.Lock()
@@ -90,6 +92,7 @@ class Peers:
                  [p.endpoint for p in self.directory.all()] or "none")
 
     def stop(self) -> None:
+        self.prefetch.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.fetch.bucket is not None:
             self.fetch.bucket.close()
@@ -97,6 +100,10 @@ class Peers:
         self.server.stop()
 
     # -- requests of this node's clients, answered off the server thread ------------------
+    def hello(self, job_dir: JobDir, retention: Retention, rank: int, world_size: int) -> None:
+        """A rank of a job on several ranks connected: its part starts coming here (snapd.daemon.prefetch)."""
+        self.prefetch.hello(job_dir, self.book.job_path(job_dir.path), retention, rank, world_size)
+
     def locate(self, job_dir: JobDir, step: int | None, retention: Retention, peer: bytes,
                req_id: int) -> None:
         self._off_thread(peer, req_id, "located", lambda: self.fetch.locate(
@@ -184,4 +191,5 @@ class Peers:
                 "targets": [p.endpoint for p in self.directory.replica_targets(self.replicas)],
                 "peers": senders, "lag_s": lag, "held": held,
                 "refused": self.server.refused, "fetched_bytes": self.fetch.fetched_bytes,
-                "damaged_copies": self.fetch.damaged, "jobs": self.where(senders, held)}
+                "damaged_copies": self.fetch.damaged, "prefetched_parts": self.prefetch.brought,
+                "jobs": self.where(senders, held)}

@@ -124,6 +124,8 @@ def test_the_recovery_bench_restores_the_lost_rank_from_each_source(tmp_path) ->
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]  # (each restore checked bit-exact)
     methods = {json.loads(line)["method"] for line in (tmp_path / "recovery.jsonl").read_text().splitlines()}
     assert methods == {"local disk", "local disk, cold", "peers (replacement node)",
+                       "peers: connect() to the part here (prefetch)",
+                       "peers: restore() once the part is here",
                        "remote tier (fresh root)", "floor: peer link into memory",
                        "floor: ranged GETs into memory"}
     assert "| peers (replacement node) |" in (tmp_path / "recovery.md").read_text()

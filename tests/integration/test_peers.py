@@ -170,6 +170,38 @@ def test_a_damaged_replica_is_caught_and_another_copy_used(tmp_path, start) -> N
     log = nodes.daemons[2].log_text()
     assert re.search(r"rank 2's part from tcp://127.0.0.1:\d+ unusable \(.*checksum", log), log
     assert "rank 2's part (0 MiB) came from " + nodes.endpoints[1] in log, log
+    assert log.count("rank 2's part (0 MiB) came from ") == 1, log  # (its prefetch and restore: one fetch)
+
+
+def test_a_replacement_node_brings_a_ranks_part_when_the_rank_connects(tmp_path, start) -> None:
+    """The trainer's startup and the part's transfer overlap: the part is here before ``restore``."""
+    nodes = Nodes(tmp_path, start, 3)
+    outs = ranks(nodes, "g", "run-1", "1,2")
+    assert all(o.split() == ["COMMITTED", "1", "COMMITTED", "2"] for o in outs), (outs, nodes.logs())
+    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["peers"][0]["backlog_parts"] == 0, timeout=30)
+    nodes.lose(1)
+    nodes.daemons[1] = d = nodes.start(1)
+    step = d.root / "g" / "step-000000000002"
+    with snapd.connect("g", endpoint=d.endpoint, spawn=False, rank=1, world_size=3, run_id="run-2",
+                       per_rank=["own"]) as c:
+        d.wait_for(lambda: (step / "rank-00001" / "manifest.json").exists(), timeout=30)  # (no restore asked)
+        assert nodes.status(1)["peers"]["prefetched_parts"] == 1
+        back = c.restore("latest")
+        assert (back["step"], int(back["own"][0]), float(back["w"][0])) == (2, 201, 2.0)
+    log = d.log_text()
+    assert re.search(r"step 2: rank 1's part prefetched at its hello, from tcp://127.0.0.1:\d+ in", log), log
+    assert log.count("rank 1's part (0 MiB) came from ") == 1, log  # (the restore found it here)
+    # a job resumed on another world size reshards: its ranks' hellos bring nothing of the old layout
+    with snapd.connect("g", endpoint=d.endpoint, spawn=False, rank=0, world_size=2, run_id="run-3",
+                       per_rank=["own"]):
+        d.wait_for(lambda: "step 2 was saved on 3 ranks, not 2" in d.log_text(), timeout=30)
+    assert not (step / "rank-00000").exists() and nodes.status(1)["peers"]["prefetched_parts"] == 1
+    # a rank whose part is on its node's disk (a daemon restarted, not a node lost) brings nothing
+    with snapd.connect("g", endpoint=nodes.daemons[0].endpoint, spawn=False, rank=0, world_size=3,
+                       run_id="run-4", per_rank=["own"]) as c:
+        assert c.restore("latest")["step"] == 2
+    assert nodes.status(0)["peers"]["prefetched_parts"] == 0
+    assert "prefetched" not in nodes.daemons[0].log_text()
 
 
 def test_a_newer_step_the_bucket_holds_wins_its_missing_part_from_there(tmp_path, start, s3) -> None:
