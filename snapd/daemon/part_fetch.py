@@ -87,7 +87,7 @@ class PartFetch:
         for r in self.store.held(job):
             steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
                 (SPEED["memory"] if r.where == "memory" else SPEED["disk"], HELD_HERE))
-        peers = self.directory.all()
+        peers = self.directory.all(wait_s=min(5.0, self.timeout_s))  # (a daemon just started: its first read)
         replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
                                min(5.0, self.timeout_s))
         for peer in peers:

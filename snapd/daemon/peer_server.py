@@ -52,10 +52,9 @@ def _str(h: dict, name: str, max_len: int = 256) -> str:
 
 class PeerServer:
     def __init__(self, endpoint: str, node: str, keys: PeerKeys, root: Path, store: ReplicaStore,
-                 announce: Callable[[str, int, int, str, int, str, bytes], None],
-                 tick: Callable[[], None] = lambda: None) -> None:
+                 announce: Callable[[str, int, int, str, int, str, bytes], None]) -> None:
         self.endpoint, self.node, self.keys, self.root, self.store = endpoint, node, keys, root, store
-        self._announce, self._tick = announce, tick  # (tick: the peer directory's entry rewritten)
+        self._announce = announce
         self.ctx = zmq.Context(io_threads=wire.STREAMS)  # (a peer pulls over several links at once)
         self.refused = 0
         self.requests = 0
@@ -98,7 +97,6 @@ class PeerServer:
         for s in (self.sock, self._zap, self._monitor):
             poller.register(s, zmq.POLLIN)
         while not self._stop.is_set():
-            self._tick()
             for s, _ in poller.poll(100):
                 try:
                     if s is self._zap:

@@ -71,7 +71,7 @@ class Peers:
         self.book.on_committed = self.store.prune
         self.store.load_disk()  # (replicas a previous run of this daemon kept on disk)
         self.server = PeerServer(config.peer_endpoint, self.node, keys, config.root, self.store,
-                                 self.book.announce, self.directory.tick)
+                                 self.book.announce)
         pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
         self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s,
@@ -84,7 +84,7 @@ class Peers:
         self.replicas = config.replicas
 
     def start(self) -> None:
-        self.directory.publish()
+        self.directory.start()
         self.server.start()
         log.info("peers: %s (node %s) serves its peers; replicas %d, to %s; peers now %s",
                  self.directory.own, self.node, self.replicas,
@@ -92,6 +92,7 @@ class Peers:
                  [p.endpoint for p in self.directory.all()] or "none")
 
     def stop(self) -> None:
+        self.directory.stop()
         self.prefetch.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.fetch.bucket is not None:

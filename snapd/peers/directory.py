@@ -4,6 +4,11 @@ job's shared root, a home directory) and the remote tier's bucket (``.snapd-peer
 prefix), whichever the daemon has. Each daemon writes its entry at start and again every
 ``REPUBLISH_S``; an entry not rewritten for ``STALE_S`` is a daemon gone. Replicas go round a ring:
 the daemons sorted by endpoint, each sending to the next ``replicas`` of them on another node.
+
+Both are read, and the entry written, on a thread of their own (``start``): a bucket or a shared
+filesystem that hangs must not hold up whoever asks who the peers are (a snapshot's seal stage,
+``snapd status`` on the server thread, a restore). Each pass lists the entries and reads only those
+rewritten since the last (an object's ETag, a file's mtime and size), ``READERS`` at once.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ RELOAD_S = 5.0  # how often the directory is read again
 REPUBLISH_S = 60.0
 STALE_S = 600.0
 BUCKET_DIR = ".snapd-peers"
+READERS = 8  # entries read at once in a pass
 
 
 @dataclass(frozen=True, order=True)
@@ -40,45 +48,28 @@ class PeerDirectory:
         self.store = store  # (snapd.remote.store.Store: the remote tier's bucket)
         self._listed = [PeerInfo(check_endpoint(e), e) for e in peers]
         self._found: list[PeerInfo] = []
-        self._read_at = -RELOAD_S
-        self._published = 0.0
+        self._read: dict[str, tuple[Any, PeerInfo | None, float]] = {}  # entry -> (its tag, its peer, at)
+        self._ready = threading.Event()  # the first pass is over
+        self._stop = threading.Event()
+        if directory is None and store is None:
+            self._ready.set()
 
-    def publish(self) -> None:
-        """Write this daemon's entry where the other nodes read it (a file atomically; an object)."""
-        entry = json.dumps({"endpoint": self.own, "node": self.node, "at": time.time()})
-        self._published = time.monotonic()
-        if self.directory is not None:
-            try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                path = self.directory / f"{self.node}.peer"
-                tmp = path.with_suffix(f".tmp-{os.getpid()}")
-                tmp.write_text(entry)
-                os.replace(tmp, path)
-            except OSError as e:
-                raise InvalidArgument(f"peer_directory {self.directory}: cannot write this daemon's "
-                                      f"endpoint: {e.strerror}") from None
-        if self.store is not None:
-            try:
-                self.store.put(self.store.key(BUCKET_DIR, f"{self.node}.peer"), entry.encode())
-            except SnapdError as e:  # (the store down now: the next tick writes it again)
-                log.warning("this daemon's peer entry is not in the bucket yet: %s", e)
-
-    def tick(self) -> None:
-        """Rewrite this daemon's entry when due (the peer server's loop; never raises)."""
-        due = time.monotonic() - self._published >= REPUBLISH_S
-        if not due or (self.directory is None and self.store is None):
+    def start(self) -> None:
+        """Write this daemon's entry in the directory (a failure there is the config's: raised),
+        then keep it written and the others' read on the ``snapd-peer-directory`` thread."""
+        if self.directory is None and self.store is None:
             return
-        try:
-            self.publish()
-        except SnapdError as e:
-            log.warning("this daemon's peer entry not rewritten: %s", e)
+        self._write_file(self._entry())
+        threading.Thread(target=self._loop, name="snapd-peer-directory", daemon=True).start()
 
-    def all(self) -> list[PeerInfo]:
-        """Every other daemon, sorted by endpoint."""
-        now = time.monotonic()
-        if (self.directory is not None or self.store is not None) and now - self._read_at >= RELOAD_S:
-            self._read_at = now
-            self._found = self._read()
+    def stop(self) -> None:
+        self._stop.set()
+
+    def all(self, wait_s: float = 0.0) -> list[PeerInfo]:
+        """Every other daemon, sorted by endpoint, as the last pass found them (``wait_s``: at
+        most that long for the first pass of a daemon just started)."""
+        if wait_s > 0:
+            self._ready.wait(wait_s)
         seen = {p.endpoint: p for p in self._listed}
         seen.update({p.endpoint: p for p in self._found})
         seen.pop(self.own, None)
@@ -96,35 +87,120 @@ class PeerDirectory:
                 out.append(p)
         return out
 
-    def _read(self) -> list[PeerInfo]:
-        entries: list[tuple[str, bytes]] = []
+    # -- the directory's thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        published = -REPUBLISH_S
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - published >= REPUBLISH_S:
+                    published = time.monotonic()
+                    self.publish()
+                self.refresh()
+            except Exception:  # a bug of ours must not end the thread: the peers found stay, and it goes on
+                log.exception("the peer directory's pass failed")
+                self._ready.set()
+            self._stop.wait(RELOAD_S)
+
+    def publish(self) -> None:
+        """Write this daemon's entry where the other nodes read it (a file atomically; an object).
+        Never raises: what was not written is logged, and written again at the next turn."""
+        entry = self._entry()
         if self.directory is not None:
             try:
-                names = [n for n in os.listdir(self.directory) if n.endswith(".peer")]
-                for n in names:
-                    try:
-                        entries.append((n, (self.directory / n).read_bytes()))
-                    except OSError:
-                        continue
-            except OSError as e:
-                log.warning("peer_directory %s: cannot list it: %s", self.directory, e.strerror)
-                return self._found
+                self._write_file(entry)
+            except InvalidArgument as e:
+                log.warning("%s", e)
         if self.store is not None:
             try:
-                for key in self.store.list(self.store.key(BUCKET_DIR) + "/"):
-                    if key.endswith(".peer") and (body := self.store.get(key)) is not None:
-                        entries.append((key, body))
+                self.store.put(self.store.key(BUCKET_DIR, f"{self.node}.peer"), entry)
+            except SnapdError as e:  # (the store down now: the next turn writes it again)
+                log.warning("this daemon's peer entry is not in the bucket yet: %s", e)
+
+    def refresh(self) -> None:
+        """One pass: list the entries, read those rewritten since the last pass."""
+        listed = self._list()
+        if listed is None:  # (neither could be listed now: the peers found before stay)
+            self._ready.set()
+            return
+        changed = [n for n, tag in listed.items() if n not in self._read or self._read[n][0] != tag]
+        if changed:
+            with ThreadPoolExecutor(min(READERS, len(changed)), "snapd-peer-entry") as pool:
+                for name, got in zip(changed, pool.map(self._body, changed)):
+                    if got is not None:  # (not read now: tried again at the next pass)
+                        self._read[name] = (listed[name], *self._parse(name, got))
+        for name in [n for n in self._read if n not in listed]:
+            del self._read[name]
+        now = time.time()
+        self._found = [p for _, p, at in self._read.values() if p is not None and now - at <= STALE_S]
+        self._ready.set()
+
+    def _entry(self) -> bytes:
+        return json.dumps({"endpoint": self.own, "node": self.node, "at": time.time()}).encode()
+
+    def _write_file(self, entry: bytes) -> None:
+        if self.directory is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{self.node}.peer"
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_bytes(entry)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise InvalidArgument(f"peer_directory {self.directory}: cannot write this daemon's "
+                                  f"endpoint: {e.strerror}") from None
+
+    def _list(self) -> dict[str, Any] | None:
+        """Each entry's name (``file:NAME``, ``object:KEY``) and tag; None if nothing could be listed."""
+        out: dict[str, Any] = {}
+        failed: set[str] = set()
+        if self.directory is not None:
+            try:
+                for n in os.listdir(self.directory):
+                    if n.endswith(".peer"):
+                        try:
+                            st = os.stat(self.directory / n)
+                        except OSError:
+                            continue
+                        out[f"file:{n}"] = (st.st_mtime_ns, st.st_size)
+            except OSError as e:
+                log.warning("peer_directory %s: cannot list it: %s", self.directory, e.strerror)
+                failed.add("file")
+        if self.store is not None:
+            try:
+                for key, tag in self.store.list_tags(self.store.key(BUCKET_DIR) + "/").items():
+                    if key.endswith(".peer"):
+                        out[f"object:{key}"] = tag
             except SnapdError as e:
                 log.warning("the remote tier's peer entries cannot be read: %s", e)
-                return self._found
-        out = []
-        now = time.time()
-        for name, body in entries:
-            try:
-                d = json.loads(body)
-                if now - float(d.get("at", now)) > STALE_S:
-                    continue  # (a daemon gone: its entry not rewritten for STALE_S)
-                out.append(PeerInfo(check_endpoint(d["endpoint"]), str(d["node"])[:128]))
-            except (ValueError, KeyError, TypeError, InvalidArgument) as e:
-                log.warning("%s is not a peer's entry (%s): ignored", name, e)
+                failed.add("object")
+        if len(failed) == (self.directory is not None) + (self.store is not None):
+            return None
+        for name, (tag, _, _) in self._read.items():  # (missing from a listing that failed: not gone)
+            if name.partition(":")[0] in failed:
+                out[name] = tag
         return out
+
+    def _body(self, name: str) -> bytes | None:
+        """The entry's bytes; None if it cannot be read now (gone since the listing, or an error)."""
+        kind, _, where = name.partition(":")
+        try:
+            if kind == "file":
+                assert self.directory is not None
+                return (self.directory / where).read_bytes()
+            return self.store.get(where)
+        except FileNotFoundError:
+            return None
+        except (OSError, SnapdError) as e:
+            log.warning("peer entry %s not read: %s", where, e)
+            return None
+
+    @staticmethod
+    def _parse(name: str, body: bytes) -> tuple[PeerInfo | None, float]:
+        try:
+            d = json.loads(body)
+            at = float(d.get("at", time.time()))
+            return PeerInfo(check_endpoint(d["endpoint"]), str(d["node"])[:128]), at
+        except (ValueError, KeyError, TypeError, InvalidArgument) as e:
+            log.warning("%s is not a peer's entry (%s): ignored", name.partition(":")[2], e)
+            return None, 0.0

@@ -179,6 +179,17 @@ class Store:
             raise RemoteError(f"cannot list {self.where(prefix)}: {_describe(e)}") from None
         return out
 
+    def list_tags(self, prefix: str) -> dict[str, str]:
+        """Every object under ``prefix``: key -> ETag (another when the object is written anew)."""
+        out: dict[str, str] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                out.update({o["Key"]: o.get("ETag", "") for o in page.get("Contents", [])})
+        except Exception as e:
+            raise RemoteError(f"cannot list {self.where(prefix)}: {_describe(e)}") from None
+        return out
+
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = keys[i:i + 1000]

@@ -5,6 +5,7 @@ and a node lost with its disk comes back from its peers, with no remote tier."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import zmq
 import snapd.client as snapd
 from snapd.errors import SnapshotNotFound
 from snapd.format.manifest import parse
+from snapd.peers.directory import RELOAD_S
 from snapd.peers.keys import PeerKeys, create
 
 RANK = Path(__file__).parent / "scripts" / "rank_job.py"
@@ -243,6 +245,25 @@ def test_a_bucket_that_does_not_answer_leaves_the_peers_restore_alone(tmp_path, 
     for r, o in enumerate(outs):
         assert o.split()[:4] == ["RESTORED", "1", str(100 + r), "1.0"], (o, nodes.logs())
     assert "the remote tier does not answer for g" in nodes.daemons[1].log_text(), nodes.logs()
+
+
+def test_a_bucket_that_hangs_holds_up_neither_snapshots_nor_status(tmp_path, start, s3) -> None:
+    """Peers found through the bucket: its reads are the peer directory's thread's alone."""
+    nodes = Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/hang")
+    outs = ranks(nodes, "g", "run-1", "1", world=2)
+    assert [o.split() for o in outs] == [["COMMITTED", "1"]] * 2, nodes.logs()
+    assert s3.proc is not None
+    os.kill(s3.proc.pid, signal.SIGSTOP)  # (it takes connections, and answers nothing for 60 s)
+    try:
+        time.sleep(RELOAD_S + 1)  # (the peer entries are due to be read again)
+        for d in nodes.daemons:
+            out = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", d.endpoint],
+                                 capture_output=True, text=True, cwd="/", timeout=30)
+            assert out.returncode == 0 and "peers:" in out.stdout, out
+        outs = ranks(nodes, "g", "run-1", "2", world=2)
+        assert [o.split() for o in outs] == [["COMMITTED", "2"]] * 2, nodes.logs()
+    finally:
+        os.kill(s3.proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])

@@ -84,11 +84,36 @@ def test_peers_found_in_a_directory(tmp_path) -> None:
     b = PeerDirectory("tcp://10.0.0.2:7010", "b", (), tmp_path)
     a.publish()
     b.publish()
+    assert a.all() == []  # (read on the directory's thread, or a pass: whoever asks never waits on it)
     (tmp_path / "junk.peer").write_text("{not json")
     (tmp_path / "gone.peer").write_text(json.dumps({"endpoint": "tcp://10.0.0.9:7010", "node": "gone",
                                                     "at": time.time() - 3600}))  # (not rewritten for an hour)
+    a.refresh()
+    b.refresh()
     assert a.all() == [PeerInfo("tcp://10.0.0.2:7010", "b")]
     assert b.replica_targets(1) == [PeerInfo("tcp://10.0.0.1:7010", "a")]
+    # b restarts on another port: its rewritten entry is read anew; an entry removed is a peer gone
+    PeerDirectory("tcp://10.0.0.2:7011", "b", (), tmp_path).publish()
+    c = PeerDirectory("tcp://10.0.0.3:7010", "c", (), tmp_path)
+    c.publish()
+    a.refresh()
+    assert a.all() == [PeerInfo("tcp://10.0.0.2:7011", "b"), PeerInfo("tcp://10.0.0.3:7010", "c")]
+    (tmp_path / "c.peer").unlink()
+    a.refresh()
+    assert a.all() == [PeerInfo("tcp://10.0.0.2:7011", "b")]
+
+
+def test_the_directory_is_read_and_written_on_its_own_thread(tmp_path) -> None:
+    a = PeerDirectory("tcp://10.0.0.1:7010", "a", (), tmp_path)
+    PeerDirectory("tcp://10.0.0.2:7010", "b", (), tmp_path).publish()
+    a.start()
+    try:
+        assert a.all(wait_s=10) == [PeerInfo("tcp://10.0.0.2:7010", "b")]
+        assert json.loads((tmp_path / "a.peer").read_text())["endpoint"] == "tcp://10.0.0.1:7010"
+    finally:
+        a.stop()
+    with pytest.raises(InvalidArgument, match="cannot write this daemon's endpoint"):
+        PeerDirectory("tcp://10.0.0.1:7010", "a", (), tmp_path / "a.peer" / "x").start()
 
 
 def test_the_replica_store_holds_what_the_manifest_says_within_its_budget(tmp_path) -> None:
