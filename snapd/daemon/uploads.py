@@ -300,7 +300,12 @@ class Uploader:
         committed = rjob.upload(u.path, sorted(u.ranks) if u.ranks is not None else None, self._pool,
                                 lambda n: self._before_send(u, n))
         took = time.monotonic() - t0
-        with self._lock:
+        if committed:
+            self.view.committed(rjob.job, u.step)
+        log.info("uploaded %s step %d to %s in %.2f s%s", u.job, u.step, rjob.where(u.path.name), took,
+                 "" if committed else " (its global snapshot waits for other nodes' parts)")
+        self._retire(u, rjob)  # (before the upload counts as done: a status that says nothing waits
+        with self._lock:       # shows the bucket after its retention too)
             self._busy = None
             if self._backlog.get(u.path) is u:
                 del self._backlog[u.path]
@@ -309,28 +314,26 @@ class Uploader:
             self.counts["seconds"] += took
             self.last_error = None
             self._failures = 0
-        if committed:
-            self.view.committed(rjob.job, u.step)
-        log.info("uploaded %s step %d to %s in %.2f s%s", u.job, u.step, rjob.where(u.path.name), took,
-                 "" if committed else " (its global snapshot waits for other nodes' parts)")
-        self._retire(u, rjob)
 
     def _retire(self, u: Upload, rjob: RemoteJob) -> None:
         """Local retention without the hold on what is now uploaded; then remote retention."""
         job = JobDir(u.root, u.job)
         try:
-            prune(job, replace(u.retention, hold=self.held(job.path)))
+            prune(job, replace(u.retention, hold=self.held(job.path) - {u.path.name}))  # (uploaded now)
         except (OSError, SnapdError) as e:
             log.warning("%s: local retention after an upload failed: %s", job.path, e)
         keep_last, every = self.config.remote_keep_last, self.config.remote_keep_every_steps
         if keep_last is None:
             return
-        entries, rule = rjob.entries()
-        index = jobindex.JobIndex(history=entries, best_metric=u.retention.best or rule)
-        for old in jobindex.to_delete(index, keep_last, every):
-            log.info("remote retention removes %s step %d", u.job, old.step)
-            rjob.delete(old.step)
-            self.view.forget(rjob.job, old.step)
+        try:
+            entries, rule = rjob.entries()
+            index = jobindex.JobIndex(history=entries, best_metric=u.retention.best or rule)
+            for old in jobindex.to_delete(index, keep_last, every):
+                log.info("remote retention removes %s step %d", u.job, old.step)
+                rjob.delete(old.step)
+                self.view.forget(rjob.job, old.step)
+        except SnapdError as e:  # (the upload stands; the next one applies retention again)
+            log.warning("%s: remote retention after an upload failed: %s", u.job, e)
 
 
 def _background() -> None:
