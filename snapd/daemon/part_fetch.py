@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SPEED = {"local": 0, "memory": 1, "disk": 2, "remote": 4}  # the order sources are tried in
 SURVEY_FRESH_S = 10.0
+BUCKET_SURVEY_S = 5.0  # how long a survey waits for the bucket where the nodes hold a step whole
+BUCKET_ASKING = 2  # the bucket's surveys waiting at once; beyond, it is left out (it hangs)
 HELD_HERE = "held here"  # a source: this daemon's own replica store
 
 
@@ -72,6 +75,8 @@ class PartFetch:
         self.fetched_bytes = 0
         self.damaged = 0
         self._surveyed: dict[str, tuple[float, dict[int, Step]]] = {}  # job -> (when, survey)
+        self._bucket_pool = ThreadPoolExecutor(BUCKET_ASKING, thread_name_prefix="snapd-bucket-survey")
+        self._bucket_asking = 0  # surveys of the bucket not answered yet
 
     def _link(self, endpoint: str) -> wire.Link:
         links = self._local.__dict__.setdefault("links", {})
@@ -115,12 +120,28 @@ class PartFetch:
         return steps
 
     def _add_bucket(self, job: str, steps: dict[int, Step], want: int | None) -> None:
+        """The bucket's newest global snapshot, if newer than what the nodes hold whole; asked on a
+        thread of its own, and waited for ``BUCKET_SURVEY_S`` at most where the nodes hold a step
+        whole (a bucket that hangs must not hold up a restore the nodes can serve)."""
         whole = [s.step for s in steps.values()
                  if s.manifest is not None and all(s.sources.get(r) for r in range(s.manifest.world_size))]
         if want in whole:
             return
         assert self.bucket is not None
-        found = self.bucket.newest(job, max(whole, default=-1), want)
+        with self._lock:
+            if self._bucket_asking >= BUCKET_ASKING:
+                log.warning("the remote tier has not answered %d surveys of this node yet: restoring %s "
+                            "from the nodes only", self._bucket_asking, job)
+                return
+            self._bucket_asking += 1
+        asked = self._bucket_pool.submit(self._ask_bucket, job, max(whole, default=-1), want)
+        wait = BUCKET_SURVEY_S if whole else max(BUCKET_SURVEY_S, 4 * self.timeout_s)  # (none: the only hope)
+        try:
+            found = asked.result(wait)
+        except FutureTimeout:
+            log.warning("the remote tier does not answer for %s within %.0f s: restoring from the nodes only",
+                        job, wait)
+            return
         if found is None:
             return
         m, raw = found
@@ -129,6 +150,14 @@ class PartFetch:
             s.manifest, s.raw, s.where = m, raw, REMOTE
         for r in range(m.world_size):
             s.sources.setdefault(r, []).append((SPEED["remote"], REMOTE))
+
+    def _ask_bucket(self, job: str, above: int, want: int | None) -> tuple[GlobalManifest, bytes] | None:
+        try:
+            assert self.bucket is not None
+            return self.bucket.newest(job, above, want)
+        finally:
+            with self._lock:
+                self._bucket_asking -= 1
 
     def here(self, job: str) -> dict[int, Step]:
         """The steps of ``job`` committed on this node's disk, with the parts there."""

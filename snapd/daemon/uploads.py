@@ -90,10 +90,6 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="snapd-upload", daemon=True)
 
     def start(self) -> None:
-        try:
-            self.store.check()
-        except SnapdError as e:  # local snapshots go on; the error shows until an upload succeeds
-            self._error(str(e))
         self._thread.start()
 
     def stop(self) -> None:
@@ -247,6 +243,10 @@ class Uploader:
 
     def _run(self) -> None:
         _background()
+        try:  # (here, not in start: a bucket that hangs must not hold up the daemon's start)
+            self.store.check()
+        except SnapdError as e:  # local snapshots go on; the error shows until an upload succeeds
+            self._error(str(e))
         self._resume()
         while not self._stop:
             self.parts.tend()

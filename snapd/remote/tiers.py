@@ -4,18 +4,20 @@ and ``snapd ls`` of a remote one.
 The newest committed snapshot wins wherever it is (its step; at the same step the local copy, which
 is faster to read); a step asked for by number comes from whichever tier has it; ``best`` is the
 local index's, else the best of the remote snapshots by the job's rule. A fresh node with an empty
-local disk thus resumes from the remote tier.
+local disk thus resumes from the remote tier. A bucket that does not answer (an error, or no
+listing within ``LIST_WAIT_S``) leaves a local snapshot to load, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import InvalidArgument, SnapdError, SnapshotNotFound
+from snapd.errors import InvalidArgument, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format import catalog
 from snapd.format import index as jobindex
 from snapd.format.index import Entry
@@ -23,6 +25,8 @@ from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store
 
 log = logging.getLogger(__name__)
+
+LIST_WAIT_S = 10.0  # how long ``latest`` waits for the bucket's listing when a local step can load
 
 
 def remote_url(remote: str | None) -> str | None:
@@ -51,6 +55,30 @@ def _local(root: str | os.PathLike, job: str, step: int | str) -> Located | None
     return Located(int(path.name.split("-")[1]), path=path)
 
 
+def _steps(rjob: RemoteJob, wait_s: float | None) -> dict[int, str]:
+    """The bucket's committed steps of the job; with ``wait_s``, RemoteError if it has not answered
+    by then (a bucket that hangs: its SDK waits 60 s a try, 3 tries). The listing is then left
+    on a daemon thread, which never holds up the process's exit."""
+    if wait_s is None:
+        return rjob.steps()
+    got: list[Any] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            got.append(rjob.steps())
+        except BaseException as e:  # (handed to the caller's thread)
+            got.append(e)
+        done.set()
+
+    threading.Thread(target=ask, name="snapd-remote-list", daemon=True).start()
+    if not done.wait(wait_s):
+        raise RemoteError(f"{rjob.where()} did not answer within {wait_s:.0f} s")
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
 def _remote_best(rjob: RemoteJob) -> Entry | None:
     entries, rule = rjob.entries()
     return jobindex.JobIndex(history=entries, best_metric=rule).best
@@ -63,9 +91,11 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
             not isinstance(step, int):
         raise InvalidArgument(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
     local = _local(root, job, step)
+    if local is not None and step != "latest":  # (a committed step is the same snapshot in both tiers)
+        return local
     try:  # (no boto3 in the trainer's environment, no credentials, the store down: local still loads)
         rjob = RemoteJob(Store.open(remote), job)
-        steps = rjob.steps()
+        steps = _steps(rjob, None if local is None else LIST_WAIT_S)
     except SnapdError as e:
         if local is None:
             raise

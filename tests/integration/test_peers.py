@@ -247,8 +247,10 @@ def test_a_bucket_that_does_not_answer_leaves_the_peers_restore_alone(tmp_path, 
     assert "the remote tier does not answer for g" in nodes.daemons[1].log_text(), nodes.logs()
 
 
-def test_a_bucket_that_hangs_holds_up_neither_snapshots_nor_status(tmp_path, start, s3) -> None:
-    """Peers found through the bucket: its reads are the peer directory's thread's alone."""
+def test_a_bucket_that_hangs_holds_up_no_snapshot_status_start_or_restore(tmp_path, start, s3) -> None:
+    """Peers found through the bucket (its reads are the peer directory's thread's alone), parts
+    uploaded to it (the upload thread's), and offered by it to a restore (waited for 5 s at most
+    where the nodes hold the step whole)."""
     nodes = Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/hang")
     outs = ranks(nodes, "g", "run-1", "1", world=2)
     assert [o.split() for o in outs] == [["COMMITTED", "1"]] * 2, nodes.logs()
@@ -262,6 +264,14 @@ def test_a_bucket_that_hangs_holds_up_neither_snapshots_nor_status(tmp_path, sta
             assert out.returncode == 0 and "peers:" in out.stdout, out
         outs = ranks(nodes, "g", "run-1", "2", world=2)
         assert [o.split() for o in outs] == [["COMMITTED", "2"]] * 2, nodes.logs()
+        nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["held"]["jobs"]["g"].get("2") == [1],
+                                  timeout=30)
+        nodes.lose(1)
+        nodes.daemons[1] = nodes.start(1)  # (its start does not wait for the bucket)
+        outs = ranks(nodes, "g", "run-2", "3", "restore", world=2)
+        for r, o in enumerate(outs):
+            assert o.split()[:4] == ["RESTORED", "2", str(200 + r), "2.0"], (o, nodes.logs())
+        assert "the remote tier does not answer for g within 5 s" in nodes.daemons[1].log_text()
     finally:
         os.kill(s3.proc.pid, signal.SIGCONT)
 

@@ -5,7 +5,9 @@ SIGKILLed mid-upload) never list a half-uploaded snapshot and never hold up loca
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +150,33 @@ def test_while_the_server_is_down_local_snapshots_go_on_and_the_latest_goes_up_f
     assert 6 in remote_steps(url, "job")
     # local retention let go of what was skipped or uploaded: the local tier is bounded too
     assert len(list((d.root / "job").glob("step-*"))) <= 2
+
+
+@pytest.mark.timeout(90)
+def test_a_server_that_hangs_holds_up_neither_the_daemon_nor_a_local_restore(tmp_path, s3, start,
+                                                                               caplog) -> None:
+    """SIGSTOP: the server takes connections and answers nothing (the SDK waits 60 s a try, 3 tries)."""
+    url = f"{s3.url}/hang"
+    d = start("--remote", url)
+    with snapd.connect("job", endpoint=d.endpoint, spawn=False) as c:
+        c.snapshot(state(1), step=1).wait(30)
+        wait_uploaded(d, 1)
+    assert s3.proc is not None
+    os.kill(s3.proc.pid, signal.SIGSTOP)
+    try:
+        again = start("--remote", url, name="again", root=d.root)  # (a restarted daemon: its start, too)
+        d.stop()
+        with snapd.connect("job", endpoint=again.endpoint, spawn=False) as c:
+            c.snapshot(state(2), step=2).wait(30)  # persisted locally; its upload waits
+            # a step by number: the local one, the bucket not asked
+            assert np.array_equal(c.restore(1)["model"]["w"], state(1)["model"]["w"])
+            assert c.restore(2)["step"] == 2
+            assert c.status()["remote"]["backlog"] >= 1
+        with caplog.at_level("WARNING"):  # latest: the bucket waited for 10 s, then the local tier's
+            assert snapd.load(d.root, "job", remote=url)["step"] == 2
+        assert "did not answer within 10 s): loading the local" in caplog.text, caplog.text
+    finally:
+        os.kill(s3.proc.pid, signal.SIGCONT)
 
 
 def test_wrong_credentials_or_a_missing_bucket_say_so_and_local_snapshots_go_on(tmp_path, s3, start,
