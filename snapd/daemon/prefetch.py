@@ -20,9 +20,9 @@ names delays only prefetching, never a restore (those run on the peers' pool).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
@@ -49,7 +49,9 @@ class _Job:
 class Prefetch:
     def __init__(self, fetch: PartFetch) -> None:
         self.fetch = fetch
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapd-prefetch")
+        self._jobs: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        # (a daemon thread: a prefetch under way never holds up the daemon's exit)
+        threading.Thread(target=self._work, name="snapd-prefetch", daemon=True).start()
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, int], _Job] = {}  # (job dir, world size) -> its ranks
         self.brought = 0  # parts brought here before their rank asked
@@ -68,10 +70,17 @@ class Prefetch:
                          job_dir.path, len(self._waiting), rank)
                 return
             self._waiting[key] = _Job(job_dir, job, retention, world_size, {rank})
-        self._pool.submit(self._run, key)
+        self._jobs.put(key)
 
     def stop(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (key := self._jobs.get()) is not None:
+            try:
+                self._run(key)
+            except Exception:  # a bug of ours: the restore still brings the part
+                log.exception("prefetching %s failed", key[0])
 
     def _run(self, key: tuple[str, int]) -> None:
         with self._lock:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import InvalidArgument, SnapdError
+from snapd.errors import FormatError, InvalidArgument, SnapdError
+from snapd.format.jobdir import read_regular
 from snapd.peers.wire import check_endpoint
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ REPUBLISH_S = 60.0
 STALE_S = 600.0
 BUCKET_DIR = ".snapd-peers"
 READERS = 8  # entries read at once in a pass
+MAX_ENTRY_BYTES = 4096  # an entry is about 100 bytes: a bigger one is not read
 
 
 @dataclass(frozen=True, order=True)
@@ -123,6 +125,11 @@ class PeerDirectory:
             self._ready.set()
             return
         changed = [n for n, tag in listed.items() if n not in self._read or self._read[n][0] != tag]
+        for name in [n for n in changed if listed[n][-1] > MAX_ENTRY_BYTES]:  # (tags end with the size)
+            log.warning("%s is not a peer's entry (%d bytes): ignored", name.partition(":")[2],
+                        listed[name][-1])
+            self._read[name] = (listed[name], None, 0.0)
+            changed.remove(name)
         if changed:
             with ThreadPoolExecutor(min(READERS, len(changed)), "snapd-peer-entry") as pool:
                 for name, got in zip(changed, pool.map(self._body, changed)):
@@ -162,7 +169,7 @@ class PeerDirectory:
                             st = os.stat(self.directory / n)
                         except OSError:
                             continue
-                        out[f"file:{n}"] = (st.st_mtime_ns, st.st_size)
+                        out[f"file:{n}"] = (st.st_mtime_ns, st.st_size)  # (a tag ends with the size)
             except OSError as e:
                 log.warning("peer_directory %s: cannot list it: %s", self.directory, e.strerror)
                 failed.add("file")
@@ -187,10 +194,12 @@ class PeerDirectory:
         try:
             if kind == "file":
                 assert self.directory is not None
-                return (self.directory / where).read_bytes()
+                return read_regular(self.directory / where)  # (a FIFO planted there must not hang it)
             return self.store.get(where)
         except FileNotFoundError:
             return None
+        except FormatError:  # (not a regular file: not an entry, until it changes)
+            return b""
         except (OSError, SnapdError) as e:
             log.warning("peer entry %s not read: %s", where, e)
             return None

@@ -179,13 +179,13 @@ class Store:
             raise RemoteError(f"cannot list {self.where(prefix)}: {_describe(e)}") from None
         return out
 
-    def list_tags(self, prefix: str) -> dict[str, str]:
-        """Every object under ``prefix``: key -> ETag (another when the object is written anew)."""
-        out: dict[str, str] = {}
+    def list_tags(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """Every object under ``prefix``: key -> (ETag, size) (another ETag when it is written anew)."""
+        out: dict[str, tuple[str, int]] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             for page in pages:
-                out.update({o["Key"]: o.get("ETag", "") for o in page.get("Contents", [])})
+                out.update({o["Key"]: (o.get("ETag", ""), o["Size"]) for o in page.get("Contents", [])})
         except Exception as e:
             raise RemoteError(f"cannot list {self.where(prefix)}: {_describe(e)}") from None
         return out

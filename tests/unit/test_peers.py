@@ -99,6 +99,10 @@ def test_peers_found_in_a_directory(tmp_path) -> None:
     a.refresh()
     assert a.all() == [PeerInfo("tcp://10.0.0.2:7011", "b"), PeerInfo("tcp://10.0.0.3:7010", "c")]
     (tmp_path / "c.peer").unlink()
+    # what another user could plant there: an entry of 1 GiB, a FIFO; neither is read, nor hangs it
+    with open(tmp_path / "huge.peer", "wb") as f:
+        f.truncate(1 << 30)
+    os.mkfifo(tmp_path / "fifo.peer")
     a.refresh()
     assert a.all() == [PeerInfo("tcp://10.0.0.2:7011", "b")]
 
