@@ -16,7 +16,8 @@ each rank's own tensors (``per_rank``), stored raw. Then rank 2's state is resto
 and the two floors under 2 and 3: the same bytes pulled over the peer links a restore uses (CurveZMQ,
 4 links at once) into memory, and by ranged GETs from the bucket into memory. Each is timed after
 ``os.sync()`` (the three "nodes" share one disk, whose writeback of the others' snapshots would
-otherwise land on whichever restore runs next); each restore from ``connect()``.
+otherwise land on whichever restore runs next), and ``SETTLE_S`` later; each restore from
+``connect()``.
 Results: bench/results/recovery.{jsonl,md}.
 """
 
@@ -37,6 +38,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 JOB, WORLD, LOST = "job", 3, 2
+SETTLE_S = 1.0  # before each timing: on 2 cores, what the last step set going (uploads, replicas,
+# a daemon's start) slowed a restore started at once 2-5x (a warm local one: 0.3 s against 0.05-0.1 s)
 PEERS = "peers (replacement node)"
 PREFETCH = "peers: connect() to the part here (prefetch)"
 PEERS_AFTER = "peers: restore() once the part is here"
@@ -139,6 +142,7 @@ def _restore(endpoint: str, part: Path | None = None) -> tuple[float, dict, floa
     import snapd.client as snapd
 
     os.sync()
+    time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     with snapd.connect(JOB, endpoint=endpoint, spawn=False, rank=LOST, world_size=WORLD, run_id="resume",
                        per_rank=["own"]) as c:
@@ -179,6 +183,7 @@ def _peer_floor(cluster: Cluster, step: int) -> float:
     pool = ThreadPoolExecutor(wire.STREAMS)
     try:
         os.sync()
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         _, raw = link().request({**base, "file": "manifest.json", "offset": 0, "length": wire.PIECE_BYTES})
         total = 0
@@ -233,6 +238,7 @@ def run(args: argparse.Namespace) -> None:
             times.setdefault("floor: peer link into memory", []).append(_peer_floor(cluster, step))
             _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
             os.sync()
+            time.sleep(SETTLE_S)
             times.setdefault("floor: ranged GETs into memory", []).append(
                 _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}"))
             part = work / f"node{LOST}" / JOB / f"step-{step:012d}" / f"rank-{LOST:05d}" / "manifest.json"
@@ -247,6 +253,7 @@ def run(args: argparse.Namespace) -> None:
                 del back
             shutil.rmtree(work / "fresh", ignore_errors=True)
             os.sync()
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             back = snapd.load(work / "fresh", JOB, step, rank=LOST, remote=url)
             times.setdefault("remote tier (fresh root)", []).append(time.perf_counter() - t0)
@@ -256,6 +263,10 @@ def run(args: argparse.Namespace) -> None:
             rec.add("recovery", method, f"rank {LOST} of {WORLD}, {args.mib} MiB raw", values, mib=args.mib)
         (args.out / "recovery.md").write_text(_markdown(times, rec.machine, args))
         print((args.out / "recovery.md").read_text())
+    except BaseException:
+        for log in sorted(work.glob("node*.log")):  # (the daemons' side of what went wrong)
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
+        raise
     finally:
         cluster.stop()
         server.stop()
