@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 SPEED = {"local": 0, "memory": 1, "disk": 2, "remote": 4}  # the order sources are tried in
 SURVEY_FRESH_S = 10.0
-BUCKET_SURVEY_S = 5.0  # how long a survey waits for the bucket where the nodes hold a step whole
+# how long a survey waits for the bucket where the nodes hold a step whole: a listing of ~100k
+# objects fits (the bucket may hold a newer step: leaving it out would resume from an older one)
+BUCKET_SURVEY_S = 20.0
 BUCKET_ASKING = 2  # the bucket's surveys waiting at once; beyond, it is left out (it hangs)
 HELD_HERE = "held here"  # a source: this daemon's own replica store
 

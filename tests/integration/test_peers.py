@@ -252,7 +252,7 @@ def test_a_bucket_that_does_not_answer_leaves_the_peers_restore_alone(tmp_path, 
 
 def test_a_bucket_that_hangs_holds_up_no_snapshot_status_start_or_restore(tmp_path, start, s3) -> None:
     """Peers found through the bucket (its reads are the peer directory's thread's alone), parts
-    uploaded to it (the upload thread's), and offered by it to a restore (waited for 5 s at most
+    uploaded to it (the upload thread's), and offered by it to a restore (waited for 20 s at most
     where the nodes hold the step whole)."""
     nodes = Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/hang")
     outs = ranks(nodes, "g", "run-1", "1", world=2)
@@ -274,7 +274,7 @@ def test_a_bucket_that_hangs_holds_up_no_snapshot_status_start_or_restore(tmp_pa
         outs = ranks(nodes, "g", "run-2", "3", "restore", world=2)
         for r, o in enumerate(outs):
             assert o.split()[:4] == ["RESTORED", "2", str(200 + r), "2.0"], (o, nodes.logs())
-        assert "the remote tier does not answer for g within 5 s" in nodes.daemons[1].log_text()
+        assert "the remote tier does not answer for g within 20 s" in nodes.daemons[1].log_text()
     finally:
         os.kill(s3.proc.pid, signal.SIGCONT)
 
