@@ -50,11 +50,11 @@ class Prefetch:
     def __init__(self, fetch: PartFetch) -> None:
         self.fetch = fetch
         self._jobs: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
-        # (a daemon thread: a prefetch under way never holds up the daemon's exit)
-        threading.Thread(target=self._work, name="snapd-prefetch", daemon=True).start()
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, int], _Job] = {}  # (job dir, world size) -> its ranks
         self.brought = 0  # parts brought here before their rank asked
+        # (a daemon thread: a prefetch under way never holds up the daemon's exit)
+        threading.Thread(target=self._work, name="snapd-prefetch", daemon=True).start()
 
     def hello(self, job_dir: JobDir, job: str, retention: Retention, rank: int, world_size: int) -> None:
         """Rank ``rank`` of ``world_size`` said hello for ``job``: bring its part here, in the
