@@ -4,7 +4,9 @@ each name says whose it is, but only in its owner's pid namespace: a daemon in a
 another namespace's live owners as gone. So an owner also holds a shared flock on its file for as
 long as it lives, and a file is taken for a leftover only when its pid is gone from here and no
 one holds that lock (the lock alone would take an older version's files, which hold none, for
-leftovers while their owners live)."""
+leftovers while their owners live). A file named with this process's own pid is never a live
+owner's other than ours, and ours hold their locks: a daemon that is pid 1 in its container takes
+up what the killed pid 1 before it left (its pid is always alive), and so does a reused pid."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def dead_pid_files(shm_dir: Path, name_re: re.Pattern) -> list[os.DirEntry]:
         m = name_re.match(e.name)
         if not m:
             continue
-        if not pid_alive(int(m.group(1))) and not _held(e.path):
+        pid = int(m.group(1))
+        if (pid == os.getpid() or not pid_alive(pid)) and not _held(e.path):
             out.append(e)
     return out
 
