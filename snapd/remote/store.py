@@ -170,14 +170,7 @@ class Store:
 
     def list(self, prefix: str) -> dict[str, int]:
         """Every object under ``prefix``: key -> size."""
-        out: dict[str, int] = {}
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-            for page in pages:
-                out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-        except Exception as e:
-            raise RemoteError(f"cannot list {self.where(prefix)}: {_describe(e)}") from None
-        return out
+        return {key: size for key, (_, size) in self.list_tags(prefix).items()}
 
     def list_tags(self, prefix: str) -> dict[str, tuple[str, int]]:
         """Every object under ``prefix``: key -> (ETag, size) (another ETag when it is written anew)."""
