@@ -23,7 +23,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.daemon.part_files import FileCheck, whole_manifest
-from snapd.errors import ChecksumError, FormatError, SnapdError, SnapshotNotFound
+from snapd.errors import ChecksumError, FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse
@@ -42,6 +41,7 @@ from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
 from snapd.peers.replicas import ReplicaStore
+from snapd.remote.store import answered_within
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class PartFetch:
         self.fetched_bytes = 0
         self.damaged = 0
         self._surveyed: dict[str, tuple[float, dict[int, Step]]] = {}  # job -> (when, survey)
-        self._bucket_pool = ThreadPoolExecutor(BUCKET_ASKING, thread_name_prefix="snapd-bucket-survey")
         self._bucket_asking = 0  # surveys of the bucket not answered yet
 
     def _link(self, endpoint: str) -> wire.Link:
@@ -136,11 +135,11 @@ class PartFetch:
                             "from the nodes only", self._bucket_asking, job)
                 return
             self._bucket_asking += 1
-        asked = self._bucket_pool.submit(self._ask_bucket, job, max(whole, default=-1), want)
         wait = BUCKET_SURVEY_S if whole else max(BUCKET_SURVEY_S, 4 * self.timeout_s)  # (none: the only hope)
         try:
-            found = asked.result(wait)
-        except FutureTimeout:
+            found = answered_within(functools.partial(self._ask_bucket, job, max(whole, default=-1), want),
+                                    wait, "the remote tier")
+        except RemoteError:
             log.warning("the remote tier does not answer for %s within %.0f s: restoring from the nodes only",
                         job, wait)
             return

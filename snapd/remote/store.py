@@ -15,8 +15,9 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from snapd.errors import InvalidArgument, RemoteError
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 URL_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?\Z")
 PART_BYTES = 16 << 20  # one multipart part (and the unit of memory one upload thread holds)
+T = TypeVar("T")
 
 
 def parse_url(url: object) -> tuple[str, str]:
@@ -60,6 +62,28 @@ class _Sessions:
 
 
 _sessions = _Sessions()
+
+
+def answered_within(call: Callable[[], T], wait_s: float, what: str) -> T:
+    """``call()``'s result, or RemoteError if it has not answered within ``wait_s`` (a bucket that
+    takes connections and answers nothing holds the SDK 60 s a try, 3 tries). The call is then left
+    on a daemon thread: it holds up neither its caller nor the process's exit."""
+    got: list[Any] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            got.append(call())
+        except BaseException as e:  # (handed to the caller's thread)
+            got.append(e)
+        done.set()
+
+    threading.Thread(target=ask, name="snapd-remote-ask", daemon=True).start()
+    if not done.wait(wait_s):
+        raise RemoteError(f"{what} did not answer within {wait_s:.0f} s")
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
 
 
 def _describe(e: BaseException) -> str:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import InvalidArgument, RemoteError, SnapdError, SnapshotNotFound
+from snapd.errors import InvalidArgument, SnapdError, SnapshotNotFound
 from snapd.format import catalog
 from snapd.format import index as jobindex
 from snapd.format.index import Entry
 from snapd.remote.remote_job import RemoteJob
-from snapd.remote.store import Store
+from snapd.remote.store import Store, answered_within
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +56,8 @@ def _local(root: str | os.PathLike, job: str, step: int | str) -> Located | None
 
 def _steps(rjob: RemoteJob, wait_s: float | None) -> dict[int, str]:
     """The bucket's committed steps of the job; with ``wait_s``, RemoteError if it has not answered
-    by then (a bucket that hangs: its SDK waits 60 s a try, 3 tries). The listing is then left
-    on a daemon thread, which never holds up the process's exit."""
-    if wait_s is None:
-        return rjob.steps()
-    got: list[Any] = []
-    done = threading.Event()
-
-    def ask() -> None:
-        try:
-            got.append(rjob.steps())
-        except BaseException as e:  # (handed to the caller's thread)
-            got.append(e)
-        done.set()
-
-    threading.Thread(target=ask, name="snapd-remote-list", daemon=True).start()
-    if not done.wait(wait_s):
-        raise RemoteError(f"{rjob.where()} did not answer within {wait_s:.0f} s")
-    if isinstance(got[0], BaseException):
-        raise got[0]
-    return got[0]
+    by then."""
+    return rjob.steps() if wait_s is None else answered_within(rjob.steps, wait_s, rjob.where())
 
 
 def _remote_best(rjob: RemoteJob) -> Entry | None:
