@@ -6,6 +6,7 @@ still refused by the kernel's word. Needs root (unshare, other uids)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -152,6 +153,7 @@ def test_a_daemon_that_is_pid_1_takes_up_the_buffers_a_killed_pid_1_left(shared_
     assert left, a.log_text()  # (its host buffers)
     a.proc.kill()  # (unshare's --kill-child: the daemon is killed, its buffers stay)
     a.proc.wait()
+    a.wait_for(lambda: not any(_locked(p) for p in left))  # (its pid 1 dies just after unshare)
     assert all(p.exists() for p in left)
     b = start(root=shared_dir / "b", endpoint=f"ipc://{shared_dir}/b.sock", name="b",
               command=[*UNSHARE, sys.executable, "-m", "snapd"])
@@ -162,3 +164,15 @@ def test_a_daemon_that_is_pid_1_takes_up_the_buffers_a_killed_pid_1_left(shared_
     c = start(root=shared_dir / "c", endpoint=f"ipc://{shared_dir}/c.sock", name="c",
               command=[*UNSHARE, sys.executable, "-m", "snapd"])
     assert all(p.exists() for p in mine) and not any(str(p) in c.log_text() for p in mine), c.log_text()
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds the file's flock (a daemon's buffer, while it lives)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
