@@ -242,10 +242,11 @@ class Client:
         self._settle()
         fetch = None
         if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
-            if step != "best" and self.world_size > 1:  # (one process's own snapshots are all on its node)
+            if step != "best":  # (the newest step some node holds whole is committed here first)
                 found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
                                         step=step if isinstance(step, int) else None)
-                step = found["step"] if found.get("step") is not None else step
+                if self.world_size > 1 and found.get("step") is not None:
+                    step = found["step"]  # (a single process's latest stays its index's: the newest taken)
 
             def fetch(at: int, rank: int) -> None:
                 self._conn.call("fetch_part", timeout_s=3600.0, step=at, rank=rank)

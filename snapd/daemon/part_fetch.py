@@ -11,18 +11,20 @@ brings one part: from the fastest source first (a replica in memory, then a disk
 last), into a temporary directory, each chunk checked against the manifest's checksum (as its
 bytes come: snapd.daemon.part_files) and the manifest against the one the global snapshot names;
 a damaged copy is dropped with a log line and the next source is tried. Only a checked part is
-renamed into place.
+renamed into place. A single process's snapshot (rank 0 of 1, replicated whole once committed on
+its node) is found the same way; ``locate`` brings the newest one whole and commits it here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,13 @@ from typing import Any
 import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
-from snapd.daemon.part_files import FileCheck, whole_manifest
-from snapd.errors import ChecksumError, FormatError, RemoteError, SnapdError, SnapshotNotFound
+from snapd.daemon.part_download import HELD_HERE, Download
+from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.retention import Retention
-from snapd.format.spread_commit import adopt
+from snapd.format.spread_commit import adopt, adopt_whole
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
@@ -51,7 +53,11 @@ SURVEY_FRESH_S = 10.0
 # objects fits (the bucket may hold a newer step: leaving it out would resume from an older one)
 BUCKET_SURVEY_S = 20.0
 BUCKET_ASKING = 2  # the bucket's surveys waiting at once; beyond, it is left out (it hangs)
-HELD_HERE = "held here"  # a source: this daemon's own replica store
+
+
+def _speed(where: object) -> int:
+    """Where a peer says it holds a part (``disk``, ``memory``), as a place in the order of sources."""
+    return SPEED.get(where, 3) if isinstance(where, str) else 3
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Step:
     raw: bytes | None = None
     where: str = ""  # the node whose manifest it is
     sources: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # rank -> [(speed, endpoint)]
+    # a single process's snapshot of this step: [(speed, endpoint, its manifest's checksum)]
+    whole: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 class PartFetch:
@@ -69,21 +77,17 @@ class PartFetch:
         self.keys, self.directory, self.root, self.store = keys, directory, root, store
         self.bucket = bucket
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context(io_threads=wire.STREAMS)
-        self._streams = ThreadPoolExecutor(wire.STREAMS, thread_name_prefix="snapd-pull")  # (each its links)
-        self._local = threading.local()  # each thread its own links
+        self.download = Download(keys, store, timeout_s, bucket)
+        self.ctx = self.download.ctx
         self._inflight: dict[tuple[str, int, int], threading.Event] = {}
         self._lock = threading.Lock()
         self.fetched_bytes = 0
-        self.damaged = 0
         self._surveyed: dict[str, tuple[float, dict[int, Step]]] = {}  # job -> (when, survey)
         self._bucket_asking = 0  # surveys of the bucket not answered yet
 
-    def _link(self, endpoint: str) -> wire.Link:
-        links = self._local.__dict__.setdefault("links", {})
-        if endpoint not in links:
-            links[endpoint] = wire.Link(self.ctx, self.keys, endpoint, self.timeout_s)
-        return links[endpoint]
+    @property
+    def damaged(self) -> int:
+        return self.download.damaged
 
     # -- where ---------------------------------------------------------------------------
     def survey(self, job: str, want: int | None = None) -> dict[int, Step]:
@@ -91,8 +95,12 @@ class PartFetch:
         bucket's newest global snapshot (or step ``want``) where no node holds a newer one whole."""
         steps = self.here(job)
         for r in self.store.held(job):
-            steps.setdefault(r.step, Step(r.step)).sources.setdefault(r.rank, []).append(
-                (SPEED["memory"] if r.where == "memory" else SPEED["disk"], HELD_HERE))
+            speed = SPEED["memory"] if r.where == "memory" else SPEED["disk"]
+            s = steps.setdefault(r.step, Step(r.step))
+            if r.whole:
+                s.whole.append((speed, HELD_HERE, r.checksum))
+            else:
+                s.sources.setdefault(r.rank, []).append((speed, HELD_HERE))
         peers = self.directory.all(wait_s=min(5.0, self.timeout_s))  # (a daemon just started: its first read)
         replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
                                min(5.0, self.timeout_s))
@@ -100,6 +108,9 @@ class PartFetch:
             have = self._have(peer.endpoint, job, replies[peer.endpoint])
             for entry in have:
                 s = steps.setdefault(entry["step"], Step(entry["step"]))
+                if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
+                    s.whole.append((_speed(entry["parts"].get("0")), peer.endpoint, entry["whole"]))
+                    continue
                 if s.manifest is None and entry.get("global"):
                     try:
                         m = parse_any(entry["global"].encode(), f"{peer.endpoint}: {job} step {s.step}")
@@ -110,10 +121,11 @@ class PartFetch:
                         s.manifest, s.raw, s.where = m, entry["global"].encode(), peer.endpoint
                 for r, where in entry.get("parts", {}).items():
                     if isinstance(r, str) and r.isdigit():
-                        s.sources.setdefault(int(r), []).append((SPEED.get(where, 3), peer.endpoint))
-        if self.bucket is not None:
-            self._add_bucket(job, steps, want)
+                        s.sources.setdefault(int(r), []).append((_speed(where), peer.endpoint))
+        if self.bucket is not None and not any(s.whole for s in steps.values()):
+            self._add_bucket(job, steps, want)  # (a single process's snapshots: its client asks the bucket)
         for s in steps.values():
+            s.whole.sort()
             for srcs in s.sources.values():
                 srcs.sort()
         with self._lock:
@@ -177,6 +189,8 @@ class PartFetch:
                 for r in range(m.world_size):
                     if (local / name / part_dir(r) / MANIFEST_NAME).exists():
                         s.sources.setdefault(r, []).append((SPEED["local"], ""))
+            elif m.part is None:  # a single process's snapshot
+                steps.setdefault(m.step, Step(m.step)).whole.append((SPEED["local"], "", m.checksum or ""))
         return steps
 
     def _recent_survey(self, job: str) -> dict[int, Step]:
@@ -203,6 +217,14 @@ class PartFetch:
         for s in sorted(steps.values(), key=lambda s: -s.step):
             if step is not None and s.step != step:
                 continue
+            if s.whole and s.manifest is None:  # a single process's snapshot: brought here whole
+                try:
+                    return {"step": s.step, "parts": {"0": [self._whole(job_dir, job, s, retention)]}}
+                except SnapshotNotFound as e:
+                    if step is not None:
+                        raise
+                    log.warning("%s: %s; looking for an older step", job_dir.path, e)
+                    continue
             if s.manifest is None or any(not s.sources.get(r) for r in range(s.manifest.world_size)):
                 continue
             if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():
@@ -213,18 +235,54 @@ class PartFetch:
         return {"step": None}
 
     # -- bring a part here ------------------------------------------------------------------
-    def fetch(self, job_dir: JobDir, job: str, step: int, rank: int) -> dict[str, Any]:
-        """Make rank ``rank``'s part of committed step ``step`` present on this node."""
-        final = job_dir.path / snapshot_name(step)
-        key = (job, step, rank)
+    @contextlib.contextmanager
+    def _alone(self, key: tuple[str, int, int]) -> Iterator[None]:
+        """Bring one thing at a time: another thread bringing ``key`` is waited for (the caller
+        then finds it here)."""
         while True:
             with self._lock:
                 busy = self._inflight.get(key)
                 if busy is None:
                     self._inflight[key] = threading.Event()
                     break
-            busy.wait()  # (another local rank fetches it: wait for it, then look again)
+            busy.wait()
         try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _whole(self, job_dir: JobDir, job: str, s: Step, retention: Retention) -> str:
+        """Make a single process's snapshot of step ``s`` committed on this node, brought from the
+        fastest source that has it whole and checked; where it came from."""
+        final = job_dir.path / snapshot_name(s.step)
+        with self._alone((job, s.step, -1)):
+            if any(not e for _, e, _ in s.whole) or (final / MANIFEST_NAME).exists():
+                return "this node"
+            job_dir.open_for_write()  # (a replacement node: the job's directory may not be there yet)
+            errors = []
+            for _, endpoint, want in s.whole:
+                try:
+                    t0 = time.monotonic()
+                    tmp, m, n = self.download.into_tmp(job_dir, job, s.step, 0, endpoint, want, whole=True)
+                    try:
+                        adopt_whole(job_dir, tmp, m, retention, endpoint)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    self.fetched_bytes += n
+                    log.info("%s step %d (%d MiB) came from %s in %.2f s", job, s.step, n >> 20, endpoint,
+                             time.monotonic() - t0)
+                    return endpoint
+                except (SnapdError, OSError, zmq.ZMQError) as e:
+                    errors.append(f"{endpoint}: {e}")
+                    log.warning("%s step %d from %s unusable (%s); trying the next source", job, s.step,
+                                endpoint, e)
+        raise SnapshotNotFound(f"{job} step {s.step} is on no node that answers ({'; '.join(errors)})")
+
+    def fetch(self, job_dir: JobDir, job: str, step: int, rank: int) -> dict[str, Any]:
+        """Make rank ``rank``'s part of committed step ``step`` present on this node."""
+        final = job_dir.path / snapshot_name(step)
+        with self._alone((job, step, rank)):
             if (final / part_dir(rank) / MANIFEST_NAME).exists():
                 return {"from": "this node"}
             try:
@@ -251,61 +309,11 @@ class PartFetch:
                                 job, step, rank, endpoint, e)
             raise SnapshotNotFound(f"{job} step {step}: rank {rank}'s part is on no node that answers"
                                    + (f" ({'; '.join(errors)})" if errors else ""))
-        finally:
-            with self._lock:
-                self._inflight.pop(key).set()
 
     def _bring(self, job_dir: JobDir, job: str, step: int, rank: int, endpoint: str, want: str,
                final: Path) -> int:
-        if endpoint == REMOTE:
-            assert self.bucket is not None
-            bucket = self.bucket
-
-            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
-                bucket.fill(fd, job, step, rank, name, size)  # (in any order: checked at finish)
-            raw = bucket.manifest(job, step, rank)
-        elif endpoint == HELD_HERE:
-            replica = self.store.get(job, step, rank)
-            if replica is None:
-                raise SnapshotNotFound("this node's replica is gone")
-            read = functools.partial(self.store.read, replica)
-
-            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
-                check.expect([(0, size)] if size else [])
-                for off in range(0, size, wire.PIECE_BYTES):
-                    check.put(fd, read(name, off, min(wire.PIECE_BYTES, size - off)), off)
-        else:  # a peer
-            base = {"t": "get", "job": job, "step": step, "rank": rank}
-            read = functools.partial(self._get, self._link(endpoint), base)
-
-            def fill(fd: int, name: str, size: int, check: FileCheck) -> None:
-                ranges = check.expect(wire.split(size, check.cuts))
-                wire.fetch(lambda: self._link(endpoint), self._streams, {**base, "file": name}, ranges,
-                           lambda data, off: check.put(fd, data, off))
-        if endpoint != REMOTE:
-            raw = whole_manifest(read)
-        m = parse(raw, f"{endpoint}: {job} step {step} rank {rank}")
-        if m.checksum != want:
-            raise FormatError(f"its manifest is not the one the global snapshot names ({m.checksum} != "
-                              f"{want})")
-        tmp = job_dir.new_tmp_dir(step)
+        tmp, _, total = self.download.into_tmp(job_dir, job, step, rank, endpoint, want)
         try:
-            (tmp / MANIFEST_NAME).write_bytes(raw)
-            total = 0
-            for f in m.files:
-                fd = os.open(tmp / f["name"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                try:
-                    check = FileCheck(m, f["name"])
-                    fill(fd, f["name"], int(f["bytes"]), check)
-                    if os.fstat(fd).st_size != int(f["bytes"]):
-                        raise FormatError(f"{f['name']}: got {os.fstat(fd).st_size} of {f['bytes']} bytes")
-                    check.finish(fd)
-                except ChecksumError:
-                    self.damaged += 1
-                    raise
-                finally:
-                    os.close(fd)
-                total += int(f["bytes"])
             try:
                 os.rename(tmp, final / part_dir(rank))
             except OSError:  # (there already: another process brought it)
@@ -315,8 +323,3 @@ class PartFetch:
             return total
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _get(link: wire.Link, base: dict, name: str, offset: int, length: int) -> bytes:
-        _, data = link.request({**base, "file": name, "offset": offset, "length": length})
-        return bytes(data or b"")

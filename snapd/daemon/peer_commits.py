@@ -54,15 +54,18 @@ class PartBook:
             raise InvalidArgument(f"{job} step {step} rank {rank}: the manifest announced is of another part")
         with self._lock:
             self._parts.setdefault((job, step, world_size, run), {})[rank] = (m, node)
-            steps = sorted({k[1] for k in self._parts if k[0] == job})
-            for old in steps[:-KEEP_STEPS]:
-                for k in [k for k in self._parts if k[0] == job and k[1] == old]:
-                    del self._parts[k]
-            while len(self._parts) > KEEP_ALL:  # (the oldest announced first: dicts keep their order)
-                del self._parts[next(iter(self._parts))]
+            self._trim(job)
             complete = len(self._parts.get((job, step, world_size, run), {})) == world_size
         if complete:
             self.on_committed(job)
+
+    def _trim(self, job: str) -> None:
+        steps = sorted({k[1] for k in self._parts if k[0] == job})
+        for old in steps[:-KEEP_STEPS]:
+            for k in [k for k in self._parts if k[0] == job and k[1] == old]:
+                del self._parts[k]
+        while len(self._parts) > KEEP_ALL:  # (the oldest announced first: dicts keep their order)
+            del self._parts[next(iter(self._parts))]
 
     def committed(self, job: str, step: int) -> bool:
         """Whether every rank's part of ``step`` is durable on some node (announced, or made here)."""
@@ -74,9 +77,10 @@ class PartBook:
             return {r: m for r, (m, _) in self._parts.get((job, step, world_size, run), {}).items()}
 
     def mine(self, job: str, step: int, world_size: int, run: str, rank: int, node: str, m: Manifest) -> None:
-        """Record a part made on this node (for ``steps``)."""
+        """Record a part made on this node, or a single process's snapshot (for ``steps``)."""
         with self._lock:
             self._parts.setdefault((job, step, world_size, run), {})[rank] = (m, node)
+            self._trim(job)
 
     def steps(self, newest: int = 3) -> dict[tuple[str, int, int], dict[str, set[int]]]:
         """The newest steps of each job: which node has which ranks' parts on its disk."""

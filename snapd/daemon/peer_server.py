@@ -22,8 +22,8 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from snapd.errors import InvalidArgument, SnapdError
-from snapd.format.global_manifest import part_dir
+from snapd.errors import FormatError, InvalidArgument, SnapdError
+from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import read_regular, snapshot_name, step_of
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.peers import wire
@@ -198,13 +198,22 @@ class PeerServer:
                 raw = read_regular(snap / MANIFEST_NAME)
             except OSError:
                 continue
-            parts = {}
-            for n in os.listdir(snap):
-                if n.startswith("rank-") and (snap / n / MANIFEST_NAME).exists():
-                    parts[str(int(n[5:]))] = "disk"
-            out[step] = {"step": step, "global": raw.decode(), "parts": parts}
+            try:
+                m = parse_any(raw, str(snap))
+            except FormatError:
+                continue
+            if isinstance(m, GlobalManifest):
+                parts = {}
+                for n in os.listdir(snap):
+                    if n.startswith("rank-") and (snap / n / MANIFEST_NAME).exists():
+                        parts[str(int(n[5:]))] = "disk"
+                out[step] = {"step": step, "global": raw.decode(), "parts": parts}
+            elif m.part is None:  # a single process's snapshot (its manifest's checksum names it)
+                out[step] = {"step": step, "global": None, "parts": {"0": "disk"}, "whole": m.checksum}
         for r in self.store.held(job):
             entry = out.setdefault(r.step, {"step": r.step, "global": None, "parts": {}})
+            if r.whole and "whole" not in entry:
+                entry["whole"] = r.checksum
             entry["parts"].setdefault(str(r.rank), r.where)
         return [out[s] for s in sorted(out, reverse=True)]
 
@@ -215,9 +224,10 @@ class PeerServer:
             raise InvalidArgument(f"get {name!r} of {length} bytes: not a part's file, or over "
                                   f"{wire.MAX_PIECE_BYTES} bytes")
         r = self.store.get(job, step, rank)
-        if r is not None:
+        whole = h.get("whole") is True  # (a single process's snapshot: its files in step-N/ itself)
+        if r is not None and r.whole == whole:
             return self.store.read(r, name, offset, length)
-        path = self.root / job / snapshot_name(step) / part_dir(rank) / name
+        path = self.root / job / snapshot_name(step) / ("" if whole else part_dir(rank)) / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:

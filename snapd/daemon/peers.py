@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -102,7 +103,8 @@ class Peers:
 
     # -- requests of this node's clients, answered off the server thread ------------------
     def hello(self, job_dir: JobDir, retention: Retention, rank: int, world_size: int) -> None:
-        """A rank of a job on several ranks connected: its part starts coming here (snapd.daemon.prefetch)."""
+        """A rank connected: its part (a single process: its snapshot) starts coming here
+        (snapd.daemon.prefetch)."""
         self.prefetch.hello(job_dir, self.book.job_path(job_dir.path), retention, rank, world_size)
 
     def locate(self, job_dir: JobDir, step: int | None, retention: Retention, peer: bytes,
@@ -154,6 +156,18 @@ class Peers:
             del self._waiting[k]  # (a rank's newer part: its older step has ended)
         if d.committed is None:
             self._waiting[(job, d.step, d.rank)] = o
+
+    def committed_whole(self, task: Task, path: Path) -> None:
+        """A single process's snapshot is committed on this node (the seal thread): its copies go to
+        the job's replica holders, as rank 0 of 1 (never announced: there is nothing to commit elsewhere)."""
+        job_dir = path.parent
+        job = self.book.job_path(job_dir)
+        raw = read_regular(path / MANIFEST_NAME)
+        m = parse(raw)
+        self.book.mine(job, task.step, 1, "", 0, self.node, m)
+        size = sum(int(f["bytes"]) for f in m.files) + len(raw)
+        o = Outgoing(job, task.step, 0, 1, "", job_dir, path, raw, size, whole=True)
+        self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
 
     def waiting(self, w: Waiting) -> None:
         """On the rank-commits thread, for each part of this node waiting for its step: announce it to

@@ -261,6 +261,11 @@ class Pipeline:
                      task.step, writer.shared_bytes, writer.written_bytes)
         outbox.send(self._persisted(task, str(done.path), codec, done.entry.stored_bytes))
         self._remove(done.trash)
+        if self.peers is not None and not str(done.path).startswith("s3://"):  # (copies on other nodes)
+            try:
+                self.peers.committed_whole(task, Path(done.path))
+            except (OSError, SnapdError) as e:  # (replication lags; the snapshot is committed)
+                log.warning("%s step %d: not offered to the peers: %s", task.job, task.step, e)
 
     def _remove(self, trash: list[Path]) -> None:
         if trash:

@@ -1,4 +1,5 @@
-"""A rank's part brought to this node when the rank says hello, before it asks to restore.
+"""A rank's part brought to this node when the rank says hello, before it asks to restore; for a
+single process, its job's newest snapshot that another node holds a copy of.
 
 On a replacement node (an empty disk), or a node a rank moved to, ``client.restore()`` waits while
 its part crosses the peer links, which CurveZMQ's encryption bounds (docs/peers.md, "Measured").
@@ -9,7 +10,9 @@ its global manifest, as the restore would) and, when that step has the rank's wo
 part is not on this node, brings it (``PartFetch.fetch``, checked chunk by chunk). The restore's own
 fetch of that part waits for this one rather than starting another (``PartFetch``'s parts in
 flight), then finds it here. Where the newest step on this node's disk has the ranks' parts (a job
-restarted on the nodes it ran on), the peers are not asked.
+restarted on the nodes it ran on), the peers are not asked. A single process's hello has its job's
+newest snapshot that some node holds brought whole and committed here (``locate`` does that), unless
+this node's newest step is one of its own snapshots.
 
 A prefetch that fails is logged; the restore tries every source again and reports its own error.
 A snapshot never waits on it. Hellos are grouped by job (one survey of the peers for the ranks that
@@ -86,15 +89,24 @@ class Prefetch:
         with self._lock:
             w = self._waiting.pop(key)
         here = self.fetch.here(w.job)
-        if here and all(any(not e for _, e in here[max(here)].sources.get(r, [])) for r in w.ranks):
+        newest = here[max(here)] if here else None
+        if newest is not None and (newest.whole if w.world_size == 1 else all(
+                any(not e for _, e in newest.sources.get(r, [])) for r in w.ranks)):
             return  # (the ranks' parts of this node's newest step are on its disk: no need to ask the peers)
-        try:
+        t0 = time.monotonic()
+        try:  # (a single process's snapshot found on another node is brought here by this)
             found = self.fetch.locate(w.job_dir, w.job, None, w.retention)
         except (SnapdError, OSError, zmq.ZMQError) as e:
             log.warning("%s: cannot find a step to prefetch (%s); the restore looks again", w.job_dir.path, e)
             return
         step, parts = found["step"], found.get("parts", {})
         if step is None:
+            return
+        if w.world_size == 1 and len(parts) == 1 and parts["0"][0] != "this node":
+            with self._lock:
+                self.brought += 1
+            log.info("%s step %d prefetched at its hello, from %s in %.2f s", w.job_dir.path, step,
+                     parts["0"][0], time.monotonic() - t0)
             return
         if len(parts) != w.world_size:
             log.info("%s: step %d was saved on %d ranks, not %d: a restore reshards it and reads the pieces "

@@ -54,6 +54,12 @@ class Outgoing:
     nbytes: int
     queued: float = field(default_factory=time.monotonic)
     announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
+    whole: bool = False  # a single process's snapshot: rank 0 of 1, its files in step-N/ itself
+
+    @property
+    def files_dir(self) -> str:
+        """Where its files are in its step's directory."""
+        return "" if self.whole else part_dir(self.rank)
 
     def header(self, t: str, **more: Any) -> dict[str, Any]:
         return {"t": t, "job": self.job, "step": self.step, "rank": self.rank, "world_size": self.world_size,
@@ -68,7 +74,7 @@ class Outgoing:
             fds: dict[str, int] = {}
             try:
                 for n in names:
-                    fds[n] = os.open(where / part_dir(self.rank) / n, os.O_RDONLY | os.O_NOFOLLOW)
+                    fds[n] = os.open(where / self.files_dir / n, os.O_RDONLY | os.O_NOFOLLOW)
                 return fds
             except FileNotFoundError:
                 for fd in fds.values():
@@ -173,7 +179,8 @@ class Sender:
             return
         try:
             t0 = time.monotonic()
-            self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
+            header, _ = self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
+            self.name = str(header.get("node") or self.name)[:128]  # (a single process's: never announced)
             from_step, linked = self._link_shared(o, parse(o.manifest))
             for _ in self.link.pipeline(self._pieces(o, {n: fd for n, fd in fds.items() if n not in linked}),
                                         WINDOW):
@@ -199,13 +206,14 @@ class Sender:
             last = self.replicated.get((o.job, o.rank))
         out: dict[str, int] = {}
         for f in m.files:
+            # (shared_from: step-N/rank-R/FILE of a part, step-N/FILE of a single process's snapshot)
             where = str(f.get("shared_from", "")).split("/")
-            step = SNAPSHOT_RE.match(where[0]) if len(where) == 3 else None
-            if step is None or int(step.group(1)) != last or where[1] != part_dir(o.rank):
+            step = SNAPSHOT_RE.match(where[0]) if len(where) == (2 if o.whole else 3) else None
+            if step is None or int(step.group(1)) != last or not o.whole and where[1] != part_dir(o.rank):
                 continue
             try:
                 self.link.request(o.header("replica", phase="link", file=f["name"], from_step=last,
-                                           from_file=where[2]))
+                                           from_file=where[-1]))
                 out[f["name"]] = int(f["bytes"])
             except wire.PeerRefused as e:  # (the peer no longer holds it: sent whole)
                 log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, f["name"],
@@ -240,13 +248,17 @@ class Replication:
             return s
 
     def add(self, o: Outgoing, replicas: int) -> None:
-        """Announce a part to every peer, and queue it for its ``replicas`` holders (any thread)."""
+        """Announce a part to every peer, and queue it for its ``replicas`` holders (any thread). A
+        single process's snapshot, committed on its node already, is only queued."""
         targets = {p.endpoint for p in self.directory.replica_targets(replicas)}
         for peer in self.directory.all():
+            if o.whole and peer.endpoint not in targets:
+                continue
             s = self._sender(peer)
             with s.cond:
-                s.announce.append(o)
-                o.announced.add(peer.endpoint)
+                if not o.whole:
+                    s.announce.append(o)
+                    o.announced.add(peer.endpoint)
                 if peer.endpoint in targets:
                     s.replicate.append(o)
                 s.cond.notify()

@@ -296,7 +296,7 @@ class Server:
         self.leases.expect(s)  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
-        if self.pipeline.peers is not None and s.world_size > 1:  # (a replacement node: its part, early)
+        if self.pipeline.peers is not None:  # (a replacement node: its part, or its snapshot, early)
             self.pipeline.peers.hello(JobDir(jobs_root, s.job), s.retention, s.rank, s.world_size)
         uploads = self.pipeline.uploads  # (the remote tier: where this client's jobs go in the bucket)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,

@@ -9,7 +9,8 @@ node is fetched from a peer when a reader needs it (snapd.daemon.part_fetch). Ev
 the same parts, so every node's global manifest names the same part checksums.
 
 ``adopt`` commits, on a node that has none of its parts (a replacement node), a global snapshot
-whose manifest came from a peer: the parts then all come from peers.
+whose manifest came from a peer: the parts then all come from peers. ``adopt_whole`` commits a
+single process's snapshot brought whole from a peer's copy (section 6's rule, as its writer would).
 """
 
 from __future__ import annotations
@@ -89,3 +90,26 @@ def adopt(job: JobDir, raw: bytes, retention: Retention, where: str) -> Path:
              m.world_size)
     return final
 
+
+
+def adopt_whole(job: JobDir, tmp: Path, m: Manifest, retention: Retention, where: str) -> Path:
+    """Commit ``tmp``, a temporary directory of ``job`` holding a single process's snapshot ``m``
+    brought from ``where`` and checked: its files made durable, then renamed into place under the
+    job's lock with retention and the index; a step already here is left as it is."""
+    final = job.path / snapshot_name(m.step)
+    for name in os.listdir(tmp):
+        fd = os.open(tmp / name, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(tmp)
+    with job.lock():
+        if (final / MANIFEST_NAME).exists():
+            return final
+        index = jobindex.load(job)
+        trash = job.install(tmp, m.step)
+        trash += tidy(job, index, jobindex.Entry.of(m), retention)
+    job.remove(trash)
+    log.info("%s: step %d brought whole from %s and committed", job.path, m.step, where)
+    return final

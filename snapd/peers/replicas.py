@@ -9,7 +9,9 @@ are complete is kept, with anything newer; older steps go. A newer step some ran
 thus never takes its older step's replicas with it: that older step is the resume point. A data file
 an incremental part shares with its previous step (FORMAT.md section 9) is not sent again: the
 sender asks for it to be taken from the replica of that step held here (``link``: the same bytes
-in memory, a hard link on disk), and such a file is never written to after. Whoever
+in memory, a hard link on disk), and such a file is never written to after. A single process's
+snapshot is held as rank 0 of 1 (``whole``: its manifest names no part), once committed on its
+node. Whoever
 uses a replica checks it chunk by chunk against its manifest first (snapd.daemon.part_fetch): a
 byte flipped here is caught there.
 """
@@ -58,6 +60,7 @@ class Replica:
     received: int = 0
     complete: bool = False
     touched: float = field(default_factory=time.monotonic)  # the last piece written
+    whole: bool = False  # a single process's snapshot (rank 0 of 1; its manifest names no part)
 
     @property
     def nbytes(self) -> int:
@@ -84,12 +87,13 @@ class ReplicaStore:
     # -- receiving ------------------------------------------------------------------------
     def begin(self, job: str, step: int, rank: int, world_size: int, run: str, node: str, raw: bytes) -> None:
         m = parse(raw, f"{node}'s part of {job} step {step} rank {rank}")
-        if m.part is None or m.step != step or m.part.get("rank") != rank or \
-                m.part.get("world_size") != world_size or m.part.get("run") != run:
+        whole = m.part is None and (rank, world_size, run) == (0, 1, "")  # (a single process's snapshot)
+        part = {"rank": rank, "world_size": world_size, "run": run}
+        if m.step != step or not whole and (m.part is None or {k: m.part.get(k) for k in part} != part):
             raise InvalidArgument(f"{job} step {step} rank {rank}: the manifest sent is of another part "
                                   f"({m.part}, step {m.step})")
         r = Replica(job, step, rank, world_size, run, node, bytes(raw), m.checksum or "",
-                    {f["name"]: int(f["bytes"]) for f in m.files})
+                    {f["name"]: int(f["bytes"]) for f in m.files}, whole=whole)
         with self._lock:
             self._drop(self._parts.pop((job, step, rank), None))
             self._make_room(r)
@@ -172,7 +176,6 @@ class ReplicaStore:
             try:
                 raw = (part / MANIFEST_NAME).read_bytes()
                 m = parse(raw, str(part))
-                assert m.part is not None
                 sizes = {f["name"]: int(f["bytes"]) for f in m.files}
                 if any((part / n).stat().st_size != size for n, size in sizes.items()):
                     raise ValueError("a file of another size")
@@ -180,8 +183,10 @@ class ReplicaStore:
                 log.info("dropping the unfinished replica %s (%s)", part, e)
                 shutil.rmtree(part, ignore_errors=True)
                 continue
-            r = Replica(job, m.step, m.part["rank"], m.part["world_size"], m.part["run"], "disk", raw,
-                        m.checksum or "", sizes, directory=part, received=sum(sizes.values()), complete=True)
+            p = m.part or {"rank": 0, "world_size": 1, "run": ""}  # (none: a single process's snapshot)
+            r = Replica(job, m.step, p["rank"], p["world_size"], p["run"], "disk", raw, m.checksum or "",
+                        sizes, directory=part, received=sum(sizes.values()), complete=True,
+                        whole=m.part is None)
             self._parts[(job, r.step, r.rank)] = r
         for job in {k[0] for k in self._parts}:
             self._keep_newest(job)
@@ -264,12 +269,14 @@ class ReplicaStore:
 
     def _complete_steps(self, job: str) -> set[int]:
         """The steps of ``job`` committed (every rank's part durable somewhere) whose replicas here
-        are all complete: a step some rank never finished is never one (its older step stays)."""
+        are all complete: a step some rank never finished is never one (its older step stays). A
+        single process's snapshot is sent once committed on its node."""
         by_step: dict[int, list[Replica]] = {}
         for o in self._parts.values():
             if o.job == job:
                 by_step.setdefault(o.step, []).append(o)
-        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and self.committed(job, s)}
+        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and
+                (all(o.whole for o in rs) or self.committed(job, s))}
 
     def prune(self, job: str) -> None:
         """A step of ``job`` was committed: what it supersedes goes (the peer server's thread)."""

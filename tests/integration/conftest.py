@@ -172,6 +172,13 @@ def _load(name: str, path: Path) -> types.ModuleType:
 
 
 @pytest.fixture(scope="session")
+def peer_nodes() -> types.ModuleType:
+    """tests/integration/peer_nodes.py: ``Nodes(tmp, start, n, *flags)``, daemons standing for the
+    nodes of a cluster; ``ranks(nodes, job, run, steps, ...)``, a job's ranks on them; ``free_ports``."""
+    return _load("snapd_tests_peer_nodes", HERE / "peer_nodes.py")
+
+
+@pytest.fixture(scope="session")
 def host_kernel_lib(tmp_path_factory) -> Path:
     """The segment kernel built for the host (tests/kernel_host); skips without g++."""
     lib = _load("snapd_tests_host_kernel", HERE.parent / "kernel_host" / "host_kernel.py").build(

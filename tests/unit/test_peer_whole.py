@@ -1,0 +1,91 @@
+"""A single process's snapshot as a peer's copy (issue 26): held as rank 0 of 1 only when its
+manifest says so, kept without any announcement, taken up again from disk; and committed whole on
+a replacement node by the format's commit rule."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snapd.client.local import load
+from snapd.errors import InvalidArgument
+from snapd.format import index as jobindex
+from snapd.format.jobdir import JobDir, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.retention import Retention
+from snapd.format.saving import encode_and_write
+from snapd.format.spread_commit import adopt_whole
+from snapd.format.tree import flatten
+from snapd.format.writer import SnapshotWriter
+from snapd.peers.replicas import ReplicaStore
+
+
+def snapshot(root: Path, job: str, step: int, value: float) -> tuple[Path, Manifest]:
+    """A single process's snapshot of ``step``, committed under ``root`` as the daemon does."""
+    jd = JobDir(root, job)
+    jd.open_for_write()
+    tree, leaves = flatten({"w": np.full(3000, value, np.float32), "step": step})
+    w = SnapshotWriter(jd, step)
+    with ThreadPoolExecutor(2) as pool:
+        encode_and_write(w, leaves, "raw", pool, 2, 1 << 20)
+    done = w.commit(tree=tree, metrics={}, codec="raw", retention=Retention(keep_last=5))
+    return done.path, parse((done.path / MANIFEST_NAME).read_bytes())
+
+
+def fill(store: ReplicaStore, job: str, path: Path, m: Manifest) -> None:
+    store.begin(job, m.step, 0, 1, "", "n0", (path / MANIFEST_NAME).read_bytes())
+    for f in m.files:
+        store.write(job, m.step, 0, f["name"], 0, memoryview((path / f["name"]).read_bytes()))
+    store.end(job, m.step, 0)
+
+
+def test_a_single_process_snapshot_is_held_only_as_rank_0_of_1(tmp_path) -> None:
+    path, m = snapshot(tmp_path / "src", "solo", 1, 1.0)
+    raw = (path / MANIFEST_NAME).read_bytes()
+    store = ReplicaStore(memory_bytes=1 << 30, committed=lambda job, step: False)  # (no announcements)
+    for rank, world, run in ((1, 1, ""), (0, 2, ""), (0, 1, "r1")):  # (its manifest names no part)
+        with pytest.raises(InvalidArgument, match="another part"):
+            store.begin("solo", 1, rank, world, run, "n0", raw)
+    with pytest.raises(InvalidArgument, match="another part"):
+        store.begin("solo", 2, 0, 1, "", "n0", raw)  # (the manifest says step 1)
+    fill(store, "solo", path, m)
+    r = store.get("solo", 1, 0)
+    assert r is not None and r.whole and r.checksum == m.checksum
+    # a newer step held whole drops the older one: nothing needs announcing for it to count
+    path2, m2 = snapshot(tmp_path / "src", "solo", 2, 2.0)
+    fill(store, "solo", path2, m2)
+    assert [x.step for x in store.held("solo")] == [2]
+
+
+def test_a_copy_kept_on_disk_is_taken_up_again_as_a_single_process_snapshot(tmp_path) -> None:
+    path, m = snapshot(tmp_path / "src", "solo", 3, 3.0)
+    store = ReplicaStore(memory_bytes=0, directory=tmp_path / "replicas")
+    fill(store, "solo", path, m)
+    assert store.get("solo", 3, 0).where == "disk"
+    again = ReplicaStore(memory_bytes=0, directory=tmp_path / "replicas")
+    again.load_disk()
+    r = again.get("solo", 3, 0)
+    assert r is not None and r.whole and r.checksum == m.checksum
+    assert again.read(r, m.files[0]["name"], 0, 100) == (path / m.files[0]["name"]).read_bytes()[:100]
+
+
+def test_a_snapshot_brought_whole_commits_by_the_rule_with_retention_and_the_index(tmp_path) -> None:
+    old, _ = snapshot(tmp_path / "node", "solo", 1, 1.0)  # (an older step of the job on this disk)
+    path, m = snapshot(tmp_path / "src", "solo", 4, 4.0)
+    job = JobDir(tmp_path / "node", "solo")
+    tmp = job.new_tmp_dir(4)
+    for f in path.iterdir():
+        (tmp / f.name).write_bytes(f.read_bytes())
+    final = adopt_whole(job, tmp, m, Retention(keep_last=1), "peer")
+    assert final == job.path / snapshot_name(4) and not tmp.exists() and not old.exists()
+    assert jobindex.load(job).latest.step == 4
+    back = load(tmp_path / "node", "solo")
+    assert back["step"] == 4 and float(back["w"][0]) == 4.0
+    # a step already here is left as it is (another restore brought it first)
+    tmp = job.new_tmp_dir(4)
+    (tmp / MANIFEST_NAME).write_bytes(b"not this one")
+    assert adopt_whole(job, tmp, m, Retention(keep_last=1), "peer") == final
+    assert parse((final / MANIFEST_NAME).read_bytes()).checksum == m.checksum
