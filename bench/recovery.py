@@ -17,7 +17,7 @@ and the two floors under 2 and 3: the same bytes pulled over the peer links a re
 4 links at once) into memory, and by ranged GETs from the bucket into memory. Each is timed after
 ``os.sync()`` (the three "nodes" share one disk, whose writeback of the others' snapshots would
 otherwise land on whichever restore runs next), and ``SETTLE_S`` later; each restore from
-``connect()``.
+``connect()``. Then the same for a job on one process (bench/recovery_single.py).
 Results: bench/results/recovery.{jsonl,md}.
 """
 
@@ -71,6 +71,7 @@ class Cluster:
         self.peers = sorted(f"tcp://127.0.0.1:{p}" for p in _ports(WORLD))
         self.procs: list[subprocess.Popen | None] = [None] * WORLD
         self.endpoints = [""] * WORLD
+        self.remote = [True] * WORLD  # (each node's daemon uploads to the bucket)
         for i in range(WORLD):
             self.start(i)
 
@@ -83,6 +84,7 @@ class Cluster:
                 "--incremental", "off", "--peer-endpoint", self.peers[i], "--peers", ",".join(self.peers),
                 "--peer-keys", str(self.work / "keys"), "--node-name", f"node{i}"]
         args += ["--remote", self.url] if remote else []
+        self.remote[i] = remote
         self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                          stderr=open(self.work / f"node{i}.log", "ab"))
         deadline = time.monotonic() + 60
@@ -206,6 +208,7 @@ def _peer_floor(cluster: Cluster, step: int) -> float:
 
 def run(args: argparse.Namespace) -> None:
     import snapd.client as snapd
+    from bench import recovery_single
     from bench.machine import Recorder, describe
     from bench.remote import _download_floor, _server
     from bench.restore import drop_cache
@@ -261,7 +264,11 @@ def run(args: argparse.Namespace) -> None:
             del back
         for method, values in times.items():
             rec.add("recovery", method, f"rank {LOST} of {WORLD}, {args.mib} MiB raw", values, mib=args.mib)
-        (args.out / "recovery.md").write_text(_markdown(times, rec.machine, args))
+        single = recovery_single.run(cluster, args.reps)  # (a job on one process: bench/recovery_single.py)
+        for method, values in single.items():
+            rec.add("recovery", method, f"single process, {args.mib} MiB raw", values, mib=args.mib)
+        (args.out / "recovery.md").write_text(_markdown(times, rec.machine, args) + "\n" +
+                                              recovery_single.markdown(single, args.mib))
         print((args.out / "recovery.md").read_text())
     except BaseException:
         for log in sorted(work.glob("node*.log")):  # (the daemons' side of what went wrong)

@@ -33,16 +33,17 @@ import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.daemon.part_download import HELD_HERE, Download
+from snapd.daemon.whole_snapshots import HERE, Copy, bring, newest_first
 from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.retention import Retention
-from snapd.format.spread_commit import adopt, adopt_whole
+from snapd.format.spread_commit import adopt
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore
+from snapd.peers.replicas import ReplicaStore, taken_of
 from snapd.remote.store import answered_within
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,7 @@ class Step:
     raw: bytes | None = None
     where: str = ""  # the node whose manifest it is
     sources: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # rank -> [(speed, endpoint)]
-    # a single process's snapshot of this step: [(speed, endpoint, its manifest's checksum)]
-    whole: list[tuple[int, str, str]] = field(default_factory=list)
+    whole: list[Copy] = field(default_factory=list)  # a single process's snapshot of this step
 
 
 class PartFetch:
@@ -98,7 +98,7 @@ class PartFetch:
             speed = SPEED["memory"] if r.where == "memory" else SPEED["disk"]
             s = steps.setdefault(r.step, Step(r.step))
             if r.whole:
-                s.whole.append((speed, HELD_HERE, r.checksum))
+                s.whole.append(Copy(speed, HELD_HERE, r.checksum, r.taken))
             else:
                 s.sources.setdefault(r.rank, []).append((speed, HELD_HERE))
         peers = self.directory.all(wait_s=min(5.0, self.timeout_s))  # (a daemon just started: its first read)
@@ -109,7 +109,9 @@ class PartFetch:
             for entry in have:
                 s = steps.setdefault(entry["step"], Step(entry["step"]))
                 if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
-                    s.whole.append((_speed(entry["parts"].get("0")), peer.endpoint, entry["whole"]))
+                    taken = entry.get("taken")
+                    s.whole.append(Copy(_speed(entry["parts"].get("0")), peer.endpoint, entry["whole"],
+                                        float(taken) if type(taken) in (int, float) else 0.0))
                     continue
                 if s.manifest is None and entry.get("global"):
                     try:
@@ -190,7 +192,8 @@ class PartFetch:
                     if (local / name / part_dir(r) / MANIFEST_NAME).exists():
                         s.sources.setdefault(r, []).append((SPEED["local"], ""))
             elif m.part is None:  # a single process's snapshot
-                steps.setdefault(m.step, Step(m.step)).whole.append((SPEED["local"], "", m.checksum or ""))
+                steps.setdefault(m.step, Step(m.step)).whole.append(
+                    Copy(SPEED["local"], HERE, m.checksum or "", taken_of(m)))
         return steps
 
     def _recent_survey(self, job: str) -> dict[int, Step]:
@@ -214,17 +217,13 @@ class PartFetch:
         """The newest step of the job (or ``step``) whose parts are all somewhere, committed here
         (adopted if need be); ``{"step": None}`` when there is none."""
         steps = self.survey(job, step)
+        if not any(s.manifest for s in steps.values()):  # a single process's job (whole_snapshots)
+            return self._whole(job_dir, job, newest_first(steps, step), step, retention)
         for s in sorted(steps.values(), key=lambda s: -s.step):
             if step is not None and s.step != step:
                 continue
-            if s.whole and s.manifest is None:  # a single process's snapshot: brought here whole
-                try:
-                    return {"step": s.step, "parts": {"0": [self._whole(job_dir, job, s, retention)]}}
-                except SnapshotNotFound as e:
-                    if step is not None:
-                        raise
-                    log.warning("%s: %s; looking for an older step", job_dir.path, e)
-                    continue
+            if s.whole and s.manifest is None:  # (a job that ran on one process, then on several)
+                return self._whole(job_dir, job, newest_first({s.step: s}), step, retention)
             if s.manifest is None or any(not s.sources.get(r) for r in range(s.manifest.world_size)):
                 continue
             if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():
@@ -252,32 +251,21 @@ class PartFetch:
             with self._lock:
                 self._inflight.pop(key).set()
 
-    def _whole(self, job_dir: JobDir, job: str, s: Step, retention: Retention) -> str:
-        """Make a single process's snapshot of step ``s`` committed on this node, brought from the
-        fastest source that has it whole and checked; where it came from."""
-        final = job_dir.path / snapshot_name(s.step)
-        with self._alone((job, s.step, -1)):
-            if any(not e for _, e, _ in s.whole) or (final / MANIFEST_NAME).exists():
-                return "this node"
-            job_dir.open_for_write()  # (a replacement node: the job's directory may not be there yet)
-            errors = []
-            for _, endpoint, want in s.whole:
-                try:
-                    t0 = time.monotonic()
-                    tmp, m, n = self.download.into_tmp(job_dir, job, s.step, 0, endpoint, want, whole=True)
-                    try:
-                        adopt_whole(job_dir, tmp, m, retention, endpoint)
-                    finally:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                    self.fetched_bytes += n
-                    log.info("%s step %d (%d MiB) came from %s in %.2f s", job, s.step, n >> 20, endpoint,
-                             time.monotonic() - t0)
-                    return endpoint
-                except (SnapdError, OSError, zmq.ZMQError) as e:
-                    errors.append(f"{endpoint}: {e}")
-                    log.warning("%s step %d from %s unusable (%s); trying the next source", job, s.step,
-                                endpoint, e)
-        raise SnapshotNotFound(f"{job} step {s.step} is on no node that answers ({'; '.join(errors)})")
+    def _whole(self, job_dir: JobDir, job: str, found: list[tuple[int, list[Copy]]], want: int | None,
+               retention: Retention) -> dict[str, Any]:
+        """The first of ``found`` (newest first) that can be brought here whole; for the newest
+        step (``want`` None), an older one when none of a newer one's copies is usable."""
+        for n, copies in found:
+            try:
+                where, nbytes = bring(self.download, self._alone, job_dir, job, n, copies, retention)
+            except SnapshotNotFound as e:
+                if want is not None:
+                    raise
+                log.warning("%s: %s; looking for an older step", job_dir.path, e)
+                continue
+            self.fetched_bytes += nbytes
+            return {"step": n, "parts": {"0": [where]}}
+        return {"step": None}
 
     def fetch(self, job_dir: JobDir, job: str, step: int, rank: int) -> dict[str, Any]:
         """Make rank ``rank``'s part of committed step ``step`` present on this node."""

@@ -28,7 +28,7 @@ from snapd.format.jobdir import read_regular, snapshot_name, step_of
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.peers import wire
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore
+from snapd.peers.replicas import ReplicaStore, taken_of
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,12 @@ class PeerServer:
                         parts[str(int(n[5:]))] = "disk"
                 out[step] = {"step": step, "global": raw.decode(), "parts": parts}
             elif m.part is None:  # a single process's snapshot (its manifest's checksum names it)
-                out[step] = {"step": step, "global": None, "parts": {"0": "disk"}, "whole": m.checksum}
+                out[step] = {"step": step, "global": None, "parts": {"0": "disk"}, "whole": m.checksum,
+                             "taken": taken_of(m)}
         for r in self.store.held(job):
             entry = out.setdefault(r.step, {"step": r.step, "global": None, "parts": {}})
             if r.whole and "whole" not in entry:
-                entry["whole"] = r.checksum
+                entry["whole"], entry["taken"] = r.checksum, r.taken
             entry["parts"].setdefault(str(r.rank), r.where)
         return [out[s] for s in sorted(out, reverse=True)]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from snapd.errors import InvalidArgument, SnapdError
 from snapd.format.global_manifest import part_dir
 from snapd.format.jobdir import snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ STALE_S = 120.0  # an unfinished copy untouched this long may make room for anot
 
 class NoRoom(SnapdError):
     code = "no_room"
+
+
+def taken_of(m: Manifest) -> float:
+    """When a snapshot's state was handed over (its commit where that is not recorded)."""
+    return m.taken_unix_s if m.taken_unix_s is not None else m.created_unix_s
 
 
 @dataclass
@@ -61,6 +66,12 @@ class Replica:
     complete: bool = False
     touched: float = field(default_factory=time.monotonic)  # the last piece written
     whole: bool = False  # a single process's snapshot (rank 0 of 1; its manifest names no part)
+    taken: float = 0.0  # when its state was handed over (its commit, where not recorded)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """What orders a single process's snapshots, as its index orders ``latest``."""
+        return self.taken, self.step
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +104,7 @@ class ReplicaStore:
             raise InvalidArgument(f"{job} step {step} rank {rank}: the manifest sent is of another part "
                                   f"({m.part}, step {m.step})")
         r = Replica(job, step, rank, world_size, run, node, bytes(raw), m.checksum or "",
-                    {f["name"]: int(f["bytes"]) for f in m.files}, whole=whole)
+                    {f["name"]: int(f["bytes"]) for f in m.files}, whole=whole, taken=taken_of(m))
         with self._lock:
             self._drop(self._parts.pop((job, step, rank), None))
             self._make_room(r)
@@ -186,7 +197,7 @@ class ReplicaStore:
             p = m.part or {"rank": 0, "world_size": 1, "run": ""}  # (none: a single process's snapshot)
             r = Replica(job, m.step, p["rank"], p["world_size"], p["run"], "disk", raw, m.checksum or "",
                         sizes, directory=part, received=sum(sizes.values()), complete=True,
-                        whole=m.part is None)
+                        whole=m.part is None, taken=taken_of(m))
             self._parts[(job, r.step, r.rank)] = r
         for job in {k[0] for k in self._parts}:
             self._keep_newest(job)
@@ -265,7 +276,16 @@ class ReplicaStore:
 
     def _superseded(self, r: Replica) -> bool:
         """Whether a newer step of its job is committed and held complete here."""
+        if r.whole:
+            newest = self._newest_whole(r.job)
+            return newest is not None and newest.order > r.order
         return any(s > r.step for s in self._complete_steps(r.job))
+
+    def _newest_whole(self, job: str) -> Replica | None:
+        """The single process's snapshot of ``job`` taken last that is held complete here (a run
+        resumed from an earlier step takes lower steps later: those are its newest)."""
+        return max((o for o in self._parts.values() if o.job == job and o.whole and o.complete),
+                   key=lambda o: o.order, default=None)
 
     def _complete_steps(self, job: str) -> set[int]:
         """The steps of ``job`` committed (every rank's part durable somewhere) whose replicas here
@@ -273,10 +293,9 @@ class ReplicaStore:
         single process's snapshot is sent once committed on its node."""
         by_step: dict[int, list[Replica]] = {}
         for o in self._parts.values():
-            if o.job == job:
+            if o.job == job and not o.whole:
                 by_step.setdefault(o.step, []).append(o)
-        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and
-                (all(o.whole for o in rs) or self.committed(job, s))}
+        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and self.committed(job, s)}
 
     def prune(self, job: str) -> None:
         """A step of ``job`` was committed: what it supersedes goes (the peer server's thread)."""
@@ -284,12 +303,17 @@ class ReplicaStore:
             self._keep_newest(job)
 
     def _keep_newest(self, job: str) -> None:
+        whole = self._newest_whole(job)
+        if whole is not None:
+            for key, o in list(self._parts.items()):
+                if o.job == job and o.whole and o.order < whole.order:
+                    self._drop(self._parts.pop(key))
         complete = self._complete_steps(job)
         if not complete:
             return
         newest = max(complete)
         for key, o in list(self._parts.items()):
-            if o.job == job and o.step < newest:
+            if o.job == job and not o.whole and o.step < newest:
                 self._drop(self._parts.pop(key))
 
     def _drop(self, r: Replica | None) -> None:

@@ -122,10 +122,16 @@ def test_the_recovery_bench_restores_the_lost_rank_from_each_source(tmp_path) ->
                           str(tmp_path), "--dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=230)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]  # (each restore checked bit-exact)
-    methods = {json.loads(line)["method"] for line in (tmp_path / "recovery.jsonl").read_text().splitlines()}
+    rows = [json.loads(line) for line in (tmp_path / "recovery.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in rows if r["metric"].startswith("rank 2 of 3")}
     assert methods == {"local disk", "local disk, cold", "peers (replacement node)",
                        "peers: connect() to the part here (prefetch)",
                        "peers: restore() once the part is here",
                        "remote tier (fresh root)", "floor: peer link into memory",
                        "floor: ranged GETs into memory"}
-    assert "| peers (replacement node) |" in (tmp_path / "recovery.md").read_text()
+    single = {r["method"] for r in rows if r["metric"].startswith("single process")}  # (recovery_single)
+    assert single == {"local disk", "local disk, cold", "peer's copy (replacement node)",
+                      "peer's copy: connect() to the snapshot here (prefetch)",
+                      "peer's copy: restore() once it is here"}
+    md = (tmp_path / "recovery.md").read_text()
+    assert "| peers (replacement node) |" in md and "| peer's copy (replacement node) |" in md

@@ -115,3 +115,22 @@ def test_a_frozen_base_of_a_single_process_crosses_the_network_once(tmp_path, st
     with snapd.connect("frozen", endpoint=d.endpoint, spawn=False) as c:
         back = c.restore()
     assert back["base"].tobytes() == base.tobytes() and float(back["w"][0]) == 2.0, nodes.logs()
+
+
+def test_a_run_resumed_from_an_earlier_step_resumes_from_its_own_newest(tmp_path, start, peer_nodes) -> None:
+    """Steps 1-3, then the job goes back to step 1 (from ``best``, say) and takes step 2 again: that
+    step 2 is its latest, and the node's loss must not bring back the abandoned step 3."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 2)
+    with snapd.connect("back", endpoint=nodes.daemons[0].endpoint, spawn=False) as c:
+        for step in (1, 2, 3):
+            c.snapshot(state(step), step=step).wait(60)
+        assert c.restore(1)["step"] == 1
+        redone = {**state(2), "w": state(2)["w"] * -1}
+        c.snapshot(redone, step=2).wait(60)
+        assert np.array_equal(c.restore()["w"], redone["w"])  # (its index: step 2, taken last)
+    nodes.daemons[1].wait_for(lambda: held(nodes, 1, "back") == {"2": [0]}, timeout=30)
+    nodes.lose(0)
+    nodes.daemons[0] = d = nodes.start(0)
+    with snapd.connect("back", endpoint=d.endpoint, spawn=False) as c:
+        back = c.restore()
+    assert back["step"] == 2 and np.array_equal(back["w"], redone["w"]), nodes.logs()

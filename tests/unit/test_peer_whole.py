@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from snapd.client.local import load
+from snapd.daemon.part_fetch import Step
+from snapd.daemon.whole_snapshots import Copy, newest_first
 from snapd.errors import InvalidArgument
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, snapshot_name
@@ -23,12 +25,14 @@ from snapd.format.writer import SnapshotWriter
 from snapd.peers.replicas import ReplicaStore
 
 
-def snapshot(root: Path, job: str, step: int, value: float) -> tuple[Path, Manifest]:
+def snapshot(root: Path, job: str, step: int, value: float,
+             taken: float | None = None) -> tuple[Path, Manifest]:
     """A single process's snapshot of ``step``, committed under ``root`` as the daemon does."""
     jd = JobDir(root, job)
     jd.open_for_write()
     tree, leaves = flatten({"w": np.full(3000, value, np.float32), "step": step})
     w = SnapshotWriter(jd, step)
+    w.taken_unix_s = taken
     with ThreadPoolExecutor(2) as pool:
         encode_and_write(w, leaves, "raw", pool, 2, 1 << 20)
     done = w.commit(tree=tree, metrics={}, codec="raw", retention=Retention(keep_last=5))
@@ -89,3 +93,26 @@ def test_a_snapshot_brought_whole_commits_by_the_rule_with_retention_and_the_ind
     (tmp / MANIFEST_NAME).write_bytes(b"not this one")
     assert adopt_whole(job, tmp, m, Retention(keep_last=1), "peer") == final
     assert parse((final / MANIFEST_NAME).read_bytes()).checksum == m.checksum
+
+
+def test_the_copy_kept_is_the_snapshot_taken_last_not_the_highest_step(tmp_path) -> None:
+    """A run resumed from step 4 after step 7 takes step 5 later: its copy replaces step 7's, and a
+    restore's survey puts it first; two runs' copies of one step are told apart by checksum."""
+    store = ReplicaStore(memory_bytes=1 << 30)
+    old, m7 = snapshot(tmp_path / "a", "solo", 7, 7.0, taken=1000.0)
+    fill(store, "solo", old, m7)
+    new, m5 = snapshot(tmp_path / "b", "solo", 5, 5.0, taken=2000.0)
+    store.begin("solo", 5, 0, 1, "", "n0", (new / MANIFEST_NAME).read_bytes())
+    assert [r.step for r in store.held("solo")] == [7]  # (until step 5's copy is whole)
+    fill(store, "solo", new, m5)
+    assert [r.step for r in store.held("solo")] == [5]
+    fill(store, "solo", old, m7)  # (the older run's step 7 again, from a node that lagged): not kept
+    assert [r.step for r in store.held("solo")] == [5]
+    _, m5b = snapshot(tmp_path / "c", "solo", 5, 5.5, taken=1500.0)  # (a third run's step 5)
+    a, c = Copy(1, "tcp://a", m5.checksum, 2000.0), Copy(3, "tcp://c", m5.checksum, 2000.0)
+    steps = {5: Step(5, whole=[Copy(2, "tcp://b", m5b.checksum, 1500.0), c, a]),
+             7: Step(7, whole=[Copy(0, "", m7.checksum, 1000.0)])}
+    found = newest_first(steps)
+    assert [(n, [c.endpoint for c in copies]) for n, copies in found] == \
+        [(5, ["tcp://a", "tcp://c"]), (5, ["tcp://b"]), (7, [""])]
+    assert [n for n, _ in newest_first(steps, 7)] == [7]
