@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import threading
@@ -59,6 +60,15 @@ BUCKET_ASKING = 2  # the bucket's surveys waiting at once; beyond, it is left ou
 def _speed(where: object) -> int:
     """Where a peer says it holds a part (``disk``, ``memory``), as a place in the order of sources."""
     return SPEED.get(where, 3) if isinstance(where, str) else 3
+
+
+def _taken(v: object) -> float:
+    """A peer's ``taken`` time of a snapshot, or 0 (oldest) where it is not a finite number."""
+    try:
+        t = float(v) if type(v) in (int, float) else 0.0  # type: ignore[arg-type]
+    except OverflowError:
+        return 0.0
+    return t if math.isfinite(t) else 0.0
 
 
 @dataclass
@@ -109,9 +119,8 @@ class PartFetch:
             for entry in have:
                 s = steps.setdefault(entry["step"], Step(entry["step"]))
                 if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
-                    taken = entry.get("taken")
                     s.whole.append(Copy(_speed(entry["parts"].get("0")), peer.endpoint, entry["whole"],
-                                        float(taken) if type(taken) in (int, float) else 0.0))
+                                        _taken(entry.get("taken"))))
                     continue
                 if s.manifest is None and entry.get("global"):
                     try:

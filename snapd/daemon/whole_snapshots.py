@@ -74,12 +74,13 @@ def bring(download: Download, alone: Callable[[tuple[str, int, int]], contextlib
             try:
                 t0 = time.monotonic()
                 tmp, m, n = download.into_tmp(job_dir, job, step, 0, c.endpoint, c.checksum, whole=True)
+                t1 = time.monotonic()
                 try:
                     adopt_whole(job_dir, tmp, m, retention, c.endpoint)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-                log.info("%s step %d (%d MiB) came from %s in %.2f s", job, step, n >> 20, c.endpoint,
-                         time.monotonic() - t0)
+                log.info("%s step %d (%d MiB) came from %s in %.2f s (%.2f s of it its commit)", job, step,
+                         n >> 20, c.endpoint, time.monotonic() - t0, time.monotonic() - t1)
                 return c.endpoint, n
             except (SnapdError, OSError, zmq.ZMQError) as e:
                 errors.append(f"{c.endpoint}: {e}")

@@ -116,3 +116,11 @@ def test_the_copy_kept_is_the_snapshot_taken_last_not_the_highest_step(tmp_path)
     assert [(n, [c.endpoint for c in copies]) for n, copies in found] == \
         [(5, ["tcp://a", "tcp://c"]), (5, ["tcp://b"]), (7, [""])]
     assert [n for n, _ in newest_first(steps, 7)] == [7]
+
+
+def test_a_peers_taken_time_that_is_not_a_finite_number_counts_as_oldest() -> None:
+    from snapd.daemon.part_fetch import _taken
+
+    assert _taken(1500) == 1500.0 and _taken(2.5) == 2.5
+    for bad in (10 ** 400, float("nan"), float("inf"), "9e9", True, None, [1]):
+        assert _taken(bad) == 0.0, bad
