@@ -227,12 +227,13 @@ class PartFetch:
         (adopted if need be); ``{"step": None}`` when there is none."""
         steps = self.survey(job, step)
         if not any(s.manifest for s in steps.values()):  # a single process's job (whole_snapshots)
-            return self._whole(job_dir, job, newest_first(steps, step), step, retention)
+            return self._whole(job_dir, job, newest_first({n: s.whole for n, s in steps.items()}, step), step,
+                               retention)
         for s in sorted(steps.values(), key=lambda s: -s.step):
             if step is not None and s.step != step:
                 continue
             if s.whole and s.manifest is None:  # (a job that ran on one process, then on several)
-                return self._whole(job_dir, job, newest_first({s.step: s}), step, retention)
+                return self._whole(job_dir, job, newest_first({s.step: s.whole}), step, retention)
             if s.manifest is None or any(not s.sources.get(r) for r in range(s.manifest.world_size)):
                 continue
             if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():

@@ -38,7 +38,7 @@ from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore
+from snapd.peers.replicas import ReplicaStore, taken_of
 from snapd.remote.bandwidth import Pacer
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Peers:
         m = parse(raw)
         self.book.mine(job, task.step, 1, "", 0, self.node, m)
         size = sum(int(f["bytes"]) for f in m.files) + len(raw)
-        o = Outgoing(job, task.step, 0, 1, "", job_dir, path, raw, size, whole=True)
+        o = Outgoing(job, task.step, 0, 1, "", job_dir, path, raw, size, whole=True, taken=taken_of(m))
         self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
 
     def waiting(self, w: Waiting) -> None:

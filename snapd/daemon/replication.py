@@ -5,7 +5,8 @@ One thread per peer, each with its own link (snapd.peers.wire), so a peer that i
 holds up only its own queue, never a snapshot or another peer. A queue sends announcements first
 (they commit steps on nodes that share no filesystem), then the newest part: once a part is
 replicated, the older parts of the same rank still queued for that peer are dropped (the newest
-step first, as the issue of catching up asks). A failed send waits 0.5 s, doubling up to 30 s,
+step first, as the issue of catching up asks; a single process's newest is the snapshot taken
+last). A failed send waits 0.5 s, doubling up to 30 s,
 then tries again. All threads draw from one bandwidth bound (``peer_bytes_per_s``), so
 replication cannot starve the job's collectives. A data file an incremental part shares with the
 previous step (FORMAT.md section 9), which this thread replicated to the same peer, is not sent
@@ -55,6 +56,14 @@ class Outgoing:
     queued: float = field(default_factory=time.monotonic)
     announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
     whole: bool = False  # a single process's snapshot: rank 0 of 1, its files in step-N/ itself
+    taken: float = 0.0  # (a single process's: when its state was handed over)
+
+    @property
+    def newness(self) -> tuple[float, float]:
+        """What makes one of a rank's parts newer than another: its step; a single process's
+        snapshot, when it was taken (as its index orders latest: a run resumed from an earlier step
+        takes lower steps later; an emergency snapshot, committed ahead of older ones, is newest)."""
+        return (self.taken, self.step) if self.whole else (self.step, self.queued)
 
     @property
     def files_dir(self) -> str:
@@ -122,11 +131,21 @@ class Sender:
                     self.busy = True
                     if self.announce:
                         return "announce", self.announce.pop(0)
-                    o = max(self.replicate, key=lambda o: (o.step, o.queued))
+                    o = self._pick()
                     self.replicate.remove(o)
                     return "replicate", o
                 self.cond.wait(wait if wait > 0 else None)
         return None
+
+    def _pick(self) -> Outgoing:
+        """The newest part of each rank of each job (after an outage, each catches up with its latest
+        first), the one of them queued first."""
+        newest: dict[tuple[str, int], Outgoing] = {}
+        for o in self.replicate:
+            k = (o.job, o.rank)
+            if k not in newest or newest[k].newness < o.newness:
+                newest[k] = o
+        return min(newest.values(), key=lambda o: o.queued)
 
     def settled(self) -> bool:
         """Nothing left to send, or the peer is down (a drain does not wait for it)."""
@@ -191,9 +210,10 @@ class Sender:
                 os.close(fd)
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
-            self.replicated[(o.job, o.rank)] = max(o.step, self.replicated.get((o.job, o.rank), -1))
+            last = self.replicated.get((o.job, o.rank), -1)
+            self.replicated[(o.job, o.rank)] = o.step if o.whole else max(o.step, last)  # (whole: as sent)
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
-                                                                 and q.step < o.step)]
+                                                                 and q.newness < o.newness)]
         log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,
                  self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0,
                  f"; {sum(linked.values()) >> 20} MiB of it shared with step {from_step}, not sent"

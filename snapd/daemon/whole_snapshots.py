@@ -19,7 +19,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import zmq
 
@@ -29,9 +28,6 @@ from snapd.format.jobdir import JobDir, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import adopt_whole
-
-if TYPE_CHECKING:
-    from snapd.daemon.part_fetch import Step
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +44,14 @@ class Copy:
     taken: float  # when its state was handed over
 
 
-def newest_first(steps: dict[int, Step], want: int | None = None) -> list[tuple[int, list[Copy]]]:
-    """The single process's snapshots among ``steps`` (only step ``want``, if given), the one taken
-    last first, each with its copies fastest first."""
+def newest_first(steps: dict[int, list[Copy]], want: int | None = None) -> list[tuple[int, list[Copy]]]:
+    """The single process's snapshots among ``steps``' copies (only step ``want``'s, if given), the
+    one taken last first, each with its copies fastest first."""
     versions: dict[tuple[int, str], list[Copy]] = {}
-    for s in steps.values():
-        if want is None or s.step == want:
-            for c in s.whole:
-                versions.setdefault((s.step, c.checksum), []).append(c)
+    for step, copies in steps.items():
+        if want is None or step == want:
+            for c in copies:
+                versions.setdefault((step, c.checksum), []).append(c)
     ordered = sorted(versions.items(), key=lambda v: (max(c.taken for c in v[1]), v[0][0]), reverse=True)
     return [(step, sorted(copies)) for (step, _), copies in ordered]
 

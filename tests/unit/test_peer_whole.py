@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from snapd.client.local import load
-from snapd.daemon.part_fetch import Step
 from snapd.daemon.whole_snapshots import Copy, newest_first
 from snapd.errors import InvalidArgument
 from snapd.format import index as jobindex
@@ -110,8 +109,7 @@ def test_the_copy_kept_is_the_snapshot_taken_last_not_the_highest_step(tmp_path)
     assert [r.step for r in store.held("solo")] == [5]
     _, m5b = snapshot(tmp_path / "c", "solo", 5, 5.5, taken=1500.0)  # (a third run's step 5)
     a, c = Copy(1, "tcp://a", m5.checksum, 2000.0), Copy(3, "tcp://c", m5.checksum, 2000.0)
-    steps = {5: Step(5, whole=[Copy(2, "tcp://b", m5b.checksum, 1500.0), c, a]),
-             7: Step(7, whole=[Copy(0, "", m7.checksum, 1000.0)])}
+    steps = {5: [Copy(2, "tcp://b", m5b.checksum, 1500.0), c, a], 7: [Copy(0, "", m7.checksum, 1000.0)]}
     found = newest_first(steps)
     assert [(n, [c.endpoint for c in copies]) for n, copies in found] == \
         [(5, ["tcp://a", "tcp://c"]), (5, ["tcp://b"]), (7, [""])]
@@ -124,3 +122,23 @@ def test_a_peers_taken_time_that_is_not_a_finite_number_counts_as_oldest() -> No
     assert _taken(1500) == 1500.0 and _taken(2.5) == 2.5
     for bad in (10 ** 400, float("nan"), float("inf"), "9e9", True, None, [1]):
         assert _taken(bad) == 0.0, bad
+
+
+def test_a_peers_queue_sends_each_jobs_newest_first_a_single_process_by_when_it_was_taken(tmp_path) -> None:
+    from snapd.daemon.replication import Outgoing, Sender
+    from snapd.peers.directory import PeerInfo
+
+    def out(job: str, step: int, rank: int = 0, whole: bool = False, taken: float = 0.0) -> Outgoing:
+        return Outgoing(job, step, rank, 1 if whole else 2, "" if whole else "r", tmp_path, tmp_path, b"", 1,
+                        whole=whole, taken=taken)
+
+    s = Sender(PeerInfo("tcp://127.0.0.1:1", "n1"), None, "n0", lambda n: None)  # (never started)
+    old7, new5 = out("solo", 7, whole=True, taken=100.0), out("solo", 5, whole=True, taken=200.0)
+    p1, p3, q2 = out("g", 1), out("g", 3), out("h", 2, rank=1)
+    s.replicate = [old7, p1, new5, p3, q2]
+    assert s._pick() is new5  # (each job's newest; of those, the one queued first)
+    assert old7.newness < new5.newness and p1.newness < p3.newness  # (so its send drops old7, and p3's p1)
+    s.replicate = [old7, p1, p3, q2]
+    assert s._pick() is old7  # (alone of its job: step 7 of the run before is still its newest here)
+    s.replicate = [p1, p3, q2]
+    assert s._pick() is p3
