@@ -136,18 +136,22 @@ def _settled(cluster: Cluster, step: int) -> None:
         time.sleep(0.2)
 
 
-def _restore(endpoint: str, part: Path | None = None) -> tuple[float, dict, float]:
-    """Rank 2's ``restore("latest")`` through ``endpoint``, timed from ``connect()`` (the daemon starts
-    bringing the part at the hello: snapd.daemon.prefetch). With ``part`` (its manifest on the node's
-    disk), the rank first waits for it, as a trainer whose startup outlasts the transfer, and only the
-    ``restore()`` call is timed; the third value is then the connect-to-part-here time."""
+RANK_2 = {"rank": LOST, "world_size": WORLD, "run_id": "resume", "per_rank": ["own"]}
+
+
+def _restore(endpoint: str, part: Path | None = None, job: str = JOB,
+             who: dict = RANK_2) -> tuple[float, dict, float]:
+    """Rank 2's (``who``'s) ``restore("latest")`` through ``endpoint``, timed from ``connect()`` (the
+    daemon starts bringing the part at the hello: snapd.daemon.prefetch). With ``part`` (its manifest
+    on the node's disk), the rank first waits for it, as a trainer whose startup outlasts the
+    transfer, and only the ``restore()`` call is timed; the third value is then the connect-to-part-
+    here time."""
     import snapd.client as snapd
 
     os.sync()
     time.sleep(SETTLE_S)
     t0 = time.perf_counter()
-    with snapd.connect(JOB, endpoint=endpoint, spawn=False, rank=LOST, world_size=WORLD, run_id="resume",
-                       per_rank=["own"]) as c:
+    with snapd.connect(job, endpoint=endpoint, spawn=False, **who) as c:
         here = 0.0
         if part is not None:
             while not part.exists():

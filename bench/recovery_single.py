@@ -12,16 +12,13 @@ timing from ``connect()`` after ``os.sync()`` and ``SETTLE_S``:
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from bench.recovery import REPO, SETTLE_S, Cluster, _settled, _state
+from bench.recovery import REPO, Cluster, _restore, _settled, _state
 
 SOLO, HOME = "solo", 0  # node 0's job: its copies go to node 1
 LOCAL, COLD = "local disk", "local disk, cold"
@@ -38,27 +35,6 @@ def _snapshot(cluster: Cluster, step: int) -> None:
             "    c.snapshot(_state(mib, 9), step=step).wait(600)\n")
     assert subprocess.run([sys.executable, "-c", code, cluster.endpoints[HOME], str(step), str(cluster.mib)],
                           cwd=REPO, timeout=900).returncode == 0
-
-
-def _restore(endpoint: str, manifest: Path | None = None) -> tuple[float, dict, float]:
-    """The job's ``restore("latest")``, timed from ``connect()``; with ``manifest``, the trainer
-    first waits until the snapshot is on this node, and only ``restore()`` is timed (the third value:
-    connect to the snapshot here)."""
-    import snapd.client as snapd
-
-    os.sync()
-    time.sleep(SETTLE_S)
-    t0 = time.perf_counter()
-    with snapd.connect(SOLO, endpoint=endpoint, spawn=False) as c:
-        here = 0.0
-        if manifest is not None:
-            while not manifest.exists():
-                assert time.perf_counter() - t0 < 300, f"{manifest}: not prefetched"
-                time.sleep(0.002)
-            here = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        back = c.restore("latest")
-        return time.perf_counter() - t0, back, here
 
 
 def run(cluster: Cluster, reps: int) -> dict[str, list[float]]:
@@ -79,14 +55,15 @@ def run(cluster: Cluster, reps: int) -> dict[str, list[float]]:
         for method in (LOCAL, COLD):
             if method == COLD:
                 drop_cache(snap)
-            took, back, _ = _restore(cluster.endpoints[HOME])
+            took, back, _ = _restore(cluster.endpoints[HOME], job=SOLO, who={})
             times.setdefault(method, []).append(took)
             assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
             del back
         for wait in (False, True):
             cluster.lose(HOME)
             cluster.start(HOME, remote=False)
-            took, back, here = _restore(cluster.endpoints[HOME], snap / "manifest.json" if wait else None)
+            took, back, here = _restore(cluster.endpoints[HOME], snap / "manifest.json" if wait else None,
+                                        job=SOLO, who={})
             times.setdefault(AFTER if wait else PEERS, []).append(took)
             if wait:
                 times.setdefault(PREFETCH, []).append(here)
