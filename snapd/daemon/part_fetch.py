@@ -38,13 +38,13 @@ from snapd.daemon.whole_snapshots import HERE, Copy, bring, newest_first
 from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import adopt
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore, taken_of
+from snapd.peers.replicas import ReplicaStore
 from snapd.remote.store import answered_within
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,9 @@ class PartFetch:
         if not any(s.manifest for s in steps.values()):  # a single process's job (whole_snapshots)
             return self._whole(job_dir, job, newest_first({n: s.whole for n, s in steps.items()}, step), step,
                                retention)
-        for s in sorted(steps.values(), key=lambda s: -s.step):
+        # the newest first: taken last (a run resumed from an earlier step takes lower steps later)
+        for s in sorted(steps.values(), key=lambda s: (taken_of(s.manifest) if s.manifest else 0.0, s.step),
+                        reverse=True):
             if step is not None and s.step != step:
                 continue
             if s.whole and s.manifest is None:  # (a job that ran on one process, then on several)

@@ -20,7 +20,7 @@ from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.tasks import Task
 from snapd.errors import FormatError, InvalidArgument
 from snapd.format.global_manifest import PART_DIR_RE
-from snapd.format.manifest import Manifest, parse
+from snapd.format.manifest import Manifest, parse, taken_of
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import commit_known
 
@@ -53,18 +53,33 @@ class PartBook:
                 m.part.get("world_size") != world_size or m.part.get("run") != run:
             raise InvalidArgument(f"{job} step {step} rank {rank}: the manifest announced is of another part")
         with self._lock:
-            self._parts.setdefault((job, step, world_size, run), {})[rank] = (m, node)
-            self._trim(job)
+            self._record((job, step, world_size, run), rank, m, node)
             complete = len(self._parts.get((job, step, world_size, run), {})) == world_size
         if complete:
             self.on_committed(job)
 
-    def _trim(self, job: str) -> None:
-        steps = sorted({k[1] for k in self._parts if k[0] == job})
-        for old in steps[:-KEEP_STEPS]:
-            for k in [k for k in self._parts if k[0] == job and k[1] == old]:
+    def _record(self, key: Key, rank: int, m: Manifest, node: str, mine: bool = False) -> None:
+        """(Under the lock.) The step's entry moves to the end: the book keeps the steps heard of
+        last, not the highest (a run resumed from an earlier step announces lower steps)."""
+        parts = self._parts.pop(key, {})
+        old = parts.get(rank)
+        if mine and old is not None and old[0].checksum != m.checksum:
+            # this node made the step again (the run went back to an earlier step): the other
+            # ranks' parts of its first making must not commit with this one; those taken nearer
+            # to the new part than to the old one are already of the new making, and stay
+            before, now = taken_of(old[0]), taken_of(m)
+            for r in [r for r, (p, _) in parts.items() if r != rank and
+                      abs(taken_of(p) - before) <= abs(taken_of(p) - now)]:
+                del parts[r]
+            log.info("%s step %d is made again: the other ranks' parts of it made before are forgotten",
+                     key[0], key[1])
+        parts[rank] = (m, node)
+        self._parts[key] = parts
+        steps = list(dict.fromkeys(k[1] for k in self._parts if k[0] == key[0]))  # (heard of last: last)
+        for gone in steps[:-KEEP_STEPS]:
+            for k in [k for k in self._parts if k[0] == key[0] and k[1] == gone]:
                 del self._parts[k]
-        while len(self._parts) > KEEP_ALL:  # (the oldest announced first: dicts keep their order)
+        while len(self._parts) > KEEP_ALL:  # (the step heard of least recently first)
             del self._parts[next(iter(self._parts))]
 
     def committed(self, job: str, step: int) -> bool:
@@ -79,8 +94,7 @@ class PartBook:
     def mine(self, job: str, step: int, world_size: int, run: str, rank: int, node: str, m: Manifest) -> None:
         """Record a part made on this node, or a single process's snapshot (for ``steps``)."""
         with self._lock:
-            self._parts.setdefault((job, step, world_size, run), {})[rank] = (m, node)
-            self._trim(job)
+            self._record((job, step, world_size, run), rank, m, node, mine=True)
 
     def steps(self, newest: int = 3) -> dict[tuple[str, int, int], dict[str, set[int]]]:
         """The newest steps of each job: which node has which ranks' parts on its disk."""
@@ -91,9 +105,9 @@ class PartBook:
             for r, (_, node) in ranks.items():
                 out.setdefault((job, step, world), {}).setdefault(node, set()).add(r)
         keep: dict[str, list[int]] = {}
-        for job, step, _ in out:
+        for job, step, _ in out:  # (in the order heard of: the last are the newest)
             keep.setdefault(job, []).append(step)
-        return {k: v for k, v in out.items() if k[1] in sorted(keep[k[0]])[-newest:]}
+        return {k: v for k, v in out.items() if k[1] in list(dict.fromkeys(keep[k[0]]))[-newest:]}
 
     def try_commit(self, w: Waiting) -> None:
         """On the rank-commits thread, for each part waiting: commit its step if it can be."""

@@ -25,10 +25,10 @@ from zmq.utils.monitor import recv_monitor_message
 from snapd.errors import FormatError, InvalidArgument, SnapdError
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import read_regular, snapshot_name, step_of
-from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.peers import wire
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore, taken_of
+from snapd.peers.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
 

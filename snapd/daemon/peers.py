@@ -34,11 +34,11 @@ from snapd.format.global_commit import Delivery
 from snapd.format.global_manifest import part_dir
 from snapd.errors import Busy, SnapdError
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
 from snapd.format.retention import Retention
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
-from snapd.peers.replicas import ReplicaStore, taken_of
+from snapd.peers.replicas import ReplicaStore
 from snapd.remote.bandwidth import Pacer
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ class Peers:
         m = parse(raw)
         size = sum(int(f["bytes"]) for f in m.files) + len(raw)
         self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
-        o = Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw, size)
+        o = Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw, size,
+                     taken=taken_of(m))
         self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
         for k in [k for k in self._waiting if k[0] == job and k[2] == d.rank]:
             del self._waiting[k]  # (a rank's newer part: its older step has ended)

@@ -26,10 +26,10 @@ from typing import Any
 
 import zmq
 
-from snapd.errors import SnapdError
+from snapd.errors import FormatError, SnapdError
 from snapd.format.global_manifest import part_dir
-from snapd.format.jobdir import SNAPSHOT_RE, snapshot_name
-from snapd.format.manifest import Manifest, parse
+from snapd.format.jobdir import SNAPSHOT_RE, read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys
@@ -56,14 +56,14 @@ class Outgoing:
     queued: float = field(default_factory=time.monotonic)
     announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
     whole: bool = False  # a single process's snapshot: rank 0 of 1, its files in step-N/ itself
-    taken: float = 0.0  # (a single process's: when its state was handed over)
+    taken: float = 0.0  # when its state was handed over
 
     @property
-    def newness(self) -> tuple[float, float]:
-        """What makes one of a rank's parts newer than another: its step; a single process's
-        snapshot, when it was taken (as its index orders latest: a run resumed from an earlier step
-        takes lower steps later; an emergency snapshot, committed ahead of older ones, is newest)."""
-        return (self.taken, self.step) if self.whole else (self.step, self.queued)
+    def newness(self) -> tuple[float, int]:
+        """What makes one of a rank's parts newer than another: when it was taken, as the index
+        orders latest (a run resumed from an earlier step takes lower steps later; an emergency
+        snapshot, committed ahead of older ones, is newest), then its step."""
+        return self.taken, self.step
 
     @property
     def files_dir(self) -> str:
@@ -76,18 +76,28 @@ class Outgoing:
 
     def open_files(self) -> dict[str, int] | None:
         """Descriptors of the part's data files (they stay valid if the directory moves), or None
-        when the part is gone (given up, removed by retention)."""
+        when the part is gone (given up, removed by retention). Only from a directory whose
+        manifest is this part's: a step made again (the run went back to an earlier step) has the
+        first making's files committed under the same names until the new one replaces them."""
         names = [f["name"] for f in parse(self.manifest).files]
         committed = self.job_dir / snapshot_name(self.step)
         for where in (committed, self.pending, committed):  # (it may move from one to the other meanwhile)
-            fds: dict[str, int] = {}
             try:
-                for n in names:
-                    fds[n] = os.open(where / self.files_dir / n, os.O_RDONLY | os.O_NOFOLLOW)
-                return fds
+                dfd = os.open(where / self.files_dir, os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
+                continue
+            fds: dict[str, int] = {}
+            try:  # (names in the directory as opened: all of one making, if it moves meanwhile)
+                if read_regular(MANIFEST_NAME, dir_fd=dfd) != self.manifest:
+                    continue
+                for n in names:
+                    fds[n] = os.open(n, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                return fds
+            except (FileNotFoundError, FormatError):
                 for fd in fds.values():
                     os.close(fd)
+            finally:
+                os.close(dfd)
         return None
 
 
@@ -210,8 +220,7 @@ class Sender:
                 os.close(fd)
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
-            last = self.replicated.get((o.job, o.rank), -1)
-            self.replicated[(o.job, o.rank)] = o.step if o.whole else max(o.step, last)  # (whole: as sent)
+            self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
                                                                  and q.newness < o.newness)]
         log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,

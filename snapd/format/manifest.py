@@ -132,6 +132,12 @@ def _checksum(body: dict) -> str:
     return xxhash.xxh3_64_hexdigest(canon)
 
 
+def taken_of(m: Any) -> float:
+    """When a snapshot's (or a global snapshot's) state was handed over: its commit where that is not
+    recorded. What orders a job's ``latest`` (section 5)."""
+    return m.taken_unix_s if m.taken_unix_s is not None else m.created_unix_s
+
+
 def parse(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate manifest bytes (file sizes are checked by the reader). A global
     snapshot's manifest is refused here: ``snapd.format.global_manifest.parse_any`` reads both.

@@ -30,7 +30,7 @@ from pathlib import Path
 from snapd.errors import InvalidArgument, SnapdError
 from snapd.format.global_manifest import part_dir
 from snapd.format.jobdir import snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ STALE_S = 120.0  # an unfinished copy untouched this long may make room for anot
 
 class NoRoom(SnapdError):
     code = "no_room"
-
-
-def taken_of(m: Manifest) -> float:
-    """When a snapshot's state was handed over (its commit where that is not recorded)."""
-    return m.taken_unix_s if m.taken_unix_s is not None else m.created_unix_s
 
 
 @dataclass
@@ -279,7 +274,14 @@ class ReplicaStore:
         if r.whole:
             newest = self._newest_whole(r.job)
             return newest is not None and newest.order > r.order
-        return any(s > r.step for s in self._complete_steps(r.job))
+        mine = self._step_order(r.job, r.step)
+        return any(self._step_order(r.job, s) > mine for s in self._complete_steps(r.job))
+
+    def _step_order(self, job: str, step: int) -> tuple[float, int]:
+        """When a step of a job on several ranks was taken, by the parts of it held here (the
+        global snapshot's time is its parts' latest), then its step."""
+        return max((o.taken for o in self._parts.values() if o.job == job and o.step == step and not o.whole),
+                   default=0.0), step
 
     def _newest_whole(self, job: str) -> Replica | None:
         """The single process's snapshot of ``job`` taken last that is held complete here (a run
@@ -311,9 +313,9 @@ class ReplicaStore:
         complete = self._complete_steps(job)
         if not complete:
             return
-        newest = max(complete)
+        newest = max(self._step_order(job, s) for s in complete)  # (taken last: not the highest step)
         for key, o in list(self._parts.items()):
-            if o.job == job and not o.whole and o.step < newest:
+            if o.job == job and not o.whole and self._step_order(job, o.step) < newest:
                 self._drop(self._parts.pop(key))
 
     def _drop(self, r: Replica | None) -> None:

@@ -8,40 +8,20 @@ import json
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from snapd.errors import InvalidArgument
 from snapd.format import global_commit
-from snapd.format.global_commit import deliver
 from snapd.format.global_manifest import parse_any, part_dir
 from snapd.format.jobdir import JobDir
 from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import adopt, commit_known
-from snapd.format.rank_parts import roles
-from snapd.format.saving import encode_and_write
-from snapd.format.tree import flatten
-from snapd.format.writer import SnapshotWriter
 from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys, create
 from snapd.peers.replicas import NoRoom, ReplicaStore
 from snapd.peers.wire import check_job_path
-
-
-def part(root, job: str, step: int, rank: int, world: int, value: float = 1.0, n: int = 1000):
-    """Seal rank ``rank``'s part of ``step`` (as a node's daemon does) and deliver it under ``root``."""
-    jd = JobDir(root, job)
-    jd.open_for_write()
-    tree, leaves = flatten({"own": np.full(n, value + rank, np.float32)})
-    w = SnapshotWriter(jd, step)
-    with ThreadPoolExecutor(2) as pool:
-        encode_and_write(w, leaves, "raw", pool, 2, 1 << 20, roles=roles(leaves, rank, world, ("own",)))
-    sealed = w.seal(tree=tree, metrics={}, codec="raw", best=None, emergency=False,
-                    part={"rank": rank, "world_size": world, "run": "r1"})
-    return jd, sealed, deliver(jd, w.tmp, sealed, Retention())
 
 
 def test_a_cluster_key_is_made_private_and_loads(tmp_path) -> None:
@@ -120,9 +100,9 @@ def test_the_directory_is_read_and_written_on_its_own_thread(tmp_path) -> None:
         PeerDirectory("tcp://10.0.0.1:7010", "a", (), tmp_path / "a.peer" / "x").start()
 
 
-def test_the_replica_store_holds_what_the_manifest_says_within_its_budget(tmp_path) -> None:
+def test_the_replica_store_holds_what_the_manifest_says_within_its_budget(tmp_path, rank_part) -> None:
     root = tmp_path / "root"
-    _, sealed, _ = part(root, "j", 1, 1, 2)
+    _, sealed, _ = rank_part(root, "j", 1, 1, 2)
     raw = sealed.to_bytes()
     store = ReplicaStore(memory_bytes=len(raw) + sum(f["bytes"] for f in sealed.files) + 100)  # (one part)
     store.begin("j", 1, 1, 2, "r1", "n1", raw)
@@ -143,16 +123,16 @@ def test_the_replica_store_holds_what_the_manifest_says_within_its_budget(tmp_pa
     with pytest.raises(InvalidArgument, match="another part"):
         store.begin("j", 2, 1, 2, "r1", "n1", raw)  # (the manifest says step 1)
     with pytest.raises(NoRoom, match="no replica_dir"):
-        store.begin("j", 1, 0, 2, "r1", "n1", part(root, "j", 1, 0, 2)[1].to_bytes())
+        store.begin("j", 1, 0, 2, "r1", "n1", rank_part(root, "j", 1, 0, 2)[1].to_bytes())
 
 
-def test_an_older_step_stays_until_a_newer_one_is_committed(tmp_path) -> None:
+def test_an_older_step_stays_until_a_newer_one_is_committed(tmp_path, rank_part) -> None:
     root = tmp_path / "root"
     committed: set[int] = set()
     store = ReplicaStore(memory_bytes=1 << 30, directory=tmp_path / "replicas",
                          committed=lambda job, step: step in committed)
     for step in (1, 2):
-        _, sealed, _ = part(root, "j", step, 1, 2)
+        _, sealed, _ = rank_part(root, "j", step, 1, 2)
         pend = next((root / "j").glob(f".pending-{step:012d}-*")) / part_dir(1)
         store.begin("j", step, 1, 2, "r1", "n1", sealed.to_bytes())
         for f in sealed.files:
@@ -166,7 +146,7 @@ def test_an_older_step_stays_until_a_newer_one_is_committed(tmp_path) -> None:
     assert [r.step for r in store.held("j")] == [2]
     # and on disk too, when memory is full; a daemon started again takes them up
     small = ReplicaStore(memory_bytes=0, directory=tmp_path / "replicas2")
-    _, sealed, _ = part(root, "k", 5, 0, 2)
+    _, sealed, _ = rank_part(root, "k", 5, 0, 2)
     small.begin("k", 5, 0, 2, "r1", "n0", sealed.to_bytes())
     pend = next((root / "k").glob(".pending-*")) / part_dir(0)
     for f in sealed.files:
@@ -178,11 +158,11 @@ def test_an_older_step_stays_until_a_newer_one_is_committed(tmp_path) -> None:
     assert again.get("k", 5, 0) is not None and again.get("k", 5, 0).checksum == sealed.checksum
 
 
-def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path) -> None:
+def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path, rank_part) -> None:
     # two nodes, two roots: each has its own rank's part and learns the other's manifest
     a, b = tmp_path / "a", tmp_path / "b"
-    ja, sa, da = part(a, "j", 3, 0, 2)
-    jb, sb, db = part(b, "j", 3, 1, 2)
+    ja, sa, da = rank_part(a, "j", 3, 0, 2)
+    jb, sb, db = rank_part(b, "j", 3, 1, 2)
     assert da.committed is None and db.committed is None
     assert not commit_known(da, {}, Retention())  # (rank 1 neither here nor known)
     assert commit_known(da, {1: parse(sb.to_bytes())}, Retention())
@@ -197,29 +177,29 @@ def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path) -> 
     c = tmp_path / "c"
     adopt(JobDir(c, "j"), (a / "j" / "step-000000000003" / MANIFEST_NAME).read_bytes(), Retention(), "peer a")
     assert (c / "j" / "step-000000000003" / MANIFEST_NAME).exists()
-    _, s4, d4 = part(a, "j", 4, 0, 2)
-    other = part(tmp_path / "x", "j", 4, 0, 2, value=9.0)[1]
+    _, s4, d4 = rank_part(a, "j", 4, 0, 2)
+    other = rank_part(tmp_path / "x", "j", 4, 0, 2, value=9.0)[1]
     assert not commit_known(d4, {0: parse(other.to_bytes()), 1: parse(sb.to_bytes())}, Retention())
     given_up = global_commit.outcome(d4, count=False)  # (at once: the rank's own part waits no timeout)
     assert given_up.state == "failed" and "two processes claim one rank" in given_up.detail, given_up
 
 
-def test_a_file_taken_from_an_older_replica_is_never_written_again(tmp_path) -> None:
+def test_a_file_taken_from_an_older_replica_is_never_written_again(tmp_path, rank_part) -> None:
     """``link``: an incremental part's file shared with the step before is taken from that step's
     replica here, only whole, only of the same size, only once, and no piece may then change it."""
     root = tmp_path / "root"
     store = ReplicaStore(memory_bytes=1 << 30)
-    _, one, _ = part(root, "j", 1, 1, 2)
+    _, one, _ = rank_part(root, "j", 1, 1, 2)
     pend = next((root / "j").glob(".pending-000000000001-*")) / part_dir(1)
     name = one.files[0]["name"]
     body = (pend / name).read_bytes()
     store.begin("j", 1, 1, 2, "r1", "n1", one.to_bytes())
     store.write("j", 1, 1, name, 0, memoryview(body))
-    store.begin("j", 2, 1, 2, "r1", "n1", part(root, "j", 2, 1, 2)[1].to_bytes())
+    store.begin("j", 2, 1, 2, "r1", "n1", rank_part(root, "j", 2, 1, 2)[1].to_bytes())
     with pytest.raises(InvalidArgument, match="no replica of step 1"):  # (not ended: not to be used)
         store.link("j", 2, 1, name, 1, name)
     store.end("j", 1, 1)
-    _, three, _ = part(root, "j", 3, 1, 2, n=999)  # (its file is of another size)
+    _, three, _ = rank_part(root, "j", 3, 1, 2, n=999)  # (its file is of another size)
     store.begin("j", 3, 1, 2, "r1", "n1", three.to_bytes())
     with pytest.raises(InvalidArgument, match="no replica of step 1 with a"):
         store.link("j", 3, 1, three.files[0]["name"], 1, name)

@@ -1,5 +1,7 @@
-"""A single process's snapshot as a peer's copy (issue 26): held as rank 0 of 1 only when its
-manifest says so, kept without any announcement, taken up again from disk; and committed whole on
+"""Which of a job's snapshots the peers take for its newest (issue 26): the one taken last, as the
+index orders ``latest``, so that a run resumed from an earlier step is neither forgotten nor
+resumed past. And a single process's snapshot as a peer's copy: held as rank 0 of 1 only when its
+manifest says so, kept without any announcement, taken up again from disk, and committed whole on
 a replacement node by the format's commit rule."""
 
 from __future__ import annotations
@@ -142,3 +144,41 @@ def test_a_peers_queue_sends_each_jobs_newest_first_a_single_process_by_when_it_
     assert s._pick() is old7  # (alone of its job: step 7 of the run before is still its newest here)
     s.replicate = [p1, p3, q2]
     assert s._pick() is p3
+
+
+def test_a_run_resumed_from_an_earlier_step_is_heard_and_never_commits_with_parts_made_before(
+        tmp_path, rank_part) -> None:
+    from snapd.daemon.peer_commits import PartBook
+
+    book = PartBook(tmp_path / "a", lambda task: Retention())
+    for step in range(10, 20):  # (more steps than the book keeps)
+        book.announce("j", step, 2, "r1", 1, "b", rank_part(tmp_path / "b", "j", step, 1, 2)[1].to_bytes())
+    book.announce("j", 5, 2, "r1", 1, "b", rank_part(tmp_path / "b", "j", 5, 1, 2)[1].to_bytes())
+    assert set(book.known("j", 5, 2, "r1")) == {1}  # (the run went back to step 4: step 5 is its newest)
+    # step 18 made again in the same run: this node's new part forgets rank 1's first one, which
+    # must not commit with it; rank 1's new part, announced before or after, is kept
+    book.mine("j", 18, 2, "r1", 0, "a", rank_part(tmp_path / "a", "j", 18, 0, 2, taken=1000.0)[1])
+    book.announce("j", 18, 2, "r1", 1, "b",
+                  rank_part(tmp_path / "b1", "j", 18, 1, 2, taken=1000.5)[1].to_bytes())
+    book.mine("j", 18, 2, "r1", 0, "a", rank_part(tmp_path / "a2", "j", 18, 0, 2, taken=5000.0)[1])
+    assert set(book.known("j", 18, 2, "r1")) == {0}
+    book.announce("j", 18, 2, "r1", 1, "b",
+                  rank_part(tmp_path / "b2", "j", 18, 1, 2, taken=5000.2)[1].to_bytes())
+    assert set(book.known("j", 18, 2, "r1")) == {0, 1}
+    book.announce("j", 17, 2, "r1", 1, "b",
+                  rank_part(tmp_path / "b3", "j", 17, 1, 2, taken=9000.1)[1].to_bytes())  # (before ours)
+    book.mine("j", 17, 2, "r1", 0, "a", rank_part(tmp_path / "a3", "j", 17, 0, 2, taken=1.0)[1])
+    book.mine("j", 17, 2, "r1", 0, "a", rank_part(tmp_path / "a4", "j", 17, 0, 2, taken=9000.0)[1])
+    assert set(book.known("j", 17, 2, "r1")) == {0, 1}
+
+
+def test_the_parts_kept_are_of_the_step_taken_last(tmp_path, rank_part) -> None:
+    store = ReplicaStore(memory_bytes=1 << 30)
+    for step, taken in ((7, 1000.0), (5, 2000.0)):  # (step 5 of a run resumed from step 4)
+        _, sealed, _ = rank_part(tmp_path / "root", "j", step, 1, 2, taken=taken)
+        pend = next((tmp_path / "root" / "j").glob(f".pending-{step:012d}-*")) / "rank-00001"
+        store.begin("j", step, 1, 2, "r1", "n1", sealed.to_bytes())
+        for f in sealed.files:
+            store.write("j", step, 1, f["name"], 0, memoryview((pend / f["name"]).read_bytes()))
+        store.end("j", step, 1)
+    assert [r.step for r in store.held("j")] == [5]
