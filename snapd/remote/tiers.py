@@ -1,25 +1,30 @@
 """Both tiers as one: which snapshot ``load`` and ``restore`` open when a job has a remote tier,
 and ``snapd ls`` of a remote one.
 
-The newest committed snapshot wins wherever it is (its step; at the same step the local copy, which
-is faster to read); a step asked for by number comes from whichever tier has it; ``best`` is the
-local index's, else the best of the remote snapshots by the job's rule. A fresh node with an empty
-local disk thus resumes from the remote tier. A bucket that does not answer (an error, or no
-listing within ``LIST_WAIT_S``) leaves a local snapshot to load, with a warning.
+The newest committed snapshot wins wherever it is (taken last, as the index orders ``latest``; at
+the same step the local copy, which is faster to read; the bucket's manifests are read only for
+steps higher than the local latest); a step asked for by number comes from whichever tier has it;
+``best`` is the local index's, else the best of the remote snapshots by the job's rule. A fresh
+node with an empty local disk thus resumes from the remote tier. A bucket that does not answer (an
+error, or no listing within ``LIST_WAIT_S``) leaves a local snapshot to load, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import InvalidArgument, SnapdError, SnapshotNotFound
+from snapd.errors import FormatError, InvalidArgument, SnapdError, SnapshotNotFound
 from snapd.format import catalog
 from snapd.format import index as jobindex
+from snapd.format.global_manifest import parse_any
 from snapd.format.index import Entry
+from snapd.format.jobdir import read_regular
+from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store, answered_within
 
@@ -93,12 +98,37 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
         if best is None:
             raise SnapshotNotFound(f"job {job!r} has no best snapshot under {root} or at {rjob.where()}")
         return Located(best.step, remote=rjob, name=best.name)
-    newest = max(steps, default=None)
-    if newest is not None and (local is None or newest > local.step):
-        return Located(newest, remote=rjob, name=steps[newest])
+    newest = _taken_last(rjob, {s: n for s, n in steps.items() if local is None or s > local.step}, local)
+    if newest is not None:
+        return newest
     if local is None:
         raise SnapshotNotFound(f"job {job!r} has no snapshots under {root} or at {rjob.where()}")
     return local
+
+
+def _taken_last(rjob: RemoteJob, higher: dict[int, str], local: Located | None) -> Located | None:
+    """Of the bucket's steps ``higher`` than the local latest, the one taken last, if it was taken
+    after the local latest (as the index orders latest: a run that went back to an earlier step takes
+    lower steps later, and its abandoned higher steps may still be in the bucket)."""
+    found = []
+    with ThreadPoolExecutor(min(8, max(1, len(higher)))) as pool:  # (a fresh node: every step's manifest)
+        raws = list(pool.map(rjob.manifest_bytes, higher.values()))
+    for (step, name), raw in zip(higher.items(), raws):
+        try:
+            m = parse_any(raw, rjob.where(f"{name}/{MANIFEST_NAME}")) if raw is not None else None
+        except FormatError as e:
+            log.warning("%s", e)
+            continue
+        if m is not None:
+            found.append(((taken_of(m), step), name))
+    if not found:
+        return None
+    (order, name) = max(found)
+    if local is not None and local.path is not None:
+        here = parse_any(read_regular(local.path / MANIFEST_NAME), str(local.path))
+        if (taken_of(here), local.step) >= order:
+            return None
+    return Located(order[1], remote=rjob, name=name)
 
 
 def open_located(where: Located, rank: int | None, fetch_part: Any = None) -> Any:
