@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from snapd.errors import FormatError, SnapdError
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
-from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store
 
@@ -33,29 +33,38 @@ class BucketParts:
         self._pool = ThreadPoolExecutor(STREAMS, thread_name_prefix="snapd-bucket-part")
         self._names: dict[tuple[str, int], str] = {}  # (job, step) -> the snapshot's name there
 
-    def newest(self, job: str, above: int, want: int | None) -> tuple[GlobalManifest, bytes] | None:
-        """The bucket's newest global snapshot of ``job`` newer than step ``above`` (or step
-        ``want``, whatever the others hold), with its manifest's bytes; None if there is none or the
-        bucket does not answer (logged: the disks and peers still serve)."""
+    def newest(self, job: str, above: tuple[float, int] | None,
+               want: int | None) -> tuple[GlobalManifest, bytes] | None:
+        """The bucket's newest global snapshot of ``job`` (taken last, as the index orders latest: a
+        run that went back to an earlier step takes lower steps later), if it was taken after
+        ``above`` (the (time, step) of what the nodes hold whole), or its step ``want``, whatever
+        the others hold; with its manifest's bytes. None if there is none or the bucket does not
+        answer (logged: the disks and peers still serve)."""
         rjob = RemoteJob(self.store, job)
         try:
             steps = rjob.steps()
-            for step in sorted(steps, reverse=True):
-                if want is not None and step != want or want is None and step <= above:
-                    continue
-                raw = rjob.manifest_bytes(steps[step])
+            if want is not None:
+                steps = {s: n for s, n in steps.items() if s == want}
+            with ThreadPoolExecutor(min(STREAMS, max(1, len(steps)))) as pool:  # (each step's manifest)
+                raws = list(pool.map(rjob.manifest_bytes, steps.values()))
+            found = []
+            for (step, name), raw in zip(steps.items(), raws):
                 if raw is None:  # (removed by retention meanwhile)
                     continue
                 try:
-                    m = parse_any(raw, rjob.where(f"{steps[step]}/{MANIFEST_NAME}"))
+                    m = parse_any(raw, rjob.where(f"{name}/{MANIFEST_NAME}"))
                 except FormatError as e:
                     log.warning("%s", e)
                     continue
-                if isinstance(m, GlobalManifest) and m.step == step:
-                    self._names[(job, step)] = steps[step]
-                    return m, raw
-                if want is None:  # (one process's snapshot: no parts to offer)
-                    return None
+                if isinstance(m, GlobalManifest) and m.step == step:  # (one process's snapshots: no parts)
+                    found.append(((taken_of(m), step), name, m, raw))
+            if not found:
+                return None
+            order, name, m, raw = max(found, key=lambda f: f[0])
+            if want is None and above is not None and order <= above:
+                return None
+            self._names[(job, order[1])] = name
+            return m, raw
         except SnapdError as e:
             log.warning("the remote tier does not answer for %s (%s): restoring from the nodes only", job, e)
         return None

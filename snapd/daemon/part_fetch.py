@@ -160,7 +160,8 @@ class PartFetch:
             self._bucket_asking += 1
         wait = BUCKET_SURVEY_S if whole else max(BUCKET_SURVEY_S, 4 * self.timeout_s)  # (none: the only hope)
         try:
-            found = answered_within(functools.partial(self._ask_bucket, job, max(whole, default=-1), want),
+            above = max(((taken_of(steps[s].manifest), s) for s in whole), default=None)  # (taken last)
+            found = answered_within(functools.partial(self._ask_bucket, job, above, want),
                                     wait, "the remote tier")
         except RemoteError:
             log.warning("the remote tier does not answer for %s within %.0f s: restoring from the nodes only",
@@ -175,7 +176,8 @@ class PartFetch:
         for r in range(m.world_size):
             s.sources.setdefault(r, []).append((SPEED["remote"], REMOTE))
 
-    def _ask_bucket(self, job: str, above: int, want: int | None) -> tuple[GlobalManifest, bytes] | None:
+    def _ask_bucket(self, job: str, above: tuple[float, int] | None,
+                    want: int | None) -> tuple[GlobalManifest, bytes] | None:
         try:
             assert self.bucket is not None
             return self.bucket.newest(job, above, want)
