@@ -24,7 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from snapd.errors import FormatError, InvalidArgument, SnapdError
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
-from snapd.format.jobdir import read_regular, snapshot_name, step_of
+from snapd.format import index as jobindex
+from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.peers import wire
 from snapd.peers.keys import PeerKeys
@@ -186,21 +187,17 @@ class PeerServer:
         """What this node has of ``job``: its newest committed steps (their global manifests, and
         which parts are on its disk) and the replicas it holds."""
         out: dict[int, dict] = {}
-        path = self.root / job
-        try:
-            names = os.listdir(path)
-        except OSError:
-            names = []
-        steps = sorted((s for n in names if (s := step_of(n)) is not None), reverse=True)[:HAVE_STEPS]
-        for step in steps:
-            snap = path / snapshot_name(step)
+        *user, name = job.split("/")
+        jd = JobDir(self.root.joinpath(*user), name)
+        history = jobindex.load(jd).history if jd.path.is_dir() else []
+        # the newest, as the index orders latest: taken last (a run that went back to an earlier
+        # step keeps higher, older steps)
+        for entry in sorted(history, key=lambda e: e.order, reverse=True)[:HAVE_STEPS]:
+            step, snap = entry.step, jd.path / entry.name
             try:
                 raw = read_regular(snap / MANIFEST_NAME)
-            except OSError:
-                continue
-            try:
                 m = parse_any(raw, str(snap))
-            except FormatError:
+            except (OSError, FormatError):
                 continue
             if isinstance(m, GlobalManifest):
                 parts = {}

@@ -182,3 +182,21 @@ def test_the_parts_kept_are_of_the_step_taken_last(tmp_path, rank_part) -> None:
             store.write("j", step, 1, f["name"], 0, memoryview((pend / f["name"]).read_bytes()))
         store.end("j", step, 1)
     assert [r.step for r in store.held("j")] == [5]
+
+
+def test_a_peer_says_it_has_the_steps_taken_last_not_the_highest(tmp_path) -> None:
+    from snapd.daemon.peer_server import HAVE_STEPS, PeerServer
+    from snapd.peers.keys import PeerKeys, create
+
+    for step in range(10, 16):  # (an abandoned run's steps, kept)
+        snapshot(tmp_path / "root", "solo", step, float(step), taken=1000.0 + step)
+    snapshot(tmp_path / "root", "solo", 3, 3.0, taken=2000.0)  # (the run went back to step 2)
+    create(tmp_path / "keys")
+    server = PeerServer("tcp://127.0.0.1:*", "n0", PeerKeys.load(tmp_path / "keys"), tmp_path / "root",
+                        ReplicaStore(0), lambda *a: None)
+    try:
+        have = server._have("solo")
+    finally:
+        server.close()
+    assert len(have) == HAVE_STEPS and {e["step"] for e in have} == {3, 15, 14, 13}, have
+    assert next(e for e in have if e["step"] == 3)["taken"] == 2000.0
