@@ -5,7 +5,8 @@ Every daemon announces each rank part it makes to every peer (its manifest, a fe
 snapd.daemon.replication). A part of this node that waits for its step (snapd.daemon.rank_commits)
 is committed here once the parts in this node's pending directory and the parts announced cover
 every rank of the step, run and world size. An announcement is only remembered: it never creates
-anything under the root, and the newest ``KEEP_STEPS`` steps of a job are kept.
+anything under the root, and the ``KEEP_STEPS`` steps of a job heard of last are kept (not the
+highest: a run that went back to an earlier step announces lower ones).
 """
 
 from __future__ import annotations

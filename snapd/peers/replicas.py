@@ -3,7 +3,8 @@
 
 A replica is begun with its part's manifest (parsed and checked here: the files it may hold and
 their sizes come from it, so a peer can never make this daemon hold more, or write elsewhere),
-filled piece by piece, and ended; only ended replicas are served. Per job, the newest step that is
+filled piece by piece, and ended; only ended replicas are served. Per job, the newest step (taken
+last, as the index orders latest, not the highest) that is
 committed (every rank's part durable on some node, as the part book knows) and whose replicas here
 are complete is kept, with anything newer; older steps go. A newer step some rank never finished
 thus never takes its older step's replicas with it: that older step is the resume point. A data file
