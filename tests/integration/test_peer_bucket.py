@@ -123,31 +123,3 @@ def test_daemons_find_each_other_through_the_remote_tier_or_a_shared_directory(t
                           capture_output=True, text=True, cwd="/").stdout
     assert re.search(r"job g step 1 \(complete on disks\): disks a: ranks 0; b: ranks 1; .*remote: committed",
                      text), text
-
-
-
-
-def test_a_run_gone_back_to_an_earlier_step_resumes_from_its_own_step_in_the_bucket(tmp_path, start, s3,
-                                                                                    peer_nodes) -> None:
-    """No copies (``replicas=0``): a lost node's resume needs the bucket, which holds the abandoned
-    run's step 3 and the new run's step 2, taken later: the new one is resumed from."""
-    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--remote", f"{s3.url}/back")
-
-    def uploaded() -> bool:
-        remote = [nodes.status(i)["remote"] for i in (0, 1)]
-        return all(r["backlog"] == 0 and r["uploading"] is None for r in remote)
-
-    outs = peer_nodes.ranks(nodes, "g", "run-1", "1,2,3", "replicas=0", world=2)
-    assert [o.split() for o in outs] == [["COMMITTED", "1", "COMMITTED", "2", "COMMITTED", "3"]] * 2, \
-        nodes.logs()
-    nodes.daemons[0].wait_for(uploaded, timeout=60)
-    outs = peer_nodes.ranks(nodes, "g", "run-1", "2", "restore=1", "gen=1", "replicas=0", world=2)
-    assert [o.split()[-2:] for o in outs] == [["COMMITTED", "2"]] * 2, nodes.logs()
-    nodes.daemons[0].wait_for(uploaded, timeout=60)
-    nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["jobs"]["g"]["2"]["remote"] is True,
-                              timeout=60)
-    nodes.lose(1)
-    nodes.daemons[1] = nodes.start(1)
-    outs = peer_nodes.ranks(nodes, "g", "run-2", "4", "restore", "gen=2", world=2)
-    for r, o in enumerate(outs):  # (the new run's step 2: 10000 + 200 + rank)
-        assert o.split()[:4] == ["RESTORED", "2", str(10200 + r), "2.0"], (o, nodes.logs())
