@@ -115,6 +115,7 @@ class Sender:
         self.failures = 0
         self.sent_bytes = 0
         self.replicated: dict[tuple[str, int], int] = {}  # (job, rank) -> the newest step replicated there
+        self._sent: dict[tuple[str, int], str] = {}  # (job, rank) -> that part's manifest checksum
         self._retry_at = 0.0
         self._backoff = 0.5
         self.name = peer.node  # (the peer's own name once it answers)
@@ -221,6 +222,7 @@ class Sender:
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
             self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
+            self._sent[(o.job, o.rank)] = parse(o.manifest).checksum or ""
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
                                                                  and q.newness < o.newness)]
         log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,
@@ -232,13 +234,18 @@ class Sender:
         """Ask the peer to take each file ``o`` shares with the step this thread last replicated
         of its rank from its replica of that step: that step, and the files it took (their sizes)."""
         with self.cond:
-            last = self.replicated.get((o.job, o.rank))
+            last, sent = self.replicated.get((o.job, o.rank)), self._sent.get((o.job, o.rank))
         out: dict[str, int] = {}
+        same: bool | None = None  # (whether step ``last`` on this disk is the making sent)
         for f in m.files:
             # (shared_from: step-N/rank-R/FILE of a part, step-N/FILE of a single process's snapshot)
             where = str(f.get("shared_from", "")).split("/")
             step = SNAPSHOT_RE.match(where[0]) if len(where) == (2 if o.whole else 3) else None
             if step is None or int(step.group(1)) != last or not o.whole and where[1] != part_dir(o.rank):
+                continue
+            if same is None:  # (a step made again: the peer's copy is of the other making)
+                same = sent is not None and self._checksum(o, where[0]) == sent
+            if not same:
                 continue
             try:
                 self.link.request(o.header("replica", phase="link", file=f["name"], from_step=last,
@@ -248,6 +255,14 @@ class Sender:
                 log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, f["name"],
                          self.peer.endpoint, e)
         return last, out
+
+    @staticmethod
+    def _checksum(o: Outgoing, step_dir: str) -> str | None:
+        """The manifest checksum of ``o``'s rank in ``step_dir`` of its job on this disk."""
+        try:
+            return parse(read_regular(o.job_dir / step_dir / o.files_dir / MANIFEST_NAME)).checksum
+        except (OSError, SnapdError):
+            return None
 
     def _pieces(self, o: Outgoing, fds: dict[str, int]) -> Iterator[tuple[dict, bytes]]:
         for name, fd in fds.items():

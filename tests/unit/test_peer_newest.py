@@ -200,3 +200,32 @@ def test_a_peer_says_it_has_the_steps_taken_last_not_the_highest(tmp_path) -> No
         server.close()
     assert len(have) == HAVE_STEPS and {e["step"] for e in have} == {3, 15, 14, 13}, have
     assert next(e for e in have if e["step"] == 3)["taken"] == 2000.0
+
+
+def test_a_shared_file_is_taken_from_the_peers_copy_only_if_that_copy_is_of_this_making(tmp_path) -> None:
+    """An incremental snapshot's file shared with step 1 is linked from the peer's copy of step 1
+    only when the step 1 sent there is the one on this disk now (not a first making of it)."""
+    from dataclasses import replace as with_
+
+    from snapd.daemon.replication import Outgoing, Sender
+    from snapd.peers.directory import PeerInfo
+
+    class Link:  # (what the sender asks of the peer)
+        def __init__(self) -> None:
+            self.asked: list[dict] = []
+
+        def request(self, header: dict, data: bytes | None = None) -> tuple[dict, None]:
+            self.asked.append(header)
+            return {"t": "ok"}, None
+
+    one, m1 = snapshot(tmp_path / "root", "solo", 1, 1.0)
+    two, m2 = snapshot(tmp_path / "root", "solo", 2, 2.0)
+    f = dict(m2.files[0], shard=0, shared_from=f"{one.name}/{m1.files[0]['name']}")
+    raw = with_(m2, files=[f, *m2.files[1:]]).to_bytes()
+    o = Outgoing("solo", 2, 0, 1, "", two.parent, two, raw, 1, whole=True)
+    for sent, linked in ((m1.checksum, 1), ("another making's", 0)):
+        link = Link()
+        s = Sender(PeerInfo("tcp://127.0.0.1:1", "n1"), link, "n0", lambda n: None)
+        s.replicated[("solo", 0)], s._sent[("solo", 0)] = 1, sent
+        assert len(s._link_shared(o, parse(raw))[1]) == linked
+        assert [h["phase"] for h in link.asked] == ["link"] * linked
