@@ -35,9 +35,22 @@ class Nodes:
         self.tmp, self._start, self.extra, self.replica_dirs = tmp, start, extra, replica_dirs
         self.keys = tmp / "keys"
         create(self.keys)
-        # sorted: node i is the i-th round the ring, so node i's replicas go to node i + 1
-        self.endpoints = sorted(f"tcp://127.0.0.1:{p}" for p in free_ports(n))
-        self.daemons = [self.start(i) for i in range(n)]
+        for attempt in range(3):  # (a port found free may be taken before its daemon binds it: -n 2)
+            # sorted: node i is the i-th round the ring, so node i's replicas go to node i + 1
+            self.endpoints = sorted(f"tcp://127.0.0.1:{p}" for p in free_ports(n))
+            self.daemons = []
+            try:
+                for i in range(n):
+                    self.daemons.append(self.start(i))
+                return
+            except pytest.fail.Exception as e:
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                for d in self.daemons:
+                    d.proc.kill()
+                    d.proc.wait()
+                for i in range(n):
+                    shutil.rmtree(self.tmp / f"node{i}", ignore_errors=True)
 
     def start(self, i: int):
         own = ("--replica-dir", str(self.tmp / f"replicas{i}")) if self.replica_dirs else ()
