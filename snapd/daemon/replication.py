@@ -1,16 +1,17 @@
-"""Replication: each rank part this daemon makes is announced to every peer and copied to the
-next ``replicas`` daemons round the ring (snapd.peers.directory), in the background.
+"""Replication: each rank part this daemon makes is announced to every peer and copied to the next
+``replicas`` daemons round the ring (snapd.peers.directory), in the background.
 
-One thread per peer, each with its own link (snapd.peers.wire), so a peer that is down or slow
-holds up only its own queue, never a snapshot or another peer. A queue sends announcements first
-(they commit steps on nodes that share no filesystem), then the newest part: once a part is
-replicated, the older parts of the same rank still queued for that peer are dropped (the newest
-step first, as the issue of catching up asks; a single process's newest is the snapshot taken
-last). A failed send waits 0.5 s, doubling up to 30 s,
-then tries again. All threads draw from one bandwidth bound (``peer_bytes_per_s``), so
-replication cannot starve the job's collectives. A data file an incremental part shares with the
-previous step (FORMAT.md section 9), which this thread replicated to the same peer, is not sent
-again: the peer takes it from its replica of that step (``link``); if it cannot, it is sent.
+One thread per peer, each with its own link (snapd.peers.wire), so a peer that is down or slow holds
+up only its own queue, never a snapshot or another peer. A queue sends announcements first (they
+commit steps on nodes that share no filesystem), then each rank's newest part (taken last, as the
+index orders latest, not the highest step): once a part is replicated, the older parts of the same
+rank still queued for that peer are dropped (the newest first, as the issue of catching up asks). A
+failed send waits 0.5 s, doubling up to 30 s, then tries again. All threads draw from one bandwidth
+bound (``peer_bytes_per_s``), so replication cannot starve the job's collectives. A data file an
+incremental part shares with the previous step (FORMAT.md section 9), which this thread replicated
+to the same peer, is not sent again: the peer takes it from its replica of that step (``link``); if
+it cannot, it is sent. A single process's snapshot, once committed, is queued the same way as rank 0
+of 1 (``whole``: its files in its step's directory), never announced.
 """
 
 from __future__ import annotations
@@ -207,11 +208,12 @@ class Sender:
             log.info("%s step %d rank %d is gone before it reached %s: not replicated", o.job, o.step, o.rank,
                      self.peer.endpoint)
             return
+        m = parse(o.manifest)
         try:
             t0 = time.monotonic()
             header, _ = self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
             self.name = str(header.get("node") or self.name)[:128]  # (a single process's: never announced)
-            from_step, linked = self._link_shared(o, parse(o.manifest))
+            from_step, linked = self._link_shared(o, m)
             for _ in self.link.pipeline(self._pieces(o, {n: fd for n, fd in fds.items() if n not in linked}),
                                         WINDOW):
                 pass
@@ -222,7 +224,7 @@ class Sender:
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
             self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
-            self._sent[(o.job, o.rank)] = parse(o.manifest).checksum or ""
+            self._sent[(o.job, o.rank)] = m.checksum or ""
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
                                                                  and q.newness < o.newness)]
         log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,

@@ -31,7 +31,7 @@ import xxhash
 from snapd.errors import FormatError, InvalidArgument
 from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
 from snapd.format.global_manifest import GlobalManifest, parse_any
-from snapd.format.manifest import MANIFEST_NAME, Manifest
+from snapd.format.manifest import MANIFEST_NAME, Manifest, taken_of
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Entry:
     @property
     def order(self) -> tuple[float, int]:
         """When the snapshot was taken (its commit time where that is not recorded), then its step."""
-        return (self.taken_unix_s if self.taken_unix_s is not None else self.created_unix_s, self.step)
+        return taken_of(self), self.step
 
 
 def check_best(best: object) -> tuple[str, str] | None:
