@@ -42,14 +42,15 @@ Modules:
   ``remote_parts``: rank parts uploaded ahead of their global commit, which nodes sharing no
   filesystem make in the bucket; ``remote_view``: which steps the bucket holds, for the status.
 - ``peers``: the other nodes' daemons, as one part of this one (docs/peers.md): ``peer_server``
-  (the thread that owns the socket they reach), ``peer_commits`` (the part book: the other
-  nodes' parts, and the commits they make possible), ``replication`` (one thread per peer sending
-  it announcements and replicas) and ``part_fetch`` (where a job's newest complete step is, and
-  its parts, or a single process's snapshot, brought here when a reader needs them;
-  ``part_download``: one part from one source into a temporary directory; ``whole_snapshots``: a
-  single process's snapshot to resume from, brought whole and committed; ``part_files``: such a
-  part's files written and checked; ``bucket_parts``: the remote tier as the slowest of those
-  sources; ``prefetch``: a rank's part brought here when the rank says hello, before it restores).
+  (the thread that owns the socket they reach), ``peer_commits`` (the part book: the other nodes'
+  parts, and the commits they make possible), ``replication`` (one thread per peer sending it
+  announcements and replicas; ``outgoing``: a part to send, and its files) and ``part_fetch``
+  (where a job's newest complete step is, and its parts, or a single process's snapshot, brought
+  here when a reader needs them; ``part_download``: one part from one source into a temporary
+  directory; ``whole_snapshots``: a single process's snapshot to resume from, brought whole and
+  committed; ``part_files``: such a part's files written and checked; ``bucket_parts``: the remote
+  tier as the slowest of those sources; ``prefetch``: a rank's part brought here when the rank
+  says hello, before it restores).
 - ``gpu_copy``: the GPU path's copy stage (CUDA IPC, one copy stream per device); ``gpu_work``:
   a device's resources and the items its threads work on; ``gpu_handles``: clients' IPC handles
   and events; ``gpu_windows``: how device tensors travel through the staging window;

@@ -28,7 +28,8 @@ from snapd.daemon.peer_commits import PartBook
 from snapd.daemon.peer_server import PeerServer
 from snapd.daemon.prefetch import Prefetch
 from snapd.daemon.rank_commits import Waiting
-from snapd.daemon.replication import Outgoing, Replication
+from snapd.daemon.outgoing import Outgoing
+from snapd.daemon.replication import Replication
 from snapd.daemon.tasks import Task
 from snapd.format.global_commit import Delivery
 from snapd.format.global_manifest import part_dir

@@ -1,0 +1,79 @@
+"""A part this daemon made, to announce to its peers or replicate to them (snapd.daemon.replication):
+what identifies it, what makes one of a rank's parts newer than another, and its files opened from
+the directory that holds this making of it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapd.errors import FormatError
+from snapd.format.global_manifest import part_dir
+from snapd.format.jobdir import read_regular, snapshot_name
+from snapd.format.manifest import MANIFEST_NAME, parse
+
+
+@dataclass
+class Outgoing:
+    """A rank part to announce or replicate. Its files are in ``job_dir/step-N/rank-r`` once its
+    step is committed here, else in its pending directory."""
+
+    job: str  # the job's directory relative to the root
+    step: int
+    rank: int
+    world_size: int
+    run: str
+    job_dir: Path
+    pending: Path
+    manifest: bytes
+    nbytes: int
+    queued: float = field(default_factory=time.monotonic)
+    announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
+    whole: bool = False  # a single process's snapshot: rank 0 of 1, its files in step-N/ itself
+    taken: float = 0.0  # when its state was handed over
+
+    @property
+    def newness(self) -> tuple[float, int]:
+        """What makes one of a rank's parts newer than another: when it was taken, as the index
+        orders latest (a run resumed from an earlier step takes lower steps later; an emergency
+        snapshot, committed ahead of older ones, is newest), then its step."""
+        return self.taken, self.step
+
+    @property
+    def files_dir(self) -> str:
+        """Where its files are in its step's directory."""
+        return "" if self.whole else part_dir(self.rank)
+
+    def header(self, t: str, **more: Any) -> dict[str, Any]:
+        return {"t": t, "job": self.job, "step": self.step, "rank": self.rank, "world_size": self.world_size,
+                "run": self.run, **more}
+
+    def open_files(self) -> dict[str, int] | None:
+        """Descriptors of the part's data files (they stay valid if the directory moves), or None
+        when the part is gone (given up, removed by retention). Only from a directory whose
+        manifest is this part's: a step made again (the run went back to an earlier step) has the
+        first making's files committed under the same names until the new one replaces them."""
+        names = [f["name"] for f in parse(self.manifest).files]
+        committed = self.job_dir / snapshot_name(self.step)
+        for where in (committed, self.pending, committed):  # (it may move from one to the other meanwhile)
+            try:
+                dfd = os.open(where / self.files_dir, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            fds: dict[str, int] = {}
+            try:  # (names in the directory as opened: all of one making, if it moves meanwhile)
+                if read_regular(MANIFEST_NAME, dir_fd=dfd) != self.manifest:
+                    continue
+                for n in names:
+                    fds[n] = os.open(n, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                return fds
+            except (FileNotFoundError, FormatError):
+                for fd in fds.values():
+                    os.close(fd)
+            finally:
+                os.close(dfd)
+        return None
