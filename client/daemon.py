@@ -18,7 +18,7 @@ from typing import Any
 from snapd import protocol
 from snapd.client.connection import Connection, SessionLost
 from snapd.client.host_buffers import HostBuffers, can_inline, inline_bytes
-from snapd.client import snapshot_plan
+from snapd.client import group_peers, snapshot_plan
 from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
 from snapd.client.ranks import Ranks
@@ -41,6 +41,7 @@ class Client:
         self._hello = hello
         self._regions: list = []  # registered shared regions (client.share)
         self._export_: Any = None
+        self._group: Any = None  # the job's daemons found through its process group (client/group_peers.py)
         self._begin(welcome)
 
     def _begin(self, welcome: dict) -> None:
@@ -77,6 +78,8 @@ class Client:
             self._export_.close()
             self._export_ = None
         self._begin(welcome)
+        if self._group is not None:
+            self._group.tell_again()
         for region in list(self._regions):
             try:
                 region.allow(self._daemon_uid)
@@ -98,6 +101,8 @@ class Client:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
         metrics = check_metrics(metrics)
+        if self._group is not None:  # (the first: its part's replicas go to the job's other nodes)
+            self._group.wait(group_peers.SNAPSHOT_WAIT_S, "a snapshot")
         pending = self._again(lambda: self._hand_over(state, step, metrics, emergency))
         self._track(pending)
         return pending
@@ -241,6 +246,8 @@ class Client:
         ``mmap`` and ``verify`` as for ``snapd.load``."""
         self._settle()
         fetch = None
+        if self._group is not None:  # (a replacement node's daemon knows its job's others from them)
+            self._group.wait(group_peers.RESTORE_WAIT_S, "restore()")
         if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
             if step != "best":  # (the newest step some node holds whole is committed here first)
                 found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
@@ -297,6 +304,8 @@ class Client:
     def close(self) -> None:
         if self._conn.closed:
             return
+        if self._group is not None:
+            self._group.stop()
         try:
             self.wait_copied()
         except Exception:  # closing anyway; the error was or will be raised by the Pending

@@ -11,6 +11,7 @@ from typing import Any
 
 from snapd.client.connection import Connection, probe
 from snapd.client.daemon import Client
+from snapd.client.group_peers import GroupPeers, group_store
 from snapd.client.pending import Pending
 from snapd.client.ranks import detect
 from snapd.client.ranks import run_id as find_run_id
@@ -85,7 +86,16 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     except BaseException:
         conn.close()
         raise
-    return Client(job, conn, welcome, hello, ranks)
+    client = Client(job, conn, welcome, hello, ranks)
+    store = group_store() if ranks.world_size > 1 else None
+    if store is not None:  # (the job's daemons find each other through it: docs/peers.md)
+        group = GroupPeers(store, job, run, ranks.rank, ranks.world_size, welcome.get("peer"), conn)
+        try:
+            group.start()
+            client._group = group
+        except Exception as e:  # (a group whose store fails: the daemons' own peers still serve)
+            log.warning("the job's daemons could not be found through its process group: %s", e)
+    return client
 
 
 _default: Client | None = None

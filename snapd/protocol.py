@@ -233,6 +233,15 @@ def _key_paths(v: Any, name: str) -> None:
         raise ProtocolError(f"{name} must be a list of key paths", "bad_field")
 
 
+def _peer_list(v: Any, name: str) -> None:
+    if not isinstance(v, list) or len(v) > 1024:
+        raise ProtocolError(f"{name} must be a list of at most 1024 peers", "bad_field")
+    for i, p in enumerate(v):
+        if not isinstance(p, dict) or not isinstance(p.get("endpoint"), str) or len(p["endpoint"]) > 300 \
+                or not isinstance(p.get("node", ""), str) or len(p.get("node", "")) > 128:
+            raise ProtocolError(f"{name}[{i}] must be {{endpoint: tcp://HOST:PORT, node: NAME}}", "bad_field")
+
+
 # type -> required fields and their validators (optional fields use _opt)
 REQUESTS: dict[str, dict[str, Validator]] = {
     "hello": {"job": _str(128), "pid": _int(1), "keep_last": _opt(_int(1)), "keep_every_steps": _opt(_int(1)),
@@ -255,6 +264,8 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     # nodes that share no filesystem (docs/peers.md): the newest step whose parts are all on some node
     # (committed here if need be), and one part brought to this node
     "locate": {"step": _opt(_int())}, "fetch_part": {"step": _int(), "rank": _int()},
+    # the job's daemons, as its ranks found them through its process group (client/group_peers.py)
+    "peers": {"peers": _peer_list, "complete": _bool},
 }
 
 

@@ -82,9 +82,12 @@ def _peers(p: dict | None) -> list[str]:
     if not p:
         return []
     held = p["held"]
+    told = p.get("learned_jobs") or 0  # (jobs whose ranks told this daemon their other nodes)
+    targets = ", ".join(p["targets"]) or ("no peer of its own" if told else "no peer yet")
     lines = [f"peers: {p['endpoint']} (node {p['node']}), {p['replicas']} replica(s) of each part to "
-             f"{', '.join(p['targets']) or 'no peer yet'}; holding {human_bytes(held['memory_bytes'])} of "
-             f"{human_bytes(held['memory_budget_bytes'])} for peers, refused {p['refused']}"]
+             f"{targets}{f'; {told} job(s) told their nodes by their ranks' if told else ''}; holding "
+             f"{human_bytes(held['memory_bytes'])} of {human_bytes(held['memory_budget_bytes'])} for peers, "
+             f"refused {p['refused']}"]
     for s in p["peers"]:
         lines.append(f"peer {s['endpoint']} ({s['node']}): {s['state']}, lag {s['backlog_parts']} part(s) "
                      f"({human_bytes(s['backlog_bytes'])}, oldest {s['oldest_s']:.0f} s), replicated "

@@ -111,7 +111,8 @@ class PartFetch:
                 s.whole.append(Copy(speed, HELD_HERE, r.checksum, r.taken))
             else:
                 s.sources.setdefault(r.rank, []).append((speed, HELD_HERE))
-        peers = self.directory.all(wait_s=min(5.0, self.timeout_s))  # (a daemon just started: its first read)
+        # (a daemon just started: its first read of the directory)
+        peers = self.directory.all(wait_s=min(5.0, self.timeout_s), job=job)
         replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
                                min(5.0, self.timeout_s))
         for peer in peers:

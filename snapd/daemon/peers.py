@@ -33,13 +33,14 @@ from snapd.daemon.replication import Replication
 from snapd.daemon.tasks import Task
 from snapd.format.global_commit import Delivery
 from snapd.format.global_manifest import part_dir
-from snapd.errors import Busy, SnapdError
+from snapd.errors import Busy, InvalidArgument, SnapdError
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
 from snapd.format.retention import Retention
-from snapd.peers.directory import PeerDirectory
+from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys
 from snapd.peers.replicas import ReplicaStore
+from snapd.peers.wire import check_peer_address
 from snapd.remote.bandwidth import Pacer
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,27 @@ class Peers:
         """A rank connected: its part (a single process: its snapshot) starts coming here
         (snapd.daemon.prefetch)."""
         self.prefetch.hello(job_dir, self.book.job_path(job_dir.path), retention, rank, world_size)
+
+    def learn(self, job_dir: JobDir, uid: int, retention: Retention, rank: int, world_size: int,
+              told: list[dict], complete: bool) -> int:
+        """A rank of user ``uid`` found its job's daemons through the job's own process group
+        (client/group_peers.py): they become that job's peers (its announcements, replicas and
+        restores), and its part starts coming here if one of them has it (the prefetch at its hello
+        knew none of them). Returns how many peers the job has now."""
+        found = []
+        for i, p in enumerate(told):
+            try:
+                found.append(PeerInfo(check_peer_address(p.get("endpoint")), str(p.get("node") or "")[:128]))
+            except InvalidArgument as e:
+                raise InvalidArgument(f"peers[{i}]: {e}") from None
+        job = self.book.job_path(job_dir.path)
+        new = self.directory.learn(uid, job, found, complete)
+        self.replication.reap(self.directory.known())
+        if new:
+            log.info("%s: %d peer(s) learned from its ranks: %s", job, len(new),
+                     ", ".join(f"{p.endpoint} ({p.node})" for p in new))
+            self.prefetch.hello(job_dir, job, retention, rank, world_size)
+        return len(self.directory.all(job=job))
 
     def locate(self, job_dir: JobDir, step: int | None, retention: Retention, peer: bytes,
                req_id: int) -> None:
@@ -206,6 +228,7 @@ class Peers:
         lag = max((s["oldest_s"] for s in senders), default=0.0)
         return {"endpoint": self.directory.own, "node": self.node, "replicas": self.replicas,
                 "targets": [p.endpoint for p in self.directory.replica_targets(self.replicas)],
+                "learned_jobs": self.directory.learned_jobs(),
                 "peers": senders, "lag_s": lag, "held": held,
                 "refused": self.server.refused, "fetched_bytes": self.fetch.fetched_bytes,
                 "damaged_copies": self.fetch.damaged, "prefetched_parts": self.prefetch.brought,

@@ -58,6 +58,7 @@ class Sender:
         self._backoff = 0.5
         self.name = peer.node  # (the peer's own name once it answers)
         self.busy = False  # (an item taken off the queues is being sent)
+        self.reaped = False  # (its peer is known no longer: the thread closes its link as it ends)
         self.thread = threading.Thread(target=self._loop, name=f"snapd-replicate-{peer.node}", daemon=True)
 
     def backlog(self) -> dict[str, Any]:
@@ -138,6 +139,8 @@ class Sender:
             finally:
                 with self.cond:
                     self.busy = False
+        if self.reaped:
+            self.link.close()
 
     def _send_part(self, o: Outgoing) -> None:
         fds = o.open_files()
@@ -219,6 +222,7 @@ class Replication:
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._senders: dict[str, Sender] = {}
+        self._reaped: list[Sender] = []  # (their threads end on their own: a stop waits for them too)
         self._lock = threading.Lock()
 
     def _sender(self, peer: PeerInfo) -> Sender:
@@ -231,10 +235,10 @@ class Replication:
             return s
 
     def add(self, o: Outgoing, replicas: int) -> None:
-        """Announce a part to every peer, and queue it for its ``replicas`` holders (any thread). A
-        single process's snapshot, committed on its node already, is only queued."""
-        targets = {p.endpoint for p in self.directory.replica_targets(replicas)}
-        for peer in self.directory.all():
+        """Announce a part to every peer of its job, and queue it for its ``replicas`` holders (any
+        thread). A single process's snapshot, committed on its node already, is only queued."""
+        targets = {p.endpoint for p in self.directory.replica_targets(replicas, o.job)}
+        for peer in self.directory.all(job=o.job):
             if o.whole and peer.endpoint not in targets:
                 continue
             s = self._sender(peer)
@@ -248,14 +252,28 @@ class Replication:
 
     def announce_new(self, o: Outgoing) -> None:
         """Announce a part still waiting for its step to the peers found since it was made (a
-        daemon that started later: it may hold the step's other ranks)."""
-        for peer in self.directory.all():
+        daemon that started later, or one its ranks told since: it may hold the step's other ranks)."""
+        for peer in self.directory.all(job=o.job):
             if peer.endpoint not in o.announced:
                 s = self._sender(peer)
                 with s.cond:
                     s.announce.append(o)
                     o.announced.add(peer.endpoint)
                     s.cond.notify()
+
+    def reap(self, known: set[str]) -> None:
+        """End the threads of peers no longer known (a job's ranks told its daemons anew, without
+        them) that have nothing left to send, or are down: the threads stay as many as the peers."""
+        with self._lock:
+            for endpoint, s in list(self._senders.items()):
+                with s.cond:
+                    if endpoint in known or not (s.up is False or not (s.busy or s.announce or s.replicate)):
+                        continue
+                    s.stopped = s.reaped = True
+                    s.cond.notify()
+                del self._senders[endpoint]
+                self._reaped = [r for r in self._reaped if r.thread.is_alive()] + [s]
+                log.info("replication to %s ends: no job has it as a peer now", endpoint)
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -275,7 +293,7 @@ class Replication:
 
     def stop(self) -> None:
         with self._lock:
-            senders = list(self._senders.values())
+            senders = list(self._senders.values()) + self._reaped
         for s in senders:
             with s.cond:
                 s.stopped = True

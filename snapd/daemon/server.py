@@ -305,6 +305,9 @@ class Server:
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
                                 remote=uploads.url_of(jobs_root) if uploads is not None else None,
                                 peers=self.pipeline.peers is not None,
+                                peer=None if self.pipeline.peers is None else {  # (what its ranks tell)
+                                    "endpoint": self.pipeline.peers.directory.own,
+                                    "node": self.pipeline.peers.node},
                                 max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],
                                       "pid_ns": pid_namespace()})
@@ -347,6 +350,15 @@ class Server:
             return protocol.message("located", msg["id"], step=None)
         self.pipeline.peers.locate(JobDir(s.jobs_root, s.job), msg.get("step"), s.retention, peer, msg["id"])
         return None  # (answered from the peers' pool: it waits on other nodes)
+
+    def _on_peers(self, peer: bytes, msg: dict) -> bytes:
+        s = self._session(peer)
+        if self.pipeline.peers is None:
+            raise ProtocolError("this daemon has no peers (no peer_endpoint): it cannot reach its job's "
+                                "other daemons", "no_peers")
+        known = self.pipeline.peers.learn(JobDir(s.jobs_root, s.job), s.uid, s.retention, s.rank,
+                                          s.world_size, msg["peers"], msg["complete"])
+        return protocol.message("peers_known", msg["id"], peers=known)
 
     def _on_fetch_part(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)

@@ -2,8 +2,11 @@
 endpoint where every node can read it: ``peer_directory`` (any directory every node mounts: the
 job's shared root, a home directory) and the remote tier's bucket (``.snapd-peers/`` under its
 prefix), whichever the daemon has. Each daemon writes its entry at start and again every
-``REPUBLISH_S``; an entry not rewritten for ``STALE_S`` is a daemon gone. Replicas go round a ring:
-the daemons sorted by endpoint, each sending to the next ``replicas`` of them on another node.
+``REPUBLISH_S``; an entry not rewritten for ``STALE_S`` is a daemon gone. A job's own daemons are
+also learned from its ranks (``learn``: each rank's client finds the others' through the job's
+``torch.distributed`` group, client/group_peers.py): those are peers of that job only, so a user
+can point only their own job's announcements and replicas elsewhere. Replicas go round a ring: the
+daemons sorted by endpoint, each sending to the next ``replicas`` of them on another node.
 
 Both are read, and the entry written, on a thread of their own (``start``): a bucket or a shared
 filesystem that hangs must not hold up whoever asks who the peers are (a snapshot's seal stage,
@@ -18,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,10 @@ STALE_S = 600.0
 BUCKET_DIR = ".snapd-peers"
 READERS = 8  # entries read at once in a pass
 MAX_ENTRY_BYTES = 4096  # an entry is about 100 bytes: a bigger one is not read
+# learned from jobs' groups, per user: the endpoints of their jobs together (each may get a
+# replication thread of its own) and the jobs remembered (the one told longest ago forgotten first)
+MAX_USER_PEERS = 1024
+MAX_USER_JOBS = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -50,6 +58,8 @@ class PeerDirectory:
         self.store = store  # (snapd.remote.store.Store: the remote tier's bucket)
         self._listed = [PeerInfo(check_endpoint(e), e) for e in peers]
         self._found: list[PeerInfo] = []
+        self._learned: OrderedDict[tuple[int, str], dict[str, PeerInfo]] = OrderedDict()  # (uid, job) ->
+        self._learned_lock = threading.Lock()
         self._read: dict[str, tuple[Any, PeerInfo | None, float]] = {}  # entry -> (its tag, its peer, at)
         self._ready = threading.Event()  # the first pass is over
         self._stop = threading.Event()
@@ -67,19 +77,61 @@ class PeerDirectory:
     def stop(self) -> None:
         self._stop.set()
 
-    def all(self, wait_s: float = 0.0) -> list[PeerInfo]:
+    def all(self, wait_s: float = 0.0, job: str | None = None) -> list[PeerInfo]:
         """Every other daemon, sorted by endpoint, as the last pass found them (``wait_s``: at
-        most that long for the first pass of a daemon just started)."""
+        most that long for the first pass of a daemon just started), and ``job``'s own."""
         if wait_s > 0:
             self._ready.wait(wait_s)
         seen = {p.endpoint: p for p in self._listed}
         seen.update({p.endpoint: p for p in self._found})
+        if job is not None:
+            with self._learned_lock:
+                for (_, j), peers in self._learned.items():
+                    if j == job:
+                        seen.update(peers)
         seen.pop(self.own, None)
         return sorted(seen.values())
 
-    def replica_targets(self, count: int) -> list[PeerInfo]:
-        """The next ``count`` daemons after this one round the ring, each on another node."""
-        ring = sorted([*self.all(), PeerInfo(self.own, self.node)])
+    def learn(self, uid: int, job: str, peers: list[PeerInfo], complete: bool) -> list[PeerInfo]:
+        """``job``'s daemons as its ranks (of user ``uid``) found them: all of them (``complete``:
+        they replace those told before, so a node that left the job is forgotten), or those found so
+        far (added). Returns those not known for it before. Each user's jobs hold at most
+        ``MAX_USER_PEERS`` endpoints and ``MAX_USER_JOBS`` jobs: past either, that user's jobs told
+        longest ago are forgotten (never another user's)."""
+        if len(peers) > MAX_USER_PEERS:
+            raise InvalidArgument(f"{len(peers)} peers for one job: at most {MAX_USER_PEERS}")
+        told = {p.endpoint: p for p in peers if p.endpoint != self.own}
+        with self._learned_lock:
+            old = self._learned.pop((uid, job), {})
+            mine = told if complete else {**old, **told}
+            if len(mine) > MAX_USER_PEERS:
+                self._learned[(uid, job)] = old
+                raise InvalidArgument(f"{len(mine)} peers for job {job}: at most {MAX_USER_PEERS}")
+            theirs = [k for k in self._learned if k[0] == uid]  # (oldest told first)
+            while theirs and (len(theirs) >= MAX_USER_JOBS or len(
+                    {e for k in theirs for e in self._learned[k]} | set(mine)) > MAX_USER_PEERS):
+                gone = theirs.pop(0)
+                del self._learned[gone]
+                log.info("peers learned for %s forgotten: uid %d's jobs hold at most %d jobs' and %d "
+                         "peers", gone[1], uid, MAX_USER_JOBS, MAX_USER_PEERS)
+            self._learned[(uid, job)] = mine
+        return sorted(p for e, p in mine.items() if old.get(e) != p)
+
+    def learned_jobs(self) -> int:
+        """How many jobs have peers their ranks told."""
+        with self._learned_lock:
+            return len(self._learned)
+
+    def known(self) -> set[str]:
+        """Every endpoint this daemon knows as a peer now, of any job."""
+        with self._learned_lock:
+            learned = {e for j in self._learned.values() for e in j}
+        return learned | {p.endpoint for p in self.all()}
+
+    def replica_targets(self, count: int, job: str | None = None) -> list[PeerInfo]:
+        """The next ``count`` daemons after this one round the ring (``job``'s: the daemon's peers
+        and the job's own), each on another node."""
+        ring = sorted([*self.all(job=job), PeerInfo(self.own, self.node)])
         at = ring.index(PeerInfo(self.own, self.node))
         out: list[PeerInfo] = []
         for p in ring[at + 1:] + ring[:at]:

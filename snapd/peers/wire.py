@@ -59,6 +59,16 @@ def check_endpoint(endpoint: object) -> str:
     return endpoint
 
 
+def check_peer_address(endpoint: object) -> str:
+    """An endpoint another daemon is reached at: ``tcp://HOST:PORT`` with a host to connect to (not a
+    wildcard to bind) and a port in 1-65535."""
+    endpoint = check_endpoint(endpoint)
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if "*" in host or host in ("0.0.0.0", "[::]") or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"peer endpoint {endpoint!r}: not an address to reach a daemon at")
+    return endpoint
+
+
 def check_job_path(job: object) -> str:
     """A job's directory relative to the root (``job`` or ``user/job``): never a way out of it."""
     if not isinstance(job, str) or not 0 < len(job) <= 300:

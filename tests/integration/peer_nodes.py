@@ -29,10 +29,13 @@ def free_ports(n: int) -> list[int]:
 
 
 class Nodes:
-    """``n`` daemons, each with its own root, that know each other as peers (one cluster key)."""
+    """``n`` daemons, each with its own root, that know each other as peers (one cluster key):
+    from the list each is given, or (``listed=False``) only from what their jobs' ranks tell them."""
 
-    def __init__(self, tmp: Path, start, n: int, *extra: str, replica_dirs: bool = False) -> None:
+    def __init__(self, tmp: Path, start, n: int, *extra: str, replica_dirs: bool = False,
+                 listed: bool = True) -> None:
         self.tmp, self._start, self.extra, self.replica_dirs = tmp, start, extra, replica_dirs
+        self.listed = listed
         self.keys = tmp / "keys"
         create(self.keys)
         for attempt in range(3):  # (a port found free may be taken before its daemon binds it: -n 2)
@@ -54,8 +57,9 @@ class Nodes:
 
     def start(self, i: int):
         own = ("--replica-dir", str(self.tmp / f"replicas{i}")) if self.replica_dirs else ()
-        return self._start("--peer-endpoint", self.endpoints[i], "--peers", ",".join(self.endpoints),
-                           "--peer-keys", str(self.keys), "--node-name", f"node{i}", "--peer-timeout-s", "2",
+        listed = ("--peers", ",".join(self.endpoints)) if self.listed else ()
+        return self._start("--peer-endpoint", self.endpoints[i], *listed, "--peer-keys", str(self.keys),
+                           "--node-name", f"node{i}", "--peer-timeout-s", "2",
                            *self.extra, *own, name=f"node{i}-{time.monotonic_ns()}",
                            root=self.tmp / f"node{i}")
 
