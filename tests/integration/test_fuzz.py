@@ -20,7 +20,7 @@ from snapd.cli import main as cli
 
 # every type of message the daemon sends (test_the_fuzzers_reply_types_are_all_the_daemons keeps it so)
 REPLY_TYPES = {"error", "welcome", "granted", "received", "copied", "queued", "persisted", "status", "pong",
-               "bye", "released", "registered", "synced", "waiting", "located", "fetched"}
+               "bye", "released", "registered", "synced", "waiting", "located", "fetched", "peers_known"}
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                            | st.text(max_size=20),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
@@ -29,7 +29,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 fields = st.dictionaries(st.sampled_from(["job", "pid", "nbytes", "emergency", "lease", "step", "metrics",
                                           "tree",
                                           "tensors", "layout", "values", "inline", "on_busy", "keep_last",
-                                          "best", "root"]), json_values)
+                                          "best", "root", "peers", "complete"]), json_values)
 
 
 @pytest.fixture(scope="module")
