@@ -21,7 +21,8 @@ Modules:
   ``notify``: systemd's notify socket; ``metrics``: Prometheus.
 - ``server``: the server thread's loop and requests, and its error boundary; ``channels``: its
   reply sender, the stages' events socket and ``stage_loop`` (every stage thread's loop and error
-  boundary).
+  boundary); ``shutdown``: the drain a SIGTERM starts and the exit when idle; ``peer_requests``:
+  the requests that reach other nodes (``locate``, ``fetch_part``, ``peers``).
 - ``access``: who may connect (SO_PEERCRED through ZAP), socket and directory permissions.
 - ``sessions``: each client's session; ``regions``: the shared-memory regions a client registers.
 - ``intake``: a buffer for each snapshot and its acceptance as a task; ``layouts``: what a

@@ -2,9 +2,10 @@
 
 It validates every request (snapd.protocol), owns the sessions, and puts the daemon's parts
 together: the lease book (leases), the snapshots in flight (tasks), their intake, the stages
-(pipeline, gpu_copy), what it tells clients of their endings (endings), and its account of
-itself (status). It is the error boundary of its thread: a request, a hand-over or an event
-that raises becomes an error reply or a failed snapshot, and everyone else keeps being served.
+(pipeline, gpu_copy), what it tells clients of their endings (endings), the requests that reach
+other nodes (peer_requests), its account of itself (status), and its end (shutdown). It is the
+error boundary of its thread: a request, a hand-over or an event that raises becomes an error
+reply or a failed snapshot, and everyone else keeps being served.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from snapd.daemon.endings import Endings
 from snapd.daemon.intake import Handoff, Intake
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
+from snapd.daemon.peer_requests import PeerRequests
 from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
 from snapd.daemon.regions import open_region
 from snapd.daemon.sessions import Session, gone, new_session
+from snapd.daemon.shutdown import Shutdown
 from snapd.daemon.status import Status, Tally
 from snapd.daemon.tasks import TaskTable, failure_fields
 from snapd.errors import ProtocolError, SnapdError
@@ -61,7 +64,6 @@ class Server:
         self.pipeline = Pipeline(config, self.ctx)
         self.sessions: dict[bytes, Session] = {}
         self.tasks = TaskTable()
-        self.stopping = False
         self.metrics = Metrics()
         self.tally = Tally(self.metrics)
         if self.pipeline.uploads is not None:
@@ -77,7 +79,8 @@ class Server:
         self.endings = Endings(self.replies, self.tasks, self.leases, self.pipeline, self.quotas, self.tally)
         self.status = Status(config, self.policy, self.pool, self.leases, self.pipeline, self.sessions,
                              self.tasks, self.tally)
-        self.idle_since = time.monotonic()
+        self.peer_requests = PeerRequests(self.pipeline.peers)
+        self.shutdown = Shutdown(config, self.tasks, self.sessions, self.pipeline, self.intake, self.leases)
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Handoff | None = None  # the accepted snapshot's hand-over, run after the reply
         self._handoffs: collections.deque[tuple[float, Handoff]] = collections.deque()
@@ -135,15 +138,15 @@ class Server:
             if now >= next_check:
                 self._periodic(now, notifier)
                 next_check = now + self.config.client_check_interval_s
-            if should_stop() and not self.stopping:
-                self._begin_drain()
+            if should_stop() and not self.shutdown.stopping:
+                self.shutdown.begin()
                 notifier.stopping(self.config.drain_timeout_s)
                 drain_deadline = now + self.config.drain_timeout_s
-            if self.stopping:
-                ended = self._drain_ended(now > drain_deadline)
+            if self.shutdown.stopping:
+                ended = self.shutdown.ended(now > drain_deadline)
                 if ended is not None:
                     return ended
-            elif self._idle_too_long(now):
+            elif self.shutdown.idle_too_long(now):
                 log.info("no clients for %.0f s; exiting", self.config.exit_when_idle_s)
                 return 0
 
@@ -157,50 +160,14 @@ class Server:
             self.zap.close()
         self.pool.close()
 
-    def _drain_ended(self, past_deadline: bool) -> int | None:
-        """The exit status once the drain is over: every snapshot persisted and (with a remote tier)
-        uploaded, the emergency one first, or the store not answering, or the deadline passed."""
-        uploads, peers = self.pipeline.uploads, self.pipeline.peers
-        if not self.tasks and (uploads is None or uploads.idle()) and \
-                (peers is None or peers.replication.settled()):  # (copies on other nodes: docs/peers.md)
-            log.info("drained; exiting")
-            return 0
-        if not self.tasks and uploads is not None and uploads.unreachable():  # (no use waiting it out)
-            for line in uploads.unfinished():
-                log.error("the store does not answer: not in the remote tier: %s", line)
-            return 0
-        return self._drain_timed_out() if past_deadline else None
-
-    def _drain_timed_out(self) -> int:
-        if self.tasks:
-            log.error("drain deadline passed with %d snapshot(s) unpersisted", len(self.tasks))
-        uploads = self.pipeline.uploads
-        for line in uploads.unfinished() if uploads is not None else []:
-            log.error("drain deadline passed: not in the remote tier: %s", line)
-        for line in self.pipeline.peers.replication.unfinished() if self.pipeline.peers is not None else []:
-            log.error("drain deadline passed: not replicated: %s", line)
-        return 1 if self.tasks else 0
-
-    def _begin_drain(self) -> None:
-        self.stopping = self.intake.stopping = True
-        log.info("stopping: no new snapshots; persisting %d in flight", len(self.tasks))
-        self.leases.refuse_waiters()
-
-    def _idle_too_long(self, now: float) -> bool:
-        if self.sessions or self.tasks:
-            self.idle_since = now
-            return False
-        limit = self.config.exit_when_idle_s
-        return limit is not None and now - self.idle_since > limit
-
     def _periodic(self, now: float, notifier: Any) -> None:
         """Dead clients' sessions end, long waits end, an ended job's memory goes, systemd hears."""
         try:
             for s in gone(self.sessions):
                 self._end_session(s)
             self.leases.expire_waiters(now)
-            if not self.sessions and not self.tasks and not self.stopping:  # a job ended: its memory goes
-                self.leases.restore_start()
+            if not self.sessions and not self.tasks and not self.shutdown.stopping:
+                self.leases.restore_start()  # (a job ended: its memory goes)
             notifier.status(self.status.line())
         except Exception:  # a bug of ours must not take the daemon down for everyone
             log.exception("internal error in the daemon's periodic checks")
@@ -296,19 +263,14 @@ class Server:
         self.leases.expect(s)  # (gauges the clients too)
         if self.gpu is not None:  # the trainer's devices: be ready to copy from them by its first snapshot
             self.gpu.prepare(msg.get("cuda_devices") or [])
-        if self.pipeline.peers is not None:  # (a replacement node: its part, or its snapshot, early)
-            self.pipeline.peers.hello(JobDir(jobs_root, s.job), s.retention, s.rank, s.world_size)
+        self.peer_requests.hello(s)
         uploads = self.pipeline.uploads  # (the remote tier: where this client's jobs go in the bucket)
         return protocol.message("welcome", msg["id"], daemon_pid=os.getpid(), version=__version__,
                                 root=str(self.config.root), jobs_root=str(jobs_root),
                                 job_dir=str(JobDir(jobs_root, s.job).path), uid=creds.uid,
                                 daemon_uid=os.geteuid(), buffers=self.pool.describe(creds.uid),
                                 remote=uploads.url_of(jobs_root) if uploads is not None else None,
-                                peers=self.pipeline.peers is not None,
-                                peer=None if self.pipeline.peers is None else {  # (what its ranks tell)
-                                    "endpoint": self.pipeline.peers.directory.own,
-                                    "node": self.pipeline.peers.node},
-                                max_message_bytes=protocol.MAX_MESSAGE_BYTES,
+                                **self.peer_requests.welcome(), max_message_bytes=protocol.MAX_MESSAGE_BYTES,
                                 cuda={"devices": self.gpu.describe() if self.gpu else [],
                                       "pid_ns": pid_namespace()})
 
@@ -335,7 +297,7 @@ class Server:
         return reply
 
     def _on_status(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
-        return protocol.message("status", msg["id"], **self.status.of(creds, self.stopping))
+        return protocol.message("status", msg["id"], **self.status.of(creds, self.shutdown.stopping))
 
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
         return protocol.message("pong", msg["id"], daemon_pid=os.getpid())
@@ -345,28 +307,13 @@ class Server:
         return self.endings.sync(peer, s.job, s.jobs_root, msg["id"])
 
     def _on_locate(self, peer: bytes, msg: dict) -> bytes | None:
-        s = self._session(peer)
-        if self.pipeline.peers is None:  # (its root is all there is)
-            return protocol.message("located", msg["id"], step=None)
-        self.pipeline.peers.locate(JobDir(s.jobs_root, s.job), msg.get("step"), s.retention, peer, msg["id"])
-        return None  # (answered from the peers' pool: it waits on other nodes)
-
-    def _on_peers(self, peer: bytes, msg: dict) -> bytes:
-        s = self._session(peer)
-        if self.pipeline.peers is None:
-            raise ProtocolError("this daemon has no peers (no peer_endpoint): it cannot reach its job's "
-                                "other daemons", "no_peers")
-        known = self.pipeline.peers.learn(JobDir(s.jobs_root, s.job), s.uid, s.retention, s.rank,
-                                          s.world_size, msg["peers"], msg["complete"])
-        return protocol.message("peers_known", msg["id"], peers=known)
+        return self.peer_requests.locate(self._session(peer), msg, peer)
 
     def _on_fetch_part(self, peer: bytes, msg: dict) -> bytes | None:
-        s = self._session(peer)
-        if self.pipeline.peers is None:
-            raise ProtocolError("this daemon has no peers: its snapshots' parts are all on its root",
-                                "no_peers")
-        self.pipeline.peers.fetch_part(JobDir(s.jobs_root, s.job), msg["step"], msg["rank"], peer, msg["id"])
-        return None
+        return self.peer_requests.fetch_part(self._session(peer), msg, peer)
+
+    def _on_peers(self, peer: bytes, msg: dict) -> bytes:
+        return self.peer_requests.learn(self._session(peer), msg)
 
     def _on_bye(self, peer: bytes, msg: dict) -> bytes | None:
         if peer in self.sessions:
