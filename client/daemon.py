@@ -51,6 +51,7 @@ class Client:
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
         self._grace_s: float | None = None  # an emergency snapshot's time before the kill, when known
         self._peers = bool(welcome.get("peers"))  # the daemon has peers on other nodes (docs/peers.md)
+        self._peer = welcome.get("peer")  # where they reach it (its endpoint and node)
         self.remote: str | None = welcome.get("remote")  # the daemon's remote tier, where this job is
         self._daemon_uid = welcome.get("daemon_uid", os.geteuid())
         self._buffers = HostBuffers(lambda address: self._export_ and self._export_.unpin(address))
@@ -88,6 +89,13 @@ class Client:
                 log.warning("a shared region could not be registered with the new daemon: %s", e)
                 self._regions.remove(region)
 
+    def _peers_group(self) -> Any:
+        """The job's daemons found through its process group, once there is one (client/group_peers.py)."""
+        if self._group is None and self.world_size > 1:
+            self._group = group_peers.find(self._conn, self.job, self._hello.get("run") or "", self.rank,
+                                           self.world_size, self._peer)
+        return self._group
+
     def _again(self, call: Any) -> Any:
         """``call()``; once more after joining a restarted daemon if it no longer knows this client."""
         try:
@@ -101,7 +109,7 @@ class Client:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
         metrics = check_metrics(metrics)
-        if self._group is not None:  # (the first: its part's replicas go to the job's other nodes)
+        if self._peers_group() is not None:  # (the first: its part's replicas go to the job's other nodes)
             self._group.wait(group_peers.SNAPSHOT_WAIT_S, "a snapshot")
         pending = self._again(lambda: self._hand_over(state, step, metrics, emergency))
         self._track(pending)
@@ -246,7 +254,7 @@ class Client:
         ``mmap`` and ``verify`` as for ``snapd.load``."""
         self._settle()
         fetch = None
-        if self._group is not None:  # (a replacement node's daemon knows its job's others from them)
+        if self._peers_group() is not None:  # (a replacement node's daemon knows its job's others from them)
             self._group.wait(group_peers.RESTORE_WAIT_S, "restore()")
         if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
             if step != "best":  # (the newest step some node holds whole is committed here first)

@@ -34,17 +34,36 @@ RESTORE_WAIT_S = 60.0  # how long a restore waits for every rank's entry (a repl
 SNAPSHOT_WAIT_S = 5.0  # how long the first snapshot waits for them (its replicas go where they say)
 
 
-def group_store() -> Any | None:
-    """The store of the default process group, where one is initialized (torch already imported)."""
+def group_store(rank: int, world_size: int) -> Any | None:
+    """The store of the default process group, where one is initialized (torch already imported)
+    and this process is rank ``rank`` of ``world_size`` in it."""
     torch = sys.modules.get("torch")
     dist = getattr(torch, "distributed", None) if torch is not None else None
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        return None  # (the job's ranks are not the group's: it is not the job's meeting place)
     try:
         return dist.PrefixStore("snapd-peers", dist.distributed_c10d._get_default_store())
     except (AttributeError, RuntimeError, ValueError) as e:  # (a torch without it: the daemon's own peers)
         log.info("the process group's store is not reachable (%s): peers come from the daemon's config", e)
         return None
+
+
+def find(conn: Any, job: str, run: str, rank: int, world_size: int, own: dict | None) -> GroupPeers | None:
+    """This rank's entry written and the others' looked for, where the job's ranks form the initialized
+    process group (None where they do not, yet: a client made before ``init_process_group`` looks
+    again at its next snapshot or restore)."""
+    store = group_store(rank, world_size) if world_size > 1 else None
+    if store is None:
+        return None
+    group = GroupPeers(store, job, run, rank, world_size, own, conn)
+    try:
+        group.start()
+    except Exception as e:  # (a group whose store fails: the daemons' own peers still serve)
+        log.warning("the job's daemons could not be found through its process group: %s", e)
+        group.complete.set()  # (nothing waits on it, and it is not tried again)
+    return group
 
 
 class GroupPeers:

@@ -11,7 +11,6 @@ from typing import Any
 
 from snapd.client.connection import Connection, probe
 from snapd.client.daemon import Client
-from snapd.client.group_peers import GroupPeers, group_store
 from snapd.client.pending import Pending
 from snapd.client.ranks import detect
 from snapd.client.ranks import run_id as find_run_id
@@ -87,14 +86,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         conn.close()
         raise
     client = Client(job, conn, welcome, hello, ranks)
-    store = group_store() if ranks.world_size > 1 else None
-    if store is not None:  # (the job's daemons find each other through it: docs/peers.md)
-        group = GroupPeers(store, job, run, ranks.rank, ranks.world_size, welcome.get("peer"), conn)
-        try:
-            group.start()
-            client._group = group
-        except Exception as e:  # (a group whose store fails: the daemons' own peers still serve)
-            log.warning("the job's daemons could not be found through its process group: %s", e)
+    client._peers_group()  # (the job's daemons find each other through its process group: docs/peers.md)
     return client
 
 

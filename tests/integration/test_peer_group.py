@@ -52,7 +52,9 @@ def test_daemons_told_nothing_find_the_job_through_its_ranks_and_resume_a_lost_n
 
     nodes.lose(2)
     nodes.daemons[2] = nodes.start(2)  # a replacement node: an empty disk, told nothing of the others
-    out = torchrun(GROUP, ",".join(d.endpoint for d in nodes.daemons), "g", "3", "restore", nproc=3).stdout
+    # (its ranks connect before their process group is up: they look for each other at restore)
+    out = torchrun(GROUP, ",".join(d.endpoint for d in nodes.daemons), "g", "3", "restore", "late",
+                   nproc=3).stdout
     # every rank resumed step 2 with its own values: rank 2's part came from a replica on node 0
     assert lines(out, "RESTORED") == {r: [f"2 {200 + r} 2.0"] for r in range(3)}, (out, nodes.logs())
     assert lines(out, "COMMITTED") == {r: ["3"] for r in range(3)}, (out, nodes.logs())
