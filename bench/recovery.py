@@ -62,7 +62,7 @@ def _ports(n: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, work: Path, url: str, mib: int) -> None:
+    def __init__(self, work: Path, url: str | None, mib: int) -> None:
         from snapd.peers.keys import create
 
         self.work, self.url, self.mib = work, url, mib
@@ -83,6 +83,7 @@ class Cluster:
                 endpoint, "--host-buffer-bytes", str((self.mib + 16) << 20), "--codec", "raw",
                 "--incremental", "off", "--peer-endpoint", self.peers[i], "--peers", ",".join(self.peers),
                 "--peer-keys", str(self.work / "keys"), "--node-name", f"node{i}"]
+        remote = remote and self.url is not None  # (None: --no-remote, no bucket at all)
         args += ["--remote", self.url] if remote else []
         self.remote[i] = remote
         self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL,
@@ -129,7 +130,8 @@ def _settled(cluster: Cluster, step: int) -> None:
     while True:
         sts = [daemon_status(ep, 10.0) for ep in cluster.endpoints]
         replicated = all(p["backlog_parts"] == 0 for st in sts for p in st["peers"]["peers"])
-        uploaded = all(st["remote"]["backlog"] == 0 and st["remote"]["uploading"] is None for st in sts)
+        uploaded = all(st.get("remote") is None or st["remote"]["backlog"] == 0 and
+                       st["remote"]["uploading"] is None for st in sts)
         if replicated and uploaded:
             return
         assert time.monotonic() < deadline, sts
@@ -220,12 +222,12 @@ def run(args: argparse.Namespace) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="snapd-recovery-", dir=args.dir))
     rec = Recorder(args.out / "recovery.jsonl", describe(work))
-    server = _server(work)
-    url = f"{server.url}/bench"
+    server = None if args.no_remote else _server(work)
+    url = None if server is None else f"{server.url}/bench"
     cluster = Cluster(work, url, args.mib)
     times: dict[str, list[float]] = {}
     try:
-        store = Store.open(url)
+        store = None if url is None else Store.open(url)
         for rep in range(args.reps):
             step = rep + 1
             if rep:  # (the replacement node of the last repetition is a node of the job like the others)
@@ -243,11 +245,12 @@ def run(args: argparse.Namespace) -> None:
                 assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
                 del back
             times.setdefault("floor: peer link into memory", []).append(_peer_floor(cluster, step))
-            _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
-            os.sync()
-            time.sleep(SETTLE_S)
-            times.setdefault("floor: ranged GETs into memory", []).append(
-                _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}"))
+            if store is not None:
+                _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}")
+                os.sync()
+                time.sleep(SETTLE_S)
+                times.setdefault("floor: ranged GETs into memory", []).append(
+                    _download_floor(store, f"bench/{JOB}/step-{step:012d}/rank-{LOST:05d}"))
             part = work / f"node{LOST}" / JOB / f"step-{step:012d}" / f"rank-{LOST:05d}" / "manifest.json"
             for wait in (False, True):  # (the replacement: an empty disk; restore from peers only)
                 cluster.lose(LOST)
@@ -258,6 +261,8 @@ def run(args: argparse.Namespace) -> None:
                     times.setdefault(PREFETCH, []).append(here)
                 assert all(np.array_equal(back["own"][k], v) for k, v in want.items())
                 del back
+            if url is None:
+                continue
             shutil.rmtree(work / "fresh", ignore_errors=True)
             os.sync()
             time.sleep(SETTLE_S)
@@ -280,7 +285,8 @@ def run(args: argparse.Namespace) -> None:
         raise
     finally:
         cluster.stop()
-        server.stop()
+        if server is not None:
+            server.stop()
         rec.close()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -292,23 +298,25 @@ def _markdown(times: dict, machine: dict, args: argparse.Namespace) -> str:
     def row(name: str) -> str:
         return f"| {name} | {med[name]:.3f} | {args.mib / med[name]:.0f} | {med[name] / local:.2f}x |"
 
-    link_ratio = med["floor: ranged GETs into memory"] / med["floor: peer link into memory"]
+    remote = "remote tier (fresh root)" in med
+    link_ratio = med["floor: ranged GETs into memory"] / med["floor: peer link into memory"] if remote else 0
     return "\n".join([
         "# Recovery of a lost node's rank", "",
         f"`python -m bench.recovery --mib {args.mib} --reps {args.reps}` on {machine['cores']} cores, commit "
-        f"{machine.get('commit')}: three daemons on loopback TCP with separate roots, one SeaweedFS server; "
+        f"{machine.get('commit')}: three daemons on loopback TCP with separate roots, "
+        f"{'one SeaweedFS server' if remote else 'no remote tier (--no-remote)'}; "
         f"rank {LOST}'s {args.mib} MiB (raw) restored; seconds, median of {args.reps}.", "",
         "| restore of the lost node's rank | seconds | MiB/s | ÷ local disk |", "|---|---|---|---|",
         row("local disk"), row("local disk, cold"), row(PEERS), row(PREFETCH), row(PEERS_AFTER),
-        row("remote tier (fresh root)"),
-        row("floor: peer link into memory"), row("floor: ranged GETs into memory"), "",
+        *([row("remote tier (fresh root)")] if remote else []),
+        row("floor: peer link into memory"), *([row("floor: ranged GETs into memory")] if remote else []), "",
         f"Peers against local disk with its pages dropped (a node rebooted): "
-        f"{med[PEERS] / med['local disk, cold']:.2f}x. "
-        f"Peers against the remote tier: "
-        f"{med['remote tier (fresh root)'] / med[PEERS]:.2f}x faster; the links' own "
-        f"speeds differ by {link_ratio:.2f}x (the two floors). On loopback the "
-        "peer link and the S3 server share the same cores; across nodes the remote tier's bandwidth is "
-        "the bucket's, the peers' the cluster network's.", "",
+        f"{med[PEERS] / med['local disk, cold']:.2f}x. " + (
+            f"Peers against the remote tier: "
+            f"{med['remote tier (fresh root)'] / med[PEERS]:.2f}x faster; the links' own "
+            f"speeds differ by {link_ratio:.2f}x (the two floors). On loopback the "
+            "peer link and the S3 server share the same cores; across nodes the remote tier's bandwidth is "
+            "the bucket's, the peers' the cluster network's." if remote else ""), "",
         f"The replacement node's daemon starts bringing the part when the rank connects: a trainer whose "
         f"startup between `connect()` and `restore()` outlasts that ({med[PREFETCH]:.3f} s here) waits "
         f"{med[PEERS_AFTER]:.3f} s in `restore()` ({med[PEERS_AFTER] / local:.2f}x the warm local disk). "
@@ -321,6 +329,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--no-remote", action="store_true",
+                    help="no remote tier (no S3 server binary there): peers and local disk only")
     return ap
 
 

@@ -45,7 +45,7 @@ def run(cluster: Cluster, reps: int) -> dict[str, list[float]]:
     for rep in range(reps):
         step = rep + 1
         for i in range(len(cluster.procs)):  # (every node uploads again: _settled waits for the bucket too)
-            if not cluster.remote[i]:
+            if cluster.url is not None and not cluster.remote[i]:
                 cluster.procs[i].terminate()
                 cluster.procs[i].wait(120)
                 cluster.start(i)
