@@ -270,8 +270,8 @@ class Client:
 
     def list(self) -> list:
         self._settle()
-        if self._peers and self.world_size > 1:  # (a replacement node: the newest step whose parts
-            # are all on some node is committed here first)
+        if self._peers:  # (a replacement node: the newest step whose parts are all on some node is
+            # committed here first; a single process's newest snapshot brought whole, as restore() does)
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
 

@@ -68,6 +68,13 @@ def test_a_lost_nodes_single_process_job_resumes_from_its_copy_on_another_node(t
                          text=True, cwd="/")
     assert out.returncode == 0, out
     nodes.daemons[1].wait_for(lambda: held(nodes, 1, "solo") == {"3": [0]}, timeout=30)
+    # lost again; the README's loop on the next replacement: list() at once, before the hello's
+    # prefetch could have brought anything, must see the step to resume from
+    nodes.lose(0)
+    nodes.daemons[0] = d = nodes.start(0)
+    with snapd.connect("solo", endpoint=d.endpoint, spawn=False) as c:
+        assert [s.step for s in c.list()] == [3], d.log_text()
+        assert same(c.restore("latest"), state(3))
 
 
 def test_a_damaged_copy_of_a_single_process_snapshot_is_caught_and_another_used(tmp_path, start,
