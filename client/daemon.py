@@ -270,6 +270,8 @@ class Client:
 
     def list(self) -> list:
         self._settle()
+        if self._peers_group() is not None:  # (as restore(): the job's other daemons known first)
+            self._group.wait(group_peers.RESTORE_WAIT_S, "list()")
         if self._peers:  # (a replacement node: the newest step whose parts are all on some node is
             # committed here first; a single process's newest snapshot brought whole, as restore() does)
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)

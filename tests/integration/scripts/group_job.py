@@ -30,6 +30,7 @@ client = snapd.connect(job, endpoint=endpoints[rank], spawn=False, per_rank=["ow
 if late:
     dist.init_process_group("gloo")
 if "restore" in sys.argv[4:]:
+    assert client.list(), "nothing to resume from"  # (the README's loop: list, then restore)
     back = client.restore()
     say(f"RESTORED {rank} {back['step']} {int(back['own'][0])} {float(back['w'][0])}")
 for step in steps:
