@@ -1,4 +1,5 @@
-"""The job's daemons found through its own ``torch.distributed`` group (docs/peers.md).
+"""The job's daemons found through its own ``torch.distributed`` group, or listed by the job
+(``connect(peers=[...])``), told to this rank's daemon (docs/peers.md).
 
 A daemon with peers (``peer_endpoint``) tells each client that says hello the endpoint its peers
 reach it at. On a job of several ranks in an initialized process group, each rank writes that
@@ -24,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from snapd.errors import SnapdError
+from snapd.errors import InvalidArgument, SnapdError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ class GroupPeers:
                 entry = json.loads(bytes(raw))
             except ValueError:
                 continue
-            if not isinstance(entry, dict) or type(entry.get("rank")) is not int:
+            if not isinstance(entry, dict) or type(entry.get("rank")) is not int \
+                    or not 0 <= entry["rank"] < self.world_size:
                 continue
             self._ranks.add(entry["rank"])  # (a rank that connected twice wrote twice)
             if isinstance(entry.get("endpoint"), str) and entry["endpoint"] not in self.found:
@@ -164,3 +166,39 @@ class GroupPeers:
             self.tell(sorted(self.found.values(), key=lambda p: p["endpoint"]), done)
         if done:
             self.complete.set()
+
+
+class ListedPeers:
+    """The job's daemons as ``connect(peers=)`` lists them: told at connect (an error there is the
+    caller's: raised), and again to a restarted daemon. The process group is then not asked."""
+
+    def __init__(self, conn: Any, endpoints: list[str]) -> None:
+        self.conn = conn
+        self.peers = [{"endpoint": e} for e in endpoints]
+
+    def start(self) -> None:
+        self.conn.call("peers", peers=self.peers, complete=True)
+
+    def wait(self, timeout_s: float, why: str) -> None:
+        pass  # (known from the start)
+
+    def tell_again(self) -> None:
+        try:
+            self.start()
+        except (SnapdError, TimeoutError) as e:
+            log.warning("the daemon was not told the job's other daemons: %s", e)
+
+    def stop(self) -> None:
+        pass
+
+
+def check_listed(peers: object) -> list[str] | None:
+    """``connect(peers=)``: None, or a list of at most 1024 ``tcp://HOST:PORT`` strings (the daemon
+    checks each is an address to reach)."""
+    if peers is None:
+        return None
+    if isinstance(peers, str) or not isinstance(peers, (list, tuple)) or len(peers) > 1024 or \
+            not all(isinstance(e, str) and e.startswith("tcp://") for e in peers):
+        raise InvalidArgument(f"peers must be a list of at most 1024 'tcp://HOST:PORT' endpoints (the job's "
+                              f"other daemons), got {peers!r:.200}")
+    return list(peers)

@@ -11,6 +11,7 @@ from typing import Any
 
 from snapd.client.connection import Connection, probe
 from snapd.client.daemon import Client
+from snapd.client.group_peers import ListedPeers, check_listed
 from snapd.client.pending import Pending
 from snapd.client.ranks import detect
 from snapd.client.ranks import run_id as find_run_id
@@ -31,7 +32,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
             best: tuple[str, str] | None = None, on_busy: str = "wait", timeout_s: float = 10.0,
             host_buffer_bytes: int | None = None, rank: int | None = None,
             world_size: int | None = None, per_rank: Any = None, run_id: str | None = None,
-            replicas: int | None = None) -> Client:
+            replicas: int | None = None, peers: list[str] | None = None) -> Client:
     """Connect to the daemon for ``job``; with ``spawn``, start a private one if none answers.
     The rank and world size are learned (client/ranks.py); ``rank=``/``world_size=`` where no
     process group or launcher says them. On several ranks each ``snapshot`` is this rank's part of
@@ -39,12 +40,15 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
     paths whose values are each rank's own (RNG state, a dataloader's position); ``run_id``: see
     client/ranks.py (learned from the launcher or the process group where not given). ``replicas``:
     how many other nodes hold a copy of each rank's part, where the daemon has peers (docs/peers.md;
-    default: the daemon's ``replicas``)."""
+    default: the daemon's ``replicas``). ``peers``: the job's other daemons (``tcp://HOST:PORT``
+    as their peers reach them), beside the daemon's own; without it, a job in a process group finds
+    them through the group (client/group_peers.py)."""
     check_job_name(job)
     ranks = detect(rank, world_size)
     per_rank = check_per_rank(per_rank)
     run = find_run_id(run_id, ranks)
     check_retention(keep_last, keep_every_steps)
+    listed = check_listed(peers)
     if replicas is not None and (type(replicas) is not int or not 0 <= replicas <= 8):
         raise InvalidArgument(f"replicas must be an int in 0..8, got {replicas!r}")
     best = check_best(best)
@@ -86,6 +90,13 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         conn.close()
         raise
     client = Client(job, conn, welcome, hello, ranks)
+    if listed is not None:  # (the job's daemons as it lists them; the process group is then not asked)
+        client._group = ListedPeers(conn, listed)
+        try:
+            client._group.start()
+        except BaseException:
+            client.close()
+            raise
     client._peers_group()  # (the job's daemons find each other through its process group: docs/peers.md)
     return client
 

@@ -118,7 +118,8 @@ class Peers:
         found = []
         for i, p in enumerate(told):
             try:
-                found.append(PeerInfo(check_peer_address(p.get("endpoint")), str(p.get("node") or "")[:128]))
+                endpoint = check_peer_address(p.get("endpoint"))
+                found.append(PeerInfo(endpoint, str(p.get("node") or endpoint)[:128]))  # (as a listed one)
             except InvalidArgument as e:
                 raise InvalidArgument(f"peers[{i}]: {e}") from None
         job = self.book.job_path(job_dir.path)

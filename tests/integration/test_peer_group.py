@@ -106,3 +106,34 @@ def test_a_bad_peers_request_gets_a_clear_error_and_the_daemon_serves_on(tmp_pat
         assert e.value.code == "no_peers"
     finally:
         plain.close()
+
+
+def test_a_job_that_lists_its_peers_at_connect_has_them_and_a_bad_list_is_refused(tmp_path, start,
+                                                                                  peer_nodes, daemon) -> None:
+    import numpy as np
+
+    import snapd.client as snapd
+    from snapd.errors import InvalidArgument
+
+    nodes = peer_nodes.Nodes(tmp_path, start, 2, listed=False)  # (daemons told nothing of each other)
+    other = [nodes.endpoints[1]]
+    state = {"w": np.arange(50_000, dtype=np.float32), "step": 4}
+    with snapd.connect("solo", endpoint=nodes.daemons[0].endpoint, spawn=False, peers=other) as c:
+        c.snapshot(state, step=4).wait(60)
+    nodes.daemons[1].wait_for(lambda: nodes.status(1)["peers"]["held"]["jobs"].get("solo") == {"4": [0]},
+                              timeout=30)
+    nodes.lose(0)
+    nodes.daemons[0] = d = nodes.start(0)
+    with snapd.connect("solo", endpoint=d.endpoint, spawn=False, peers=other) as c:
+        assert [s.step for s in c.list()] == [4], d.log_text()
+        back = c.restore()
+    assert np.array_equal(back["w"], state["w"]) and back["step"] == 4
+    with pytest.raises(InvalidArgument, match="peers must be a list"):
+        snapd.connect("solo", endpoint=d.endpoint, spawn=False, peers="tcp://127.0.0.1:9")
+    with pytest.raises(SnapdError, match=re.escape("peers[0]: peer endpoint 'tcp://*:9'")):
+        snapd.connect("solo", endpoint=d.endpoint, spawn=False, peers=["tcp://*:9"])
+    with pytest.raises(SnapdError, match="no peers") as e:  # (a daemon without peers cannot reach them)
+        snapd.connect("solo", endpoint=daemon.endpoint, spawn=False, peers=other)
+    assert e.value.code == "no_peers"
+    with snapd.connect("solo", endpoint=d.endpoint, spawn=False) as c:  # (the refused ones left no session)
+        assert [s.step for s in c.list()] == [4]

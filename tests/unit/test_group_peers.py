@@ -79,6 +79,8 @@ def test_a_rank_that_connects_twice_or_dies_before_its_entry_is_not_taken_for_an
     rank(store, 0, 3, "tcp://10.0.0.1:7010", Told())  # rank 0 again (a client closed and made anew)
     store.add("job/run-1/n", 1)  # a rank counted itself and died before writing its entry
     store.set(f"job/run-1/e{store.add('job/run-1/n', 1)}", b"not json")  # and what is not an entry
+    for bad in ({"rank": 7}, {"rank": -1}, {"rank": "1"}, [1]):  # nor a rank of this world
+        store.set(f"job/run-1/e{store.add('job/run-1/n', 1)}", json.dumps(bad))
     rank(store, 1, 3, "tcp://10.0.0.2:7010", Told(), run="run-0")  # an earlier run's rank 1
     time.sleep(0.2)
     assert not g.complete.is_set(), a.calls  # ranks 1 and 2 of this run have not written theirs
