@@ -22,7 +22,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.daemon.part_files import FileCheck, whole_manifest
@@ -42,7 +41,7 @@ class Download:
     def __init__(self, keys: PeerKeys, store: ReplicaStore, timeout_s: float,
                  bucket: BucketParts | None = None) -> None:
         self.keys, self.store, self.timeout_s, self.bucket = keys, store, timeout_s, bucket
-        self.ctx = zmq.Context(io_threads=wire.STREAMS)
+        self.ctx = wire.context(wire.STREAMS)  # (a survey asks every peer at once)
         self._streams = ThreadPoolExecutor(wire.STREAMS, thread_name_prefix="snapd-pull")  # (each its links)
         self._local = threading.local()  # each thread its own links
         self.damaged = 0  # copies whose bytes failed their checksums

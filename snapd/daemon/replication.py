@@ -220,7 +220,7 @@ class Replication:
                  timeout_s: float) -> None:
         self.keys, self.directory, self.pace = keys, directory, pace
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context()
+        self.ctx = wire.context()  # (one socket per peer)
         self._senders: dict[str, Sender] = {}
         self._reaped: list[Sender] = []  # (their threads end on their own: a stop waits for them too)
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -54,6 +55,18 @@ def take_endpoint(config: DaemonConfig, policy: AccessPolicy) -> int:
     return fd
 
 
+def raise_open_files(want: int = 65536) -> None:
+    """Each client, peer link and open snapshot file takes a descriptor: the soft limit (1024 under
+    systemd, for programs that still use select()) goes up to the hard one, at most ``want``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("open files stay at most %d (%s): many peers or clients may exhaust them", soft, e)
+
+
 def serve(config: DaemonConfig) -> int:
     from snapd.daemon.server import Server  # ZeroMQ is loaded only when serving
     from snapd.daemon.leftovers import remove_dead_regions
@@ -77,6 +90,7 @@ def serve(config: DaemonConfig) -> int:
         raise InvalidArgument(str(e)) from None
     log.info("kernel backend %s", why)
     lock_fd = take_endpoint(config, policy)
+    raise_open_files()
     clean_root(config.root)  # leftovers of a daemon that was killed
     remove_dead_regions(config.shm_dir)
     stop = {"signal": None}

@@ -40,6 +40,7 @@ MAX_PIECE_BYTES = 4 << 20  # what a peer may send or ask for in one message (ear
 # (about 490 MiB/s here; 4 links 750 MiB/s on 2 cores, more with more cores)
 STREAMS = 4
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_SOCKETS = 8192  # a context's sockets at once (snapd.daemon.serve raises the open-files limit)
 ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}")
 FILE_RE = re.compile(r"(manifest\.json|data-[0-9]{5}-of-[0-9]{5}\.bin)")
 
@@ -102,11 +103,22 @@ def decode(frames: list) -> tuple[dict[str, Any], memoryview | None]:
     return header, data
 
 
+def context(io_threads: int = 1) -> zmq.Context:
+    """A context for peer links: one socket per peer a daemon sends to or asks at once (a job's
+    nodes, up to 1024 per user: snapd.peers.directory), past libzmq's default of 1023."""
+    ctx = zmq.Context(io_threads=io_threads)
+    ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+    return ctx
+
+
 def client_socket(ctx: zmq.Context, keys: PeerKeys, endpoint: str) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.public
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.MAXMSGSIZE, MAX_MANIFEST_BYTES + 4096)
+    # (a peer that is down: libzmq tries again every 100 ms by default, for as long as a request waits;
+    # doubling up to 2 s spares the daemon's I/O thread when many are down, and finds one back soon)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     s.connect(endpoint)
     return s
 

@@ -75,8 +75,12 @@ class Nodes:
         return "\n".join(f"--- {d.log}\n{d.log_text()[-3000:]}" for d in self.daemons)
 
     def status(self, i: int) -> dict:
-        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--json", "--endpoint",
-                              self.daemons[i].endpoint], capture_output=True, text=True, cwd="/")
+        return self.status_of(self.daemons[i].endpoint)
+
+    @staticmethod
+    def status_of(endpoint: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "snapd", "status", "--json", "--endpoint", endpoint],
+                             capture_output=True, text=True, cwd="/")
         return json.loads(out.stdout)
 
 

@@ -137,3 +137,32 @@ def test_a_job_that_lists_its_peers_at_connect_has_them_and_a_bad_list_is_refuse
     assert e.value.code == "no_peers"
     with snapd.connect("solo", endpoint=d.endpoint, spawn=False) as c:  # (the refused ones left no session)
         assert [s.step for s in c.list()] == [4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_job_that_tells_a_thousand_dead_peers_does_not_stop_the_daemon_serving_others(tmp_path, start,
+                                                                                      peer_nodes) -> None:
+    """The most one user's job may tell (1024 endpoints, none answering) takes a replication thread and
+    a socket each, and a survey asks them all at once: past libzmq's 1023 sockets a context and the
+    1024 open files systemd gives a service by default (the daemon is started under that limit)."""
+    import numpy as np
+
+    import snapd.client as snapd
+
+    keys = tmp_path / "keys"
+    peer_nodes.create(keys)
+    d = start("--peer-endpoint", f"tcp://127.0.0.1:{peer_nodes.free_ports(1)[0]}", "--peer-keys", str(keys),
+              "--peer-timeout-s", "2", command=["prlimit", "--nofile=1024:", sys.executable, "-m", "snapd"])
+    dead = [f"tcp://127.0.0.1:{p}" for p in range(20000, 21024)]
+    bad = snapd.connect("bad", endpoint=d.endpoint, spawn=False, rank=1, world_size=2, run_id="r", peers=dead)
+    bad.snapshot({"x": np.arange(10.0)}, step=1)  # (its part announced to every one of them)
+    bad.list()  # (and a survey of them all)
+    with snapd.connect("good", endpoint=d.endpoint, spawn=False) as c:
+        for step in range(3):
+            c.snapshot({"w": np.full(100_000, step, np.float32)}, step=step).wait(60)
+        assert float(c.restore()["w"][0]) == 2.0
+    st = peer_nodes.Nodes.status_of(d.endpoint)["peers"]
+    assert len(st["peers"]) == 1024 and st["learned_jobs"] == 1, d.log_text()[-3000:]
+    assert "Too many open files" not in d.log_text()
+    bad.close()
