@@ -28,6 +28,17 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def peer_daemon(start, *extra: str, **kw):
+    """A daemon serving its peers on a free loopback port (``--peer-endpoint``), found again when the
+    port was taken between being found free and bound (as ``Nodes`` does)."""
+    for attempt in range(3):
+        try:
+            return start("--peer-endpoint", f"tcp://127.0.0.1:{free_ports(1)[0]}", *extra, **kw)
+        except pytest.fail.Exception as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
+
+
 class Nodes:
     """``n`` daemons, each with its own root, that know each other as peers (one cluster key):
     from the list each is given, or (``listed=False``) only from what their jobs' ranks tell them."""

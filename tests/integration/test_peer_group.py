@@ -30,8 +30,8 @@ def lines(out: str, word: str) -> dict[int, list[str]]:
 def test_daemons_told_nothing_find_the_job_through_its_ranks_and_resume_a_lost_node(tmp_path, start, torchrun,
                                                                                     peer_nodes) -> None:
     nodes = peer_nodes.Nodes(tmp_path, start, 3, listed=False)
-    outsider = start("--peer-endpoint", f"tcp://127.0.0.1:{peer_nodes.free_ports(1)[0]}", "--peer-keys",
-                     str(nodes.keys), "--node-name", "outsider", name="outsider", root=tmp_path / "outsider")
+    outsider = peer_nodes.peer_daemon(start, "--peer-keys", str(nodes.keys), "--node-name", "outsider",
+                                      name="outsider", root=tmp_path / "outsider")
     eps = ",".join(d.endpoint for d in nodes.daemons)
     out = torchrun(GROUP, eps, "g", "1,2", nproc=3).stdout
     assert lines(out, "COMMITTED") == {r: ["1", "2"] for r in range(3)}, (out, nodes.logs())
@@ -152,8 +152,8 @@ def test_a_job_that_tells_a_thousand_dead_peers_does_not_stop_the_daemon_serving
 
     keys = tmp_path / "keys"
     peer_nodes.create(keys)
-    d = start("--peer-endpoint", f"tcp://127.0.0.1:{peer_nodes.free_ports(1)[0]}", "--peer-keys", str(keys),
-              "--peer-timeout-s", "2", command=["prlimit", "--nofile=1024:", sys.executable, "-m", "snapd"])
+    d = peer_nodes.peer_daemon(start, "--peer-keys", str(keys), "--peer-timeout-s", "2",
+                               command=["prlimit", "--nofile=1024:", sys.executable, "-m", "snapd"])
     dead = [f"tcp://127.0.0.1:{p}" for p in range(20000, 21024)]
     bad = snapd.connect("bad", endpoint=d.endpoint, spawn=False, rank=1, world_size=2, run_id="r", peers=dead)
     bad.snapshot({"x": np.arange(10.0)}, step=1)  # (its part announced to every one of them)
