@@ -89,12 +89,14 @@ class Client:
                 log.warning("a shared region could not be registered with the new daemon: %s", e)
                 self._regions.remove(region)
 
-    def _peers_group(self) -> Any:
-        """The job's daemons found through its process group, once there is one (client/group_peers.py)."""
+    def _job_peers(self, wait_s: float = 0.0, why: str = "") -> None:
+        """The job's daemons looked for through its process group, once there is one
+        (client/group_peers.py), and waited for up to ``wait_s`` (``why``: what waits, for the log)."""
         if self._group is None and self.world_size > 1:
             self._group = group_peers.find(self._conn, self.job, self._hello.get("run") or "", self.rank,
                                            self.world_size, self._peer)
-        return self._group
+        if self._group is not None and wait_s:
+            self._group.wait(wait_s, why)
 
     def _again(self, call: Any) -> Any:
         """``call()``; once more after joining a restarted daemon if it no longer knows this client."""
@@ -109,8 +111,7 @@ class Client:
         """Hand ``state`` to the daemon; returns once the daemon holds a copy of its bytes."""
         check_step(step)
         metrics = check_metrics(metrics)
-        if self._peers_group() is not None:  # (the first: its part's replicas go to the job's other nodes)
-            self._group.wait(group_peers.SNAPSHOT_WAIT_S, "a snapshot")
+        self._job_peers(group_peers.SNAPSHOT_WAIT_S, "a snapshot")  # (the first: its replicas go there)
         pending = self._again(lambda: self._hand_over(state, step, metrics, emergency))
         self._track(pending)
         return pending
@@ -254,8 +255,7 @@ class Client:
         ``mmap`` and ``verify`` as for ``snapd.load``."""
         self._settle()
         fetch = None
-        if self._peers_group() is not None:  # (a replacement node's daemon knows its job's others from them)
-            self._group.wait(group_peers.RESTORE_WAIT_S, "restore()")
+        self._job_peers(group_peers.RESTORE_WAIT_S, "restore()")  # (a replacement node's daemon learns them)
         if self._peers:  # (nodes that share no filesystem: a job's parts on other nodes; docs/peers.md)
             if step != "best":  # (the newest step some node holds whole is committed here first)
                 found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
@@ -270,8 +270,7 @@ class Client:
 
     def list(self) -> list:
         self._settle()
-        if self._peers_group() is not None:  # (as restore(): the job's other daemons known first)
-            self._group.wait(group_peers.RESTORE_WAIT_S, "list()")
+        self._job_peers(group_peers.RESTORE_WAIT_S, "list()")  # (as restore(): the job's other daemons first)
         if self._peers:  # (a replacement node: the newest step whose parts are all on some node is
             # committed here first; a single process's newest snapshot brought whole, as restore() does)
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)

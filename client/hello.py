@@ -97,7 +97,7 @@ def connect(job: str, *, endpoint: str | None = None, root: str | os.PathLike | 
         except BaseException:
             client.close()
             raise
-    client._peers_group()  # (the job's daemons find each other through its process group: docs/peers.md)
+    client._job_peers()  # (the job's daemons find each other through its process group: docs/peers.md)
     return client
 
 
