@@ -150,12 +150,15 @@ class Leases:
         In the background: the trainer is restoring meanwhile, and four threads at full priority
         beside it made its restore 3-5 times slower on 2 cores."""
         c = self.config
-        last = latest_raw_bytes(JobDir(s.jobs_root, s.job).path)
+        last = latest_raw_bytes(JobDir(s.jobs_root, s.job).path, s.rank, s.world_size)
         if last is not None and c.host_buffer_bytes < last <= c.buffer_cap:
             s.expects = size = grown_size(last, c.buffer_cap)
-            cause = f"for job {s.job}, whose last snapshot was {last >> 20} MiB"
+            cause = (f"for job {s.job}, whose last snapshot was {last >> 20} MiB" if s.world_size == 1 else
+                     f"for rank {s.rank} of job {s.job}, its part of the last snapshot {last >> 20} MiB")
             self.maker.grow_ahead(size, s.uid, cause, background=True)
-            wanted = sum(x.expects == size and x.uid == s.uid for x in self.sessions.values())
+            # (a larger buffer serves a smaller rank: rank 0's part may be the largest)
+            wanted = sum(x.expects is not None and x.expects >= size and x.uid == s.uid
+                         for x in self.sessions.values())
             self.maker.add_ahead(size, s.uid, wanted, cause)
         self.gauges()
 

@@ -210,15 +210,31 @@ def problems(job: JobDir) -> tuple[list[str], list[str]]:
     return [], notes
 
 
-def latest_raw_bytes(job_path: Path) -> int | None:
-    """The tensor bytes of the job's latest snapshot as its index file records them, without
-    reconciling with the directories (a hint for sizing buffers: None when there is no readable
-    index, or no snapshot in it)."""
+def latest_raw_bytes(job_path: Path, rank: int = 0, world_size: int = 1) -> int | None:
+    """The tensor bytes rank ``rank`` of ``world_size`` is likely to hand over next, from the job's
+    latest snapshot as its index file records it, without reconciling with the directories (a hint
+    for sizing buffers: None when there is no readable index, or no snapshot in it). A rank of the
+    world that took it gets its own part's size (ranks differ: ``per_rank`` state, rank 0's extra);
+    another world size (the job resharded) an equal share of the whole. Not the whole: each node's
+    daemon holds its own ranks' parts, and a buffer per rank sized for the job was world_size times
+    too large."""
     try:
         latest = parse_index(read_regular(job_path / INDEX_NAME)).latest
     except (OSError, FormatError):
         return None
-    return latest.raw_bytes if latest is not None else None
+    if latest is None:
+        return None
+    if world_size > 1:
+        try:  # (the global manifest's parts; the index has only the sum)
+            body = json.loads(read_regular(job_path / latest.name / MANIFEST_NAME))
+            parts = body["parts"] if body.get("world_size") == world_size else None
+            if isinstance(parts, list) and len(parts) == world_size and 0 <= rank < world_size:
+                own = parts[rank]["raw_bytes"]
+                if type(own) is int and own >= 0:
+                    return own
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # (a hint: the share below)
+    return -(-latest.raw_bytes // max(1, world_size))
 
 
 def save(job: JobDir, index: JobIndex) -> None:

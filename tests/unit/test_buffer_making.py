@@ -182,6 +182,62 @@ def test_a_new_job_or_one_whose_last_snapshot_fits_grows_nothing(server) -> None
     assert not srv.leases.maker.making and srv.sizes() == [(0, MIB), (1, MIB)]
 
 
+def _ranks_resume(srv: Server, job: str, parts: list[int]) -> None:
+    """Job ``job`` ran on ``len(parts)`` ranks: its last snapshot committed, rank r's part of
+    ``parts[r]`` bytes (saved for real, each rank from its own thread, as one global commit)."""
+    import snapd.client as snapd
+
+    def save(rank: int) -> None:
+        snapd.save(srv.pool.shm_dir, job, {"own": np.zeros(parts[rank], np.uint8)}, step=3, rank=rank,
+                   world_size=len(parts), run_id="r", per_rank=["own"], commit_timeout_s=30)
+    threads = [threading.Thread(target=save, args=(r,)) for r in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [i.step for i in snapd.list_snapshots(srv.pool.shm_dir, job)] == [3]
+
+
+def _rank(srv: Server, job: str, rank: int, world_size: int) -> Session:
+    s = srv.client(job)
+    s.rank, s.world_size = rank, world_size
+    return s
+
+
+def test_a_rank_that_resumes_is_sized_for_its_own_part_not_the_whole_jobs(server) -> None:
+    """Each node's daemon holds its own ranks' parts: a buffer per rank sized for the whole job
+    held world_size times the memory needed (and touched it while the trainer restored)."""
+    srv = server()
+    _ranks_resume(srv, "parts", [3 * MIB, MIB // 2, MIB // 2])  # rank 0 holds more (its extra state)
+    path = JobDir(srv.pool.shm_dir, "parts").path
+    assert [index.latest_raw_bytes(path, r, 3) for r in range(3)] == [3 * MIB, MIB // 2, MIB // 2]
+    ranks = [_rank(srv, "parts", r, 3) for r in (1, 2)]
+    for r in ranks:
+        srv.leases.expect(r)  # their parts fit the starting buffers: nothing grows for them
+    assert not srv.leases.maker.making and all(r.expects is None for r in ranks)
+    zero = _rank(srv, "parts", 0, 3)
+    srv.leases.expect(zero)
+    assert zero.expects == 64 * MIB and sorted(m.succeeds for m in srv.leases.maker.making.values()) == [0, 1]
+    srv.collect_one()
+    srv.collect_one()
+
+
+def test_a_job_that_resumes_on_another_world_size_is_sized_for_an_equal_share(server) -> None:
+    srv = server()
+    _ranks_resume(srv, "reshard", [3 * MIB, MIB // 2, MIB // 2])  # 4 MiB in all
+    path = JobDir(srv.pool.shm_dir, "reshard").path
+    assert index.latest_raw_bytes(path) == 4 * MIB  # (resumed on one process: the whole)
+    assert [index.latest_raw_bytes(path, r, 8) for r in (0, 7)] == [MIB // 2] * 2
+    for r in range(8):
+        srv.leases.expect(_rank(srv, "reshard", r, 8))
+    assert not srv.leases.maker.making  # (half a MiB each: the starting buffers serve)
+    whole = _rank(srv, "reshard", 0, 1)
+    srv.leases.expect(whole)
+    assert whole.expects == 64 * MIB and len(srv.leases.maker.making) == 2
+    srv.collect_one()
+    srv.collect_one()
+
+
 def _resident(view: np.ndarray) -> int:
     """How many of ``view``'s pages are in memory (mincore(2))."""
     pages = -(-view.nbytes // mmap.PAGESIZE)
