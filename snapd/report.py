@@ -90,7 +90,8 @@ def _peers(p: dict | None) -> list[str]:
              f"refused {p['refused']}"]
     for s in p["peers"]:
         lines.append(f"peer {s['endpoint']} ({s['node']}): {s['state']}, lag {s['backlog_parts']} part(s) "
-                     f"({human_bytes(s['backlog_bytes'])}, oldest {s['oldest_s']:.0f} s), replicated "
+                     f"({human_bytes(s['backlog_bytes'])}, oldest {s['oldest_s']:.0f} s"
+                     + (f", sending {s['sending']}" if s.get("sending") else "") + "), replicated "
                      f"{human_bytes(s['replicated_bytes'])}, failures {s['failures']}"
                      + (f"; {s['last_error']}" if s.get("last_error") else ""))
     for job, steps in sorted(p["jobs"].items()):

@@ -58,17 +58,20 @@ class Sender:
         self._backoff = 0.5
         self.name = peer.node  # (the peer's own name once it answers)
         self.busy = False  # (an item taken off the queues is being sent)
+        self.sending: Outgoing | None = None  # the part being sent: still lag until the peer holds it whole
         self.reaped = False  # (its peer is known no longer: the thread closes its link as it ends)
         self.thread = threading.Thread(target=self._loop, name=f"snapd-replicate-{peer.node}", daemon=True)
 
     def backlog(self) -> dict[str, Any]:
         with self.cond:
-            items = list(self.replicate)
+            sending = self.sending
+            items = list(self.replicate) + ([sending] if sending is not None else [])
         now = time.monotonic()
         return {"endpoint": self.peer.endpoint, "node": self.name,
                 "state": {None: "unknown", True: "up", False: "down"}[self.up],
                 "backlog_parts": len(items), "backlog_bytes": sum(o.nbytes for o in items),
                 "oldest_s": round(max((now - o.queued for o in items), default=0.0), 1),
+                "sending": f"{sending.job} step {sending.step} rank {sending.rank}" if sending else None,
                 "announcements": len(self.announce), "replicated_bytes": self.sent_bytes,
                 "failures": self.failures, "last_error": self.last_error or None,
                 "replicated_steps": {f"{j}:{r}": s for (j, r), s in sorted(self.replicated.items())}}
@@ -81,7 +84,7 @@ class Sender:
                     self.busy = True
                     if self.announce:
                         return "announce", self.announce.pop(0)
-                    o = self._pick()
+                    o = self.sending = self._pick()
                     self.replicate.remove(o)
                     return "replicate", o
                 self.cond.wait(wait if wait > 0 else None)
@@ -138,7 +141,7 @@ class Sender:
                               o.job, o.step, o.rank)
             finally:
                 with self.cond:
-                    self.busy = False
+                    self.busy, self.sending = False, None
         if self.reaped:
             self.link.close()
 
