@@ -23,7 +23,7 @@ from snapd.client.layout import LayoutCache
 from snapd.client.pending import Pending, Persisted
 from snapd.client.ranks import Ranks
 from snapd.client.local import list_snapshots, load
-from snapd.errors import Busy, DaemonUnavailable, SnapdError, SnapshotError
+from snapd.errors import Busy, DaemonUnavailable, SnapdError, SnapshotError, SnapshotNotFound
 from snapd.format.jobdir import check_step
 from snapd.format.saving import check_metrics
 from snapd.ownership import check_socket_owner
@@ -260,6 +260,10 @@ class Client:
             if step != "best":  # (the newest step some node holds whole is committed here first)
                 found = self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s),
                                         step=step if isinstance(step, int) else None)
+                if found.get("step") is None and self.remote is None:  # (not "no job under this root")
+                    which = f"step {step}" if isinstance(step, int) else "snapshot"
+                    raise SnapshotNotFound(f"job {self.job}: no {which} to restore on this node or its peers "
+                                           f"({found.get('missing') or 'none found'})")
                 if self.world_size > 1 and found.get("step") is not None:
                     step = found["step"]  # (a single process's latest stays its index's: the newest taken)
 

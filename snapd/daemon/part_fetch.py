@@ -71,6 +71,22 @@ def _taken(v: object) -> float:
     return t if math.isfinite(t) else 0.0
 
 
+def _missing(steps: dict[int, Step], want: int | None) -> str:
+    """Why no step can be restored, for the client's error: the newest steps known and the ranks
+    whose parts no node that answered holds (a lost node's part never replicated, say)."""
+    known = sorted((s for s in steps.values() if s.manifest is not None and want in (None, s.step)),
+                   key=lambda s: taken_of(s.manifest), reverse=True)[:3]
+    if not known:
+        return f"no node that answered knows step {want} of the job" if want is not None else \
+            "no node that answered holds a committed step of the job"
+    lines = []
+    for s in known:
+        assert s.manifest is not None
+        lost = [r for r in range(s.manifest.world_size) if not s.sources.get(r)]
+        lines.append(f"step {s.step}: rank(s) {lost}'s part(s) on no node that answered")
+    return "; ".join(lines)
+
+
 @dataclass
 class Step:
     step: int
@@ -246,7 +262,7 @@ class PartFetch:
             where = {r: [e or "this node" for _, e in s.sources[r]] for r in range(s.manifest.world_size)}
             log.info("%s: resuming from step %d (parts: %s)", job_dir.path, s.step, where)
             return {"step": s.step, "parts": {str(r): w for r, w in where.items()}}
-        return {"step": None}
+        return {"step": None, "missing": _missing(steps, step)}
 
     # -- bring a part here ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -280,7 +296,9 @@ class PartFetch:
                 continue
             self.fetched_bytes += nbytes
             return {"step": n, "parts": {"0": [where]}}
-        return {"step": None}
+        why = (f"no usable copy of step(s) {[n for n, _ in found]} (the daemon's log says why)" if found else
+               "no node that answered holds a snapshot of the job")
+        return {"step": None, "missing": why}
 
     def fetch(self, job_dir: JobDir, job: str, step: int, rank: int) -> dict[str, Any]:
         """Make rank ``rank``'s part of committed step ``step`` present on this node."""

@@ -19,6 +19,7 @@ import zmq
 import snapd.client as snapd
 from snapd.errors import SnapshotNotFound
 from snapd.format.manifest import parse
+from snapd.report import status_text
 from snapd.peers.keys import PeerKeys, create
 
 FSDP2 = Path(__file__).parent / "scripts" / "fsdp2_job.py"
@@ -83,6 +84,32 @@ def test_parts_commit_across_nodes_and_a_lost_node_restores_from_replicas(tmp_pa
                                                                       "step-000000000003")],
                          capture_output=True, text=True, cwd="/")
     assert out.returncode == 1 and "rank 0: " in out.stdout and "is on another node" in out.stdout, out
+
+
+def test_a_node_lost_before_its_part_reached_a_peer_gets_a_clear_error_not_an_empty_root(
+        tmp_path, start, peer_nodes) -> None:
+    """Replication lags (1 MiB/s) and node 2 is lost with its disk before its
+    part reached its holder: no step has every part anywhere. The replacement node's README loop starts
+    from scratch (``list()`` is empty); ``restore()`` says which rank's part is missing, not "no job
+    under this root", and a surviving node's rank hears the same."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 3, "--peer-bytes-per-s", str(1 << 20))
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen")  # (8 MiB parts: ~8 s each on its way)
+    assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
+    lag = [p["backlog_parts"] for p in nodes.status(2)["peers"]["peers"]]
+    assert sorted(lag) == [0, 1], (lag, nodes.logs())  # (on its way to its holder: the node is lost now)
+    nodes.lose(2)
+    nodes.daemons[2] = nodes.start(2)
+    for node, rank in ((2, 2), (0, 0)):
+        with snapd.connect("g", endpoint=nodes.daemons[node].endpoint, spawn=False, rank=rank, world_size=3,
+                           run_id="run-2", per_rank=["own"]) as c:
+            if node == 2:
+                assert c.list() == []
+            with pytest.raises(SnapshotNotFound, match=r"no snapshot to restore on this node or its peers "
+                                                       r"\(step 1: rank\(s\) \[2\]'s part\(s\) on no node"):
+                c.restore()
+            with pytest.raises(SnapshotNotFound, match=r"no step 7 to restore .*no node that answered knows"):
+                c.restore(7)
+    assert (nodes.daemons[0].root / "g" / "step-000000000001" / "rank-00000" / "manifest.json").exists()
 
 
 def test_a_damaged_replica_is_caught_and_another_copy_used(tmp_path, start, peer_nodes) -> None:
@@ -243,6 +270,27 @@ def test_sigterm_waits_for_the_parts_to_reach_their_replica_holders(tmp_path, st
     assert nodes.daemons[1].stop(signal.SIGTERM) == 0  # (the node is being drained: it is going away)
     assert "g step 1 rank 1 replicated to" in nodes.daemons[1].log_text(), nodes.logs()
     assert nodes.status(0)["peers"]["held"]["jobs"]["g"] == {"1": [1]}
+
+
+def test_a_peers_lag_counts_the_part_being_sent_until_the_peer_holds_it(tmp_path, start, peer_nodes) -> None:
+    """Lag 0 in ``snapd status`` means the peer holds every part made here: what an operator (or a
+    drain script) checks before taking a node away. The part in flight is lag too."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-bytes-per-s", str(2 << 20))
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen", world=2)  # (8 MiB parts: ~4 s each)
+    assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
+    seen, shown = set(), ""
+    while True:
+        st = nodes.status(1)
+        (peer,) = st["peers"]["peers"]
+        seen.add(peer["sending"])
+        if peer["sending"] and not shown:
+            shown = status_text(st)  # (what ``snapd status`` prints)
+        if peer["backlog_parts"] == 0:
+            break
+        assert peer["oldest_s"] < 60, (peer, nodes.logs())
+    assert nodes.status(0)["peers"]["held"]["jobs"].get("g") == {"1": [1]}, nodes.logs()
+    assert "g step 1 rank 1" in seen and peer["sending"] is None, seen
+    assert "lag 1 part(s)" in shown and "sending g step 1 rank 1)" in shown, shown
 
 
 def test_a_peer_without_the_cluster_key_is_refused_and_logged(tmp_path, start, peer_nodes) -> None:
