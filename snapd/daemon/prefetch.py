@@ -89,7 +89,7 @@ class Prefetch:
     def _run(self, key: tuple[str, int]) -> None:
         with self._lock:
             w = self._waiting.pop(key)
-        here = self.fetch.here(w.job)
+        here = self.fetch.surveys.here(w.job)
         newest = max(here.values(), key=lambda s: (taken_of(s.manifest) if s.manifest else 0.0, s.step),
                      default=None)  # (taken last, as the restore's locate orders them)
         if newest is not None and (newest.whole if w.world_size == 1 else all(

@@ -38,7 +38,7 @@ HERE = ""  # a copy's endpoint: this node's own disk
 class Copy:
     """One source of a single process's snapshot."""
 
-    speed: int  # (the order sources are tried in: snapd.daemon.part_fetch.SPEED)
+    speed: int  # (the order sources are tried in: snapd.daemon.job_survey.SPEED)
     endpoint: str
     checksum: str  # its manifest's
     taken: float  # when its state was handed over
