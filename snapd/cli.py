@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "peer_directory": args.peer_directory, "peer_keys": args.peer_keys, "node_name": args.node_name,
              "replicas": args.replicas, "replica_memory_bytes": args.replica_memory_bytes,
              "replica_dir": args.replica_dir, "peer_timeout_s": args.peer_timeout_s,
-             "peer_bytes_per_s": args.peer_bytes_per_s}
+             "peer_bytes_per_s": args.peer_bytes_per_s, "peer_check_s": args.peer_check_s}
     config = DaemonConfig.from_sources(flags, config_file=args.config)
     if args.check_config:
         from snapd.daemon.access import AccessPolicy
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peer-bytes-per-s", type=int, help="bandwidth bound of replication (default: none)")
     s.add_argument("--peer-timeout-s", type=float,
                    help="a peer silent this long is down for now (default 10)")
+    s.add_argument("--peer-check-s", type=float, help="how often an idle replica holder is asked whether it "
+                   "still holds its copies; those it lost are sent again (default 30)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("peer-keys", help="make the CurveZMQ key pair a cluster's daemons share")
     s.add_argument("directory", help="the key directory to make (mode 700)")

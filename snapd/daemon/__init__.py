@@ -45,7 +45,8 @@ Modules:
 - ``peers``: the other nodes' daemons, as one part of this one (docs/peers.md): ``peer_server``
   (the thread that owns the socket they reach), ``peer_commits`` (the part book: the other nodes'
   parts, and the commits they make possible), ``replication`` (one thread per peer sending it
-  announcements and replicas; ``outgoing``: a part to send, and its files) and ``part_fetch``
+  announcements and replicas; ``peer_sender``: one peer's queue and thread, and the check that it
+  still holds what it was sent; ``outgoing``: a part to send, and its files) and ``part_fetch``
   (where a job's newest complete step is, and its parts, or a single process's snapshot, brought
   here when a reader needs them; ``job_survey``: what every node holds of a job, and how fast each
   source is; ``part_download``: one part from one source into a temporary

@@ -92,6 +92,7 @@ class DaemonConfig:
     replica_dir: Path | None = None
     peer_bytes_per_s: int | None = None  # bandwidth bound of replication (None: none)
     peer_timeout_s: float = 10.0  # a peer that does not answer within this is down for now
+    peer_check_s: float = 30.0  # how often an idle replica holder is asked whether it still holds its copies
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
@@ -201,6 +202,8 @@ class DaemonConfig:
                 raise InvalidArgument(f"{name} must be None or >= 0, got {v}")
         if not self.peer_timeout_s > 0:
             raise InvalidArgument(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
+        if not 0.1 <= self.peer_check_s <= 86400:
+            raise InvalidArgument(f"peer_check_s must be in [0.1, 86400] seconds, got {self.peer_check_s}")
 
     @property
     def buffer_cap(self) -> int:

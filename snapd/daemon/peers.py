@@ -76,7 +76,7 @@ class Peers:
         self.server = PeerServer(config.peer_endpoint, self.node, keys, config.root, self.store,
                                  self.book.announce)
         pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
-        self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s)
+        self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s, config.peer_check_s)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s,
                                None if store is None else BucketParts(store))
         self.prefetch = Prefetch(self.fetch)

@@ -128,7 +128,7 @@ def test_a_peers_taken_time_that_is_not_a_finite_number_counts_as_oldest() -> No
 
 def test_a_peers_queue_sends_each_jobs_newest_first_a_single_process_by_when_it_was_taken(tmp_path) -> None:
     from snapd.daemon.outgoing import Outgoing
-    from snapd.daemon.replication import Sender
+    from snapd.daemon.peer_sender import Sender
     from snapd.peers.directory import PeerInfo
 
     def out(job: str, step: int, rank: int = 0, whole: bool = False, taken: float = 0.0) -> Outgoing:
@@ -209,7 +209,7 @@ def test_a_shared_file_is_taken_from_the_peers_copy_only_if_that_copy_is_of_this
     from dataclasses import replace as with_
 
     from snapd.daemon.outgoing import Outgoing
-    from snapd.daemon.replication import Sender
+    from snapd.daemon.peer_sender import Sender
     from snapd.peers.directory import PeerInfo
 
     class Link:  # (what the sender asks of the peer)

@@ -1,0 +1,256 @@
+"""One peer's queue and thread (snapd.daemon.replication): the announcements and replicas this
+daemon sends it, in order (announcements first, then each rank's newest part), a failed send tried
+again after 0.5 s doubling up to 30 s, and the check that the peer still holds what it was sent.
+
+A peer that restarted (an upgrade, a crash) lost the replicas it held in memory, and one may drop a
+copy (its replica_dir wiped): nothing told the sender, which went on counting them as held until
+the next snapshot. So, every ``peer_check_s`` while its queue is empty, the thread asks the peer
+what it holds of each job (``have``) and queues again the newest part of each rank it no longer
+holds, while that part is still on this node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from snapd.daemon.outgoing import Outgoing
+from snapd.errors import SnapdError
+from snapd.format.global_manifest import part_dir
+from snapd.format.jobdir import SNAPSHOT_RE, read_regular
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.peers import wire
+from snapd.peers.directory import PeerInfo
+
+log = logging.getLogger(__name__)
+
+WINDOW = 8  # pieces in flight to one peer
+
+
+class Sender:
+    """The queue and thread of one peer."""
+
+    def __init__(self, peer: PeerInfo, link: wire.Link, node: str, pace: Callable[[int], None],
+                 check_s: float = 30.0) -> None:
+        self.peer, self.link, self.node, self.pace, self.check_s = peer, link, node, pace, check_s
+        self.announce: list[Outgoing] = []
+        self.replicate: list[Outgoing] = []
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.up: bool | None = None
+        self.last_error = ""
+        self.failures = 0
+        self.sent_bytes = 0
+        self.replicated: dict[tuple[str, int], int] = {}  # (job, rank) -> the newest step replicated there
+        self._sent: dict[tuple[str, int], str] = {}  # (job, rank) -> that part's manifest checksum
+        self._held: dict[tuple[str, int], Outgoing] = {}  # (job, rank) -> that part: checked still held
+        self._checked = time.monotonic()  # (the last time the peer answered: its holdings checked then)
+        self.resent = 0  # parts sent again: the peer no longer held them
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self.name = peer.node  # (the peer's own name once it answers)
+        self.busy = False  # (an item taken off the queues is being sent)
+        self.sending: Outgoing | None = None  # the part being sent: still lag until the peer holds it whole
+        self.reaped = False  # (its peer is known no longer: the thread closes its link as it ends)
+        self.thread = threading.Thread(target=self._loop, name=f"snapd-replicate-{peer.node}", daemon=True)
+
+    def backlog(self) -> dict[str, Any]:
+        with self.cond:
+            sending = self.sending
+            items = list(self.replicate) + ([sending] if sending is not None else [])
+        now = time.monotonic()
+        return {"endpoint": self.peer.endpoint, "node": self.name,
+                "state": {None: "unknown", True: "up", False: "down"}[self.up],
+                "backlog_parts": len(items), "backlog_bytes": sum(o.nbytes for o in items),
+                "oldest_s": round(max((now - o.queued for o in items), default=0.0), 1),
+                "sending": f"{sending.job} step {sending.step} rank {sending.rank}" if sending else None,
+                "announcements": len(self.announce), "replicated_bytes": self.sent_bytes,
+                "failures": self.failures, "last_error": self.last_error or None, "resent_parts": self.resent,
+                "replicated_steps": {f"{j}:{r}": s for (j, r), s in sorted(self.replicated.items())}}
+
+    def _next(self) -> tuple[str, Outgoing | None] | None:
+        with self.cond:
+            while not self.stopped:
+                now = time.monotonic()
+                wait = self._retry_at - now
+                if wait <= 0 and (self.announce or self.replicate):
+                    self.busy = True
+                    if self.announce:
+                        return "announce", self.announce.pop(0)
+                    o = self.sending = self._pick()
+                    self.replicate.remove(o)
+                    return "replicate", o
+                if wait <= 0 and self._held:  # (idle: is what it was sent still there?)
+                    wait = self._checked + self.check_s - now
+                    if wait <= 0:
+                        self.busy = True
+                        return "check", None
+                self.cond.wait(wait if wait > 0 else None)
+        return None
+
+    def _pick(self) -> Outgoing:
+        """The newest part of each rank of each job (after an outage, each catches up with its latest
+        first), the one of them queued first."""
+        newest: dict[tuple[str, int], Outgoing] = {}
+        for o in self.replicate:
+            k = (o.job, o.rank)
+            if k not in newest or newest[k].newness < o.newness:
+                newest[k] = o
+        return min(newest.values(), key=lambda o: o.queued)
+
+    def settled(self) -> bool:
+        """Nothing left to send, or the peer is down (a drain does not wait for it)."""
+        with self.cond:
+            return self.up is False or not (self.busy or self.announce or self.replicate)
+
+    def unfinished(self) -> list[str]:
+        with self.cond:
+            return [f"{o.job} step {o.step} rank {o.rank}" for o in self.replicate]
+
+    def _loop(self) -> None:
+        while (item := self._next()) is not None:
+            kind, o = item
+            what = f"{kind} {o.job} step {o.step} rank {o.rank}" if o is not None else "asking what it holds"
+            try:
+                if o is None:
+                    self._check()
+                elif kind == "announce":
+                    header, _ = self.link.request(o.header("announce", node=self.node), o.manifest)
+                    self.name = str(header.get("node") or self.name)[:128]
+                else:
+                    self._send_part(o)
+                self.up, self._retry_at, self.last_error = True, 0.0, ""
+                self._backoff = 0.5
+                self._checked = time.monotonic()
+            except (SnapdError, OSError, zmq.ZMQError) as e:
+                self.failures += 1
+                self.up = not isinstance(e, wire.PeerUnavailable)
+                self.last_error = f"{type(e).__name__}: {e}"
+                backoff = self._backoff
+                self._retry_at = time.monotonic() + backoff
+                self._backoff = min(30.0, backoff * 2)
+                log.warning("replication to %s lags: %s: %s (again in %.1f s)", self.peer.endpoint, what, e,
+                            backoff)
+                with self.cond:  # (refused: it will not take it later either)
+                    if isinstance(e, wire.PeerRefused) or o is None:
+                        pass
+                    elif kind == "announce":
+                        self.announce.insert(0, o)
+                    else:
+                        self.replicate.append(o)
+            except Exception:  # a bug of ours: this item is dropped, the peer's queue goes on
+                log.exception("replication to %s: %s failed", self.peer.endpoint, what)
+            finally:
+                with self.cond:
+                    self.busy, self.sending = False, None
+        if self.reaped:
+            self.link.close()
+
+    def _send_part(self, o: Outgoing) -> None:
+        fds = o.open_files()
+        if fds is None:
+            log.info("%s step %d rank %d is gone before it reached %s: not replicated", o.job, o.step, o.rank,
+                     self.peer.endpoint)
+            return
+        m = parse(o.manifest)
+        try:
+            t0 = time.monotonic()
+            header, _ = self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
+            self.name = str(header.get("node") or self.name)[:128]  # (a single process's: never announced)
+            from_step, linked = self._link_shared(o, m)
+            for _ in self.link.pipeline(self._pieces(o, {n: fd for n, fd in fds.items() if n not in linked}),
+                                        WINDOW):
+                pass
+            self.link.request(o.header("replica", phase="end"))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.sent_bytes += o.nbytes - sum(linked.values())
+        with self.cond:
+            self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
+            self._held[(o.job, o.rank)] = o
+            self._sent[(o.job, o.rank)] = m.checksum or ""
+            self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
+                                                                 and q.newness < o.newness)]
+        log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,
+                 self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0,
+                 f"; {sum(linked.values()) >> 20} MiB of it shared with step {from_step}, not sent"
+                 if linked else "")
+
+    def _check(self) -> None:
+        """Queue again the newest part of each rank sent to the peer that it no longer holds (it
+        restarted, or dropped it) and that is still on this node."""
+        with self.cond:
+            last = dict(self._held)
+        for job in sorted({j for j, _ in last}):
+            header, _ = self.link.request({"t": "have", "job": job})
+            steps = header.get("steps")
+            entries = [e for e in (steps if isinstance(steps, list) else [])
+                       if isinstance(e, dict) and isinstance(e.get("parts"), dict)]
+            held = {(e.get("step"), r) for e in entries for r in e["parts"]}
+            for (j, rank), o in last.items():
+                if j != job or (o.step, str(rank)) in held:
+                    continue
+                fds = o.open_files()
+                with self.cond:
+                    if self._held.get((j, rank)) is not o:
+                        continue  # (a newer part was sent meanwhile)
+                    if fds is None:  # (gone here too: retention, or a newer making of its step)
+                        del self._held[(j, rank)]
+                        continue
+                    if not any(q.job == j and q.rank == rank for q in self.replicate):
+                        self.replicate.append(dataclasses.replace(o, queued=time.monotonic()))
+                        self.resent += 1
+                for fd in fds.values():
+                    os.close(fd)
+                log.warning("%s (%s) no longer holds %s step %d rank %d (it restarted, or dropped it): "
+                            "sending it again", self.peer.endpoint, self.name, j, o.step, rank)
+
+    def _link_shared(self, o: Outgoing, m: Manifest) -> tuple[int | None, dict[str, int]]:
+        """Ask the peer to take each file ``o`` shares with the step this thread last replicated
+        of its rank from its replica of that step: that step, and the files it took (their sizes)."""
+        with self.cond:
+            last, sent = self.replicated.get((o.job, o.rank)), self._sent.get((o.job, o.rank))
+        out: dict[str, int] = {}
+        same: bool | None = None  # (whether step ``last`` on this disk is the making sent)
+        for f in m.files:
+            # (shared_from: step-N/rank-R/FILE of a part, step-N/FILE of a single process's snapshot)
+            where = str(f.get("shared_from", "")).split("/")
+            step = SNAPSHOT_RE.match(where[0]) if len(where) == (2 if o.whole else 3) else None
+            if step is None or int(step.group(1)) != last or not o.whole and where[1] != part_dir(o.rank):
+                continue
+            if same is None:  # (a step made again: the peer's copy is of the other making)
+                same = sent is not None and self._checksum(o, where[0]) == sent
+            if not same:
+                continue
+            try:
+                self.link.request(o.header("replica", phase="link", file=f["name"], from_step=last,
+                                           from_file=where[-1]))
+                out[f["name"]] = int(f["bytes"])
+            except wire.PeerRefused as e:  # (the peer no longer holds it: sent whole)
+                log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, f["name"],
+                         self.peer.endpoint, e)
+        return last, out
+
+    @staticmethod
+    def _checksum(o: Outgoing, step_dir: str) -> str | None:
+        """The manifest checksum of ``o``'s rank in ``step_dir`` of its job on this disk."""
+        try:
+            return parse(read_regular(o.job_dir / step_dir / o.files_dir / MANIFEST_NAME)).checksum
+        except (OSError, SnapdError):
+            return None
+
+    def _pieces(self, o: Outgoing, fds: dict[str, int]) -> Iterator[tuple[dict, bytes]]:
+        for name, fd in fds.items():
+            size = os.fstat(fd).st_size
+            for offset in range(0, size, wire.PIECE_BYTES):
+                data = os.pread(fd, min(wire.PIECE_BYTES, size - offset), offset)
+                self.pace(len(data))
+                yield o.header("replica", phase="data", file=name, offset=offset), data
