@@ -46,7 +46,8 @@ Modules:
   (the thread that owns the socket they reach), ``peer_commits`` (the part book: the other nodes'
   parts, and the commits they make possible), ``replication`` (one thread per peer sending it
   announcements and replicas; ``peer_sender``: one peer's queue and thread, and the check that it
-  still holds what it was sent; ``outgoing``: a part to send, and its files) and ``part_fetch``
+  still holds what it was sent; ``held_record``: what the holders were sent, kept across restarts;
+  ``outgoing``: a part to send, and its files) and ``part_fetch``
   (where a job's newest complete step is, and its parts, or a single process's snapshot, brought
   here when a reader needs them; ``job_survey``: what every node holds of a job, and how fast each
   source is; ``part_download``: one part from one source into a temporary

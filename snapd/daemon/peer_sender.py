@@ -38,8 +38,9 @@ class Sender:
     """The queue and thread of one peer."""
 
     def __init__(self, peer: PeerInfo, link: wire.Link, node: str, pace: Callable[[int], None],
-                 check_s: float = 30.0) -> None:
+                 check_s: float = 30.0, on_held: Callable[[], None] = lambda: None) -> None:
         self.peer, self.link, self.node, self.pace, self.check_s = peer, link, node, pace, check_s
+        self.on_held = on_held  # (what the peer holds changed: snapd.daemon.held_record keeps it)
         self.announce: list[Outgoing] = []
         self.replicate: list[Outgoing] = []
         self.cond = threading.Condition()
@@ -175,14 +176,30 @@ class Sender:
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
             self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
-            self._held[(o.job, o.rank)] = o
+            had = self._held.get((o.job, o.rank))
+            if had is None or had.newness <= o.newness:
+                self._held[(o.job, o.rank)] = o
             self._sent[(o.job, o.rank)] = m.checksum or ""
             self.replicate = [q for q in self.replicate if not (q.job == o.job and q.rank == o.rank
                                                                  and q.newness < o.newness)]
+        self.on_held()
         log.info("%s step %d rank %d replicated to %s (%d MiB, %.2f s%s)", o.job, o.step, o.rank,
                  self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0,
                  f"; {sum(linked.values()) >> 20} MiB of it shared with step {from_step}, not sent"
                  if linked else "")
+
+    def held(self) -> list[tuple[str, int, int, bool]]:
+        with self.cond:
+            return [(o.job, o.step, o.rank, o.whole) for o in self._held.values()]
+
+    def seed(self, o: Outgoing) -> None:
+        """``o`` was sent to the peer by this daemon's last run: checked (soon) like what this one sent."""
+        with self.cond:
+            had = self._held.get((o.job, o.rank))
+            if had is None or had.newness < o.newness:
+                self._held[(o.job, o.rank)] = o
+                self._checked = 0.0
+                self.cond.notify()
 
     def _check(self) -> None:
         """Queue again the newest part of each rank sent to the peer that it no longer holds (it
@@ -198,18 +215,20 @@ class Sender:
             for (j, rank), o in last.items():
                 if j != job or (o.step, str(rank)) in held:
                     continue
-                fds = o.open_files()
+                fds = o.open_files()  # (still here?)
+                for fd in (fds or {}).values():
+                    os.close(fd)
                 with self.cond:
                     if self._held.get((j, rank)) is not o:
                         continue  # (a newer part was sent meanwhile)
                     if fds is None:  # (gone here too: retention, or a newer making of its step)
                         del self._held[(j, rank)]
-                        continue
-                    if not any(q.job == j and q.rank == rank for q in self.replicate):
+                    elif not any(q.job == j and q.rank == rank for q in self.replicate):
                         self.replicate.append(dataclasses.replace(o, queued=time.monotonic()))
                         self.resent += 1
-                for fd in fds.values():
-                    os.close(fd)
+                if fds is None:
+                    self.on_held()
+                    continue
                 log.warning("%s (%s) no longer holds %s step %d rank %d (it restarted, or dropped it): "
                             "sending it again", self.peer.endpoint, self.name, j, o.step, rank)
 

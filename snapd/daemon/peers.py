@@ -76,7 +76,8 @@ class Peers:
         self.server = PeerServer(config.peer_endpoint, self.node, keys, config.root, self.store,
                                  self.book.announce)
         pace = Pacer(config.peer_bytes_per_s).take if config.peer_bytes_per_s else (lambda n: None)
-        self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s, config.peer_check_s)
+        self.replication = Replication(keys, self.directory, pace, config.peer_timeout_s, config.peer_check_s,
+                                       config.root)
         self.fetch = PartFetch(keys, self.directory, config.root, self.store, config.peer_timeout_s,
                                None if store is None else BucketParts(store))
         self.prefetch = Prefetch(self.fetch)
@@ -89,6 +90,7 @@ class Peers:
     def start(self) -> None:
         self.directory.start()
         self.server.start()
+        self.pool.submit(self.replication.take_up_record)  # (its holders may have restarted meanwhile)
         log.info("peers: %s (node %s) serves its peers; replicas %d, to %s; peers now %s",
                  self.directory.own, self.node, self.replicas,
                  [p.endpoint for p in self.directory.replica_targets(self.replicas)] or "none yet",

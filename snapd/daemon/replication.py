@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from snapd.daemon import held_record
 from snapd.daemon.outgoing import Outgoing
 from snapd.daemon.peer_sender import Sender
 from snapd.peers import wire
@@ -29,11 +31,14 @@ from snapd.peers.keys import PeerKeys
 
 log = logging.getLogger(__name__)
 
+
 class Replication:
     def __init__(self, keys: PeerKeys, directory: PeerDirectory, pace: Callable[[int], None],
-                 timeout_s: float, check_s: float = 30.0) -> None:
+                 timeout_s: float, check_s: float = 30.0, root: Path | None = None) -> None:
         self.keys, self.directory, self.pace = keys, directory, pace
         self.timeout_s, self.check_s = timeout_s, check_s
+        self.root = root  # (where held_record keeps what the holders were sent; None: nowhere)
+        self._record_lock = threading.Lock()
         self.ctx = wire.context()  # (one socket per peer)
         self._senders: dict[str, Sender] = {}
         self._reaped: list[Sender] = []  # (their threads end on their own: a stop waits for them too)
@@ -44,10 +49,41 @@ class Replication:
             s = self._senders.get(peer.endpoint)
             if s is None:
                 link = wire.Link(self.ctx, self.keys, peer.endpoint, self.timeout_s)
-                s = Sender(peer, link, self.directory.node, self.pace, self.check_s)
+                s = Sender(peer, link, self.directory.node, self.pace, self.check_s, self._record)
                 self._senders[peer.endpoint] = s
                 s.thread.start()
             return s
+
+    def _record(self) -> None:
+        """What each holder holds changed (a sender's thread): the record is written anew."""
+        if self.root is None:
+            return
+        with self._record_lock:
+            with self._lock:
+                senders = list(self._senders.values())
+            held_record.save(self.root, {s.peer.endpoint: s.held() for s in senders})
+
+    def take_up_record(self) -> None:
+        """What this daemon's last run sent its holders, handed to their senders to check (a thread
+        of the peers' pool, at start: the directory's first read may take seconds)."""
+        if self.root is None:
+            return
+        record = held_record.load(self.root)
+        if not record:
+            return
+        known = {p.endpoint: p for p in self.directory.all(wait_s=5.0)}
+        n = 0
+        for endpoint, parts in record.items():
+            if endpoint not in known:
+                continue  # (no longer a peer; or one a job's ranks told, told again when they connect)
+            s = self._sender(known[endpoint])
+            for job, step, rank, whole in parts:
+                o = held_record.outgoing(self.root, job, step, rank, whole)
+                if o is not None:
+                    s.seed(o)
+                    n += 1
+        log.info("%d part(s) this daemon's last run sent %d holder(s): checked that they still hold them",
+                 n, len(record))
 
     def add(self, o: Outgoing, replicas: int) -> None:
         """Announce a part to every peer of its job, and queue it for its ``replicas`` holders (any

@@ -295,24 +295,35 @@ def test_a_peers_lag_counts_the_part_being_sent_until_the_peer_holds_it(tmp_path
 
 
 def test_a_replica_holder_that_restarted_is_sent_its_lost_copies_again(tmp_path, start, peer_nodes) -> None:
-    """Node 1's daemon restarts (an upgrade): the copy of rank 0's part it held in memory is gone.
-    Node 0 asks, finds it missing, and sends it again; node 0 is then lost with its disk, and its
-    rank resumes bit-exact from that copy. Before, node 0 counted it as held until the next step, and
-    the step could not be resumed."""
+    """A rolling upgrade: node 1's daemon restarts and the copy of rank 0's part it held in memory
+    is gone; node 0 asks, finds it missing, and sends it again. Then node 0's daemon restarts, and
+    node 1's again: node 0's new run knows from its record what node 1 held, and sends it again too.
+    Node 0 is then lost with its disk, and its rank resumes bit-exact from that copy. Before, the
+    sender counted the copy as held until the next step, and the step could not be resumed."""
     nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-check-s", "0.5")
     outs = peer_nodes.ranks(nodes, "g", "run-1", "1", world=2)
     assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
 
     def held(i: int) -> dict:
         return nodes.status(i)["peers"]["held"]["jobs"].get("g", {})
+
+    def restart(i: int) -> None:
+        assert nodes.daemons[i].stop(signal.SIGTERM) == 0
+        nodes.daemons[i] = nodes.start(i)  # (its root stays: its own part of step 1 is on its disk)
     nodes.daemons[1].wait_for(lambda: held(1) == {"1": [0]} and held(0) == {"1": [1]}, timeout=30)
-    assert nodes.daemons[1].stop(signal.SIGTERM) == 0
-    nodes.daemons[1] = nodes.start(1)  # (its root stays: its own part of step 1 is on its disk)
+    restart(1)
     nodes.daemons[1].wait_for(lambda: held(1) == {"1": [0]}, timeout=30)
     time.sleep(2)  # (4 more checks: a holder that keeps its copy is asked, not sent it again)
     (to_1,) = nodes.status(0)["peers"]["peers"]
     assert to_1["resent_parts"] == 1, to_1
     assert "no longer holds g step 1 rank 0" in nodes.daemons[0].log_text(), nodes.logs()
+    restart(0)
+    nodes.daemons[0].wait_for(lambda: "1 part(s) this daemon's last run sent 1 holder(s)" in
+                              nodes.daemons[0].log_text(), timeout=30)
+    restart(1)
+    nodes.daemons[1].wait_for(lambda: held(1) == {"1": [0]}, timeout=30)
+    (to_1,) = nodes.status(0)["peers"]["peers"]
+    assert to_1["resent_parts"] == 1 and to_1["replicated_bytes"] > 0, to_1
     nodes.lose(0)
     nodes.daemons[0] = nodes.start(0)
     outs = peer_nodes.ranks(nodes, "g", "run-2", "2", "restore", world=2)
@@ -373,7 +384,8 @@ def test_keys_other_users_can_read_are_refused_at_start(tmp_path) -> None:
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "1e9"])
 def test_a_peer_check_interval_out_of_range_is_refused_at_start(tmp_path, value: str) -> None:
     create(tmp_path / "keys")
-    out = subprocess.run([sys.executable, "-m", "snapd", "serve", "--check-config", "--root", str(tmp_path / "r"),
-                          "--peer-endpoint", "tcp://127.0.0.1:1", "--peer-keys", str(tmp_path / "keys"),
-                          "--peer-check-s", value], capture_output=True, text=True, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "snapd", "serve", "--check-config", "--root",
+                          str(tmp_path / "r"), "--peer-endpoint", "tcp://127.0.0.1:1", "--peer-keys",
+                          str(tmp_path / "keys"), "--peer-check-s", value], capture_output=True, text=True,
+                         cwd="/")
     assert out.returncode == 2 and "peer_check_s must be in [0.1, 86400] seconds" in out.stderr, out.stderr

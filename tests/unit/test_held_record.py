@@ -1,0 +1,61 @@
+"""The record of what each replica holder was sent (snapd.daemon.held_record): written whole, read
+back at start with whatever in it is malformed or unsafe left out, and each part read again from
+this node's disk only where it is still there."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+
+import snapd.client as snapd
+from snapd.daemon import held_record
+
+EP = "tcp://10.0.0.2:7010"
+
+
+def _job(root, job: str = "g") -> None:
+    """A committed 2-rank step 3 of ``job`` under ``root``."""
+    def save(rank: int) -> None:
+        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=3, rank=rank, world_size=2,
+                   run_id="r", per_rank=["own"], commit_timeout_s=30)
+    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_what_is_saved_is_loaded_and_each_part_read_again_from_disk(tmp_path) -> None:
+    _job(tmp_path)
+    held_record.save(tmp_path, {EP: [("g", 3, 1, False)], "tcp://10.0.0.3:7010": []})
+    assert held_record.load(tmp_path) == {EP: [("g", 3, 1, False)]}
+    o = held_record.outgoing(tmp_path, "g", 3, 1, False)
+    assert o is not None
+    assert (o.job, o.step, o.rank, o.world_size, o.run, o.whole) == ("g", 3, 1, 2, "r", False)
+    fds = o.open_files()
+    assert fds is not None and len(fds) >= 1
+    for fd in fds.values():
+        os.close(fd)
+    # a part that is not there, or not of that kind, is left out
+    assert held_record.outgoing(tmp_path, "g", 4, 1, False) is None
+    assert held_record.outgoing(tmp_path, "g", 3, 2, False) is None
+    assert held_record.outgoing(tmp_path, "g", 3, 0, True) is None  # (a rank's part, not a single process's)
+
+
+def test_a_malformed_or_hostile_record_is_left_out_and_the_daemon_goes_on(tmp_path, caplog) -> None:
+    path = tmp_path / held_record.RECORD_NAME
+    path.write_text("not json")
+    assert held_record.load(tmp_path) == {} and "unreadable" in caplog.text
+    body = {"v": 1, "peers": {
+        EP: [["g", 3, 1, False], ["../../etc", 3, 1, False]],  # (a way out of the root: the whole entry)
+        "tcp://0.0.0.0:1": [["g", 3, 0, False]],  # (no address to reach)
+        "tcp://10.0.0.4:7010": [["g", -1, 0, False], ["g", 3, 0, "yes"], ["g", 3, 0, False]]}}
+    path.write_text(json.dumps(body))
+    assert held_record.load(tmp_path) == {"tcp://10.0.0.4:7010": [("g", 3, 0, False)]}
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"v": 1, "peers": {EP: [["g", 3, 1, False]]}}))
+    assert held_record.load(tmp_path) == {}  # (a link is not followed)
