@@ -25,13 +25,14 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapd.errors import InvalidArgument, SnapdError
 from snapd.format.global_manifest import part_dir
 from snapd.format.jobdir import snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
+from snapd.peers import replica_keeping as keeping
+from snapd.peers.replica_keeping import Replica
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +42,6 @@ STALE_S = 120.0  # an unfinished copy untouched this long may make room for anot
 
 class NoRoom(SnapdError):
     code = "no_room"
-
-
-@dataclass
-class Replica:
-    job: str
-    step: int
-    rank: int
-    world_size: int
-    run: str
-    node: str  # the daemon that sent it
-    manifest: bytes
-    checksum: str
-    sizes: dict[str, int]  # data file -> its bytes (from the manifest)
-    files: dict[str, bytearray] = field(default_factory=dict)  # (in memory; each made at its first piece)
-    linked: set[str] = field(default_factory=set)  # files taken from an older step's replica
-    written: set[str] = field(default_factory=set)  # files that got pieces
-    directory: Path | None = None  # (on disk instead)
-    received: int = 0
-    complete: bool = False
-    touched: float = field(default_factory=time.monotonic)  # the last piece written
-    whole: bool = False  # a single process's snapshot (rank 0 of 1; its manifest names no part)
-    taken: float = 0.0  # when its state was handed over (its commit, where not recorded)
-
-    @property
-    def order(self) -> tuple[float, int]:
-        """What orders a single process's snapshots, as its index orders ``latest``."""
-        return self.taken, self.step
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes.values()) + len(self.manifest)
-
-    @property
-    def where(self) -> str:
-        return "disk" if self.directory is not None else "memory"
 
 
 class ReplicaStore:
@@ -252,7 +218,7 @@ class ReplicaStore:
                     break
                 # (a copy its sender stopped sending, or one a newer committed step supersedes)
                 stale = not old.complete and now - old.touched > STALE_S
-                if old.directory is None and (stale or self._superseded(old)):
+                if old.directory is None and (stale or keeping.superseded(self._parts, old, self.committed)):
                     self._drop(self._parts.pop((old.job, old.step, old.rank)))
             if self.memory_used() + r.nbytes <= self.memory_bytes:
                 return
@@ -270,54 +236,14 @@ class ReplicaStore:
             finally:
                 os.close(fd)
 
-    def _superseded(self, r: Replica) -> bool:
-        """Whether a newer step of its job is committed and held complete here."""
-        if r.whole:
-            newest = self._newest_whole(r.job)
-            return newest is not None and newest.order > r.order
-        mine = self._step_order(r.job, r.step)
-        return any(self._step_order(r.job, s) > mine for s in self._complete_steps(r.job))
-
-    def _step_order(self, job: str, step: int) -> tuple[float, int]:
-        """When a step of a job on several ranks was taken, by the parts of it held here (the
-        global snapshot's time is its parts' latest), then its step."""
-        return max((o.taken for o in self._parts.values() if o.job == job and o.step == step and not o.whole),
-                   default=0.0), step
-
-    def _newest_whole(self, job: str) -> Replica | None:
-        """The single process's snapshot of ``job`` taken last that is held complete here (a run
-        resumed from an earlier step takes lower steps later: those are its newest)."""
-        return max((o for o in self._parts.values() if o.job == job and o.whole and o.complete),
-                   key=lambda o: o.order, default=None)
-
-    def _complete_steps(self, job: str) -> set[int]:
-        """The steps of ``job`` committed (every rank's part durable somewhere) whose replicas here
-        are all complete: a step some rank never finished is never one (its older step stays). A
-        single process's snapshot is sent once committed on its node."""
-        by_step: dict[int, list[Replica]] = {}
-        for o in self._parts.values():
-            if o.job == job and not o.whole:
-                by_step.setdefault(o.step, []).append(o)
-        return {s for s, rs in by_step.items() if all(o.complete for o in rs) and self.committed(job, s)}
-
     def prune(self, job: str) -> None:
         """A step of ``job`` was committed: what it supersedes goes (the peer server's thread)."""
         with self._lock:
             self._keep_newest(job)
 
     def _keep_newest(self, job: str) -> None:
-        whole = self._newest_whole(job)
-        if whole is not None:
-            for key, o in list(self._parts.items()):
-                if o.job == job and o.whole and o.order < whole.order:
-                    self._drop(self._parts.pop(key))
-        complete = self._complete_steps(job)
-        if not complete:
-            return
-        newest = max(self._step_order(job, s) for s in complete)  # (taken last: not the highest step)
-        for key, o in list(self._parts.items()):
-            if o.job == job and not o.whole and self._step_order(job, o.step) < newest:
-                self._drop(self._parts.pop(key))
+        for key in keeping.superseded_keys(self._parts, job, self.committed):
+            self._drop(self._parts.pop(key))
 
     def _drop(self, r: Replica | None) -> None:
         if r is None:
