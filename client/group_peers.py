@@ -29,7 +29,10 @@ from snapd.errors import InvalidArgument, SnapdError
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2  # how often the thread looks for entries not read yet
+POLL_S = 0.2  # how often the thread looks for entries not read yet, while ranks connect
+FAST_S = 10.0  # after this long with no new entry, it looks less often: doubling up to MAX_POLL_S
+MAX_POLL_S = 5.0  # (a rank that never connects, say one that does not use snapd, must not keep every
+# other rank reading the store five times a second for WAIT_S: the trainer's own calls queue there)
 WAIT_S = 600.0  # how long it looks before giving up on ranks that never connect
 RESTORE_WAIT_S = 60.0  # how long a restore waits for every rank's entry (a replacement's ranks start late)
 SNAPSHOT_WAIT_S = 5.0  # how long the first snapshot waits for them (its replicas go where they say)
@@ -122,10 +125,14 @@ class GroupPeers:
             self.tell(*self._told)
 
     def _loop(self) -> None:
-        deadline = time.monotonic() + WAIT_S
+        start = time.monotonic()
+        deadline, interval = start + WAIT_S, POLL_S
         try:
-            while not self._stop.wait(POLL_S):
-                self._pass()
+            while not self._stop.wait(interval):
+                if self._pass():
+                    interval = POLL_S
+                elif time.monotonic() - start > FAST_S:
+                    interval = min(MAX_POLL_S, interval * 2)
                 if self.complete.is_set():
                     return
                 if time.monotonic() > deadline:
@@ -137,9 +144,9 @@ class GroupPeers:
         finally:
             self.complete.set()
 
-    def _pass(self) -> None:
+    def _pass(self) -> bool:
         """Read the entries written since the last pass; tell the daemon if any endpoint is new, and
-        once every rank's entry is read."""
+        once every rank's entry is read. Whether there was any entry to read."""
         def key(i: int) -> str:
             return f"{self.prefix}e{i}"
 
@@ -166,6 +173,7 @@ class GroupPeers:
             self.tell(sorted(self.found.values(), key=lambda p: p["endpoint"]), done)
         if done:
             self.complete.set()
+        return bool(ready)
 
 
 class ListedPeers:

@@ -114,6 +114,34 @@ def test_waiting_for_ranks_that_never_connect_is_bounded_and_said(monkeypatch, c
     assert "1 of 2 ranks wrote their daemon's endpoint" in caplog.text  # (the thread gave up)
 
 
+def test_a_rank_that_never_connects_slows_the_others_reads_of_the_store(monkeypatch) -> None:
+    """Past ``FAST_S`` without a new entry, each pass waits twice as long as the last, up to
+    ``MAX_POLL_S``; a new entry brings back the quick reads (more ranks may be coming)."""
+    monkeypatch.setattr(group_peers, "FAST_S", 0.0)
+    monkeypatch.setattr(group_peers, "MAX_POLL_S", 0.08)
+    store = dist.HashStore()
+    g = GroupPeers(store, "job", "run-1", 0, 3, {"endpoint": "tcp://10.0.0.1:7010", "node": "n0"}, Told())
+
+    class Passes:
+        """The thread's waits between passes, taken at once; rank 1 connects after the sixth."""
+        def __init__(self) -> None:
+            self.waits: list[float] = []
+            self.done = threading.Event()
+
+        def wait(self, timeout: float) -> bool:
+            self.waits.append(round(timeout, 3))
+            if len(self.waits) == 6:
+                rank(store, 1, 3, "tcp://10.0.0.2:7010", Told())
+            if len(self.waits) == 10:
+                self.done.set()
+                return True
+            return False
+    g._stop = passes = Passes()  # type: ignore[assignment]
+    g.start()
+    assert passes.done.wait(5)
+    assert passes.waits == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.01, 0.02, 0.04, 0.08], passes.waits
+
+
 def test_a_jobs_peers_are_its_own_and_a_complete_telling_replaces_them() -> None:
     d = PeerDirectory("tcp://10.0.0.1:7010", "a", ("tcp://10.0.0.9:7010",))
     new = d.learn(1000, "u/j", [PeerInfo("tcp://10.0.0.2:7010", "b"), PeerInfo("tcp://10.0.0.1:7010", "a")],
