@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import FormatError, InvalidArgument, SnapdError
+from snapd.errors import FormatError, InvalidArgument, LimitExceeded, SnapdError
 from snapd.format.jobdir import read_regular
 from snapd.peers.wire import check_endpoint
 
@@ -43,6 +43,9 @@ MAX_ENTRY_BYTES = 4096  # an entry is about 100 bytes: a bigger one is not read
 # replication thread of its own) and the jobs remembered (the one told longest ago forgotten first)
 MAX_USER_PEERS = 1024
 MAX_USER_JOBS = 64
+# distinct endpoints all users' jobs may tell at once: each is a replication thread and a socket
+# (snapd.peers.wire.MAX_SOCKETS a context); past it a telling is refused, never another's forgotten
+MAX_LEARNED_PEERS = 4096
 
 
 @dataclass(frozen=True, order=True)
@@ -97,7 +100,8 @@ class PeerDirectory:
         they replace those told before, so a node that left the job is forgotten), or those found so
         far (added). Returns those not known for it before. Each user's jobs hold at most
         ``MAX_USER_PEERS`` endpoints and ``MAX_USER_JOBS`` jobs: past either, that user's jobs told
-        longest ago are forgotten (never another user's)."""
+        longest ago are forgotten (never another user's); all users' jobs at most ``MAX_LEARNED_PEERS``
+        distinct endpoints: past it, the telling is refused (LimitExceeded)."""
         if len(peers) > MAX_USER_PEERS:
             raise InvalidArgument(f"{len(peers)} peers for one job: at most {MAX_USER_PEERS}")
         told = {p.endpoint: p for p in peers if p.endpoint != self.own}
@@ -105,15 +109,25 @@ class PeerDirectory:
             old = self._learned.pop((uid, job), {})
             mine = told if complete else {**old, **told}
             if len(mine) > MAX_USER_PEERS:
-                self._learned[(uid, job)] = old
+                if old:  # (refused: what it had stays)
+                    self._learned[(uid, job)] = old
                 raise InvalidArgument(f"{len(mine)} peers for job {job}: at most {MAX_USER_PEERS}")
             theirs = [k for k in self._learned if k[0] == uid]  # (oldest told first)
+            gone: list[tuple[int, str]] = []
             while theirs and (len(theirs) >= MAX_USER_JOBS or len(
                     {e for k in theirs for e in self._learned[k]} | set(mine)) > MAX_USER_PEERS):
-                gone = theirs.pop(0)
-                del self._learned[gone]
+                gone.append(theirs.pop(0))
+            total = len({e for k, v in self._learned.items() if k not in gone for e in v} | set(mine))
+            if total > MAX_LEARNED_PEERS:
+                if old:  # (refused: what it had stays)
+                    self._learned[(uid, job)] = old
+                raise LimitExceeded(f"the jobs on this daemon would have told it {total} peers: at most "
+                                    f"{MAX_LEARNED_PEERS} (each is a thread and a socket); job {job} keeps "
+                                    "the daemon's own peers and those it told before")
+            for k in gone:
+                del self._learned[k]
                 log.info("peers learned for %s forgotten: uid %d's jobs hold at most %d jobs' and %d "
-                         "peers", gone[1], uid, MAX_USER_JOBS, MAX_USER_PEERS)
+                         "peers", k[1], uid, MAX_USER_JOBS, MAX_USER_PEERS)
             self._learned[(uid, job)] = mine
         return sorted(p for e, p in mine.items() if old.get(e) != p)
 

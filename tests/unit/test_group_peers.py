@@ -15,7 +15,7 @@ from snapd import protocol
 from snapd.client import group_peers
 from snapd.client.group_peers import GroupPeers
 from snapd.daemon.replication import Replication
-from snapd.errors import DaemonUnavailable, InvalidArgument, ProtocolError
+from snapd.errors import DaemonUnavailable, InvalidArgument, LimitExceeded, ProtocolError
 from snapd.peers import directory
 from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys, create
@@ -176,6 +176,27 @@ def test_what_one_user_tells_is_bounded_and_never_pushes_out_another_users_peers
     with pytest.raises(InvalidArgument, match="5 peers for job x4: at most 4"):
         d.learn(2, "x4", peers[:1], complete=False)
     assert len(d.all(job="x4")) == 4  # (refused: what it had stays)
+
+
+def test_all_users_tellings_are_bounded_together_and_one_over_is_refused_not_another_forgotten(
+        monkeypatch) -> None:
+    monkeypatch.setattr(directory, "MAX_USER_PEERS", 4)
+    monkeypatch.setattr(directory, "MAX_LEARNED_PEERS", 6)
+    d = PeerDirectory("tcp://10.0.0.1:7010", "a")
+    peers = [PeerInfo(f"tcp://10.0.1.{i}:7010", f"n{i}") for i in range(10)]
+    d.learn(1, "a", peers[:4], complete=True)
+    d.learn(2, "b", peers[4:6], complete=True)
+    with pytest.raises(LimitExceeded, match="would have told it 7 peers: at most 6"):
+        d.learn(3, "c", peers[6:7], complete=True)
+    assert d.all(job="c") == [] and d.learned_jobs() == 2  # (nothing of it kept, nobody's forgotten)
+    assert len(d.all(job="a")) == 4 and len(d.all(job="b")) == 2
+    d.learn(3, "c", peers[:2], complete=True)  # endpoints already told by another job: no more of them
+    with pytest.raises(LimitExceeded):
+        d.learn(3, "c", peers[6:7], complete=False)
+    assert d.all(job="c") == sorted(peers[:2])  # (refused: what it had stays)
+    d.learn(1, "a", peers[:1], complete=True)  # a job's ranks tell fewer: room for others
+    d.learn(3, "c", peers[6:8], complete=False)
+    assert len(d.all(job="c")) == 4
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://*:7010", "tcp://0.0.0.0:7010", "tcp://[::]:7010",
