@@ -130,6 +130,7 @@ class Peers:
         if new:
             log.info("%s: %d peer(s) learned from its ranks: %s", job, len(new),
                      ", ".join(f"{p.endpoint} ({p.node})" for p in new))
+            self.pool.submit(self.replication.claim_record, {p.endpoint: p for p in new})
             self.prefetch.hello(job_dir, job, retention, rank, world_size)
         return len(self.directory.all(job=job))
 

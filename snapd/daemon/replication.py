@@ -39,6 +39,7 @@ class Replication:
         self.timeout_s, self.check_s = timeout_s, check_s
         self.root = root  # (where held_record keeps what the holders were sent; None: nowhere)
         self._record_lock = threading.Lock()
+        self._unclaimed: held_record.Held = {}  # (what the last run sent peers not known yet)
         self.ctx = wire.context()  # (one socket per peer)
         self._senders: dict[str, Sender] = {}
         self._reaped: list[Sender] = []  # (their threads end on their own: a stop waits for them too)
@@ -65,25 +66,32 @@ class Replication:
 
     def take_up_record(self) -> None:
         """What this daemon's last run sent its holders, handed to their senders to check (a thread
-        of the peers' pool, at start: the directory's first read may take seconds)."""
+        of the peers' pool, at start: the directory's first read may take seconds). The entries of
+        peers not known yet wait for a job's ranks to tell them (``claim_record``)."""
         if self.root is None:
             return
         record = held_record.load(self.root)
-        if not record:
+        with self._record_lock:
+            self._unclaimed = record
+        self.claim_record({p.endpoint: p for p in self.directory.all(wait_s=5.0)})
+
+    def claim_record(self, peers: dict[str, PeerInfo]) -> None:
+        """The recorded parts sent to ``peers`` (known now) go to their senders to be checked."""
+        if self.root is None:
             return
-        known = {p.endpoint: p for p in self.directory.all(wait_s=5.0)}
+        with self._record_lock:
+            mine = {ep: self._unclaimed.pop(ep) for ep in list(self._unclaimed) if ep in peers}
         n = 0
-        for endpoint, parts in record.items():
-            if endpoint not in known:
-                continue  # (no longer a peer; or one a job's ranks told, told again when they connect)
-            s = self._sender(known[endpoint])
+        for endpoint, parts in mine.items():
+            s = self._sender(peers[endpoint])
             for job, step, rank, whole in parts:
                 o = held_record.outgoing(self.root, job, step, rank, whole)
                 if o is not None:
                     s.seed(o)
                     n += 1
-        log.info("%d part(s) this daemon's last run sent %d holder(s): checked that they still hold them",
-                 n, len(record))
+        if mine:
+            log.info("%d part(s) this daemon's last run sent %d holder(s): checked that they still hold them",
+                     n, len(mine))
 
     def add(self, o: Outgoing, replicas: int) -> None:
         """Announce a part to every peer of its job, and queue it for its ``replicas`` holders (any
