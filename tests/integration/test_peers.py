@@ -89,12 +89,12 @@ def test_parts_commit_across_nodes_and_a_lost_node_restores_from_replicas(tmp_pa
 
 def test_a_node_lost_before_its_part_reached_a_peer_gets_a_clear_error_not_an_empty_root(
         tmp_path, start, peer_nodes) -> None:
-    """Replication lags (1 MiB/s) and node 2 is lost with its disk before its
+    """Replication lags (512 KiB/s) and node 2 is lost with its disk before its
     part reached its holder: no step has every part anywhere. The replacement node's README loop starts
     from scratch (``list()`` is empty); ``restore()`` says which rank's part is missing, not "no job
     under this root", and a surviving node's rank hears the same."""
-    nodes = peer_nodes.Nodes(tmp_path, start, 3, "--peer-bytes-per-s", str(1 << 20))
-    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen")  # (8 MiB parts: ~8 s each on its way)
+    nodes = peer_nodes.Nodes(tmp_path, start, 3, "--peer-bytes-per-s", str(512 << 10))
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen")  # (8 MiB parts: ~16 s each on its way)
     assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
     lag = [p["backlog_parts"] for p in nodes.status(2)["peers"]["peers"]]
     assert sorted(lag) == [0, 1], (lag, nodes.logs())  # (on its way to its holder: the node is lost now)
@@ -276,8 +276,8 @@ def test_sigterm_waits_for_the_parts_to_reach_their_replica_holders(tmp_path, st
 def test_a_peers_lag_counts_the_part_being_sent_until_the_peer_holds_it(tmp_path, start, peer_nodes) -> None:
     """Lag 0 in ``snapd status`` means the peer holds every part made here: what an operator (or a
     drain script) checks before taking a node away. The part in flight is lag too."""
-    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-bytes-per-s", str(2 << 20))
-    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen", world=2)  # (8 MiB parts: ~4 s each)
+    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-bytes-per-s", str(1 << 20))
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1", "frozen", world=2)  # (8 MiB parts: ~8 s each)
     assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
     seen, shown = set(), ""
     while True:
