@@ -39,7 +39,8 @@ Modules:
   ``codec_choice``: which codec keeps the disk busy; ``endings``: the stages' reports turned into
   replies; ``rank_commits``: the thread that watches ranks' durable parts until their global
   snapshot commits or is given up;
-  ``uploads``: the remote tier's upload thread (its backlog, order, retention and status);
+  ``uploads``: the remote tier's upload thread (its backlog, order and status);
+  ``upload_retention``: local snapshots held for their upload, and the retention after it;
   ``remote_parts``: rank parts uploaded ahead of their global commit, which nodes sharing no
   filesystem make in the bucket; ``remote_view``: which steps the bucket holds, for the status.
 - ``peers``: the other nodes' daemons, as one part of this one (docs/peers.md): ``peer_server``

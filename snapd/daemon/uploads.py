@@ -8,9 +8,8 @@ backlog and is retried with a growing pause (up to ``MAX_RETRY_S``); the last er
 ``snapd status``. Memory: ``remote_threads`` parts of 16 MiB in flight; bandwidth: at most
 ``remote_bytes_per_s``.
 
-Local retention leaves a snapshot in place while it waits here (``held``); once its upload is
-committed, the job's local retention is applied again and the remote one (``remote_keep_last``,
-``remote_keep_every_steps``, the best kept) runs on the remote tier.
+Local retention leaves a snapshot in place while it waits here (``held``); after its upload, the
+local and the remote retention run (snapd.daemon.upload_retention).
 
 This thread owns the backlog and the counters; the server thread reads ``status()`` (a copy under
 the lock) and the flush and rank-commit threads call ``add``.
@@ -20,22 +19,22 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from snapd.daemon.config import DaemonConfig
+from snapd.daemon import upload_retention
+from snapd.daemon.upload_retention import Upload
 from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.remote_parts import PartUploads
 from snapd.daemon.remote_view import RemoteView
 from snapd.errors import RemoteError, SnapdError
 from snapd.format import index as jobindex
-from snapd.format.jobdir import JobDir, job_dirs
-from snapd.format.retention import Retention, prune
+from snapd.format.jobdir import job_dirs
+from snapd.format.retention import Retention
 from snapd.remote.bandwidth import Pacer
 from snapd.remote.remote_job import RemoteJob
 from snapd.remote.store import Store
@@ -44,21 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 30.0
 GIVE_UP_AFTER = 3  # failed attempts in a row after which a drain no longer waits for the store
-SPACE_MARGIN = 2  # snapshots' worth of free space below which uploads no longer hold local ones
-
-
-@dataclass
-class Upload:
-    root: Path  # the job's root (a user's, with per-user directories)
-    job: str
-    path: Path  # the committed local snapshot
-    step: int
-    emergency: bool
-    stored_bytes: int
-    retention: Retention
-    ranks: set[int] | None  # a global snapshot: the ranks this node served (their parts are ours)
-    since: float = field(default_factory=time.time)
-    attempts: int = 0
 
 
 class Yielded(Exception):
@@ -134,27 +118,15 @@ class Uploader:
             self._pace(n)
 
     def held(self, job_path: Path, next_bytes: int = 0) -> frozenset[str]:
-        """The snapshots of this job still waiting for their upload: local retention keeps them,
-        unless the disk has less room than ``SPACE_MARGIN`` snapshots of ``next_bytes`` (then
-        retention takes them as it would without a remote tier, each named in the log)."""
+        """The snapshots of this job still waiting for their upload (snapd.daemon.upload_retention)."""
         with self._lock:
             waiting = [u for u in self._backlog.values() if u.path.parent == job_path]
-        if waiting and next_bytes:
-            try:
-                free = shutil.disk_usage(job_path).free
-            except OSError:
-                free = None
-            if free is not None and free < SPACE_MARGIN * next_bytes:
-                for u in waiting:
-                    log.warning("local space forces retention: %s step %d may be removed before its upload "
-                                "(%d bytes free under %s)", u.job, u.step, free, job_path)
-                return frozenset()
-        return frozenset(u.path.name for u in waiting)
+        return upload_retention.hold(waiting, job_path, next_bytes)
 
     def _bound(self) -> None:
         while len(self._backlog) > self.config.remote_backlog:
             victims = [u for u in self._backlog.values() if not u.emergency and u is not self._busy
-                       and not self._is_best(u)]
+                       and not upload_retention.is_best(u)]
             if not victims:
                 return
             v = min(victims, key=lambda u: (u.since, u.step))
@@ -162,14 +134,6 @@ class Uploader:
             self.counts["skipped"] += 1
             log.warning("remote backlog full (%d snapshots): %s step %d is not uploaded (%s)",
                         self.config.remote_backlog, v.job, v.step, v.path)
-
-    @staticmethod
-    def _is_best(u: Upload) -> bool:
-        try:
-            best = jobindex.load(JobDir(u.root, u.job)).best
-        except (OSError, SnapdError):
-            return False
-        return best is not None and best.name == u.path.name
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -304,8 +268,11 @@ class Uploader:
             self.view.committed(rjob.job, u.step)
         log.info("uploaded %s step %d to %s in %.2f s%s", u.job, u.step, rjob.where(u.path.name), took,
                  "" if committed else " (its global snapshot waits for other nodes' parts)")
-        self._retire(u, rjob)  # (before the upload counts as done: a status that says nothing waits
-        with self._lock:       # shows the bucket after its retention too)
+        # (before the upload counts as done: a status that says nothing waits shows the bucket after
+        # its retention too; the local hold without this one, uploaded now)
+        upload_retention.retire(u, rjob, self.held(u.path.parent) - {u.path.name},
+                                self.config.remote_keep_last, self.config.remote_keep_every_steps, self.view)
+        with self._lock:
             self._busy = None
             if self._backlog.get(u.path) is u:
                 del self._backlog[u.path]
@@ -314,27 +281,6 @@ class Uploader:
             self.counts["seconds"] += took
             self.last_error = None
             self._failures = 0
-
-    def _retire(self, u: Upload, rjob: RemoteJob) -> None:
-        """Local retention without the hold on what is now uploaded; then remote retention."""
-        job = JobDir(u.root, u.job)
-        try:
-            prune(job, replace(u.retention, hold=self.held(job.path) - {u.path.name}))  # (uploaded now)
-        except (OSError, SnapdError) as e:
-            log.warning("%s: local retention after an upload failed: %s", job.path, e)
-        keep_last, every = self.config.remote_keep_last, self.config.remote_keep_every_steps
-        if keep_last is None:
-            return
-        try:
-            entries, rule = rjob.entries()
-            index = jobindex.JobIndex(history=entries, best_metric=u.retention.best or rule)
-            for old in jobindex.to_delete(index, keep_last, every):
-                log.info("remote retention removes %s step %d", u.job, old.step)
-                rjob.delete(old.step)
-                self.view.forget(rjob.job, old.step)
-        except SnapdError as e:  # (the upload stands; the next one applies retention again)
-            log.warning("%s: remote retention after an upload failed: %s", u.job, e)
-
 
 def _background() -> None:
     """This thread yields the CPU to the flush and encode threads (the next local snapshot) and to
