@@ -160,11 +160,16 @@ def test_a_jobs_peers_are_its_own_and_a_complete_telling_replaces_them() -> None
     assert "tcp://10.0.0.2:7010" not in d.known() and "tcp://10.0.0.4:7010" in d.known()
 
 
+def _bounded(monkeypatch, **bounds: int) -> tuple[PeerDirectory, list[PeerInfo]]:
+    """A directory with ``bounds`` (``MAX_USER_PEERS=4``...) lowered, and ten endpoints to tell it."""
+    for name, value in bounds.items():
+        monkeypatch.setattr(directory, name, value)
+    return PeerDirectory("tcp://10.0.0.1:7010", "a"), [PeerInfo(f"tcp://10.0.1.{i}:7010", f"n{i}")
+                                                       for i in range(10)]
+
+
 def test_what_one_user_tells_is_bounded_and_never_pushes_out_another_users_peers(monkeypatch) -> None:
-    monkeypatch.setattr(directory, "MAX_USER_PEERS", 4)
-    monkeypatch.setattr(directory, "MAX_USER_JOBS", 2)
-    d = PeerDirectory("tcp://10.0.0.1:7010", "a")
-    peers = [PeerInfo(f"tcp://10.0.1.{i}:7010", f"n{i}") for i in range(10)]
+    d, peers = _bounded(monkeypatch, MAX_USER_PEERS=4, MAX_USER_JOBS=2)
     d.learn(1, "victim", peers[:4], complete=True)
     d.learn(2, "x1", peers[4:6], complete=True)
     d.learn(2, "x2", peers[6:8], complete=True)
@@ -180,10 +185,7 @@ def test_what_one_user_tells_is_bounded_and_never_pushes_out_another_users_peers
 
 def test_all_users_tellings_are_bounded_together_and_one_over_is_refused_not_another_forgotten(
         monkeypatch) -> None:
-    monkeypatch.setattr(directory, "MAX_USER_PEERS", 4)
-    monkeypatch.setattr(directory, "MAX_LEARNED_PEERS", 6)
-    d = PeerDirectory("tcp://10.0.0.1:7010", "a")
-    peers = [PeerInfo(f"tcp://10.0.1.{i}:7010", f"n{i}") for i in range(10)]
+    d, peers = _bounded(monkeypatch, MAX_USER_PEERS=4, MAX_LEARNED_PEERS=6)
     d.learn(1, "a", peers[:4], complete=True)
     d.learn(2, "b", peers[4:6], complete=True)
     with pytest.raises(LimitExceeded, match="would have told it 7 peers: at most 6"):
