@@ -93,6 +93,7 @@ def _peers(p: dict | None) -> list[str]:
                      f"({human_bytes(s['backlog_bytes'])}, oldest {s['oldest_s']:.0f} s"
                      + (f", sending {s['sending']}" if s.get("sending") else "") + "), replicated "
                      f"{human_bytes(s['replicated_bytes'])}, failures {s['failures']}"
+                     + (f", sent again {s['resent_parts']}" if s.get("resent_parts") else "")
                      + (f"; {s['last_error']}" if s.get("last_error") else ""))
     for job, steps in sorted(p["jobs"].items()):
         for step, w in sorted(steps.items(), key=lambda kv: -int(kv[0])):

@@ -120,6 +120,7 @@ class _PeerCollector:
         st = self.status()
         by_peer = [("snapd_peer_replicated_bytes", "replicated_bytes", "Bytes of parts sent to a peer", True),
                    ("snapd_peer_replication_failures", "failures", "Failed sends to a peer", True),
+                   ("snapd_peer_resent_parts", "resent_parts", "Parts sent again: the peer lost them", True),
                    ("snapd_peer_backlog_parts", "backlog_parts", "Parts waiting to be sent to a peer", False),
                    ("snapd_peer_backlog_bytes", "backlog_bytes", "Bytes waiting to be sent to a peer", False),
                    ("snapd_peer_lag_seconds", "oldest_s", "Age of the oldest part waiting for a peer", False)]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def test_a_replica_holder_that_restarted_is_sent_its_lost_copies_again(tmp_path,
     node 1's again: node 0's new run knows from its record what node 1 held, and sends it again too.
     Node 0 is then lost with its disk, and its rank resumes bit-exact from that copy. Before, the
     sender counted the copy as held until the next step, and the step could not be resumed."""
-    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-check-s", "0.5")
+    nodes = peer_nodes.Nodes(tmp_path, start, 2, "--peer-check-s", "0.5", "--metrics-addr", "127.0.0.1:0")
     outs = peer_nodes.ranks(nodes, "g", "run-1", "1", world=2)
     assert all(o.split() == ["COMMITTED", "1"] for o in outs), (outs, nodes.logs())
 
@@ -314,8 +315,11 @@ def test_a_replica_holder_that_restarted_is_sent_its_lost_copies_again(tmp_path,
     restart(1)
     nodes.daemons[1].wait_for(lambda: held(1) == {"1": [0]}, timeout=30)
     time.sleep(2)  # (4 more checks: a holder that keeps its copy is asked, not sent it again)
-    (to_1,) = nodes.status(0)["peers"]["peers"]
-    assert to_1["resent_parts"] == 1, to_1
+    st = nodes.status(0)
+    (to_1,) = st["peers"]["peers"]
+    assert to_1["resent_parts"] == 1 and "failures 0, sent again 1" in status_text(st), to_1
+    scraped = urllib.request.urlopen(st["metrics"], timeout=10).read().decode()
+    assert f'snapd_peer_resent_parts_total{{peer="{nodes.endpoints[1]}"}} 1.0' in scraped, scraped
     assert "no longer holds g step 1 rank 0" in nodes.daemons[0].log_text(), nodes.logs()
     restart(0)
     nodes.daemons[0].wait_for(lambda: "1 part(s) this daemon's last run sent 1 holder(s)" in
