@@ -59,3 +59,27 @@ def test_a_malformed_or_hostile_record_is_left_out_and_the_daemon_goes_on(tmp_pa
     path.symlink_to(tmp_path / "elsewhere.json")
     (tmp_path / "elsewhere.json").write_text(json.dumps({"v": 1, "peers": {EP: [["g", 3, 1, False]]}}))
     assert held_record.load(tmp_path) == {}  # (a link is not followed)
+
+
+def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_told_later(tmp_path) -> None:
+    """At start the record's parts go to the senders of the peers known then; those of a peer a
+    job's ranks tell later (group discovery) wait, and are claimed when it is learned."""
+    from snapd.daemon.replication import Replication
+    from snapd.peers.directory import PeerDirectory, PeerInfo
+    from snapd.peers.keys import PeerKeys, create
+
+    root = tmp_path / "root"
+    _job(root)
+    listed, told = "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"  # (nothing answers there: only the seeding)
+    held_record.save(root, {listed: [("g", 3, 0, False)], told: [("g", 3, 1, False), ("g", 9, 1, False)]})
+    create(tmp_path / "keys")
+    d = PeerDirectory("tcp://127.0.0.1:1", "a", [listed])
+    r = Replication(PeerKeys.load(tmp_path / "keys"), d, lambda n: None, 1.0, 3600.0, root)
+    try:
+        r.take_up_record()
+        assert {ep: s.held() for ep, s in r._senders.items()} == {listed: [("g", 3, 0, False)]}
+        r.claim_record({told: PeerInfo(told, "c")})  # (step 9 is not on this disk: left out)
+        assert {ep: s.held() for ep, s in r._senders.items()} == {listed: [("g", 3, 0, False)],
+                                                                 told: [("g", 3, 1, False)]}
+    finally:
+        r.stop()
