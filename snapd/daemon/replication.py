@@ -62,7 +62,10 @@ class Replication:
         with self._record_lock:
             with self._lock:
                 senders = list(self._senders.values())
-            held_record.save(self.root, {s.peer.endpoint: s.held() for s in senders})
+            held = {s.peer.endpoint: s.held() for s in senders}
+            # (what the last run sent peers not known yet stays until they are: claim_record)
+            held.update({ep: parts for ep, parts in self._unclaimed.items() if ep not in held})
+            held_record.save(self.root, held)
 
     def take_up_record(self) -> None:
         """What this daemon's last run sent its holders, handed to their senders to check (a thread

@@ -78,6 +78,8 @@ def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_tol
     try:
         r.take_up_record()
         assert {ep: s.held() for ep, s in r._senders.items()} == {listed: [("g", 3, 0, False)]}
+        r._record()  # (a part a holder took meanwhile: the record written anew keeps the unclaimed)
+        assert held_record.load(root)[told] == [("g", 3, 1, False), ("g", 9, 1, False)]
         r.claim_record({told: PeerInfo(told, "c")})  # (step 9 is not on this disk: left out)
         assert {ep: s.held() for ep, s in r._senders.items()} == {listed: [("g", 3, 0, False)],
                                                                  told: [("g", 3, 1, False)]}
