@@ -132,13 +132,15 @@ class Sender:
                 self._checked = time.monotonic()
             except (SnapdError, OSError, zmq.ZMQError) as e:
                 self.failures += 1
+                # (a holder down for long is asked every check: said once, then at info level)
+                level = logging.INFO if o is None and self.up is False else logging.WARNING
                 self.up = not isinstance(e, wire.PeerUnavailable)
                 self.last_error = f"{type(e).__name__}: {e}"
                 backoff = self._backoff
                 self._retry_at = time.monotonic() + backoff
                 self._backoff = min(30.0, backoff * 2)
-                log.warning("replication to %s lags: %s: %s (again in %.1f s)", self.peer.endpoint, what, e,
-                            backoff)
+                log.log(level, "replication to %s lags: %s: %s (again in %.1f s)", self.peer.endpoint, what,
+                        e, backoff)
                 with self.cond:  # (refused: it will not take it later either)
                     if isinstance(e, wire.PeerRefused) or o is None:
                         pass

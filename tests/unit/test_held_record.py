@@ -5,8 +5,10 @@ this node's disk only where it is still there."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -85,3 +87,29 @@ def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_tol
                                                                  told: [("g", 3, 1, False)]}
     finally:
         r.stop()
+
+
+def test_a_holder_down_for_long_is_said_once_not_at_every_check(tmp_path, caplog) -> None:
+    from snapd.daemon.replication import Replication
+    from snapd.peers.directory import PeerDirectory, PeerInfo
+    from snapd.peers.keys import PeerKeys, create
+
+    root = tmp_path / "root"
+    _job(root)
+    down = "tcp://127.0.0.1:2"  # (nothing answers there)
+    create(tmp_path / "keys")
+    r = Replication(PeerKeys.load(tmp_path / "keys"), PeerDirectory("tcp://127.0.0.1:1", "a"), lambda n: None,
+                    0.2, 0.1, root)
+    caplog.set_level(logging.INFO, logger="snapd.daemon.peer_sender")
+    try:
+        s = r._sender(PeerInfo(down, "b"))
+        s.seed(held_record.outgoing(root, "g", 3, 0, False))
+        deadline = time.monotonic() + 30
+        while s.failures < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.failures >= 3
+    finally:
+        r.stop()
+    asked = [rec for rec in caplog.records if "asking what it holds" in rec.getMessage()]
+    assert len(asked) >= 3 and [rec.levelno for rec in asked].count(logging.WARNING) == 1, \
+        [(rec.levelname, rec.getMessage()) for rec in asked]
