@@ -203,6 +203,17 @@ class Sender:
                 self._checked = 0.0
                 self.cond.notify()
 
+    def forget_older(self, o: Outgoing) -> None:
+        """``o``, a newer part of the same rank, goes to other holders: this peer is not asked for
+        the older one any more (it drops it once the newer step is complete there, and sending it
+        again each check would go on for ever)."""
+        with self.cond:
+            had = self._held.get((o.job, o.rank))
+            if had is None or had.newness >= o.newness:
+                return
+            del self._held[(o.job, o.rank)]
+        self.on_held()
+
     def _check(self) -> None:
         """Queue again the newest part of each rank sent to the peer that it no longer holds (it
         restarted, or dropped it) and that is still on this node."""

@@ -111,6 +111,10 @@ class Replication:
                 if peer.endpoint in targets:
                     s.replicate.append(o)
                 s.cond.notify()
+        with self._lock:
+            others = [s for ep, s in self._senders.items() if ep not in targets]
+        for s in others:  # (the ring changed: its older part's holder is no longer asked for it)
+            s.forget_older(o)
 
     def announce_new(self, o: Outgoing) -> None:
         """Announce a part still waiting for its step to the peers found since it was made (a

@@ -4,6 +4,7 @@ this node's disk only where it is still there."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -113,3 +114,32 @@ def test_a_holder_down_for_long_is_said_once_not_at_every_check(tmp_path, caplog
     asked = [rec for rec in caplog.records if "asking what it holds" in rec.getMessage()]
     assert len(asked) >= 3 and [rec.levelno for rec in asked].count(logging.WARNING) == 1, \
         [(rec.levelname, rec.getMessage()) for rec in asked]
+
+
+def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_path) -> None:
+    """The newer part of a rank goes to another holder (a node joined, the ranks told other peers):
+    the old holder drops the older part once the newer step is complete there, so it must no longer
+    be checked for it (else it would be sent again at every check, for ever)."""
+    from snapd.daemon.replication import Replication
+    from snapd.peers.directory import PeerDirectory
+    from snapd.peers.keys import PeerKeys, create
+
+    root = tmp_path / "root"
+    _job(root)
+    create(tmp_path / "keys")
+    d = PeerDirectory("tcp://127.0.0.1:1", "a", ["tcp://127.0.0.1:2", "tcp://127.0.0.1:3"])
+    r = Replication(PeerKeys.load(tmp_path / "keys"), d, lambda n: None, 0.2, 3600.0, root)
+    try:
+        (target,) = [p.endpoint for p in d.replica_targets(1, "g")]
+        (old,) = [p for p in d.all(job="g") if p.endpoint != target]
+        older = held_record.outgoing(root, "g", 3, 0, False)
+        assert older is not None
+        r._sender(old).seed(older)
+        r.add(dataclasses.replace(older, step=4, taken=older.taken + 1), 1)
+        assert r._senders[old.endpoint].held() == []  # (no longer asked for step 3)
+        same = dataclasses.replace(older, taken=older.taken + 2)
+        r._sender(old).seed(same)
+        r.add(dataclasses.replace(older, step=2, taken=older.taken + 1), 1)  # (an older one: kept)
+        assert r._senders[old.endpoint].held() == [("g", 3, 0, False)]
+    finally:
+        r.stop()
