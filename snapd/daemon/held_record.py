@@ -20,7 +20,7 @@ from snapd.daemon.outgoing import Outgoing
 from snapd.errors import FormatError, InvalidArgument
 from snapd.format.global_manifest import part_dir
 from snapd.format.jobdir import read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
+from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.peers import wire
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,4 @@ def outgoing(root: Path, job: str, step: int, rank: int, whole: bool) -> Outgoin
         return None
     if m.step != step or whole != (m.part is None) or (m.part is not None and m.part.get("rank") != rank):
         return None
-    world, run = (1, "") if m.part is None else (int(m.part["world_size"]), str(m.part["run"]))
-    size = sum(int(f["bytes"]) for f in m.files) + len(raw)
-    return Outgoing(job, step, rank, world, run, job_dir, job_dir / snapshot_name(step), raw, size,
-                    whole=whole, taken=taken_of(m))
+    return Outgoing.of(job, job_dir, job_dir / snapshot_name(step), raw, m)

@@ -14,7 +14,7 @@ from typing import Any
 from snapd.errors import FormatError
 from snapd.format.global_manifest import part_dir
 from snapd.format.jobdir import read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse
+from snapd.format.manifest import MANIFEST_NAME, Manifest, parse, taken_of
 
 
 @dataclass
@@ -35,6 +35,15 @@ class Outgoing:
     announced: set[str] = field(default_factory=set)  # the peers it was announced to (any thread)
     whole: bool = False  # a single process's snapshot: rank 0 of 1, its files in step-N/ itself
     taken: float = 0.0  # when its state was handed over
+
+    @classmethod
+    def of(cls, job: str, job_dir: Path, pending: Path, raw: bytes, m: Manifest) -> Outgoing:
+        """The part whose manifest is ``m`` (``raw``): a rank's part as its manifest names it, or a
+        single process's snapshot (no part: rank 0 of 1, ``whole``)."""
+        part = m.part or {"rank": 0, "world_size": 1, "run": ""}
+        return cls(job, m.step, int(part["rank"]), int(part["world_size"]), str(part["run"]), job_dir,
+                   pending, raw, sum(int(f["bytes"]) for f in m.files) + len(raw), whole=m.part is None,
+                   taken=taken_of(m))
 
     @property
     def newness(self) -> tuple[float, int]:

@@ -35,7 +35,7 @@ from snapd.format.global_commit import Delivery
 from snapd.format.global_manifest import part_dir
 from snapd.errors import Busy, InvalidArgument, SnapdError
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, parse, taken_of
+from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
 from snapd.peers.directory import PeerDirectory, PeerInfo
 from snapd.peers.keys import PeerKeys
@@ -175,10 +175,8 @@ class Peers:
         where = d.job.path / snapshot_name(d.step) if d.committed is not None else d.pending
         raw = read_regular(where / part_dir(d.rank) / MANIFEST_NAME)
         m = parse(raw)
-        size = sum(int(f["bytes"]) for f in m.files) + len(raw)
         self.book.mine(job, d.step, d.world_size, d.run, d.rank, self.node, m)
-        o = Outgoing(job, d.step, d.rank, d.world_size, d.run, d.job.path, d.pending, raw, size,
-                     taken=taken_of(m))
+        o = Outgoing.of(job, d.job.path, d.pending, raw, m)
         self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
         for k in [k for k in self._waiting if k[0] == job and k[2] == d.rank]:
             del self._waiting[k]  # (a rank's newer part: its older step has ended)
@@ -193,8 +191,7 @@ class Peers:
         raw = read_regular(path / MANIFEST_NAME)
         m = parse(raw)
         self.book.mine(job, task.step, 1, "", 0, self.node, m)
-        size = sum(int(f["bytes"]) for f in m.files) + len(raw)
-        o = Outgoing(job, task.step, 0, 1, "", job_dir, path, raw, size, whole=True, taken=taken_of(m))
+        o = Outgoing.of(job, job_dir, path, raw, m)
         self.replication.add(o, self.replicas if task.replicas is None else task.replicas)
 
     def waiting(self, w: Waiting) -> None:
