@@ -106,26 +106,12 @@ class Survey:
         # (a daemon just started: its first read of the directory)
         peers = self.directory.all(wait_s=min(5.0, self.timeout_s), job=job)
         replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
-                               min(5.0, self.timeout_s))
-        for peer in peers:
-            have = self._have(peer.endpoint, job, replies[peer.endpoint])
-            for entry in have:
-                s = steps.setdefault(entry["step"], Step(entry["step"]))
-                if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
-                    s.whole.append(Copy(_speed(entry["parts"].get("0")), peer.endpoint, entry["whole"],
-                                        _taken(entry.get("taken"))))
-                    continue
-                if s.manifest is None and entry.get("global"):
-                    try:
-                        m = parse_any(entry["global"].encode(), f"{peer.endpoint}: {job} step {s.step}")
-                    except FormatError as e:
-                        log.warning("%s", e)
-                        continue
-                    if isinstance(m, GlobalManifest) and m.step == s.step:
-                        s.manifest, s.raw, s.where = m, entry["global"].encode(), peer.endpoint
-                for r, where in entry.get("parts", {}).items():
-                    if isinstance(r, str) and r.isdigit():
-                        s.sources.setdefault(int(r), []).append((_speed(where), peer.endpoint))
+                               min(5.0, self.timeout_s),
+                               on_reply=lambda ep, reply: self._fold(steps, ep, job, reply),
+                               settled=lambda: settled(steps, want))
+        for ep, reply in replies.items():  # (each answer is in ``steps`` already)
+            if isinstance(reply, SnapdError):
+                log.warning("peer %s: cannot ask what it holds of %s: %s", ep, job, reply)
         if self.bucket is not None and not any(s.whole for s in steps.values()):
             self._add_bucket(job, steps, want)  # (a single process's snapshots: its client asks the bucket)
         for s in steps.values():
@@ -209,11 +195,49 @@ class Survey:
         return steps
 
     @staticmethod
-    def _have(endpoint: str, job: str, reply: dict | SnapdError) -> list[dict]:
+    def _fold(steps: dict[int, Step], endpoint: str, job: str, reply: dict | SnapdError) -> None:
+        """A peer's answer to ``have``: the steps it holds (their global manifests, its rank parts
+        or a single process's copies), added to ``steps``."""
         if isinstance(reply, SnapdError):
-            log.warning("peer %s: cannot ask what it holds of %s: %s", endpoint, job, reply)
-            return []
-        steps = reply.get("steps")
-        return [e for e in steps if isinstance(e, dict) and type(e.get("step")) is int] \
-            if isinstance(steps, list) else []
+            return
+        have = reply.get("steps")
+        for entry in have if isinstance(have, list) else []:
+            if not (isinstance(entry, dict) and type(entry.get("step")) is int):
+                continue
+            s = steps.setdefault(entry["step"], Step(entry["step"]))
+            if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
+                s.whole.append(Copy(_speed(entry["parts"].get("0")), endpoint, entry["whole"],
+                                    _taken(entry.get("taken"))))
+                continue
+            if s.manifest is None and entry.get("global"):
+                try:
+                    m = parse_any(entry["global"].encode(), f"{endpoint}: {job} step {s.step}")
+                except FormatError as e:
+                    log.warning("%s", e)
+                    continue
+                if isinstance(m, GlobalManifest) and m.step == s.step:
+                    s.manifest, s.raw, s.where = m, entry["global"].encode(), endpoint
+            for r, where in entry.get("parts", {}).items():
+                if isinstance(r, str) and r.isdigit():
+                    s.sources.setdefault(int(r), []).append((_speed(where), endpoint))
+
+
+def settled(steps: dict[int, Step], want: int | None) -> bool:
+    """Whether what is known of ``steps`` settles what a restore takes, the peers yet to answer
+    aside: step ``want`` with each of its parts somewhere; or, for the newest, that the newest
+    committed step anyone named (taken last) has every part somewhere. Until then, a peer not
+    heard from may hold the part that completes a newer step, and is waited for (a restore must not
+    take an older step for want of it). A step only its parts are known of (its global manifest
+    nowhere yet) is not one a restore can take, and does not count."""
+    def whole(s: Step) -> bool:
+        return bool(s.whole) or s.manifest is not None and all(
+            s.sources.get(r) for r in range(s.manifest.world_size))
+
+    def taken(s: Step) -> tuple[float, int]:  # (as part_fetch.locate and newest_first order them)
+        return (taken_of(s.manifest) if s.manifest is not None else max(c.taken for c in s.whole), s.step)
+
+    if want is not None:
+        return want in steps and whole(steps[want])
+    named = [s for s in steps.values() if s.manifest is not None or s.whole]
+    return bool(named) and whole(max(named, key=taken))
 

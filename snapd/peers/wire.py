@@ -41,6 +41,10 @@ MAX_PIECE_BYTES = 4 << 20  # what a peer may send or ask for in one message (ear
 STREAMS = 4
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_SOCKETS = 8192  # a context's sockets at once (snapd.daemon.serve raises the open-files limit)
+# how long ask_all waits for the rest once the answers so far settle its question: a peer that
+# answers at all does so in milliseconds (a busy one's ROUTER queues fairly: ``have`` waits for one
+# message of each link it serves), while a lost node would cost every survey the whole timeout
+SETTLED_GRACE_S = 1.0
 ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}")
 FILE_RE = re.compile(r"(manifest\.json|data-[0-9]{5}-of-[0-9]{5}\.bin)")
 
@@ -182,11 +186,19 @@ class Link:
 
 
 def ask_all(ctx: zmq.Context, keys: PeerKeys, endpoints: list[str], header: dict[str, Any],
-            timeout_s: float) -> dict[str, dict[str, Any] | SnapdError]:
+            timeout_s: float, on_reply: Callable[[str, dict[str, Any] | SnapdError], None] | None = None,
+            settled: Callable[[], bool] | None = None) -> dict[str, dict[str, Any] | SnapdError]:
     """``header`` asked of every one of ``endpoints`` at once, from this thread, over sockets made for
     it and closed after (a survey of the cluster holds no socket, nor thread, per peer between two):
-    each one's reply header, or the error (PeerUnavailable: no reply in time; PeerRefused)."""
+    each one's reply header, or the error (PeerUnavailable: no reply in time; PeerRefused).
+
+    ``on_reply`` is called with each answer as it comes. Once ``settled()`` says the answers so far
+    settle the question, the others are waited for ``SETTLED_GRACE_S`` more (at least 4 times what
+    the answers took), not the whole timeout: a peer that is gone (a lost node still listed) must not
+    hold up every restore for the timeout, while one merely slower than the rest still answers."""
     out: dict[str, dict[str, Any] | SnapdError] = {}
+    started = time.monotonic()
+    cut = False  # (the deadline brought forward: the answers so far settled it)
     socks: dict[zmq.Socket, str] = {}
     poller = zmq.Poller()
     try:
@@ -213,9 +225,17 @@ def ask_all(ctx: zmq.Context, keys: PeerKeys, endpoints: list[str], header: dict
                         PeerRefused(f"peer {ep}: {reply.get('message', '?')}")
                 except SnapdError as e:
                     out[ep] = e
+                if on_reply is not None:
+                    on_reply(ep, out[ep])
+            if not cut and settled is not None and len(out) < len(set(endpoints)) and settled():
+                now = time.monotonic()
+                cut, deadline = True, min(deadline, now + max(SETTLED_GRACE_S, 4 * (now - started)))
+        waited = time.monotonic() - started
         for ep in endpoints:
-            out.setdefault(ep, PeerUnavailable(f"peer {ep} did not answer within {timeout_s:.0f} s (down, "
-                                               "slow, or refusing our key)"))
+            out.setdefault(ep, PeerUnavailable(
+                f"peer {ep} did not answer within {waited:.1f} s, the others' answers settling it (down, "
+                "slow, or refusing our key)" if cut else
+                f"peer {ep} did not answer within {timeout_s:.0f} s (down, slow, or refusing our key)"))
         return out
     finally:
         for s in socks:

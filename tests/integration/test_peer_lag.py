@@ -1,7 +1,8 @@
 """Peer replicas when replication lags or a holder fails (issue 26's degradation): a peer down
 during snapshots delays only replication, the lag counts a part until its holder holds it whole, a
 SIGTERM drain waits for the holders, a node lost before its part reached one gets a clear error,
-and a holder that restarted is sent its lost copies again. Daemons with separate roots on loopback
+a holder that restarted is sent its lost copies again, and a lost node still listed does not hold
+up the survivors' restores. Daemons with separate roots on loopback
 TCP stand for nodes (tests/integration/peer_nodes.py)."""
 
 from __future__ import annotations
@@ -43,6 +44,34 @@ def test_a_node_lost_before_its_part_reached_a_peer_gets_a_clear_error_not_an_em
             with pytest.raises(SnapshotNotFound, match=r"no step 7 to restore .*no node that answered knows"):
                 c.restore(7)
     assert (nodes.daemons[0].root / "g" / "step-000000000001" / "rank-00000" / "manifest.json").exists()
+
+
+def test_a_lost_node_still_listed_does_not_hold_up_the_survivors_restores(tmp_path, start,
+                                                                         peer_nodes) -> None:
+    """Node 2 is lost and replaced at another address; the survivors still list the lost one (their
+    ``--peers``, as a peer directory's entry until it is stale). Each rank's ``list()`` and
+    ``restore()`` asks every listed peer what it holds: once the answers show the newest step whole,
+    the lost node is no longer waited for (each survey waited the whole peer timeout before), and
+    every rank resumes bit-exact, the lost rank from its replica."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 3)
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1,2")
+    assert all(o.split() == ["COMMITTED", "1", "COMMITTED", "2"] for o in outs), (outs, nodes.logs())
+    for i in range(3):  # (every part held by its replica holder before the node is lost)
+        nodes.daemons[i].wait_for(lambda i=i: nodes.status(i)["peers"]["peers"] and all(
+            p["backlog_parts"] == 0 for p in nodes.status(i)["peers"]["peers"]), timeout=30)
+    nodes.lose(2)
+    lost = nodes.endpoints[2]
+    nodes.endpoints[2] = f"tcp://127.0.0.1:{peer_nodes.free_ports(1)[0]}"
+    nodes.daemons[2] = nodes.start(2)  # (it lists the survivors and itself)
+    for node in (0, 1, 2):
+        with snapd.connect("g", endpoint=nodes.daemons[node].endpoint, spawn=False, rank=node, world_size=3,
+                           run_id="run-2", per_rank=["own"]) as c:
+            assert [s.step for s in c.list()] == ([1, 2] if node < 2 else [2]), nodes.logs()
+            back = c.restore()
+            assert (int(back["own"][0]), float(back["w"][0])) == (200 + node, 2.0), nodes.logs()
+    for node in (0, 1):
+        log = nodes.daemons[node].log_text()
+        assert f"peer {lost} did not answer within" in log and "the others' answers settling it" in log, log
 
 
 def test_a_peer_down_during_snapshots_delays_only_replication(tmp_path, start, peer_nodes) -> None:
