@@ -1,20 +1,23 @@
 """A part this daemon made, to announce to its peers or replicate to them (snapd.daemon.replication):
-what identifies it, what makes one of a rank's parts newer than another, and its files opened from
-the directory that holds this making of it.
+what identifies it, what makes one of a rank's parts newer than another, its files opened from
+the directory that holds this making of it and read as the messages that carry them, and the files
+an incremental part shares with its rank's part of an earlier step.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapd.errors import FormatError
+from snapd.errors import FormatError, SnapdError
 from snapd.format.global_manifest import part_dir
-from snapd.format.jobdir import read_regular, snapshot_name
+from snapd.format.jobdir import SNAPSHOT_RE, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, Manifest, parse, taken_of
+from snapd.peers import wire
 
 
 @dataclass
@@ -57,9 +60,41 @@ class Outgoing:
         """Where its files are in its step's directory."""
         return "" if self.whole else part_dir(self.rank)
 
+    def shared_with(self, m: Manifest, step: int) -> list[tuple[str, str, int]]:
+        """The files of this part (``m``, its manifest) an incremental snapshot shares with its
+        rank's part of ``step``: (its name, that part's file, bytes)."""
+        out = []
+        for f in m.files:
+            # (shared_from: step-N/rank-R/FILE of a part, step-N/FILE of a single process's snapshot)
+            where = str(f.get("shared_from", "")).split("/")
+            at = SNAPSHOT_RE.match(where[0]) if len(where) == (2 if self.whole else 3) else None
+            if at is not None and int(at.group(1)) == step and (self.whole or
+                                                                 where[1] == part_dir(self.rank)):
+                out.append((str(f["name"]), where[-1], int(f["bytes"])))
+        return out
+
+    def checksum_at(self, step: int) -> str | None:
+        """The manifest checksum of this rank's part (a single process's snapshot) of ``step`` on
+        this node's disk; None where there is none."""
+        try:
+            raw = read_regular(self.job_dir / snapshot_name(step) / self.files_dir / MANIFEST_NAME)
+            return parse(raw).checksum
+        except (OSError, SnapdError):
+            return None
+
     def header(self, t: str, **more: Any) -> dict[str, Any]:
         return {"t": t, "job": self.job, "step": self.step, "rank": self.rank, "world_size": self.world_size,
                 "run": self.run, **more}
+
+    def pieces(self, fds: dict[str, int], pace: Callable[[int], None]) -> Iterator[tuple[dict, bytes]]:
+        """The bytes of the files ``fds`` as ``replica`` data messages of ``PIECE_BYTES``, each
+        read when the link takes it, ``pace`` told its size first (the replication bound)."""
+        for name, fd in fds.items():
+            size = os.fstat(fd).st_size
+            for offset in range(0, size, wire.PIECE_BYTES):
+                data = os.pread(fd, min(wire.PIECE_BYTES, size - offset), offset)
+                pace(len(data))
+                yield self.header("replica", phase="data", file=name, offset=offset), data
 
     def open_files(self) -> dict[str, int] | None:
         """Descriptors of the part's data files (they stay valid if the directory moves), or None

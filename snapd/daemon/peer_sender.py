@@ -6,7 +6,8 @@ A peer that restarted (an upgrade, a crash) lost the replicas it held in memory,
 copy (its replica_dir wiped): nothing told the sender, which went on counting them as held until
 the next snapshot. So, every ``peer_check_s`` while its queue is empty, the thread asks the peer
 what it holds of each job (``have``) and queues again the newest part of each rank it no longer
-holds, while that part is still on this node.
+holds, while that part is still on this node. A holder that refuses it (no room) is offered it
+again only after ``peer_check_s``, doubling up to an hour.
 """
 
 from __future__ import annotations
@@ -16,22 +17,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from snapd.daemon.outgoing import Outgoing
 from snapd.errors import SnapdError
-from snapd.format.global_manifest import part_dir
-from snapd.format.jobdir import SNAPSHOT_RE, read_regular
-from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
+from snapd.format.manifest import Manifest, parse
 from snapd.peers import wire
 from snapd.peers.directory import PeerInfo
 
 log = logging.getLogger(__name__)
 
 WINDOW = 8  # pieces in flight to one peer
+# a holder that refused a part it lost (no room, no replica_dir any more) is asked to take it again
+# after check_s, doubling up to this: room may come, but each ask is a warning and its manifest
+REFUSED_MAX_S = 3600.0
 
 
 class Sender:
@@ -54,6 +56,9 @@ class Sender:
         self._held: dict[tuple[str, int], Outgoing] = {}  # (job, rank) -> that part: checked still held
         self._checked = time.monotonic()  # (the last time the peer answered: its holdings checked then)
         self.resent = 0  # parts sent again: the peer no longer held them
+        self._resending: dict[tuple[str, int], int] = {}  # (job, rank) -> the step queued again by a check
+        # (job, rank) -> (the step the peer refused, not offered again before, the wait after that)
+        self._refused: dict[tuple[str, int], tuple[int, float, float]] = {}
         self._retry_at = 0.0
         self._backoff = 0.5
         self.name = peer.node  # (the peer's own name once it answers)
@@ -139,8 +144,13 @@ class Sender:
                 backoff = self._backoff
                 self._retry_at = time.monotonic() + backoff
                 self._backoff = min(30.0, backoff * 2)
-                log.log(level, "replication to %s lags: %s: %s (again in %.1f s)", self.peer.endpoint, what,
-                        e, backoff)
+                if isinstance(e, wire.PeerRefused) and kind == "replicate" and o is not None:
+                    level, after = self._was_refused(o)
+                    log.log(level, "replication to %s: %s refused: %s (offered again in %.0f s, or with its "
+                            "rank's next part)", self.peer.endpoint, what, e, after)
+                else:
+                    log.log(level, "replication to %s lags: %s: %s (again in %.1f s)", self.peer.endpoint,
+                            what, e, backoff)
                 with self.cond:  # (refused: it will not take it later either)
                     if isinstance(e, wire.PeerRefused) or o is None:
                         pass
@@ -168,8 +178,8 @@ class Sender:
             header, _ = self.link.request(o.header("replica", phase="begin", node=self.node), o.manifest)
             self.name = str(header.get("node") or self.name)[:128]  # (a single process's: never announced)
             from_step, linked = self._link_shared(o, m)
-            for _ in self.link.pipeline(self._pieces(o, {n: fd for n, fd in fds.items() if n not in linked}),
-                                        WINDOW):
+            for _ in self.link.pipeline(o.pieces({n: fd for n, fd in fds.items() if n not in linked},
+                                                 self.pace), WINDOW):
                 pass
             self.link.request(o.header("replica", phase="end"))
         finally:
@@ -177,6 +187,10 @@ class Sender:
                 os.close(fd)
         self.sent_bytes += o.nbytes - sum(linked.values())
         with self.cond:
+            self._refused.pop((o.job, o.rank), None)
+            if self._resending.get((o.job, o.rank)) == o.step:
+                del self._resending[(o.job, o.rank)]
+                self.resent += 1
             self.replicated[(o.job, o.rank)] = o.step  # (its newest: older ones queued are dropped)
             had = self._held.get((o.job, o.rank))
             if had is None or had.newness <= o.newness:
@@ -189,6 +203,16 @@ class Sender:
                  self.peer.endpoint, o.nbytes >> 20, time.monotonic() - t0,
                  f"; {sum(linked.values()) >> 20} MiB of it shared with step {from_step}, not sent"
                  if linked else "")
+
+    def _was_refused(self, o: Outgoing) -> tuple[int, float]:
+        """The peer refused ``o``: how loudly to say it (the first refusal of this part is a warning),
+        and how long until a check offers it again (``peer_check_s``, doubling at each refusal)."""
+        with self.cond:
+            step, _, wait = self._refused.get((o.job, o.rank), (None, 0.0, 0.0))
+            again = step == o.step
+            wait = min(REFUSED_MAX_S, 2 * wait) if again else self.check_s
+            self._refused[(o.job, o.rank)] = (o.step, time.monotonic() + wait, wait)
+        return (logging.INFO if again else logging.WARNING), wait
 
     def held(self) -> list[tuple[str, int, int, bool]]:
         with self.cond:
@@ -228,6 +252,10 @@ class Sender:
             for (j, rank), o in last.items():
                 if j != job or (o.step, str(rank)) in held:
                     continue
+                with self.cond:  # (it refused this part lately: offered again only after a while)
+                    refused = self._refused.get((j, rank))
+                    if refused is not None and refused[0] == o.step and time.monotonic() < refused[1]:
+                        continue
                 fds = o.open_files()  # (still here?)
                 for fd in (fds or {}).values():
                     os.close(fd)
@@ -238,51 +266,31 @@ class Sender:
                         del self._held[(j, rank)]
                     elif not any(q.job == j and q.rank == rank for q in self.replicate):
                         self.replicate.append(dataclasses.replace(o, queued=time.monotonic()))
-                        self.resent += 1
+                        self._resending[(j, rank)] = o.step
                 if fds is None:
                     self.on_held()
                     continue
-                log.warning("%s (%s) no longer holds %s step %d rank %d (it restarted, or dropped it): "
-                            "sending it again", self.peer.endpoint, self.name, j, o.step, rank)
+                log.log(logging.INFO if refused is not None else logging.WARNING,
+                        "%s (%s) no longer holds %s step %d rank %d (it restarted, or dropped it): sending "
+                        "it again", self.peer.endpoint, self.name, j, o.step, rank)
 
     def _link_shared(self, o: Outgoing, m: Manifest) -> tuple[int | None, dict[str, int]]:
         """Ask the peer to take each file ``o`` shares with the step this thread last replicated
         of its rank from its replica of that step: that step, and the files it took (their sizes)."""
         with self.cond:
             last, sent = self.replicated.get((o.job, o.rank)), self._sent.get((o.job, o.rank))
+        if last is None or sent is None:
+            return last, {}
+        files = o.shared_with(m, last)
+        if not files or o.checksum_at(last) != sent:  # (a step made again since: the peer's is the other)
+            return last, {}
         out: dict[str, int] = {}
-        same: bool | None = None  # (whether step ``last`` on this disk is the making sent)
-        for f in m.files:
-            # (shared_from: step-N/rank-R/FILE of a part, step-N/FILE of a single process's snapshot)
-            where = str(f.get("shared_from", "")).split("/")
-            step = SNAPSHOT_RE.match(where[0]) if len(where) == (2 if o.whole else 3) else None
-            if step is None or int(step.group(1)) != last or not o.whole and where[1] != part_dir(o.rank):
-                continue
-            if same is None:  # (a step made again: the peer's copy is of the other making)
-                same = sent is not None and self._checksum(o, where[0]) == sent
-            if not same:
-                continue
+        for name, from_file, nbytes in files:
             try:
-                self.link.request(o.header("replica", phase="link", file=f["name"], from_step=last,
-                                           from_file=where[-1]))
-                out[f["name"]] = int(f["bytes"])
+                self.link.request(o.header("replica", phase="link", file=name, from_step=last,
+                                           from_file=from_file))
+                out[name] = nbytes
             except wire.PeerRefused as e:  # (the peer no longer holds it: sent whole)
-                log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, f["name"],
+                log.info("%s step %d rank %d: %s sent whole to %s (%s)", o.job, o.step, o.rank, name,
                          self.peer.endpoint, e)
         return last, out
-
-    @staticmethod
-    def _checksum(o: Outgoing, step_dir: str) -> str | None:
-        """The manifest checksum of ``o``'s rank in ``step_dir`` of its job on this disk."""
-        try:
-            return parse(read_regular(o.job_dir / step_dir / o.files_dir / MANIFEST_NAME)).checksum
-        except (OSError, SnapdError):
-            return None
-
-    def _pieces(self, o: Outgoing, fds: dict[str, int]) -> Iterator[tuple[dict, bytes]]:
-        for name, fd in fds.items():
-            size = os.fstat(fd).st_size
-            for offset in range(0, size, wire.PIECE_BYTES):
-                data = os.pread(fd, min(wire.PIECE_BYTES, size - offset), offset)
-                self.pace(len(data))
-                yield o.header("replica", phase="data", file=name, offset=offset), data

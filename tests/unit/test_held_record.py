@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import zmq
 
 import snapd.client as snapd
 from snapd.daemon import held_record
@@ -143,3 +144,48 @@ def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_p
         assert r._senders[old.endpoint].held() == [("g", 3, 0, False)]
     finally:
         r.stop()
+
+
+def test_a_holder_that_refuses_a_lost_copy_is_offered_it_ever_more_rarely_then_takes_it(tmp_path, caplog,
+                                                                                        monkeypatch) -> None:
+    """A holder restarted with no room for the copy it lost (a real peer server, no replica memory, no
+    replica_dir): each check found it missing, offered it, was refused, and warned twice, every
+    ``peer_check_s`` for ever, counting it as sent again. Now the offers come after ``peer_check_s``,
+    doubling, the first refusal is the one warning, and nothing counts as sent again until the holder
+    (given room) takes it."""
+    from snapd.daemon import peer_sender
+    from snapd.daemon.peer_server import PeerServer
+    from snapd.daemon.replication import Replication
+    from snapd.peers.directory import PeerDirectory, PeerInfo
+    from snapd.peers.keys import PeerKeys, create
+    from snapd.peers.replicas import ReplicaStore
+
+    monkeypatch.setattr(peer_sender, "REFUSED_MAX_S", 0.8)
+    root = tmp_path / "root"
+    _job(root)
+    create(tmp_path / "keys")
+    keys = PeerKeys.load(tmp_path / "keys")
+    store = ReplicaStore(0)
+    holder = PeerServer("tcp://127.0.0.1:*", "b", keys, tmp_path / "b", store, lambda *a: None)
+    holder.start()
+    r = Replication(keys, PeerDirectory("tcp://127.0.0.1:1", "a"), lambda n: None, 5.0, 0.1, root)
+    caplog.set_level(logging.INFO, logger="snapd.daemon.peer_sender")
+    try:
+        s = r._sender(PeerInfo(holder.sock.getsockopt_string(zmq.LAST_ENDPOINT), "b"))
+        s.seed(held_record.outgoing(root, "g", 3, 0, False))
+        deadline = time.monotonic() + 30
+        while s._refused.get(("g", 0), (0, 0.0, 0.0))[2] < 0.8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = [rec for rec in caplog.records if "refused" in rec.getMessage()]
+        lost = [rec for rec in caplog.records if "no longer holds g step 3 rank 0" in rec.getMessage()]
+        assert len(refused) >= 4 and len(lost) >= 4, caplog.text  # (offered after 0.1, 0.2, 0.4, 0.8 s)
+        assert [rec.levelno for rec in refused + lost].count(logging.WARNING) == 2, caplog.text
+        assert "no room for g step 3 rank 0" in refused[0].getMessage() and s.resent == 0
+        store.memory_bytes = 1 << 30  # (room made): the next offer is taken
+        while not store.held("g") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [(p.step, p.rank) for p in store.held("g")] == [(3, 0)]
+        assert s.resent == 1 and ("g", 0) not in s._refused
+    finally:
+        r.stop()
+        holder.stop()
