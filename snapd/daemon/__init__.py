@@ -51,7 +51,8 @@ Modules:
   ``outgoing``: a part to send, and its files) and ``part_fetch``
   (where a job's newest complete step is, and its parts, or a single process's snapshot, brought
   here when a reader needs them; ``job_survey``: what every node holds of a job, and how fast each
-  source is; ``part_download``: one part from one source into a temporary
+  source is, asked; ``survey_steps``: what it found, step by step, and the rules read from it;
+  ``part_download``: one part from one source into a temporary
   directory; ``whole_snapshots``: a single process's snapshot to resume from, brought whole and
   committed; ``part_files``: such a part's files written and checked; ``bucket_parts``: the remote
   tier as the slowest of those sources; ``prefetch``: a rank's part brought here when the rank

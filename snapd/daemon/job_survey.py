@@ -4,27 +4,28 @@ and, with a remote tier, the bucket's newest global snapshot where no node holds
 ``snapd.daemon.part_fetch`` picks the step to resume from and brings its parts from these sources.
 
 Every peer is asked at once (``have``: snapd.peers.wire.ask_all), with sockets made for the survey
-and closed after; a survey is kept ``SURVEY_FRESH_S`` for each local rank's fetches that follow.
+and closed after, and waited for until the answers settle it (snapd.daemon.survey_steps.settled);
+a survey is kept ``SURVEY_FRESH_S`` for each local rank's fetches that follow. Peers name the global
+manifests they hold (``brief``); the one a restore commits here is brought once (``global_raw``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.daemon.part_download import HELD_HERE
+from snapd.daemon.survey_steps import SPEED, Step, fold, settled
 from snapd.daemon.whole_snapshots import HERE, Copy
-from snapd.errors import FormatError, RemoteError, SnapdError
-from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
+from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
+from snapd.format.global_manifest import GlobalManifest, global_id, parse_any, part_dir
 from snapd.format.jobdir import read_regular
 from snapd.format.manifest import MANIFEST_NAME, taken_of
 from snapd.peers import wire
@@ -35,52 +36,11 @@ from snapd.remote.store import answered_within
 
 log = logging.getLogger(__name__)
 
-SPEED = {"local": 0, "memory": 1, "disk": 2, "remote": 4}  # the order sources are tried in
 SURVEY_FRESH_S = 10.0
 # how long a survey waits for the bucket where the nodes hold a step whole: a listing of ~100k
 # objects fits (the bucket may hold a newer step: leaving it out would resume from an older one)
 BUCKET_SURVEY_S = 20.0
 BUCKET_ASKING = 2  # the bucket's surveys waiting at once; beyond, it is left out (it hangs)
-
-
-def _speed(where: object) -> int:
-    """Where a peer says it holds a part (``disk``, ``memory``), as a place in the order of sources."""
-    return SPEED.get(where, 3) if isinstance(where, str) else 3
-
-
-def _taken(v: object) -> float:
-    """A peer's ``taken`` time of a snapshot, or 0 (oldest) where it is not a finite number."""
-    try:
-        t = float(v) if type(v) in (int, float) else 0.0  # type: ignore[arg-type]
-    except OverflowError:
-        return 0.0
-    return t if math.isfinite(t) else 0.0
-
-
-def missing(steps: dict[int, Step], want: int | None) -> str:
-    """Why no step can be restored, for the client's error: the newest steps known and the ranks
-    whose parts no node that answered holds (a lost node's part never replicated, say)."""
-    known = sorted((s for s in steps.values() if s.manifest is not None and want in (None, s.step)),
-                   key=lambda s: taken_of(s.manifest), reverse=True)[:3]
-    if not known:
-        return f"no node that answered knows step {want} of the job" if want is not None else \
-            "no node that answered holds a committed step of the job"
-    lines = []
-    for s in known:
-        assert s.manifest is not None
-        lost = [r for r in range(s.manifest.world_size) if not s.sources.get(r)]
-        lines.append(f"step {s.step}: rank(s) {lost}'s part(s) on no node that answered")
-    return "; ".join(lines)
-
-
-@dataclass
-class Step:
-    step: int
-    manifest: GlobalManifest | None = None
-    raw: bytes | None = None
-    where: str = ""  # the node whose manifest it is
-    sources: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # rank -> [(speed, endpoint)]
-    whole: list[Copy] = field(default_factory=list)  # a single process's snapshot of this step
 
 
 class Survey:
@@ -105,9 +65,10 @@ class Survey:
                 s.sources.setdefault(r.rank, []).append((speed, HELD_HERE))
         # (a daemon just started: its first read of the directory)
         peers = self.directory.all(wait_s=min(5.0, self.timeout_s), job=job)
-        replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers], {"t": "have", "job": job},
+        replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers],
+                               {"t": "have", "job": job, "brief": True},
                                min(5.0, self.timeout_s),
-                               on_reply=lambda ep, reply: self._fold(steps, ep, job, reply),
+                               on_reply=lambda ep, reply: fold(steps, ep, job, reply),
                                settled=lambda: settled(steps, want))
         for ep, reply in replies.items():  # (each answer is in ``steps`` already)
             if isinstance(reply, SnapdError):
@@ -127,7 +88,7 @@ class Survey:
         thread of its own, and waited for ``BUCKET_SURVEY_S`` at most where the nodes hold a step
         whole (a bucket that hangs must not hold up a restore the nodes can serve)."""
         whole = [s.step for s in steps.values()
-                 if s.manifest is not None and all(s.sources.get(r) for r in range(s.manifest.world_size))]
+                 if s.world_size and all(s.sources.get(r) for r in range(s.world_size))]
         if want in whole:
             return
         assert self.bucket is not None
@@ -139,7 +100,7 @@ class Survey:
             self._bucket_asking += 1
         wait = BUCKET_SURVEY_S if whole else max(BUCKET_SURVEY_S, 4 * self.timeout_s)  # (none: the only hope)
         try:
-            above = max(((taken_of(steps[s].manifest), s) for s in whole), default=None)  # (taken last)
+            above = max(((steps[s].taken, s) for s in whole), default=None)  # (taken last)
             found = answered_within(functools.partial(self._ask_bucket, job, above, want),
                                     wait, "the remote tier")
         except RemoteError:
@@ -150,8 +111,8 @@ class Survey:
             return
         m, raw = found
         s = steps.setdefault(m.step, Step(m.step))
-        if s.manifest is None:
-            s.manifest, s.raw, s.where = m, raw, REMOTE
+        if not s.world_size:
+            s.name(m, raw, REMOTE)
         for r in range(m.world_size):
             s.sources.setdefault(r, []).append((SPEED["remote"], REMOTE))
 
@@ -177,7 +138,9 @@ class Survey:
             except (OSError, FormatError):
                 continue
             if isinstance(m, GlobalManifest):
-                s = steps.setdefault(m.step, Step(m.step, m, raw, "this node"))
+                s = steps.setdefault(m.step, Step(m.step))
+                if not s.world_size:
+                    s.name(m, raw, "this node")
                 for r in range(m.world_size):
                     if (local / name / part_dir(r) / MANIFEST_NAME).exists():
                         s.sources.setdefault(r, []).append((SPEED["local"], ""))
@@ -186,6 +149,34 @@ class Survey:
                     Copy(SPEED["local"], HERE, m.checksum or "", taken_of(m)))
         return steps
 
+    def global_raw(self, job: str, s: Step) -> bytes:
+        """Step ``s``'s global manifest, as the peers that named it briefly have it: brought from the
+        first of them that gives it (a daemon before the ``global`` request: its full ``have``), and
+        checked to be the making they named."""
+        if s.raw is not None:
+            return s.raw
+        errors = []
+        for endpoint in s.named_by:
+            link = wire.Link(self.ctx, self.keys, endpoint, self.timeout_s)
+            try:
+                try:
+                    _, data = link.request({"t": "global", "job": job, "step": s.step})
+                    raw = bytes(data) if data is not None else b""
+                except wire.PeerRefused:
+                    header, _ = link.request({"t": "have", "job": job})
+                    raw = next((e["global"].encode() for e in header.get("steps") or [] if isinstance(e, dict)
+                                and e.get("step") == s.step and isinstance(e.get("global"), str)), b"")
+                if global_id(raw) == s.id:
+                    s.raw = raw
+                    return raw
+                errors.append(f"{endpoint}: not the making of step {s.step} it named")
+            except (SnapdError, zmq.ZMQError) as e:
+                errors.append(f"{endpoint}: {e}")
+            finally:
+                link.close()
+        raise SnapshotNotFound(f"{job} step {s.step}: its global manifest from no peer that named it "
+                               f"({'; '.join(errors)})")
+
     def recent(self, job: str) -> dict[int, Step]:
         """A survey of the last few seconds (each local rank's fetches need not ask every peer)."""
         with self._lock:
@@ -193,51 +184,3 @@ class Survey:
         if time.monotonic() - at > SURVEY_FRESH_S:
             steps = self.survey(job)
         return steps
-
-    @staticmethod
-    def _fold(steps: dict[int, Step], endpoint: str, job: str, reply: dict | SnapdError) -> None:
-        """A peer's answer to ``have``: the steps it holds (their global manifests, its rank parts
-        or a single process's copies), added to ``steps``."""
-        if isinstance(reply, SnapdError):
-            return
-        have = reply.get("steps")
-        for entry in have if isinstance(have, list) else []:
-            if not (isinstance(entry, dict) and type(entry.get("step")) is int):
-                continue
-            s = steps.setdefault(entry["step"], Step(entry["step"]))
-            if isinstance(entry.get("whole"), str) and isinstance(entry.get("parts"), dict):
-                s.whole.append(Copy(_speed(entry["parts"].get("0")), endpoint, entry["whole"],
-                                    _taken(entry.get("taken"))))
-                continue
-            if s.manifest is None and entry.get("global"):
-                try:
-                    m = parse_any(entry["global"].encode(), f"{endpoint}: {job} step {s.step}")
-                except FormatError as e:
-                    log.warning("%s", e)
-                    continue
-                if isinstance(m, GlobalManifest) and m.step == s.step:
-                    s.manifest, s.raw, s.where = m, entry["global"].encode(), endpoint
-            for r, where in entry.get("parts", {}).items():
-                if isinstance(r, str) and r.isdigit():
-                    s.sources.setdefault(int(r), []).append((_speed(where), endpoint))
-
-
-def settled(steps: dict[int, Step], want: int | None) -> bool:
-    """Whether what is known of ``steps`` settles what a restore takes, the peers yet to answer
-    aside: step ``want`` with each of its parts somewhere; or, for the newest, that the newest
-    committed step anyone named (taken last) has every part somewhere. Until then, a peer not
-    heard from may hold the part that completes a newer step, and is waited for (a restore must not
-    take an older step for want of it). A step only its parts are known of (its global manifest
-    nowhere yet) is not one a restore can take, and does not count."""
-    def whole(s: Step) -> bool:
-        return bool(s.whole) or s.manifest is not None and all(
-            s.sources.get(r) for r in range(s.manifest.world_size))
-
-    def taken(s: Step) -> tuple[float, int]:  # (as part_fetch.locate and newest_first order them)
-        return (taken_of(s.manifest) if s.manifest is not None else max(c.taken for c in s.whole), s.step)
-
-    if want is not None:
-        return want in steps and whole(steps[want])
-    named = [s for s in steps.values() if s.manifest is not None or s.whole]
-    return bool(named) and whole(max(named, key=taken))
-

@@ -30,13 +30,14 @@ from typing import Any
 import zmq
 
 from snapd.daemon.bucket_parts import BucketParts
-from snapd.daemon.job_survey import Survey, missing
+from snapd.daemon.job_survey import Survey
+from snapd.daemon.survey_steps import missing
 from snapd.daemon.part_download import Download
 from snapd.daemon.whole_snapshots import Copy, bring, newest_first
 from snapd.errors import SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
-from snapd.format.manifest import MANIFEST_NAME, taken_of
+from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.retention import Retention
 from snapd.format.spread_commit import adopt
 from snapd.peers.directory import PeerDirectory
@@ -67,21 +68,21 @@ class PartFetch:
         """The newest step of the job (or ``step``) whose parts are all somewhere, committed here
         (adopted if need be); ``{"step": None}`` when there is none."""
         steps = self.surveys.survey(job, step)
-        if not any(s.manifest for s in steps.values()):  # a single process's job (whole_snapshots)
+        if not any(s.world_size for s in steps.values()):  # a single process's job (whole_snapshots)
             return self._whole(job_dir, job, newest_first({n: s.whole for n, s in steps.items()}, step), step,
                                retention)
         # the newest first: taken last (a run resumed from an earlier step takes lower steps later)
-        for s in sorted(steps.values(), key=lambda s: (taken_of(s.manifest) if s.manifest else 0.0, s.step),
+        for s in sorted(steps.values(), key=lambda s: (s.taken if s.world_size else 0.0, s.step),
                         reverse=True):
             if step is not None and s.step != step:
                 continue
-            if s.whole and s.manifest is None:  # (a job that ran on one process, then on several)
+            if s.whole and not s.world_size:  # (a job that ran on one process, then on several)
                 return self._whole(job_dir, job, newest_first({s.step: s.whole}), step, retention)
-            if s.manifest is None or any(not s.sources.get(r) for r in range(s.manifest.world_size)):
+            if not s.world_size or any(not s.sources.get(r) for r in range(s.world_size)):
                 continue
             if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():
-                adopt(job_dir, s.raw or b"", retention, s.where)
-            where = {r: [e or "this node" for _, e in s.sources[r]] for r in range(s.manifest.world_size)}
+                adopt(job_dir, self.surveys.global_raw(job, s), retention, s.named_by[0])
+            where = {r: [e or "this node" for _, e in s.sources[r]] for r in range(s.world_size)}
             log.info("%s: resuming from step %d (parts: %s)", job_dir.path, s.step, where)
             return {"step": s.step, "parts": {str(r): w for r, w in where.items()}}
         return {"step": None, "missing": missing(steps, step)}

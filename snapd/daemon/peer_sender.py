@@ -244,7 +244,7 @@ class Sender:
         with self.cond:
             last = dict(self._held)
         for job in sorted({j for j, _ in last}):
-            header, _ = self.link.request({"t": "have", "job": job})
+            header, _ = self.link.request({"t": "have", "job": job, "brief": True})
             steps = header.get("steps")
             entries = [e for e in (steps if isinstance(steps, list) else [])
                        if isinstance(e, dict) and isinstance(e.get("parts"), dict)]

@@ -23,7 +23,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from snapd.errors import FormatError, InvalidArgument, SnapdError
-from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
+from snapd.format.global_manifest import GlobalManifest, global_id, parse_any, part_dir
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, taken_of
@@ -151,7 +151,7 @@ class PeerServer:
 
     def _handle(self, h: dict, data: memoryview | None) -> tuple[dict, Any]:
         t = h["t"]
-        if t in ("announce", "replica", "have", "get"):
+        if t in ("announce", "replica", "have", "get", "global"):
             job = wire.check_job_path(h.get("job"))
         if t == "announce":
             if data is None or len(data) > wire.MAX_MANIFEST_BYTES:
@@ -162,7 +162,9 @@ class PeerServer:
         if t == "replica":
             return self._replica(job, h, data)
         if t == "have":
-            return {"t": "have", "steps": self._have(job)}, None
+            return {"t": "have", "steps": self._have(job, h.get("brief") is True)}, None
+        if t == "global":
+            return {"t": "data"}, self._global(job, _int(h, "step"))
         if t == "get":
             return {"t": "data"}, self._get(job, h)
         raise InvalidArgument(f"unknown request {t!r}")
@@ -183,9 +185,11 @@ class PeerServer:
             raise InvalidArgument(f"replica phase {phase!r} (with {'no ' if data is None else ''}bytes)")
         return {"t": "ok"}, None
 
-    def _have(self, job: str) -> list[dict]:
+    def _have(self, job: str, brief: bool = False) -> list[dict]:
         """What this node has of ``job``: its newest committed steps (their global manifests, and
-        which parts are on its disk) and the replicas it holds."""
+        which parts are on its disk) and the replicas it holds. ``brief``: each global manifest
+        named (world size, when taken, a hash of it), not sent: a survey by each rank of a large job
+        asks every node, and 4 of its global manifests are MBs each (``global`` brings the one taken)."""
         out: dict[int, dict] = {}
         *user, name = job.split("/")
         jd = JobDir(self.root.joinpath(*user), name)
@@ -204,7 +208,10 @@ class PeerServer:
                 for n in os.listdir(snap):
                     if n.startswith("rank-") and (snap / n / MANIFEST_NAME).exists():
                         parts[str(int(n[5:]))] = "disk"
-                out[step] = {"step": step, "global": raw.decode(), "parts": parts}
+                out[step] = {"step": step, "global": None if brief else raw.decode(), "parts": parts}
+                if brief:
+                    out[step]["named"] = {"world_size": m.world_size, "taken": taken_of(m),
+                                          "id": global_id(raw)}
             elif m.part is None:  # a single process's snapshot (its manifest's checksum names it)
                 out[step] = {"step": step, "global": None, "parts": {"0": "disk"}, "whole": m.checksum,
                              "taken": taken_of(m)}
@@ -214,6 +221,17 @@ class PeerServer:
                 entry["whole"], entry["taken"] = r.checksum, r.taken
             entry["parts"].setdefault(str(r.rank), r.where)
         return [out[s] for s in sorted(out, reverse=True)]
+
+    def _global(self, job: str, step: int) -> bytes:
+        """The global manifest of ``job``'s committed step ``step`` on this node, as its bytes."""
+        where = self.root / job / snapshot_name(step) / MANIFEST_NAME
+        try:
+            raw = read_regular(where)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{job} step {step} is not committed here") from None
+        if not isinstance(parse_any(raw, str(where)), GlobalManifest):
+            raise InvalidArgument(f"{job} step {step} is not a global snapshot")
+        return raw
 
     def _get(self, job: str, h: dict) -> bytes | memoryview:
         step, rank, name = _int(h, "step"), _int(h, "rank"), _str(h, "file")

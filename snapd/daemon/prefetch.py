@@ -33,7 +33,6 @@ import zmq
 from snapd.daemon.part_fetch import PartFetch
 from snapd.errors import SnapdError
 from snapd.format.jobdir import JobDir
-from snapd.format.manifest import taken_of
 from snapd.format.retention import Retention
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class Prefetch:
         with self._lock:
             w = self._waiting.pop(key)
         here = self.fetch.surveys.here(w.job)
-        newest = max(here.values(), key=lambda s: (taken_of(s.manifest) if s.manifest else 0.0, s.step),
+        newest = max(here.values(), key=lambda s: (s.taken if s.world_size else 0.0, s.step),
                      default=None)  # (taken last, as the restore's locate orders them)
         if newest is not None and (newest.whole if w.world_size == 1 else all(
                 any(not e for _, e in newest.sources.get(r, [])) for r in w.ranks)):

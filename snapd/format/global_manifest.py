@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from snapd.errors import FormatError
 from snapd.format.manifest import (CHECKSUM_ALGORITHM, MAGIC, MANIFEST_NAME, Manifest, _checksum, _int,
                                    build, parse_body, remember, remembered)
@@ -87,6 +89,12 @@ class GlobalManifest:
             body["taken_unix_s"] = self.taken_unix_s
         body["checksum"] = _checksum(body)
         return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def global_id(raw: bytes) -> str:
+    """What tells a global manifest from another making of its step, briefly (a peer's ``have``):
+    the xxh3_64 of its bytes."""
+    return xxhash.xxh3_64_hexdigest(raw)
 
 
 def parse_any(raw: bytes, where: str = MANIFEST_NAME) -> Manifest | GlobalManifest:

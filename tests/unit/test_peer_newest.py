@@ -119,7 +119,7 @@ def test_the_copy_kept_is_the_snapshot_taken_last_not_the_highest_step(tmp_path)
 
 
 def test_a_peers_taken_time_that_is_not_a_finite_number_counts_as_oldest() -> None:
-    from snapd.daemon.job_survey import _taken
+    from snapd.daemon.survey_steps import _taken
 
     assert _taken(1500) == 1500.0 and _taken(2.5) == 2.5
     for bad in (10 ** 400, float("nan"), float("inf"), "9e9", True, None, [1]):

@@ -1,0 +1,160 @@
+"""A restore's survey of the peers (issue 26). When it stops waiting: a node lost but still listed
+(``--peers``, a peer directory's entry not yet stale) must not hold every rank's ``list()`` and
+``restore()`` up for the peer timeout, and a peer yet to answer that may hold what completes a
+newer step is still waited for, so that a restore never takes an older step for want of it. And
+what it asks: each global manifest named, the one taken brought once."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+import snapd.client as snapd
+from snapd.daemon.job_survey import Survey
+from snapd.daemon.survey_steps import Step, settled
+from snapd.daemon.peer_server import PeerServer
+from snapd.daemon.whole_snapshots import Copy
+from snapd.errors import InvalidArgument, SnapshotNotFound
+from snapd.format.global_manifest import global_id, parse_any
+from snapd.format.manifest import taken_of
+from snapd.peers import wire
+from snapd.peers.directory import PeerDirectory
+from snapd.peers.keys import PeerKeys, create
+from snapd.peers.replicas import ReplicaStore
+
+
+def step(n: int, taken: float, world: int, held: tuple[int, ...]) -> Step:
+    """Step ``n`` of ``world`` ranks, named by a peer, with the parts of ranks ``held`` somewhere."""
+    return Step(n, {r: [(0, "tcp://a")] for r in held}, world_size=world, taken=taken, id="i",
+                named_by=["tcp://a"])
+
+
+def test_the_newest_step_anyone_named_with_every_part_somewhere_settles_a_survey() -> None:
+    assert not settled({}, None)  # (nothing known yet: a peer not heard from may hold it all)
+    assert settled({2: step(2, 20.0, 3, (0, 1, 2)), 1: step(1, 10.0, 3, (0,))}, None)
+    # a newer step lacks rank 2's part: the peer yet to answer may hold it
+    assert not settled({2: step(2, 20.0, 3, (0, 1)), 1: step(1, 10.0, 3, (0, 1, 2))}, None)
+    # newest is taken last, not the highest step (a run resumed from step 1 took step 1 again)
+    assert settled({1: step(1, 30.0, 2, (0, 1)), 2: step(2, 20.0, 2, (0,))}, None)
+    assert not settled({1: step(1, 10.0, 2, (0, 1)), 2: step(2, 20.0, 2, (0,))}, None)
+    # parts of a step whose global manifest nobody named: not one a restore can take
+    assert settled({1: step(1, 10.0, 2, (0, 1)), 2: Step(2, sources={0: [(0, "tcp://a")]})}, None)
+    # a step asked for: settled once each of its parts is somewhere, newer ones aside
+    assert settled({1: step(1, 10.0, 2, (0, 1)), 2: step(2, 20.0, 2, (0,))}, 1)
+    assert not settled({1: step(1, 10.0, 2, (0,))}, 1) and not settled({1: step(1, 10.0, 2, (0, 1))}, 3)
+    # a single process's copies: the one taken last
+    solo = {5: Step(5, whole=[Copy(1, "tcp://a", "c5", 200.0)]), 7: Step(7, whole=[Copy(0, "", "c7", 100.0)])}
+    assert settled(solo, None) and settled(solo, 7) and not settled(solo, 6)
+
+
+@pytest.mark.timeout(60)
+def test_a_survey_stops_waiting_for_a_silent_peer_once_the_others_settle_it(tmp_path) -> None:
+    """Real CurveZMQ sockets: one peer answers, one reads and never answers. With a timeout of
+    300 s, the survey returns once the answer settles it (the test's own timeout is 60 s), names
+    the silent peer, and without ``settled`` it waits for the silent peer as before."""
+    create(tmp_path / "k")
+    keys = PeerKeys.load(tmp_path / "k")
+    ctx = zmq.Context()
+    servers = []
+    for _ in range(2):
+        s = ctx.socket(zmq.ROUTER)
+        s.curve_server, s.curve_secretkey, s.curve_publickey, s.linger = True, keys.secret, keys.public, 0
+        servers.append((s, f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"))
+    stop = threading.Event()
+
+    def serve() -> None:
+        poller = zmq.Poller()
+        for s, _ in servers:
+            poller.register(s, zmq.POLLIN)
+        while not stop.is_set():
+            for s, _ in poller.poll(50):
+                peer, *_ = s.recv_multipart()
+                if s is servers[0][0]:
+                    s.send_multipart([peer, *wire.encode({"t": "have", "steps": [{"step": 3}]})])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    eps = [ep for _, ep in servers]
+    seen: list[str] = []
+    try:
+        got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 300.0,
+                           on_reply=lambda ep, reply: seen.append(ep), settled=lambda: bool(seen))
+        assert seen == [eps[0]] and got[eps[0]]["steps"] == [{"step": 3}]
+        assert isinstance(got[eps[1]], wire.PeerUnavailable), got
+        assert eps[1] in str(got[eps[1]]) and "the others' answers settling it" in str(got[eps[1]])
+        # not settled by what came: the silent peer is waited for, the whole timeout
+        got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 2.0, settled=lambda: False)
+        assert "within 2 s (down" in str(got[eps[1]]), got
+    finally:
+        stop.set()
+        t.join()
+        for s, _ in servers:
+            s.close()
+        ctx.term()
+
+
+def _committed(root, job: str = "g") -> bytes:
+    """A committed 2-rank step 3 of ``job`` under ``root``: its global manifest's bytes."""
+    def save(rank: int) -> None:
+        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=3, rank=rank, world_size=2,
+                   run_id="r", per_rank=["own"], commit_timeout_s=30)
+    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (root / job / "step-000000000003" / "manifest.json").read_bytes()
+
+
+class _Before(PeerServer):
+    """A daemon from before brief answers: ``brief`` unknown to it, ``global`` refused."""
+
+    def _handle(self, h: dict, data):
+        if h["t"] == "global":
+            raise InvalidArgument(f"unknown request {h['t']!r}")
+        return super()._handle({k: v for k, v in h.items() if k != "brief"}, data)
+
+
+def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_path) -> None:
+    """A rank's survey asks every node what it holds of its job, and each node's 4 newest global
+    manifests (MBs each for a large sharded model) came whole in every answer. Now they are named
+    (world size, when taken, a hash), and the one a replacement node commits is brought from a node
+    that named it, checked to be that making; from a daemon before this, through its full answer."""
+    raw = _committed(tmp_path / "n1")
+    other = _committed(tmp_path / "n2")  # (another making of step 3: other bytes)
+    assert raw != other
+    create(tmp_path / "keys")
+    keys = PeerKeys.load(tmp_path / "keys")
+    servers = [cls(f"tcp://127.0.0.1:{port}", node, keys, tmp_path / node, ReplicaStore(0), lambda *a: None)
+               for cls, node, port in ((PeerServer, "n1", 0), (_Before, "n1", 0), (PeerServer, "n2", 0))]
+    for s in servers:
+        s.start()
+    eps = [s.sock.getsockopt_string(zmq.LAST_ENDPOINT) for s in servers]
+    ctx = zmq.Context()
+    try:
+        (brief,) = servers[0]._have("g", brief=True)
+        m = parse_any(raw)
+        assert brief["global"] is None and brief["parts"] == {"0": "disk", "1": "disk"}
+        assert brief["named"] == {"world_size": 2, "taken": taken_of(m), "id": global_id(raw)}
+        assert servers[0]._have("g")[0]["global"] == raw.decode()  # (asked as before: whole)
+        with pytest.raises(InvalidArgument, match="step 4 is not committed here"):
+            servers[0]._handle({"t": "global", "job": "g", "step": 4}, None)
+        survey = Survey(keys, PeerDirectory("tcp://127.0.0.1:1", "a", eps[:2]), tmp_path / "empty",
+                        ReplicaStore(0), 5.0, ctx)
+        (s,) = survey.survey("g").values()
+        # (named by both: the one before sent it whole, kept if its answer came first)
+        assert (s.world_size, s.id, sorted(s.named_by)) == (2, global_id(raw), sorted(eps[:2]))
+        assert set(s.sources) == {0, 1}
+        for first in (eps[0], eps[1]):  # (a daemon of now, and one from before)
+            s.raw, s.named_by = None, [eps[2], first]  # (the first that named it has another making)
+            assert survey.global_raw("g", s) == raw
+        s.raw, s.named_by = None, [eps[2]]
+        with pytest.raises(SnapshotNotFound, match="not the making of step 3 it named"):
+            survey.global_raw("g", s)
+    finally:
+        for srv in servers:
+            srv.stop()
+        ctx.term()
