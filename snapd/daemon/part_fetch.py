@@ -34,7 +34,7 @@ from snapd.daemon.job_survey import Survey
 from snapd.daemon.survey_steps import missing
 from snapd.daemon.part_download import Download
 from snapd.daemon.whole_snapshots import Copy, bring, newest_first
-from snapd.errors import SnapdError, SnapshotNotFound
+from snapd.errors import FormatError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME
@@ -81,7 +81,13 @@ class PartFetch:
             if not s.world_size or any(not s.sources.get(r) for r in range(s.world_size)):
                 continue
             if not (job_dir.path / snapshot_name(s.step) / MANIFEST_NAME).exists():
-                adopt(job_dir, self.surveys.global_raw(job, s), retention, s.named_by[0])
+                try:
+                    adopt(job_dir, self.surveys.global_raw(job, s), retention, s.named_by[0])
+                except (SnapshotNotFound, FormatError) as e:
+                    if step is not None:
+                        raise
+                    log.warning("%s: %s; looking for an older step", job_dir.path, e)
+                    continue
             where = {r: [e or "this node" for _, e in s.sources[r]] for r in range(s.world_size)}
             log.info("%s: resuming from step %d (parts: %s)", job_dir.path, s.step, where)
             return {"step": s.step, "parts": {str(r): w for r, w in where.items()}}

@@ -125,5 +125,6 @@ def missing(steps: dict[int, Step], want: int | None) -> str:
     lines = []
     for s in known:
         lost = [r for r in range(s.world_size) if not s.sources.get(r)]
-        lines.append(f"step {s.step}: rank(s) {lost}'s part(s) on no node that answered")
+        more = f" and {len(lost) - 16} more" if len(lost) > 16 else ""  # (a world size of 100k: not all)
+        lines.append(f"step {s.step}: rank(s) {lost[:16]}{more}'s part(s) on no node that answered")
     return "; ".join(lines)

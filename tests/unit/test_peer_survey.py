@@ -14,7 +14,7 @@ import zmq
 
 import snapd.client as snapd
 from snapd.daemon.job_survey import Survey
-from snapd.daemon.survey_steps import Step, settled
+from snapd.daemon.survey_steps import Step, missing, settled
 from snapd.daemon.peer_server import PeerServer
 from snapd.daemon.whole_snapshots import Copy
 from snapd.errors import InvalidArgument, SnapshotNotFound
@@ -48,6 +48,9 @@ def test_the_newest_step_anyone_named_with_every_part_somewhere_settles_a_survey
     # a single process's copies: the one taken last
     solo = {5: Step(5, whole=[Copy(1, "tcp://a", "c5", 200.0)]), 7: Step(7, whole=[Copy(0, "", "c7", 100.0)])}
     assert settled(solo, None) and settled(solo, 7) and not settled(solo, 6)
+    # why none can be restored: the ranks whose parts no node holds, the first 16 of 100k named
+    assert missing({9: step(9, 90.0, 100_000, (0,))}, None) == \
+        f"step 9: rank(s) {list(range(1, 17))} and 99983 more's part(s) on no node that answered"
 
 
 @pytest.mark.timeout(60)
@@ -96,17 +99,17 @@ def test_a_survey_stops_waiting_for_a_silent_peer_once_the_others_settle_it(tmp_
         ctx.term()
 
 
-def _committed(root, job: str = "g") -> bytes:
-    """A committed 2-rank step 3 of ``job`` under ``root``: its global manifest's bytes."""
+def _committed(root, job: str = "g", step: int = 3) -> bytes:
+    """A committed 2-rank ``step`` of ``job`` under ``root``: its global manifest's bytes."""
     def save(rank: int) -> None:
-        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=3, rank=rank, world_size=2,
+        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=step, rank=rank, world_size=2,
                    run_id="r", per_rank=["own"], commit_timeout_s=30)
     threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return (root / job / "step-000000000003" / "manifest.json").read_bytes()
+    return (root / job / f"step-{step:012d}" / "manifest.json").read_bytes()
 
 
 class _Before(PeerServer):
@@ -158,3 +161,37 @@ def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_p
         for srv in servers:
             srv.stop()
         ctx.term()
+
+
+class _Torn(PeerServer):
+    """A node whose step 4 changed on its disk between naming it and being asked for it."""
+
+    def _global(self, job: str, step: int) -> bytes:
+        return b"{}" if step == 4 else super()._global(job, step)
+
+
+def test_a_newest_step_whose_global_manifest_no_node_gives_leaves_the_one_before(tmp_path) -> None:
+    """The newest complete step's global manifest, brought from the node that named it, is not the
+    making it named: a restore of the newest takes the step before (logged), one of that step says so."""
+    from snapd.daemon.part_fetch import PartFetch
+    from snapd.format.jobdir import JobDir
+    from snapd.format.retention import Retention
+
+    _committed(tmp_path / "n1", step=3)
+    _committed(tmp_path / "n1", step=4)
+    create(tmp_path / "keys")
+    keys = PeerKeys.load(tmp_path / "keys")
+    server = _Torn("tcp://127.0.0.1:0", "n1", keys, tmp_path / "n1", ReplicaStore(0), lambda *a: None)
+    server.start()
+    ep = server.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    fetch = PartFetch(keys, PeerDirectory("tcp://127.0.0.1:1", "a", [ep]), tmp_path / "new", ReplicaStore(0),
+                      5.0)
+    job = JobDir(tmp_path / "new", "g")
+    try:
+        found = fetch.locate(job, "g", None, Retention())
+        assert found == {"step": 3, "parts": {"0": [ep], "1": [ep]}}
+        assert (tmp_path / "new" / "g" / "step-000000000003" / "manifest.json").exists()
+        with pytest.raises(SnapshotNotFound, match="global manifest from no peer that named it"):
+            fetch.locate(job, "g", 4, Retention())
+    finally:
+        server.stop()
