@@ -1,12 +1,14 @@
-"""Which parts this daemon's replica holders were sent, kept across its restarts.
+"""Which parts this daemon's replica holders were sent or are owed, kept across its restarts.
 
 Each sender checks that its holder still holds the newest part of each rank it sent it
 (snapd.daemon.peer_sender). A daemon that restarted would know none of them: if a holder then
 restarted too (a rolling upgrade of the cluster's daemons), the copies it lost would never be sent
-again before the next step. So the daemon writes, after each part a holder took, which parts each
-holder holds (``ROOT/.snapd-replicated.json``: a hint, replaced whole, not fsynced), and at start
-hands them back to the senders of the peers it knows, each part read again from this node's disk
-(one that is gone, or that is not what the record says, is left out).
+again before the next step. So the daemon writes, after each part a holder took or was queued,
+which parts each holder holds or is owed (``ROOT/.snapd-replicated.json``: a hint, replaced whole,
+not fsynced), and at start hands them back to the senders of the peers it knows, each part read
+again from this node's disk (one that is gone, or that is not what the record says, is left out):
+a part queued for a holder that was down when this daemon stopped is sent once it answers, not
+only with its rank's next part (which may never come: the job ended, and its node is lost next).
 """
 
 from __future__ import annotations

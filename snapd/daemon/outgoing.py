@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,3 +121,13 @@ class Outgoing:
             finally:
                 os.close(dfd)
         return None
+
+
+def newest_by_rank(parts: Iterable[Outgoing]) -> dict[tuple[str, int], Outgoing]:
+    """The newest of ``parts`` of each rank of each job."""
+    newest: dict[tuple[str, int], Outgoing] = {}
+    for o in parts:
+        k = (o.job, o.rank)
+        if k not in newest or newest[k].newness < o.newness:
+            newest[k] = o
+    return newest

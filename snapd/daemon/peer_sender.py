@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from snapd.daemon.outgoing import Outgoing
+from snapd.daemon.outgoing import Outgoing, newest_by_rank
 from snapd.errors import SnapdError
 from snapd.format.manifest import Manifest, parse
 from snapd.peers import wire
@@ -104,12 +104,7 @@ class Sender:
     def _pick(self) -> Outgoing:
         """The newest part of each rank of each job (after an outage, each catches up with its latest
         first), the one of them queued first."""
-        newest: dict[tuple[str, int], Outgoing] = {}
-        for o in self.replicate:
-            k = (o.job, o.rank)
-            if k not in newest or newest[k].newness < o.newness:
-                newest[k] = o
-        return min(newest.values(), key=lambda o: o.queued)
+        return min(newest_by_rank(self.replicate).values(), key=lambda o: o.queued)
 
     def settled(self) -> bool:
         """Nothing left to send, or the peer is down (a drain does not wait for it)."""
@@ -215,8 +210,11 @@ class Sender:
         return (logging.INFO if again else logging.WARNING), wait
 
     def held(self) -> list[tuple[str, int, int, bool]]:
+        """The newest part of each rank the peer holds or is owed (queued, being sent): what a
+        restart of this daemon checks it holds, and sends it where it does not."""
         with self.cond:
-            return [(o.job, o.step, o.rank, o.whole) for o in self._held.values()]
+            owed = [*self._held.values(), *self.replicate, *([self.sending] if self.sending else [])]
+        return [(o.job, o.step, o.rank, o.whole) for o in newest_by_rank(owed).values()]
 
     def seed(self, o: Outgoing) -> None:
         """``o`` was sent to the peer by this daemon's last run: checked (soon) like what this one sent."""

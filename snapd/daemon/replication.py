@@ -115,6 +115,8 @@ class Replication:
             others = [s for ep, s in self._senders.items() if ep not in targets]
         for s in others:  # (the ring changed: its older part's holder is no longer asked for it)
             s.forget_older(o)
+        if targets:  # (owed from now: a restart before it is sent still sends it)
+            self._record()
 
     def announce_new(self, o: Outgoing) -> None:
         """Announce a part still waiting for its step to the peers found since it was made (a

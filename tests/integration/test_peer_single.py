@@ -5,6 +5,7 @@ copy, bit-exact, with no remote tier; a damaged copy is caught and another used.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 
@@ -141,3 +142,28 @@ def test_a_run_resumed_from_an_earlier_step_resumes_from_its_own_newest(tmp_path
     with snapd.connect("back", endpoint=d.endpoint, spawn=False) as c:
         back = c.restore()
     assert back["step"] == 2 and np.array_equal(back["w"], redone["w"]), nodes.logs()
+
+
+def test_a_copy_owed_to_a_holder_down_when_the_daemon_stopped_is_sent_once_it_answers(tmp_path, start,
+                                                                                      peer_nodes) -> None:
+    """Node 1, the copy's holder, hangs while node 0 commits the job's last snapshot; node 0's daemon
+    is then restarted (SIGTERM: its drain does not wait for a holder that is down), and node 1 comes
+    back. The new run sends the copy its last run owed node 1 (it was sent only with the job's next
+    snapshot, which never came), so node 0 lost with its disk still resumes bit-exact."""
+
+    nodes = peer_nodes.Nodes(tmp_path, start, 2)
+    nodes.daemons[1].proc.send_signal(signal.SIGSTOP)
+    try:
+        with snapd.connect("solo", endpoint=nodes.daemons[0].endpoint, spawn=False) as c:
+            c.snapshot(state(1), step=1).wait(60)
+        nodes.daemons[0].wait_for(lambda: nodes.status(0)["peers"]["peers"][0]["backlog_parts"] == 1)
+        assert nodes.daemons[0].stop(signal.SIGTERM) == 0
+        nodes.daemons[0] = nodes.start(0)  # (its root stays: the snapshot is on its disk)
+    finally:
+        nodes.daemons[1].proc.send_signal(signal.SIGCONT)
+    nodes.daemons[1].wait_for(lambda: held(nodes, 1, "solo") == {"1": [0]}, timeout=60)
+    assert "1 part(s) this daemon's last run sent 1 holder(s)" in nodes.daemons[0].log_text(), nodes.logs()
+    nodes.lose(0)
+    nodes.daemons[0] = d = nodes.start(0)
+    with snapd.connect("solo", endpoint=d.endpoint, spawn=False) as c:
+        assert same(c.restore(), state(1)), nodes.logs()
