@@ -11,6 +11,7 @@ this daemon write outside its replica store, and every request is its own error 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 HAVE_STEPS = 4  # the newest committed steps of a job a ``have`` reply describes
+GONE = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED}  # a handshake's connection closed by the peer
 
 
 def _int(h: dict, name: str, lo: int = 0) -> int:
@@ -128,12 +130,16 @@ class PeerServer:
 
     def _handshake_failed(self) -> None:
         event = recv_monitor_message(self._monitor)
-        self.refused += 1
         where = event.get("endpoint", b"?")
+        where = where.decode(errors="replace") if isinstance(where, bytes) else where
+        if event.get("event") == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and event.get("value") in GONE:
+            # (the other side closed the connection mid-handshake: a daemon that stopped, or a survey
+            # that stopped waiting for this node while it was stopped; not a key refused)
+            log.info("a peer went away during the handshake on %s (errno %s)", where, event.get("value"))
+            return
+        self.refused += 1
         log.warning("refused a peer on %s: the CurveZMQ handshake failed (no key, or not the cluster's "
-                    "server key; event %s, errno %s)",
-                    where.decode(errors="replace") if isinstance(where, bytes) else where, event.get("event"),
-                    event.get("value"))
+                    "server key; event %s, errno %s)", where, event.get("event"), event.get("value"))
 
     # -- requests ------------------------------------------------------------------------
     def _serve_one(self) -> None:
