@@ -27,7 +27,7 @@ from snapd.daemon.whole_snapshots import HERE, Copy
 from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, global_id, parse_any, part_dir
 from snapd.format.jobdir import read_regular
-from snapd.format.manifest import MANIFEST_NAME, taken_of
+from snapd.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, taken_of
 from snapd.peers import wire
 from snapd.peers.directory import PeerDirectory
 from snapd.peers.keys import PeerKeys
@@ -160,8 +160,7 @@ class Survey:
             link = wire.Link(self.ctx, self.keys, endpoint, self.timeout_s)
             try:
                 try:
-                    _, data = link.request({"t": "global", "job": job, "step": s.step})
-                    raw = bytes(data) if data is not None else b""
+                    raw = _pieces(link, {"t": "global", "job": job, "step": s.step})
                 except wire.PeerRefused:
                     header, _ = link.request({"t": "have", "job": job})
                     raw = next((e["global"].encode() for e in header.get("steps") or [] if isinstance(e, dict)
@@ -184,3 +183,16 @@ class Survey:
         if time.monotonic() - at > SURVEY_FRESH_S:
             steps = self.survey(job)
         return steps
+
+
+def _pieces(link: wire.Link, ask: dict) -> bytes:
+    """A file a peer gives in pieces (``offset``, ``length``; each reply says its ``size``), whole."""
+    out = bytearray()
+    while True:
+        header, data = link.request({**ask, "offset": len(out), "length": wire.PIECE_BYTES})
+        size = header.get("size")
+        if type(size) is not int or not 0 <= size <= MAX_MANIFEST_BYTES:
+            raise FormatError(f"{link.endpoint}: a global manifest of {size!r} bytes")
+        out += data if data is not None else b""
+        if len(out) >= size or not data:
+            return bytes(out[:size])

@@ -121,7 +121,7 @@ class _Before(PeerServer):
         return super()._handle({k: v for k, v in h.items() if k != "brief"}, data)
 
 
-def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_path) -> None:
+def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_path, monkeypatch) -> None:
     """A rank's survey asks every node what it holds of its job, and each node's 4 newest global
     manifests (MBs each for a large sharded model) came whole in every answer. Now they are named
     (world size, when taken, a hash), and the one a replacement node commits is brought from a node
@@ -144,13 +144,14 @@ def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_p
         assert brief["named"] == {"world_size": 2, "taken": taken_of(m), "id": global_id(raw)}
         assert servers[0]._have("g")[0]["global"] == raw.decode()  # (asked as before: whole)
         with pytest.raises(InvalidArgument, match="step 4 is not committed here"):
-            servers[0]._handle({"t": "global", "job": "g", "step": 4}, None)
+            servers[0]._handle({"t": "global", "job": "g", "step": 4, "offset": 0, "length": 1 << 20}, None)
         survey = Survey(keys, PeerDirectory("tcp://127.0.0.1:1", "a", eps[:2]), tmp_path / "empty",
                         ReplicaStore(0), 5.0, ctx)
         (s,) = survey.survey("g").values()
         # (named by both: the one before sent it whole, kept if its answer came first)
         assert (s.world_size, s.id, sorted(s.named_by)) == (2, global_id(raw), sorted(eps[:2]))
         assert set(s.sources) == {0, 1}
+        monkeypatch.setattr(wire, "PIECE_BYTES", 100)  # (brought in pieces: one of 4096 ranks is 85 MB)
         for first in (eps[0], eps[1]):  # (a daemon of now, and one from before)
             s.raw, s.named_by = None, [eps[2], first]  # (the first that named it has another making)
             assert survey.global_raw("g", s) == raw
@@ -166,8 +167,8 @@ def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_p
 class _Torn(PeerServer):
     """A node whose step 4 changed on its disk between naming it and being asked for it."""
 
-    def _global(self, job: str, step: int) -> bytes:
-        return b"{}" if step == 4 else super()._global(job, step)
+    def _global(self, job: str, step: int, offset: int, length: int) -> tuple[dict, bytes]:
+        return ({"t": "data", "size": 2}, b"{}") if step == 4 else super()._global(job, step, offset, length)
 
 
 def test_a_newest_step_whose_global_manifest_no_node_gives_leaves_the_one_before(tmp_path) -> None:
