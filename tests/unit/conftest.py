@@ -59,3 +59,74 @@ def rank_part() -> Callable[..., tuple]:
                         part={"rank": rank, "world_size": world, "run": "r1"})
         return jd, sealed, deliver(jd, w.tmp, sealed, Retention())
     return part
+
+
+@pytest.fixture
+def committed_step() -> Callable[..., bytes]:
+    """``committed_step(root, job="g", step=3)``: a 2-rank job's step committed under ``root`` (both
+    ranks saved at once, as two trainers without a daemon): its global manifest's bytes."""
+    import threading
+
+    import numpy as np
+
+    import snapd.client as snapd
+
+    def commit(root: Path, job: str = "g", step: int = 3) -> bytes:
+        def save(rank: int) -> None:
+            snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=step, rank=rank, world_size=2,
+                       run_id="r", per_rank=["own"], commit_timeout_s=30)
+        threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return (root / job / f"step-{step:012d}" / "manifest.json").read_bytes()
+    return commit
+
+
+@pytest.fixture
+def curve_routers():
+    """``curve_routers(keys_list, answer)``: a CurveZMQ ROUTER bound to a loopback port per PeerKeys
+    of the list, as peer servers: [(socket, endpoint)], on a context (``curve_routers.ctx``) termed
+    after the test. A thread answers each request that reaches socket ``i`` with ``answer(i,
+    header)`` (None: no answer, a peer that hangs), until the test ends."""
+    import threading
+
+    import zmq
+
+    from snapd.peers import wire
+
+    ctx = zmq.Context()
+    made: list = []
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def make(keys_list: list, answer: Callable[[int, dict], dict | None]) -> list:
+        out = []
+        for k in keys_list:
+            s = ctx.socket(zmq.ROUTER)
+            s.curve_server, s.curve_secretkey, s.curve_publickey, s.linger = True, k.secret, k.public, 0
+            out.append((s, f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"))
+        made.extend(s for s, _ in out)
+
+        def serve() -> None:
+            poller = zmq.Poller()
+            for s, _ in out:
+                poller.register(s, zmq.POLLIN)
+            while not stop.is_set():
+                for s, _ in poller.poll(50):
+                    peer, *frames = s.recv_multipart()
+                    reply = answer([x for x, _ in out].index(s), wire.decode(frames)[0])
+                    if reply is not None:
+                        s.send_multipart([peer, *wire.encode(reply)])
+        threads.append(threading.Thread(target=serve, daemon=True))
+        threads[-1].start()
+        return out
+    make.ctx = ctx  # type: ignore[attr-defined]
+    yield make
+    stop.set()
+    for t in threads:
+        t.join()
+    for s in made:
+        s.close()
+    ctx.term()

@@ -8,32 +8,17 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 
-import numpy as np
 import zmq
 
-import snapd.client as snapd
 from snapd.daemon import held_record
 
 EP = "tcp://10.0.0.2:7010"
 
 
-def _job(root, job: str = "g") -> None:
-    """A committed 2-rank step 3 of ``job`` under ``root``."""
-    def save(rank: int) -> None:
-        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=3, rank=rank, world_size=2,
-                   run_id="r", per_rank=["own"], commit_timeout_s=30)
-    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
-def test_what_is_saved_is_loaded_and_each_part_read_again_from_disk(tmp_path) -> None:
-    _job(tmp_path)
+def test_what_is_saved_is_loaded_and_each_part_read_again_from_disk(tmp_path, committed_step) -> None:
+    committed_step(tmp_path)
     held_record.save(tmp_path, {EP: [("g", 3, 1, False)], "tcp://10.0.0.3:7010": []})
     assert held_record.load(tmp_path) == {EP: [("g", 3, 1, False)]}
     o = held_record.outgoing(tmp_path, "g", 3, 1, False)
@@ -65,7 +50,8 @@ def test_a_malformed_or_hostile_record_is_left_out_and_the_daemon_goes_on(tmp_pa
     assert held_record.load(tmp_path) == {}  # (a link is not followed)
 
 
-def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_told_later(tmp_path) -> None:
+def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_told_later(
+        tmp_path, committed_step) -> None:
     """At start the record's parts go to the senders of the peers known then; those of a peer a
     job's ranks tell later (group discovery) wait, and are claimed when it is learned."""
     from snapd.daemon.replication import Replication
@@ -73,7 +59,7 @@ def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_tol
     from snapd.peers.keys import PeerKeys, create
 
     root = tmp_path / "root"
-    _job(root)
+    committed_step(root)
     listed, told = "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"  # (nothing answers there: only the seeding)
     held_record.save(root, {listed: [("g", 3, 0, False)], told: [("g", 3, 1, False), ("g", 9, 1, False)]})
     create(tmp_path / "keys")
@@ -91,13 +77,13 @@ def test_a_restarted_daemon_checks_what_its_last_run_sent_peers_known_now_or_tol
         r.stop()
 
 
-def test_a_holder_down_for_long_is_said_once_not_at_every_check(tmp_path, caplog) -> None:
+def test_a_holder_down_for_long_is_said_once_not_at_every_check(tmp_path, committed_step, caplog) -> None:
     from snapd.daemon.replication import Replication
     from snapd.peers.directory import PeerDirectory, PeerInfo
     from snapd.peers.keys import PeerKeys, create
 
     root = tmp_path / "root"
-    _job(root)
+    committed_step(root)
     down = "tcp://127.0.0.1:2"  # (nothing answers there)
     create(tmp_path / "keys")
     r = Replication(PeerKeys.load(tmp_path / "keys"), PeerDirectory("tcp://127.0.0.1:1", "a"), lambda n: None,
@@ -117,7 +103,7 @@ def test_a_holder_down_for_long_is_said_once_not_at_every_check(tmp_path, caplog
         [(rec.levelname, rec.getMessage()) for rec in asked]
 
 
-def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_path) -> None:
+def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_path, committed_step) -> None:
     """The newer part of a rank goes to another holder (a node joined, the ranks told other peers):
     the old holder drops the older part once the newer step is complete there, so it must no longer
     be checked for it (else it would be sent again at every check, for ever)."""
@@ -126,7 +112,7 @@ def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_p
     from snapd.peers.keys import PeerKeys, create
 
     root = tmp_path / "root"
-    _job(root)
+    committed_step(root)
     create(tmp_path / "keys")
     d = PeerDirectory("tcp://127.0.0.1:1", "a", ["tcp://127.0.0.1:2", "tcp://127.0.0.1:3"])
     r = Replication(PeerKeys.load(tmp_path / "keys"), d, lambda n: None, 0.2, 3600.0, root)
@@ -146,8 +132,8 @@ def test_a_holder_the_ring_moved_away_from_is_not_asked_for_the_older_part(tmp_p
         r.stop()
 
 
-def test_a_holder_that_refuses_a_lost_copy_is_offered_it_ever_more_rarely_then_takes_it(tmp_path, caplog,
-                                                                                        monkeypatch) -> None:
+def test_a_holder_that_refuses_a_lost_copy_is_offered_it_ever_more_rarely_then_takes_it(
+        tmp_path, committed_step, caplog, monkeypatch) -> None:
     """A holder restarted with no room for the copy it lost (a real peer server, no replica memory, no
     replica_dir): each check found it missing, offered it, was refused, and warned twice, every
     ``peer_check_s`` for ever, counting it as sent again. Now the offers come after ``peer_check_s``,
@@ -162,7 +148,7 @@ def test_a_holder_that_refuses_a_lost_copy_is_offered_it_ever_more_rarely_then_t
 
     monkeypatch.setattr(peer_sender, "REFUSED_MAX_S", 0.8)
     root = tmp_path / "root"
-    _job(root)
+    committed_step(root)
     create(tmp_path / "keys")
     keys = PeerKeys.load(tmp_path / "keys")
     store = ReplicaStore(0)

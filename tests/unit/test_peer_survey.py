@@ -6,13 +6,10 @@ what it asks: each global manifest named, the one taken brought once."""
 
 from __future__ import annotations
 
-import threading
 
-import numpy as np
 import pytest
 import zmq
 
-import snapd.client as snapd
 from snapd.daemon.job_survey import Survey
 from snapd.daemon.survey_steps import Step, missing, settled
 from snapd.daemon.peer_server import PeerServer
@@ -54,62 +51,24 @@ def test_the_newest_step_anyone_named_with_every_part_somewhere_settles_a_survey
 
 
 @pytest.mark.timeout(60)
-def test_a_survey_stops_waiting_for_a_silent_peer_once_the_others_settle_it(tmp_path) -> None:
+def test_a_survey_stops_waiting_for_a_silent_peer_once_the_others_settle_it(tmp_path, curve_routers) -> None:
     """Real CurveZMQ sockets: one peer answers, one reads and never answers. With a timeout of
     300 s, the survey returns once the answer settles it (the test's own timeout is 60 s), names
     the silent peer, and without ``settled`` it waits for the silent peer as before."""
     create(tmp_path / "k")
     keys = PeerKeys.load(tmp_path / "k")
-    ctx = zmq.Context()
-    servers = []
-    for _ in range(2):
-        s = ctx.socket(zmq.ROUTER)
-        s.curve_server, s.curve_secretkey, s.curve_publickey, s.linger = True, keys.secret, keys.public, 0
-        servers.append((s, f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"))
-    stop = threading.Event()
-
-    def serve() -> None:
-        poller = zmq.Poller()
-        for s, _ in servers:
-            poller.register(s, zmq.POLLIN)
-        while not stop.is_set():
-            for s, _ in poller.poll(50):
-                peer, *_ = s.recv_multipart()
-                if s is servers[0][0]:
-                    s.send_multipart([peer, *wire.encode({"t": "have", "steps": [{"step": 3}]})])
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    servers = curve_routers([keys, keys], lambda i, h: None if i else {"t": "have", "steps": [{"step": 3}]})
+    ctx = curve_routers.ctx
     eps = [ep for _, ep in servers]
     seen: list[str] = []
-    try:
-        got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 300.0,
-                           on_reply=lambda ep, reply: seen.append(ep), settled=lambda: bool(seen))
-        assert seen == [eps[0]] and got[eps[0]]["steps"] == [{"step": 3}]
-        assert isinstance(got[eps[1]], wire.PeerUnavailable), got
-        assert eps[1] in str(got[eps[1]]) and "the others' answers settling it" in str(got[eps[1]])
-        # not settled by what came: the silent peer is waited for, the whole timeout
-        got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 2.0, settled=lambda: False)
-        assert "within 2 s (down" in str(got[eps[1]]), got
-    finally:
-        stop.set()
-        t.join()
-        for s, _ in servers:
-            s.close()
-        ctx.term()
-
-
-def _committed(root, job: str = "g", step: int = 3) -> bytes:
-    """A committed 2-rank ``step`` of ``job`` under ``root``: its global manifest's bytes."""
-    def save(rank: int) -> None:
-        snapd.save(root, job, {"own": np.full(1000, rank, np.int64)}, step=step, rank=rank, world_size=2,
-                   run_id="r", per_rank=["own"], commit_timeout_s=30)
-    threads = [threading.Thread(target=save, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return (root / job / f"step-{step:012d}" / "manifest.json").read_bytes()
+    got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 300.0,
+                       on_reply=lambda ep, reply: seen.append(ep), settled=lambda: bool(seen))
+    assert seen == [eps[0]] and got[eps[0]]["steps"] == [{"step": 3}]
+    assert isinstance(got[eps[1]], wire.PeerUnavailable), got
+    assert eps[1] in str(got[eps[1]]) and "the others' answers settling it" in str(got[eps[1]])
+    # not settled by what came: the silent peer is waited for, the whole timeout
+    got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 2.0, settled=lambda: False)
+    assert "within 2 s (down" in str(got[eps[1]]), got
 
 
 class _Before(PeerServer):
@@ -121,13 +80,14 @@ class _Before(PeerServer):
         return super()._handle({k: v for k, v in h.items() if k != "brief"}, data)
 
 
-def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_path, monkeypatch) -> None:
+def test_a_survey_names_each_global_manifest_and_brings_only_the_one_taken(tmp_path, monkeypatch,
+                                                                         committed_step) -> None:
     """A rank's survey asks every node what it holds of its job, and each node's 4 newest global
     manifests (MBs each for a large sharded model) came whole in every answer. Now they are named
     (world size, when taken, a hash), and the one a replacement node commits is brought from a node
     that named it, checked to be that making; from a daemon before this, through its full answer."""
-    raw = _committed(tmp_path / "n1")
-    other = _committed(tmp_path / "n2")  # (another making of step 3: other bytes)
+    raw = committed_step(tmp_path / "n1")
+    other = committed_step(tmp_path / "n2")  # (another making of step 3: other bytes)
     assert raw != other
     create(tmp_path / "keys")
     keys = PeerKeys.load(tmp_path / "keys")
@@ -171,15 +131,16 @@ class _Torn(PeerServer):
         return ({"t": "data", "size": 2}, b"{}") if step == 4 else super()._global(job, step, offset, length)
 
 
-def test_a_newest_step_whose_global_manifest_no_node_gives_leaves_the_one_before(tmp_path) -> None:
+def test_a_newest_step_whose_global_manifest_no_node_gives_leaves_the_one_before(tmp_path,
+                                                                               committed_step) -> None:
     """The newest complete step's global manifest, brought from the node that named it, is not the
     making it named: a restore of the newest takes the step before (logged), one of that step says so."""
     from snapd.daemon.part_fetch import PartFetch
     from snapd.format.jobdir import JobDir
     from snapd.format.retention import Retention
 
-    _committed(tmp_path / "n1", step=3)
-    _committed(tmp_path / "n1", step=4)
+    committed_step(tmp_path / "n1", step=3)
+    committed_step(tmp_path / "n1", step=4)
     create(tmp_path / "keys")
     keys = PeerKeys.load(tmp_path / "keys")
     server = _Torn("tcp://127.0.0.1:0", "n1", keys, tmp_path / "n1", ReplicaStore(0), lambda *a: None)

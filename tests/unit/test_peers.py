@@ -215,13 +215,9 @@ def test_a_file_taken_from_an_older_replica_is_never_written_again(tmp_path, ran
     assert r is not None and store.read(r, name, 0, len(body)) == body
 
 
-def test_a_survey_asks_every_peer_at_once_and_names_those_that_do_not_answer(tmp_path) -> None:
+def test_a_survey_asks_every_peer_at_once_and_names_those_that_do_not_answer(tmp_path, curve_routers) -> None:
     """Real CurveZMQ sockets: a peer that answers, one that answers an error, one that never
     answers, one with another cluster's key (its handshake fails: no answer), one not there."""
-    import threading
-
-    import zmq
-
     from snapd.peers import wire
     from snapd.peers.wire import PeerRefused, PeerUnavailable
 
@@ -229,42 +225,16 @@ def test_a_survey_asks_every_peer_at_once_and_names_those_that_do_not_answer(tmp
     keys = PeerKeys.load(tmp_path / "k")
     create(tmp_path / "other")
     other = PeerKeys.load(tmp_path / "other")
-    ctx = zmq.Context()
-    servers = []
-    for k in (keys, keys, keys, other):
-        s = ctx.socket(zmq.ROUTER)
-        s.curve_server, s.curve_secretkey, s.curve_publickey = True, k.secret, k.public
-        s.linger = 0
-        servers.append((s, f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"))
-    stop = threading.Event()
-
-    def serve() -> None:
-        poller = zmq.Poller()
-        for s, _ in servers:
-            poller.register(s, zmq.POLLIN)
-        while not stop.is_set():
-            for s, _ in poller.poll(50):
-                peer, *frames = s.recv_multipart()
-                header, _ = wire.decode(frames)
-                if s is servers[0][0]:
-                    reply = {"t": "have", "steps": [{"step": 3}], "asked": header}
-                    s.send_multipart([peer, *wire.encode(reply)])
-                elif s is servers[1][0]:
-                    s.send_multipart([peer, *wire.encode({"t": "error", "message": "no such job"})])
-                # (the third reads and never answers)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    answers = [lambda h: {"t": "have", "steps": [{"step": 3}], "asked": h},
+               lambda h: {"t": "error", "message": "no such job"}, lambda h: None, lambda h: None]
+    # (the third reads and never answers; the fourth's handshake fails)
+    servers = curve_routers([keys, keys, keys, other], lambda i, h: answers[i](h))
     gone = "tcp://127.0.0.1:1"
     eps = [ep for _, ep in servers] + [gone]
     fds = len(os.listdir("/proc/self/fd"))
-    try:
-        t0 = time.monotonic()
-        got = wire.ask_all(ctx, keys, eps, {"t": "have", "job": "j"}, 2.0)
-        took = time.monotonic() - t0
-    finally:
-        stop.set()
-        t.join()
+    t0 = time.monotonic()
+    got = wire.ask_all(curve_routers.ctx, keys, eps, {"t": "have", "job": "j"}, 2.0)
+    took = time.monotonic() - t0
     assert got[eps[0]]["steps"] == [{"step": 3}] and got[eps[0]]["asked"]["job"] == "j"
     assert isinstance(got[eps[1]], PeerRefused) and "no such job" in str(got[eps[1]])
     for ep in eps[2:]:
@@ -274,6 +244,3 @@ def test_a_survey_asks_every_peer_at_once_and_names_those_that_do_not_answer(tmp
     while len(os.listdir("/proc/self/fd")) > fds and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(os.listdir("/proc/self/fd")) <= fds
-    for s, _ in servers:
-        s.close()
-    ctx.term()
