@@ -35,14 +35,17 @@ class SnapshotInfo:
 
 
 def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:
-    """The job's committed snapshots, oldest commit first, with latest/best marks."""
+    """The job's committed snapshots, in the order they were taken (the order ``latest`` follows:
+    the last listed is latest), with latest/best marks. Not commit order: an emergency snapshot
+    committed ahead of older ones still in flight comes after them."""
     jd = JobDir(root, job)
     if not jd.path.is_dir():
         raise SnapshotNotFound(f"no job {job!r} under {root}")
     idx = jobindex.load(jd)
     latest, best = idx.latest, idx.best
     return [SnapshotInfo(e.step, jd.path / e.name, e.created_unix_s, e.raw_bytes, e.stored_bytes,
-                         dict(e.metrics), e is latest, e is best, e.emergency) for e in idx.history]
+                         dict(e.metrics), e is latest, e is best, e.emergency)
+            for e in sorted(idx.history, key=lambda e: e.order)]
 
 
 def resolve(root: str | os.PathLike, job: str, step: int | str | None = "latest") -> Path:

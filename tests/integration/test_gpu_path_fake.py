@@ -348,6 +348,8 @@ def test_a_preempted_trainer_on_the_gpu_path_gets_its_latest_state_to_disk(fake_
     d = fake_gpu.start("--codec", "shuffle-zstd")
     stderr = fake_gpu.preempt(PREEMPTED_TRAINER, d)
     assert "emergency snapshot of step 3 persisted" in stderr, stderr
+    with snapd.connect("preempted", endpoint=d.endpoint, spawn=False) as c:
+        c.sync()  # (step 2, handed over before, may still be on its way: the emergency one went first)
     latest = snapd.load(d.root, "preempted")
     assert latest["step"] == 3 and _same(latest["w"], np.full(300_000, 3, np.float32))
     assert [s.step for s in snapd.list_snapshots(d.root, "preempted")] == [1, 2, 3]

@@ -39,7 +39,8 @@ def test_emergency_snapshot_stays_latest_when_older_ones_commit_after_it(root) -
     infos = snapd.list_snapshots(root, "j")
     assert [s.step for s in infos if s.latest] == [5]
     assert snapd.load(root, "j")["w"][0] == 5
-    assert sorted(s.step for s in infos) == [3, 4, 5]  # the older ones persist, rotated by when taken
+    # the older ones persist, rotated by when taken; listed as taken, the last one latest
+    assert [(s.step, s.latest) for s in infos] == [(3, False), (4, False), (5, True)]
     os.unlink(root / "j" / "index.json")  # rebuilt from the manifests: the same answer
     assert snapd.load(root, "j")["w"][0] == 5
 
@@ -49,7 +50,7 @@ def test_a_run_resumed_from_an_earlier_step_makes_its_snapshots_latest(root) -> 
         snapd.save(root, "j", {"w": np.full(2, step)}, step=step, keep_last=2)
     snapd.save(root, "j", {"w": np.full(2, 150)}, step=150, keep_last=2)
     assert snapd.load(root, "j")["w"][0] == 150
-    assert sorted(s.step for s in snapd.list_snapshots(root, "j")) == [150, 200]
+    assert [(s.step, s.latest) for s in snapd.list_snapshots(root, "j")] == [(200, False), (150, True)]
 
 
 def test_a_step_without_manifest_is_not_listed_and_latest_falls_back(root) -> None:
