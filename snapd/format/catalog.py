@@ -28,10 +28,16 @@ class SnapshotInfo:
     latest: bool = False
     best: bool = False
     emergency: bool = False
+    taken_unix_s: float | None = None  # when its state was handed over (None: before this was recorded)
 
     @property
     def ratio(self) -> float:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """What orders a job's snapshots, as ``latest`` does: when taken (else committed), then step."""
+        return (self.taken_unix_s if self.taken_unix_s is not None else self.created_unix_s), self.step
 
 
 def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:
@@ -44,7 +50,7 @@ def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:
     idx = jobindex.load(jd)
     latest, best = idx.latest, idx.best
     return [SnapshotInfo(e.step, jd.path / e.name, e.created_unix_s, e.raw_bytes, e.stored_bytes,
-                         dict(e.metrics), e is latest, e is best, e.emergency)
+                         dict(e.metrics), e is latest, e is best, e.emergency, e.taken_unix_s)
             for e in sorted(idx.history, key=lambda e: e.order)]
 
 

@@ -56,7 +56,7 @@ HEADER = ["JOB", "STEP", "TIER", "TIME", "STORED", "RAW", "METRICS", "MARKS"]
 
 def _rows(name: str, here: dict[int, Any], rjob: RemoteJob | None) -> list[list[str]]:
     """A job's snapshots in both tiers (``here``: the local ones by step, catalog's): ``latest``
-    marks what ``load`` would open (the newest step of either), ``best`` the local best, else the
+    marks what ``load`` would open (the one taken last of either), ``best`` the local best, else the
     remote one."""
     there, rule = rjob.entries() if rjob is not None else ([], None)
     far = {e.step: e for e in there}
@@ -64,7 +64,13 @@ def _rows(name: str, here: dict[int, Any], rjob: RemoteJob | None) -> list[list[
     if best is None and there:
         pick = JobIndex(history=there, best_metric=rule).best
         best = pick.step if pick is not None else None
-    newest = max(set(here) | set(far), default=None)
+    # (as snapd.remote.tiers.locate: the local latest, unless a higher step of the bucket's was taken
+    # after it; not the highest step: a run that went back to an earlier step takes lower ones later)
+    local = next((s for s in here.values() if s.latest), None)
+    above = max((e for e in there if local is None or e.step > local.step), key=lambda e: e.order,
+                default=None)
+    newest = above.step if above is not None and (local is None or above.order > local.order) else \
+        local.step if local is not None else None
     rows = []
     for step in sorted(set(here) | set(far)):
         e = here.get(step) or far[step]

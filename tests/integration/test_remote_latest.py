@@ -4,6 +4,9 @@ an earlier step): the abandoned run's higher steps, still in the bucket, are not
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -38,6 +41,10 @@ def test_latest_in_both_tiers_is_the_snapshot_taken_last_not_the_highest_step(tm
         assert sorted(RemoteJob(Store.open(url), "job").steps()) == [1, 2, 3]  # (step 3 is still there)
         back = c.restore()  # (this node's latest is the new step 2; the bucket's highest, step 3)
         assert back["step"] == 2 and back["mark"][0] == 1.0
+    listed = subprocess.run([sys.executable, "-m", "snapd", "ls", str(d.root), "job", "--remote", url],
+                            capture_output=True, text=True, cwd="/").stdout
+    marked = re.findall(r"^job\s+(\d+)\s.*latest", listed, re.M)
+    assert marked == ["2"], listed  # (what load opens: the step taken last, not the highest one)
     fresh = snapd.load(tmp_path / "fresh", "job", remote=url)  # a node with an empty disk
     assert fresh["step"] == 2 and fresh["mark"][0] == 1.0
     assert snapd.load(tmp_path / "fresh", "job", 3, remote=url)["mark"][0] == 0.0  # (by number: still there)
