@@ -72,7 +72,7 @@ def _rows(name: str, here: dict[int, Any], rjob: RemoteJob | None) -> list[list[
     newest = above.step if above is not None and (local is None or above.order > local.order) else \
         local.step if local is not None else None
     rows = []
-    for step in sorted(set(here) | set(far)):
+    for step in sorted(set(here) | set(far), key=lambda n: here[n].order if n in here else far[n].order):
         e = here.get(step) or far[step]
         tier = "local+remote" if step in here and step in far else "local" if step in here else "remote"
         marks = ",".join(m for m, on in (("latest", step == newest), ("best", step == best),
