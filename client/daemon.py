@@ -50,6 +50,7 @@ class Client:
         # the daemon's root, or this user's directory in it when the daemon serves several users
         self.root = Path(welcome.get("jobs_root", welcome["root"]))
         self._grace_s: float | None = None  # an emergency snapshot's time before the kill, when known
+        self._until: float | None = None  # (monotonic) when an emergency hand-over must be done by
         self._peers = bool(welcome.get("peers"))  # the daemon has peers on other nodes (docs/peers.md)
         self._peer = welcome.get("peer")  # where they reach it (its endpoint and node)
         self.remote: str | None = welcome.get("remote")  # the daemon's remote tier, where this job is
@@ -128,7 +129,7 @@ class Client:
         if self._on_gpu:  # forget copies known done (each holds its tensors alive until then)
             self._on_gpu = [p for p in self._on_gpu if not (p.done() or p.copied)]
         plan = self._planner.plan(state)  # (after those: a copy that failed changes how tensors go)
-        self._wait_registered()  # a region being copied must not be described again until that copy is done
+        self._wait_registered(self._left())  # a region being copied is not described again until copied
         streams = self._export.streams(plan.leads, plan.leaves, plan.sources) if plan.leads else {}
         head: dict[str, Any] = {"step": step, "metrics": metrics, "emergency": emergency}
         if emergency and self._grace_s is not None:  # (the scheduler's time left: client/preemption.py)
@@ -149,7 +150,7 @@ class Client:
             fields = snapshot_plan.layout_fields(plan, plain, self._layouts)
             req = self._conn.send("snapshot", **head, **fields)
             try:  # "copied" (plain) or "received" (the daemon copies registered/GPU bytes)
-                first = self._conn.wait(req)
+                first = self._conn.wait(req, self._left())
             except SnapdError as e:
                 if e.code != "unknown_layout":  # refused (the lease went back)
                     self._layouts.forget()
@@ -160,7 +161,7 @@ class Client:
                     head["lease"], waited_s = self._write(plan, emergency)
                 req = self._conn.send("snapshot", **head, **self._layouts.define(plan.tree, plan.scalars,
                                                                                   plan.signature(plain)))
-                first = self._conn.wait(req)
+                first = self._conn.wait(req, self._left())
             self._planner.taken(state, plan)
         except Busy as e:
             log.info("step %d skipped: %s", step, e)
@@ -182,7 +183,8 @@ class Client:
     def _write(self, plan: snapshot_plan.SnapshotPlan, emergency: bool) -> tuple[int, float]:
         """Lease a host buffer and write into it what the daemon cannot copy itself: plain tensors
         and device tensors without IPC. Returns the lease and how long the grant took to come."""
-        granted = self._conn.wait(self._conn.send("acquire", nbytes=plan.nbytes, emergency=emergency))
+        granted = self._conn.wait(self._conn.send("acquire", nbytes=plan.nbytes, emergency=emergency),
+                                  self._left())
         try:
             buf = self._buffers.mapping(granted["path"], granted["bytes"], plan.nbytes)
             leaves, offsets = plan.leaves, plan.offsets
@@ -224,10 +226,17 @@ class Client:
         self._regions.append(region)
         self._planner.forget()  # its tensors moved: the next snapshot is flattened
 
-    def _wait_registered(self) -> None:
+    def _wait_registered(self, timeout: float | None = None) -> None:
         while self._uncopied:
-            self._uncopied[0].wait_copied()
+            self._uncopied[0].wait_copied(timeout)
             self._uncopied.pop(0)
+
+    def _left(self) -> float | None:
+        """What is left of an emergency hand-over's time (client/preemption.py: its ``deadline_s``);
+        None outside one. Its waits for a host buffer (all busy at the memory cap: the daemon would
+        hold it up to busy_wait_s) are bounded by it, so that the handler still hands the signal on
+        (and requeues) before the scheduler's kill."""
+        return None if self._until is None else max(0.05, self._until - time.monotonic())
 
     def wait_copied(self) -> None:
         """Block (the CPU) until the daemon has copied every snapshot handed to it."""

@@ -58,6 +58,7 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
             if step == busy["step"]:  # (SIGTERM after SIGUSR1's dump of the same step: it is on disk)
                 log.warning("%s: step %d's emergency snapshot is already persisted", name, step)
             else:
+                client._until = t0 + deadline_s  # type: ignore[attr-defined]  # (the hand-over's waits too)
                 pending = client.snapshot(state, step=step, emergency=True)
                 done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
                 busy["step"] = step
@@ -74,6 +75,7 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
         finally:
             busy["dumping"] = False
             client._grace_s = None  # type: ignore[attr-defined]  # (used by this dump's snapshot, or by none)
+            client._until = None  # type: ignore[attr-defined]
         if requeue and signum == signal.SIGUSR1 and slurm_job is not None:
             _requeue(slurm_job)
         prev = previous.get(signum)

@@ -2,9 +2,12 @@
 before it, and stays the resume point when they commit after it (the preemption case)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+
+import numpy as np
 
 import snapd.client as snapd
 
@@ -47,3 +50,44 @@ def test_emergency_snapshot_jumps_the_queue_and_stays_latest(start) -> None:
     assert [s.step for s in infos if s.latest] == [5] and [s.step for s in infos if s.emergency] == [5]
     committed = {s.step: json.loads((s.path / "manifest.json").read_text())["created_unix_s"] for s in infos}
     assert committed[5] < committed[4], f"the emergency snapshot was not flushed ahead: {committed}"
+
+
+HELD_UP = r"""
+import sys, time, numpy as np, snapd.client as snapd
+c = snapd.connect("held", endpoint=sys.argv[1], spawn=False)
+state = {"w": np.ones(1 << 20, np.float32), "step": 7}
+c.on_preemption(lambda: (state, 7), deadline_s=2)
+print("READY", flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_emergency_snapshot_with_no_buffer_free_hands_the_signal_on_by_its_deadline(start) -> None:
+    """Every host buffer is held (by another client's snapshots: a slow disk) and memory is at its
+    cap: the emergency snapshot waits for one. Its handler gives up at its ``deadline_s`` and hands
+    SIGTERM on (under Slurm, in time to requeue before the kill), where it waited busy_wait_s
+    (120 s) for a buffer before; the daemon goes on serving."""
+    from snapd.client.connection import Connection
+
+    d = start("--host-buffers", "2", "--max-host-buffer-bytes", str(32 << 20),
+              "--max-host-memory-bytes", str(64 << 20))
+    holder = Connection(d.endpoint, 5)
+    holder.call("hello", job="slow", pid=os.getpid(), on_busy="wait")
+    leases = [holder.call("acquire", nbytes=1 << 20, emergency=False)["lease"] for _ in range(2)]
+    proc = subprocess.Popen([sys.executable, "-c", HELD_UP, d.endpoint], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM
+        err = proc.stderr.read()
+        assert "emergency snapshot failed after 2." in err and "waits for a host buffer" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    for lease in leases:
+        holder.call("release", lease=lease)
+    holder.close()
+    with snapd.connect("held", endpoint=d.endpoint, spawn=False) as c:
+        c.snapshot({"w": np.full(8, 8.0)}, step=8).wait(30)
+        assert [s.step for s in c.list()] == [8]
