@@ -87,6 +87,7 @@ def daemon(tmp_path):
         except subprocess.TimeoutExpired:
             d.proc.kill()
             d.proc.wait()
+    forget_buffers(d)
 
 
 @pytest.fixture
@@ -102,6 +103,14 @@ def start(tmp_path):
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+        forget_buffers(d)
+
+
+def forget_buffers(d: Daemon) -> None:
+    """The host buffers a killed daemon left in /dev/shm (a daemon's next start removes them; the
+    last one a test run kills has none after it: 64 MiB each run, until snapd runs again)."""
+    for leftover in Path("/dev/shm").glob(f"snapd-{d.proc.pid}-*"):
+        leftover.unlink(missing_ok=True)
 
 
 def run_client(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -243,6 +252,7 @@ def fake_gpu(tmp_path, host_kernel_lib, monkeypatch):
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+        forget_buffers(d)
     for arena in arenas:
         arena.close()
 
