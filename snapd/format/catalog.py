@@ -12,7 +12,7 @@ from snapd.errors import FormatError, InvalidArgument, SnapshotNotFound, Version
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, read_regular
 from snapd.format.global_manifest import parse_any
-from snapd.format.manifest import MANIFEST_NAME
+from snapd.format.manifest import MANIFEST_NAME, taken_of
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class SnapshotInfo:
     @property
     def order(self) -> tuple[float, int]:
         """What orders a job's snapshots, as ``latest`` does: when taken (else committed), then step."""
-        return (self.taken_unix_s if self.taken_unix_s is not None else self.created_unix_s), self.step
+        return taken_of(self), self.step
 
 
 def list_snapshots(root: str | os.PathLike, job: str) -> list[SnapshotInfo]:

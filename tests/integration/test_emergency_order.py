@@ -81,7 +81,7 @@ def test_an_emergency_snapshot_with_no_buffer_free_hands_the_signal_on_by_its_de
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == -signal.SIGTERM
         err = proc.stderr.read()
-        assert "emergency snapshot failed after 2." in err and "waits for a host buffer" in err, err
+        assert "emergency snapshot failed after" in err and "waits for a host buffer" in err, err
     finally:
         proc.kill()
         proc.wait()
