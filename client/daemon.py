@@ -23,7 +23,7 @@ from snapd.client.hand_over import HandOver
 from snapd.client.pending import Pending, Persisted
 from snapd.client.ranks import Ranks
 from snapd.client.local import list_snapshots, load
-from snapd.errors import DaemonUnavailable, SnapdError, SnapshotNotFound
+from snapd.errors import DaemonUnavailable, InvalidArgument, SnapdError, SnapshotNotFound
 from snapd.format.jobdir import check_step
 from snapd.format.saving import check_metrics
 from snapd.ownership import check_socket_owner
@@ -212,10 +212,20 @@ class Client(HandOver):
                       requeue: bool | None = None) -> None:
         """On ``signals`` (SIGTERM, SIGUSR1): an emergency snapshot of ``state_fn()``'s ``(state,
         step)``, then the signal handed on; under Slurm, SIGUSR1 also requeues the job
-        (client/preemption.py)."""
+        (client/preemption.py). The daemon is told: stopped by the same signal (a daemon inside the
+        Slurm allocation, a node's shutdown), it waits up to ``deadline_s`` for the snapshot."""
         from snapd.client.preemption import install
 
         install(self, state_fn, signals, deadline_s, requeue)
+        try:
+            self._conn.call("preempt", deadline_s=float(deadline_s), timeout_s=10.0)
+        except (SnapdError, TimeoutError) as e:
+            code = getattr(e, "code", "")
+            if code == "bad_field":
+                raise InvalidArgument(f"on_preemption: {e}") from None
+            if code != "unknown_type":  # (a daemon from before waits for no one: nothing to say)
+                log.warning("the daemon was not told of this preemption handler (%s): stopped with this "
+                            "job, it would not wait for its emergency snapshot", e)
 
     def close(self) -> None:
         if self._conn.closed:

@@ -56,20 +56,11 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
                     client._grace_s = left  # type: ignore[attr-defined]
             state, step = state_fn()
             if step == busy["step"]:  # (SIGTERM after SIGUSR1's dump of the same step: it is on disk)
-                log.warning("%s: step %d's emergency snapshot is already persisted", name, step)
+                log.warning("%s: step %d's emergency snapshot is the daemon's already", name, step)
             else:
                 client._until = t0 + deadline_s  # type: ignore[attr-defined]  # (the hand-over's waits too)
-                pending = client.snapshot(state, step=step, emergency=True)
-                done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
+                _dump(client, name, state, step, t0, deadline_s, busy.pop("left", None))
                 busy["step"] = step
-                took = time.monotonic() - t0
-                log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step, took,
-                            done.path)
-                left = busy.pop("left", None)
-                if left is not None and took > left:
-                    log.error("%s: the emergency snapshot took %.2f s, but the job's time limit was %.1f s "
-                              "away: --signal is too short for this state (give it at least %.0f s: "
-                              "docs/clusters.md)", name, took, left, max(60.0, 3 * took))
         except Exception as e:  # the signal must still be handed on, whatever happened
             log.error("%s: emergency snapshot failed after %.2f s: %s", name, time.monotonic() - t0, e)
         finally:
@@ -87,6 +78,29 @@ def install(client: Client, state_fn: Callable[[], tuple[Any, int]], signals: tu
 
     for s in signals:
         previous[s] = signal.signal(s, handler)
+
+
+def _dump(client: Client, name: str, state: Any, step: int, t0: float, deadline_s: float,
+          left: float | None) -> None:
+    """The emergency snapshot, waited for until ``deadline_s`` after ``t0``; raised if not handed over
+    by then (the daemon holding it, not yet persisted, is enough)."""
+    pending = client.snapshot(state, step=step, emergency=True)
+    try:
+        done = pending.wait(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
+    except TimeoutError:
+        if not pending.copied:
+            raise
+        # (a slow disk: the state is the daemon's, which persists it once this process is gone, and
+        # drains it at its own SIGTERM; a resumed job's restore waits for it)
+        log.warning("%s: emergency snapshot of step %d handed to the daemon, not yet persisted after "
+                    "%.2f s: the daemon persists it", name, step, time.monotonic() - t0)
+        return
+    took = time.monotonic() - t0
+    log.warning("%s: emergency snapshot of step %d persisted in %.2f s at %s", name, step, took, done.path)
+    if left is not None and took > left:
+        log.error("%s: the emergency snapshot took %.2f s, but the job's time limit was %.1f s away: "
+                  "--signal is too short for this state (give it at least %.0f s: docs/clusters.md)", name,
+                  took, left, max(60.0, 3 * took))
 
 
 def _requeue(job_id: str) -> None:

@@ -46,6 +46,9 @@ REQUESTS: dict[str, dict[str, Validator]] = {
                  "grace_s": f.opt(f.seconds)},
     "release": {"lease": f.int_()}, "register": {"path": f.str_(), "bytes": f.int_(1)}, "status": {},
     "ping": {}, "bye": {},
+    # the client takes an emergency snapshot when preempted (client.on_preemption), within deadline_s:
+    # a daemon told to stop meanwhile (the same signal, the same moment) waits for it ("noted")
+    "preempt": {"deadline_s": f.seconds},
     "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended
     # nodes that share no filesystem (docs/peers.md): the newest step whose parts are all on some node
     # (committed here if need be), and one part brought to this node

@@ -7,6 +7,8 @@
   so its stream can wait on them.
 - ``done``: persisted or failed; the buffer goes back, the tallies move, and the client gets
   ``persisted`` or the error with its stage; ``sync`` requests waiting for it are answered.
+- ``written`` (flush thread): a snapshot's bytes are written and wait for their fsync; its buffer
+  is lent to an emergency snapshot waiting for one (snapd.daemon.waiting.lend_written).
 - ``part``: a rank's part of a global snapshot is durable, and waits for the other ranks' parts
   (snapd.daemon.rank_commits): its buffer goes back now; its ``done`` comes with the commit.
 - ``forgotten`` (GPU copier): a client's handles are closed; its ``bye`` is answered.
@@ -26,6 +28,7 @@ from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
 from snapd.daemon.status import Tally
 from snapd.daemon.tasks import TaskTable
+from snapd.daemon.waiting import lend_written
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Endings:
             self._finish(event)
         elif kind == "buffer_ready":  # a host buffer made on the pool's thread
             self.leases.replaced()
+        elif kind == "written":  # (also posted by an emergency request that queued)
+            lend_written(self.leases)
         elif kind == "forgotten":  # the GPU copier closed a leaving client's handles
             self.replies.send(bytes.fromhex(event["peer"]), protocol.message("bye", event["id"]))
         elif kind == "reply":  # a request answered off the server thread (snapd.daemon.peers)
@@ -58,7 +63,8 @@ class Endings:
             self.replies.send(task.peer, protocol.message("queued", task.req_id, step=task.step,
                                                           events=event["events"]))
         elif kind == "part":  # a rank's part is durable and waits for the others': its buffer goes back
-            self.leases.free(None, task.lease)
+            if task.lease > 0:  # (-1: lent to an emergency snapshot already)
+                self.leases.free(None, task.lease)
             task.lease = -1
             self._synced(task.seq)  # (what it waits for is other ranks: a sync does not wait with it)
         elif kind == "copied":
@@ -98,7 +104,7 @@ class Endings:
         if task is None:  # (a hand-over that failed ended it already)
             return
         self._synced(task.seq)
-        if task.lease >= 0:  # (-1: a rank's part gave it back once durable)
+        if task.lease > 0:  # (-1: a rank's part gave it back once durable, or it was lent)
             self.leases.free(None, task.lease)
         self.quotas.refresh(task.root)  # (what retention deleted, what this snapshot added)
         if event["ok"]:

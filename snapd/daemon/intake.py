@@ -46,8 +46,10 @@ class Intake:
 
     def acquire(self, s: Session, req_id: int, nbytes: int, emergency: bool, then: Any = None) -> Any:
         """A host buffer for a snapshot of ``nbytes`` (snapd.daemon.leases), within the user's quota."""
-        if self.stopping:
-            raise ShuttingDown("the daemon is shutting down and accepts no new snapshots")
+        if self.stopping:  # (an emergency snapshot is taken still: the job is stopped with the daemon)
+            s.heard_in_drain = True
+            if not emergency:
+                raise ShuttingDown("the daemon is shutting down and accepts only emergency snapshots")
         cap = self.config.buffer_cap
         if nbytes > cap:  # (max_host_buffer_bytes is at most max_host_memory_bytes: one names both)
             raise ProtocolError(f"a snapshot of {nbytes} bytes is over the largest host buffer this daemon "
@@ -83,6 +85,7 @@ class Intake:
             nbytes = max(msg["nbytes"], plan.end)
             return self.acquire(s, msg["id"], nbytes, msg["emergency"], then) or (None, None)
         buf = self.leases.take(s, msg["lease"])
+        s.heard_in_drain = s.heard_in_drain or self.stopping
         layout, values = layout_of(s.layout, msg)
         plan = self._check(s, layout, buf.view.size)
         plan.check_fits(buf.view)

@@ -64,11 +64,11 @@ class Leases:
         self.config, self.pool, self.metrics = config, pool, metrics
         self.sessions, self.tasks, self.replies, self._hand_over = sessions, tasks, replies, hand_over
         self.maker = BufferMaker(config, pool, post)
+        self._post = post
         self._said_full = False
         self.waiters: collections.deque[Waiter] = collections.deque()
         self._ids = iter(range(1, 2**62))
         self._asked: dict[int, float] = {}  # lease -> when its acquire arrived (the stall metric)
-        self.stopping = False
         self.limits = Limits(config, pool, sessions, tasks, shared)
 
     def new_id(self) -> int:
@@ -82,7 +82,7 @@ class Leases:
         must first be replaced (grown for ``nbytes``, or fresh pages for another uid) is made on a
         thread while the request waits (a skipping client's snapshot is skipped instead)."""
         at_limit = self.limits.reached(s, emergency)
-        if not at_limit and not (self._eligible_waiter() and not emergency):
+        if not at_limit and not (self.eligible_waiter() and not emergency):
             room = self._room_for(s.uid, nbytes)
             if room is not None and room.ready:
                 if then is not None:
@@ -109,6 +109,8 @@ class Leases:
         self._queue(s, req_id, nbytes, emergency, then,
                     f"this client is at its limit, {at_limit}" if at_limit else
                     "every host buffer is busy persisting earlier snapshots, with no room for another")
+        if emergency:  # a written snapshot's buffer, lent after this request (waiting.lend_written)
+            self._post({"event": "written"})
         return None  # granted later, when a buffer frees
 
     def _room_for(self, uid: int, nbytes: int) -> Room | None:
@@ -221,8 +223,8 @@ class Leases:
         """Free buffers to the eligible waiters, first come first served (emergencies first); a
         buffer that must be replaced for one is made while others take the remaining buffers."""
         self.waiters = collections.deque(w for w in self.waiters if w.peer in self.sessions)
-        while not self.stopping:
-            w = self._eligible_waiter()
+        while True:
+            w = self.eligible_waiter()
             if w is None:
                 return
             ws = self.sessions[w.peer]
@@ -269,20 +271,18 @@ class Leases:
         expire(self, now)
 
     def refuse_waiters(self) -> None:
-        """Draining: no more grants; every queued request hears why."""
-        self.stopping = True
-        while self.waiters:
-            w = self.waiters.popleft()
-            self.replies.send(w.peer,
-                              protocol.error_reply(w.req_id, ShuttingDown.code,
-                                                   "the daemon is shutting down"))
+        """Draining: every queued request but the emergency snapshots' hears why."""
+        for w in [w for w in self.waiters if not w.emergency]:
+            self.waiters.remove(w)
+            why = "the daemon is shutting down and accepts only emergency snapshots"
+            self.replies.send(w.peer, protocol.error_reply(w.req_id, ShuttingDown.code, why))
 
     def gauges(self) -> None:
         busy = sum(b.size for b in self.pool.buffers if b.lease is not None)
         self.metrics.buffers(busy, sum(b.size for b in self.pool.buffers) - busy)
         self.metrics.clients.set(len(self.sessions))
 
-    def _eligible_waiter(self) -> Waiter | None:
+    def eligible_waiter(self) -> Waiter | None:
         """The first queued request whose client is under its limits (it gets the next free buffer)."""
         preparing = self.maker.waited_for()
         for w in self.waiters:

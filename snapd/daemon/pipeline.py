@@ -220,6 +220,7 @@ class Pipeline:
             if prev is not None:
                 prev.close()
         self._seals.put((0 if task.emergency else 1, task.seq, Sealing(task, writer, codec, started)))
+        outbox.send({"event": "written"})  # (its buffer may go to an emergency one: snapd.daemon.waiting)
 
     def _flush_failed(self, task: Task, error: Exception, outbox: Outbox) -> None:
         outbox.send(self.failed(task, "flush", *failure_fields(error, "flush"), error))

@@ -4,7 +4,9 @@ A lock file beside the socket (flock, held for the daemon's life) makes a
 second daemon on the same endpoint refuse to start instead of silently
 stealing the socket; a socket file left by a killed daemon is replaced.
 SIGTERM and SIGINT become the same "stop" a drain would need: no new
-snapshots, persist those already copied (up to ``drain_timeout_s``), exit 0.
+snapshots but emergency ones, persist those already copied (up to ``drain_timeout_s``), exit 0
+(snapd.daemon.shutdown). SIGUSR1 and SIGUSR2 are logged and change nothing: Slurm's ``--signal``
+warning reaches a daemon that runs inside the allocation too.
 """
 
 from __future__ import annotations
@@ -100,7 +102,14 @@ def serve(config: DaemonConfig) -> int:
             log.info("%s: draining", signal.Signals(signum).name)
         stop["signal"] = signum
 
+    def on_warning(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: a scheduler's warning to the job's processes (Slurm's --signal); serving on",
+                 signal.Signals(signum).name)
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # (a daemon inside a Slurm allocation gets --signal=USR1@N with the trainers: its default action
+    # would kill it, and the trainers' emergency snapshots with it)
+    old.update({s: signal.signal(s, on_warning) for s in (signal.SIGUSR1, signal.SIGUSR2)})
     from snapd.daemon.notify import Notifier
 
     notifier = Notifier.from_environment()

@@ -299,6 +299,10 @@ class Server:
     def _on_status(self, peer: bytes, msg: dict, creds: Peer) -> bytes:
         return protocol.message("status", msg["id"], **self.status.of(creds, self.shutdown.stopping))
 
+    def _on_preempt(self, peer: bytes, msg: dict) -> bytes:
+        self._session(peer).preempt_s = msg["deadline_s"]  # (a drain waits for its emergency snapshot)
+        return protocol.message("noted", msg["id"])
+
     def _on_ping(self, peer: bytes, msg: dict) -> bytes:
         return protocol.message("pong", msg["id"], daemon_pid=os.getpid())
 

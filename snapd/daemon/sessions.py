@@ -37,6 +37,9 @@ class Session:
     run: str = ""  # which run of the job (client/ranks.py): parts commit together only within one
     replicas: int | None = None  # copies of each part on other nodes (None: the daemon's; docs/peers.md)
     own_pid: int | None = None  # the pid it knows itself by, when the kernel says another (a container)
+    # its preemption handler's deadline (``preempt``): a drain waits that long for its emergency snapshot
+    preempt_s: float | None = None
+    heard_in_drain: bool = False  # it asked for a buffer or sent a snapshot since the drain began
 
 
 def job_in_use(sessions: dict[bytes, Session], s: Session) -> str:

@@ -1,9 +1,17 @@
 """When the server's loop ends: the drain a SIGTERM starts, and the exit of a daemon left idle.
 
-A drain refuses new snapshots and buffer waits, then lasts until every snapshot in flight is
-persisted, and (where the daemon has them) uploaded to the remote tier and copied to the replica
-holders that answer, or until ``drain_timeout_s``: what was not done by then is logged, one line per
-snapshot, part or upload. A store that does not answer is not waited for: no use waiting it out.
+A drain refuses new snapshots and buffer waits, but for emergency snapshots, then lasts until every
+snapshot in flight is persisted, and (where the daemon has them) uploaded to the remote tier and
+copied to the replica holders that answer, or until ``drain_timeout_s``: what was not done by then
+is logged, one line per snapshot, part or upload. A store that does not answer is not waited for:
+no use waiting it out.
+
+The daemon is often stopped with the job it serves, by the same signal: a Slurm job's preemption
+or end signals every step, the daemon's too where it runs inside the allocation, and a node's
+shutdown stops services and jobs together. So the drain also waits, each up to its handler's
+deadline, for the emergency snapshot of every connected trainer with a preemption handler
+(``preempt``): until it asks for a buffer and sends its snapshot, or goes away. A daemon that left
+at once lost the trainers' last state: their emergency snapshots found no one.
 """
 
 from __future__ import annotations
@@ -27,16 +35,35 @@ class Shutdown:
         self.config, self.tasks, self.sessions, self.pipeline = config, tasks, sessions, pipeline
         self.intake, self.leases = intake, leases
         self.stopping = False
+        self.began = 0.0
         self.idle_since = time.monotonic()
 
     def begin(self) -> None:
         self.stopping = self.intake.stopping = True
-        log.info("stopping: no new snapshots; persisting %d in flight", len(self.tasks))
+        self.began = time.monotonic()
+        log.info("stopping: no new snapshots but emergency ones; persisting %d in flight", len(self.tasks))
         self.leases.refuse_waiters()
+        owed = self.owed(self.began)
+        if owed:
+            log.info("waiting up to %.0f s for the emergency snapshots of %d client(s) with a preemption "
+                     "handler: pid(s) %s", max(s.preempt_s or 0.0 for s in owed), len(owed),
+                     ", ".join(str(s.pid) for s in owed))
+
+    def owed(self, now: float) -> list[Session]:
+        """The connected clients whose emergency snapshot may still come: with a preemption handler,
+        within its deadline, not heard from since the drain began, or granted a buffer (or waiting
+        for one) whose snapshot has not come yet."""
+        waiting = {w.peer for w in self.leases.waiters}
+        return [s for s in self.sessions.values()
+                if s.preempt_s is not None and now < self.began + s.preempt_s
+                and (not s.heard_in_drain or s.leases or s.peer in waiting)]
 
     def ended(self, past_deadline: bool) -> int | None:
-        """The exit status once the drain is over: every snapshot persisted and (with a remote tier)
-        uploaded, the emergency one first, or the store not answering, or the deadline passed."""
+        """The exit status once the drain is over: the emergency snapshots of the clients preempted
+        with the daemon handed over, every snapshot persisted and (with a remote tier) uploaded, the
+        emergency ones first, or the store not answering, or the deadline passed."""
+        if not past_deadline and self.owed(time.monotonic()):
+            return None
         uploads, peers = self.pipeline.uploads, self.pipeline.peers
         if not self.tasks and (uploads is None or uploads.idle()) and \
                 (peers is None or peers.replication.settled()):  # (copies on other nodes: docs/peers.md)

@@ -4,6 +4,12 @@ A request that finds no buffer it may have queues as a ``Waiter`` (snapd.daemon.
 them). No wait is unbounded: past 5 s it is logged once, naming the clients that hold buffers;
 past ``busy_wait_s`` it is refused as busy with the same names, so the trainer skips that
 snapshot and says why instead of hanging behind a client that hoards buffers.
+
+An emergency snapshot (a preempted trainer, its scheduler's kill seconds away) does not wait for
+another snapshot's fsync: the buffer of a snapshot already written, whose bytes are in the page
+cache and wait only for their fsync and commit, is lent to it at once (``lend_written``). On a
+slow disk, with every buffer held and memory at its cap, the emergency snapshot otherwise waited
+for the fsyncs before it, past its handler's deadline, and the trainer's last state was lost.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from snapd import protocol
+from snapd.daemon.tasks import ENCODED, PART_DURABLE, PERSISTED
 from snapd.errors import Busy
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,25 @@ def expire(leases: Any, now: float) -> None:
             leases.replies.send(w.peer, protocol.error_reply(w.req_id, Busy.code, (
                 "no host buffer came free for this snapshot within busy_wait_s "
                 f"({leases.config.busy_wait_s:.0f} s); held: {holders(leases)}")))
+
+
+# a snapshot in these states no longer reads its host buffer: its bytes are written (page cache)
+WRITTEN = (ENCODED, PART_DURABLE, PERSISTED)
+
+
+def lend_written(leases: Any) -> None:
+    """While the first request to get a buffer is an emergency snapshot's, give it the buffer of a
+    snapshot already written (the oldest first: the one whose fsync ends first): that snapshot goes
+    on to its fsync and commit without it, and its "done" frees nothing. Server thread only."""
+    while (w := leases.eligible_waiter()) is not None and w.emergency:
+        task = min((t for t in leases.tasks if t.lease > 0 and t.state in WRITTEN),
+                   key=lambda t: t.seq, default=None)
+        if task is None:
+            return
+        lease, task.lease = task.lease, -1
+        log.info("lent the host buffer of %s step %d (written, waiting for its fsync) to the emergency "
+                 "snapshot of client %s", task.job, task.step, who(leases, w.peer))
+        leases.free(None, lease)
 
 
 def who(leases: Any, peer: bytes) -> str:

@@ -6,8 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 import snapd.client as snapd
 
@@ -91,3 +94,78 @@ def test_an_emergency_snapshot_with_no_buffer_free_hands_the_signal_on_by_its_de
     with snapd.connect("held", endpoint=d.endpoint, spawn=False) as c:
         c.snapshot({"w": np.full(8, 8.0)}, step=8).wait(30)
         assert [s.step for s in c.list()] == [8]
+
+
+SLOW_DISK = Path(__file__).parent / "slow_disk"  # (its sitecustomize holds the daemon's fsyncs, writes)
+
+TWO_THEN_PREEMPTED = r"""
+import sys, time, numpy as np, snapd.client as snapd
+c = snapd.connect("slow", endpoint=sys.argv[1], spawn=False, keep_last=None)
+w = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)  # 16 MiB, written as it is encoded
+state = {"w": w, "step": 0}
+c.on_preemption(lambda: (state, state["step"]), deadline_s=8)
+for step in (1, 2):  # each takes one of the two host buffers, held until its fsync
+    w[:4], state["step"] = step, step
+    c.snapshot(state, step=step)
+w[:4], state["step"] = 3, 3
+print("READY", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written-before", "written-after"])
+def test_an_emergency_snapshot_gets_the_buffer_of_a_snapshot_that_waits_only_for_its_fsync(
+        start, tmp_path, written) -> None:
+    """A slow disk: both host buffers are held by snapshots whose fsync has not ended, and memory is
+    at its cap. The preempted trainer's emergency snapshot is lent the buffer of one already written
+    (its bytes are in the page cache), at once or as soon as one is written, where it waited for an
+    fsync past its handler's deadline before and the trainer's last state was lost. The handler
+    hands the signal on at its deadline, the state the daemon's; once the disk catches up, every
+    snapshot is on it, the emergency one latest."""
+    fsync_gate, write_gate = tmp_path / "fsync-gate", tmp_path / "write-gate"
+    path = os.pathsep.join(filter(None, [str(SLOW_DISK), os.environ.get("PYTHONPATH")]))
+    d = start("--host-buffers", "2", "--max-host-buffer-bytes", str(32 << 20),
+              "--max-host-memory-bytes", str(64 << 20), "--codec", "lz4", "--incremental", "off",
+              env={"PYTHONPATH": path, "SNAPD_TEST_SLOW_FSYNC": str(fsync_gate),
+                   "SNAPD_TEST_SLOW_WRITE": str(write_gate)})
+    fsync_gate.touch()
+    if not written:
+        write_gate.touch()
+    proc = subprocess.Popen([sys.executable, "-c", TWO_THEN_PREEMPTED, d.endpoint], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        with snapd.connect("watch", endpoint=d.endpoint, spawn=False) as watch:
+            def status() -> tuple[dict, int]:
+                s = watch.status()
+                return s["in_flight"], s["waiting_for_buffer"]
+            until(lambda: status() == ({"ENCODED" if written else "COPIED": 2}, 0),
+                  f"snapshots 1 and 2 {'written' if written else 'copied'}", d)
+            proc.send_signal(signal.SIGTERM)
+            if not written:  # the emergency request waits for a buffer; then the first write ends
+                until(lambda: status()[1] == 1, "the emergency request waiting", d)
+                write_gate.unlink()
+            until(lambda: sum(status()[0].values()) == 3, "the emergency snapshot handed over", d)
+        assert proc.wait(30) == -signal.SIGTERM  # (at its deadline: the disk is still held)
+        err = proc.stderr.read()
+        assert "emergency snapshot of step 3 handed to the daemon, not yet persisted" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        fsync_gate.unlink(missing_ok=True)
+        write_gate.unlink(missing_ok=True)
+    with snapd.connect("slow", endpoint=d.endpoint, spawn=False) as c:
+        latest = c.restore("latest")  # (waits for what the trainer handed over)
+        infos = c.list()
+    w = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)
+    w[:4] = 3
+    assert latest["step"] == 3 and np.array_equal(latest["w"], w)
+    assert [s.step for s in infos] == [1, 2, 3] and [s.step for s in infos if s.latest] == [3]
+    assert "lent the host buffer of slow step 1" in d.log_text()
+
+
+def until(ready, what: str, d, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s:\n{d.log_text()}"
+        time.sleep(0.02)

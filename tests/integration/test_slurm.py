@@ -160,3 +160,55 @@ def test_a_signal_that_leaves_too_little_time_for_the_state_is_said_so(slurm, la
     text = subprocess.run([sys.executable, "-m", "snapd", "status", "--endpoint", daemon.endpoint],
                           capture_output=True, text=True).stdout
     assert "TOO SHORT" in text, text
+
+
+IN_ALLOCATION = """#!/bin/bash
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={tmp}/{job}-%j.out
+# the daemon inside the allocation, as deploy/slurm/train.sbatch starts it where the node has no unit
+srun --ntasks=1 --overlap --kill-on-bad-exit=0 {python} -m snapd serve --root {tmp}/root \\
+    --endpoint {endpoint} --drain-timeout-s 15 >> {tmp}/daemon.log 2>&1 &
+for _ in $(seq 150); do
+    {python} -m snapd status --endpoint {endpoint} >/dev/null 2>&1 && break; sleep 0.2
+done
+exec {python} {train} {endpoint} {job} 100000 10
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signal_name", ["TERM", "USR1"])
+def test_a_daemon_inside_the_allocation_takes_the_emergency_snapshot_of_the_job_it_stops_with(
+        slurm, tmp_path, signal_name):
+    """The daemon runs as a step of the job (no unit on the node). Preemption or requeue signals
+    every step at once, the daemon's too: it must still take the trainer's emergency snapshot (it
+    exited at once and the snapshot found no one), and the time limit's warning (--signal=USR1@N,
+    to every step) must not kill it (SIGUSR1's default action). The requeued run resumes from the
+    emergency snapshot, bit for bit."""
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    script = tmp_path / "alloc.sbatch"
+    script.write_text(IN_ALLOCATION.format(tmp=tmp_path, job="alloc", python=sys.executable, train=TRAIN,
+                                           endpoint=endpoint))
+    job_id = slurm.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    out = tmp_path / f"alloc-{job_id}.out"
+    try:
+        wait_for(lambda: steps_done(out) >= 13, "training", slurm, out)
+        before = steps_done(out)
+        if signal_name == "TERM":
+            slurm.run("scontrol", "requeue", job_id)  # SIGTERM to every step, KillWait, SIGKILL
+        else:  # what --signal=USR1@N sends before the time limit; the trainer then requeues the job
+            slurm.run("scancel", "--full", "--signal=USR1", job_id)
+        wait_for(lambda: "RESUMED" in out.read_text(), "requeued run", slurm, out)
+        text = out.read_text()
+        dumped = re.findall(rf"SIG{signal_name}: emergency snapshot of step (\d+) persisted", text)
+        resumed = re.search(r"RESUMED (\d+) (\w+) (\w+)", text)
+        assert len(dumped) == 1 and resumed and resumed.group(1) == dumped[0] and int(dumped[0]) >= before, \
+            (text, (tmp_path / "daemon.log").read_text())
+        assert resumed.group(2) == resumed.group(3) and "RESTART 1" in text, text
+        log = (tmp_path / "daemon.log").read_text()
+        said = "waiting up to 25 s for the emergency snapshots of 1 client(s)" if signal_name == "TERM" else \
+            "SIGUSR1: a scheduler's warning"
+        assert said in log, log
+    finally:
+        slurm.run("scancel", job_id, check=False)
