@@ -19,7 +19,8 @@ Which thread owns what (the rule every module here keeps):
 Modules:
 - ``serve``: ``snapd serve`` (startup, signals, systemd); ``config``: the settings;
   ``notify``: systemd's notify socket; ``metrics``: Prometheus.
-- ``server``: the server thread's loop and requests, and its error boundary; ``channels``: its
+- ``server``: the server thread's loop and its error boundary; ``requests``: its answer to each
+  request, and the sessions they open and end; ``channels``: its
   reply sender, the stages' events socket and ``stage_loop`` (every stage thread's loop and error
   boundary); ``shutdown``: the drain a SIGTERM starts and the exit when idle; ``peer_requests``:
   the requests that reach other nodes (``locate``, ``fetch_part``, ``peers``).
@@ -28,7 +29,8 @@ Modules:
 - ``intake``: a buffer for each snapshot and its acceptance as a task; ``layouts``: what a
   ``snapshot`` message describes, and where each tensor lies.
 - ``leases``: who holds which host buffer and who waits for one; ``limits``: how much one client
-  and one user may hold; ``waiting``: how long a request waits and who hears of it; ``quotas``:
+  and one user may hold; ``waiting``: how long a request waits, who hears of it, and the written
+  snapshots' buffers lent to emergency ones; ``quotas``:
   per-user disk quotas.
 - ``buffers``: the shared-memory host buffers; ``buffer_making``: buffers made anew on threads
   (grown, ahead of need, for another uid); ``host_memory``: how much memory they may take;
