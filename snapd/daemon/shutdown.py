@@ -11,7 +11,8 @@ or end signals every step, the daemon's too where it runs inside the allocation,
 shutdown stops services and jobs together. So the drain also waits, each up to its handler's
 deadline, for the emergency snapshot of every connected trainer with a preemption handler
 (``preempt``): until it asks for a buffer and sends its snapshot, or goes away. A daemon that left
-at once lost the trainers' last state: their emergency snapshots found no one.
+at once lost the trainers' last state: their emergency snapshots found no one. A client granted a
+buffer is writing a snapshot into it: that one is waited for too.
 """
 
 from __future__ import annotations
@@ -43,20 +44,25 @@ class Shutdown:
         self.began = time.monotonic()
         log.info("stopping: no new snapshots but emergency ones; persisting %d in flight", len(self.tasks))
         self.leases.refuse_waiters()
-        owed = self.owed(self.began)
-        if owed:
+        handlers = [s for s in self.owed(self.began) if s.preempt_s is not None]
+        if handlers:
             log.info("waiting up to %.0f s for the emergency snapshots of %d client(s) with a preemption "
-                     "handler: pid(s) %s", max(s.preempt_s or 0.0 for s in owed), len(owed),
-                     ", ".join(str(s.pid) for s in owed))
+                     "handler: pid(s) %s", max(s.preempt_s or 0.0 for s in handlers), len(handlers),
+                     ", ".join(str(s.pid) for s in handlers))
+        writing = [s for s in self.sessions.values() if s.leases]
+        if writing:
+            log.info("waiting for the snapshots of %d client(s) writing into host buffers: pid(s) %s",
+                     len(writing), ", ".join(str(s.pid) for s in writing))
 
     def owed(self, now: float) -> list[Session]:
-        """The connected clients whose emergency snapshot may still come: with a preemption handler,
-        within its deadline, not heard from since the drain began, or granted a buffer (or waiting
-        for one) whose snapshot has not come yet."""
+        """The connected clients whose snapshot may still come: granted a buffer they are writing
+        (a snapshot on its way, granted before the drain or an emergency one since); or with a
+        preemption handler, within its deadline, not heard from since the drain began, or waiting
+        for a buffer."""
         waiting = {w.peer for w in self.leases.waiters}
-        return [s for s in self.sessions.values()
-                if s.preempt_s is not None and now < self.began + s.preempt_s
-                and (not s.heard_in_drain or s.leases or s.peer in waiting)]
+        return [s for s in self.sessions.values() if s.leases or (
+            s.preempt_s is not None and now < self.began + s.preempt_s
+            and (not s.heard_in_drain or s.peer in waiting))]
 
     def ended(self, past_deadline: bool) -> int | None:
         """The exit status once the drain is over: the emergency snapshots of the clients preempted

@@ -108,3 +108,30 @@ def test_a_scheduler_warning_leaves_the_daemon_serving_and_a_bad_preempt_is_refu
         c.snapshot({"w": np.arange(10.0)}, step=1).wait(30)
     assert daemon.proc.poll() is None
     assert "SIGUSR1: a scheduler's warning" in daemon.log_text()
+
+
+def test_a_snapshot_granted_a_buffer_before_the_drain_is_persisted_when_it_comes(start) -> None:
+    """SIGTERM while a client writes into the host buffer it was granted: its snapshot is on its way,
+    and the drain waits for it (the daemon exited, and the snapshot found no one)."""
+    import mmap
+
+    d = start()
+    conn = Connection(d.endpoint, 5)
+    try:
+        conn.call("hello", job="granted", pid=os.getpid(), on_busy="wait")
+        grant = conn.call("acquire", nbytes=16, emergency=False)
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # (the client writes its bytes meanwhile)
+        want = np.arange(4, dtype=np.float32) + 0.5
+        with open(grant["path"], "r+b") as f, mmap.mmap(f.fileno(), grant["bytes"]) as m:
+            m[:16] = want.tobytes()
+        tensors = [{"key": "w", "kind": "numpy", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]
+        sent = conn.call("snapshot", lease=grant["lease"], step=1, metrics={}, emergency=False, layout=1,
+                         tensors=tensors,
+                         tree={"t": "dict", "k": ["w"], "v": [{"t": "tensor", "i": 0}]})
+        assert conn.wait(sent["id"], 30)["type"] == "persisted"
+    finally:
+        conn.close()
+    assert d.proc.wait(30) == 0, d.log_text()
+    assert snapd.load(d.root, "granted", 1)["w"].tobytes() == want.tobytes()
+    assert "waiting for the snapshots of 1 client(s) writing into host buffers" in d.log_text()
