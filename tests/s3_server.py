@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -51,6 +52,7 @@ class S3Server:
     bucket: str = "snapd"
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    tmp: Path | None = None  # weed's TMPDIR (its glog files), removed with it
 
     @property
     def endpoint(self) -> str:
@@ -84,7 +86,9 @@ class S3Server:
         args += [f"-{flag}={port}" for flag, port in self.ports.items()]
         (self.dir / "data").mkdir(exist_ok=True)
         log = open(self.dir / "weed.log", "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # (a private TMPDIR, for weed's log files)
+        self.tmp = self.tmp or Path(tempfile.mkdtemp(prefix="snapd-weed-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"TMPDIR": str(self.tmp)}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env,
                                      start_new_session=True)
         log.close()
@@ -132,6 +136,16 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+        self._forget_tmp()
+
+    def _forget_tmp(self) -> None:
+        """What weed leaves behind: its TMPDIR, and the admin socket it makes in /tmp whatever TMPDIR
+        says (named after one of its ports)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        for port in self.ports.values():
+            Path(f"/tmp/seaweedfs-admin-grpc-{port}.sock").unlink(missing_ok=True)
 
     def restart(self, timeout: float = 60) -> None:
         self.kill()
@@ -144,3 +158,4 @@ class S3Server:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._forget_tmp()

@@ -266,8 +266,10 @@ def torchrun(tmp_path):
     launcher = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
     def run(script: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+        # (TMPDIR: torchrun's log directory, a torchelastic_* a run, stays with the test's files)
         out = subprocess.run([launcher, "--standalone", "--nproc-per-node", str(nproc), str(script), *args],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
         assert out.returncode == 0, out.stdout + out.stderr
         return out
     return run
