@@ -6,8 +6,8 @@ Which thread owns what (the rule every module here keeps):
   threads never touch these: they report to it over the events socket (``channels``).
 - A task (one snapshot) belongs to the stage that holds it: the server thread until its hand-over,
   then the copy thread or the GPU threads, then the flush thread (encode and write), then the seal
-  thread (fsync, commit). Only ``pipeline`` changes its state; the stage that holds it is the one
-  that does.
+  thread (fsync, commit). Only ``pipeline`` (with ``seal_stage``, its part) changes its state; the
+  stage that holds it is the one that does.
 - ``codec_choice.CodecBook`` holds the codec choices under its lock (the flush thread asks, the
   seal thread teaches, others read a copy: ``Pipeline.codec_choices``); the
   GPU thread owns the devices, handles and plans (others read ``GpuCopier.in_use``); the pinning
@@ -37,7 +37,8 @@ Modules:
   ``prefault``: their pages faulted in ahead; ``buffer_reads``: reads of buffers other users
   can map; ``leftovers``: what dead processes left in the shared-memory directory.
 - ``tasks``: a snapshot in flight, its states and the task table; ``pipeline``: the state
-  machine, the copy thread, the encode pool, the flush thread and the seal thread;
+  machine, the copy thread, the encode pool, the flush thread and the seal thread, whose work
+  (fsync, commit, a rank's part delivered) is ``seal_stage``;
   ``codec_choice``: which codec keeps the disk busy; ``endings``: the stages' reports turned into
   replies; ``rank_commits``: the thread that watches ranks' durable parts until their global
   snapshot commits or is given up;
