@@ -4,7 +4,8 @@ One file per buffer under /dev/shm (not one per tensor: a segment per
 tensor has exhausted file descriptors in other tools), created 0600, sized
 once and touched once at start (first touch of shared memory runs at
 ~1.3 GB/s here, an already touched buffer at ~8.5 GB/s). A buffer is leased
-to one snapshot at a time: from ``acquire`` until its bytes are persisted.
+to one snapshot at a time: from ``acquire`` until its bytes are persisted (an emergency snapshot
+waiting for one is lent it once the bytes are written: snapd.daemon.waiting).
 
 A snapshot larger than a buffer grows the one it is granted, up to ``max_host_buffer_bytes``: a
 fresh, larger file replaces it, made and touched on a thread while the snapshot waits (about 0.6 s

@@ -1,11 +1,13 @@
 """Who holds which host buffer, who waits for one, and how many one client may hold.
 
 A lease is a host buffer granted to a client: held from ``acquire`` until its
-snapshot is persisted (or the lease is released, or the client goes away).
+snapshot is persisted (or the lease is released, or the client goes away, or
+its bytes are written and an emergency snapshot waits: snapd.daemon.waiting).
 Requests that find no free buffer, or whose client is at its limit, queue as
-waiters; emergency requests jump the queue. The server thread is the only
-caller, so nothing here locks; buffers made on the pool's threads come back
-through a queue and an event (``replaced``); ``buffer_making`` keeps what each is made for.
+waiters; emergency requests jump the queue, and a draining daemon grants them
+only. The server thread is the only caller, so nothing here locks; buffers made
+on the pool's threads come back through a queue and an event (``replaced``);
+``buffer_making`` keeps what each is made for.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from snapd.daemon.sessions import Session
 from snapd.daemon.tasks import TaskTable
 from snapd.daemon.waiting import Waiter, expire, notify
 from snapd.errors import Busy, LimitExceeded, ProtocolError, ShuttingDown, SnapdError
-from snapd.format.index import latest_raw_bytes
-from snapd.format.jobdir import JobDir
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +146,8 @@ class Leases:
         return Room(pool.reserve(size), size)
 
     def expect(self, s: Session) -> None:
-        """``s``'s job resumes: the starting buffers grow ahead to its last snapshot's size (as its
-        index records it), and more are added so that each client connected for such a job (the
-        ranks of a node) has one: its first snapshot finds a buffer ready, pinned on the GPU path.
-        In the background: the trainer is restoring meanwhile, and four threads at full priority
-        beside it made its restore 3-5 times slower on 2 cores."""
-        c = self.config
-        last = latest_raw_bytes(JobDir(s.jobs_root, s.job).path, s.rank, s.world_size)
-        if last is not None and c.host_buffer_bytes < last <= c.buffer_cap:
-            s.expects = size = grown_size(last, c.buffer_cap)
-            cause = (f"for job {s.job}, whose last snapshot was {last >> 20} MiB" if s.world_size == 1 else
-                     f"for rank {s.rank} of job {s.job}, its part of the last snapshot {last >> 20} MiB")
-            self.maker.grow_ahead(size, s.uid, cause, background=True)
-            # (a larger buffer serves a smaller rank: rank 0's part may be the largest)
-            wanted = sum(x.expects is not None and x.expects >= size and x.uid == s.uid
-                         for x in self.sessions.values())
-            self.maker.add_ahead(size, s.uid, wanted, cause)
+        """``s``'s job resumes: buffers ready for its first snapshot (BufferMaker.expect)."""
+        self.maker.expect(s, self.sessions)
         self.gauges()
 
     def restore_start(self) -> None:
