@@ -10,9 +10,10 @@ The daemon is often stopped with the job it serves, by the same signal: a Slurm 
 or end signals every step, the daemon's too where it runs inside the allocation, and a node's
 shutdown stops services and jobs together. So the drain also waits, each up to its handler's
 deadline, for the emergency snapshot of every connected trainer with a preemption handler
-(``preempt``): until it asks for a buffer and sends its snapshot, or goes away. A daemon that left
-at once lost the trainers' last state: their emergency snapshots found no one. A client granted a
-buffer is writing a snapshot into it: that one is waited for too.
+(``preempt``): until it asks for a buffer and sends its snapshot, is refused a regular one (it is
+not being stopped: a restart with training going on), or goes away. A daemon that left at once
+lost the trainers' last state: their emergency snapshots found no one. A client granted a buffer
+is writing a snapshot into it: that one is waited for too.
 """
 
 from __future__ import annotations
