@@ -3,7 +3,7 @@
 A lock file beside the socket (flock, held for the daemon's life) makes a
 second daemon on the same endpoint refuse to start instead of silently
 stealing the socket; a socket file left by a killed daemon is replaced.
-SIGTERM and SIGINT become the same "stop" a drain would need: no new
+SIGTERM, SIGINT and SIGHUP become the same "stop" a drain would need: no new
 snapshots but emergency ones, persist those already copied (up to ``drain_timeout_s``), exit 0
 (snapd.daemon.shutdown). SIGUSR1 and SIGUSR2 are logged and change nothing: Slurm's ``--signal``
 warning reaches a daemon that runs inside the allocation too.
@@ -106,7 +106,8 @@ def serve(config: DaemonConfig) -> int:
         log.info("%s: a scheduler's warning to the job's processes (Slurm's --signal); serving on",
                  signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # (SIGHUP: a daemon started from a shell whose terminal closes died at once, with what it held)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     # (a daemon inside a Slurm allocation gets --signal=USR1@N with the trainers: its default action
     # would kill it, and the trainers' emergency snapshots with it)
     old.update({s: signal.signal(s, on_warning) for s in (signal.SIGUSR1, signal.SIGUSR2)})

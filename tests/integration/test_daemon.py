@@ -109,7 +109,9 @@ def test_trainer_sigkilled_after_copied_is_persisted(daemon, client_proc) -> Non
     assert np.array_equal(got, np.random.default_rng(7).standard_normal(6 << 20).astype(np.float32))
 
 
-def test_sigterm_drains_what_was_copied(start, client_proc) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_what_was_copied(start, client_proc, sig) -> None:
+    """(SIGHUP too: a daemon started from a shell whose terminal closes; it died at once.)"""
     d = start("--codec", "shuffle-zstd")
     code = ("import sys, numpy as np, snapd.client as c\n"
             "cl = c.connect('drain', endpoint=sys.argv[1], spawn=False, keep_last=None)\nfor s in range(2):\n"
@@ -117,7 +119,7 @@ def test_sigterm_drains_what_was_copied(start, client_proc) -> None:
             "step=s)\nprint('copied', flush=True)\n")
     out = client_proc(code, d.endpoint)
     assert out.stdout.strip() == "copied", out.stderr
-    assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    assert d.stop(sig) == 0, d.log_text()
     assert [s.step for s in snapd.list_snapshots(d.root, "drain")] == [0, 1]
     assert "drained" in d.log_text()
 
