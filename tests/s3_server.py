@@ -139,13 +139,14 @@ class S3Server:
         self._forget_tmp()
 
     def _forget_tmp(self) -> None:
-        """What weed leaves behind: its TMPDIR, and the admin socket it makes in /tmp whatever TMPDIR
-        says (named after one of its ports)."""
+        """What weed leaves behind: its TMPDIR, and the sockets it makes in /tmp whatever TMPDIR says
+        (``seaweedfs-SERVICE-PORT.sock``, one for each of its servers, named after their ports)."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
         for port in self.ports.values():
-            Path(f"/tmp/seaweedfs-admin-grpc-{port}.sock").unlink(missing_ok=True)
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def restart(self, timeout: float = 60) -> None:
         self.kill()
