@@ -114,7 +114,8 @@ def main() -> None:
                        "worker", str(layers), str(args.reps), *paths.values()]
             out = subprocess.run(command,
                                  capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=3600)
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work)},
+                                 timeout=3600)
             if out.returncode != 0:
                 raise RuntimeError(out.stdout + out.stderr)
             times = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))

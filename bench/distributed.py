@@ -264,7 +264,7 @@ def _torchrun(n: int, mode: str, layers: int, reps: int, endpoint: str, work: Pa
     out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(n), "-m", "bench.distributed",
                           "worker", mode, str(layers), str(reps), endpoint, str(work)],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=3600)
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work)}, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(out.stdout + out.stderr)
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))

@@ -7,6 +7,7 @@ to the framework's own serialization of it, and ends bit for bit where an uninte
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -59,7 +60,7 @@ def test_two_data_parallel_ranks_resume_each_with_its_own_rng_and_end_as_uninter
         out.mkdir(parents=True, exist_ok=True)
         return subprocess.run([launcher, "--standalone", "--nproc-per-node", "2", str(JOB), mode,
                                daemon.endpoint, str(out)], capture_output=True, text=True, timeout=400,
-                              cwd=out)
+                              cwd=out, env={**os.environ, "TMPDIR": str(out)})  # (torchrun's log directory)
     full = ranks("full", tmp_path / "full")
     assert full.returncode == 0, full.stdout + full.stderr[-3000:]
     killed = ranks("killed", tmp_path / "out")
