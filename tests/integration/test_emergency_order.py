@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +138,13 @@ def test_an_emergency_snapshot_gets_the_buffer_of_a_snapshot_that_waits_only_for
             def status() -> tuple[dict, int]:
                 s = watch.status()
                 return s["in_flight"], s["waiting_for_buffer"]
-            until(lambda: status() == ({"ENCODED" if written else "COPIED": 2}, 0),
-                  f"snapshots 1 and 2 {'written' if written else 'copied'}", d)
+            # (snapshots 1 and 2 written, or copied and held before their writes)
+            d.wait_for(lambda: status() == ({"ENCODED" if written else "COPIED": 2}, 0), timeout=30)
             proc.send_signal(signal.SIGTERM)
             if not written:  # the emergency request waits for a buffer; then the first write ends
-                until(lambda: status()[1] == 1, "the emergency request waiting", d)
+                d.wait_for(lambda: status()[1] == 1, timeout=30)
                 write_gate.unlink()
-            until(lambda: sum(status()[0].values()) == 3, "the emergency snapshot handed over", d)
+            d.wait_for(lambda: sum(status()[0].values()) == 3, timeout=30)  # (the emergency one handed over)
         assert proc.wait(30) == -signal.SIGTERM  # (at its deadline: the disk is still held)
         err = proc.stderr.read()
         assert "emergency snapshot of step 3 handed to the daemon, not yet persisted" in err, err
@@ -163,9 +162,3 @@ def test_an_emergency_snapshot_gets_the_buffer_of_a_snapshot_that_waits_only_for
     assert [s.step for s in infos] == [1, 2, 3] and [s.step for s in infos if s.latest] == [3]
     assert "lent the host buffer of slow step 1" in d.log_text()
 
-
-def until(ready, what: str, d, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s:\n{d.log_text()}"
-        time.sleep(0.02)
