@@ -202,12 +202,12 @@ def write(rows: list[dict], args: argparse.Namespace, name: str) -> None:
              "",
              "| method | seconds | disk GiB written | disk busy s | reclaimed by kswapd MiB "
              "| direct reclaim MiB | allocation stalls |", "|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == name]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
 
         def med(k: str, rs: list[dict] = rs) -> float:
             return statistics.median(r[k] for r in rs)
-        lines.append(f"| {name} | {med('s'):.2f} | {med('disk_gib'):.2f} | {med('disk_busy_s'):.2f} "
+        lines.append(f"| {method} | {med('s'):.2f} | {med('disk_gib'):.2f} | {med('disk_busy_s'):.2f} "
                      f"| {med('pgsteal_kswapd') / 256:.0f} | {med('pgsteal_direct') / 256:.0f} "
                      f"| {med('allocstall_normal') + med('allocstall_movable'):.0f} |")
     out = Path(args.out)
