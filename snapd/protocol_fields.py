@@ -12,7 +12,7 @@ from typing import Any
 
 from snapd.errors import ProtocolError
 from snapd.format import dtypes
-from snapd.format.manifest import KINDS
+from snapd.format.manifest_checks import KINDS
 from snapd.format.tree import key_problem
 
 MAX_MESSAGE_BYTES = 64 << 20

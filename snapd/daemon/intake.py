@@ -24,7 +24,7 @@ from snapd.daemon.sessions import Session
 from snapd.daemon.status import Tally
 from snapd.daemon.tasks import HostSpan, Task, TaskTable
 from snapd.errors import Busy, ProtocolError, ShuttingDown, SnapdError
-from snapd.format.manifest import _check_tree
+from snapd.format.manifest_checks import check_tree
 from snapd.format.saving import check_metrics
 
 
@@ -99,7 +99,7 @@ class Intake:
             devices = set(self.gpu.describe()) if self.gpu is not None else set()
             layout.plan = Placement(layout.tensors, buf_size, s.regions, devices)
             try:
-                _check_tree(layout.tree, len(layout.plan.rows))
+                check_tree(layout.tree, len(layout.plan.rows))
             except SnapdError as e:
                 layout.plan = None
                 raise ProtocolError(f"tree: {e}", "bad_field") from None

@@ -20,8 +20,9 @@ from typing import Any
 import xxhash
 
 from snapd.errors import FormatError
-from snapd.format.manifest import (CHECKSUM_ALGORITHM, MAGIC, MANIFEST_NAME, Manifest, _checksum, _int,
-                                   build, parse_body, remember, remembered)
+from snapd.format.manifest import (CHECKSUM_ALGORITHM, MAGIC, MANIFEST_NAME, Manifest, _checksum, build,
+                                   parse_body, remember, remembered)
+from snapd.format.manifest_checks import check_int
 
 PART_DIR_RE = re.compile(r"^rank-(\d{5})\Z", re.ASCII)
 
@@ -136,22 +137,22 @@ def parse_any(raw: bytes, where: str = MANIFEST_NAME) -> Manifest | GlobalManife
 
 
 def _global(body: dict) -> GlobalManifest:
-    world = _int(body["world_size"], "world_size", 1)
+    world = check_int(body["world_size"], "world_size", 1)
     parts = body["parts"]
     if not isinstance(parts, list) or len(parts) != world:
         raise FormatError(f"a global snapshot of world size {world} must list {world} parts")
     for r, p in enumerate(parts):
         if p.get("rank") != r or p.get("dir") != part_dir(r) or not isinstance(p.get("checksum"), str):
             raise FormatError(f"part {r} is malformed: {str(p)[:80]}")
-        _int(p.get("raw_bytes"), f"part {r} raw_bytes")
-        _int(p.get("stored_bytes"), f"part {r} stored_bytes")
+        check_int(p.get("raw_bytes"), f"part {r} raw_bytes")
+        check_int(p.get("stored_bytes"), f"part {r} stored_bytes")
     tensors = {}
     for key, t in body["tensors"].items():
-        shape = [_int(d, f"{key}: shape dimension") for d in t["shape"]]
+        shape = [check_int(d, f"{key}: shape dimension") for d in t["shape"]]
         pieces = []
         for rank, offsets, piece in t["pieces"]:
             # (plain comparisons, not a call a number: 55k pieces of a 64-rank model are checked at
-            # each parse; type() is int leaves bools out, as _int does)
+            # each parse; type() is int leaves bools out, as check_int does)
             ok = type(rank) is int and 0 <= rank < world and type(offsets) is list and type(piece) is list \
                 and len(offsets) == len(shape) == len(piece)
             if ok:
@@ -166,7 +167,7 @@ def _global(body: dict) -> GlobalManifest:
             raise FormatError(f"{key}: scope {t['scope']!r} is not a shared tensor's")
         tensors[key] = SharedTensor(key, str(t["kind"]), str(t["dtype"]), shape, t["scope"], pieces)
     best = body.get("best_metric")
-    return GlobalManifest(step=_int(body["step"], "step"), job=str(body["job"]), world_size=world,
+    return GlobalManifest(step=check_int(body["step"], "step"), job=str(body["job"]), world_size=world,
                           created_unix_s=float(body["created_unix_s"]), parts=parts, tensors=tensors,
                           metrics=dict(body["metrics"]), codec=str(body["codec"]),
                           emergency=bool(body.get("emergency")), writer=str(body.get("writer", "")),

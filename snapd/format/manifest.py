@@ -3,16 +3,13 @@
 ``manifest.json`` is UTF-8 JSON written last in a snapshot directory. Its
 ``checksum`` field is the xxh3_64 (hex) of the canonical serialization
 (sorted keys, no spaces) of every other field. Everything read from it is
-validated before use: a hostile manifest fails with a ``FormatError`` that
-names the problem, never with an allocation, a path outside the snapshot or
-a traceback from deep inside NumPy.
+validated before use (``snapd.format.manifest_checks``): a hostile manifest
+fails with a ``FormatError`` that names the problem.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -21,18 +18,15 @@ from typing import Any
 import xxhash
 
 from snapd.errors import FormatError, VersionError
-from snapd.format import dtypes
-from snapd.format.chunks import Chunk, check_chunk, check_overlaps
-from snapd.format.tree import MAX_DEPTH, key_problem
+from snapd.format.chunks import Chunk, check_overlaps
+from snapd.format.manifest_checks import (check_extras, check_files, check_int, check_part, check_tensor,
+                                          check_tree)
 
 MAGIC = "snapd-snapshot"
 FORMAT_VERSION = 3  # the newest this snapd reads; a snapshot is written in the oldest that holds it
-SCOPES = ("shard", "replicated", "rank")  # a rank part's tensors (docs/FORMAT.md section 7)
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
-DATA_FILE_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.bin\Z", re.ASCII)
 MAX_MANIFEST_BYTES = 256 << 20
-KINDS = ("numpy", "numpy_scalar", "torch", "cupy")
 
 
 @dataclass
@@ -210,144 +204,20 @@ def parse_body(raw: bytes, where: str) -> dict:
     return body
 
 
-def _int(v: Any, what: str, lo: int = 0) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise FormatError(f"{what} must be an integer >= {lo}, got {v!r}")
-    return v
-
-
-def _check_files(files: Any, version: int) -> None:
-    if not isinstance(files, list):
-        raise FormatError("files must be a list")
-    for i, f in enumerate(files):
-        m = DATA_FILE_RE.match(str(f.get("name")))
-        if not m or int(m.group(1)) != i or int(m.group(2)) != len(files):
-            raise FormatError(f"data file {i} has an invalid name {f.get('name')!r} "
-                              f"(expected data-{i:05d}-of-{len(files):05d}.bin)")
-        _int(f.get("bytes"), f"files[{i}].bytes")
-        if "shard" in f or "shared_from" in f:  # a data file shared with another snapshot (format 3)
-            if version < 3:
-                raise FormatError(f"files[{i}] is shared (shard, shared_from): format 3, not {version}")
-            _int(f.get("shard"), f"files[{i}].shard")
-            if not isinstance(f.get("shared_from"), str) or len(f["shared_from"]) > 256:
-                raise FormatError(f"files[{i}].shared_from must be a string of at most 256 characters")
-
-
 def _build(body: dict) -> Manifest:
     version = body["format_version"]
-    part = _part(body.get("part"), version)
+    part = check_part(body.get("part"), version)
     files = body["files"]
-    _check_files(files, version)
-    tensors = []
-    for ti, t in enumerate(body["tensors"]):
-        key = t["key"]
-        problem = key_problem(key)
-        if problem:
-            raise FormatError(f"tensor {ti} has an invalid key path {key!r}: {problem}")
-        if t["kind"] not in KINDS:
-            raise FormatError(f"{key}: unknown tensor kind {t['kind']!r}")
-        size = dtypes.itemsize(t["dtype"])
-        shape = [_int(d, f"{key}: shape dimension") for d in t["shape"]]
-        nbytes = _int(t["nbytes"], f"{key}: nbytes")
-        if math.prod(shape) * size != nbytes:
-            raise FormatError(f"{key}: nbytes {nbytes} != {math.prod(shape)} elements x {size} bytes")
-        scope, stored, global_shape, offsets = _placement(t, key, shape, part is not None)
-        chunks = []
-        if not stored and t["chunks"]:
-            raise FormatError(f"{key}: stored in another rank's part, yet it lists chunks here")
-        for c in t["chunks"]:
-            ch = Chunk(file=_int(c["file"], f"{key}: chunk file"),
-                       offset=_int(c["offset"], f"{key}: chunk offset"),
-                       stored=_int(c["stored"], f"{key}: chunk stored length"),
-                       raw=_int(c["raw"], f"{key}: chunk raw length"), codec=c["codec"],
-                       checksum=c["checksum"], planes=c.get("planes"), digest=c.get("digest"))
-            check_chunk(key, ch, size, files)
-            chunks.append(ch)
-        if stored and sum(c.raw for c in chunks) != nbytes:
-            raise FormatError(f"{key}: chunks decode to {sum(c.raw for c in chunks)} bytes, not {nbytes}")
-        tensors.append(TensorRecord(key, t["kind"], t["dtype"], shape, nbytes, chunks, scope, stored,
-                                    global_shape, offsets))
+    check_files(files, version)
+    tensors = [TensorRecord(**check_tensor(ti, t, files, part is not None))
+               for ti, t in enumerate(body["tensors"])]
     check_overlaps([(t.key, t.chunks) for t in tensors], files)
-    _check_tree(body["tree"], len(tensors))
-    metrics = body["metrics"]
-    if not isinstance(metrics, dict):
-        raise FormatError("metrics must be an object")
+    check_tree(body["tree"], len(tensors))
+    check_extras(body)
     best = body.get("best_metric")
-    if best is not None and (not isinstance(best, list) or len(best) != 2 or not isinstance(best[0], str)
-                             or best[1] not in ("min", "max")):
-        raise FormatError(f"best_metric must be [name, 'min'|'max'], got {best!r}")
-    compared = body.get("compared_with")
-    if compared is not None and (not isinstance(compared, str) or len(compared) > 256):
-        raise FormatError("compared_with must be a string of at most 256 characters")
-    taken = body.get("taken_unix_s")
-    if taken is not None and (isinstance(taken, bool) or not isinstance(taken, (int, float))):
-        raise FormatError(f"taken_unix_s must be a number, got {taken!r}")
-    return Manifest(step=_int(body["step"], "step"), created_unix_s=float(body["created_unix_s"]),
-                    job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files, metrics=metrics,
-                    codec=str(body["codec"]), emergency=bool(body.get("emergency", False)),
-                    writer=str(body.get("writer", "")), best_metric=tuple(best) if best else None,
-                    taken_unix_s=taken, part=part, checksum=body["checksum"], compared_with=compared)
-
-
-def _part(part: Any, version: int) -> dict | None:
-    if version < 2 or version == 3 and part is None:
-        if part is not None:
-            raise FormatError("a format 1 manifest has no rank part")
-        return None
-    if not isinstance(part, dict):
-        raise FormatError("a format 2 manifest is a rank's part and must say which (part)")
-    world = _int(part.get("world_size"), "part.world_size", 1)
-    if _int(part.get("rank"), "part.rank") >= world:
-        raise FormatError(f"part.rank {part['rank']} is not a rank of world size {world}")
-    run = part.get("run", "")
-    if not isinstance(run, str) or len(run) > 128:
-        raise FormatError(f"part.run must be a string of at most 128 characters, got {str(run)[:40]!r}")
-    return {"rank": part["rank"], "world_size": world, "run": run}
-
-
-def _placement(t: dict, key: str, shape: list[int], is_part: bool
-               ) -> tuple[str | None, bool, list[int] | None, list[int] | None]:
-    """A part's tensor: its scope, whether its bytes are here, and a shard's place (format 2)."""
-    if not is_part:
-        return None, True, None, None
-    scope, stored = t.get("scope"), t.get("stored", True)
-    if scope not in SCOPES or not isinstance(stored, bool) or scope == "rank" and not stored:
-        raise FormatError(f"{key}: scope {scope!r} / stored {stored!r} is not a rank part's tensor "
-                          f"(scope one of {', '.join(SCOPES)})")
-    if scope != "shard":
-        return scope, stored, None, None
-    whole = [_int(d, f"{key}: global_shape dimension") for d in t.get("global_shape") or []]
-    offsets = [_int(d, f"{key}: offset") for d in t.get("offsets") or []]
-    if len(whole) != len(shape) or len(offsets) != len(shape) or \
-            any(o + n > d for o, n, d in zip(offsets, shape, whole)):
-        raise FormatError(f"{key}: a shard of {shape} at {offsets} does not lie inside its global shape "
-                          f"{whole}")
-    return scope, stored, whole, offsets
-
-
-def _check_tree(tree: Any, n_tensors: int) -> None:
-    seen: set[int] = set()
-    stack = [(tree, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if not isinstance(node, dict) or depth > MAX_DEPTH:
-            raise FormatError(f"tree node {str(node)[:60]!r} is malformed or nested too deep")
-        t = node.get("t")
-        if t == "tensor":
-            i = _int(node.get("i"), "tree tensor index")
-            if i >= n_tensors or i in seen:
-                raise FormatError(f"tree refers to tensor {i}, which is missing or used twice")
-            seen.add(i)
-        elif t == "dict":
-            if not isinstance(node.get("k"), list) or not isinstance(node.get("v"), list) \
-                    or len(node["k"]) != len(node["v"]):
-                raise FormatError("tree dict node has mismatched keys and values")
-            stack.extend((v, depth + 1) for v in node["v"])
-        elif t in ("list", "tuple"):
-            if not isinstance(node.get("v"), list):
-                raise FormatError(f"tree {t} node has no item list")
-            stack.extend((v, depth + 1) for v in node["v"])
-        elif t not in ("value", "float", "bytes"):
-            raise FormatError(f"unknown tree node type {t!r}")
-    if len(seen) != n_tensors:
-        raise FormatError(f"tree refers to {len(seen)} of the {n_tensors} tensors")
+    return Manifest(step=check_int(body["step"], "step"), created_unix_s=float(body["created_unix_s"]),
+                    job=str(body["job"]), tree=body["tree"], tensors=tensors, files=files,
+                    metrics=body["metrics"], codec=str(body["codec"]),
+                    emergency=bool(body.get("emergency", False)), writer=str(body.get("writer", "")),
+                    best_metric=tuple(best) if best else None, taken_unix_s=body.get("taken_unix_s"),
+                    part=part, checksum=body["checksum"], compared_with=body.get("compared_with"))
