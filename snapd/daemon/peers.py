@@ -31,7 +31,7 @@ from snapd.daemon.rank_commits import Waiting
 from snapd.daemon.outgoing import Outgoing
 from snapd.daemon.replication import Replication
 from snapd.daemon.tasks import Task
-from snapd.format.global_commit import Delivery
+from snapd.format.step_outcome import Delivery
 from snapd.format.global_manifest import part_dir
 from snapd.errors import Busy, InvalidArgument, SnapdError
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name

@@ -22,8 +22,8 @@ import zmq
 
 from snapd.daemon.channels import Outbox
 from snapd.daemon.tasks import Task
-from snapd.format import global_commit
-from snapd.format.global_commit import Delivery
+from snapd.format import global_commit, step_outcome
+from snapd.format.step_outcome import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class RankCommits:
                 self.spread(w)
             at = time.monotonic()
             count = at - w.counted >= COUNT_EVERY_S
-            now = global_commit.outcome(w.delivery, count)
+            now = step_outcome.outcome(w.delivery, count)
             waited = at - w.since
             if now.state == "waiting" and not w.offered and self.on_slow is not None and \
                     waited >= OFFER_AFTER_S:

@@ -8,7 +8,8 @@ renames the pending directory to ``step-<step>``: the same atomic rename, index 
 as a single-process commit (snapd.format.writer). No rank talks to another and nothing waits on a
 collective; the others learn the outcome from the filesystem (``outcome``), and a writer whose part
 has waited too long gives the step up (``give_up``): it writes why into the pending directory, so
-every rank of that step, and a part arriving late, fails with the same reason. Why a shared
+every rank of that step, and a part arriving late, fails with the same reason.
+(snapd.format.step_outcome reads what became of a step.) Why a shared
 filesystem and not a coordinator rank, and what the filesystem must provide: docs/FORMAT.md §7.
 """
 
@@ -17,50 +18,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapd import __version__
 from snapd.errors import CommitFailed, FormatError, InvalidArgument, SnapdError
 from snapd.format import index as jobindex
-from snapd.format.global_manifest import PART_DIR_RE, GlobalManifest, assemble, parse_any, part_dir
+from snapd.format.global_manifest import PART_DIR_RE, assemble, part_dir
 from snapd.format.jobdir import FAILED_NAME, PENDING_RE, JobDir, fsync_dir, pending_name, read_regular, \
     snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
 from snapd.format.retention import Retention, tidy
+from snapd.format.step_outcome import Delivery, Outcome, failed_reason, outcome, ranges, ranks_delivered
 from snapd.format.writer import Committed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_TIMEOUT_S = 300.0
-
-
-@dataclass
-class Delivery:
-    """A rank's part delivered: committed with it (the last part), or waiting for ``missing``."""
-
-    job: JobDir
-    step: int
-    rank: int
-    world_size: int
-    run: str
-    checksum: str
-    committed: Committed | None = None
-    missing: list[int] = field(default_factory=list)
-
-    @property
-    def pending(self) -> Path:
-        return self.job.path / pending_name(self.step, self.world_size, self.run)
-
-
-@dataclass
-class Outcome:
-    state: str  # "committed", "failed" or "waiting"
-    detail: str = ""  # the snapshot's path, why it failed, or the ranks still missing
-    missing: list[int] = field(default_factory=list)
 
 
 def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
@@ -76,7 +50,7 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
         if not pend.is_dir():  # (the first part of this world size looks for another's: one look a step)
             _same_world(job, step, world, run_mark, rank)
             pend.mkdir(exist_ok=True)
-        reason = _failed(pend)
+        reason = failed_reason(pend)
         if reason is not None:
             raise CommitFailed(f"step {step} of job {job.job} was given up before rank {rank}'s part came: "
                                f"{reason}")
@@ -85,7 +59,7 @@ def deliver(job: JobDir, tmp: Path, part: Manifest, retention: Retention,
             raise InvalidArgument(f"step {step} of job {job.job}: rank {rank}'s part is there already: two "
                                   f"processes claim rank {rank} of {world}")
         os.rename(tmp, dst)  # (not fsynced here: the commit fsyncs the pending directory, once)
-        have = _ranks(pend)
+        have = ranks_delivered(pend)
         out.missing = sorted(set(range(world)) - have)
         if out.missing:
             return out
@@ -142,25 +116,6 @@ def _same_world(job: JobDir, step: int, world: int, run_mark: str, rank: int) ->
                                "for it: the world size changed within a run")
 
 
-def outcome(d: Delivery, count: bool = True) -> Outcome:
-    """What became of a delivered part's step (any thread, no lock: read from the filesystem). With
-    ``count``, a step still waiting says which ranks are missing (a listing of the pending
-    directory: asked now and then, not on every look)."""
-    committed = _committed(d)
-    if committed is not None:
-        return committed
-    reason = _failed(d.pending)
-    if reason is not None:
-        return Outcome("failed", reason)
-    try:
-        missing = sorted(set(range(d.world_size)) - _ranks(d.pending)) if count else None
-        if missing is None and not d.pending.is_dir():
-            raise FileNotFoundError(d.pending)
-    except FileNotFoundError:  # (renamed into place between the two looks, or removed)
-        return _committed(d) or Outcome("failed", "its pending parts were removed")
-    return Outcome("waiting", f"ranks {_ranges(missing)}" if missing else "", missing or [])
-
-
 def give_up(d: Delivery, waited_s: float) -> Outcome:
     """Give a step up after its part waited ``waited_s`` (unless it was committed meanwhile): every
     rank of it then fails with the reason written here."""
@@ -169,7 +124,7 @@ def give_up(d: Delivery, waited_s: float) -> Outcome:
         if now.state != "waiting":
             return now
         late = _elsewhere(d.job, d.step, d.run, now.missing)
-        reason = (f"rank{'s' if len(now.missing) > 1 else ''} {_ranges(now.missing)} of {d.world_size} did "
+        reason = (f"rank{'s' if len(now.missing) > 1 else ''} {ranges(now.missing)} of {d.world_size} did "
                   f"not deliver {'their parts' if len(now.missing) > 1 else 'its part'} of step {d.step} "
                   f"within {waited_s:.0f} s{late}")
         _mark_failed(d.pending, reason)
@@ -211,7 +166,7 @@ def fail_step_locked(job: JobDir, step: int, world_size: int, run: str, reason: 
     """``fail_step`` for a caller that holds the job lock (it is not re-entrant)."""
     pend = job.path / pending_name(step, world_size, run)
     pend.mkdir(exist_ok=True)
-    if _failed(pend) is None:
+    if failed_reason(pend) is None:
         _mark_failed(pend, reason)
 
 
@@ -242,67 +197,6 @@ def given_up(job: JobDir, run_mark: str) -> list[str]:
     return out
 
 
-def _committed(d: Delivery) -> Outcome | None:
-    path = d.job.path / snapshot_name(d.step)
-    checksums = _part_checksums(path / MANIFEST_NAME)
-    if checksums is not None and len(checksums) == d.world_size and checksums[d.rank] == d.checksum:
-        return Outcome("committed", str(path))
-    return None
-
-
-def _part_checksums(path: Path) -> tuple[str, ...] | None:
-    """The parts' checksums of the global manifest at ``path`` (None: none there, or not global).
-    Every waiting rank of a node looks at the same manifest, whose size grows with the ranks: it is
-    parsed once per version (the open file's identity), not once per rank (bench: 1024 ranks spent
-    most of their commit parsing it 1024 times)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        key = (str(path), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        with _SEEN_LOCK:  # (held while parsing: the node's other ranks wait for this parse)
-            if key in _SEEN:
-                return _SEEN[key]
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            try:
-                m = parse_any(_read_fd(fd), str(path))
-            except (OSError, FormatError):
-                return None
-            out = tuple(p["checksum"] for p in m.parts) if isinstance(m, GlobalManifest) else None
-            if len(_SEEN) >= 64:
-                _SEEN.pop(next(iter(_SEEN)))
-            _SEEN[key] = out
-            return out
-    finally:
-        os.close(fd)
-
-
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-# (the few manifests lately seen by ``_part_checksums``: filled as ranks look, never read at import)
-_SEEN: dict[tuple, tuple[str, ...] | None] = {}
-_SEEN_LOCK = threading.Lock()
-
-
-def _ranks(pend: Path) -> set[int]:
-    return {int(m.group(1)) for n in os.listdir(pend) if (m := PART_DIR_RE.match(n))}
-
-
-def _failed(pend: Path) -> str | None:
-    try:
-        return (pend / FAILED_NAME).read_text(errors="replace")[:2000]
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _mark_failed(pend: Path, reason: str) -> None:
     tmp = pend / (FAILED_NAME + ".tmp")
     with open(tmp, "w") as f:
@@ -322,20 +216,8 @@ def _elsewhere(job: JobDir, step: int, run: str, missing: list[int]) -> str:
         m = PENDING_RE.match(name)
         if m and int(m.group(1)) != step and m.group(3) == run_mark and \
                 (int(m.group(1)) > step or not (job.path / name / FAILED_NAME).exists()):
-            ranks = sorted(set(missing) & _ranks(job.path / name))
+            ranks = sorted(set(missing) & ranks_delivered(job.path / name))
             if ranks:
-                seen.append(f"rank{'s' if len(ranks) > 1 else ''} {_ranges(ranks)} delivered step "
+                seen.append(f"rank{'s' if len(ranks) > 1 else ''} {ranges(ranks)} delivered step "
                             f"{int(m.group(1))}")
     return f" ({'; '.join(seen)}: the ranks snapshot different steps)" if seen else ""
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)

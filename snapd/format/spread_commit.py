@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 
 from snapd.errors import CommitFailed, FormatError
-from snapd.format import global_commit
+from snapd.format import global_commit, step_outcome
 from snapd.format import index as jobindex
-from snapd.format.global_commit import Delivery
+from snapd.format.step_outcome import Delivery
 from snapd.format.global_manifest import GlobalManifest, parse_any, part_dir
 from snapd.format.jobdir import JobDir, fsync_dir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, Manifest, parse
@@ -36,7 +36,7 @@ def commit_known(d: Delivery, known: dict[int, Manifest], retention: Retention) 
     (from their nodes); False while a rank is neither here nor known, or when it was given up."""
     job, world = d.job, d.world_size
     with job.lock():
-        if global_commit.outcome(d, count=False).state != "waiting":
+        if step_outcome.outcome(d, count=False).state != "waiting":
             return False
         pend = d.pending
         local = {r for r in range(world) if (pend / part_dir(r) / MANIFEST_NAME).exists()}

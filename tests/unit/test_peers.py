@@ -12,7 +12,7 @@ import time
 import pytest
 
 from snapd.errors import InvalidArgument
-from snapd.format import global_commit
+from snapd.format import step_outcome
 from snapd.format.global_manifest import parse_any, part_dir
 from snapd.format.jobdir import JobDir
 from snapd.format.manifest import MANIFEST_NAME, parse
@@ -180,7 +180,7 @@ def test_a_node_commits_from_its_own_part_and_the_others_announced(tmp_path, ran
     _, s4, d4 = rank_part(a, "j", 4, 0, 2)
     other = rank_part(tmp_path / "x", "j", 4, 0, 2, value=9.0)[1]
     assert not commit_known(d4, {0: parse(other.to_bytes()), 1: parse(sb.to_bytes())}, Retention())
-    given_up = global_commit.outcome(d4, count=False)  # (at once: the rank's own part waits no timeout)
+    given_up = step_outcome.outcome(d4, count=False)  # (at once: the rank's own part waits no timeout)
     assert given_up.state == "failed" and "two processes claim one rank" in given_up.detail, given_up
 
 
