@@ -1,6 +1,6 @@
 """Reading a snapshot: whole, partially (by key path) or into existing tensors.
 
-Chunks are read with pread on a thread pool, checksummed and decoded
+Chunks are read with pread on a thread pool (snapd.format.windowed_reads), checksummed and decoded
 straight into the destination tensor's memory: a raw chunk lands in place
 with no intermediate copy. A tensor stored raw in one run of one data file
 is not read at all when it comes back as a new CPU tensor: it is the mapped
@@ -22,7 +22,7 @@ from typing import Any
 
 
 from snapd.errors import FormatError, SnapshotNotFound
-from snapd.format import codecs, dtypes
+from snapd.format import codecs, dtypes, windowed_reads
 from snapd.format.jobdir import read_regular
 from snapd.format.mapping import map_private
 from snapd.format.pools import started_pool
@@ -33,35 +33,7 @@ from snapd.format.data_file import ALIGN, DATA_HEADER, DATA_MAGIC
 log = logging.getLogger(__name__)
 
 
-WINDOW_BYTES = 256 << 20  # tensors read before they are handed on (``read_tensors``'s ``done``)
 MIN_MAPPED_BYTES = 4096  # smaller tensors are copied: a page of their own costs nothing to read
-# a selection smaller than this is read on the calling thread: a pool job costs ~10 us of handing
-# over, more than reading a few KiB (a GPT's ~370 biases and norms: 5-15 ms a restore in a pool)
-SERIAL_BYTES = 4 << 20
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _windows(wanted: list[int], sizes: list[int], window_bytes: int) -> list[list[int]]:
-    """``wanted`` in order, cut into runs of at most ``window_bytes`` (a larger tensor alone)."""
-    out: list[list[int]] = []
-    size = 0
-    for i, n in zip(wanted, sizes):
-        if not out or (out[-1] and size + n > window_bytes):
-            out.append([])
-            size = 0
-        out[-1].append(i)
-        size += n
-    return out
-
-
-def _finish(window: list[int], futures: list, done: Callable[[int], None] | None) -> None:
-    for fut in futures:
-        fut.result()
-    for i in window if done else ():
-        done(i)
 
 
 class SnapshotReader:
@@ -236,54 +208,9 @@ class SnapshotReader:
     def read_tensors(self, wanted: list[int], buffer_for: Callable[[int], memoryview],
                      threads: int | None = None, keep_planes: Callable[[int], bool] = lambda i: False,
                      done: Callable[[int], None] | None = None, window_bytes: int | None = None) -> None:
-        """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor;
-        tensors for which ``keep_planes(i)`` keep their shuffled chunks as planes.
-
-        ``done(i)``: called (on this thread) once tensor i is read, a window of about
-        ``window_bytes`` of tensors at a time, while the threads read the next window: a restore
-        onto a GPU uploads a window and lets its host memory go (about two windows held, not the
-        whole state), and the uploads overlap the reads. ``buffer_for`` is asked per window."""
-        limit = _physical_memory()
-        total = sum(self.manifest.tensors[i].nbytes for i in wanted)
-        if total > limit:
-            raise FormatError(f"{self.path}: the selection declares {total} bytes, more than this "
-                              f"machine's {limit} bytes of memory")
-        chunks = sum(len(self.manifest.tensors[i].chunks) for i in wanted)
-        threads = min(threads or min(8, os.cpu_count() or 1), chunks)  # (all started: no more than jobs)
-        if total < SERIAL_BYTES:
-            threads = 1
-        windows = _windows(wanted, [self.manifest.tensors[i].nbytes for i in wanted],
-                           window_bytes or WINDOW_BYTES)
-        if threads <= 1:
-            for window in windows:
-                for job in self._jobs(window, buffer_for, keep_planes):
-                    self.read_chunk(*job)
-                _finish(window, [], done)
-            return
-        with started_pool(threads, "snapd-read") as pool:
-            last: tuple[list[int], list] | None = None
-            for window in windows:
-                futures = [pool.submit(self.read_chunk, *job) for job in self._jobs(window, buffer_for,
-                                                                                    keep_planes)]
-                if last is not None:
-                    _finish(*last, done)
-                last = (window, futures)
-            if last is not None:
-                _finish(*last, done)
-
-    def _jobs(self, window: list[int], buffer_for: Callable[[int], memoryview],
-              keep_planes: Callable[[int], bool]) -> list[tuple]:
-        """``read_chunk``'s arguments for every chunk of the tensors in ``window``."""
-        jobs = []
-        for i in window:
-            rec = self.manifest.tensors[i]
-            buf = buffer_for(i)
-            keep = keep_planes(i)
-            pos = 0
-            for n, c in enumerate(rec.chunks):
-                jobs.append((rec, n, buf[pos:pos + c.raw]) + ((True,) if keep else ()))
-                pos += c.raw
-        return jobs
+        """Fill ``buffer_for(i)`` (a writable byte view of tensor i's size) for each wanted tensor, on a
+        pool a window at a time, ``done(i)`` called as each window is read (snapd.format.windowed_reads)."""
+        windowed_reads.read_tensors(self, wanted, buffer_for, threads, keep_planes, done, window_bytes)
 
     def load(self, keys: list[str] | str | None = None, *, into: Any = None, device: Any = None,
              threads: int | None = None, mmap: bool = True, verify: bool = True) -> Any:

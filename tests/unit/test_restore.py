@@ -97,13 +97,13 @@ def test_tensors_passing_through_host_memory_hold_about_two_windows_of_it(root, 
     read: 32 MiB of state read in 2 MiB windows never holds the 32 MiB of temporaries at once."""
     import tracemalloc
 
-    from snapd.format import reader
+    from snapd.format import windowed_reads
 
     rng = np.random.default_rng(0)
     state = {f"t{i}": rng.standard_normal((512, 1024)).astype(np.float32) for i in range(16)}  # 2 MiB each
     snapd.save(root, "j", state, step=1, codec="shuffle-lz4")
     target = {k: np.zeros((1024, 512), np.float32).T for k in state}  # (non-contiguous: not read in place)
-    monkeypatch.setattr(reader, "WINDOW_BYTES", 4 << 20)
+    monkeypatch.setattr(windowed_reads, "WINDOW_BYTES", 4 << 20)
     tracemalloc.start()
     try:
         snapd.load(root, "j", into=target)
