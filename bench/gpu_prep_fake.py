@@ -38,7 +38,7 @@ def main() -> None:
         backend = sys.modules["snapd.kernels.cupy_backend"]
         backend.run_launches = lambda prepared, stream=None: None  # the Python around the launches only
         from snapd.daemon.gpu_copy import GpuCopier
-        from snapd.format.tree import TensorLeaf
+        from snapd.format.leaves import TensorLeaf
 
         copier = GpuCopier(zmq.Context.instance(), 4 << 20, lambda *a, **k: {})
         print(f"{os.cpu_count()} cores; GPU-thread work before the copies start, ms (median of {args.reps})")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from snapd import cuda_driver
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from snapd.errors import SnapdError
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 from snapd.protocol import MAX_INLINE_TENSOR_BYTES
 
 PARALLEL_COPY_BYTES = 64 << 20

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 ALIGN = 64  # every tensor starts at a multiple of this in the host buffer
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from snapd.client.layout import LayoutCache, Signature, buffer_offsets, signature
 from snapd.client.state_memo import Hit, StateMemo
-from snapd.format.tree import TensorLeaf, flatten
+from snapd.format.leaves import TensorLeaf
+from snapd.format.tree import flatten
 
 
 class SnapshotPlan:

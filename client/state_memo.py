@@ -16,7 +16,7 @@ from collections import OrderedDict, defaultdict
 from typing import Any
 
 from snapd.format import dtypes
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 # exact types: a subclass is flattened (it may be anything else too)
 _DICT_TYPES = (dict, OrderedDict, defaultdict)

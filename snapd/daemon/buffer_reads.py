@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from snapd.errors import ProtocolError
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 log = logging.getLogger(__name__)
 

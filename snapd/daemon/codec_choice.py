@@ -20,7 +20,7 @@ import numpy as np
 
 from snapd.format import codecs, dtypes
 from snapd.format.chunks import CODECS
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 if TYPE_CHECKING:
     from snapd.daemon.buffer_reads import BufferReads

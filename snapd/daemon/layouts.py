@@ -12,7 +12,7 @@ import numpy as np
 
 from snapd.daemon.regions import Region, RegionSpan
 from snapd.errors import ProtocolError
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 
 @dataclass

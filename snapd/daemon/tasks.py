@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from snapd.errors import SnapdError
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 from snapd.format.writer import Retention
 
 RECEIVED, COPIED, ENCODED, PERSISTED, FAILED = "RECEIVED", "COPIED", "ENCODED", "PERSISTED", "FAILED"

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import xxhash
 
 from snapd.errors import InvalidArgument
-from snapd.format.tree import TensorLeaf, key_matches
+from snapd.format.leaves import TensorLeaf
+from snapd.format.tree import key_matches
 
 
 @dataclass(frozen=True)

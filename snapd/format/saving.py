@@ -25,7 +25,8 @@ from snapd.format.global_commit import DEFAULT_COMMIT_TIMEOUT_S
 from snapd.format.incremental import Previous, encode_or_share, previous
 from snapd.format.chunks import CODECS
 from snapd.format.rank_parts import Role, roles
-from snapd.format.tree import TensorLeaf, flatten
+from snapd.format.leaves import TensorLeaf
+from snapd.format.tree import flatten
 from snapd.format.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, Committed, Retention, SnapshotWriter
 from snapd.kernels import chunk_step
 

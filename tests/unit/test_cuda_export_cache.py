@@ -8,7 +8,7 @@ import pytest
 
 from snapd import cuda_driver
 from snapd.client.cuda_export import CudaExport
-from snapd.format.tree import TensorLeaf
+from snapd.format.leaves import TensorLeaf
 
 
 class FakeDriver:
