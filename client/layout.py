@@ -58,7 +58,7 @@ def descriptors(sig: Signature) -> list[dict]:
             d["region"], d["region_offset"] = sh
         if c is not None:
             d["cuda"] = c
-        if placed is not None:  # a DTensor's local shard (snapd.format.tree)
+        if placed is not None:  # a DTensor's local shard (snapd.format.leaves)
             d["global"] = {"shape": list(placed[0]), "offsets": list(placed[1]), "write": placed[2]}
         out.append(d)
     return out

@@ -108,7 +108,7 @@ def check_torch_memory(key: str, obj: Any) -> None:
             raise UnsupportedValueError(f"{key}: nested tensors are not supported (save each component "
                                         "tensor)")
         return
-    name = type(obj).__name__  # (a DTensor is taken apart before this: snapd.format.tree)
+    name = type(obj).__name__  # (a DTensor is taken apart before this: snapd.format.leaves)
     try:
         storage = obj.untyped_storage()
         start = obj.storage_offset() * obj.element_size()
