@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from snapd.errors import FormatError
-from snapd.format import catalog
+from snapd.format import catalog, root_jobs
 from snapd.format import index as jobindex
 from snapd.format.dtypes import itemsize
 from snapd.format.global_reader import GlobalReader, open_snapshot
-from snapd.format.jobdir import JOB_NAME_RE, JobDir, step_of
+from snapd.format.jobdir import JobDir, step_of
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.reader import SnapshotReader
 from snapd.report import human_bytes, metrics_text, table
@@ -38,14 +38,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return listing.ls_tiers(root, args.job, remote)
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")
-    jobs = [args.job] if args.job else sorted(p.name for p in root.iterdir()
-                                               if p.is_dir() and JOB_NAME_RE.match(p.name))
+    jobs = {args.job: root_jobs.job_at(root, args.job)} if args.job else _jobs_of(root)
     rows = []
-    for job in jobs:
-        for s in catalog.list_snapshots(root, job):
+    for name, jd in jobs.items():
+        for s in catalog.list_snapshots(jd.root, jd.job):
             marks = ",".join(m for m, on in (("latest", s.latest), ("best", s.best),
                                               ("emergency", s.emergency)) if on)
-            rows.append([job, str(s.step),
+            rows.append([name, str(s.step),
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix_s)),
                          human_bytes(s.stored_bytes), human_bytes(s.raw_bytes), f"{s.ratio:.2f}x",
                          metrics_text(s.metrics), marks])
@@ -118,12 +117,13 @@ def _snapshot_dirs(path: Path) -> list[Path]:
     raise UsageError(f"{path}: no such snapshot or job directory")
 
 
-def _jobs_under(root: Path) -> list[Path]:
-    """The job directories under a snapshot root, and under its per-user directories."""
-    out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and JOB_NAME_RE.match(p.name)):
-        out += [d] if _snapshot_dirs(d) else _jobs_under(d) if d.parent == root else []
-    return out
+def _jobs_of(root: Path) -> dict[str, JobDir]:
+    """The jobs under a snapshot root (per-user ones as ``user/job``); a root this user may not list
+    is a usage error that says which directory to name instead."""
+    if not root_jobs.listable(root):
+        raise UsageError(f"{root}: cannot list it (permission denied): a daemon serving several users "
+                         f"keeps each one's jobs in {root}/<user>: name that directory")
+    return root_jobs.jobs(root)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -138,7 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif dirs:  # a job
         jobs = [path]
     else:  # a root: every job under it
-        jobs = _jobs_under(path)
+        jobs = [jd.path for jd in _jobs_of(path).values()]
         dirs = [d for j in jobs for d in _snapshot_dirs(j)]
     if not dirs:
         raise UsageError(f"{args.path}: no snapshots in this directory")

@@ -24,7 +24,7 @@ from snapd.daemon.access import AccessPolicy
 from snapd.daemon.config import DaemonConfig
 from snapd.paths import socket_path
 from snapd.errors import InvalidArgument
-from snapd.format.jobdir import clean_root
+from snapd.format.root_jobs import clean_root
 from snapd.ownership import check_owned_dir, open_lock
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from snapd.daemon.remote_parts import PartUploads
 from snapd.daemon.remote_view import RemoteView
 from snapd.errors import RemoteError, SnapdError
 from snapd.format import index as jobindex
-from snapd.format.jobdir import job_dirs
+from snapd.format.root_jobs import job_dirs
 from snapd.format.retention import Retention
 from snapd.remote.bandwidth import Pacer
 from snapd.remote.remote_job import RemoteJob

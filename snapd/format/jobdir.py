@@ -271,38 +271,6 @@ class JobDir:
         return out
 
 
-def clean_root(root: Path) -> None:
-    """Remove what dead writers left in every job under ``root`` (and under its per-user
-    directories): a daemon killed mid-flush leaves a temporary directory up to a snapshot's
-    size, which would otherwise stay until that job flushes again."""
-    for parent in [root] + [p for p in _subdirs(root) if not _is_job(p)]:
-        for path in _subdirs(parent):
-            if _is_job(path) and any(TMP_RE.match(n) or n.startswith((".trash-", ".pending-"))
-                                  for n in os.listdir(path)):
-                try:
-                    JobDir(parent, path.name).remove_leftovers(stale=True)
-                except (OSError, LockTimeout) as e:
-                    log.warning("%s: leftovers not removed: %s", path, e)
-
-
-def job_dirs(root: Path) -> list[JobDir]:
-    """Every job under ``root``, and under its per-user directories."""
-    return [JobDir(parent, path.name) for parent in [root] + [p for p in _subdirs(root) if not _is_job(p)]
-            for path in _subdirs(parent) if _is_job(path)]
-
-
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)
-                and JOB_NAME_RE.match(e.name)]
-    except OSError:
-        return []
-
-
-def _is_job(path: Path) -> bool:
-    return (path / LOCK_NAME).exists() or (path / "index.json").exists()
-
-
 def _exchange(a: Path, b: Path) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)

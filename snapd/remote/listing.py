@@ -15,7 +15,7 @@ from typing import Any
 
 from snapd.errors import FormatError, RemoteError, SnapshotNotFound
 from snapd.format.index import JobIndex
-from snapd.format.jobdir import JOB_NAME_RE, SNAPSHOT_RE
+from snapd.format.jobdir import SNAPSHOT_RE
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.remote.reader import open_remote
 from snapd.remote.remote_job import RemoteJob
@@ -108,14 +108,14 @@ def verify(url: str) -> int:
 
 def ls_tiers(root: Path, job: str | None, url: str) -> int:
     """``snapd ls ROOT [JOB] --remote URL``: both tiers, a TIER column."""
-    from snapd.format import catalog
+    from snapd.format import catalog, root_jobs
 
     remote = {r.job: r for r in jobs_at(url)}
-    local = sorted(p.name for p in root.iterdir() if p.is_dir() and JOB_NAME_RE.match(p.name)) \
-        if root.is_dir() else []
+    local = root_jobs.jobs(root) if root.is_dir() else {}  # (per-user ones as user/job, as the bucket's)
     rows = []
     for name in [job] if job else sorted(set(local) | set(remote)):
-        here = {s.step: s for s in catalog.list_snapshots(root, name)} if (root / name).is_dir() else {}
+        jd = local.get(name) or root_jobs.job_at(root, name)
+        here = {s.step: s for s in catalog.list_snapshots(jd.root, jd.job)} if jd.path.is_dir() else {}
         rows += _rows(name, here, remote.get(name))
     print(table(rows, HEADER))
     return 0

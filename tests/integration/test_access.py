@@ -35,7 +35,7 @@ import os, sys, json
 import numpy as np
 import zmq, zmq.utils.monitor
 import lz4.frame, zstandard, xxhash
-import snapd.posix_acl, snapd.format.restore, snapd.format.codecs, snapd.client.local
+import snapd.posix_acl, snapd.format.restore, snapd.format.codecs, snapd.client.local, snapd.cli
 from snapd.client.hello import connect
 from snapd.errors import PermissionDenied
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
@@ -165,6 +165,17 @@ def test_each_user_has_its_own_directory_and_cannot_read_anothers(multi_user) ->
     assert peek.stdout.split().count("DENIED") == 2, peek.stdout + peek.stderr
     files = list((multi_user.root / "nobody" / "same-name").rglob("*"))
     assert files and all(f.stat().st_uid == 0 for f in files)  # the daemon wrote them; nobody only reads
+    # snapd ls: the node's admin sees every user's jobs as user/job; a user, who may not list the root,
+    # is told to name their own directory, and lists it
+    ls = 'from snapd.cli import main; sys.exit(main(["ls", *sys.argv[3:]]))'
+    admin = as_user(0, 0, ls, str(multi_user.root))
+    assert admin.returncode == 0, admin.stderr
+    assert [line.split()[:2] for line in admin.stdout.splitlines()[1:]] == [
+        [f"{user}/same-name", str(step)] for user in ("nobody", "root") for step in (1, 2)]
+    told = as_user(NOBODY, NOGROUP, ls, str(multi_user.root))
+    assert told.returncode == 2 and f"{multi_user.root}/<user>" in told.stderr, told.stdout + told.stderr
+    own = as_user(NOBODY, NOGROUP, ls, str(multi_user.root / "nobody"))
+    assert own.returncode == 0 and own.stdout.count("same-name") == 2, own.stdout + own.stderr
 
 
 @as_root

@@ -92,6 +92,24 @@ def test_snapshots_reach_the_bucket_and_a_fresh_node_resumes_from_it(tmp_path, s
     assert snapd.load(tmp_path / "nowhere", "job", remote=url)["step"] == 3
 
 
+def test_both_tiers_of_a_root_with_per_user_directories_list_each_users_jobs(tmp_path, s3, start) -> None:
+    """A daemon serving several users keeps root's job in ROOT/root/job and s3://.../root/job:
+    ``snapd ls ROOT --remote URL`` lists it as root/job in both tiers (it used to fail on the name)."""
+    url = f"{s3.url}/users"
+    d = start("--remote", url, "--user-dirs", "on")
+    with snapd.connect("job", endpoint=d.endpoint, spawn=False, keep_last=1) as c:
+        for step in (1, 2):
+            c.snapshot(state(step), step=step).wait(30)
+        wait_uploaded(d, 2)
+    assert (d.root / "root" / "job" / "step-000000000002").is_dir()
+    both = cli("ls", str(d.root), "--remote", url)
+    assert both.returncode == 0, both.stderr
+    assert re.search(r"^root/job\s+1\s+remote\s", both.stdout, re.M) and \
+        re.search(r"^root/job\s+2\s+local\+remote\s.*latest", both.stdout, re.M), both.stdout
+    one = cli("ls", str(d.root), "root/job", "--remote", url)
+    assert one.returncode == 0 and one.stdout.count("root/job") == 2, one.stdout + one.stderr
+
+
 def test_remote_retention_keeps_the_last_and_the_best(tmp_path, s3, start) -> None:
     url = f"{s3.url}/ret"
     d = start("--remote", url, env={"SNAPD_REMOTE_KEEP_LAST": "2"})

@@ -74,6 +74,27 @@ def test_bad_paths_and_arguments_exit_2_in_one_line(args) -> None:
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_root_with_per_user_directories_lists_and_verifies_every_users_jobs(root) -> None:
+    """A daemon serving several users keeps each one's jobs in ROOT/<user>/<job>: ``ls`` and ``verify``
+    of the root show them as user/job (as the remote tier names them), beside jobs right under it."""
+    snapd.save(root / "alice", "run", {"w": np.ones(4)}, step=3)
+    snapd.save(root / "bob", "run", {"w": np.ones(4)}, step=5)
+    snapd.save(root, "flat", {"w": np.ones(4)}, step=1)
+    (root / "carol").mkdir()  # a user with no job yet
+    out = run("ls", str(root))
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[:2] for line in out.stdout.splitlines()[1:]] == \
+        [["alice/run", "3"], ["bob/run", "5"], ["flat", "1"]]
+    one = run("ls", str(root), "bob/run")
+    assert one.returncode == 0
+    assert [line.split()[:2] for line in one.stdout.splitlines()[1:]] == [["bob/run", "5"]]
+    checked = run("verify", str(root))
+    assert checked.returncode == 0 and checked.stdout.count("ok  ") == 3, checked.stdout + checked.stderr
+    for bad in ("alice/../flat", "../x/run", "a/b/c"):
+        out = run("ls", str(root), bad)
+        assert out.returncode == 2 and repr(bad) in out.stderr, (bad, out.stderr)
+
+
 def test_export_missing_key_exits_2(job, tmp_path) -> None:
     out = run("export", str(job / "step-000000000020"), str(tmp_path / "x.safetensors"), "--keys", "nope")
     assert out.returncode == 2 and "'nope'" in out.stderr and not (tmp_path / "x.safetensors").exists()

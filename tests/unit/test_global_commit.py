@@ -203,7 +203,7 @@ def test_a_step_saved_again_commits_each_version_and_many_ranks_of_one_process(t
 
 def test_a_daemons_start_clears_the_leftovers_of_a_job_that_never_committed(tmp_path) -> None:
     # (a daemon killed during a job's first snapshots leaves temporary directories and no index)
-    from snapd.format.jobdir import clean_root
+    from snapd.format.root_jobs import clean_root
 
     job = JobDir(tmp_path, "j")
     job.open_for_write()
