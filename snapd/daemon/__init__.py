@@ -17,8 +17,9 @@ Which thread owns what (the rule every module here keeps):
 - Nothing the server thread calls may wait on another thread's work (pinning, a flush).
 
 Modules:
-- ``serve``: ``snapd serve`` (startup, signals, systemd); ``config``: the settings;
-  ``notify``: systemd's notify socket; ``metrics``: Prometheus.
+- ``serve``: ``snapd serve`` (startup, signals, systemd); ``config``: the settings
+  (``config_sources``: the config file and environment they come from); ``notify``: systemd's
+  notify socket; ``metrics``: Prometheus.
 - ``server``: the server thread's loop and its error boundary; ``requests``: its answer to each
   request, and the sessions they open and end; ``channels``: its
   reply sender, the stages' events socket and ``stage_loop`` (every stage thread's loop and error

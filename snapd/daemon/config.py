@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from snapd.daemon import config_sources
 from snapd.daemon.host_memory import MIB, default_host_buffer_bytes, default_host_memory_bytes
 from snapd.errors import InvalidArgument
 from snapd.format.chunks import CODECS
@@ -222,14 +223,15 @@ class DaemonConfig:
         env = dict(os.environ) if env is None else env
         values: dict[str, Any] = {}
         path = config_file or env.get("SNAPD_CONFIG")
-        if path is None and DEFAULT_CONFIG_FILE.exists():
-            path = DEFAULT_CONFIG_FILE
+        if path is None and config_sources.DEFAULT.exists():
+            path = config_sources.DEFAULT
+        known = {f.name: str(f.type) for f in fields(cls)}
         if path is not None:
-            values.update(read_config_file(Path(path)))
-        for f in fields(cls):
-            raw = env.get(f"SNAPD_{f.name.upper()}")
+            values.update(config_sources.read(Path(path), known))
+        for name, typ in known.items():
+            raw = env.get(f"SNAPD_{name.upper()}")
             if raw is not None:
-                values[f.name] = _convert(f.name, raw, f.type)
+                values[name] = config_sources.convert(name, raw, typ)
         values.update({k: v for k, v in flags.items() if v is not None})
         values.setdefault("root", default_root())
         values.setdefault("endpoint", default_endpoint())
@@ -262,49 +264,3 @@ class DaemonConfig:
             else:
                 lines.append(f'{f.name} = "{v}"')
         return "\n".join(lines)
-
-
-DEFAULT_CONFIG_FILE = Path("/etc/snapd-ckpt/snapd.toml")
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a TOML config file, each checked against the field it sets."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidArgument(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"config file {path}: cannot read: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidArgument(f"config file {path}: not valid TOML: {e}") from None
-    known = {f.name: str(f.type) for f in fields(DaemonConfig)}
-    for key, value in data.items():
-        if key not in known:
-            raise InvalidArgument(f"config file {path}: unknown setting {key!r} "
-                                  f"(known: {', '.join(sorted(known))})")
-        t = known[key]
-        ok = not isinstance(value, bool) and (
-            ("tuple" in t and isinstance(value, list) and all(isinstance(x, (str, int)) for x in value)) or
-            ("int" in t and isinstance(value, int)) or ("float" in t and isinstance(value, (int, float)))
-            or (("str" in t or "Path" in t) and isinstance(value, str)))
-        if not ok:
-            raise InvalidArgument(f"config file {path}: {key} = {value!r} has the wrong type (expected {t})")
-    return data
-
-
-def _convert(name: str, raw: str, typ: Any) -> Any:
-    t = str(typ)
-    if "tuple" in t:
-        return tuple(x.strip() for x in raw.split(",") if x.strip())
-    try:
-        if "int" in t:
-            return int(raw)
-        if "float" in t:
-            return float(raw)
-    except ValueError:
-        raise InvalidArgument(f"SNAPD_{name.upper()}={raw!r} is not a number") from None
-    return raw
