@@ -128,4 +128,6 @@ def test_the_sbatch_example_is_bash_with_the_directives_the_docs_name() -> None:
     flags = shlex.split(serve.split("snapd serve", 1)[1].rstrip("&\\ "))
     with pytest.raises(UsageError):  # (the parser refuses a flag it does not know: the check can fail)
         build_parser().parse_args(["serve", "--no-such-flag"])
-    build_parser().parse_args(["serve", *[f if not f.startswith("${") else "/x" for f in flags]])
+    args = build_parser().parse_args(["serve", *[f if not f.startswith("${") else "/x" for f in flags]])
+    # the drain ends before Slurm's SIGKILL: KillWait after the SIGTERM, 30 s by default (docs/clusters.md)
+    assert args.drain_timeout_s is not None and args.drain_timeout_s < 30
