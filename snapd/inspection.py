@@ -67,6 +67,10 @@ def _open(path: str) -> SnapshotReader | GlobalReader:
     if not (p / MANIFEST_NAME).exists() and _snapshot_dirs(p):
         p = catalog.resolve(p.resolve().parent, p.resolve().name, "latest")
         print(f"(the latest snapshot of this job: {p.name})", file=sys.stderr)
+    elif not (p / MANIFEST_NAME).exists() and step_of(p.name) is None and root_jobs.listable(p) \
+            and (names := list(_jobs_of(p))):
+        raise UsageError(f"{p} is a snapshot root, not a job or a snapshot: name one of its jobs "
+                         f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     return open_snapshot(p)
 
 
@@ -118,12 +122,12 @@ def _snapshot_dirs(path: Path) -> list[Path]:
 
 
 def _jobs_of(root: Path) -> dict[str, JobDir]:
-    """The jobs under a snapshot root (per-user ones as ``user/job``); a root this user may not list
-    is a usage error that says which directory to name instead."""
+    """The jobs with snapshots under a snapshot root (per-user ones as ``user/job``); a root this user
+    may not list is a usage error that says which directory to name instead."""
     if not root_jobs.listable(root):
         raise UsageError(f"{root}: cannot list it (permission denied): a daemon serving several users "
                          f"keeps each one's jobs in {root}/<user>: name that directory")
-    return root_jobs.jobs(root)
+    return {name: jd for name, jd in root_jobs.jobs(root).items() if _snapshot_dirs(jd.path)}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -90,6 +90,8 @@ def test_a_root_with_per_user_directories_lists_and_verifies_every_users_jobs(ro
     assert [line.split()[:2] for line in one.stdout.splitlines()[1:]] == [["bob/run", "5"]]
     checked = run("verify", str(root))
     assert checked.returncode == 0 and checked.stdout.count("ok  ") == 3, checked.stdout + checked.stderr
+    told = run("inspect", str(root))  # a root, not a snapshot: its jobs are named
+    assert told.returncode == 2 and "name one of its jobs (alice/run, bob/run, flat)" in told.stderr
     for bad in ("alice/../flat", "../x/run", "a/b/c"):
         out = run("ls", str(root), bad)
         assert out.returncode == 2 and repr(bad) in out.stderr, (bad, out.stderr)
