@@ -35,6 +35,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if remote:
         from snapd.remote import listing
 
+        if not args.job and root.is_dir():
+            _jobs_of(root)  # (a root this user may not list: which directory to name instead)
         return listing.ls_tiers(root, args.job, remote)
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")
