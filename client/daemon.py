@@ -183,6 +183,15 @@ class Client(HandOver):
             self._conn.call("locate", timeout_s=max(60.0, self._conn.timeout_s), step=None)
         return list_snapshots(self.root, self.job) if (self.root / self.job).is_dir() else []
 
+    def remove(self, step: int) -> bool:
+        """Remove snapshot ``step`` of this job: from this node's disk, and from the remote tier where the
+        daemon has one (a step still being written is refused: remove it once its ``wait()`` returns).
+        A copy on a peer is not brought back by a restore here. True if this node held it."""
+        check_step(step)
+        reply = self._again(lambda: self._conn.call("remove", timeout_s=max(660.0, self._conn.timeout_s),
+                                                    step=step))
+        return bool(reply["removed"])
+
     def _settle(self) -> None:
         """``sync`` before reading what is committed; across a daemon restart, what the old one
         held is lost (logged) and what is committed is what there is to read."""

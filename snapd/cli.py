@@ -1,4 +1,4 @@
-"""The ``snapd`` command: its parser, logging, ``serve`` and ``status``; the offline tools over
+"""The ``snapd`` command: its parser, logging, ``serve``, ``status`` and ``rm``; the offline tools over
 snapshot directories (``ls``, ``inspect``, ``verify``, ``export``) are snapd.inspection's.
 
 Every bad path or argument ends in one line on stderr and exit status 2;
@@ -102,6 +102,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    """``snapd rm JOB STEP...``: remove snapshots of one of your jobs through the daemon that wrote
+    them (where it serves several users, your directory is its own: you may read it, not delete)."""
+    import snapd.client as snapd
+
+    if any(step < 0 for step in args.steps):
+        raise UsageError(f"steps are integers >= 0, got {args.steps}")
+    try:
+        client = snapd.connect(args.job, endpoint=args.endpoint, spawn=False, keep_last=None, rank=0,
+                               world_size=1, timeout_s=args.timeout_s)  # (one process, whatever ran it)
+    except SnapdError as e:
+        if e.code != "job_in_use":
+            raise
+        raise UsageError(f"{e} (a running job removes its own steps: Client.remove(step))") from None
+    with client:
+        for step in args.steps:
+            gone = client.remove(step)
+            print(f"removed {args.job} step {step}" if gone else f"{args.job} step {step}: not on this node")
+    return 0
+
+
 def cmd_peer_keys(args: argparse.Namespace) -> int:
     from snapd.peers.keys import create
 
@@ -187,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("directory", help="the key directory to make (mode 700)")
     s.add_argument("--name", default="cluster", help="the pair's file name (default cluster)")
     s.set_defaults(fn=cmd_peer_keys)
+    s = sub.add_parser("rm", help="remove snapshots of one of your jobs, through the daemon that wrote them")
+    s.add_argument("job", help="the job's name (not running: its own client removes steps with remove())")
+    s.add_argument("steps", nargs="+", type=int, metavar="STEP", help="the steps to remove")
+    s.add_argument("--endpoint",
+                   help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")
+    s.add_argument("--timeout-s", type=float, default=10.0, help="how long to wait to connect (default 10)")
+    s.set_defaults(fn=cmd_rm)
     s = sub.add_parser("status", help="ask a running daemon how it is doing")
     s.add_argument("--endpoint",
                    help="ipc://PATH of the daemon (env SNAPD_ENDPOINT; default: as snapd serve's)")

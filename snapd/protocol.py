@@ -50,6 +50,7 @@ REQUESTS: dict[str, dict[str, Validator]] = {
     # a daemon told to stop meanwhile (the same signal, the same moment) waits for it ("noted")
     "preempt": {"deadline_s": f.seconds},
     "sync": {},  # answered ("synced") once the job's snapshots in flight, from any client, have ended
+    "remove": {"step": f.int_()},  # a user removes one of the job's snapshots (snapd.daemon.removals)
     # nodes that share no filesystem (docs/peers.md): the newest step whose parts are all on some node
     # (committed here if need be), and one part brought to this node
     "locate": {"step": f.opt(f.int_())}, "fetch_part": {"step": f.int_(), "rank": f.int_()},

@@ -24,7 +24,8 @@ Modules:
   request, and the sessions they open and end; ``channels``: its
   reply sender, the stages' events socket and ``stage_loop`` (every stage thread's loop and error
   boundary); ``shutdown``: the drain a SIGTERM starts and the exit when idle; ``peer_requests``:
-  the requests that reach other nodes (``locate``, ``fetch_part``, ``peers``).
+  the requests that reach other nodes (``locate``, ``fetch_part``, ``peers``); ``removals``: a
+  user's removal of one of their snapshots (``remove``), here and in the remote tier.
 - ``access``: who may connect (SO_PEERCRED through ZAP), socket and directory permissions.
 - ``sessions``: each client's session; ``regions``: the shared-memory regions a client registers.
 - ``intake``: a buffer for each snapshot and its acceptance as a task; ``layouts``: what a

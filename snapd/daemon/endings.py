@@ -55,7 +55,9 @@ class Endings:
             lend_written(self.leases)
         elif kind == "forgotten":  # the GPU copier closed a leaving client's handles
             self.replies.send(bytes.fromhex(event["peer"]), protocol.message("bye", event["id"]))
-        elif kind == "reply":  # a request answered off the server thread (snapd.daemon.peers)
+        elif kind == "reply":  # a request answered off the server thread (snapd.daemon.peers, removals)
+            if "quota_root" in event:  # (a user removed a snapshot: their quota counts what is left)
+                self.quotas.refresh(Path(event["quota_root"]))
             self.replies.send(bytes.fromhex(event["peer"]), event["frame"].encode())
         elif (task := self.tasks.get(event["seq"])) is None:  # already failed and answered
             return

@@ -22,10 +22,11 @@ import zmq
 
 from snapd.daemon.bucket_parts import REMOTE, BucketParts
 from snapd.daemon.part_download import HELD_HERE
-from snapd.daemon.survey_steps import SPEED, Step, fold, settled
+from snapd.daemon.survey_steps import SPEED, Step, fold, forget_removed, settled
 from snapd.daemon.whole_snapshots import HERE, Copy
 from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, global_id, parse_any, part_dir
+from snapd.format.index import INDEX_NAME, parse_index
 from snapd.format.jobdir import read_regular
 from snapd.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, taken_of
 from snapd.peers import wire
@@ -56,6 +57,7 @@ class Survey:
         """Every step of ``job`` this node or a peer knows, with each part's sources; and the
         bucket's newest global snapshot (or step ``want``) where no node holds a newer one whole."""
         steps = self.here(job)
+        removed = self._removed(job)
         for r in self.store.held(job):
             speed = SPEED["memory"] if r.where == "memory" else SPEED["disk"]
             s = steps.setdefault(r.step, Step(r.step))
@@ -63,18 +65,23 @@ class Survey:
                 s.whole.append(Copy(speed, HELD_HERE, r.checksum, r.taken))
             else:
                 s.sources.setdefault(r.rank, []).append((speed, HELD_HERE))
+        forget_removed(steps, removed)
         # (a daemon just started: its first read of the directory)
         peers = self.directory.all(wait_s=min(5.0, self.timeout_s), job=job)
+
+        def on_reply(ep: str, reply: dict | SnapdError) -> None:
+            fold(steps, ep, job, reply)
+            forget_removed(steps, removed)
         replies = wire.ask_all(self.ctx, self.keys, [p.endpoint for p in peers],
                                {"t": "have", "job": job, "brief": True},
-                               min(5.0, self.timeout_s),
-                               on_reply=lambda ep, reply: fold(steps, ep, job, reply),
+                               min(5.0, self.timeout_s), on_reply=on_reply,
                                settled=lambda: settled(steps, want))
         for ep, reply in replies.items():  # (each answer is in ``steps`` already)
             if isinstance(reply, SnapdError):
                 log.warning("peer %s: cannot ask what it holds of %s: %s", ep, job, reply)
         if self.bucket is not None and not any(s.whole for s in steps.values()):
             self._add_bucket(job, steps, want)  # (a single process's snapshots: its client asks the bucket)
+            forget_removed(steps, removed)
         for s in steps.values():
             s.whole.sort()
             for srcs in s.sources.values():
@@ -124,6 +131,13 @@ class Survey:
         finally:
             with self._lock:
                 self._bucket_asking -= 1
+
+    def _removed(self, job: str) -> dict[int, float]:
+        """The steps a user removed from ``job`` on this node (its index), with when each was taken."""
+        try:
+            return parse_index(read_regular(self.root / job / INDEX_NAME)).removed
+        except (OSError, FormatError):
+            return {}
 
     def here(self, job: str) -> dict[int, Step]:
         """The steps of ``job`` committed on this node's disk, with the parts there."""

@@ -56,7 +56,6 @@ class Quotas:
             st = os.statvfs(root)
             limit = st.f_blocks * st.f_frsize // 2
         self.limit = limit
-        self.shared = shared  # per-user directories
         self._used: dict[Path, int] = {}
 
     def refresh(self, jobs_root: Path) -> None:
@@ -74,12 +73,10 @@ class Quotas:
         if used + pending + nbytes > self.limit:
             log.warning("uid %d: a snapshot of %d bytes refused: %d on disk and %d in flight, quota %d",
                         s.uid, nbytes, used, pending, self.limit)
-            # (in a per-user directory the files are the daemon's: the user may read them, not delete them)
-            remedy = ("ask the node's operator to delete the snapshots you no longer need (in "
-                      f"{s.jobs_root}, the daemon's), or for more" if self.shared else
-                      f"delete the snapshots you no longer need (under {s.jobs_root}), or ask the operator "
-                      "for more")
+            # (in a per-user directory the files are the daemon's: the user removes them through it)
             raise LimitExceeded(f"this snapshot of {nbytes} bytes would pass your quota on this node's "
                                 f"snapd, user_disk_bytes = {self.limit}: your snapshots take {used} bytes "
-                                f"and {pending} more are being written. Retention deletes older snapshots "
-                                f"only after a newer one commits: lower keep_last, {remedy}")
+                                f"(under {s.jobs_root}) and {pending} more are being written. Retention "
+                                "deletes older snapshots only after a newer one commits: lower keep_last, "
+                                "remove the snapshots you no longer need (`snapd rm JOB STEP...`, or "
+                                "Client.remove), or ask the operator for more")

@@ -4,7 +4,8 @@ thread calls it with the request checked by snapd.protocol), and the sessions th
 A part of Server of its own (snapd.daemon.server): the server thread is the only caller, and an
 answer that raises becomes the client's error reply there. Most hand the work to the part that
 owns it: the lease book (leases), the snapshots' intake (intake), their endings (endings), the
-requests that reach other nodes (peer_requests), the daemon's account of itself (status).
+requests that reach other nodes (peer_requests), a user's removal of a snapshot (removals), the
+daemon's account of itself (status).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from snapd.daemon.metrics import Metrics
 from snapd.daemon.peer_requests import PeerRequests
 from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.regions import open_region
+from snapd.daemon.removals import Removals
 from snapd.daemon.sessions import Session, new_session
 from snapd.daemon.shutdown import Shutdown
 from snapd.daemon.status import Status
@@ -48,6 +50,7 @@ class Requests:
     endings: Endings
     status: Status
     peer_requests: PeerRequests
+    removals: Removals
     shutdown: Shutdown
     gpu: Any
     _handoff: Handoff | None
@@ -128,6 +131,10 @@ class Requests:
     def _on_sync(self, peer: bytes, msg: dict) -> bytes | None:
         s = self._session(peer)
         return self.endings.sync(peer, s.job, s.jobs_root, msg["id"])
+
+    def _on_remove(self, peer: bytes, msg: dict) -> None:
+        self.removals.remove(self._session(peer), msg["step"], peer, msg["id"])
+        return None  # (answered from its thread: snapd.daemon.removals)
 
     def _on_locate(self, peer: bytes, msg: dict) -> bytes | None:
         return self.peer_requests.locate(self._session(peer), msg, peer)

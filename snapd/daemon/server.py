@@ -29,6 +29,7 @@ from snapd.daemon.intake import Handoff, Intake
 from snapd.daemon.leases import Leases
 from snapd.daemon.metrics import Metrics
 from snapd.daemon.peer_requests import PeerRequests
+from snapd.daemon.removals import Removals
 from snapd.daemon.pipeline import Pipeline
 from snapd.daemon.quotas import Quotas
 from snapd.daemon.requests import Requests
@@ -78,6 +79,8 @@ class Server(Requests):
         self.status = Status(config, self.policy, self.pool, self.leases, self.pipeline, self.sessions,
                              self.tasks, self.tally)
         self.peer_requests = PeerRequests(self.pipeline.peers)
+        self.removals = Removals(self.tasks, self.pipeline.uploads, self.pipeline.peers,
+                                 lambda event: post(self.ctx, event))
         self.shutdown = Shutdown(config, self.tasks, self.sessions, self.pipeline, self.intake, self.leases)
         self.gpu: Any = None  # snapd.daemon.gpu_copy.GpuCopier when the kernel backend is CUDA (enable_gpu)
         self._handoff: Handoff | None = None  # the accepted snapshot's hand-over, run after the reply

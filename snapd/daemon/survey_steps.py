@@ -95,6 +95,19 @@ def fold(steps: dict[int, Step], endpoint: str, job: str, reply: dict | SnapdErr
                 s.sources.setdefault(int(r), []).append((_speed(where), endpoint))
 
 
+def forget_removed(steps: dict[int, Step], removed: dict[int, float]) -> None:
+    """Leave out of ``steps`` the copies of snapshots a user removed on this node (the job's index
+    says which, with when each was taken: snapd.format.retention.remove_step): a restore must not
+    bring them back from a peer or the bucket. A step made again since, taken later, stays."""
+    for n, t in removed.items():
+        s = steps.get(n)
+        if s is None:
+            continue
+        s.whole = [c for c in s.whole if c.taken > t + 1e-6]
+        if s.world_size and s.taken <= t + 1e-6 or not s.world_size and not s.whole:
+            del steps[n]  # (its parts are that making's: a part carries no time of its own)
+
+
 def settled(steps: dict[int, Step], want: int | None) -> bool:
     """Whether what is known of ``steps`` settles what a restore takes, the peers yet to answer
     aside: step ``want`` with each of its parts somewhere; or, for the newest, that the newest

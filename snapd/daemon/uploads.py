@@ -123,6 +123,16 @@ class Uploader:
             waiting = [u for u in self._backlog.values() if u.path.parent == job_path]
         return upload_retention.hold(waiting, job_path, next_bytes)
 
+    def wait_not_uploading(self, path: Path, timeout_s: float) -> bool:
+        """Until snapshot ``path`` is not going up (a user removed it: snapd.daemon.removals)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:  # (polled: the thread does not notify as each upload ends)
+            while self._busy is not None and self._busy.path == path:
+                if time.monotonic() >= deadline:
+                    return False
+                self._lock.wait(0.1)
+            return True
+
     def _bound(self) -> None:
         while len(self._backlog) > self.config.remote_backlog:
             victims = [u for u in self._backlog.values() if not u.emergency and u is not self._busy

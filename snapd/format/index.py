@@ -71,10 +71,23 @@ def check_best(best: object) -> tuple[str, str] | None:
     return best[0], best[1]
 
 
+MAX_REMOVED = 64  # the steps a user removed that the index remembers (their copies elsewhere stay gone)
+
+
 @dataclass
 class JobIndex:
     history: list[Entry] = field(default_factory=list)  # commit order, oldest first
     best_metric: tuple[str, str] | None = None
+    # steps a user removed (step -> when the removed snapshot was taken): a copy of that making on
+    # another node or in the bucket is not brought back by a restore (snapd.format.retention)
+    removed: dict[int, float] = field(default_factory=dict)
+
+    def forget(self, entry: Entry) -> None:
+        """Remove ``entry`` at its user's request, and remember that its making is gone."""
+        self.history.remove(entry)
+        self.removed[entry.step] = taken_of(entry)
+        while len(self.removed) > MAX_REMOVED:
+            del self.removed[min(self.removed, key=self.removed.__getitem__)]
 
     @property
     def latest(self) -> Entry | None:
@@ -104,6 +117,8 @@ class JobIndex:
                 "best": self.best.step if self.best else None,
                 "best_metric": list(self.best_metric) if self.best_metric else None,
                 "history": [asdict(e) for e in self.history]}
+        if self.removed:  # (absent otherwise: an index without removals reads as before)
+            body["removed"] = [[n, t] for n, t in sorted(self.removed.items())]
         body["checksum"] = xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True).encode())
         return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
 
@@ -141,11 +156,14 @@ def parse_index(raw: bytes) -> JobIndex:
     try:
         history = [_entry(e) for e in body["history"]]
         best = check_best(body.get("best_metric")) if body.get("best_metric") else None
-    except (KeyError, TypeError, InvalidArgument) as e:
+        removed = {n: float(t) for n, t in body.get("removed", [])}
+    except (KeyError, TypeError, ValueError, InvalidArgument) as e:
         raise FormatError(f"malformed index ({type(e).__name__}: {e})") from None
     if len({e.step for e in history}) != len(history):
         raise FormatError("index lists a step twice")
-    return JobIndex(history, best)
+    if any(type(n) is not int or n < 0 or not math.isfinite(t) for n, t in removed.items()):
+        raise FormatError("index lists a removed step that is not a step and a time")
+    return JobIndex(history, best, removed)
 
 
 def _has_manifest(path: Path) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from snapd.format import index as jobindex
 from snapd.format.jobdir import JobDir, snapshot_name
+from snapd.format.manifest import taken_of
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,19 @@ def prune(job: JobDir, retention: Retention) -> None:
     job.remove(trash)
 
 
-def remove_step(job: JobDir, step: int) -> bool:
-    """Remove snapshot ``step`` of ``job`` at its user's request (a framework's own retention, as
-    Lightning's ``remove_checkpoint``); False if it was not there."""
+def remove_step(job: JobDir, step: int) -> float | None:
+    """Remove snapshot ``step`` of ``job`` at its user's request (``Client.remove``, ``snapd rm``, a
+    framework's own retention, as Lightning's ``remove_checkpoint``): when it was taken, or None if it
+    was not there. The index remembers it removed, so that a restore does not bring its copies on
+    other nodes back (snapd.daemon.survey_steps)."""
     with job.lock():
         index = jobindex.load(job)
         entry = index.find(step)
         trash = [p for p in [job.trash(snapshot_name(step))] if p is not None]
         if entry is not None:
-            index.history.remove(entry)
+            index.forget(entry)
             jobindex.save(job, index)
     job.remove(trash)
-    return bool(trash)
+    if entry is not None:
+        log.info("%s: step %d removed at its user's request", job.path, step)
+    return taken_of(entry) if entry is not None else None

@@ -29,7 +29,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from snapd.errors import InvalidArgument, SnapshotNotFound, UnsupportedValueError
+from snapd.errors import Busy, InvalidArgument, SnapshotNotFound, UnsupportedValueError
 from snapd.format import catalog
 from snapd.format.jobdir import JobDir, fsync_dir, snapshot_name
 from snapd.format.retention import remove_step
@@ -134,7 +134,18 @@ class SnapdCheckpointIO(CheckpointIO):
             return
         if any(p["step"] == step and p["job_dir"] == pointer["job_dir"] for p in _pointers(directory)):
             return
-        remove_step(JobDir(job_dir.parent, job_dir.name), step)
+        client = self._client
+        if client is None or job_dir != client.root / client.job:  # (another run's: its files, if writable)
+            remove_step(JobDir(job_dir.parent, job_dir.name), step)
+            return
+        # through the daemon: where it serves several users their directories are its own
+        for _ in range(100):  # (committed, its snapshot's end a moment behind: asked again)
+            try:
+                client.remove(step)
+                return
+            except Busy:
+                time.sleep(0.05)
+        log.warning("step %d of %s stays: its snapshot is still being written", step, job_dir)
 
     def _committed(self, job_dir: Path, step: int) -> bool:
         """(The file thread.) Wait until snapshot ``step`` is committed, as seen on disk (one thread

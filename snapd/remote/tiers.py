@@ -98,7 +98,8 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
         if best is None:
             raise SnapshotNotFound(f"job {job!r} has no best snapshot under {root} or at {rjob.where()}")
         return Located(best.step, remote=rjob, name=best.name)
-    newest = _taken_last(rjob, {s: n for s, n in steps.items() if local is None or s > local.step}, local)
+    newest = _taken_last(rjob, {s: n for s, n in steps.items() if local is None or s > local.step}, local,
+                         _removed(root, job))
     if newest is not None:
         return newest
     if local is None:
@@ -106,10 +107,21 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
     return local
 
 
-def _taken_last(rjob: RemoteJob, higher: dict[int, str], local: Located | None) -> Located | None:
+def _removed(root: str | os.PathLike, job: str) -> dict[int, float]:
+    """The steps a user removed from the job on this node, with when each was taken (its index)."""
+    try:
+        return jobindex.parse_index(read_regular(Path(root) / job / jobindex.INDEX_NAME)).removed
+    except (OSError, FormatError):
+        return {}
+
+
+def _taken_last(rjob: RemoteJob, higher: dict[int, str], local: Located | None,
+                removed: dict[int, float]) -> Located | None:
     """Of the bucket's steps ``higher`` than the local latest, the one taken last, if it was taken
     after the local latest (as the index orders latest: a run that went back to an earlier step takes
-    lower steps later, and its abandoned higher steps may still be in the bucket)."""
+    lower steps later, and its abandoned higher steps may still be in the bucket). A snapshot a user
+    removed here (``removed``: its step and when it was taken) is not one of them, should its copy in
+    the bucket outlive the removal."""
     found = []
     with ThreadPoolExecutor(min(8, max(1, len(higher)))) as pool:  # (a fresh node: every step's manifest)
         raws = list(pool.map(rjob.manifest_bytes, higher.values()))
@@ -119,7 +131,7 @@ def _taken_last(rjob: RemoteJob, higher: dict[int, str], local: Located | None) 
         except FormatError as e:
             log.warning("%s", e)
             continue
-        if m is not None:
+        if m is not None and not (step in removed and taken_of(m) <= removed[step] + 1e-6):
             found.append(((taken_of(m), step), name))
     if not found:
         return None

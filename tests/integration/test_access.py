@@ -36,6 +36,7 @@ import numpy as np
 import zmq, zmq.utils.monitor
 import lz4.frame, zstandard, xxhash
 import snapd.posix_acl, snapd.format.restore, snapd.format.codecs, snapd.client.local, snapd.cli
+import snapd.format.retention
 from snapd.client.hello import connect
 from snapd.errors import PermissionDenied
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
@@ -467,13 +468,26 @@ def test_a_user_cannot_fill_the_disk_for_the_others(shared_dir, start) -> None:
                 except LimitExceeded as e:
                     print("REFUSED", step, e, flush=True)
             print("ON DISK", [s.step for s in c.list()], float(c.restore(2)["w"][0]))
+            try:  # the files are the daemon's: this user may read them, not delete them
+                snapd.format.retention.remove_step(snapd.format.JobDir(c.root, "fill"), 1)
+            except PermissionError:
+                print("NOT WRITABLE")
         """, d.endpoint)
     lines = out.stdout.splitlines()
     assert lines[:2] == ["SAVED 1", "SAVED 2"], out.stdout + out.stderr
     assert all(line.startswith("REFUSED") and "user_disk_bytes = 3145728" in line
-               and f"ask the node's operator to delete the snapshots you no longer need (in {d.root}/nobody"
-               in line for line in lines[2:5]), out.stdout  # (the user may read its files, not delete them)
-    assert lines[5] == "ON DISK [1, 2] 2.0", out.stdout  # nothing already on disk was lost
+               and "snapd rm JOB STEP" in line for line in lines[2:5]), out.stdout
+    assert lines[5:] == ["ON DISK [1, 2] 2.0", "NOT WRITABLE"], out.stdout  # nothing on disk was lost
+    # ... so the user removes a snapshot through the daemon (snapd rm), and snapshots on within the quota
+    rm = as_user(NOBODY, NOGROUP, 'from snapd.cli import main; sys.exit(main(["rm", *sys.argv[3:]]))',
+                 "fill", "1", "--endpoint", d.endpoint)
+    assert rm.returncode == 0 and rm.stdout == "removed fill step 1\n", rm.stdout + rm.stderr
+    again = as_user(NOBODY, NOGROUP, """
+        with connect("fill", endpoint=sys.argv[3], spawn=False, keep_last=None, timeout_s=10) as c:
+            c.snapshot({"w": np.full(1 << 18, 6, np.float32)}, step=6).wait(30)
+            print([s.step for s in c.list()], float(c.restore()["w"][0]))
+        """, d.endpoint)
+    assert again.stdout == "[2, 6] 6.0\n", again.stdout + again.stderr
     w = np.arange(1 << 16, dtype=np.float32)
     with snapd.connect("other", endpoint=d.endpoint, spawn=False) as c:  # root's quota is its own
         c.snapshot({"w": w}, step=1).wait(timeout=60)

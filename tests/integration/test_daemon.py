@@ -212,8 +212,9 @@ def test_busy_buffers_skip_or_wait(start) -> None:
         assert p.skipped and "busy" in p.reason
         with pytest.raises(Busy):
             p.wait()
-    threading.Timer(0.5, lambda: holder.send(protocol.message("release", 9, lease=leases[0]))).start()
     with snapd.connect("waiter", endpoint=daemon.endpoint, spawn=False, on_busy="wait") as c:
+        # (the release is timed from here, not before the connect: a loaded machine's connect took 0.2 s+)
+        threading.Timer(0.5, lambda: holder.send(protocol.message("release", 9, lease=leases[0]))).start()
         p = c.snapshot({"w": np.ones(4)}, step=1)
         assert not p.skipped and p.waited_s >= 0.3
         p.wait(30)

@@ -21,7 +21,7 @@ from snapd.cli import main as cli
 # every type of message the daemon sends (test_the_fuzzers_reply_types_are_all_the_daemons keeps it so)
 REPLY_TYPES = {"error", "welcome", "granted", "received", "copied", "queued", "persisted", "status", "pong",
                "bye", "released", "registered", "synced", "waiting", "located", "fetched", "peers_known",
-               "noted"}
+               "noted", "removed"}
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                            | st.text(max_size=20),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
@@ -101,7 +101,7 @@ VALID = {
     "snapshot_again": {"nbytes": 16, "step": 2, "metrics": {}, "emergency": False, "layout": 1, "inline": _W,
                        "changes": []},
     "release": {"lease": 1}, "register": {"path": f"/dev/shm/snapd-client-{os.getpid()}-fuzz", "bytes": 4096},
-    "status": {}, "ping": {}, "sync": {}, "bye": {}, "preempt": {"deadline_s": 1.5},
+    "status": {}, "ping": {}, "sync": {}, "bye": {}, "preempt": {"deadline_s": 1.5}, "remove": {"step": 1},
 }
 
 

@@ -144,6 +144,29 @@ def test_a_run_resumed_from_an_earlier_step_resumes_from_its_own_newest(tmp_path
     assert back["step"] == 2 and np.array_equal(back["w"], redone["w"]), nodes.logs()
 
 
+def test_a_removed_snapshot_is_not_brought_back_from_its_copy_on_another_node(tmp_path, start,
+                                                                              peer_nodes) -> None:
+    """Node 1 holds a copy of step 2; removed on node 0 (Client.remove), a restore there resumes from
+    step 1 rather than bringing step 2 back from node 1; the step made again is the newest anew."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 2)
+    with snapd.connect("gone", endpoint=nodes.daemons[0].endpoint, spawn=False, keep_last=None) as c:
+        for step in (1, 2):
+            c.snapshot(state(step), step=step).wait(60)
+        nodes.daemons[1].wait_for(lambda: held(nodes, 1, "gone") == {"2": [0]}, timeout=30)
+        assert c.remove(2) is True
+        back = c.restore()
+        assert back["step"] == 1 and same(back, state(1)), nodes.logs()
+        assert [s.step for s in c.list()] == [1]
+        redone = {**state(2), "w": state(2)["w"] * -1}
+        c.snapshot(redone, step=2).wait(60)
+    nodes.daemons[1].wait_for(lambda: held(nodes, 1, "gone") == {"2": [0]}, timeout=30)
+    nodes.lose(0)  # (the removal is remembered on node 0's disk: lost with it, the new step 2 is what counts)
+    nodes.daemons[0] = d = nodes.start(0)
+    with snapd.connect("gone", endpoint=d.endpoint, spawn=False) as c:
+        back = c.restore()
+    assert back["step"] == 2 and np.array_equal(back["w"], redone["w"]), nodes.logs()
+
+
 def test_a_copy_owed_to_a_holder_down_when_the_daemon_stopped_is_sent_once_it_answers(tmp_path, start,
                                                                                       peer_nodes) -> None:
     """Node 1, the copy's holder, hangs while node 0 commits the job's last snapshot; node 0's daemon

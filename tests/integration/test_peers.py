@@ -144,6 +144,18 @@ def test_a_replacement_node_brings_a_ranks_part_when_the_rank_connects(tmp_path,
     assert "prefetched" not in nodes.daemons[0].log_text()
 
 
+def test_a_step_of_a_job_across_nodes_is_not_removed_on_one_node_alone(tmp_path, start, peer_nodes) -> None:
+    """Each node commits a global step on its own disk: removed on node 0 alone, the others would go
+    on resuming from it, so ``snapd rm`` there is refused, saying why, and the step stays."""
+    nodes = peer_nodes.Nodes(tmp_path, start, 3)
+    outs = peer_nodes.ranks(nodes, "g", "run-1", "1,2")
+    assert all(o.split() == ["COMMITTED", "1", "COMMITTED", "2"] for o in outs), (outs, nodes.logs())
+    out = subprocess.run([sys.executable, "-m", "snapd", "rm", "g", "2", "--endpoint",
+                          nodes.daemons[0].endpoint], capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 2 and "step 2 of job g is a global snapshot" in out.stderr, out.stderr
+    assert (nodes.daemons[0].root / "g" / "step-000000000002" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_an_incremental_part_sends_only_what_changed(tmp_path, start, where, peer_nodes) -> None:
     """Each rank's 8 MiB frozen base is shared by step 2 with step 1 on its own disk (hard links);

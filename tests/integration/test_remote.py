@@ -110,6 +110,28 @@ def test_both_tiers_of_a_root_with_per_user_directories_list_each_users_jobs(tmp
     assert one.returncode == 0 and one.stdout.count("root/job") == 2, one.stdout + one.stderr
 
 
+def test_a_removed_snapshot_leaves_the_bucket_too_and_is_never_brought_back(tmp_path, s3, start) -> None:
+    """client.remove(step) through a daemon with a remote tier deletes the bucket's copy as well; a
+    copy that outlived a removal (made here without the daemon) is not what ``latest`` loads."""
+    from snapd.format.jobdir import JobDir
+    from snapd.format.retention import remove_step
+
+    url = f"{s3.url}/rm"
+    d = start("--remote", url)
+    with snapd.connect("job", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
+        for step in (1, 2, 3):
+            c.snapshot(state(step), step=step).wait(30)
+        wait_uploaded(d, 3)
+        assert c.remove(3) is True
+        assert remote_steps(url, "job") == [1, 2]
+        assert c.restore()["step"] == 2
+        assert remove_step(JobDir(d.root, "job"), 2) is not None  # (here only: the bucket keeps step 2)
+        assert remote_steps(url, "job") == [1, 2]
+        assert c.restore()["step"] == 1  # not the bucket's step 2, removed here
+    assert snapd.load(d.root, "job", remote=url)["step"] == 1
+    assert snapd.load(tmp_path / "fresh", "job", remote=url)["step"] == 2  # (a node that removed nothing)
+
+
 def test_remote_retention_keeps_the_last_and_the_best(tmp_path, s3, start) -> None:
     url = f"{s3.url}/ret"
     d = start("--remote", url, env={"SNAPD_REMOTE_KEEP_LAST": "2"})
