@@ -250,3 +250,28 @@ def test_a_fifo_planted_as_index_or_manifest_never_hangs_a_reader(root, what) ->
     assert cli(["verify", str(root / "j")]) == 1
     snapd.save(root, "j", {"w": np.full(2, 3)}, step=3)  # a commit goes on (and replaces a FIFO index)
     assert snapd.load(root, "j")["w"][0] == 3
+
+
+def test_a_removed_step_is_remembered_through_commits_and_a_bad_record_rebuilds_the_index(root) -> None:
+    from snapd.format.retention import remove_step
+
+    for step in (1, 2, 3):
+        _save_taken(root, step, 1000.0 + step)
+    assert remove_step(JobDir(root, "j"), 3) == 1003.0 and remove_step(JobDir(root, "j"), 3) is None
+    _save_taken(root, 4, 1004.0)  # (a commit rewrites the index: the removal stays recorded)
+    index = jobindex.load(JobDir(root, "j"))
+    assert [e.step for e in index.history] == [1, 2, 4] and index.removed == {3: 1003.0}
+    for step in range(10, 10 + jobindex.MAX_REMOVED):  # the oldest removals are forgotten first
+        index.history.append(entry := jobindex.Entry(step, f"step-{step:012d}", 0.0, 0, 0,
+                                                      taken_unix_s=2000.0 + step))
+        index.forget(entry)
+    assert len(index.removed) == jobindex.MAX_REMOVED and 3 not in index.removed
+    body = json.loads((root / "j" / "index.json").read_bytes())
+    body.pop("checksum")
+    body["removed"] = [[3, "then"]]
+    import xxhash
+    body["checksum"] = xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True).encode())
+    (root / "j" / "index.json").write_text(json.dumps(body))
+    with pytest.raises(Exception, match="malformed index"):
+        jobindex.parse_index((root / "j" / "index.json").read_bytes())
+    assert [s.step for s in snapd.list_snapshots(root, "j")] == [1, 2, 4]  # (rebuilt from the manifests)
