@@ -33,14 +33,16 @@ def _collect(sock: socket.socket, seconds: float) -> list[dict]:
 def test_notify_ready_status_watchdog_stopping(start, tmp_path, abstract) -> None:
     address = f"@snapd-test-{time.monotonic_ns()}" if abstract else str(tmp_path / "notify.sock")
     sock = _listen(address)
-    d = start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})  # ping every 0.2 s
-    msgs = _collect(sock, 1.5)
+    # ping every 0.5 s: a gap past 1 s is a daemon systemd would kill (a shorter interval made a loaded
+    # CI machine's scheduling, not the daemon, fail this test: a 0.46 s gap against 0.4)
+    d = start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"})
+    msgs = _collect(sock, 2.5)
     ready = [m for m in msgs if m.get("READY") == "1"]
     assert ready and ready[0]["MAINPID"] == str(d.proc.pid) and "clients" in ready[0]["STATUS"]
     assert ready[0]["STATUS"].endswith("2 host buffers, 64 MiB")  # (the operator sees the memory they hold)
     beats = [m["_t"] for m in msgs if m.get("WATCHDOG") == "1"]
     assert len(beats) >= 4, msgs
-    assert max(b - a for a, b in zip(beats, beats[1:])) < 0.4  # within the advertised interval
+    assert max(b - a for a, b in zip(beats, beats[1:])) < 1.0  # within the advertised interval
     d.proc.send_signal(signal.SIGTERM)
     msgs = _collect(sock, 1.0)
     stopping = [m for m in msgs if m.get("STOPPING") == "1"]
