@@ -19,8 +19,7 @@ from typing import Any
 
 import zmq
 
-from snapd import protocol
-from snapd.daemon.channels import post
+from snapd.daemon.channels import OffThread, post
 from snapd.daemon.config import DaemonConfig
 from snapd.daemon.bucket_parts import BucketParts
 from snapd.daemon.part_fetch import PartFetch
@@ -33,7 +32,7 @@ from snapd.daemon.replication import Replication
 from snapd.daemon.tasks import Task
 from snapd.format.step_outcome import Delivery
 from snapd.format.global_manifest import part_dir
-from snapd.errors import Busy, InvalidArgument, SnapdError
+from snapd.errors import InvalidArgument
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME, parse
 from snapd.format.retention import Retention
@@ -82,7 +81,8 @@ class Peers:
                                None if store is None else BucketParts(store))
         self.prefetch = Prefetch(self.fetch)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="snapd-peer-restore")
-        self._queued: dict[bytes, int] = {}  # each client's requests on the pool (``_off_thread``)
+        # (locate, fetch_part: they wait on other nodes; answered from the pool)
+        self._answers = OffThread(lambda event: post(self.ctx, event), self.pool.submit, PER_CLIENT)
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, int, int], Outgoing] = {}  # parts made here, their step not committed
         self.replicas = config.replicas
@@ -144,30 +144,8 @@ class Peers:
             job_dir, self.book.job_path(job_dir.path), step, rank))
 
     def _off_thread(self, peer: bytes, req_id: int, kind: str, work: Callable[[], dict]) -> None:
-        """Run ``work`` on the pool (it waits on other nodes); its answer, or its error, reaches the
-        client through the server thread's events socket. A client with ``PER_CLIENT`` requests
-        waiting already is told it is busy (one client cannot queue the others' restores away)."""
-        with self._lock:
-            if self._queued.get(peer, 0) >= PER_CLIENT:
-                raise Busy(f"{self._queued[peer]} of this client's requests to the peers wait already")
-            self._queued[peer] = self._queued.get(peer, 0) + 1
-
-        def run() -> None:
-            try:
-                frame = protocol.message(kind, req_id, **work())
-            except SnapdError as e:
-                frame = protocol.error_reply(req_id, e.code, str(e))
-            except Exception as e:  # a bug of ours: the client hears it, the daemon goes on
-                log.exception("internal error answering %s", kind)
-                frame = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
-            finally:
-                with self._lock:
-                    self._queued[peer] -= 1
-                    if not self._queued[peer]:
-                        del self._queued[peer]
-            post(self.ctx, {"event": "reply", "peer": peer.hex(), "frame": frame.decode()})
-
-        self.pool.submit(run)
+        """Run ``work`` on the pool; a client with ``PER_CLIENT`` requests waiting already is busy."""
+        self._answers.start(peer, req_id, kind, work, "requests to the peers")
 
     def delivered(self, task: Task, d: Delivery) -> None:
         """A rank part of this node is durable (waiting for its step, or committed with it)."""

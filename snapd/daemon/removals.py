@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from snapd import protocol
+from snapd.daemon.channels import OffThread
 from snapd.daemon.sessions import Session
 from snapd.daemon.tasks import TaskTable
 from snapd.daemon.uploads import Uploader
@@ -46,9 +46,7 @@ class Removals:
         self.tasks = tasks
         self.uploads = uploads
         self.peers = peers  # (snapd.daemon.peers.Peers, or None: no other node holds the job's parts)
-        self._post = post  # an event to the server thread, from any thread (channels.post)
-        self._lock = threading.Lock()
-        self._running: dict[bytes, int] = {}  # peer -> removals under way
+        self._answers = OffThread(post, _thread, PER_CLIENT, AT_ONCE)
 
     def remove(self, s: Session, step: int, peer: bytes, req_id: int) -> None:
         """(The server thread.) Start removing ``step`` of the session's job; answered ``removed``."""
@@ -60,13 +58,9 @@ class Removals:
             raise InvalidArgument(f"step {step} of job {s.job} is a global snapshot, which each of its nodes "
                                   "commits on its own disk: removed on this node alone, the others would "
                                   "go on resuming from it (remove a multi-node job's steps by its retention)")
-        with self._lock:
-            if self._running.get(peer, 0) >= PER_CLIENT or sum(self._running.values()) >= AT_ONCE:
-                raise Busy(f"{self._running.get(peer, 0)} removal(s) of this client and "
-                           f"{sum(self._running.values())} in all are under way: try again once they end")
-            self._running[peer] = self._running.get(peer, 0) + 1
-        threading.Thread(target=self._run, args=(job, step, peer, req_id), name="snapd-remove",
-                         daemon=True).start()
+        # (the user's quota is measured again before the answer: snapd.daemon.endings)
+        self._answers.start(peer, req_id, "removed", lambda: self._remove(job, step), "removals",
+                            {"quota_root": str(job.root)})
 
     @staticmethod
     def _global(job: JobDir, step: int) -> bool:
@@ -76,26 +70,11 @@ class Removals:
             return False
         return getattr(m, "world_size", 1) > 1
 
-    def _run(self, job: JobDir, step: int, peer: bytes, req_id: int) -> None:
-        try:
-            frame = protocol.message("removed", req_id, **self._remove(job, step))
-        except SnapdError as e:
-            frame = protocol.error_reply(req_id, e.code, str(e))
-        except OSError as e:
-            frame = protocol.error_reply(req_id, "error", f"step {step} of job {job.job}: {e}")
-        except Exception as e:  # a bug of ours: the client hears it, the daemon goes on
-            log.exception("internal error removing %s step %d", job.path, step)
-            frame = protocol.error_reply(req_id, "internal", f"internal error: {type(e).__name__}: {e}")
-        finally:
-            with self._lock:
-                self._running[peer] -= 1
-                if not self._running[peer]:
-                    del self._running[peer]
-        self._post({"event": "reply", "peer": peer.hex(), "frame": frame.decode(),
-                    "quota_root": str(job.root)})  # (the user's quota measured again, then the answer)
-
     def _remove(self, job: JobDir, step: int) -> dict[str, Any]:
-        taken = remove_step(job, step) if job.path.is_dir() else None  # (none here: the bucket may hold it)
+        try:
+            taken = remove_step(job, step) if job.path.is_dir() else None  # (none here: the bucket's?)
+        except OSError as e:
+            raise SnapdError(f"step {step} of job {job.job}: {e}") from None
         remote = None
         if self.uploads is not None:
             path = job.path / snapshot_name(step)
@@ -108,3 +87,7 @@ class Removals:
                 remote = rjob.where(path.name)
                 log.info("removed %s at its user's request", remote)
         return {"step": step, "removed": taken is not None, "remote": remote}
+
+
+def _thread(run: Callable[[], None]) -> None:
+    threading.Thread(target=run, name="snapd-remove", daemon=True).start()
