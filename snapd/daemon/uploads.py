@@ -124,14 +124,12 @@ class Uploader:
         return upload_retention.hold(waiting, job_path, next_bytes)
 
     def wait_not_uploading(self, path: Path, timeout_s: float) -> bool:
-        """Until snapshot ``path`` is not going up (a user removed it: snapd.daemon.removals)."""
+        """Until snapshot ``path`` is not going up (a user removed it: snapd.daemon.removals); polled."""
         deadline = time.monotonic() + timeout_s
-        with self._lock:  # (polled: the thread does not notify as each upload ends)
-            while self._busy is not None and self._busy.path == path:
-                if time.monotonic() >= deadline:
-                    return False
+        with self._lock:
+            while self._busy is not None and self._busy.path == path and time.monotonic() < deadline:
                 self._lock.wait(0.1)
-            return True
+            return self._busy is None or self._busy.path != path
 
     def _bound(self) -> None:
         while len(self._backlog) > self.config.remote_backlog:
