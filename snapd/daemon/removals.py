@@ -54,10 +54,6 @@ class Removals:
         if any(t.job == s.job and t.root == s.jobs_root and t.step == step for t in self.tasks):
             raise Busy(f"step {step} of job {s.job} is being written: remove it once it is persisted "
                        "(its snapshot's wait(), or sync())")
-        if self.peers is not None and self._global(job, step):
-            raise InvalidArgument(f"step {step} of job {s.job} is a global snapshot, which each of its nodes "
-                                  "commits on its own disk: removed on this node alone, the others would "
-                                  "go on resuming from it (remove a multi-node job's steps by its retention)")
         # (the user's quota is measured again before the answer: snapd.daemon.endings)
         self._answers.start(peer, req_id, "removed", lambda: self._remove(job, step), "removals",
                             {"quota_root": str(job.root)})
@@ -71,6 +67,11 @@ class Removals:
         return getattr(m, "world_size", 1) > 1
 
     def _remove(self, job: JobDir, step: int) -> dict[str, Any]:
+        if self.peers is not None and self._global(job, step):  # (here: a global manifest may be MBs)
+            raise InvalidArgument(f"step {step} of job {job.job} is a global snapshot, which each of its "
+                                  "nodes commits on its own disk: removed on this node alone, the others "
+                                  "would go on resuming from it (remove a multi-node job's steps by its "
+                                  "retention)")
         try:
             taken = remove_step(job, step) if job.path.is_dir() else None  # (none here: the bucket's?)
         except OSError as e:
