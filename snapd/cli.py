@@ -107,8 +107,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
     them (where it serves several users, your directory is its own: you may read it, not delete)."""
     import snapd.client as snapd
 
-    if any(step < 0 for step in args.steps):
-        raise UsageError(f"steps are integers >= 0, got {args.steps}")
+    from snapd.format.jobdir import check_step
+
+    for step in args.steps:  # (before connecting, as Client.remove would)
+        check_step(step)
     try:
         client = snapd.connect(args.job, endpoint=args.endpoint, spawn=False, keep_last=None, rank=0,
                                world_size=1, timeout_s=args.timeout_s)  # (one process, whatever ran it)

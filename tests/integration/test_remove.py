@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import snapd.client as snapd
 from snapd.errors import Busy
+
+SLOW_DISK = Path(__file__).parent / "slow_disk"
 
 
 def state(step: int) -> dict:
@@ -43,13 +46,18 @@ def test_a_removed_snapshot_is_gone_and_latest_and_best_move_back(start) -> None
         assert [s.step for s in c.list()] == [1, 3] and c.restore()["step"] == 3
 
 
-def test_a_step_being_written_is_refused_and_removed_once_persisted(start) -> None:
-    d = start("--codec", "shuffle-zstd")
-    big = {"w": np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32)}  # 32 MiB: a while
+def test_a_step_being_written_is_refused_and_removed_once_persisted(start, tmp_path) -> None:
+    # (the daemon's fsyncs wait on a file, tests/integration/slow_disk: the step stays in flight until
+    # the test lets it go, however fast the machine)
+    gate = tmp_path / "fsync-gate"
+    gate.touch()
+    path = os.pathsep.join(filter(None, [str(SLOW_DISK), os.environ.get("PYTHONPATH")]))
+    d = start("--codec", "raw", env={"PYTHONPATH": path, "SNAPD_TEST_SLOW_FSYNC": str(gate)})
     with snapd.connect("job", endpoint=d.endpoint, spawn=False, keep_last=None) as c:
-        pending = c.snapshot(big, step=5)
+        pending = c.snapshot(state(5), step=5)
         with pytest.raises(Busy, match="step 5 of job job is being written: remove it once it is persisted"):
             c.remove(5)
+        gate.unlink()
         pending.wait(60)
         assert c.remove(5) is True and c.list() == []
 
