@@ -26,7 +26,7 @@ from snapd.daemon.survey_steps import SPEED, Step, fold, forget_removed, settled
 from snapd.daemon.whole_snapshots import HERE, Copy
 from snapd.errors import FormatError, RemoteError, SnapdError, SnapshotNotFound
 from snapd.format.global_manifest import GlobalManifest, global_id, parse_any, part_dir
-from snapd.format.index import INDEX_NAME, parse_index
+from snapd.format.index import removed_of
 from snapd.format.jobdir import read_regular
 from snapd.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, taken_of
 from snapd.peers import wire
@@ -57,7 +57,7 @@ class Survey:
         """Every step of ``job`` this node or a peer knows, with each part's sources; and the
         bucket's newest global snapshot (or step ``want``) where no node holds a newer one whole."""
         steps = self.here(job)
-        removed = self._removed(job)
+        removed = removed_of(self.root / job)  # (a user's removals here: their copies stay gone)
         for r in self.store.held(job):
             speed = SPEED["memory"] if r.where == "memory" else SPEED["disk"]
             s = steps.setdefault(r.step, Step(r.step))
@@ -131,13 +131,6 @@ class Survey:
         finally:
             with self._lock:
                 self._bucket_asking -= 1
-
-    def _removed(self, job: str) -> dict[int, float]:
-        """The steps a user removed from ``job`` on this node (its index), with when each was taken."""
-        try:
-            return parse_index(read_regular(self.root / job / INDEX_NAME)).removed
-        except (OSError, FormatError):
-            return {}
 
     def here(self, job: str) -> dict[int, Step]:
         """The steps of ``job`` committed on this node's disk, with the parts there."""

@@ -27,7 +27,7 @@ from snapd.daemon.sessions import Session
 from snapd.daemon.tasks import TaskTable
 from snapd.daemon.uploads import Uploader
 from snapd.errors import Busy, InvalidArgument, SnapdError
-from snapd.format.global_manifest import parse_any
+from snapd.format.global_manifest import GlobalManifest, parse_any
 from snapd.format.jobdir import JobDir, read_regular, snapshot_name
 from snapd.format.manifest import MANIFEST_NAME
 from snapd.format.retention import remove_step
@@ -64,7 +64,7 @@ class Removals:
             m = parse_any(read_regular(job.path / snapshot_name(step) / MANIFEST_NAME))
         except (OSError, SnapdError):
             return False
-        return getattr(m, "world_size", 1) > 1
+        return isinstance(m, GlobalManifest)
 
     def _remove(self, job: JobDir, step: int) -> dict[str, Any]:
         if self.peers is not None and self._global(job, step):  # (here: a global manifest may be MBs)

@@ -166,6 +166,14 @@ def parse_index(raw: bytes) -> JobIndex:
     return JobIndex(history, best, removed)
 
 
+def removed_of(job_path: Path) -> dict[int, float]:
+    """The steps a user removed from the job at ``job_path`` (its index; none if it has none)."""
+    try:
+        return parse_index(read_regular(job_path / INDEX_NAME)).removed
+    except (OSError, FormatError):
+        return {}
+
+
 def _has_manifest(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.stat(path / MANIFEST_NAME, follow_symlinks=False).st_mode)

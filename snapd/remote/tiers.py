@@ -99,20 +99,12 @@ def locate(root: str | os.PathLike, job: str, step: int | str | None, remote: st
             raise SnapshotNotFound(f"job {job!r} has no best snapshot under {root} or at {rjob.where()}")
         return Located(best.step, remote=rjob, name=best.name)
     newest = _taken_last(rjob, {s: n for s, n in steps.items() if local is None or s > local.step}, local,
-                         _removed(root, job))
+                         jobindex.removed_of(Path(root) / job))
     if newest is not None:
         return newest
     if local is None:
         raise SnapshotNotFound(f"job {job!r} has no snapshots under {root} or at {rjob.where()}")
     return local
-
-
-def _removed(root: str | os.PathLike, job: str) -> dict[int, float]:
-    """The steps a user removed from the job on this node, with when each was taken (its index)."""
-    try:
-        return jobindex.parse_index(read_regular(Path(root) / job / jobindex.INDEX_NAME)).removed
-    except (OSError, FormatError):
-        return {}
 
 
 def _taken_last(rjob: RemoteJob, higher: dict[int, str], local: Located | None,
