@@ -8,6 +8,7 @@ holds; it exits by itself once it has had no clients and no work for a while.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -33,17 +34,18 @@ def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes:
     if host_buffer_bytes:
         cmd += ["--host-buffer-bytes", str(host_buffer_bytes)]
     with open(log_path, "ab") as logf:
+        start = logf.seek(0, os.SEEK_END)  # (what this daemon and those spawned with it write)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/",
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + max(timeout_s, 30.0)
     lost = False  # the ranks of a job on one node spawn at once: one daemon wins, the others use it
     while time.monotonic() < deadline:
         if not lost and proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-5:]
-            lost = any(f"already serves {endpoint}" in line for line in tail)
+            since = written_since(log_path, start)
+            lost = f"already serves {endpoint}" in since
             if not lost:
                 raise DaemonUnavailable(f"the private daemon exited with status {proc.returncode}: "
-                                        + " | ".join(tail))
+                                        + " | ".join(since.splitlines()[-5:]))
         if probe(endpoint, 0.2) is not None:
             if lost:
                 log.info("another process's private snapd answers at %s: using it", endpoint)
@@ -54,3 +56,12 @@ def spawn_daemon(endpoint: str, root: Path, timeout_s: float, host_buffer_bytes:
         proc.kill()
     raise DaemonUnavailable(f"the private daemon did not answer at {endpoint} within the timeout; see "
                             f"{log_path}")
+
+
+def written_since(log_path: Path, start: int) -> str:
+    """The log written since ``start``. The daemons spawned at once share the log, so the one that
+    won keeps writing after a loser's line: a loser is told by any line since its start, not by the
+    last few (under load, the winner's first snapshot pushed the line out of them, and a rank failed)."""
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        return f.read(1 << 20).decode(errors="replace")
